@@ -1,0 +1,1 @@
+"""eqxtl: transfer learning in JAX with Equinox."""

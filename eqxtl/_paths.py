@@ -1,0 +1,73 @@
+"""Dotted leaf paths of any pytree: ``"backbone.encoder.layers.3.mlp.fc1.weight"``.
+
+Paths are the single vocabulary of eqxtl: checkpoint keys, filter rules, optimizer groups
+and error messages all speak in them. Equinox field names give the segments, list/tuple
+indices give numbers, dict keys give themselves. The ``init`` segment of an
+``eqx.nn.StateIndex`` is dropped, so a BatchNorm's running mean is ``...bn.running_mean``
+exactly as in a PyTorch state dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+
+
+def _segment(key: Any) -> str:
+    if isinstance(key, jtu.GetAttrKey):
+        return key.name
+    if isinstance(key, jtu.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jtu.DictKey):
+        return str(key.key)
+    if isinstance(key, jtu.FlattenedIndexKey):
+        return str(key.key)
+    return str(key).strip(".[]'\"")
+
+
+def keypath_to_str(keypath: Iterable[Any]) -> str:
+    """A JAX key path as a dotted string, with StateIndex ``init`` segments removed."""
+    parts = [_segment(k) for k in keypath]
+    return ".".join(p for p in parts if p != "init" and p != "")
+
+
+def _is_array(x: Any) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def leaves_with_paths(tree: Any, *, is_leaf=None) -> list[tuple[str, Any]]:
+    """Every array leaf of ``tree`` (arrays or ``ShapeDtypeStruct``) with its dotted path."""
+    flat, _ = jtu.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(keypath_to_str(kp), leaf) for kp, leaf in flat if _is_array(leaf)]
+
+
+def paths(tree: Any) -> list[str]:
+    """The dotted paths of every array leaf of ``tree``, in flattening order.
+
+    >>> eqxtl.paths(model)[:2]
+    ['backbone.embeddings.class_embedding', 'backbone.embeddings.patch_embedding.weight']
+    """
+    return [p for p, _ in leaves_with_paths(tree)]
+
+
+def map_with_path(fn, tree: Any, *rest: Any, is_leaf=None) -> Any:
+    """``jax.tree.map`` whose function also receives the dotted path as first argument."""
+    return jtu.tree_map_with_path(
+        lambda kp, *xs: fn(keypath_to_str(kp), *xs), tree, *rest, is_leaf=is_leaf
+    )
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The real paths (or path prefixes) that look most like ``name``, for error messages."""
+    candidates = list(candidates)
+    prefixes = set()
+    for c in candidates:
+        parts = c.split(".")
+        for i in range(1, len(parts) + 1):
+            prefixes.add(".".join(parts[:i]))
+    return difflib.get_close_matches(name, sorted(prefixes), n=n, cutoff=0.4)

@@ -1,0 +1,150 @@
+"""Tensors <-> modules: fill a shape-only skeleton by name, with one strict key report.
+
+The loader never allocates random weights: the skeleton comes from ``eqx.filter_eval_shape``
+(every array is a ``jax.ShapeDtypeStruct``) and each leaf is replaced by the checkpoint
+tensor of the same dotted path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._paths import keypath_to_str
+from .models._arch import Architecture
+from .models.layers import set_inference
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or misshaped keys."""
+
+
+def _group(names: Iterable[str]) -> list[str]:
+    """Collapse ``encoder.layers.0.x``, ``encoder.layers.1.x``... into ``encoder.layers.*.x (2)``."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        groups[re.sub(r"\.\d+(?=\.|$)", ".*", n)].append(n)
+    out = []
+    for pattern, members in sorted(groups.items()):
+        out.append(members[0] if len(members) == 1 else f"{pattern}  ({len(members)} keys)")
+    return out
+
+
+def _report(missing, unexpected, misshaped, source: str) -> str:
+    lines = [f"Checkpoint {source} does not fit the model:"]
+    if missing:
+        lines.append(f"  missing from the checkpoint ({len(missing)}):")
+        lines += [f"    {g}" for g in _group(missing)]
+    if unexpected:
+        lines.append(f"  unexpected in the checkpoint ({len(unexpected)}):")
+        lines += [f"    {g}" for g in _group(unexpected)]
+    if misshaped:
+        lines.append(f"  wrong shape ({len(misshaped)}):")
+        lines += [
+            f"    {name}: checkpoint {tuple(got)}, model expects {tuple(want)}"
+            for name, got, want in misshaped
+        ]
+    lines.append(
+        "Pass ignore=[regex, ...] to from_pretrained to leave keys out (e.g. a classifier "
+        "head), or check that the config matches the weights."
+    )
+    return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(re.fullmatch(p, name) or re.fullmatch(p + r"\..*", name) for p in patterns)
+
+
+def canonicalize(
+    arch: Architecture, tensors: Mapping[str, np.ndarray], ignore: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+    """Checkpoint keys (any layout the architecture reads) -> canonical names.
+
+    Known buffers and foreign towers are dropped; keys matching an ``ignore`` regex (tested
+    on the original and the canonical name) are left out.
+    """
+    ignore = tuple(ignore)
+    out = {}
+    for key, value in tensors.items():
+        name = arch.canonical_name(key)
+        if name is None or _matches(key, ignore) or _matches(name, ignore):
+            continue
+        out[name] = value
+    return out
+
+
+def skeleton(arch: Architecture, config) -> eqx.Module:
+    """The backbone with ``ShapeDtypeStruct`` leaves: its structure, no memory."""
+    return eqx.filter_eval_shape(arch.build, config, jax.random.key(0))
+
+
+def fill(
+    model_skeleton,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    source: str = "",
+    allow_missing: Iterable[str] = (),
+    init_missing=None,
+    dtype=None,
+):
+    """Replace every array leaf of ``model_skeleton`` by the tensor of the same path.
+
+    Raises one ``CheckpointError`` listing every missing, unexpected and misshaped key.
+    Leaves matching ``allow_missing`` may be absent: they are taken from ``init_missing``
+    (a real, initialised model of the same structure). Returns ``(model, state)`` in
+    inference mode, with BatchNorm statistics moved into ``state``.
+    """
+    allow_missing = tuple(allow_missing)
+    flat, treedef = jtu.tree_flatten_with_path(model_skeleton)
+    init_leaves = jtu.tree_leaves(init_missing) if init_missing is not None else None
+    used, missing, misshaped, leaves = set(), [], [], []
+    for i, (kp, leaf) in enumerate(flat):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            leaves.append(leaf)
+            continue
+        name = keypath_to_str(kp)
+        if name not in tensors:
+            if _matches(name, allow_missing) and init_leaves is not None:
+                leaves.append(init_leaves[i])
+            else:
+                missing.append(name)
+                leaves.append(leaf)
+            continue
+        used.add(name)
+        value = tensors[name]
+        if tuple(value.shape) != tuple(leaf.shape):
+            misshaped.append((name, value.shape, leaf.shape))
+            leaves.append(leaf)
+            continue
+        leaves.append(jnp.asarray(value, dtype=dtype or leaf.dtype))
+    unexpected = sorted(set(tensors) - used)
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_report(missing, unexpected, misshaped, source))
+    model = jtu.tree_unflatten(treedef, leaves)
+    model, state = eqx.nn.make_with_state(lambda: model)()
+    return set_inference(model, True), state
+
+
+def state_dict(model, state: eqx.nn.State | None = None) -> dict[str, jax.Array]:
+    """Every parameter and BatchNorm statistic of ``model`` by canonical path.
+
+    The inverse of ``fill``: ``fill(skeleton, state_dict(model, state))`` rebuilds both.
+    """
+    out = {}
+    is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
+    for kp, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_index)[0]:
+        name = keypath_to_str(kp)
+        if is_index(leaf):
+            if state is None:
+                raise ValueError(f"{name} is a state entry: pass the model's state too.")
+            out[name] = state.get(leaf)
+        elif eqx.is_array(leaf):
+            out[name] = leaf
+    return out

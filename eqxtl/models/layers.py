@@ -1,0 +1,150 @@
+"""Layers shared by the convolutional backbones.
+
+Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``), so loading a checkpoint is
+renaming only. Activations inside convolutional backbones are channels-last ``(H, W, C)``:
+XLA's CPU and GPU convolution kernels favour NHWC, and a channel-first graph gets transposes
+around every convolution. Backbones transpose once at their input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+class Conv2d(eqx.Module):
+    """2-D convolution on one channels-last image ``(H, W, C_in) -> (H', W', C_out)``.
+
+    ``padding`` is an int (symmetric, like PyTorch), explicit ``((top, bottom), (left, right))``
+    pairs, or ``"SAME"`` for TensorFlow's asymmetric same-padding (checkpoints converted
+    from TF need it; PyTorch-trained ones need the symmetric form: XLA's ``SAME`` puts the
+    extra pixel at the end, a one-pixel shift against torch).
+    """
+
+    weight: Float[Array, "out in_per_group kh kw"]
+    bias: Float[Array, " out"] | None
+    stride: tuple[int, int] = eqx.field(static=True)
+    padding: Padding = eqx.field(static=True)
+    dilation: tuple[int, int] = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int | str | Sequence[tuple[int, int]] = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        use_bias: bool = True,
+        key: PRNGKeyArray,
+    ):
+        wkey, bkey = jax.random.split(key)
+        fan_in = in_channels // groups * kernel_size * kernel_size
+        bound = 1.0 / math.sqrt(fan_in)
+        shape = (out_channels, in_channels // groups, kernel_size, kernel_size)
+        self.weight = jax.random.uniform(wkey, shape, minval=-bound, maxval=bound)
+        self.bias = (
+            jax.random.uniform(bkey, (out_channels,), minval=-bound, maxval=bound)
+            if use_bias
+            else None
+        )
+        self.stride = (stride, stride)
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        elif not isinstance(padding, str):
+            padding = tuple(tuple(p) for p in padding)
+        self.padding = padding
+        self.dilation = (dilation, dilation)
+        self.groups = groups
+
+    def __call__(self, x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 o"]:
+        y = jax.lax.conv_general_dilated(
+            x[None],
+            self.weight.astype(x.dtype),
+            window_strides=self.stride,
+            padding=self.padding,
+            rhs_dilation=self.dilation,
+            dimension_numbers=("NHWC", "OIHW", "NHWC"),
+            feature_group_count=self.groups,
+        )[0]
+        if self.bias is not None:
+            y = y + self.bias.astype(y.dtype)
+        return y
+
+
+class BatchNorm(eqx.Module):
+    """BatchNorm over the last (channel) axis with PyTorch's semantics and names.
+
+    The running statistics live in an ``eqx.nn.State`` (``running_mean``, ``running_var``,
+    paths as in a torch state dict); they are never model leaves, so they never train.
+
+    - ``inference=True``: normalise with the running statistics, exactly as loaded.
+    - ``inference=False``: normalise with the batch statistics (biased variance) over the
+      vmapped axis ``axis_name`` and the spatial axes, and update the running statistics
+      like ``torch.nn.BatchNorm2d.train()``: ``r <- (1 - momentum) r + momentum s`` with the
+      *unbiased* variance. Must be called under ``jax.vmap(..., axis_name=axis_name)``.
+    """
+
+    weight: Float[Array, " c"]
+    bias: Float[Array, " c"]
+    running_mean: eqx.nn.StateIndex
+    running_var: eqx.nn.StateIndex
+    eps: float = eqx.field(static=True)
+    momentum: float = eqx.field(static=True)
+    axis_name: str = eqx.field(static=True)
+    inference: bool
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        axis_name: str = "batch",
+        inference: bool = True,
+    ):
+        self.weight = jnp.ones((channels,))
+        self.bias = jnp.zeros((channels,))
+        self.running_mean = eqx.nn.StateIndex(jnp.zeros((channels,)))
+        self.running_var = eqx.nn.StateIndex(jnp.ones((channels,)))
+        self.eps = eps
+        self.momentum = momentum
+        self.axis_name = axis_name
+        self.inference = inference
+
+    def __call__(
+        self, x: Float[Array, "*spatial c"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "*spatial c"], eqx.nn.State]:
+        spatial = tuple(range(x.ndim - 1))
+        if self.inference:
+            mean = state.get(self.running_mean)
+            var = state.get(self.running_var)
+        else:
+            xf = x.astype(jnp.float32)
+            mean = jax.lax.pmean(jnp.mean(xf, axis=spatial), self.axis_name)
+            var = jax.lax.pmean(jnp.mean(jnp.square(xf - mean), axis=spatial), self.axis_name)
+            count = jax.lax.psum(1, self.axis_name) * math.prod(x.shape[:-1])
+            unbiased = var * (count / jnp.maximum(count - 1, 1))
+            m = self.momentum
+            old_mean = state.get(self.running_mean)
+            old_var = state.get(self.running_var)
+            state = state.set(self.running_mean, (1 - m) * old_mean + m * mean)
+            state = state.set(self.running_var, (1 - m) * old_var + m * unbiased)
+        scale = self.weight * jax.lax.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return x * scale.astype(x.dtype) + shift.astype(x.dtype), state
+
+
+def set_inference(model, value: bool):
+    """``model`` with every ``inference`` flag (BatchNorm, dropout) set to ``value``."""
+    return eqx.nn.inference_mode(model, value=value)
