@@ -27,7 +27,7 @@ class CheckpointError(ValueError):
 
 
 def _group(names: Iterable[str]) -> list[str]:
-    """Collapse ``encoder.layers.0.x``, ``encoder.layers.1.x``... into ``encoder.layers.*.x (2)``."""
+    """Collapse ``layers.0.x``, ``layers.1.x``... into ``layers.*.x  (2 keys)``."""
     groups: dict[str, list[str]] = defaultdict(list)
     for n in names:
         groups[re.sub(r"\.\d+(?=\.|$)", ".*", n)].append(n)
@@ -62,22 +62,34 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(re.fullmatch(p, name) or re.fullmatch(p + r"\..*", name) for p in patterns)
 
 
-def canonicalize(
-    arch: Architecture, tensors: Mapping[str, np.ndarray], ignore: Iterable[str] = ()
-) -> dict[str, np.ndarray]:
-    """Checkpoint keys (any layout the architecture reads) -> canonical names.
+def canonical_names(
+    arch: Architecture, keys: Iterable[str], ignore: Iterable[str] = (), source: str = ""
+) -> dict[str, str]:
+    """``{canonical name: checkpoint key}`` for every key the model should load.
 
     Known buffers and foreign towers are dropped; keys matching an ``ignore`` regex (tested
-    on the original and the canonical name) are left out.
+    on the original and the canonical name, or a module prefix of either) are left out.
     """
     ignore = tuple(ignore)
-    out = {}
-    for key, value in tensors.items():
+    names: dict[str, str] = {}
+    for key in keys:
         name = arch.canonical_name(key)
         if name is None or _matches(key, ignore) or _matches(name, ignore):
             continue
-        out[name] = value
-    return out
+        if name in names:
+            raise CheckpointError(
+                f"{source or 'checkpoint'}: keys {names[name]!r} and {key!r} both map to "
+                f"{name!r}; pass ignore= to drop one of them."
+            )
+        names[name] = key
+    return names
+
+
+def canonicalize(
+    arch: Architecture, tensors: Mapping[str, np.ndarray], ignore: Iterable[str] = ()
+) -> dict[str, np.ndarray]:
+    """Checkpoint tensors (any layout the architecture reads) by canonical name."""
+    return {name: tensors[key] for name, key in canonical_names(arch, tensors, ignore).items()}
 
 
 def skeleton(arch: Architecture, config) -> eqx.Module:

@@ -1,0 +1,218 @@
+"""Path rules -> filter specs: which leaves train, which stay frozen.
+
+A filter spec is a pytree of bools shaped like the model (``True`` = trains), ready for
+``eqx.partition(model, spec)``. Rules are matched against dotted leaf paths
+(``eqxtl.paths``) in order, first match wins:
+
+- a string: a full-match regex on the path; a module path such as ``"head"`` or
+  ``"backbone.encoder.layers.11"`` also matches everything under it;
+- a type (``eqx.nn.LayerNorm``, ``eqxtl.BatchNorm``...): every parameter of every module of
+  that type;
+- a callable ``(path, leaf) -> bool``;
+- a pair ``(rule, value)``: ``value`` says whether the leaves it matches train.
+
+Only floating-point arrays can ever train; BatchNorm running statistics live in the state,
+never in the model, so they never train either.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._paths import closest, keypath_to_str, leaves_with_paths, map_with_path
+
+Rule = str | type | Callable[[str, Any], bool] | tuple[Any, bool]
+
+
+class RuleError(ValueError):
+    """A rule that matches nothing, or a malformed rule."""
+
+
+def _trainable_leaf(leaf: Any) -> bool:
+    return eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _module_prefixes(model: Any, cls: type) -> list[str]:
+    flat = jtu.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, cls))[0]
+    return [keypath_to_str(kp) for kp, node in flat if isinstance(node, cls)]
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def _compile(model: Any, rule: Any) -> Callable[[str, Any], bool]:
+    """One rule -> a predicate on (path, leaf)."""
+    if isinstance(rule, str):
+        try:
+            pattern = re.compile(rule)
+        except re.error as e:
+            raise RuleError(f"Rule {rule!r} is not a valid regex: {e}") from None
+        return lambda path, leaf: bool(
+            pattern.fullmatch(path)
+            or any(pattern.fullmatch(path[:i]) for i, c in enumerate(path) if c == ".")
+        )
+    if isinstance(rule, type):
+        prefixes = _module_prefixes(model, rule)
+        return lambda path, leaf: any(_under(path, p) for p in prefixes)
+    if callable(rule):
+        return lambda path, leaf: bool(rule(path, leaf))
+    raise RuleError(
+        f"Rule {rule!r} is not a regex string, a module type, a (path, leaf) predicate or a "
+        "(rule, bool) pair."
+    )
+
+
+def _describe(rule: Any) -> str:
+    if isinstance(rule, type):
+        return rule.__name__
+    if isinstance(rule, str):
+        return repr(rule)
+    return getattr(rule, "__name__", repr(rule))
+
+
+def rule_matcher(model: Any, rules: list[Any]) -> Callable[[str, Any], int | None]:
+    """Compile ``rules``; return ``(path, leaf) -> index of the first matching rule``.
+
+    Raises ``RuleError`` naming the closest real paths when a rule matches no array leaf.
+    """
+    predicates = [_compile(model, r) for r in rules]
+    leaves = leaves_with_paths(model)
+    for rule, pred in zip(rules, predicates, strict=True):
+        if not any(pred(path, leaf) for path, leaf in leaves):
+            hint = closest(rule, [p for p, _ in leaves]) if isinstance(rule, str) else []
+            near = f" Closest real paths: {hint}." if hint else ""
+            raise RuleError(
+                f"Rule {_describe(rule)} matches no parameter of {type(model).__name__}.{near} "
+                "List them with eqxtl.paths(model)."
+            )
+
+    def first_match(path: str, leaf: Any) -> int | None:
+        for i, pred in enumerate(predicates):
+            if pred(path, leaf):
+                return i
+        return None
+
+    return first_match
+
+
+def _spec(model: Any, rules: tuple[Rule, ...], default: bool) -> Any:
+    pairs = [r if isinstance(r, tuple) else (r, not default) for r in rules]
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[1], bool):
+            raise RuleError(f"Rule pair {pair!r} must be (rule, True|False).")
+    match = rule_matcher(model, [r for r, _ in pairs])
+
+    def decide(path: str, leaf: Any) -> bool:
+        if not _trainable_leaf(leaf):
+            return False
+        i = match(path, leaf)
+        return default if i is None else pairs[i][1]
+
+    return map_with_path(decide, model)
+
+
+def trainable(model: Any, *rules: Rule) -> Any:
+    """Filter spec in which exactly the leaves matched by ``rules`` train.
+
+    >>> spec = eqxtl.trainable(model, "head", r"backbone\\.encoder\\.layers\\.1[01]")
+    """
+    return _spec(model, rules, default=False)
+
+
+def frozen(model: Any, *rules: Rule) -> Any:
+    """Complement of ``trainable``: everything trains except the leaves matched by ``rules``.
+
+    >>> spec = eqxtl.frozen(model, "backbone.embeddings", eqx.nn.LayerNorm)
+    """
+    return _spec(model, rules, default=True)
+
+
+def everything(model: Any) -> Any:
+    """Filter spec in which every floating-point leaf trains (full fine-tuning)."""
+    return jax.tree.map(_trainable_leaf, model)
+
+
+def count(model: Any, spec: Any | None = None) -> int:
+    """Number of scalar parameters of ``model`` (those marked ``True`` in ``spec``)."""
+    spec = everything(model) if spec is None else spec
+    return sum(leaf.size for _, leaf, on in _zip_spec(model, spec) if on)
+
+
+def _zip_spec(model: Any, spec: Any) -> list[tuple[str, Any, bool]]:
+    """(path, array leaf, spec value) for every array leaf; the spec must match the model."""
+    flat, treedef = jtu.tree_flatten_with_path(model)
+    spec_leaves = treedef.flatten_up_to(spec)
+    return [
+        (keypath_to_str(kp), leaf, bool(on))
+        for (kp, leaf), on in zip(flat, spec_leaves, strict=True)
+        if eqx.is_array(leaf)
+    ]
+
+
+def _rows(entries: list[tuple[str, int, int, bool]], depth: int) -> list[tuple]:
+    """Collapse paths into the coarsest module prefixes whose leaves agree on training."""
+    groups: dict[str, list] = {}
+    for entry in entries:
+        parts = entry[0].split(".")
+        groups.setdefault(".".join(parts[: depth + 1]), []).append(entry)
+    rows = []
+    for prefix, members in groups.items():
+        flags = {m[3] for m in members}
+        if len(flags) == 1 or all(len(m[0].split(".")) <= depth + 1 for m in members):
+            rows.append((prefix, len(members), sum(m[2] for m in members), flags.pop()))
+        else:
+            rows += _rows(members, depth + 1)
+    return rows
+
+
+def _merge_ranges(rows: list[tuple]) -> list[tuple]:
+    """``layers.0 .. layers.9`` with equal status -> one ``layers.0-9`` row."""
+    out: list[list] = []
+    for name, leaves, params, on in rows:
+        m = re.fullmatch(r"(.*)\.(\d+)", name)
+        if out and m:
+            prev = re.fullmatch(r"(.*)\.(\d+)(?:-(\d+))?", out[-1][0])
+            last = prev and int(prev.group(3) or prev.group(2))
+            if (
+                prev
+                and prev.group(1) == m.group(1)
+                and out[-1][3] == on
+                and last + 1 == int(m.group(2))
+            ):
+                out[-1] = [
+                    f"{m.group(1)}.{prev.group(2)}-{m.group(2)}",
+                    out[-1][1] + leaves,
+                    out[-1][2] + params,
+                    on,
+                ]
+                continue
+        out.append([name, leaves, params, on])
+    return [tuple(r) for r in out]
+
+
+def summary(model: Any, spec: Any, *, print_it: bool = True) -> str:
+    """Table of what trains: module groups, leaf counts, parameter counts, share of total."""
+    entries = [(path, 1, leaf.size, bool(on)) for path, leaf, on in _zip_spec(model, spec)]
+    total = sum(e[2] for e in entries) or 1
+    rows = _merge_ranges(_rows(entries, 0))
+    width = max([len(r[0]) for r in rows] + [6])
+    lines = [f"{'module':<{width}}  {'trains':>6}  {'leaves':>6}  {'params':>12}  {'share':>6}"]
+    for name, leaves, params, on in rows:
+        flag = "yes" if on else "no"
+        lines.append(
+            f"{name:<{width}}  {flag:>6}  {leaves:>6}  {params:>12,}  {params / total:>6.1%}"
+        )
+    n_train = sum(e[2] for e in entries if e[3])
+    lines.append(f"trainable: {n_train:,} of {total:,} parameters ({n_train / total:.1%})")
+    text = "\n".join(lines)
+    if print_it:
+        print(text)
+    return text

@@ -1,0 +1,135 @@
+"""Where a checkpoint comes from: registry alias, Hugging Face Hub repo, local dir or file.
+
+``resolve`` turns any ``source`` into local files without surprises: a cached hub file is
+used offline; an uncached one is fetched only when the hub answers within a second or two,
+otherwise a ``SourceError`` says what to do (no 24-second retry loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import urllib.parse
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class SourceError(ValueError):
+    """A checkpoint source that cannot be found or fetched; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """Local files of one checkpoint: the weights and, when there is one, ``config.json``."""
+
+    weights: Path
+    config: Path | None
+    description: str
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "") in {"1", "ON"}
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download(repo: str, filename: str, revision: str | None, cache_dir) -> Path | None:
+    """One file from the hub (cache first); None when the repo has no such file."""
+    from huggingface_hub import errors, hf_hub_download
+
+    kwargs = dict(repo_id=repo, filename=filename, revision=revision, cache_dir=cache_dir)
+    try:
+        return Path(hf_hub_download(**kwargs, local_files_only=True))
+    except (errors.LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    if _offline() or not _hub_reachable():
+        return None if filename == "config.json" else _raise_offline(repo, filename, revision)
+    try:
+        return Path(hf_hub_download(**kwargs))
+    except errors.EntryNotFoundError:
+        return None
+    except errors.RepositoryNotFoundError as e:
+        raise SourceError(f"No Hugging Face repo {repo!r} (or it is private): {e}") from None
+    except errors.RevisionNotFoundError:
+        raise SourceError(f"Repo {repo!r} has no revision {revision!r}.") from None
+
+
+def _raise_offline(repo: str, filename: str, revision: str | None):
+    why = "HF_HUB_OFFLINE is set" if _offline() else "the Hugging Face Hub cannot be reached"
+    rev = f" (revision {revision})" if revision else ""
+    raise SourceError(
+        f"{repo}/{filename}{rev} is not in the local Hugging Face cache and {why}.\n"
+        "Either connect once to download it, or point at local weights: a directory with "
+        "config.json + model.safetensors, or a .safetensors / .pth file."
+    )
+
+
+def resolve_hub(
+    repo: str,
+    *,
+    revision: str | None = None,
+    filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin"),
+    cache_dir=None,
+) -> Resolved:
+    """Fetch (or find in cache) the first of ``filenames`` that ``repo@revision`` holds."""
+    for filename in filenames:
+        weights = _download(repo, filename, revision, cache_dir)
+        if weights is not None:
+            config = _download(repo, "config.json", revision, cache_dir)
+            return Resolved(weights, config, f"{repo}@{revision or 'main'}/{filename}")
+    raise SourceError(
+        f"Repo {repo!r}{' at ' + revision if revision else ''} holds none of {filenames}. "
+        "Pass revision= (e.g. a 'refs/pr/N' branch that has safetensors) or a local file."
+    )
+
+
+def resolve_local(path: str | os.PathLike) -> Resolved:
+    """A local directory (config.json + weights) or a single weights file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+            if (path / name).is_file():
+                config = path / "config.json"
+                return Resolved(path / name, config if config.is_file() else None, str(path))
+        found = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        if len(found) == 1:
+            return resolve_local(path / found[0])
+        raise SourceError(
+            f"{path} has no model.safetensors"
+            + (f"; it has several weight files {found}: pass one of them." if found else ".")
+        )
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise SourceError(
+                f"{path} is not a checkpoint file (expected one of {WEIGHT_SUFFIXES})."
+            )
+        config = path.with_name("config.json")
+        return Resolved(path, config if config.is_file() else None, str(path))
+    raise SourceError(f"{path} does not exist.")
+
+
+def looks_local(source: str | os.PathLike) -> bool:
+    s = str(source)
+    return (
+        isinstance(source, os.PathLike)
+        or Path(s).expanduser().exists()
+        or s.startswith((".", "/", "~"))
+        or s.endswith(WEIGHT_SUFFIXES)
+        or not _REPO_ID.match(s)
+    )

@@ -1,0 +1,199 @@
+"""Per-group optimizers over the trainable partition only.
+
+``param_groups(model, [(rule, transform_or_None), ...])`` returns ``(spec, optimizer)``.
+The optimizer is an ``optax.partition`` (multi_transform) that is initialised and updated on
+``eqx.partition(model, spec)[0]``: frozen leaves are ``None`` there, so they hold no
+optimizer state and no transform (weight decay included) ever sees them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import optax
+
+from ._paths import keypath_to_str, map_with_path
+from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
+from .models.layers import BatchNorm
+
+FROZEN = None
+
+
+class OptimizerMismatchError(ValueError):
+    """An optimizer used with parameters of a different model than it was built for."""
+
+
+def _checked(tx: optax.GradientTransformation, treedef, n_params: int):
+    """``tx`` that refuses parameters whose structure is not the one it was built for."""
+
+    def check(params, what):
+        got = jax.tree.structure(params)
+        if got != treedef:
+            raise OptimizerMismatchError(
+                f"This optimizer was built by eqxtl.param_groups for a model with "
+                f"{n_params} trainable leaves, but {what} has {got.num_leaves} leaves of a "
+                "different structure. Build the optimizer from this model (and its filter "
+                "spec), and pass eqx.partition(model, spec)[0]."
+            )
+
+    def init(params):
+        check(params, "init() got parameters that")
+        return tx.init(params)
+
+    def update(updates, state, params=None):
+        check(updates, "update() got gradients that")
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def param_groups(
+    model: Any,
+    groups: Sequence[tuple[Rule, optax.GradientTransformation | None]],
+) -> tuple[Any, optax.GradientTransformation]:
+    """``(spec, optimizer)`` from ordered ``(rule, transform)`` pairs; first match wins.
+
+    ``None`` as transform freezes what the rule matches. Every floating-point leaf must be
+    covered by some rule: end with ``(".*", None)`` to freeze the rest, or with
+    ``(".*", tx)`` to train it.
+
+    >>> spec, opt = eqxtl.param_groups(model, [
+    ...     ("head", optax.adam(1e-3)),
+    ...     ("backbone.encoder.layers.1[01]", optax.adam(1e-5)),
+    ...     (".*", None),
+    ... ])
+    >>> opt_state = opt.init(eqx.partition(model, spec)[0])
+    """
+    rules = [rule for rule, _ in groups]
+    transforms = [tx for _, tx in groups]
+    for rule, tx in groups:
+        if tx is not None and not isinstance(tx, optax.GradientTransformation):
+            raise RuleError(
+                f"Group {rule!r}: expected an optax transformation or None, got {tx!r}."
+            )
+    match = rule_matcher(model, rules)
+    uncovered = []
+
+    def label(path: str, leaf: Any):
+        if not _trainable_leaf(leaf):
+            return None
+        i = match(path, leaf)
+        if i is None:
+            uncovered.append(path)
+            return None
+        return None if transforms[i] is None else f"group{i}"
+
+    labels = map_with_path(label, model)
+    if uncovered:
+        shown = ", ".join(uncovered[:5]) + (" ..." if len(uncovered) > 5 else "")
+        raise RuleError(
+            f"{len(uncovered)} parameter(s) match no group: {shown}. Add a final "
+            '(".*", None) group to freeze them or (".*", transform) to train them.'
+        )
+    spec = jax.tree.map(lambda lab: lab is not None, labels)
+    trainable_labels, _ = eqx.partition(labels, spec)
+    used = {lab for lab in jax.tree.leaves(trainable_labels)}
+    tx_by_label = {f"group{i}": tx for i, tx in enumerate(transforms) if f"group{i}" in used}
+    if not tx_by_label:
+        raise RuleError("No group trains anything: every matching transform is None.")
+    # A module-shaped label tree is callable (eqx.Module has __call__), and optax would take
+    # it for a label *function*: always hand optax a function.
+    optimizer = optax.partition(tx_by_label, lambda params: trainable_labels)
+    treedef = jax.tree.structure(eqx.filter(model, spec))
+    return spec, _checked(optimizer, treedef, treedef.num_leaves)
+
+
+def layer_depths(model: Any) -> tuple[Callable[[str], int], int]:
+    """``(depth_of(path), num_layers)`` for layer-wise LR decay.
+
+    Depth 0 is the stem (embeddings / first conv), ``1..L`` the transformer blocks or the
+    ResNet/EfficientNet blocks in order, ``L + 1`` everything after (final norms, heads).
+    """
+    paths = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(model)[0]]
+    block_re = re.compile(
+        r"(.*?(?:encoder\.layers|encoder\.stages\.\d+\.layers|_blocks))\.(\d+)(?:\.|$)"
+    )
+    blocks: list[str] = []
+    for p in paths:
+        m = block_re.match(p)
+        if m and m.group(0).rstrip(".") not in blocks:
+            blocks.append(m.group(0).rstrip("."))
+    if not blocks:
+        raise RuleError(
+            f"{type(model).__name__} has no recognised blocks (encoder.layers, "
+            "encoder.stages.S.layers, _blocks) for layer-wise decay."
+        )
+    order = {b: i + 1 for i, b in enumerate(blocks)}
+    first_block_at = min(paths.index(p) for p in paths if block_re.match(p))
+    stem = {p for p in paths[:first_block_at]}
+
+    def depth_of(path: str) -> int:
+        m = block_re.match(path)
+        if m:
+            return order[m.group(0).rstrip(".")]
+        return 0 if path in stem else len(blocks) + 1
+
+    return depth_of, len(blocks)
+
+
+def layerwise_groups(
+    model: Any,
+    make_transform: Callable[[float], optax.GradientTransformation],
+    base_lr: float,
+    decay: float,
+    *,
+    frozen: Sequence[Rule] = (),
+) -> list[tuple[Rule, optax.GradientTransformation | None]]:
+    """Groups for ``param_groups`` with layer-wise learning-rate decay (BEiT/ELECTRA style).
+
+    A leaf at depth ``d`` of ``L + 1`` (see ``layer_depths``) gets
+    ``base_lr * decay ** (L + 1 - d)``: the head trains at ``base_lr``, each block below
+    at ``decay`` times the one above. ``make_transform(lr)`` builds each group's optimizer,
+    e.g. ``lambda lr: optax.adamw(lr, weight_decay=0.05)``. ``frozen`` rules come first.
+    """
+    depth_of, n = layer_depths(model)
+    by_depth: dict[int, float] = {}
+    for kp, leaf in jtu.tree_flatten_with_path(model)[0]:
+        if _trainable_leaf(leaf):
+            by_depth.setdefault(depth_of(keypath_to_str(kp)), 0)
+    groups: list[tuple[Rule, Any]] = [(rule, None) for rule in frozen]
+    for d in sorted(by_depth):
+        lr = base_lr * decay ** (n + 1 - d)
+        groups.append((_depth_rule(depth_of, d), make_transform(lr)))
+    return groups
+
+
+def _depth_rule(depth_of: Callable[[str], int], d: int) -> Callable[[str, Any], bool]:
+    def at_depth(path: str, leaf: Any) -> bool:
+        return depth_of(path) == d
+
+    at_depth.__name__ = f"depth=={d}"
+    return at_depth
+
+
+_NO_DECAY = r"(class_embedding|position_embedding)"
+
+
+def decay_mask(params: Any) -> Any:
+    """Bool pytree: ``True`` where weight decay applies.
+
+    Off for biases, every LayerNorm/BatchNorm parameter, embeddings (class and position)
+    and any other 0/1-D parameter; on for matrices and convolution kernels. Use as
+    ``optax.adamw(lr, weight_decay=wd, mask=eqxtl.decay_mask)``.
+    """
+    norm_paths = set()
+    for cls in (eqx.nn.LayerNorm, BatchNorm, eqx.nn.GroupNorm, eqx.nn.RMSNorm):
+        flat = jtu.tree_flatten_with_path(params, is_leaf=lambda x, c=cls: isinstance(x, c))[0]
+        norm_paths |= {keypath_to_str(kp) for kp, node in flat if isinstance(node, cls)}
+
+    def decide(path: str, leaf: Any) -> bool:
+        if not eqx.is_array(leaf) or leaf.ndim < 2 or re.search(_NO_DECAY, path):
+            return False
+        return not any(path == n or path.startswith(n + ".") for n in norm_paths)
+
+    return map_with_path(decide, params)

@@ -1,0 +1,155 @@
+"""The train step: differentiate only what trains, update it, put the model back together.
+
+``make_step(loss_fn, optimizer, spec)`` returns
+``step(model, state, opt_state, batch, key) -> (model, state, opt_state, metrics)``,
+compiled once with ``eqx.filter_jit``. Inside, ``eqx.partition(model, spec)`` splits the
+model; ``eqx.filter_value_and_grad`` sees only the trainable half, so XLA never builds the
+backward pass below the lowest trainable leaf; the frozen half is passed through untouched
+(not donated, not copied), the trainable half, the BatchNorm state and the optimizer state
+are donated and updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import optax
+
+from .models.layers import BatchNorm
+
+LossFn = Callable[[Any, eqx.nn.State, dict, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
+"""``loss_fn(model, state, batch, key) -> (loss, (state, metrics))``."""
+
+
+def _is_bn(x: Any) -> bool:
+    return isinstance(x, BatchNorm)
+
+
+def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False) -> Any:
+    """``model`` with each BatchNorm in training mode iff its ``weight`` trains in ``spec``
+    (or ``train_bn``: every BatchNorm, fastai style); frozen ones use their loaded
+    statistics (inference mode)."""
+    flat, treedef = jtu.tree_flatten(model, is_leaf=_is_bn)
+    spec_nodes = treedef.flatten_up_to(spec)
+    out = []
+    for node, node_spec in zip(flat, spec_nodes, strict=True):
+        if _is_bn(node):
+            trains = train_bn or bool(node_spec.weight)
+            node = eqx.tree_at(lambda b: b.inference, node, not trains)
+        out.append(node)
+    return jtu.tree_unflatten(treedef, out)
+
+
+def batched(model: Any) -> Callable:
+    """``model`` over a batch: ``(x (B, ...), state, keys (B,) | None) -> (out (B, ...), state)``.
+
+    BatchNorm in training mode reduces over the vmapped axis ``"batch"``.
+    """
+
+    def call(x, state, keys=None):
+        if keys is None:
+            fn = lambda xi: model(xi, state)  # noqa: E731
+            return jax.vmap(fn, axis_name="batch", out_axes=(0, None))(x)
+        fn = lambda xi, ki: model(xi, state, key=ki)  # noqa: E731
+        return jax.vmap(fn, axis_name="batch", out_axes=(0, None))(x, keys)
+
+    return call
+
+
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None, label_smoothing=0.0
+) -> tuple[jax.Array, dict]:
+    """Mean (masked) softmax cross-entropy in float32 with optional label smoothing.
+
+    Returns ``(loss, metrics)``; metrics hold sums (``loss_sum``, ``correct``, ``count``) so
+    that they add up exactly over batches of different fill.
+    """
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    per_example = optax.softmax_cross_entropy(logits, targets)
+    mask = jnp.ones(labels.shape, bool) if mask is None else mask
+    weights = mask.astype(jnp.float32)
+    n = jnp.sum(weights)
+    loss = jnp.sum(per_example * weights) / jnp.maximum(n, 1.0)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
+    return loss, {"loss_sum": jnp.sum(per_example * weights), "correct": correct, "count": n}
+
+
+def classification_loss(*, label_smoothing: float = 0.0) -> LossFn:
+    """Loss for ``make_step`` on batches ``{"image": (B, C, H, W), "label": (B,),
+    "mask": (B,) optional}``: cross-entropy of ``model(image)`` logits."""
+
+    def loss_fn(model, state, batch, key):
+        images = batch["image"]
+        keys = None if key is None else jax.random.split(key, images.shape[0])
+        logits, state = batched(model)(images, state, keys)
+        loss, metrics = cross_entropy(
+            logits, batch["label"], batch.get("mask"), label_smoothing=label_smoothing
+        )
+        return loss, (state, metrics)
+
+    return loss_fn
+
+
+def make_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    spec: Any,
+    *,
+    train_bn: bool = False,
+    donate: bool = True,
+) -> Callable:
+    """A compiled train step that differentiates only the leaves ``spec`` marks ``True``.
+
+    ``step(model, state, opt_state, batch, key) -> (model, state, opt_state, metrics)``.
+    ``opt_state`` must come from ``optimizer.init(eqx.filter(model, spec))``. BatchNorm
+    layers whose weights are frozen run in inference mode (``train_bn=True``: all of them
+    train their statistics). With ``donate`` (default) the trainable leaves, the state and
+    the optimizer state passed in are consumed: keep using the returned ones.
+    """
+
+    @eqx.filter_jit(donate="all-except-first" if donate else "none")
+    def _step(passthrough, trainable, state, opt_state):
+        frozen, batch, key = passthrough
+
+        def loss_of(trainable):
+            model = batchnorm_modes(eqx.combine(trainable, frozen), spec, train_bn=train_bn)
+            return loss_fn(model, state, batch, key)
+
+        (loss, (new_state, metrics)), grads = eqx.filter_value_and_grad(loss_of, has_aux=True)(
+            trainable
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = eqx.apply_updates(trainable, updates)
+        return trainable, new_state, opt_state, {"loss": loss, **metrics}
+
+    def step(model, state, opt_state, batch, key=None):
+        trainable, frozen = eqx.partition(model, spec)
+        trainable, state, opt_state, metrics = _step(
+            (frozen, batch, key), trainable, state, opt_state
+        )
+        return eqx.combine(trainable, frozen), state, opt_state, metrics
+
+    step.compiled = _step  # exposed for tests and benchmarks (tracing counts, cost analysis)
+    return step
+
+
+def make_eval_step(loss_fn: LossFn | None = None) -> Callable:
+    """Compiled ``eval_step(model, state, batch) -> metrics`` in inference mode."""
+    loss_fn = loss_fn or classification_loss()
+
+    @eqx.filter_jit
+    def eval_step(model, state, batch):
+        model = eqx.nn.inference_mode(model, True)
+        _, (_, metrics) = loss_fn(model, state, batch, None)
+        return metrics
+
+    return eval_step
