@@ -1,1 +1,41 @@
-"""eqxtl: transfer learning in JAX with Equinox."""
+"""eqxtl: transfer learning in JAX with Equinox.
+
+Pretrained backbones loaded by name, freezing as data (filter specs from path rules),
+per-group optimizers over the trainable half only, and a compiled train step that
+differentiates only what trains.
+"""
+
+from ._paths import paths as paths
+from .checkpoint import CheckpointError as CheckpointError
+from .checkpoint import state_dict as state_dict
+from .filters import RuleError as RuleError
+from .filters import count as count
+from .filters import everything as everything
+from .filters import frozen as frozen
+from .filters import summary as summary
+from .filters import trainable as trainable
+from .hub import SourceError as SourceError
+from .models.heads import Classifier as Classifier
+from .models.heads import feature_dim as feature_dim
+from .models.layers import BatchNorm as BatchNorm
+from .models.layers import Conv2d as Conv2d
+from .models.registry import ARCHITECTURES as ARCHITECTURES
+from .models.registry import REGISTRY as REGISTRY
+from .models.registry import preprocessing_for as preprocessing_for
+from .optim import OptimizerMismatchError as OptimizerMismatchError
+from .optim import blocks as blocks
+from .optim import decay_mask as decay_mask
+from .optim import last_blocks as last_blocks
+from .optim import layer_depths as layer_depths
+from .optim import layerwise_groups as layerwise_groups
+from .optim import param_groups as param_groups
+from .pretrained import from_pretrained as from_pretrained
+from .pretrained import save_pretrained as save_pretrained
+from .train import batched as batched
+from .train import batchnorm_modes as batchnorm_modes
+from .train import classification_loss as classification_loss
+from .train import cross_entropy as cross_entropy
+from .train import make_eval_step as make_eval_step
+from .train import make_step as make_step
+
+__version__ = "0.1.0"

@@ -108,37 +108,53 @@ def param_groups(
     return spec, _checked(optimizer, treedef, treedef.num_leaves)
 
 
-def layer_depths(model: Any) -> tuple[Callable[[str], int], int]:
-    """``(depth_of(path), num_layers)`` for layer-wise LR decay.
+_BLOCK = re.compile(r"(.*?(?:encoder\.layers|encoder\.stages\.\d+\.layers|_blocks)\.\d+)(?:\.|$)")
 
-    Depth 0 is the stem (embeddings / first conv), ``1..L`` the transformer blocks or the
-    ResNet/EfficientNet blocks in order, ``L + 1`` everything after (final norms, heads).
-    """
-    paths = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(model)[0]]
-    block_re = re.compile(
-        r"(.*?(?:encoder\.layers|encoder\.stages\.\d+\.layers|_blocks))\.(\d+)(?:\.|$)"
-    )
-    blocks: list[str] = []
-    for p in paths:
-        m = block_re.match(p)
-        if m and m.group(0).rstrip(".") not in blocks:
-            blocks.append(m.group(0).rstrip("."))
-    if not blocks:
+
+def blocks(model: Any) -> list[str]:
+    """Paths of the model's repeated blocks in forward order: transformer layers
+    (``encoder.layers.N``), ResNet blocks (``encoder.stages.S.layers.N``) or EfficientNet
+    blocks (``_blocks.N``)."""
+    found: dict[str, None] = {}
+    for kp, _ in jtu.tree_flatten_with_path(model)[0]:
+        m = _BLOCK.match(keypath_to_str(kp))
+        if m:
+            found.setdefault(m.group(1))
+    if not found:
         raise RuleError(
-            f"{type(model).__name__} has no recognised blocks (encoder.layers, "
-            "encoder.stages.S.layers, _blocks) for layer-wise decay."
+            f"{type(model).__name__} has no recognised blocks (encoder.layers.N, "
+            "encoder.stages.S.layers.N, _blocks.N)."
         )
-    order = {b: i + 1 for i, b in enumerate(blocks)}
-    first_block_at = min(paths.index(p) for p in paths if block_re.match(p))
-    stem = {p for p in paths[:first_block_at]}
+    return list(found)
+
+
+def last_blocks(model: Any, n: int) -> list[str]:
+    """Rules matching the last ``n`` blocks (see ``blocks``), for "train the top n" specs:
+    ``eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 2))``."""
+    if n < 1:
+        raise ValueError(f"last_blocks needs n >= 1, got {n}.")
+    return [re.escape(b) for b in blocks(model)[-n:]]
+
+
+def layer_depths(model: Any) -> tuple[Callable[[str], int], int]:
+    """``(depth_of(path), num_blocks)`` for layer-wise LR decay.
+
+    Depth 0 is the stem (everything before the first block: embeddings, first conv),
+    ``1..L`` the blocks in order (see ``blocks``), ``L + 1`` everything after (final
+    norms, heads).
+    """
+    order = {b: i + 1 for i, b in enumerate(blocks(model))}
+    paths = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(model)[0]]
+    first = next(i for i, p in enumerate(paths) if _BLOCK.match(p))
+    stem = set(paths[:first])
 
     def depth_of(path: str) -> int:
-        m = block_re.match(path)
+        m = _BLOCK.match(path)
         if m:
-            return order[m.group(0).rstrip(".")]
-        return 0 if path in stem else len(blocks) + 1
+            return order[m.group(1)]
+        return 0 if path in stem else len(order) + 1
 
-    return depth_of, len(blocks)
+    return depth_of, len(order)
 
 
 def layerwise_groups(
