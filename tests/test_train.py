@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import eqxtl
+from eqxtl._paths import leaves_with_paths
 from tests._tiny import tiny
 
 IMAGE = 32
@@ -122,9 +123,9 @@ def test_layerwise_sgd_moves_each_leaf_by_its_lr(arch):
     grads = eqx.filter_grad(loss_of)(eqx.filter(model, spec))
     step = eqxtl.make_step(loss_fn, optimizer, spec, donate=False)
     new, _, _, _ = step(model, state, optimizer.init(eqx.filter(model, spec)), b, None)
-    old_items = dict(zip(eqxtl.paths(model), jax.tree.leaves(eqx.filter(model, eqx.is_array))))
-    new_items = dict(zip(eqxtl.paths(new), jax.tree.leaves(eqx.filter(new, eqx.is_array))))
-    grad_items = dict(zip(eqxtl.paths(grads), jax.tree.leaves(grads)))
+    old_items = dict(leaves_with_paths(model))
+    new_items = dict(leaves_with_paths(new))
+    grad_items = dict(leaves_with_paths(grads))
     trained = {p for p, on in _spec_items(model, spec) if on}
     lrs_seen = set()
     for path, old in old_items.items():
