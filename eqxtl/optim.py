@@ -19,7 +19,6 @@ import optax
 
 from ._paths import keypath_to_str, map_with_path
 from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
-from .models.layers import BatchNorm
 
 FROZEN = None
 
@@ -198,14 +197,14 @@ _NO_DECAY = r"(class_embedding|position_embedding)"
 def decay_mask(params: Any) -> Any:
     """Bool pytree: ``True`` where weight decay applies.
 
-    Off for biases, every LayerNorm/BatchNorm parameter, embeddings (class and position)
+    Off for biases, every normalisation layer's parameters (any module class named
+    ``*Norm``: LayerNorm, BatchNorm, GroupNorm, RMSNorm), embeddings (class and position)
     and any other 0/1-D parameter; on for matrices and convolution kernels. Use as
     ``optax.adamw(lr, weight_decay=wd, mask=eqxtl.decay_mask)``.
     """
-    norm_paths = set()
-    for cls in (eqx.nn.LayerNorm, BatchNorm, eqx.nn.GroupNorm, eqx.nn.RMSNorm):
-        flat = jtu.tree_flatten_with_path(params, is_leaf=lambda x, c=cls: isinstance(x, c))[0]
-        norm_paths |= {keypath_to_str(kp) for kp, node in flat if isinstance(node, cls)}
+    is_norm = lambda x: isinstance(x, eqx.Module) and type(x).__name__.endswith("Norm")  # noqa: E731
+    flat = jtu.tree_flatten_with_path(params, is_leaf=is_norm)[0]
+    norm_paths = {keypath_to_str(kp) for kp, node in flat if is_norm(node)}
 
     def decide(path: str, leaf: Any) -> bool:
         if not eqx.is_array(leaf) or leaf.ndim < 2 or re.search(_NO_DECAY, path):

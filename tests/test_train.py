@@ -9,6 +9,7 @@ import pytest
 
 import eqxtl
 from eqxtl._paths import leaves_with_paths
+from eqxtl.models.clip import LayerNorm
 from tests._tiny import tiny
 
 IMAGE = 32
@@ -212,7 +213,7 @@ def test_rule_errors_are_clear():
 
 def test_rules_types_predicates_pairs_and_summary():
     model, _ = classifier("clip")
-    spec = eqxtl.frozen(model, eqx.nn.LayerNorm, ("head", True), "backbone.embeddings")
+    spec = eqxtl.frozen(model, LayerNorm, ("head", True), "backbone.embeddings")
     items = dict(_spec_items(model, spec))
     assert not items["backbone.pre_layrnorm.weight"]
     assert not items["backbone.encoder.layers.0.layer_norm1.bias"]
