@@ -26,9 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from .data import Augment, Loader, Preprocessing
+from .features import FeatureLoader, backbone_frozen, extract_features, head_loss
+from .models.heads import Classifier
 from .models.registry import preprocessing_for
+from .parallel import auto_mesh, replicate
 from .train import batched, classification_loss, make_eval_step, make_step
 
 
@@ -229,6 +233,9 @@ def fit(
     progress: bool = True,
     num_workers: int | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    cache_features: bool | str | os.PathLike = True,
+    compute_dtype=None,
+    mesh: Mesh | None | str = "auto",
 ) -> FitResult:
     """Fine-tune ``model`` (a ``Classifier``): only the leaves ``spec`` marks train.
 
@@ -245,6 +252,16 @@ def fit(
       continues from ``out_dir/last``.
     - `callback(step, record)`: called after each step with the step's metrics (host
       values, so it syncs: keep it for tests and logging).
+    - `cache_features`: when nothing in the backbone trains (and there is no augmentation
+      and no ``train_bn``), run the backbone once over the data (``extract_features``) and
+      train the head on the cached features: the same result, epochs after the first cost
+      only the head. ``True``: in memory; a directory: on disk, reused across runs;
+      ``False``: always run the backbone.
+    - `compute_dtype`: e.g. ``jnp.bfloat16`` for mixed precision (see
+      ``classification_loss``); weights and optimizer state stay float32.
+    - `mesh`: data parallelism (``eqxtl.data_mesh``); ``"auto"`` uses every local device
+      when there is more than one (the batch size must then be a multiple of their count),
+      ``None`` one device.
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     train = _loader(
@@ -272,10 +289,35 @@ def fit(
     if steps_per_epoch == 0:
         raise ValueError("The training data is empty.")
     total = steps if steps is not None else epochs * steps_per_epoch
+    mesh = auto_mesh() if mesh == "auto" else mesh
+    loss_fn, eval_loss_fn = classification_loss, classification_loss
+    if _can_cache(model, spec, train, train_bn, cache_features):
+        cache_dir = None if cache_features is True else cache_features
+        train, test = (
+            None
+            if loader is None
+            else FeatureLoader(
+                extract_features(
+                    model,
+                    state,
+                    loader,
+                    cache_dir=cache_dir,
+                    batch_size=batch_size,
+                    progress=progress,
+                ),
+                loader,
+            )
+            for loader in (train, test)
+        )
+        loss_fn, eval_loss_fn = head_loss, head_loss
     step_fn = make_step(
-        classification_loss(label_smoothing=label_smoothing), optimizer, spec, train_bn=train_bn
+        loss_fn(label_smoothing=label_smoothing, compute_dtype=compute_dtype),
+        optimizer,
+        spec,
+        train_bn=train_bn,
+        mesh=mesh,
     )
-    eval_step = make_eval_step(classification_loss())
+    eval_step = make_eval_step(eval_loss_fn(compute_dtype=compute_dtype), mesh=mesh)
     opt_state = optimizer.init(eqx.filter(model, spec))
 
     step, history, best = 0, [], -math.inf
@@ -285,6 +327,8 @@ def fit(
             (model, state, opt_state), meta = _load_checkpoint(found, (model, state, opt_state))
             step, history, best = meta["step"], meta["history"], meta["best"]
 
+    if mesh is not None:
+        model, state, opt_state = replicate((model, state, opt_state), mesh)
     base_key = jax.random.key(seed)
     bar = _progress(total, step, progress)
     acc, window_start, window_images = None, time.perf_counter(), 0
@@ -340,6 +384,17 @@ def fit(
         if bar is not None:
             bar.close()
     return FitResult(model, state, opt_state, history, step, out_dir)
+
+
+def _can_cache(model, spec, train, train_bn, cache_features) -> bool:
+    return (
+        cache_features is not False
+        and not train_bn
+        and isinstance(train, Loader)
+        and train.augment is None
+        and isinstance(model, Classifier)
+        and backbone_frozen(model, spec)
+    )
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -20,7 +20,7 @@ import optax
 from ._paths import keypath_to_str, map_with_path
 from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
 
-FROZEN = None
+FROZEN = "frozen"
 
 
 class OptimizerMismatchError(ValueError):
@@ -80,12 +80,12 @@ def param_groups(
 
     def label(path: str, leaf: Any):
         if not _trainable_leaf(leaf):
-            return None
+            return FROZEN
         i = match(path, leaf)
         if i is None:
             uncovered.append(path)
-            return None
-        return None if transforms[i] is None else f"group{i}"
+            return FROZEN
+        return FROZEN if transforms[i] is None else f"group{i}"
 
     labels = map_with_path(label, model)
     if uncovered:
@@ -94,7 +94,7 @@ def param_groups(
             f"{len(uncovered)} parameter(s) match no group: {shown}. Add a final "
             '(".*", None) group to freeze them or (".*", transform) to train them.'
         )
-    spec = jax.tree.map(lambda lab: lab is not None, labels)
+    spec = jax.tree.map(lambda lab: lab != FROZEN, labels)
     trainable_labels, _ = eqx.partition(labels, spec)
     used = {lab for lab in jax.tree.leaves(trainable_labels)}
     tx_by_label = {f"group{i}": tx for i, tx in enumerate(transforms) if f"group{i}" in used}

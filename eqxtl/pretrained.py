@@ -227,6 +227,10 @@ def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | o
         num_labels = model.num_classes
         for name, value in checkpoint.state_dict(model.head).items():
             tensors[arch.hf_name(f"head.{name}", True)] = np.asarray(value)
+    for name in [n for n in tensors if n.endswith(".running_mean")]:
+        # PyTorch's BatchNorm buffer; unused by eqxtl, written so that torch loaders find
+        # every key they expect.
+        tensors[name.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     config = arch.config_to_hf(backbone.config, num_labels)
 
     path = Path(path)

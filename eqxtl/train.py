@@ -21,6 +21,7 @@ import jax.tree_util as jtu
 import optax
 
 from .models.layers import BatchNorm
+from .parallel import shard_batch
 
 LossFn = Callable[[Any, eqx.nn.State, dict, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
 """``loss_fn(model, state, batch, key) -> (loss, (state, metrics))``."""
@@ -83,12 +84,20 @@ def cross_entropy(
     return loss, {"loss_sum": jnp.sum(per_example * weights), "correct": correct, "count": n}
 
 
-def classification_loss(*, label_smoothing: float = 0.0) -> LossFn:
+def classification_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
     """Loss for ``make_step`` on batches ``{"image": (B, C, H, W), "label": (B,),
-    "mask": (B,) optional}``: cross-entropy of ``model(image)`` logits."""
+    "mask": (B,) optional}``: cross-entropy of ``model(image)`` logits.
+
+    ``compute_dtype=jnp.bfloat16``: mixed precision. The images are cast, and every eqxtl
+    layer runs its matmuls and convolutions in its input's dtype (casting the float32 master
+    weights on the fly, so gradients and optimizer state stay float32), while LayerNorm,
+    BatchNorm, softmax, the head and the loss run in float32.
+    """
 
     def loss_fn(model, state, batch, key):
         images = batch["image"]
+        if compute_dtype is not None:
+            images = images.astype(compute_dtype)
         keys = None if key is None else jax.random.split(key, images.shape[0])
         logits, state = batched(model)(images, state, keys)
         loss, metrics = cross_entropy(
@@ -106,6 +115,7 @@ def make_step(
     *,
     train_bn: bool = False,
     donate: bool = True,
+    mesh=None,
 ) -> Callable:
     """A compiled train step that differentiates only the leaves ``spec`` marks ``True``.
 
@@ -114,6 +124,9 @@ def make_step(
     layers whose weights are frozen run in inference mode (``train_bn=True``: all of them
     train their statistics). With ``donate`` (default) the trainable leaves, the state and
     the optimizer state passed in are consumed: keep using the returned ones.
+
+    With a ``mesh`` (``eqxtl.data_mesh()``), each batch is split over its devices (data
+    parallel); pass the model, state and optimizer state through ``eqxtl.replicate`` once.
     """
 
     @eqx.filter_jit(donate="all-except-first" if donate else "none")
@@ -132,6 +145,8 @@ def make_step(
         return trainable, new_state, opt_state, {"loss": loss, **metrics}
 
     def step(model, state, opt_state, batch, key=None):
+        if mesh is not None:
+            batch = shard_batch(batch, mesh)
         trainable, frozen = eqx.partition(model, spec)
         trainable, state, opt_state, metrics = _step(
             (frozen, batch, key), trainable, state, opt_state
@@ -142,14 +157,18 @@ def make_step(
     return step
 
 
-def make_eval_step(loss_fn: LossFn | None = None) -> Callable:
-    """Compiled ``eval_step(model, state, batch) -> metrics`` in inference mode."""
+def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
+    """Compiled ``eval_step(model, state, batch) -> metrics`` in inference mode (with a
+    ``mesh``, each batch is split over its devices)."""
     loss_fn = loss_fn or classification_loss()
 
     @eqx.filter_jit
-    def eval_step(model, state, batch):
+    def _eval_step(model, state, batch):
         model = eqx.nn.inference_mode(model, True)
         _, (_, metrics) = loss_fn(model, state, batch, None)
         return metrics
+
+    def eval_step(model, state, batch):
+        return _eval_step(model, state, batch if mesh is None else shard_batch(batch, mesh))
 
     return eval_step

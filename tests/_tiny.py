@@ -2,9 +2,11 @@
 
 import dataclasses
 
-import equinox as eqx
 import jax
+import numpy as np
 
+from eqxtl import checkpoint
+from eqxtl._paths import keypath_to_str
 from eqxtl.models import clip, resnet
 
 TINY_CLIP = dataclasses.replace(
@@ -20,13 +22,33 @@ TINY_CLIP = dataclasses.replace(
 TINY_RESNET = dataclasses.replace(
     resnet.RESNET18, embedding_size=8, hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1)
 )
+TINY = {"clip": (clip.CLIP_VISION, TINY_CLIP), "resnet": (resnet.RESNET, TINY_RESNET)}
+
+
+def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random checkpoint tensors (canonical names) for ``config``: weights ~ N(0, 1/fan_in),
+    norm scales near 1, running variances in [0.5, 1.5]. Built in numpy: eager JAX random
+    init compiles once per weight shape, which costs tens of seconds."""
+    flat = jax.tree_util.tree_flatten_with_path(checkpoint.skeleton(arch, config))[0]
+    rng = np.random.default_rng(seed)
+    out = {}
+    for kp, leaf in flat:
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.dtype.kind != "f":
+            continue
+        name, shape = keypath_to_str(kp), tuple(leaf.shape)
+        if name.endswith("running_var"):
+            out[name] = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith("running_mean") or name.endswith("bias"):
+            out[name] = 0.1 * rng.normal(size=shape)
+        elif len(shape) == 1:  # norm scales
+            out[name] = 1.0 + 0.1 * rng.normal(size=shape)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            out[name] = rng.normal(size=shape) / np.sqrt(fan_in)
+    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def tiny(arch_name: str, seed: int = 0):
     """(backbone, state) of a tiny random CLIP or ResNet in inference mode."""
-    arch, config = {
-        "clip": (clip.CLIP_VISION, TINY_CLIP),
-        "resnet": (resnet.RESNET, TINY_RESNET),
-    }[arch_name]
-    model, state = eqx.nn.make_with_state(arch.build)(config, jax.random.key(seed))
-    return eqx.nn.inference_mode(model, True), state
+    arch, config = TINY[arch_name]
+    return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))

@@ -119,7 +119,9 @@ def test_layerwise_sgd_moves_each_leaf_by_its_lr(arch):
         m = eqxtl.batchnorm_modes(
             eqx.combine(trainable, eqx.filter(model, spec, inverse=True)), spec
         )
-        return loss_fn(m, state, b, None)[0]
+        # State.set retires the state it was called on: differentiate on a clone.
+        leaves, treedef = jax.tree.flatten(state)
+        return loss_fn(m, jax.tree.unflatten(treedef, leaves), b, None)[0]
 
     grads = eqx.filter_grad(loss_of)(eqx.filter(model, spec))
     step = eqxtl.make_step(loss_fn, optimizer, spec, donate=False)
@@ -136,13 +138,19 @@ def test_layerwise_sgd_moves_each_leaf_by_its_lr(arch):
             continue
         lr = base * decay ** (n_blocks + 1 - depth_of(path))
         lrs_seen.add(lr)
-        expected = np.asarray(old) - lr * np.asarray(grad_items[path])
-        np.testing.assert_allclose(new_items[path], expected, rtol=0, atol=1e-7)
+        grad = np.asarray(grad_items[path], np.float64)
+        expected = np.asarray(old) - lr * grad
+        # Exact up to float32 rounding (the step's gradient is compiled differently) ...
+        np.testing.assert_allclose(new_items[path], expected, rtol=1e-5, atol=1e-6)
+        # ... and the learning rate itself, fitted from the move, within 0.1 %.
+        move = np.asarray(old, np.float64) - np.asarray(new_items[path], np.float64)
+        if np.abs(move).max() > 1e-4:
+            assert abs(np.sum(move * grad) / np.sum(grad * grad) / lr - 1) < 1e-3, path
     assert len(lrs_seen) >= 3
 
 
 def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
+    cost = compiled.compiled.cost_analysis()  # the jax Compiled inside equinox's
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"])
 

@@ -46,7 +46,9 @@ class Classifier(eqx.Module):
         if key is None and not zero_init:
             raise ValueError("Classifier needs key= to initialise the head (or zero_init=True).")
         features = feature_dim(backbone)
-        linear = eqx.nn.Linear(features, num_classes, key=key or jax.random.key(0))
+        linear = eqx.nn.Linear(
+            features, num_classes, key=key if key is not None else jax.random.key(0)
+        )
         if zero_init:
             linear = eqx.tree_at(
                 lambda m: (m.weight, m.bias),

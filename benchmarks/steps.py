@@ -1,0 +1,238 @@
+"""eqxtl step benchmarks: CLIP ViT-B/32 and ResNet-50, batch 32, 224x224, 3 classes.
+
+Workloads (see ``_common.WORKLOADS``): ``eval`` (``make_eval_step``: forward + loss),
+``head`` (head-only step), ``last2`` (head + last two blocks), ``full`` (everything trains),
+all with ``optax.adam``. Weights are random (speed does not depend on their values).
+
+Each (model, workload) runs in a fresh subprocess (for its own peak RSS) and prints one
+JSON line. Compilation is done ahead of time through ``.lower(...).compile()`` of the very
+function the step calls (so it is measured on its own, and XLA's cost analysis of that
+executable gives the FLOPs); the timed calls then hit the compilation cache.
+
+    python benchmarks/steps.py                       # everything, full size
+    python benchmarks/steps.py --models clip --workloads eval head --rounds 3
+    python benchmarks/steps.py --quick               # tiny configs: a smoke run
+    python benchmarks/steps.py --peak                # only the f32 4096^2 jnp.dot GFLOP/s
+    python benchmarks/steps.py --dtype bf16          # when make_step takes a compute dtype
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import os
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _common, and eqxtl from this checkout
+
+import _common as C  # noqa: E402
+
+_DTYPE_PARAMS = ("compute_dtype", "dtype", "mixed_precision", "precision")
+
+
+def _tiny_resnet(resnet):
+    base = resnet.RESNET50
+    fields = {f.name for f in dataclasses.fields(base)}
+    changes = {"embedding_size": 16, "hidden_sizes": (32, 64, 128, 256), "depths": (1, 1, 1, 1)}
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if k in fields})
+
+
+def build(model_name: str, quick: bool):
+    """``(classifier, state, image_size)`` with random weights, in inference mode."""
+    import equinox as eqx
+    import jax
+
+    import eqxtl
+    from eqxtl.models import clip
+
+    if model_name == "clip":
+        arch = clip.CLIP_VISION
+        # A plain CLIPVisionModel (no visual projection), as the references build it.
+        config = dataclasses.replace(clip.CLIP_VIT_B32, projection_dim=None)
+        if quick:
+            config = dataclasses.replace(
+                config,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=C.QUICK_IMAGE,
+                patch_size=8,
+            )
+        image = config.image_size
+    elif model_name == "resnet50":
+        from eqxtl.models import resnet
+
+        arch = resnet.RESNET
+        config = _tiny_resnet(resnet) if quick else resnet.RESNET50
+        image = C.QUICK_IMAGE if quick else C.IMAGE
+    else:
+        raise ValueError(model_name)
+    backbone, state = eqx.nn.make_with_state(arch.build)(config, jax.random.key(0))
+    backbone = eqx.nn.inference_mode(backbone, True)
+    model = eqxtl.Classifier(backbone, C.NUM_CLASSES, key=jax.random.key(1))
+    return model, state, image
+
+
+def make_batch(batch: int, image: int):
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {
+        "image": jnp.asarray(rng.normal(size=(batch, 3, image, image)).astype(np.float32)),
+        "label": jnp.asarray(rng.integers(0, C.NUM_CLASSES, batch).astype(np.int32)),
+    }
+
+
+def spec_for(model, workload: str):
+    import eqxtl
+
+    if workload == "head":
+        return eqxtl.trainable(model, "head")
+    if workload == "last2":
+        return eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 2))
+    if workload == "full":
+        return eqxtl.everything(model)
+    raise ValueError(workload)
+
+
+def _dtype_kwargs(fn, dtype: str) -> dict | None:
+    """Keyword arguments selecting ``dtype`` compute in ``fn``; ``None`` if unsupported."""
+    if dtype == "f32":
+        return {}
+    import jax.numpy as jnp
+
+    params = inspect.signature(fn).parameters
+    for name in _DTYPE_PARAMS:
+        if name in params:
+            return {name: jnp.bfloat16}
+    return None
+
+
+def run_one(model_name: str, workload: str, args) -> None:
+    import equinox as eqx
+    import jax
+    import optax
+
+    import eqxtl
+
+    batch_size = C.QUICK_BATCH if args.quick else C.BATCH
+    base = {"framework": "eqxtl", "model": model_name, "workload": workload}
+    base |= {"batch": batch_size, "dtype": args.dtype}
+    factory = eqxtl.make_eval_step if workload == "eval" else eqxtl.make_step
+    dtype_kwargs = _dtype_kwargs(factory, args.dtype)
+    if dtype_kwargs is None:
+        C.emit({**base, "skipped": f"{factory.__name__} has no compute-dtype option"})
+        return
+
+    model, state, image = build(model_name, args.quick)
+    batch = make_batch(batch_size, image)
+    extra = {"quick": args.quick} if args.quick else {}
+
+    if workload == "eval":
+        eval_step = eqxtl.make_eval_step(**dtype_kwargs)
+        inner = getattr(eval_step, "compiled", eval_step)
+        compile_s = flops = None
+        if hasattr(inner, "lower"):
+            # Same cache as the calls below, so compilation is timed on its own.
+            start = time.perf_counter()
+            compiled = inner.lower(model, state, batch).compile()
+            compile_s = time.perf_counter() - start
+            flops = C.cost_flops(compiled)
+        else:
+            # make_eval_step exposes no compiled function: cost analysis through a separate
+            # jax.jit (its own compile); compile_s from the first call below.
+            flops, _ = C.jit_cost_flops(eval_step, model, state, batch)
+            extra["flops_via"] = "jax.jit closure"
+        timing = C.measure(
+            lambda: eval_step(model, state, batch),
+            C.block,
+            rounds=args.rounds,
+            steps=args.steps,
+            warmup=args.warmup,
+        )
+        if compile_s is None:
+            compile_s = timing["first_call_s"] - timing["sec_per_step"]
+    else:
+        spec = spec_for(model, workload)
+        optimizer = optax.adam(1e-3)
+        opt_state = optimizer.init(eqx.filter(model, spec))
+        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, **dtype_kwargs)
+        key = jax.random.key(2)
+        compile_s = flops = None
+        inner = getattr(step, "compiled", None)
+        if inner is not None and hasattr(inner, "lower"):
+            # The arguments make_step's wrapper hands its compiled function (train.py).
+            trainable, frozen = eqx.partition(model, spec)
+            try:
+                start = time.perf_counter()
+                compiled = inner.lower((frozen, batch, key), trainable, state, opt_state).compile()
+                compile_s = time.perf_counter() - start
+                flops = C.cost_flops(compiled)
+            except Exception as e:  # the wrapper's signature changed: time the first call
+                extra["aot_error"] = f"{type(e).__name__}: {e}"[:200]
+        carry = [model, state, opt_state]
+
+        def call():
+            m, s, o, metrics = step(*carry, batch, key)
+            carry[:] = [m, s, o]
+            return m, s, o, metrics
+
+        timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+        extra["trainable_params"] = eqxtl.count(model, spec)
+        if compile_s is None:
+            compile_s = timing["first_call_s"] - timing["sec_per_step"]
+    record = C.result(
+        "eqxtl",
+        model_name,
+        workload,
+        batch_size,
+        timing,
+        compile_s=compile_s,
+        flops=flops,
+        dtype=args.dtype,
+        **extra,
+    )
+    C.emit(record)
+
+
+def run_peak(quick: bool) -> None:
+    import jax
+
+    n = 1024 if quick else 4096
+    peak = C.peak_gflops(n=n)
+    C.emit(
+        {
+            "framework": "jax",
+            "kind": "peak",
+            "what": f"f32 jnp.dot {n}x{n}",
+            "jax": jax.__version__,
+            **{k: round(v, 2) for k, v in peak.items()},
+            "peak_rss_mb": round(C.peak_rss_mb(), 1),
+        }
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_common_args(parser)
+    parser.add_argument("--dtype", default="f32", choices=("f32", "bf16"))
+    parser.add_argument("--peak", action="store_true", help="only measure the jnp.dot peak")
+    args = parser.parse_args(argv)
+    if args.peak:
+        run_peak(args.quick)
+        return
+    C.dispatch(
+        os.path.abspath(__file__),
+        args,
+        lambda m, w: run_one(m, w, args),
+        extra=["--dtype", args.dtype],
+    )
+
+
+if __name__ == "__main__":
+    main()

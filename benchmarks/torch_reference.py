@@ -1,0 +1,168 @@
+"""PyTorch reference: the same workloads as ``steps.py`` in PyTorch + transformers 5.
+
+``CLIPVisionModel`` at the ViT-B/32 config and ``ResNetModel`` at the ResNet-50 config
+(random init), each with a new ``nn.Linear`` head on ``pooler_output``; batch 32, 224x224,
+3 classes, ``torch.optim.Adam``. Freezing is ``requires_grad_(False)``; frozen modules run
+in ``eval()`` (BatchNorm uses its running statistics), trained ones in ``train()``, like
+eqxtl's ``make_step``. Eager mode (the issue measured ``torch.compile`` at about the same
+speed on this CPU), ``torch.set_num_threads(os.cpu_count())``.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one extra step (matmuls
+and convolutions only, where XLA's cost analysis counts every op): ``gflops_per_s`` is
+comparable across frameworks only roughly.
+
+    python benchmarks/torch_reference.py [--models clip resnet50] [--workloads ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # noqa: E402
+
+
+def build(model_name: str, quick: bool):
+    """``(model, blocks, image_size)``: backbone + head, and the backbone's blocks in order."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if model_name == "clip":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        kwargs = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        )
+        if quick:
+            kwargs.update(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=C.QUICK_IMAGE,
+                patch_size=8,
+            )
+        backbone = CLIPVisionModel(CLIPVisionConfig(**kwargs))
+        tower = getattr(backbone, "vision_model", backbone)  # transformers 4 nests it
+        blocks = list(tower.encoder.layers)
+        features, image = kwargs["hidden_size"], kwargs["image_size"]
+    elif model_name == "resnet50":
+        from transformers import ResNetConfig, ResNetModel
+
+        config = ResNetConfig()  # the defaults are microsoft/resnet-50's
+        if quick:
+            config = ResNetConfig(
+                embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1]
+            )
+        backbone = ResNetModel(config)
+        blocks = [layer for stage in backbone.encoder.stages for layer in stage.layers]
+        features = config.hidden_sizes[-1]
+        image = C.QUICK_IMAGE if quick else C.IMAGE
+    else:
+        raise ValueError(model_name)
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = backbone
+            self.head = nn.Linear(features, C.NUM_CLASSES)
+
+        def forward(self, x):
+            pooled = self.backbone(pixel_values=x).pooler_output
+            return self.head(pooled.flatten(1))
+
+    return Classifier(), blocks, image
+
+
+def run_one(model_name: str, workload: str, args) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(os.cpu_count())
+    batch_size = C.QUICK_BATCH if args.quick else C.BATCH
+    model, blocks, image = build(model_name, args.quick)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, image, image, generator=g)
+    y = torch.randint(0, C.NUM_CLASSES, (batch_size,), generator=g)
+
+    if workload == "eval":
+        model.eval()
+
+        def call():
+            with torch.inference_mode():
+                return F.cross_entropy(model(x), y)
+
+    else:
+        if workload == "full":
+            trained = [model]
+        elif workload == "head":
+            trained = [model.head]
+        elif workload == "last2":
+            trained = [model.head, *blocks[-2:]]
+        else:
+            raise ValueError(workload)
+        model.requires_grad_(False)
+        model.eval()
+        for module in trained:
+            module.requires_grad_(True)
+            module.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+
+        def call():
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+
+    flops = None
+    if not args.no_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            call()
+        flops = float(counter.get_total_flops()) or None
+    timing = C.measure(call, float, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
+    extra = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if workload != "eval":
+        extra["trainable_params"] = sum(p.numel() for p in params)
+    if args.quick:
+        extra["quick"] = True
+    record = C.result(
+        "torch",
+        model_name,
+        workload,
+        batch_size,
+        timing,
+        compile_s=None,
+        flops=flops,
+        flops_via="FlopCounterMode (matmul/conv only)",
+        **extra,
+    )
+    C.emit(record)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_common_args(parser)
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    args = parser.parse_args(argv)
+    extra = ["--no-flops"] if args.no_flops else []
+    C.dispatch(os.path.abspath(__file__), args, lambda m, w: run_one(m, w, args), extra=extra)
+
+
+if __name__ == "__main__":
+    main()

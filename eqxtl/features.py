@@ -1,0 +1,222 @@
+"""Feature caching for frozen backbones (linear probes): run the backbone once, train the head
+on its pooled features for as many epochs as you like.
+
+``extract_features`` computes the features of every example (in memory, or in a ``.npy`` on
+disk that is reused when the same backbone, preprocessing and data come back);
+``FeatureLoader`` batches them in exactly the order, padding and masking of the image
+``Loader`` with the same seed, so a head trained on cached features follows the same path as
+one trained live. ``fit`` does all this by itself when nothing in the backbone trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from .data import Loader, Preprocessing
+from .train import LossFn, cross_entropy
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """Pooled features of a dataset: ``features`` ``(N, D)``, ``labels`` ``(N,)`` int32 and
+    ``valid`` ``(N,)`` bool (False for examples that could not be decoded)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def extract_features(
+    backbone,
+    state: eqx.nn.State,
+    data,
+    *,
+    preprocessing: Preprocessing | None = None,
+    batch_size: int = 32,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Features:
+    """Features ``(N, D)`` of every example of ``data`` under ``backbone`` (inference mode).
+
+    **Arguments:**
+
+    - `backbone`: an eqxtl backbone or a ``Classifier`` (its backbone is used).
+    - `data`: a source (``TFDSSource``, ``ImageFolder``, ``ArraySource``...) or a ``Loader``
+      (its preprocessing and batch size are used; its shuffling and augmentation are not).
+    - `cache_dir`: keep the features on disk under this directory, keyed by a fingerprint
+      of the backbone's weights, the preprocessing and the data; a later call with the same
+      key memory-maps them instead of recomputing (for datasets that do not fit in memory).
+    """
+    from .models.registry import preprocessing_for
+
+    backbone = getattr(backbone, "backbone", backbone)
+    if isinstance(data, Loader):
+        source = data.source
+        preprocessing = preprocessing or data.preprocessing
+        num_workers = data.num_workers if num_workers is None else num_workers
+    else:
+        source = data
+    preprocessing = preprocessing or preprocessing_for(backbone)
+    loader = Loader(source, preprocessing, batch_size, num_workers=num_workers)
+    class_names = list(getattr(source, "class_names", []) or [])
+
+    if cache_dir is None:
+        return _compute(backbone, state, loader, class_names, None, progress)
+    target = Path(cache_dir) / _fingerprint(backbone, state, preprocessing, source)
+    if not (target / "meta.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-new-"))
+        try:
+            _compute(backbone, state, loader, class_names, tmp, progress)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process finished the same cache first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Features(
+        np.load(target / "features.npy", mmap_mode="r"),
+        np.load(target / "labels.npy"),
+        np.load(target / "valid.npy"),
+        json.loads((target / "meta.json").read_text())["class_names"],
+    )
+
+
+def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress):
+    from .train import batched
+
+    backbone = eqx.nn.inference_mode(backbone, True)
+    forward = eqx.filter_jit(lambda m, s, x: batched(m)(x, s)[0])
+    n = len(loader.source)
+    features = labels = valid = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), unit="batch", desc="features", dynamic_ncols=True)
+    start = 0
+    for batch in loader.epoch(0):
+        out = np.asarray(forward(backbone, state, batch["image"]))
+        if features is None:
+            shape, dtype = (n, *out.shape[1:]), out.dtype
+            if out_dir is None:
+                features = np.empty(shape, dtype)
+            else:
+                path = str(out_dir / "features.npy")
+                features = np.lib.format.open_memmap(path, "w+", dtype, shape)
+            labels, valid = np.empty(n, np.int32), np.empty(n, bool)
+        k = min(loader.batch_size, n - start)
+        features[start : start + k] = out[:k]
+        labels[start : start + k] = batch["label"][:k]
+        valid[start : start + k] = batch["mask"][:k]
+        start += k
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if features is None:
+        raise ValueError("Cannot extract features from empty data.")
+    if out_dir is not None:
+        features.flush()
+        np.save(out_dir / "labels.npy", labels)
+        np.save(out_dir / "valid.npy", valid)
+        (out_dir / "meta.json").write_text(json.dumps({"class_names": class_names, "n": n}))
+    return Features(features, labels, valid, class_names)
+
+
+def _fingerprint(backbone, state, preprocessing: Preprocessing, source) -> str:
+    """Hash of everything the features depend on: weights and BatchNorm statistics, the
+    config, the preprocessing and the data (its type, length and description)."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves((eqx.filter(backbone, eqx.is_array), state)):
+        h.update(np.asarray(leaf).tobytes())
+    h.update(repr(getattr(backbone, "config", type(backbone).__name__)).encode())
+    h.update(repr(preprocessing).encode())
+    h.update(f"{type(source).__qualname__}:{len(source)}:{_describe(source)}".encode())
+    return h.hexdigest()[:32]
+
+
+_IDENTIFYING = ("name", "split", "data_dir", "root", "paths", "indices", "source")
+
+
+def _describe(source) -> str:
+    """What identifies a source's content (beyond its length)."""
+    attrs = {a: getattr(source, a) for a in _IDENTIFYING if hasattr(source, a)}
+    if attrs:
+        return repr(attrs)
+    if hasattr(source, "images"):
+        images = np.asarray(source.images)
+        return hashlib.sha256(images.tobytes()).hexdigest()
+    return repr(source)
+
+
+class FeatureLoader:
+    """Batches of cached features with exactly the order, padding and mask of ``loader``
+    (an image ``Loader``): ``{"features": (B, D), "label": (B,), "mask": (B,)}``."""
+
+    def __init__(self, features: Features, loader: Loader):
+        if len(features) != len(loader.source):
+            raise ValueError(
+                f"{len(features)} cached features for a source of {len(loader.source)} "
+                "examples: extract the features of this source."
+            )
+        self.features = features
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        order, b = self.loader.order(epoch), self.loader.batch_size
+        for i in range(start_step, len(self)):
+            chunk = order[i * b : (i + 1) * b]
+            pad = np.full(b - len(chunk), chunk[0], dtype=chunk.dtype)
+            take = np.concatenate([chunk, pad])
+            mask = np.concatenate([self.features.valid[chunk], np.zeros(len(pad), bool)])
+            labels = np.where(mask, self.features.labels[take], 0).astype(np.int32)
+            yield {
+                "features": np.asarray(self.features.features[take]),
+                "label": labels,
+                "mask": mask,
+            }
+
+
+def head_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
+    """Like ``classification_loss``, for batches of cached features: ``model.head`` only
+    (``compute_dtype`` is accepted for symmetry; the head runs in its weights' dtype)."""
+
+    def loss_fn(model, state, batch, key):
+        features = batch["features"]
+        logits = jax.vmap(model.head)(features.astype(model.head.weight.dtype))
+        loss, metrics = cross_entropy(
+            logits, batch["label"], batch.get("mask"), label_smoothing=label_smoothing
+        )
+        return loss, (state, metrics)
+
+    return loss_fn
+
+
+def backbone_frozen(model: Any, spec: Any) -> bool:
+    """True when no leaf of ``model.backbone`` trains under ``spec``."""
+    backbone_spec = getattr(spec, "backbone", None)
+    if backbone_spec is None:
+        return False
+    return not any(bool(x) for x in jax.tree.leaves(backbone_spec))

@@ -1,0 +1,539 @@
+"""ResNet v1.5 with transformers' names, and its checkpoint ``Architecture``.
+
+Field names equal the transformers ``ResNetModel`` names without a model prefix, so
+``eqxtl.paths(backbone)`` reads ``embedder.embedder.convolution.weight``,
+``encoder.stages.1.layers.0.shortcut.normalization.bias``,
+``encoder.stages.1.layers.0.layer.1.convolution.weight`` ... and the BatchNorm statistics
+(in ``state``) ``....normalization.running_mean`` / ``running_var``.
+
+v1.5 (microsoft/resnet-*, torchvision): a bottleneck block downsamples in its 3x3
+convolution, not in the first 1x1 (``downsample_in_bottleneck=True`` gives v1). Blocks use
+identity shortcuts where channels and stride are kept, a 1x1 convolution + BatchNorm
+otherwise.
+
+Checkpoints load from transformers ``ResNetModel`` files (no prefix),
+``ResNetForImageClassification`` files (``resnet.`` prefix, ``classifier.1`` head) and
+torchvision/timm files (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
+``fc``).
+
+One image per call, channel-first ``(C, H, W)``; batch with ``jax.vmap`` (axis name
+``"batch"`` for BatchNorm in training mode, see ``eqxtl.batched``). Activations are
+channels-last inside (one transpose at the input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..checkpoint import CheckpointError
+from ._arch import Architecture, Shapes
+from .layers import BatchNorm, Conv2d
+
+LayerType = Literal["basic", "bottleneck"]
+
+# transformers' ACT2FN names (the ones that make sense in a CNN).
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "relu6": jax.nn.relu6,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "leaky_relu": functools.partial(jax.nn.leaky_relu, negative_slope=0.01),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+_REDUCTION = 4
+"""Bottleneck width = ``hidden_size // 4`` (fixed in transformers and torchvision)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetConfig:
+    """The fields of transformers' ``ResNetConfig`` (same names, same defaults = ResNet-50)."""
+
+    num_channels: int = 3
+    embedding_size: int = 64
+    hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048)
+    depths: tuple[int, ...] = (3, 4, 6, 3)
+    layer_type: LayerType = "bottleneck"
+    hidden_act: str = "relu"
+    """Activation of the stem and after each residual addition. As in transformers, the
+    activations inside a block are always ReLU."""
+    downsample_in_first_stage: bool = False
+    """Stride 2 in the first block of the first stage (off for every microsoft/resnet-*)."""
+    downsample_in_bottleneck: bool = False
+    """Stride on the bottleneck's first 1x1 (ResNet v1) instead of its 3x3 (v1.5)."""
+
+    def __post_init__(self):
+        # Lists (from JSON) become tuples: the config is a static, hashable field.
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        if self.layer_type not in ("basic", "bottleneck"):
+            raise ValueError(f"layer_type {self.layer_type!r} is not 'basic' or 'bottleneck'.")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; one of {sorted(_ACTIVATIONS)}."
+            )
+        if not self.depths or len(self.depths) != len(self.hidden_sizes):
+            raise ValueError(
+                f"depths {self.depths} and hidden_sizes {self.hidden_sizes} must be non-empty "
+                "and of the same length (one entry per stage)."
+            )
+        if min(self.depths) < 1:
+            raise ValueError(f"Every stage needs at least one block, got depths {self.depths}.")
+        if self.layer_type == "bottleneck":
+            bad = [h for h in self.hidden_sizes if h < _REDUCTION]
+            if bad:
+                raise ValueError(f"Bottleneck hidden_sizes must be >= {_REDUCTION}, got {bad}.")
+
+
+RESNET18 = ResNetConfig(hidden_sizes=(64, 128, 256, 512), depths=(2, 2, 2, 2), layer_type="basic")
+"""microsoft/resnet-18."""
+RESNET34 = ResNetConfig(hidden_sizes=(64, 128, 256, 512), depths=(3, 4, 6, 3), layer_type="basic")
+"""microsoft/resnet-34."""
+RESNET50 = ResNetConfig()
+"""microsoft/resnet-50."""
+RESNET101 = ResNetConfig(depths=(3, 4, 23, 3))
+"""microsoft/resnet-101."""
+RESNET152 = ResNetConfig(depths=(3, 8, 36, 3))
+"""microsoft/resnet-152."""
+
+
+# --------------------------------------------------------------------------- modules
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvSpec:
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    activation: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockSpec:
+    in_channels: int
+    out_channels: int
+    stride: int
+    convs: tuple[_ConvSpec, ...]
+
+    @property
+    def has_shortcut(self) -> bool:
+        return self.in_channels != self.out_channels or self.stride != 1
+
+
+def _block_spec(config: ResNetConfig, cin: int, cout: int, stride: int) -> _BlockSpec:
+    """One residual block as transformers builds it (``ResNetBasicLayer`` /
+    ``ResNetBottleNeckLayer``): the convolutions inside always use ReLU, the last none."""
+    if config.layer_type == "basic":
+        convs = (_ConvSpec(cin, cout, 3, stride, "relu"), _ConvSpec(cout, cout, 3, 1, None))
+    else:
+        mid = cout // _REDUCTION
+        first, middle = (stride, 1) if config.downsample_in_bottleneck else (1, stride)
+        convs = (
+            _ConvSpec(cin, mid, 1, first, "relu"),
+            _ConvSpec(mid, mid, 3, middle, "relu"),
+            _ConvSpec(mid, cout, 1, 1, None),
+        )
+    return _BlockSpec(cin, cout, stride, convs)
+
+
+def _stage_specs(config: ResNetConfig) -> list[list[_BlockSpec]]:
+    stages, cin = [], config.embedding_size
+    for s, (cout, depth) in enumerate(zip(config.hidden_sizes, config.depths, strict=True)):
+        stride = 2 if s > 0 or config.downsample_in_first_stage else 1
+        blocks = [_block_spec(config, cin, cout, stride)]
+        blocks += [_block_spec(config, cout, cout, 1) for _ in range(depth - 1)]
+        stages.append(blocks)
+        cin = cout
+    return stages
+
+
+class ConvLayer(eqx.Module):
+    """``act(bn(conv(x)))`` with torch's symmetric padding ``kernel // 2``, no conv bias:
+    ``(H, W, C_in) -> (H', W', C_out)`` (transformers' ``ResNetConvLayer``)."""
+
+    convolution: Conv2d
+    normalization: BatchNorm
+    activation: str | None = eqx.field(static=True)
+
+    def __init__(self, spec: _ConvSpec, *, key: PRNGKeyArray):
+        self.convolution = Conv2d(
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel,
+            stride=spec.stride,
+            padding=spec.kernel // 2,
+            use_bias=False,
+            key=key,
+        )
+        self.normalization = BatchNorm(spec.out_channels)
+        self.activation = spec.activation
+
+    def __call__(
+        self, x: Float[Array, "h w c"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
+        x, state = self.normalization(self.convolution(x), state)
+        if self.activation is not None:
+            x = _ACTIVATIONS[self.activation](x)
+        return x, state
+
+
+class ShortCut(eqx.Module):
+    """Projection shortcut ``bn(conv1x1(x))`` with the block's stride."""
+
+    convolution: Conv2d
+    normalization: BatchNorm
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, key: PRNGKeyArray):
+        self.convolution = Conv2d(
+            in_channels, out_channels, 1, stride=stride, use_bias=False, key=key
+        )
+        self.normalization = BatchNorm(out_channels)
+
+    def __call__(
+        self, x: Float[Array, "h w c"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
+        return self.normalization(self.convolution(x), state)
+
+
+class ResidualBlock(eqx.Module):
+    """Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1) block:
+    ``act(layer(x) + shortcut(x))``; ``shortcut`` is ``None`` for the identity."""
+
+    shortcut: ShortCut | None
+    layer: list[ConvLayer]
+    activation: str = eqx.field(static=True)
+
+    def __init__(self, spec: _BlockSpec, activation: str, *, key: PRNGKeyArray):
+        skey, *ckeys = jax.random.split(key, 1 + len(spec.convs))
+        self.shortcut = (
+            ShortCut(spec.in_channels, spec.out_channels, spec.stride, key=skey)
+            if spec.has_shortcut
+            else None
+        )
+        self.layer = [ConvLayer(c, key=k) for c, k in zip(spec.convs, ckeys, strict=True)]
+        self.activation = activation
+
+    def __call__(
+        self, x: Float[Array, "h w c"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
+        h = x
+        for conv in self.layer:
+            h, state = conv(h, state)
+        if self.shortcut is not None:
+            x, state = self.shortcut(x, state)
+        return _ACTIVATIONS[self.activation](h + x), state
+
+
+class Stage(eqx.Module):
+    """Blocks of one resolution, in order (``layers.N``)."""
+
+    layers: list[ResidualBlock]
+
+    def __init__(self, specs: list[_BlockSpec], activation: str, *, key: PRNGKeyArray):
+        keys = jax.random.split(key, len(specs))
+        self.layers = [
+            ResidualBlock(s, activation, key=k) for s, k in zip(specs, keys, strict=True)
+        ]
+
+
+class Encoder(eqx.Module):
+    """The stages in order (``stages.S``)."""
+
+    stages: list[Stage]
+
+    def __init__(self, config: ResNetConfig, *, key: PRNGKeyArray):
+        specs = _stage_specs(config)
+        keys = jax.random.split(key, len(specs))
+        self.stages = [Stage(s, config.hidden_act, key=k) for s, k in zip(specs, keys, strict=True)]
+
+
+class Embeddings(eqx.Module):
+    """Stem: 7x7/2 convolution + BatchNorm + activation, then 3x3/2 max pooling (padding 1,
+    padded with -inf like torch): ``(H, W, C) -> (H/4, W/4, embedding_size)``."""
+
+    embedder: ConvLayer
+
+    def __init__(self, config: ResNetConfig, *, key: PRNGKeyArray):
+        spec = _ConvSpec(config.num_channels, config.embedding_size, 7, 2, config.hidden_act)
+        self.embedder = ConvLayer(spec, key=key)
+
+    def __call__(
+        self, x: Float[Array, "h w c"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "h2 w2 e"], eqx.nn.State]:
+        x, state = self.embedder(x, state)
+        x = jax.lax.reduce_window(
+            x,
+            -jnp.inf,  # a Python scalar: a traced init value breaks reverse-mode autodiff
+            jax.lax.max,
+            window_dimensions=(3, 3, 1),
+            window_strides=(2, 2, 1),
+            padding=((1, 1), (1, 1), (0, 0)),
+        )
+        return x, state
+
+
+class ResNet(eqx.Module):
+    """ResNet backbone: one image ``(C, H, W) -> (features (hidden_sizes[-1],), state)``.
+
+    ``features`` is the global mean of the last stage's output: transformers'
+    ``pooler_output`` flattened (the input of ``ResNetForImageClassification``'s
+    classifier). ``x`` is normalised as the checkpoint expects (ImageNet mean/std for
+    microsoft/resnet-* and torchvision weights).
+
+    Built and loaded in inference mode (BatchNorm uses its running statistics). With
+    ``eqx.nn.inference_mode(model, False)`` BatchNorm uses batch statistics over the vmapped
+    axis ``"batch"`` and updates the running ones in ``state`` like torch's ``train()``.
+    """
+
+    embedder: Embeddings
+    encoder: Encoder
+    config: ResNetConfig = eqx.field(static=True)
+
+    def __init__(self, config: ResNetConfig, *, key: PRNGKeyArray):
+        ekey, nkey = jax.random.split(key)
+        self.embedder = Embeddings(config, key=ekey)
+        self.encoder = Encoder(config, key=nkey)
+        self.config = config
+
+    def feature_map(
+        self, x: Float[Array, "c h w"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "h2 w2 d"], eqx.nn.State]:
+        """The last stage's output, channels-last ``(H/32, W/32, hidden_sizes[-1])``
+        (transformers' ``last_hidden_state`` is its channel-first transpose)."""
+        if x.ndim != 3 or x.shape[0] != self.config.num_channels:
+            raise ValueError(
+                f"ResNet expects one channel-first image ({self.config.num_channels}, H, W), "
+                f"got shape {x.shape} (use jax.vmap or eqxtl.batched for batches)."
+            )
+        h = jnp.transpose(x, (1, 2, 0))
+        h, state = self.embedder(h, state)
+        for stage in self.encoder.stages:
+            for block in stage.layers:
+                h, state = block(h, state)
+        return h, state
+
+    def __call__(
+        self,
+        x: Float[Array, "c h w"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, " d"], eqx.nn.State]:
+        """``(features (hidden_sizes[-1],), state)``; ``key`` is unused (no dropout)."""
+        del key
+        h, state = self.feature_map(x, state)
+        return jnp.mean(h, axis=(0, 1)), state
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint architecture
+# --------------------------------------------------------------------------------------
+
+_PREFIX = "resnet."
+_HEAD = "classifier.1."
+_HF_TOP = ("embedder.", "encoder.")
+_TV_TOP = re.compile(r"^(?:conv1|bn1|layer\d+|fc)\.")
+_WRAPPERS = re.compile(r"^(?:(?:module|model|state_dict|model_state_dict|backbone|net)\.)+")
+_TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv|bn)(\d+)\.(.+)$")
+_TV_DOWNSAMPLE = re.compile(r"^layer(\d+)\.(\d+)\.downsample\.([01])\.(.+)$")
+
+
+def _build(config: ResNetConfig, key: PRNGKeyArray) -> ResNet:
+    return ResNet(config, key=key)
+
+
+def _strip(key: str) -> str:
+    """Remove wrapper prefixes (``module.``, ``model.``, transformers' ``resnet.``) when what
+    follows is a transformers or torchvision ResNet key."""
+    for candidate in (key, _WRAPPERS.sub("", key)):
+        rest = candidate.removeprefix(_PREFIX)
+        if rest.startswith(_HF_TOP) or rest.startswith(_HEAD) or _TV_TOP.match(rest):
+            return rest
+    return key
+
+
+def _from_torchvision(key: str) -> str:
+    if key.startswith("conv1."):
+        return "embedder.embedder.convolution." + key[len("conv1.") :]
+    if key.startswith("bn1."):
+        return "embedder.embedder.normalization." + key[len("bn1.") :]
+    if key.startswith("fc."):
+        return "head." + key[len("fc.") :]
+    m = _TV_BLOCK.match(key)
+    if m:
+        stage, block, kind, index, leaf = m.groups()
+        module = "convolution" if kind == "conv" else "normalization"
+        return (
+            f"encoder.stages.{int(stage) - 1}.layers.{block}.layer.{int(index) - 1}.{module}.{leaf}"
+        )
+    m = _TV_DOWNSAMPLE.match(key)
+    if m:
+        stage, block, index, leaf = m.groups()
+        module = "convolution" if index == "0" else "normalization"
+        return f"encoder.stages.{int(stage) - 1}.layers.{block}.shortcut.{module}.{leaf}"
+    return key
+
+
+def _canonical_name(key: str) -> str | None:
+    """Any supported layout -> canonical name; ``num_batches_tracked`` dropped, the
+    classifier (``classifier.1`` / ``fc``) -> ``head``."""
+    name = _strip(key)
+    if name.endswith("num_batches_tracked"):
+        return None
+    if name.startswith(_HF_TOP):
+        return name
+    if name.startswith(_HEAD):
+        return "head." + name[len(_HEAD) :]
+    if _TV_TOP.match(name):
+        return _from_torchvision(name)
+    return key
+
+
+def _detect(shapes: Shapes) -> bool:
+    keys = {_strip(k) for k in shapes}
+    return "embedder.embedder.convolution.weight" in keys or (
+        "conv1.weight" in keys and "layer1.0.conv1.weight" in keys
+    )
+
+
+def expected_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape of every backbone tensor (parameters and BatchNorm
+    statistics) for ``config``, without building anything."""
+    out: dict[str, tuple[int, ...]] = {}
+
+    def conv_bn(name: str, o: int, i: int, k: int):
+        out[f"{name}.convolution.weight"] = (o, i, k, k)
+        for p in ("weight", "bias", "running_mean", "running_var"):
+            out[f"{name}.normalization.{p}"] = (o,)
+
+    conv_bn("embedder.embedder", config.embedding_size, config.num_channels, 7)
+    for s, stage in enumerate(_stage_specs(config)):
+        for b, block in enumerate(stage):
+            prefix = f"encoder.stages.{s}.layers.{b}"
+            if block.has_shortcut:
+                conv_bn(f"{prefix}.shortcut", block.out_channels, block.in_channels, 1)
+            for i, c in enumerate(block.convs):
+                conv_bn(f"{prefix}.layer.{i}", c.out_channels, c.in_channels, c.kernel)
+    return out
+
+
+_STAGE_LAYER = re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.")
+
+
+def _infer_config(shapes: Shapes) -> ResNetConfig:
+    """Config from canonical shapes alone (``head.*`` ignored).
+
+    Basic vs bottleneck from whether blocks have a third convolution; depths by counting
+    blocks; widths from the convolutions. Not in the weights: ``hidden_act`` (ReLU) and the
+    stride placement (v1.5 assumed; ``downsample_in_first_stage`` only shows when the first
+    block's shortcut exists without a change of width).
+    """
+    shapes = {k: tuple(v) for k, v in shapes.items() if not k.startswith("head.")}
+    stem = shapes.get("embedder.embedder.convolution.weight")
+    if stem is None:
+        raise CheckpointError(
+            "Not a ResNet checkpoint: no embedder.embedder.convolution.weight (conv1.weight)."
+        )
+    blocks: dict[int, set[int]] = {}
+    for k in shapes:
+        m = _STAGE_LAYER.match(k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise CheckpointError(f"ResNet checkpoint with stages {sorted(blocks)}: expected 0..N-1.")
+    depths = tuple(max(blocks[s]) + 1 for s in range(len(blocks)))
+    bottleneck = "encoder.stages.0.layers.0.layer.2.convolution.weight" in shapes
+    last = 2 if bottleneck else 1
+    try:
+        hidden = tuple(
+            shapes[f"encoder.stages.{s}.layers.0.layer.{last}.convolution.weight"][0]
+            for s in range(len(depths))
+        )
+    except KeyError as e:
+        raise CheckpointError(f"Cannot infer a ResNet config: no {e.args[0]!r}.") from None
+    embedding, channels = stem[0], stem[1]
+    first_shortcut = "encoder.stages.0.layers.0.shortcut.convolution.weight" in shapes
+    config = ResNetConfig(
+        num_channels=channels,
+        embedding_size=embedding,
+        hidden_sizes=hidden,
+        depths=depths,
+        layer_type="bottleneck" if bottleneck else "basic",
+        downsample_in_first_stage=first_shortcut and embedding == hidden[0],
+    )
+    want = expected_shapes(config)
+    if want != shapes:
+        missing = sorted(set(want) - set(shapes))[:5]
+        unexpected = sorted(set(shapes) - set(want))[:5]
+        wrong = [k for k in sorted(set(want) & set(shapes)) if want[k] != shapes[k]][:5]
+        raise CheckpointError(
+            f"Cannot infer a ResNet config from these shapes: the closest, {config}, "
+            f"differs (missing {missing}, unexpected {unexpected}, wrong shape {wrong}); "
+            "pass config= explicitly."
+        )
+    return config
+
+
+def _config_from_hf(hf: Mapping[str, Any]) -> ResNetConfig:
+    """From a transformers ``config.json`` (``model_type`` ``"resnet"``); missing fields take
+    transformers' defaults (ResNet-50)."""
+    if hf.get("model_type") != "resnet":
+        raise ValueError(f"Not a ResNet config.json: model_type {hf.get('model_type')!r}.")
+    fields = {f.name for f in dataclasses.fields(ResNetConfig)}
+    return ResNetConfig(**{k: v for k, v in hf.items() if k in fields})
+
+
+def _config_to_hf(config: ResNetConfig, num_labels: int | None) -> dict:
+    """transformers ``config.json``: ``ResNetModel``, or with ``num_labels``
+    ``ResNetForImageClassification`` (generic ``LABEL_i`` names)."""
+    out: dict[str, Any] = {
+        "model_type": "resnet",
+        "architectures": ["ResNetModel" if num_labels is None else "ResNetForImageClassification"],
+        **dataclasses.asdict(config),
+    }
+    out["hidden_sizes"] = list(config.hidden_sizes)
+    out["depths"] = list(config.depths)
+    if num_labels is not None:
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    return out
+
+
+def _hf_name(canonical: str, with_head: bool) -> str:
+    """Canonical -> transformers key: ``ResNetModel`` names, or with ``with_head`` the
+    ``ResNetForImageClassification`` ones (``resnet.`` prefix, ``head`` -> ``classifier.1``)."""
+    if canonical.startswith("head."):
+        return _HEAD + canonical[len("head.") :]
+    return _PREFIX + canonical if with_head else canonical
+
+
+def _feature_dim(config: ResNetConfig) -> int:
+    return config.hidden_sizes[-1]
+
+
+RESNET = Architecture(
+    name="resnet",
+    model_types=("resnet",),
+    config_cls=ResNetConfig,
+    build=_build,
+    detect=_detect,
+    canonical_name=_canonical_name,
+    infer_config=_infer_config,
+    config_from_hf=_config_from_hf,
+    config_to_hf=_config_to_hf,
+    hf_name=_hf_name,
+    feature_dim=_feature_dim,
+)

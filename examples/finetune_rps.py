@@ -1,0 +1,142 @@
+"""Fine-tune a pretrained backbone on rock-paper-scissors (TensorFlow Datasets).
+
+The defaults reproduce the Flax transfer-learning guide's run: the CLIP ViT-B/32 vision
+backbone frozen, a zero-initialised linear head trained with Adam 1e-3, label smoothing 0.1,
+batch 32, one epoch, evaluation every 20 steps.
+
+    python examples/finetune_rps.py
+    python examples/finetune_rps.py --model resnet50 --train head
+    python examples/finetune_rps.py --train head=1e-3 backbone.encoder.layers.11=1e-5
+    python examples/finetune_rps.py --weights weights/clip-vit-base-patch32 --data-dir ~/tfds
+
+``--train`` takes filter rules (full-match regexes on parameter paths, see
+``eqxtl.paths``), each optionally with its own learning rate (``RULE=LR``); everything the
+rules do not match stays frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import optax
+
+import eqxtl
+
+DATASET = "rock_paper_scissors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        default="clip-vit-base-patch32",
+        help="registry alias, Hugging Face repo id or local path (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="local checkpoint (directory with config.json + model.safetensors, or a "
+        ".safetensors/.pth file) to use instead of downloading --model; defaults to "
+        "weights/<model> when that exists",
+    )
+    parser.add_argument(
+        "--train",
+        nargs="+",
+        default=["head"],
+        metavar="RULE[=LR]",
+        help="what trains: path rules, each with an optional learning rate (default: %(default)s)",
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="default learning rate")
+    parser.add_argument("--epochs", type=float, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", default=DATASET, help="TFDS name (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, help="TFDS data directory")
+    parser.add_argument("--out", type=Path, default=Path("runs/rps"), help="output directory")
+    parser.add_argument("--no-resume", action="store_true", help="ignore --out/last")
+    return parser.parse_args(argv)
+
+
+def parse_rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
+    """``["head", "backbone.x=1e-5"]`` -> ``[("head", default_lr), ("backbone.x", 1e-5)]``."""
+    rules = []
+    for item in items:
+        rule, sep, lr = item.rpartition("=")
+        if not sep:
+            rules.append((item, default_lr))
+            continue
+        try:
+            rules.append((rule, float(lr)))
+        except ValueError:
+            raise SystemExit(
+                f"--train {item!r}: '=' must be followed by a learning rate."
+            ) from None
+    return rules
+
+
+def load_backbone(args):
+    local = args.weights
+    if local is None and (Path("weights") / args.model).exists():
+        local = Path("weights") / args.model
+    try:
+        return eqxtl.from_pretrained(str(local) if local is not None else args.model)
+    except eqxtl.SourceError as e:
+        raise SystemExit(
+            f"error: cannot load the backbone: {e}\n"
+            "Use --weights PATH for a local checkpoint (e.g. one written by "
+            "`python weights/fetch.py MODEL` on a machine with network), or --model for "
+            "another alias / repo id."
+        ) from None
+
+
+def main(argv=None) -> eqxtl.FitResult:
+    args = parse_args(argv)
+    rules = parse_rules(args.train, args.lr)
+    backbone, state = load_backbone(args)
+    try:
+        train = eqxtl.TFDSSource(args.dataset, "train", data_dir=args.data_dir)
+        test = eqxtl.TFDSSource(args.dataset, "test", data_dir=args.data_dir)
+    except eqxtl.DataError as e:
+        raise SystemExit(f"error: {e}\nUse --data-dir DIR where the dataset is prepared.") from None
+
+    model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
+    try:
+        groups = [(rule, optax.adam(lr)) for rule, lr in rules] + [(".*", None)]
+        spec, optimizer = eqxtl.param_groups(model, groups)
+    except eqxtl.RuleError as e:
+        raise SystemExit(f"error: --train: {e}") from None
+    print(eqxtl.summary(model, spec))
+
+    steps_per_epoch = -(-len(train) // args.batch_size)
+    result = eqxtl.fit(
+        model,
+        state,
+        optimizer,
+        spec,
+        train,
+        test_data=test,
+        steps=max(1, round(args.epochs * steps_per_epoch)),
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+        out_dir=args.out,
+        resume=not args.no_resume,
+    )
+    final = result.final
+    print(
+        f"test accuracy {final.get('test_accuracy', float('nan')):.4f} "
+        f"(loss {final.get('test_loss', float('nan')):.4f}) after {result.step} steps\n"
+        f"checkpoints: {args.out / 'best'} and {args.out / 'last'}\n"
+        f"history: {args.out / 'history.json'}, plot: {args.out / 'history.png'}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""fit / evaluate / predict, feature caching, resume, mixed precision, data parallelism and
+the examples/finetune_rps.py script (offline, on tfds mock data)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from tests._tiny import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def colour_task(n: int, seed: int, size: int = 40) -> eqxtl.ArraySource:
+    """Learnable synthetic images: class c has its colour channel c brightest, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = rng.integers(0, 120, (n, size, size, 3))
+    for i, c in enumerate(labels):
+        images[i, ..., c] += 120
+    return eqxtl.ArraySource(images.astype(np.uint8), labels, ["red", "green", "blue"])
+
+
+def classifier(arch: str, seed: int = 0):
+    backbone, state = tiny(arch, seed)
+    return eqxtl.Classifier(backbone, 3, key=jax.random.key(seed + 1)), state
+
+
+def arrays(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+
+
+def test_fit_learns_with_frozen_random_backbone(tmp_path):
+    model, state = classifier("clip")
+    spec = eqxtl.trainable(model, "head")
+    result = eqxtl.fit(
+        model,
+        state,
+        optax.adam(1e-2),
+        spec,
+        colour_task(96, seed=0),
+        test_data=colour_task(48, seed=1),
+        epochs=8,
+        batch_size=16,
+        eval_every=12,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    assert result.final["test_accuracy"] >= 0.9, result.history
+    assert result.step == 8 * 6
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["step"] for h in history if "test_accuracy" in h] == [12, 24, 36, 48]
+    assert (tmp_path / "history.png").read_bytes()[:8] == PNG_SIGNATURE
+    for name in ("last", "best"):
+        loaded, _ = eqxtl.from_pretrained(tmp_path / name, keep_head=True)
+        assert loaded.num_classes == 3
+    # evaluate sees every example (48 = 3 batches of 20 with the last one padded)
+    out = eqxtl.evaluate(result.model, result.state, colour_task(48, seed=1), batch_size=20)
+    assert out["count"] == 48
+    assert out["accuracy"] == pytest.approx(result.final["test_accuracy"], abs=1e-6)
+    probs = eqxtl.predict(result.model, result.state, colour_task(5, seed=2).images)
+    assert probs.shape == (5, 3)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+def _resume_run(tmp_path, kill_at=None):
+    model, state = classifier("resnet", seed=3)
+    spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
+    optimizer = optax.adamw(eqxtl.warmup_cosine(1e-2, 10, 2), weight_decay=1e-2)
+
+    def callback(step, record):
+        if step == kill_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    return eqxtl.fit(
+        model,
+        state,
+        optimizer,
+        spec,
+        colour_task(40, seed=4),
+        steps=10,
+        batch_size=8,
+        augment=eqxtl.Augment(),
+        checkpoint_every=3,
+        out_dir=tmp_path,
+        progress=False,
+        callback=callback,
+        seed=7,
+    )
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    straight = _resume_run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        _resume_run(tmp_path / "killed", kill_at=5)  # last checkpoint: step 3
+    meta = json.loads((tmp_path / "killed" / "last" / "meta.json").read_text())
+    assert meta["step"] == 3
+    resumed = _resume_run(tmp_path / "killed")
+    assert resumed.step == straight.step == 10
+    for a, b in zip(arrays(straight.model), arrays(resumed.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(arrays(straight.state), arrays(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(arrays(straight.opt_state), arrays(resumed.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cached_features_train_the_same_head(tmp_path):
+    train, test = colour_task(50, seed=5), colour_task(20, seed=6)
+    runs = {}
+    for cache in (False, True, tmp_path / "cache"):
+        model, state = classifier("clip", seed=1)
+        spec = eqxtl.trainable(model, "head")
+        runs[str(cache)] = eqxtl.fit(
+            model,
+            state,
+            optax.adam(1e-2),
+            spec,
+            train,
+            test_data=test,
+            epochs=3,
+            batch_size=16,
+            label_smoothing=0.1,
+            cache_features=cache,
+            progress=False,
+        )
+    live = runs["False"]
+    for key in ("True", str(tmp_path / "cache")):
+        cached = runs[key]
+        np.testing.assert_allclose(cached.model.head.weight, live.model.head.weight, atol=1e-5)
+        np.testing.assert_allclose(cached.model.head.bias, live.model.head.bias, atol=1e-5)
+        assert cached.final["test_accuracy"] == pytest.approx(live.final["test_accuracy"])
+
+    # the on-disk cache holds one entry per dataset (train, test) and is reused
+    def entries():
+        return [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+
+    assert len(entries()) == 2
+    model, state = classifier("clip", seed=1)
+    before = time.perf_counter()
+    again = eqxtl.extract_features(model, state, train, cache_dir=tmp_path / "cache")
+    assert time.perf_counter() - before < 5
+    assert isinstance(again.features, np.memmap) and again.features.shape == (50, 64)
+    assert len(entries()) == 2
+    # a different backbone gets its own entry
+    other, other_state = classifier("clip", seed=2)
+    eqxtl.extract_features(other, other_state, train, cache_dir=tmp_path / "cache")
+    assert len(entries()) == 3
+
+
+def test_bf16_compute_keeps_f32_master_weights():
+    model, state = classifier("clip")
+    spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    images = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
+    batch = {"image": images, "label": np.array([0, 1, 2, 0], np.int32)}
+    losses = {}
+    for dtype in (None, jnp.bfloat16):
+        step = eqxtl.make_step(
+            eqxtl.classification_loss(compute_dtype=dtype), optimizer, spec, donate=False
+        )
+        new, _, new_opt, metrics = step(model, state, opt_state, batch)
+        losses[dtype] = float(metrics["loss"])
+        assert {x.dtype for x in jax.tree.leaves(eqx.filter(new, eqx.is_array))} == {
+            jnp.dtype(jnp.float32)
+        }
+        assert {x.dtype for x in jax.tree.leaves(new_opt) if eqx.is_inexact_array(x)} == {
+            jnp.dtype(jnp.float32)
+        }
+    assert losses[jnp.bfloat16] == pytest.approx(losses[None], abs=0.05)
+
+
+_PARALLEL = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import json, sys
+    import equinox as eqx, jax, numpy as np, optax
+    sys.path.insert(0, sys.argv[1])
+    import eqxtl
+    from tests._tiny import tiny
+
+    assert jax.device_count() == 8
+    backbone, state = tiny("resnet")
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    # BatchNorm trains here: its batch statistics must span all 8 devices' examples.
+    spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
+    optimizer = optax.sgd(0.1)  # (Adam would amplify float noise in tiny gradients)
+    rng = np.random.default_rng(0)
+    batches = [
+        {"image": rng.normal(size=(16, 3, 32, 32)).astype(np.float32),
+         "label": rng.integers(0, 3, 16).astype(np.int32), "mask": np.ones(16, bool)}
+        for _ in range(3)
+    ]
+    out = {}
+    for name, mesh in (("single", None), ("sharded", eqxtl.data_mesh())):
+        m, s = model, state
+        o = optimizer.init(eqx.filter(m, spec))
+        if mesh is not None:
+            m, s, o = eqxtl.replicate((m, s, o), mesh)
+        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, mesh=mesh,
+                               donate=False)
+        losses = []
+        for b in batches:
+            m, s, o, metrics = step(m, s, o, b)
+            losses.append(float(metrics["loss"]))
+        leaves = jax.tree.leaves(eqx.filter((m, s), eqx.is_array))
+        out[name] = {"losses": losses, "params": [np.asarray(x).tolist() for x in leaves],
+                     "devices": len(leaves[-1].sharding.device_set)}
+    print(json.dumps(out))
+    """
+)
+
+
+def test_data_parallel_on_8_cpu_devices_matches_one_device():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run(
+        [sys.executable, "-c", _PARALLEL, str(ROOT)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["single"]["devices"] == 1 and out["sharded"]["devices"] == 8
+    np.testing.assert_allclose(out["sharded"]["losses"], out["single"]["losses"], rtol=1e-5)
+    for a, b in zip(out["sharded"]["params"], out["single"]["params"], strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------- examples/finetune_rps.py
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("finetune_rps", ROOT / "examples/finetune_rps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["clip", "resnet"])
+def test_finetune_rps_runs_on_tfds_mock_data(tmp_path, arch, capsys):
+    import tensorflow_datasets as tfds
+
+    backbone, state = tiny(arch)
+    eqxtl.save_pretrained(backbone, state, tmp_path / "weights")
+    last = [f"backbone.{block}" for block in eqxtl.last_blocks(backbone, 1)]
+    train = ["head"] if arch == "clip" else ["head=1e-3", *last]
+    argv = [
+        "--weights", str(tmp_path / "weights"), "--batch-size", "8", "--eval-every", "2",
+        "--out", str(tmp_path / "out"), "--train", *train,
+    ]  # fmt: skip
+    with tfds.testing.mock_data(num_examples=20):
+        result = _example().main(argv)
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and str(tmp_path / "out" / "best") in printed
+    assert result.step == 3  # one epoch of 20 examples in batches of 8
+    out = tmp_path / "out"
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 3]
+    assert (out / "history.png").read_bytes()[:8] == PNG_SIGNATURE
+    model, _ = eqxtl.from_pretrained(out / "best", keep_head=True)
+    assert model.num_classes == 3
+
+
+def test_finetune_rps_offline_without_weights_fails_fast_and_clearly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no weights/ folder here
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    script = ROOT / "examples" / "finetune_rps.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    env["HF_HUB_CACHE"] = str(tmp_path / "hub")
+    before = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
+    elapsed = time.perf_counter() - before
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr, run.stderr
+    assert "--weights" in run.stderr and "--model" in run.stderr, run.stderr
+    assert elapsed < 30, elapsed  # no hub retry loop (the import of jax dominates)
