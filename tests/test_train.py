@@ -141,7 +141,8 @@ def test_layerwise_sgd_moves_each_leaf_by_its_lr(arch):
         grad = np.asarray(grad_items[path], np.float64)
         expected = np.asarray(old) - lr * grad
         # Exact up to float32 rounding (the step's gradient is compiled differently) ...
-        np.testing.assert_allclose(new_items[path], expected, rtol=1e-5, atol=1e-6)
+        atol = 1e-3 * np.abs(lr * grad).max() + 1e-7
+        np.testing.assert_allclose(new_items[path], expected, rtol=1e-5, atol=atol)
         # ... and the learning rate itself, fitted from the move, within 0.1 %.
         move = np.asarray(old, np.float64) - np.asarray(new_items[path], np.float64)
         if np.abs(move).max() > 1e-4:
