@@ -53,6 +53,7 @@ from .optim import param_groups as param_groups
 from .parallel import data_mesh as data_mesh
 from .parallel import replicate as replicate
 from .parallel import shard_batch as shard_batch
+from .pretrained import from_config as from_config
 from .pretrained import from_pretrained as from_pretrained
 from .pretrained import save_pretrained as save_pretrained
 from .train import batched as batched

@@ -97,6 +97,17 @@ def skeleton(arch: Architecture, config) -> eqx.Module:
     return eqx.filter_eval_shape(arch.build, config, jax.random.key(0))
 
 
+def array_shapes(model_skeleton) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{canonical name: ShapeDtypeStruct}`` of every floating-point tensor a skeleton
+    holds (parameters and BatchNorm statistics): what a checkpoint must provide."""
+    flat = jax.tree_util.tree_flatten_with_path(model_skeleton)[0]
+    return {
+        keypath_to_str(kp): leaf
+        for kp, leaf in flat
+        if isinstance(leaf, jax.ShapeDtypeStruct) and jnp.issubdtype(leaf.dtype, jnp.floating)
+    }
+
+
 def fill(
     model_skeleton,
     tensors: Mapping[str, np.ndarray],

@@ -199,6 +199,59 @@ def from_pretrained(
     return Classifier(backbone, head=head), state
 
 
+def from_config(
+    model: str | Any,
+    *,
+    architecture: str | None = None,
+    seed: int = 0,
+    dtype=np.float32,
+) -> tuple[eqx.Module, eqx.nn.State]:
+    """A randomly initialised backbone (for training from scratch), in inference mode.
+
+    ``model``: a registry alias (``"efficientnet-lite0"``, ``"resnet50"``, ...) or a config
+    (``ResNetConfig(...)``, ``CLIPVisionConfig(...)``...). Nothing is downloaded.
+
+    Initialisation (drawn with NumPy from ``seed``, so building a large model costs no
+    compilation): convolution and linear weights He-normal over their fan-in, biases zero,
+    normalisation scales one, BatchNorm running statistics mean 0 / variance 1, class and
+    position embeddings N(0, 0.02).
+    """
+    if isinstance(model, str):
+        if model not in REGISTRY:
+            raise hub.SourceError(
+                f"{model!r} is not a registry alias; known: {sorted(REGISTRY)}. Pass a config "
+                "(e.g. eqxtl.models.resnet.RESNET50) to build another one."
+            )
+        entry = REGISTRY[model]
+        arch, config = ARCHITECTURES[entry.architecture], entry.config
+    else:
+        config = model
+        matches = [a for a in ARCHITECTURES.values() if isinstance(config, a.config_cls)]
+        if architecture is not None:
+            matches = [ARCHITECTURES[architecture]]
+        if len(matches) != 1:
+            raise TypeError(f"{type(config).__name__} is not the config of a known architecture.")
+        arch = matches[0]
+    skeleton = checkpoint.skeleton(arch, config)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, leaf in checkpoint.array_shapes(skeleton).items():
+        tensors[name] = _initial_value(name, leaf.shape, rng).astype(dtype)
+    return checkpoint.fill(skeleton, tensors, source="random init")
+
+
+def _initial_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "running_var":
+        return np.ones(shape)
+    if leaf in ("running_mean", "bias") or (leaf == "weight" and len(shape) == 1):
+        return np.ones(shape) if leaf == "weight" else np.zeros(shape)
+    if len(shape) < 2 or "embedding" in name:
+        return 0.02 * rng.standard_normal(shape)
+    fan_in = int(np.prod(shape[1:]))
+    return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+
+
 def _key0():
     import jax
 

@@ -2,11 +2,9 @@
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from eqxtl import checkpoint
-from eqxtl._paths import keypath_to_str
 from eqxtl.models import clip, resnet
 
 TINY_CLIP = dataclasses.replace(
@@ -29,13 +27,10 @@ def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
     """Random checkpoint tensors (canonical names) for ``config``: weights ~ N(0, 1/fan_in),
     norm scales near 1, running variances in [0.5, 1.5]. Built in numpy: eager JAX random
     init compiles once per weight shape, which costs tens of seconds."""
-    flat = jax.tree_util.tree_flatten_with_path(checkpoint.skeleton(arch, config))[0]
     rng = np.random.default_rng(seed)
     out = {}
-    for kp, leaf in flat:
-        if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.dtype.kind != "f":
-            continue
-        name, shape = keypath_to_str(kp), tuple(leaf.shape)
+    for name, leaf in checkpoint.array_shapes(checkpoint.skeleton(arch, config)).items():
+        shape = tuple(leaf.shape)
         if name.endswith("running_var"):
             out[name] = rng.uniform(0.5, 1.5, shape)
         elif name.endswith("running_mean") or name.endswith("bias"):
