@@ -24,6 +24,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -327,6 +328,11 @@ def fit(
             (model, state, opt_state), meta = _load_checkpoint(found, (model, state, opt_state))
             step, history, best = meta["step"], meta["history"], meta["best"]
 
+    # The step donates what trains and the state: work on copies so that the caller's model
+    # and state stay usable (e.g. for a second fit from the same pretrained weights).
+    trainable, frozen = eqx.partition(model, spec)
+    model = eqx.combine(jtu.tree_map(jnp.copy, trainable), frozen)
+    state = jtu.tree_map(jnp.copy, state)
     if mesh is not None:
         model, state, opt_state = replicate((model, state, opt_state), mesh)
     base_key = jax.random.key(seed)

@@ -76,6 +76,30 @@ def test_fit_learns_with_frozen_random_backbone(tmp_path):
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
 
+def test_fit_leaves_the_callers_model_and_state_usable():
+    """The step donates what trains; fit must not consume the arrays it was given, so that
+    one set of pretrained weights can seed several runs (BatchNorm state included)."""
+    backbone, state = tiny("resnet", 0)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    # copies: a NumPy view of a buffer would pin it and silently prevent its donation
+    before = [a.copy() for a in arrays((model, state))]
+    for rules, train_bn in [(["head"], False), (["head", "backbone.encoder.stages.1"], True)]:
+        spec = eqxtl.trainable(model, *rules)  # the first run trains on cached features
+        eqxtl.fit(
+            model,
+            state,
+            optax.adam(1e-2),
+            spec,
+            colour_task(16, seed=0),
+            steps=2,
+            batch_size=8,
+            train_bn=train_bn,
+            progress=False,
+        )
+    for a, b in zip(before, arrays((model, state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def _resume_run(tmp_path, kill_at=None):
     model, state = classifier("resnet", seed=3)
     spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
