@@ -81,8 +81,9 @@ def parse_rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
 
 def load_backbone(args):
     local = args.weights
-    if local is None and (Path("weights") / args.model).exists():
-        local = Path("weights") / args.model
+    fetched = Path("weights") / args.model.replace("/", "--")  # see weights/fetch.py
+    if local is None and fetched.exists():
+        local = fetched
     try:
         return eqxtl.from_pretrained(str(local) if local is not None else args.model)
     except eqxtl.SourceError as e:

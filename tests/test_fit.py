@@ -317,3 +317,20 @@ def test_finetune_rps_offline_without_weights_fails_fast_and_clearly(tmp_path, m
     assert "Traceback" not in run.stderr, run.stderr
     assert "--weights" in run.stderr and "--model" in run.stderr, run.stderr
     assert elapsed < 30, elapsed  # no hub retry loop (the import of jax dominates)
+
+
+def test_fetch_saves_a_loadable_copy_and_fails_clearly_offline(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("fetch", ROOT / "weights" / "fetch.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    backbone, state = tiny("resnet", 0)
+    source = tmp_path / "tiny-resnet"
+    eqxtl.save_pretrained(backbone, state, source)
+    (saved,) = fetch.main([str(source), "--out", str(tmp_path / "weights")])
+    assert saved == tmp_path / "weights" / "tiny-resnet"
+    loaded, loaded_state = eqxtl.from_pretrained(saved)
+    for a, b in zip(arrays((backbone, state)), arrays((loaded, loaded_state)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit, match="resnet50"):
+        fetch.main(["resnet50", "--out", str(tmp_path / "weights")])
