@@ -34,6 +34,33 @@ QUICK_BATCH = 4
 QUICK_IMAGE = 32
 
 
+# CLIP ViT-B/32's vision tower as ``transformers.CLIPVisionConfig`` keyword arguments (the
+# references build their models from these), and the tiny variant of ``--quick`` runs.
+CLIP_B32_HF = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    image_size=IMAGE,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+CLIP_QUICK_HF = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=QUICK_IMAGE,
+    patch_size=8,
+)
+
+
+def clip_hf_kwargs(quick: bool) -> dict[str, Any]:
+    """``CLIPVisionConfig`` keyword arguments for the benchmarked CLIP (tiny if ``quick``)."""
+    return {**CLIP_B32_HF, **(CLIP_QUICK_HF if quick else {})}
+
+
 def emit(record: dict[str, Any]) -> None:
     """Print one JSON line (flushed, so that a parent reading our stdout sees it at once)."""
     print(json.dumps(record), flush=True)

@@ -37,25 +37,7 @@ def build(model_name: str, quick: bool):
         from transformers import CLIPVisionConfig
         from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionModule
 
-        kwargs = dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-            hidden_act="quick_gelu",
-            layer_norm_eps=1e-5,
-        )
-        if quick:
-            kwargs.update(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=C.QUICK_IMAGE,
-                patch_size=8,
-            )
+        kwargs = C.clip_hf_kwargs(quick)
         backbone = FlaxCLIPVisionModule(CLIPVisionConfig(**kwargs))
         blocks = [
             ("vision_model", "encoder", "layers", str(i))

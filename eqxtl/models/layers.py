@@ -68,18 +68,54 @@ class Conv2d(eqx.Module):
         self.groups = groups
 
     def __call__(self, x: Float[Array, "h w c"]) -> Float[Array, "h2 w2 o"]:
-        y = jax.lax.conv_general_dilated(
-            x[None],
-            self.weight.astype(x.dtype),
-            window_strides=self.stride,
-            padding=self.padding,
-            rhs_dilation=self.dilation,
-            dimension_numbers=("NHWC", "OIHW", "NHWC"),
-            feature_group_count=self.groups,
-        )[0]
+        weight = self.weight.astype(x.dtype)
+        depthwise = self.groups > 1 and self.groups == x.shape[-1] == weight.shape[0]
+        if depthwise and self.dilation == (1, 1):
+            y = _depthwise(x, weight, self.stride, self.padding)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x[None],
+                weight,
+                window_strides=self.stride,
+                padding=self.padding,
+                rhs_dilation=self.dilation,
+                dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                feature_group_count=self.groups,
+            )[0]
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
         return y
+
+
+def _depthwise(
+    x: Float[Array, "h w c"],
+    weight: Float[Array, "c 1 kh kw"],
+    stride: tuple[int, int],
+    padding: Padding,
+) -> Float[Array, "h2 w2 c"]:
+    """Depthwise convolution as a sum of ``kh * kw`` shifted views of ``x``, each scaled per
+    channel. XLA:CPU lowers ``feature_group_count`` convolutions to a slow generic loop;
+    on EfficientNet's shapes this form is 4-7x faster forward and 3-8x faster in the
+    backward pass (both are elementwise work that fuses)."""
+    _, _, kh, kw = weight.shape
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[:2], (kh, kw), stride, padding)
+    x = jnp.pad(x, (*padding, (0, 0)))
+    out_h = (x.shape[0] - kh) // stride[0] + 1
+    out_w = (x.shape[1] - kw) // stride[1] + 1
+    taps = jnp.moveaxis(weight[:, 0], 0, -1)  # (kh, kw, c)
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            view = jax.lax.slice(
+                x,
+                (i, j, 0),
+                (i + (out_h - 1) * stride[0] + 1, j + (out_w - 1) * stride[1] + 1, x.shape[2]),
+                (stride[0], stride[1], 1),
+            )
+            term = view * taps[i, j]
+            y = term if y is None else y + term
+    return y
 
 
 class BatchNorm(eqx.Module):
