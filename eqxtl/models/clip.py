@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ..remat import checkpointed
 from ._arch import Architecture, Shapes
 
 Activation = Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"]
@@ -79,8 +80,14 @@ CLIP_VIT_L14 = CLIPVisionConfig(
 
 
 def _dense(linear: eqx.nn.Linear, x: Float[Array, "*n i"]) -> Float[Array, "*n o"]:
-    """``eqx.nn.Linear`` over the last axis of ``x``, in ``x``'s dtype."""
-    y = jnp.einsum("...i,oi->...o", x, linear.weight.astype(x.dtype))
+    """``eqx.nn.Linear`` over the last axis of ``x``, in ``x``'s dtype.
+
+    All leading axes are merged into one before the product: the weight gradient is then a
+    plain 2-D GEMM. With several leading axes (a vmapped batch, or ``(batch, tokens)``)
+    XLA:CPU contracts them through a full transpose of the incoming gradient, 2.5x slower.
+    """
+    weight = linear.weight.astype(x.dtype)
+    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
     return y if linear.bias is None else y + linear.bias.astype(x.dtype)
 
 
@@ -109,7 +116,7 @@ class LayerNorm(eqx.Module):
 
 
 class PatchEmbedding(eqx.Module):
-    """Non-overlapping patches -> tokens: ``(C, H, W) -> (H/p * W/p, hidden)``.
+    """Non-overlapping patches -> tokens: ``(*b, C, H, W) -> (*b, H/p * W/p, hidden)``.
 
     Same weights as torch's ``Conv2d(C, hidden, p, stride=p, bias=False)``, computed as one
     matmul of the patches against the flattened kernel.
@@ -122,16 +129,20 @@ class PatchEmbedding(eqx.Module):
         shape = (hidden, channels, patch, patch)
         self.weight = jax.random.uniform(key, shape, minval=-bound, maxval=bound)
 
-    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "n hidden"]:
+    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b n hidden"]:
         hidden, c, p, _ = self.weight.shape
-        gh, gw = x.shape[1] // p, x.shape[2] // p
-        patches = x.reshape(c, gh, p, gw, p)
-        y = jnp.einsum("cipjq,dcpq->ijd", patches, self.weight.astype(x.dtype))
-        return y.reshape(gh * gw, hidden)
+        *lead, _, h, w = x.shape
+        gh, gw = h // p, w // p
+        patches = x.reshape(*lead, c, gh, p, gw, p)
+        patches = jnp.moveaxis(patches, (-5, -3, -1), (-3, -2, -1))  # (*b, gh, gw, c, p, p)
+        patches = patches.reshape(-1, c * p * p)
+        y = patches @ self.weight.reshape(hidden, -1).astype(x.dtype).T  # one 2-D GEMM
+        return y.reshape(*lead, gh * gw, hidden)
 
 
 class Embeddings(eqx.Module):
-    """Patch tokens, a class token in front, plus learned positions: ``(C, H, W) -> (1+n, d)``."""
+    """Patch tokens, a class token in front, plus learned positions:
+    ``(*b, C, H, W) -> (*b, 1+n, d)``."""
 
     class_embedding: Float[Array, " d"]
     patch_embedding: PatchEmbedding
@@ -144,14 +155,18 @@ class Embeddings(eqx.Module):
         self.patch_embedding = PatchEmbedding(config.num_channels, d, config.patch_size, pkey)
         self.position_embedding = eqx.nn.Embedding(config.num_positions, d, key=ekey)
 
-    def __call__(self, x: Float[Array, "c h w"]) -> Float[Array, "t d"]:
+    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         patches = self.patch_embedding(x)
-        cls = self.class_embedding.astype(x.dtype)[None]
-        return jnp.concatenate([cls, patches]) + self.position_embedding.weight.astype(x.dtype)
+        cls = jnp.broadcast_to(
+            self.class_embedding.astype(x.dtype), (*patches.shape[:-2], 1, patches.shape[-1])
+        )
+        tokens = jnp.concatenate([cls, patches], axis=-2)
+        return tokens + self.position_embedding.weight.astype(x.dtype)
 
 
 class Attention(eqx.Module):
-    """Multi-head self-attention with biased q/k/v/out projections: ``(t, d) -> (tq, d)``."""
+    """Multi-head self-attention with biased q/k/v/out projections:
+    ``(*b, t, d) -> (*b, tq, d)``."""
 
     q_proj: eqx.nn.Linear
     k_proj: eqx.nn.Linear
@@ -168,17 +183,20 @@ class Attention(eqx.Module):
         self.num_heads = num_heads
 
     def __call__(
-        self, x: Float[Array, "t d"], queries: Float[Array, "tq d"] | None = None
-    ) -> Float[Array, "tq d"]:
+        self, x: Float[Array, "*b t d"], queries: Float[Array, "*b tq d"] | None = None
+    ) -> Float[Array, "*b tq d"]:
         """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``."""
         queries = x if queries is None else queries
-        t, d = x.shape
-        heads = self.num_heads
-        q = _dense(self.q_proj, queries).reshape(queries.shape[0], heads, d // heads)
-        k = _dense(self.k_proj, x).reshape(t, heads, d // heads)
-        v = _dense(self.v_proj, x).reshape(t, heads, d // heads)
+        d, heads = x.shape[-1], self.num_heads
+
+        def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
+            return y.reshape(*y.shape[:-1], heads, d // heads)
+
+        q = split(_dense(self.q_proj, queries))
+        k = split(_dense(self.k_proj, x))
+        v = split(_dense(self.v_proj, x))
         o = jax.nn.dot_product_attention(q, k, v)  # softmax in float32
-        return _dense(self.out_proj, o.reshape(queries.shape[0], d))
+        return _dense(self.out_proj, o.reshape(queries.shape))
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -190,7 +208,7 @@ def _activation(name: str, x: Array) -> Array:
 
 
 class MLP(eqx.Module):
-    """``fc2(act(fc1(x)))``: ``(t, d) -> (t, d)``."""
+    """``fc2(act(fc1(x)))``: ``(*b, t, d) -> (*b, t, d)``."""
 
     fc1: eqx.nn.Linear
     fc2: eqx.nn.Linear
@@ -202,7 +220,7 @@ class MLP(eqx.Module):
         self.fc2 = _linear(hidden, dim, k2)
         self.activation = activation
 
-    def __call__(self, x: Float[Array, "t d"]) -> Float[Array, "t d"]:
+    def __call__(self, x: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
         return _dense(self.fc2, _activation(self.activation, _dense(self.fc1, x)))
 
 
@@ -222,25 +240,40 @@ class EncoderLayer(eqx.Module):
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act, mkey)
         self.layer_norm2 = LayerNorm(d, eps)
 
-    def __call__(self, x: Float[Array, "t d"], *, first_only: bool = False) -> Float[Array, "tq d"]:
-        """All tokens ``(t, d)``, or with ``first_only`` just the class token's ``(1, d)``
-        (the other tokens only feed it through keys and values)."""
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+    ) -> Float[Array, "*b tq d"]:
+        """All tokens ``(*b, t, d)``, or with ``first_only`` just the class token's
+        ``(*b, 1, d)`` (the other tokens only feed it through keys and values)."""
         h = self.layer_norm1(x)
         if first_only:
-            x = x[:1] + self.self_attn(h, h[:1])
+            x = x[..., :1, :] + self.self_attn(h, h[..., :1, :])
         else:
             x = x + self.self_attn(h)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class Encoder(eqx.Module):
-    """``num_hidden_layers`` blocks, applied in order (a Python list: ``encoder.layers.N``)."""
+    """``num_hidden_layers`` blocks, applied in order (a Python list: ``encoder.layers.N``).
+
+    ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each block
+    under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
+    activations from its input instead of keeping them."""
 
     layers: list[EncoderLayer]
+    remat: bool = eqx.field(static=True, default=False)
 
     def __init__(self, config: CLIPVisionConfig, key: PRNGKeyArray):
         keys = jax.random.split(key, config.num_hidden_layers)
         self.layers = [EncoderLayer(config, k) for k in keys]
+
+
+def _run_layer(layer: EncoderLayer, h: Array) -> Array:
+    return layer(h)
+
+
+def _run_last_layer(layer: EncoderLayer, h: Array) -> Array:
+    return layer(h, first_only=True)
 
 
 class CLIPVision(eqx.Module):
@@ -249,7 +282,13 @@ class CLIPVision(eqx.Module):
     ``features`` equal transformers' ``pooler_output`` (``post_layernorm`` of the class
     token); ``project(features)`` equals ``image_embeds`` of
     ``CLIPVisionModelWithProjection``.
+
+    It also takes a batch ``(B, 3, H, W) -> (B, hidden)`` directly (``batch_native``;
+    ``eqxtl.batched`` uses this instead of ``jax.vmap``): the same values, and every matrix
+    product sees ``B * tokens`` rows, which makes XLA:CPU's training step ~1.3x faster.
     """
+
+    batch_native = True  # a class attribute, not a field
 
     embeddings: Embeddings
     pre_layrnorm: LayerNorm  # sic: the typo is in transformers' weight names
@@ -272,45 +311,47 @@ class CLIPVision(eqx.Module):
         )
         self.config = config
 
-    def _embed(self, x: Float[Array, "c h w"]) -> Float[Array, "t d"]:
+    def _embed(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         c = self.config
         want = (c.num_channels, c.image_size, c.image_size)
-        if x.shape != want:
+        if x.ndim not in (3, 4) or x.shape[-3:] != want:
             raise ValueError(
-                f"CLIPVision expects one channel-first image of shape {want}, got {x.shape} "
-                "(resize/crop to the checkpoint's image_size; position-embedding "
-                "interpolation is not supported; use jax.vmap for batches)."
+                f"CLIPVision expects a channel-first image of shape {want} or a batch of them "
+                f"(B, *{want}), got {x.shape} (resize/crop to the checkpoint's image_size; "
+                "position-embedding interpolation is not supported)."
             )
         return self.pre_layrnorm(self.embeddings(x))
 
-    def hidden_states(self, x: Float[Array, "c h w"]) -> Float[Array, "t d"]:
+    def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         """transformers' ``last_hidden_state``: every token after the last block (class
         token first), before ``post_layernorm``. ``t = 1 + (image_size / patch_size)**2``."""
         h = self._embed(x)
+        run = checkpointed(_run_layer, self.encoder.remat)
         for layer in self.encoder.layers:
-            h = layer(h)
+            h = run(layer, h)
         return h
 
     def __call__(
         self,
-        x: Float[Array, "c h w"],
+        x: Float[Array, "*b c h w"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " d"], eqx.nn.State]:
-        """``(features (hidden,), state)``; ``state`` passes through (no BatchNorm)."""
+    ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
+        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm)."""
         del key  # no dropout
         h = self._embed(x)
         layers = self.encoder.layers
+        run = checkpointed(_run_layer, self.encoder.remat)
         for layer in layers[:-1]:
-            h = layer(h)
+            h = run(layer, h)
         if layers:
             # Only the class token is pooled: the last block computes queries, MLP and
             # residual for it alone (what the full block gives that token; ~6% faster).
-            h = layers[-1](h, first_only=True)
-        return self.post_layernorm(h[0]), state
+            h = checkpointed(_run_last_layer, self.encoder.remat)(layers[-1], h)
+        return self.post_layernorm(h[..., 0, :]), state
 
-    def project(self, features: Float[Array, " d"]) -> Float[Array, " p"]:
+    def project(self, features: Float[Array, "*b d"]) -> Float[Array, "*b p"]:
         """``visual_projection(features)``: the image embedding of CLIP's joint space."""
         if self.visual_projection is None:
             raise ValueError(

@@ -65,7 +65,14 @@ class Classifier(eqx.Module):
         self, x: Float[Array, "c h w"], state: eqx.nn.State, *, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
         features, state = self.backbone(x, state, key=key)
-        return self.head(features.astype(self.head.weight.dtype)), state
+        features = features.astype(self.head.weight.dtype)
+        # features @ W^T also serves a batch (B, d) when the backbone is batch-native
+        return features @ self.head.weight.T + self.head.bias, state
+
+    @property
+    def batch_native(self) -> bool:
+        """Whether ``self(x (B, C, H, W), state)`` works on a whole batch (see ``batched``)."""
+        return getattr(self.backbone, "batch_native", False)
 
 
 def feature_dim(backbone: eqx.Module) -> int:
