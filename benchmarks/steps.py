@@ -14,6 +14,7 @@ executable gives the FLOPs); the timed calls then hit the compilation cache.
     python benchmarks/steps.py --quick               # tiny configs: a smoke run
     python benchmarks/steps.py --peak                # only the f32 4096^2 jnp.dot GFLOP/s
     python benchmarks/steps.py --dtype bf16          # when make_step takes a compute dtype
+    python benchmarks/steps.py --remat               # blocks recomputed in the backward pass
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def run_one(model_name: str, workload: str, args) -> None:
     model, state, image = build(model_name, args.quick)
     batch = make_batch(batch_size, image)
     extra = {"quick": args.quick} if args.quick else {}
+    if args.remat:
+        model = eqxtl.with_remat(model)
+        extra["remat"] = True
 
     if workload == "eval":
         eval_step = eqxtl.make_eval_step(**dtype_kwargs)
@@ -222,6 +226,11 @@ def main(argv=None) -> None:
     C.add_common_args(parser)
     parser.add_argument("--dtype", default="f32", choices=("f32", "bf16"))
     parser.add_argument("--peak", action="store_true", help="only measure the jnp.dot peak")
+    parser.add_argument(
+        "--remat",
+        action="store_true",
+        help="rematerialise each block in the backward pass (eqxtl.with_remat)",
+    )
     args = parser.parse_args(argv)
     if args.peak:
         run_peak(args.quick)
@@ -230,7 +239,7 @@ def main(argv=None) -> None:
         os.path.abspath(__file__),
         args,
         lambda m, w: run_one(m, w, args),
-        extra=["--dtype", args.dtype],
+        extra=["--dtype", args.dtype] + (["--remat"] if args.remat else []),
     )
 
 

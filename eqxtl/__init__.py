@@ -56,6 +56,7 @@ from .parallel import shard_batch as shard_batch
 from .pretrained import from_config as from_config
 from .pretrained import from_pretrained as from_pretrained
 from .pretrained import save_pretrained as save_pretrained
+from .remat import with_remat as with_remat
 from .train import batched as batched
 from .train import batchnorm_modes as batchnorm_modes
 from .train import classification_loss as classification_loss

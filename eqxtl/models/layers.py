@@ -8,12 +8,14 @@ around every convolution. Backbones transpose once at their input.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, PRNGKeyArray
 
 Padding = str | Sequence[tuple[int, int]]
@@ -72,6 +74,15 @@ class Conv2d(eqx.Module):
         depthwise = self.groups > 1 and self.groups == x.shape[-1] == weight.shape[0]
         if depthwise and self.dilation == (1, 1):
             y = _depthwise(x, weight, self.stride, self.padding)
+        elif self.groups == 1 and weight.shape[2:] == (1, 1):
+            # 1x1 kernels (ResNet's bottleneck and shortcut convolutions, EfficientNet's
+            # expand/project): kernel gradient as one matrix product, see ``_conv``.
+            padding = self.padding
+            if isinstance(padding, str):
+                kernel = weight.shape[2:]
+                dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel, self.dilation, strict=True))
+                padding = tuple(jax.lax.padtype_to_pads(x.shape[:2], dilated, self.stride, padding))
+            y = _conv(x[None], weight, self.stride, padding, self.dilation)[0]
         else:
             y = jax.lax.conv_general_dilated(
                 x[None],
@@ -79,7 +90,7 @@ class Conv2d(eqx.Module):
                 window_strides=self.stride,
                 padding=self.padding,
                 rhs_dilation=self.dilation,
-                dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                dimension_numbers=_DIMENSIONS,
                 feature_group_count=self.groups,
             )[0]
         if self.bias is not None:
@@ -114,6 +125,96 @@ def _depthwise(
                 (stride[0], stride[1], 1),
             )
             term = view * taps[i, j]
+            y = term if y is None else y + term
+    return y
+
+
+_DIMENSIONS = ("NHWC", "OIHW", "NHWC")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _conv(
+    x: Float[Array, "n h w i"],
+    weight: Float[Array, "o i kh kw"],
+    stride: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+) -> Float[Array, "n h2 w2 o"]:
+    """Ungrouped convolution, NHWC activations, OIHW kernel. Its value, and its derivative
+    with respect to ``x``, are XLA's; its derivative with respect to the kernel is written as
+    matrix products (``_kernel_term``) instead of the convolution that JAX's transpose rule
+    emits for it.
+
+    That convolution has the whole feature map as its window; XLA:CPU runs it behind
+    full-size transposes of both operands, fused into their (BatchNorm-backward) producers
+    as strided traversals: 8-30 GFLOP/s for ResNet-50's 1x1 kernels, against 33-300 for
+    PyTorch's (channels-last). As matrix products the same kernel gradients run 3-5x
+    faster, and ResNet-50's full fine-tuning step (batch 32, 224x224, 2 cores) goes from
+    15.7 s to 11.4 s. Only 1x1 kernels take this path (``Conv2d.__call__``): for larger
+    kernels the ``kh * kw`` shifted views of ``x`` gain little (3x3: 0.8-1.9x) and
+    XLA:CPU's default scheduler computes them in the forward pass and keeps them alive
+    (+1.5 GiB at that size).
+    """
+    return jax.lax.conv_general_dilated(
+        x, weight, stride, padding, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS
+    )
+
+
+def _conv_jvp(stride, padding, dilation, primals, tangents):
+    x, weight = primals
+    dx, dweight = tangents
+    y = _conv(x, weight, stride, padding, dilation)
+    dy = None
+    if not isinstance(dx, SymbolicZero):
+        dy = _conv(dx, weight, stride, padding, dilation)
+    if not isinstance(dweight, SymbolicZero):
+        # Checkpointed: the backward pass slices its shifted views of ``x`` when it needs
+        # them instead of keeping ``kh * kw`` copies of ``x`` alive from the forward pass.
+        term = jax.checkpoint(_kernel_term, static_argnums=(2, 3, 4))(
+            x, dweight, stride, padding, dilation
+        )
+        dy = term if dy is None else dy + term
+    if dy is None:
+        dy = jnp.zeros_like(y)
+    return y, dy
+
+
+_conv.defjvp(_conv_jvp, symbolic_zeros=True)
+
+
+def _kernel_term(
+    x: Float[Array, "n h w i"],
+    dweight: Float[Array, "o i kh kw"],
+    stride: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int],
+) -> Float[Array, "n h2 w2 o"]:
+    """``conv(x, dweight)`` as a sum over kernel taps of (strided, shifted view of ``x``) @
+    ``dweight[:, :, i, j].T``: the same value, linear in ``dweight``.
+
+    Only its transpose matters: reverse mode turns each tap into one matrix product that
+    contracts batch and space, ``dW[:, :, i, j] = g^T view_ij`` (under ``jax.vmap`` the batch
+    is one more contraction dimension of the same product; per-example gradients, with
+    ``grad`` inside ``vmap``, stay per example).
+    """
+    _, _, kh, kw = dweight.shape
+    (sh, sw), (dh, dw) = stride, dilation
+    zero = jnp.zeros((), x.dtype)
+    x = jax.lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+    n, h, w, c = x.shape
+    out_h = (h - (kh - 1) * dh - 1) // sh + 1
+    out_w = (w - (kw - 1) * dw - 1) // sw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dh, j * dw
+            view = jax.lax.slice(
+                x,
+                (0, top, left, 0),
+                (n, top + (out_h - 1) * sh + 1, left + (out_w - 1) * sw + 1, c),
+                (1, sh, sw, 1),
+            )
+            term = jnp.einsum("nhwi,oi->nhwo", view, dweight[:, :, i, j])
             y = term if y is None else y + term
     return y
 

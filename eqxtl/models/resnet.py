@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..checkpoint import CheckpointError
+from ..remat import checkpointed
 from ._arch import Architecture, Shapes
 from .layers import BatchNorm, Conv2d
 
@@ -237,6 +238,12 @@ class ResidualBlock(eqx.Module):
         return _ACTIVATIONS[self.activation](h + x), state
 
 
+def _run_block(
+    block: ResidualBlock, x: Float[Array, "h w c"], state: eqx.nn.State
+) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
+    return block(x, state)
+
+
 class Stage(eqx.Module):
     """Blocks of one resolution, in order (``layers.N``)."""
 
@@ -250,9 +257,14 @@ class Stage(eqx.Module):
 
 
 class Encoder(eqx.Module):
-    """The stages in order (``stages.S``)."""
+    """The stages in order (``stages.S``).
+
+    ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each residual
+    block under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
+    activations from its input instead of keeping them."""
 
     stages: list[Stage]
+    remat: bool = eqx.field(static=True, default=False)
 
     def __init__(self, config: ResNetConfig, *, key: PRNGKeyArray):
         specs = _stage_specs(config)
@@ -320,9 +332,10 @@ class ResNet(eqx.Module):
             )
         h = jnp.transpose(x, (1, 2, 0))
         h, state = self.embedder(h, state)
+        run = checkpointed(_run_block, self.encoder.remat)
         for stage in self.encoder.stages:
             for block in stage.layers:
-                h, state = block(h, state)
+                h, state = run(block, h, state)
         return h, state
 
     def __call__(
