@@ -283,16 +283,17 @@ class Embeddings(eqx.Module):
         self.embedder = ConvLayer(spec, key=key)
 
     def __call__(
-        self, x: Float[Array, "h w c"], state: eqx.nn.State
-    ) -> tuple[Float[Array, "h2 w2 e"], eqx.nn.State]:
+        self, x: Float[Array, "*n h w c"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "*n h2 w2 e"], eqx.nn.State]:
         x, state = self.embedder(x, state)
+        lead = x.ndim - 3
         x = jax.lax.reduce_window(
             x,
             -jnp.inf,  # a Python scalar: a traced init value breaks reverse-mode autodiff
             jax.lax.max,
-            window_dimensions=(3, 3, 1),
-            window_strides=(2, 2, 1),
-            padding=((1, 1), (1, 1), (0, 0)),
+            window_dimensions=(1,) * lead + (3, 3, 1),
+            window_strides=(1,) * lead + (2, 2, 1),
+            padding=((0, 0),) * lead + ((1, 1), (1, 1), (0, 0)),
         )
         return x, state
 
@@ -308,7 +309,13 @@ class ResNet(eqx.Module):
     Built and loaded in inference mode (BatchNorm uses its running statistics). With
     ``eqx.nn.inference_mode(model, False)`` BatchNorm uses batch statistics over the vmapped
     axis ``"batch"`` and updates the running ones in ``state`` like torch's ``train()``.
+
+    It also takes a batch ``(B, C, H, W) -> (B, d)`` directly (``batch_native``, what
+    ``eqxtl.batched`` uses; BatchNorm then reduces over the batch axis itself): the same
+    values, and kernel gradients become plain GEMMs over ``B * H * W`` rows.
     """
+
+    batch_native = True  # a class attribute, not a field
 
     embedder: Embeddings
     encoder: Encoder
@@ -321,16 +328,16 @@ class ResNet(eqx.Module):
         self.config = config
 
     def feature_map(
-        self, x: Float[Array, "c h w"], state: eqx.nn.State
-    ) -> tuple[Float[Array, "h2 w2 d"], eqx.nn.State]:
-        """The last stage's output, channels-last ``(H/32, W/32, hidden_sizes[-1])``
+        self, x: Float[Array, "*n c h w"], state: eqx.nn.State
+    ) -> tuple[Float[Array, "*n h2 w2 d"], eqx.nn.State]:
+        """The last stage's output, channels-last ``(*n, H/32, W/32, hidden_sizes[-1])``
         (transformers' ``last_hidden_state`` is its channel-first transpose)."""
-        if x.ndim != 3 or x.shape[0] != self.config.num_channels:
+        if x.ndim not in (3, 4) or x.shape[-3] != self.config.num_channels:
             raise ValueError(
-                f"ResNet expects one channel-first image ({self.config.num_channels}, H, W), "
-                f"got shape {x.shape} (use jax.vmap or eqxtl.batched for batches)."
+                f"ResNet expects a channel-first image ({self.config.num_channels}, H, W) or a "
+                f"batch of them (B, {self.config.num_channels}, H, W), got shape {x.shape}."
             )
-        h = jnp.transpose(x, (1, 2, 0))
+        h = jnp.moveaxis(x, -3, -1)
         h, state = self.embedder(h, state)
         run = checkpointed(_run_block, self.encoder.remat)
         for stage in self.encoder.stages:
@@ -340,15 +347,15 @@ class ResNet(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "c h w"],
+        x: Float[Array, "*n c h w"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " d"], eqx.nn.State]:
-        """``(features (hidden_sizes[-1],), state)``; ``key`` is unused (no dropout)."""
+    ) -> tuple[Float[Array, "*n d"], eqx.nn.State]:
+        """``(features (*n, hidden_sizes[-1]), state)``; ``key`` is unused (no dropout)."""
         del key
         h, state = self.feature_map(x, state)
-        return jnp.mean(h, axis=(0, 1)), state
+        return jnp.mean(h, axis=(-3, -2)), state
 
 
 # --------------------------------------------------------------------------------------
