@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import os
 import sys
 import time
@@ -30,8 +29,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _common, and eqxtl from this checkout
 
 import _common as C  # noqa: E402
-
-_DTYPE_PARAMS = ("compute_dtype", "dtype", "mixed_precision", "precision")
 
 
 def _tiny_resnet(resnet):
@@ -101,19 +98,6 @@ def spec_for(model, workload: str):
     raise ValueError(workload)
 
 
-def _dtype_kwargs(fn, dtype: str) -> dict | None:
-    """Keyword arguments selecting ``dtype`` compute in ``fn``; ``None`` if unsupported."""
-    if dtype == "f32":
-        return {}
-    import jax.numpy as jnp
-
-    params = inspect.signature(fn).parameters
-    for name in _DTYPE_PARAMS:
-        if name in params:
-            return {name: jnp.bfloat16}
-    return None
-
-
 def run_one(model_name: str, workload: str, args) -> None:
     import equinox as eqx
     import jax
@@ -124,11 +108,9 @@ def run_one(model_name: str, workload: str, args) -> None:
     batch_size = C.QUICK_BATCH if args.quick else C.BATCH
     base = {"framework": "eqxtl", "model": model_name, "workload": workload}
     base |= {"batch": batch_size, "dtype": args.dtype}
-    factory = eqxtl.make_eval_step if workload == "eval" else eqxtl.make_step
-    dtype_kwargs = _dtype_kwargs(factory, args.dtype)
-    if dtype_kwargs is None:
-        C.emit({**base, "skipped": f"{factory.__name__} has no compute-dtype option"})
-        return
+    # bf16: activations and matmuls in bfloat16, float32 master weights (classification_loss)
+    compute_dtype = {"f32": None, "bf16": jax.numpy.bfloat16}[args.dtype]
+    loss_fn = eqxtl.classification_loss(compute_dtype=compute_dtype)
 
     model, state, image = build(model_name, args.quick)
     batch = make_batch(batch_size, image)
@@ -138,7 +120,7 @@ def run_one(model_name: str, workload: str, args) -> None:
         extra["remat"] = True
 
     if workload == "eval":
-        eval_step = eqxtl.make_eval_step(**dtype_kwargs)
+        eval_step = eqxtl.make_eval_step(loss_fn)
         inner = getattr(eval_step, "compiled", eval_step)
         compile_s = flops = None
         if hasattr(inner, "lower"):
@@ -165,7 +147,7 @@ def run_one(model_name: str, workload: str, args) -> None:
         spec = spec_for(model, workload)
         optimizer = optax.adam(1e-3)
         opt_state = optimizer.init(eqx.filter(model, spec))
-        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, **dtype_kwargs)
+        step = eqxtl.make_step(loss_fn, optimizer, spec)
         key = jax.random.key(2)
         compile_s = flops = None
         inner = getattr(step, "compiled", None)

@@ -32,6 +32,7 @@ import json
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 compute, float32 weights (mixed precision)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -133,6 +137,7 @@ def run(name, backbone, state, groups, train, test, args, **fit_args) -> dict:
         out_dir=args.out / name,
         resume=False,
         progress=not args.no_progress,
+        compute_dtype=jnp.bfloat16 if args.bf16 else None,
         callback=lambda step, metrics: losses.append(float(metrics["loss"])),
         **fit_args,
     )
@@ -255,7 +260,7 @@ def main(argv=None) -> dict:
         "test_accuracy": {n: r["test_accuracy"] for n, r in results.items()},
         "seconds": {n: round(r["seconds"], 1) for n, r in results.items()},
         "total_seconds": round(total, 1),
-        "args": {k: v for k, v in vars(args).items() if k in ("shots", "size", "steps", "seed")},
+        "args": {k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16")},
     }
     tmp = args.out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
