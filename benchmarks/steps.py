@@ -156,7 +156,7 @@ def run_one(model_name: str, workload: str, args) -> None:
             trainable, frozen = eqx.partition(model, spec)
             try:
                 start = time.perf_counter()
-                compiled = inner.lower((frozen, batch, key), trainable, state, opt_state).compile()
+                compiled = inner.lower((frozen, state, batch, key), trainable, opt_state).compile()
                 compile_s = time.perf_counter() - start
                 flops = C.cost_flops(compiled)
             except Exception as e:  # the wrapper's signature changed: time the first call
