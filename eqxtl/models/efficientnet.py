@@ -176,11 +176,11 @@ class MBConvBlock(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "h w c"],
+        x: Float[Array, "*n h w c"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "h2 w2 c2"], eqx.nn.State]:
+    ) -> tuple[Float[Array, "*n h2 w2 c2"], eqx.nn.State]:
         h = x
         if self._expand_conv is not None:
             h, state = self._bn0(self._expand_conv(h), state)
@@ -194,7 +194,9 @@ class MBConvBlock(eqx.Module):
             if key is None:
                 raise RuntimeError("Stochastic depth needs a key outside inference mode.")
             keep = 1.0 - self.drop_rate
-            h = jnp.where(jax.random.bernoulli(key, keep), h / keep, jnp.zeros_like(h))
+            # one draw per example: (n, 1, 1, 1) for a batch, a scalar for one image
+            shape = h.shape[:-3] + (1, 1, 1) if h.ndim == 4 else ()
+            h = jnp.where(jax.random.bernoulli(key, keep, shape), h / keep, jnp.zeros_like(h))
         return h + x, state
 
 
@@ -206,14 +208,18 @@ class EfficientNetLite(eqx.Module):
     scale), in RGB order. ``features`` is the global mean of the last feature map after
     ``_conv_head``, ``_bn1`` and ReLU6 (the input of the ImageNet classifier ``_fc``).
 
-    Batches go through ``jax.vmap(model, axis_name="batch", in_axes=(0, None),
-    out_axes=(0, None))``; activations are channels-last inside (one transpose at the input).
+    It also takes a batch ``(B, 3, H, W) -> (B, 1280)`` directly (``batch_native``, what
+    ``eqxtl.batched`` uses); per-example calls go through ``jax.vmap(model,
+    axis_name="batch", in_axes=(0, None), out_axes=(0, None))``. Activations are
+    channels-last inside (one transpose at the input).
 
     Built and loaded in inference mode. ``eqx.nn.inference_mode(model, False)`` turns on
     dropout on the features and stochastic depth (both then need ``key``) and batch
     statistics in BatchNorm (which need that vmap axis); ``eqxtl.make_step`` only switches
     BatchNorm, per filter spec.
     """
+
+    batch_native = True  # a class attribute, not a field
 
     _conv_stem: Conv2d
     _bn0: BatchNorm
@@ -249,22 +255,27 @@ class EfficientNetLite(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "3 h w"],
+        x: Float[Array, "*n 3 h w"],
         state: eqx.nn.State,
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, " 1280"], eqx.nn.State]:
+    ) -> tuple[Float[Array, "*n 1280"], eqx.nn.State]:
         keys = [None] * (len(self._blocks) + 1)
         if key is not None:
             keys = list(jax.random.split(key, len(self._blocks) + 1))
-        x = jnp.transpose(x, (1, 2, 0))
+        if x.ndim not in (3, 4) or x.shape[-3] != self.config.num_channels:
+            raise ValueError(
+                f"EfficientNet-Lite expects a channel-first image ({self.config.num_channels}, "
+                f"H, W) or a batch of them, got shape {x.shape}."
+            )
+        x = jnp.moveaxis(x, -3, -1)
         x, state = self._bn0(self._conv_stem(x), state)
         x = jax.nn.relu6(x)
         for block, k in zip(self._blocks, keys[:-1], strict=True):
             x, state = block(x, state, key=k)
         x, state = self._bn1(self._conv_head(x), state)
         x = jax.nn.relu6(x)
-        features = jnp.mean(x, axis=(0, 1))
+        features = jnp.mean(x, axis=(-3, -2))
         return self.dropout(features, key=keys[-1]), state
 
 
