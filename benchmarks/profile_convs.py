@@ -95,17 +95,21 @@ def _jax_case(name, h, cin, cout, k, s, impl, dn, reps) -> None:
     }
     for kind, (fn, args) in cases.items():
         t = _median_time(lambda fn=fn, args=args: fn(*args).block_until_ready(), reps)
-        C.emit(
-            {
-                "kind": "conv",
-                "shape": name,
-                "impl": impl,
-                "pass": kind,
-                "ms": round(t * 1e3, 2),
-                "gflops_per_s": round(flops / t / 1e9, 1),
-                "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            }
-        )
+        _emit(name, impl, kind, t, flops, xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def _emit(name, impl, kind, seconds, flops, **extra) -> None:
+    C.emit(
+        {
+            "kind": "conv",
+            "shape": name,
+            "impl": impl,
+            "pass": kind,
+            "ms": round(seconds * 1e3, 2),
+            "gflops_per_s": round(flops / seconds / 1e9, 1),
+            **extra,
+        }
+    )
 
 
 def jax_convs(reps: int) -> None:
@@ -139,16 +143,7 @@ def _torch_case(name, h, cin, cout, k, s, impl, fmt, reps) -> None:
             t = t_fwd
         else:  # the backward call also ran a forward: take it out
             t = max(_median_time(lambda kind=kind: grad(kind), reps) - t_fwd, 1e-9)
-        C.emit(
-            {
-                "kind": "conv",
-                "shape": name,
-                "impl": impl,
-                "pass": kind,
-                "ms": round(t * 1e3, 2),
-                "gflops_per_s": round(flops / t / 1e9, 1),
-            }
-        )
+        _emit(name, impl, kind, t, flops)
 
 
 def torch_convs(reps: int) -> None:

@@ -328,11 +328,10 @@ def fit(
             (model, state, opt_state), meta = _load_checkpoint(found, (model, state, opt_state))
             step, history, best = meta["step"], meta["history"], meta["best"]
 
-    # The step donates what trains and the state: work on copies so that the caller's model
-    # and state stay usable (e.g. for a second fit from the same pretrained weights).
+    # The step may donate what trains: work on a copy so that the caller's model stays usable
+    # (e.g. for a second fit from the same pretrained weights).
     trainable, frozen = eqx.partition(model, spec)
     model = eqx.combine(jtu.tree_map(jnp.copy, trainable), frozen)
-    state = jtu.tree_map(jnp.copy, state)
     if mesh is not None:
         model, state, opt_state = replicate((model, state, opt_state), mesh)
     base_key = jax.random.key(seed)

@@ -403,25 +403,10 @@ def test_classifier_head_round_trip(tiny, tmp_path):
 def test_batch_native_loss_and_gradients_equal_vmap(tiny):
     """``eqxtl.batched`` calls CLIP once on the whole batch; the loss and every gradient
     equal those of the per-example ``jax.vmap`` path."""
+    from tests._batching import assert_batch_native_matches_vmap
+
     dirs, *_ = tiny
     backbone, state = load(dirs["vision"])
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    assert model.batch_native
     x = jax.random.normal(jax.random.key(1), (5, 3, 32, 32))
-    labels = jnp.array([0, 1, 2, 1, 0])
-
-    def loss(model, forward):
-        logits = forward(model)
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(5), labels])
-
-    def native(m):
-        return eqxtl.batched(m)(x, state)[0]
-
-    def vmapped(m):
-        return jax.vmap(lambda xi: m(xi, state)[0])(x)
-
-    got = jax.value_and_grad(loss)(model, native)
-    want = jax.value_and_grad(loss)(model, vmapped)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-6))

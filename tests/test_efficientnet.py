@@ -258,6 +258,8 @@ def test_batch_native_equals_vmap(training):
     """``eqxtl.batched`` calls EfficientNet-Lite once on the whole batch; logits, updated
     BatchNorm statistics and gradients equal the per-example ``jax.vmap`` path (dropout and
     stochastic depth off, so that both paths compute the same function)."""
+    from tests._batching import assert_batch_native_matches_vmap
+
     config = dataclasses.replace(
         E.EFFICIENTNET_LITE0,
         width_coefficient=0.25,
@@ -268,29 +270,5 @@ def test_batch_native_equals_vmap(training):
     backbone, state = eqxtl.from_config(config)
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
     model = eqx.nn.inference_mode(model, not training)
-    assert model.batch_native
     x = jax.random.normal(jax.random.key(1), (4, 3, 48, 48))
-    labels = jnp.array([0, 1, 2, 1])
-
-    def clone(state):  # eqx.nn.State is single-use: each path gets its own
-        return jax.tree.unflatten(*reversed(jax.tree.flatten(state)))
-
-    def loss(model, forward):
-        logits, new_state = forward(model)
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), new_state
-
-    def native(m):
-        return eqxtl.batched(m)(x, clone(state))
-
-    def vmapped(m):
-        s = clone(state)
-        return jax.vmap(lambda xi: m(xi, s), axis_name="batch", out_axes=(0, None))(x)
-
-    value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
-    (got, got_state), got_grads = value_and_grad(model, native)
-    (want, want_state), want_grads = value_and_grad(model, vmapped)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert_batch_native_matches_vmap(model, state, x, state_tol=(1e-4, 1e-5), grad_tol=(1e-3, 1e-5))

@@ -1,5 +1,6 @@
 """``eqxtl.Conv2d``'s own kernel gradient (matrix products for 1x1 kernels) equals the
-gradient of XLA's convolution: batched, unbatched, per example, and forward mode."""
+gradient of XLA's convolution: batched, unbatched, per example, and forward mode; its
+depthwise fast path equals XLA's grouped convolution."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import eqxtl
 
 
 def reference(conv, x):
+    """XLA's own (grouped) convolution with ``conv``'s weights, on one image."""
     y = jax.lax.conv_general_dilated(
         x[None],
         conv.weight,
@@ -17,6 +19,7 @@ def reference(conv, x):
         conv.padding,
         rhs_dilation=conv.dilation,
         dimension_numbers=("NHWC", "OIHW", "NHWC"),
+        feature_group_count=conv.groups,
     )[0]
     return y + conv.bias
 
@@ -54,3 +57,36 @@ def test_gradients_match_xla_convolution(kernel, stride, padding):
     tangent = jax.tree.map(jnp.ones_like, conv)
     jvps = [jax.jvp(lambda c, f=f: f(c, x[0]), (conv,), (tangent,))[1] for f in (ours, ref)]
     close(*jvps)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding",
+    [
+        (17, 3, 1, 1),
+        (17, 3, 2, "SAME"),
+        (16, 5, 2, "SAME"),
+        (15, 5, 1, ((1, 3), (2, 2))),
+        (9, 3, 2, 0),
+    ],
+)
+def test_depthwise_matches_grouped_convolution(size, kernel, stride, padding):
+    channels = 6
+    conv = eqxtl.Conv2d(
+        channels,
+        channels,
+        kernel,
+        stride=stride,
+        padding=padding,
+        groups=channels,
+        key=jax.random.key(0),
+    )
+    x = jax.random.normal(jax.random.key(1), (size, size, channels))
+    np.testing.assert_allclose(conv(x), reference(conv, x), rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda conv, x: jnp.sum(jnp.sin(fn(conv, x)))
+
+    got = jax.grad(loss(lambda c, x: c(x)), argnums=(0, 1))(conv, x)
+    want = jax.grad(loss(reference), argnums=(0, 1))(conv, x)
+    np.testing.assert_allclose(got[0].weight, want[0].weight, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)

@@ -567,35 +567,11 @@ def test_batch_native_equals_vmap(training):
     """``eqxtl.batched`` calls ResNet once on the whole batch (BatchNorm reduces over the
     batch axis itself); outputs, updated BatchNorm statistics and gradients equal the
     per-example ``jax.vmap`` path."""
+    from tests._batching import assert_batch_native_matches_vmap
     from tests._tiny import tiny
 
     backbone, state = tiny("resnet", 0)
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
     model = eqx.nn.inference_mode(model, not training)
-    assert model.batch_native
     x = jax.random.normal(jax.random.key(1), (5, 3, 40, 40))
-    labels = jnp.array([0, 1, 2, 1, 0])
-
-    def loss(model, forward):
-        logits, new_state = forward(model)
-        nll = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(5), labels])
-        return nll, new_state
-
-    def clone(state):  # eqx.nn.State is single-use: each path gets its own
-        return jax.tree.unflatten(*reversed(jax.tree.flatten(state)))
-
-    def native(m):
-        return eqxtl.batched(m)(x, clone(state))
-
-    def vmapped(m):
-        s = clone(state)
-        return jax.vmap(lambda xi: m(xi, s), axis_name="batch", out_axes=(0, None))(x)
-
-    value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
-    (got, got_state), got_grads = value_and_grad(model, native)
-    (want, want_state), want_grads = value_and_grad(model, vmapped)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want_state), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_batch_native_matches_vmap(model, state, x, state_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-5))

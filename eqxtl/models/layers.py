@@ -116,23 +116,32 @@ def _depthwise(
     _, _, kh, kw = weight.shape
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), stride, padding)
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    n, h, w, c = x.shape
-    out_h = (h - kh) // stride[0] + 1
-    out_w = (w - kw) // stride[1] + 1
     taps = jnp.moveaxis(weight[:, 0], 0, -1)  # (kh, kw, c)
     y = None
+    for (i, j), view in _shifted_views(x, (kh, kw), stride, padding, (1, 1)):
+        term = view * taps[i, j]
+        y = term if y is None else y + term
+    return y
+
+
+def _shifted_views(x, kernel, stride, padding, dilation):
+    """``((i, j), view)`` per kernel tap: the strided window of the padded ``x`` (NHWC) that
+    tap ``(i, j)`` multiplies, shaped like the convolution's output ``(n, h2, w2, c)``."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    n, h, w, c = x.shape
+    out_h = (h - (kh - 1) * dh - 1) // sh + 1
+    out_w = (w - (kw - 1) * dw - 1) // sw + 1
     for i in range(kh):
         for j in range(kw):
+            top, left = i * dh, j * dw
             view = jax.lax.slice(
                 x,
-                (0, i, j, 0),
-                (n, i + (out_h - 1) * stride[0] + 1, j + (out_w - 1) * stride[1] + 1, c),
-                (1, stride[0], stride[1], 1),
+                (0, top, left, 0),
+                (n, top + (out_h - 1) * sh + 1, left + (out_w - 1) * sw + 1, c),
+                (1, sh, sw, 1),
             )
-            term = view * taps[i, j]
-            y = term if y is None else y + term
-    return y
+            yield (i, j), view
 
 
 _DIMENSIONS = ("NHWC", "OIHW", "NHWC")
@@ -203,28 +212,14 @@ def _kernel_term(
     is one more contraction dimension of the same product; per-example gradients, with
     ``grad`` inside ``vmap``, stay per example).
     """
-    _, _, kh, kw = dweight.shape
-    (sh, sw), (dh, dw) = stride, dilation
-    zero = jnp.zeros((), x.dtype)
-    x = jax.lax.pad(x, zero, ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-    n, h, w, c = x.shape
-    out_h = (h - (kh - 1) * dh - 1) // sh + 1
-    out_w = (w - (kw - 1) * dw - 1) // sw + 1
+    out, _, kh, kw = dweight.shape
     y = None
-    for i in range(kh):
-        for j in range(kw):
-            top, left = i * dh, j * dw
-            view = jax.lax.slice(
-                x,
-                (0, top, left, 0),
-                (n, top + (out_h - 1) * sh + 1, left + (out_w - 1) * sw + 1, c),
-                (1, sh, sw, 1),
-            )
-            # one 2-D product: its transpose (the kernel gradient) is a plain GEMM; with
-            # (n, h, w) left as separate contraction axes XLA:CPU transposes first, ~2x slower
-            term = view.reshape(-1, c) @ dweight[:, :, i, j].T
-            term = term.reshape(*view.shape[:-1], dweight.shape[0])
-            y = term if y is None else y + term
+    for (i, j), view in _shifted_views(x, (kh, kw), stride, padding, dilation):
+        # one 2-D product: its transpose (the kernel gradient) is a plain GEMM; with
+        # (n, h, w) left as separate contraction axes XLA:CPU transposes first, ~2x slower
+        term = view.reshape(-1, view.shape[-1]) @ dweight[:, :, i, j].T
+        term = term.reshape(*view.shape[:-1], out)
+        y = term if y is None else y + term
     return y
 
 
