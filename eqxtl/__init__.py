@@ -6,14 +6,12 @@ differentiates only what trains.
 """
 
 from ._paths import paths as paths
-from .checkpoint import CheckpointError as CheckpointError
 from .checkpoint import state_dict as state_dict
 from .data import CLIP_PREPROCESSING as CLIP_PREPROCESSING
 from .data import IMAGENET_PREPROCESSING as IMAGENET_PREPROCESSING
 from .data import LITE0_PREPROCESSING as LITE0_PREPROCESSING
 from .data import ArraySource as ArraySource
 from .data import Augment as Augment
-from .data import DataError as DataError
 from .data import ImageFolder as ImageFolder
 from .data import Loader as Loader
 from .data import Preprocessing as Preprocessing
@@ -21,10 +19,20 @@ from .data import Subset as Subset
 from .data import TFDSSource as TFDSSource
 from .data import preprocess as preprocess
 from .data import split as split
+from .errors import CheckpointError as CheckpointError
+from .errors import CorruptImageError as CorruptImageError
+from .errors import DataError as DataError
+from .errors import EqxtlError as EqxtlError
+from .errors import LayoutError as LayoutError
+from .errors import OptimizerMismatchError as OptimizerMismatchError
+from .errors import RuleError as RuleError
+from .errors import SourceError as SourceError
+from .errors import TorchFileError as TorchFileError
+from .errors import TrainingError as TrainingError
+from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .features import FeatureLoader as FeatureLoader
 from .features import Features as Features
 from .features import extract_features as extract_features
-from .filters import RuleError as RuleError
 from .filters import count as count
 from .filters import everything as everything
 from .filters import frozen as frozen
@@ -35,7 +43,6 @@ from .fit import evaluate as evaluate
 from .fit import fit as fit
 from .fit import predict as predict
 from .fit import warmup_cosine as warmup_cosine
-from .hub import SourceError as SourceError
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
 from .models.layers import BatchNorm as BatchNorm
@@ -43,7 +50,6 @@ from .models.layers import Conv2d as Conv2d
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
-from .optim import OptimizerMismatchError as OptimizerMismatchError
 from .optim import blocks as blocks
 from .optim import decay_mask as decay_mask
 from .optim import last_blocks as last_blocks

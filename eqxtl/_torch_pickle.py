@@ -32,16 +32,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from .errors import TorchFileError, UnsafeCheckpointError
+
 __all__ = ["TorchFileError", "UnsafeCheckpointError", "load_torch_file"]
-
-
-class TorchFileError(ValueError):
-    """A file that cannot be read as a PyTorch checkpoint of tensors."""
-
-
-class UnsafeCheckpointError(TorchFileError):
-    """A PyTorch file that names a global outside the tensor whitelist (a pickled function,
-    class instance or whole ``nn.Module``). Nothing it names has been called."""
 
 
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER

@@ -18,12 +18,9 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._paths import keypath_to_str
+from .errors import CheckpointError
 from .models._arch import Architecture
 from .models.layers import set_inference
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: missing, unexpected or misshaped keys."""
 
 
 def _group(names: Iterable[str]) -> list[str]:

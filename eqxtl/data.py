@@ -32,19 +32,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from .errors import CorruptImageError, DataError
 from .models.efficientnet import MEAN as _LITE0_MEAN
 from .models.efficientnet import STD as _LITE0_STD
-
-
-class DataError(ValueError):
-    """An image, a source or a dataset cannot be used as given (the message says why and
-    what to do)."""
-
-
-class CorruptImageError(DataError):
-    """One image file could not be decoded. The ``Loader`` masks such an example out (and
-    warns) instead of stopping a training run."""
-
 
 # ---------------------------------------------------------------- preprocessing
 

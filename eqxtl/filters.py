@@ -27,12 +27,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._paths import closest, keypath_to_str, leaves_with_paths, map_with_path
+from .errors import RuleError
 
 Rule = str | type | Callable[[str, Any], bool] | tuple[Any, bool]
-
-
-class RuleError(ValueError):
-    """A rule that matches nothing, or a malformed rule."""
 
 
 def _trainable_leaf(leaf: Any) -> bool:

@@ -14,12 +14,10 @@ import socket
 import urllib.parse
 from pathlib import Path
 
+from .errors import SourceError
+
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-class SourceError(ValueError):
-    """A checkpoint source that cannot be found or fetched; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,13 +18,10 @@ import jax.tree_util as jtu
 import optax
 
 from ._paths import keypath_to_str, map_with_path
+from .errors import OptimizerMismatchError
 from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
 
 FROZEN = "frozen"
-
-
-class OptimizerMismatchError(ValueError):
-    """An optimizer used with parameters of a different model than it was built for."""
 
 
 def _checked(tx: optax.GradientTransformation, treedef, n_params: int):

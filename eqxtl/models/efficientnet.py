@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..checkpoint import CheckpointError
-from ..hub import SourceError
+from ..errors import CheckpointError, SourceError
 from ._arch import Architecture, Shapes
 from .layers import BatchNorm, Conv2d
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from ..remat import checkpointed
 from ._arch import Architecture, Shapes
 from .layers import BatchNorm, Conv2d
