@@ -33,45 +33,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import CorruptImageError, DataError
-from .models.efficientnet import MEAN as _LITE0_MEAN
-from .models.efficientnet import STD as _LITE0_STD
+from .models._arch import Preprocessing as Preprocessing
 
 # ---------------------------------------------------------------- preprocessing
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How a checkpoint wants its input: ``(resize(image) -> center crop) * scale``, then
-    ``(x - mean) / std`` per channel, channels first.
-
-    **Fields:**
-
-    - `resize`: length of the shortest side after resizing (aspect ratio kept).
-    - `crop`: side of the square center crop; the output is ``(3, crop, crop)``.
-    - `mean`, `std`: per-channel (R, G, B) statistics on the scaled (``0..1``) range.
-    - `scale`: multiplies the uint8 pixel values before normalising (``1/255``).
-    - `interpolation`: PIL resampling filter, ``"bicubic"``, ``"bilinear"``, ``"nearest"``,
-      ``"lanczos"``, ``"box"`` or ``"hamming"``.
-    """
-
-    resize: int = 224
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    scale: float = 1 / 255
-    interpolation: str = "bicubic"
-
-    def __post_init__(self):
-        for name in ("mean", "std"):  # tuples of floats: hashable, comparable
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        if self.resize < 1 or self.crop < 1:
-            raise DataError(f"resize and crop must be >= 1, got {self.resize}, {self.crop}.")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise DataError("mean and std need one value per RGB channel (3 each).")
-        if self.interpolation not in _RESAMPLE:
-            raise DataError(
-                f"Unknown interpolation {self.interpolation!r}; use one of {sorted(_RESAMPLE)}."
-            )
 
 
 _RESAMPLE = {
@@ -82,35 +46,6 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-
-CLIP_PREPROCESSING = Preprocessing(
-    resize=224,
-    crop=224,
-    mean=(0.48145466, 0.4578275, 0.40821073),
-    std=(0.26862954, 0.26130258, 0.27577711),
-    interpolation="bicubic",
-)
-"""OpenAI CLIP (``openai/clip-vit-*``): bicubic shortest side 224, center crop 224."""
-
-IMAGENET_PREPROCESSING = Preprocessing(
-    resize=256,
-    crop=224,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    interpolation="bicubic",
-)
-"""ImageNet eval crop as transformers does it for ``microsoft/resnet-*``
-(``ConvNextImageProcessor``, crop_pct 0.875, resample 3): bicubic shortest side
-256 = int(224 / 0.875), center crop 224, ImageNet mean/std."""
-
-LITE0_PREPROCESSING = Preprocessing(
-    resize=256,
-    crop=224,
-    mean=_LITE0_MEAN,
-    std=_LITE0_STD,
-    interpolation="bilinear",
-)
-"""EfficientNet-Lite0: ImageNet eval crop (256 → 224, bilinear), input ``(x·255 − 127)/128``."""
 
 
 def as_rgb(image: Any) -> np.ndarray:

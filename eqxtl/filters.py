@@ -7,7 +7,8 @@ A filter spec is a pytree of bools shaped like the model (``True`` = trains), re
 - a string: a full-match regex on the path; a module path such as ``"head"`` or
   ``"backbone.encoder.layers.11"`` also matches everything under it;
 - a type (``eqx.nn.LayerNorm``, ``eqxtl.BatchNorm``...): every parameter of every module of
-  that type;
+  that type, or of each architecture's own layer of the same kind and name
+  (``eqx.nn.LayerNorm`` matches CLIP's float32 ``LayerNorm`` too);
 - a callable ``(path, leaf) -> bool``;
 - a pair ``(rule, value)``: ``value`` says whether the leaves it matches train.
 
@@ -36,9 +37,27 @@ def _trainable_leaf(leaf: Any) -> bool:
     return eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
+def _layer_kinds() -> tuple[type, ...]:
+    from .models.registry import ARCHITECTURES
+
+    return tuple(t for a in ARCHITECTURES.values() for t in (*a.norm_types, *a.linear_types))
+
+
+def _of_kind(node: Any, cls: type) -> bool:
+    """``node`` is a ``cls``, or an architecture's own layer of the same kind (same class
+    name: ``eqx.nn.LayerNorm`` also means CLIP's float32 ``LayerNorm``, ``eqx.nn.BatchNorm``
+    eqxtl's ``BatchNorm``, ``eqx.nn.Conv2d`` eqxtl's ``Conv2d``)."""
+    if isinstance(node, cls):
+        return True
+    kinds = _layer_kinds()
+    return isinstance(node, kinds) and any(
+        isinstance(node, k) and k.__name__ == cls.__name__ for k in kinds
+    )
+
+
 def _module_prefixes(model: Any, cls: type) -> list[str]:
-    flat = jtu.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, cls))[0]
-    return [keypath_to_str(kp) for kp, node in flat if isinstance(node, cls)]
+    flat = jtu.tree_flatten_with_path(model, is_leaf=lambda x: _of_kind(x, cls))[0]
+    return [keypath_to_str(kp) for kp, node in flat if _of_kind(node, cls)]
 
 
 def _under(path: str, prefix: str) -> bool:

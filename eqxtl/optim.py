@@ -20,6 +20,7 @@ import optax
 from ._paths import keypath_to_str, map_with_path
 from .errors import OptimizerMismatchError
 from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
+from .models.registry import backbones_in
 
 FROZEN = "frozen"
 
@@ -104,22 +105,38 @@ def param_groups(
     return spec, _checked(optimizer, treedef, treedef.num_leaves)
 
 
-_BLOCK = re.compile(r"(.*?(?:encoder\.layers|encoder\.stages\.\d+\.layers|_blocks)\.\d+)(?:\.|$)")
+def _block_of(model: Any) -> Callable[[str], str | None]:
+    """``block_of(path)``: the block (module path) a leaf path lies in, or None; blocks are
+    what each backbone's architecture declares (``Architecture.blocks``)."""
+    patterns = [
+        re.compile(re.escape(prefix) + f"({arch.blocks})" + r"(?:\.|$)")
+        for prefix, _, arch in backbones_in(model)
+    ]
+
+    def block_of(path: str) -> str | None:
+        for pattern in patterns:
+            m = pattern.match(path)
+            if m:
+                return path[: m.end(1)]
+        return None
+
+    return block_of
 
 
 def blocks(model: Any) -> list[str]:
-    """Paths of the model's repeated blocks in forward order: transformer layers
-    (``encoder.layers.N``), ResNet blocks (``encoder.stages.S.layers.N``) or EfficientNet
-    blocks (``_blocks.N``)."""
+    """Paths of the model's repeated blocks in forward order, as its architecture declares
+    them: transformer layers (``encoder.layers.N``), ResNet blocks
+    (``encoder.stages.S.layers.N``), EfficientNet blocks (``_blocks.N``)..."""
+    block_of = _block_of(model)
     found: dict[str, None] = {}
     for kp, _ in jtu.tree_flatten_with_path(model)[0]:
-        m = _BLOCK.match(keypath_to_str(kp))
-        if m:
-            found.setdefault(m.group(1))
+        block = block_of(keypath_to_str(kp))
+        if block is not None:
+            found.setdefault(block)
     if not found:
         raise RuleError(
-            f"{type(model).__name__} has no recognised blocks (encoder.layers.N, "
-            "encoder.stages.S.layers.N, _blocks.N)."
+            f"{type(model).__name__} has no blocks: it holds no eqxtl backbone whose "
+            "architecture declares them."
         )
     return list(found)
 
@@ -140,14 +157,15 @@ def layer_depths(model: Any) -> tuple[Callable[[str], int], int]:
     norms, heads).
     """
     order = {b: i + 1 for i, b in enumerate(blocks(model))}
+    block_of = _block_of(model)
     paths = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(model)[0]]
-    first = next(i for i, p in enumerate(paths) if _BLOCK.match(p))
+    first = next(i for i, p in enumerate(paths) if block_of(p) is not None)
     stem = set(paths[:first])
 
     def depth_of(path: str) -> int:
-        m = _BLOCK.match(path)
-        if m:
-            return order[m.group(1)]
+        block = block_of(path)
+        if block is not None:
+            return order[block]
         return 0 if path in stem else len(order) + 1
 
     return depth_of, len(order)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eqxtl.data import (
+from eqxtl import (
     CLIP_PREPROCESSING,
     IMAGENET_PREPROCESSING,
     LITE0_PREPROCESSING,

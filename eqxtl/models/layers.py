@@ -8,6 +8,7 @@ around every convolution. Backbones transpose once at their input.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -300,3 +301,25 @@ class BatchNorm(eqx.Module):
 def set_inference(model, value: bool):
     """``model`` with every ``inference`` flag (BatchNorm, dropout) set to ``value``."""
     return eqx.nn.inference_mode(model, value=value)
+
+
+def checkpointed(fn, enabled: bool):
+    """``eqx.filter_checkpoint(fn)`` if ``enabled``, else ``fn`` (for the models' block loops;
+    ``eqxtl.with_remat`` sets the flag)."""
+    return eqx.filter_checkpoint(fn) if enabled else fn
+
+
+def replace_static(module: eqx.Module, **fields) -> eqx.Module:
+    """``module`` with static fields replaced, the other fields shared.
+
+    A static field is not a pytree leaf, so ``eqx.tree_at`` cannot reach it, and
+    ``dataclasses.replace`` would call the module's own ``__init__`` (which builds layers
+    from a config). This copies the fields onto a fresh instance, as Equinox's own
+    unflattening does.
+    """
+    new = object.__new__(type(module))
+    for field in dataclasses.fields(module):
+        object.__setattr__(new, field.name, getattr(module, field.name))
+    for name, value in fields.items():
+        object.__setattr__(new, name, value)
+    return new
