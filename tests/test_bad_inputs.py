@@ -1,0 +1,237 @@
+"""Bad input gets a clear error (or a correct result), never a silently wrong one: labels and
+classes, feature-cache keys, resource-safe ``.pth`` reading, atomic folder saves and rule
+sanity (issue 11). Each test names the case it covers; all run offline in seconds."""
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import eqxtl
+from eqxtl.data import (
+    ArraySource,
+    DataError,
+    ImageFolder,
+    Loader,
+    Preprocessing,
+    Subset,
+    as_rgb,
+    check_labels,
+    check_same_classes,
+)
+
+IDENTITY = Preprocessing(resize=8, crop=8, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0)
+
+
+def _png(path, value=0, size=(10, 12), **save_kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, np.uint8)).save(path, **save_kwargs)
+
+
+def _folder(root, classes=("cat", "dog"), per_class=2):
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            _png(root / name / f"{i}.png", value=40 * c + i)
+    return root
+
+
+# ---------------------------------------------------------------- labels and classes
+
+
+def test_label_out_of_range_for_the_model_names_label_and_source():
+    source = ArraySource(np.zeros((4, 6, 6, 3), np.uint8), [0, 1, 2, 1], ["a", "b", "c"])
+    check_labels(source, 3)  # fits
+    with pytest.raises(DataError, match=r"3 classes but the model predicts 2"):
+        check_labels(source, 2)
+
+    class Labelled:  # a custom source that knows its labels, one of them negative
+        class_names = ["a", "b"]
+        labels = np.array([0, 1, -1, 1])
+
+        def __len__(self):
+            return 4
+
+        def __repr__(self):
+            return "Labelled()"
+
+    with pytest.raises(DataError, match=r"Label -1 of example 2 of Subset\(3 of Labelled\(\)\) is outside"):
+        check_labels(Subset(Labelled(), [0, 1, 2]), 2)
+
+
+def test_loader_refuses_a_label_outside_the_class_list():
+    class Custom:  # no cheap labels: the Loader checks each one it reads
+        class_names = ["a", "b"]
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return np.zeros((6, 6, 3), np.uint8), [0, 1, 7][i]
+
+        def __repr__(self):
+            return "Custom()"
+
+    check_labels(Custom(), 2)  # nothing to see without reading
+    with pytest.raises(DataError, match=r"Label 7 of example 2 of Custom\(\)"):
+        list(Loader(Custom(), IDENTITY, 2, num_workers=0).epoch(0))
+
+
+def test_giant_label_is_a_data_error_not_a_memory_error():
+    with pytest.raises(DataError, match="Label 10000000000 would make"):
+        ArraySource(np.zeros((2, 4, 4, 3), np.uint8), [0, 10**10])
+
+
+def test_nan_pixels_in_array_source():
+    images = np.zeros((3, 4, 4, 3), np.float32)
+    images[2, 1, 1, 0] = np.nan
+    with pytest.raises(DataError, match="Image 2: The image holds 1 NaN"):
+        ArraySource(images, [0, 1, 0])
+    with pytest.raises(DataError, match="Image 1: Float images must hold values in"):
+        ArraySource([np.zeros((4, 4, 3), np.float32), np.full((5, 5, 3), 2.0)], [0, 1])
+
+
+@pytest.mark.parametrize(
+    "val_classes, phrase",
+    [
+        (["cat"], r"missing \['dog'\]"),
+        (["cat", "dog", "fox"], r"not in the training data \['fox'\]"),
+        (["dog", "cat"], "another order"),
+    ],
+)
+def test_class_names_must_match_the_training_data(val_classes, phrase):
+    train = ArraySource(np.zeros((2, 4, 4, 3), np.uint8), [0, 1], ["cat", "dog"])
+    val = ArraySource(np.zeros((1, 4, 4, 3), np.uint8), [0], val_classes)
+    with pytest.raises(DataError, match=phrase):
+        check_same_classes(train, val, "validation data")
+    check_same_classes(train, Loader(train, IDENTITY, 2))  # a Loader of the same source
+
+
+def test_image_folder_maps_classes_by_name(tmp_path):
+    train = _folder(tmp_path / "train", ("cat", "dog", "fox"))
+    (tmp_path / "val" / "dog").mkdir(parents=True)  # val lacks "cat": sorted position differs
+    _png(tmp_path / "val" / "dog" / "x.png")
+    _png(tmp_path / "val" / "fox" / "y.png")
+    train = ImageFolder(tmp_path / "train")
+    by_position = ImageFolder(tmp_path / "val")  # its own class list: ["dog", "fox"]
+    with pytest.raises(DataError, match=r"missing \['cat'\]"):
+        check_same_classes(train, by_position)
+    with pytest.warns(UserWarning, match="Empty classes .*: cat"):
+        val = ImageFolder(tmp_path / "val", class_names=train.class_names)
+    assert val.class_names == ["cat", "dog", "fox"] and val.labels.tolist() == [1, 2]
+    check_same_classes(train, val)
+    _png(tmp_path / "val" / "wolf" / "z.png")
+    with pytest.raises(DataError, match=r"folders \['wolf'\] that are not among"):
+        ImageFolder(tmp_path / "val", class_names=train.class_names)
+
+
+def test_image_folder_warns_about_empty_classes_and_other_file_types(tmp_path):
+    _folder(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "dog" / "table.csv").write_text("x")
+    (tmp_path / "dog" / "more.csv").write_text("x")
+    with pytest.warns(UserWarning) as record:
+        folder = ImageFolder(tmp_path)
+    message = str(record[0].message)
+    assert "Empty classes (no images): empty" in message
+    assert "Ignored 3 files that are not images (.csv: 2, .txt: 1)" in message
+    assert len(folder.ignored) == 3 and folder.empty_classes == ["empty"]
+
+
+def test_image_folder_ignores_hidden_folders_and_files(tmp_path):
+    _folder(tmp_path)
+    _png(tmp_path / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+    _png(tmp_path / ".ipynb_checkpoints" / "x.png")
+    (tmp_path / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: hidden files do not count
+        folder = ImageFolder(tmp_path)
+    assert folder.class_names == ["cat", "dog"] and len(folder) == 4
+    assert not folder.skipped and not folder.ignored
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((4, 8, 3), np.uint8)  # wide, with a bright left column
+    pixels[:, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    (tmp_path / "a").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "a" / "photo.jpg", exif=exif, quality=100)
+    image, _ = ImageFolder(tmp_path)[0]
+    assert image.shape == (8, 4, 3)  # displayed tall
+    assert image[0].mean() > 200 and image[-1].mean() < 50  # the left column is now the top
+    with Image.open(tmp_path / "a" / "photo.jpg") as im:
+        np.testing.assert_array_equal(as_rgb(im), image)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    levels = np.array([[0, 257 * 100, 65535, 32768]], np.uint16)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(levels).save(tmp_path / "a" / "deep.png")
+    with Image.open(tmp_path / "a" / "deep.png") as im:
+        assert im.mode.startswith("I")  # PIL reads it as 16-bit
+    image, _ = ImageFolder(tmp_path)[0]
+    assert image[0, :, 0].tolist() == [0, 100, 255, 128]
+    assert (image == image[..., :1]).all()  # gray
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+class _MeanBackbone(eqx.Module):
+    """A stand-in backbone: per-channel means times a weight, ``(3, S, S) -> (3,)``."""
+
+    weight: jax.Array
+
+    def __call__(self, x, state, *, key=None):
+        return jnp.mean(x, axis=(1, 2)) * self.weight, state
+
+
+def _cached(source, cache_dir):
+    backbone = _MeanBackbone(jnp.ones(3))
+    return eqxtl.extract_features(
+        backbone, None, source, preprocessing=IDENTITY, cache_dir=cache_dir, num_workers=0
+    )
+
+
+def _entries(cache_dir):
+    return sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith("."))
+
+
+def test_feature_cache_recomputes_when_a_label_changes(tmp_path):
+    images = np.arange(4, dtype=np.uint8)[:, None, None, None] * np.ones((4, 6, 6, 3), np.uint8)
+    first = _cached(ArraySource(images, [0, 1, 0, 1], ["a", "b"]), tmp_path)
+    again = _cached(ArraySource(images.copy(), [0, 1, 0, 1], ["a", "b"]), tmp_path)
+    assert len(_entries(tmp_path)) == 1  # same content: reused
+    np.testing.assert_array_equal(first.features, again.features)
+    relabelled = _cached(ArraySource(images, [1, 1, 0, 1], ["a", "b"]), tmp_path)
+    assert relabelled.labels.tolist() == [1, 1, 0, 1] and len(_entries(tmp_path)) == 2
+
+
+def test_feature_cache_recomputes_when_the_class_list_changes(tmp_path):
+    images = np.zeros((2, 6, 6, 3), np.uint8)
+    _cached(ArraySource(images, [0, 1], ["a", "b"]), tmp_path)
+    renamed = _cached(ArraySource(images, [0, 1], ["b", "a"]), tmp_path)
+    assert renamed.class_names == ["b", "a"] and len(_entries(tmp_path)) == 2
+
+
+def test_feature_cache_recomputes_when_an_image_changes(tmp_path):
+    root = _folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = _cached(ImageFolder(root), cache)
+    _cached(Subset(ImageFolder(root), [0, 1, 2, 3]), cache)
+    _cached(Subset(ImageFolder(root), [0, 1, 2, 3]), cache)  # a Subset is recognised too
+    assert len(_entries(cache)) == 2
+    _png(root / "dog" / "1.png", value=200)  # same name, same size on disk, new pixels
+    changed = _cached(ImageFolder(root), cache)
+    assert len(_entries(cache)) == 3
+    assert changed.features[3, 0] == pytest.approx(200) != first.features[3, 0]
+    in_memory = ArraySource([np.zeros((4, 4, 3), np.uint8), np.ones((5, 3, 3), np.uint8)], [0, 0])
+    _cached(in_memory, cache)  # differently sized images hash too
+    assert len(_entries(cache)) == 4
