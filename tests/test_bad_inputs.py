@@ -235,3 +235,84 @@ def test_feature_cache_recomputes_when_an_image_changes(tmp_path):
     in_memory = ArraySource([np.zeros((4, 4, 3), np.uint8), np.ones((5, 3, 3), np.uint8)], [0, 0])
     _cached(in_memory, cache)  # differently sized images hash too
     assert len(_entries(cache)) == 4
+
+
+# ---------------------------------------------------------------- rules, specs, opt_state
+
+
+def _toy(num_classes=2, seed=0):
+    """A Classifier on the stand-in backbone: leaves backbone.weight, head.weight, head.bias."""
+    head = eqx.nn.Linear(3, num_classes, key=jax.random.key(seed))
+    return eqxtl.Classifier(_MeanBackbone(jnp.ones(3)), head=head)
+
+
+def _toy_batch(num_classes=2):
+    return {
+        "image": np.ones((2, 3, 4, 4), np.float32),
+        "label": np.arange(2, dtype=np.int32) % num_classes,
+        "mask": np.ones(2, bool),
+    }
+
+
+def test_invalid_regex_in_a_rule_names_the_rule():
+    with pytest.raises(eqxtl.RuleError, match=r"Rule 'head\[' is not a valid regex"):
+        eqxtl.trainable(_toy(), "head[")
+    with pytest.raises(eqxtl.RuleError, match=r"'backbone\(' is not a valid regex"):
+        eqxtl.param_groups(_toy(), [("backbone(", None), (".*", None)])
+
+
+def test_a_shadowed_group_warns_or_fails_under_strict():
+    import optax
+
+    model = _toy()
+    groups = [("backbone|head", None), ("head", optax.sgd(0.1)), (".*", None)]
+    with pytest.raises(eqxtl.RuleError, match=r"Group 1 \('head'\) matches only .* \(rule 0"):
+        eqxtl.param_groups(model, groups, strict=True)
+    with pytest.warns(UserWarning, match="changes nothing"), pytest.raises(eqxtl.RuleError):
+        eqxtl.param_groups(model, groups)  # warns, then: no group trains anything
+    with pytest.warns(UserWarning, match=r"Rule 1 \('head.bias'\) matches only"):
+        eqxtl.trainable(model, "head", "head.bias")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a final catch-all is no mistake
+        eqxtl.param_groups(model, [("head", optax.sgd(0.1)), ("backbone", None), (".*", None)])
+
+
+def test_nothing_trainable_is_an_error():
+    model = _toy()
+    assert eqxtl.filters.require_trainable(model, eqxtl.trainable(model, "head")) == 8
+    with pytest.raises(eqxtl.RuleError, match="Nothing trains"):
+        eqxtl.filters.require_trainable(model, eqxtl.trainable(model, ("head", False)))
+
+
+def test_a_spec_from_another_model_is_a_rule_error():
+    import optax
+
+    model, other = _toy(2), _toy(3)
+    spec = eqxtl.trainable(other, "head")
+    with pytest.raises(eqxtl.RuleError, match="not built for this Classifier: the same 3 leaf"):
+        eqxtl.count(model, spec)
+    optimizer = optax.sgd(0.1)
+    opt_state = optimizer.init(eqx.filter(model, eqxtl.trainable(model, "head")))
+    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    with pytest.raises(eqxtl.RuleError, match="not built for this Classifier"):
+        step(model, None, opt_state, _toy_batch())
+    frozen_backbone = eqxtl.trainable(model.backbone, "weight")  # another structure
+    with pytest.raises(eqxtl.RuleError, match="leaf 0 is 'weight' in one and 'backbone.weight'"):
+        eqxtl.filters.require_trainable(model, frozen_backbone)
+
+
+def test_an_opt_state_from_another_model_is_an_optimizer_mismatch():
+    import optax
+
+    model, other = _toy(2), _toy(3)
+    spec = eqxtl.trainable(model, "head")
+    optimizer = optax.adam(1e-3)
+    foreign = optimizer.init(eqx.filter(other, eqxtl.trainable(other, "head")))
+    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    with pytest.raises(eqxtl.OptimizerMismatchError, match="comes from another model"):
+        step(model, None, foreign, _toy_batch())
+    other_spec = optimizer.init(eqx.filter(model, eqxtl.trainable(model, "backbone")))
+    with pytest.raises(eqxtl.OptimizerMismatchError, match="does not fit"):
+        step(model, None, other_spec, _toy_batch())
+    model, _, _, metrics = step(model, None, optimizer.init(eqx.filter(model, spec)), _toy_batch())
+    assert np.isfinite(float(metrics["loss"]))
