@@ -2,7 +2,9 @@
 classes, feature-cache keys, resource-safe ``.pth`` reading, atomic folder saves and rule
 sanity (issue 11). Each test names the case it covers; all run offline in seconds."""
 
+import struct
 import warnings
+import zipfile
 
 import equinox as eqx
 import jax
@@ -12,6 +14,7 @@ import pytest
 from PIL import Image
 
 import eqxtl
+from eqxtl._torch_pickle import TorchLimits, load_torch_file
 from eqxtl.data import (
     ArraySource,
     DataError,
@@ -316,3 +319,88 @@ def test_an_opt_state_from_another_model_is_an_optimizer_mismatch():
         step(model, None, other_spec, _toy_batch())
     model, _, _, metrics = step(model, None, optimizer.init(eqx.filter(model, spec)), _toy_batch())
     assert np.isfinite(float(metrics["loss"]))
+
+
+# ---------------------------------------------------------------- resource-safe .pth reading
+
+
+def _pth(path, size, stride, numel=4, payload=None, compression=zipfile.ZIP_STORED, pkl=None):
+    """A torch zip checkpoint ``{"w": tensor}`` written opcode by opcode: one float32
+    storage that declares ``numel`` elements and holds ``payload`` (default: 0, 1, 2, 3),
+    viewed with any size and stride."""
+
+    def ints(xs):
+        return b"(" + b"".join(b"J" + struct.pack("<i", x) for x in xs) + b"t"
+
+    def text(s):
+        return b"X" + struct.pack("<I", len(s)) + s
+
+    if pkl is None:
+        pkl = (
+            b"\x80\x02}" + text(b"w") + b"ctorch._utils\n_rebuild_tensor_v2\n("
+            + b"(" + text(b"storage") + b"ctorch\nFloatStorage\n" + text(b"0") + text(b"cpu")
+            + b"J" + struct.pack("<i", numel) + b"tQ" + b"K\x00" + ints(size) + ints(stride)
+            + b"\x89ccollections\nOrderedDict\n)RtRs."
+        )  # fmt: skip
+    payload = np.arange(4, dtype="<f4").tobytes() if payload is None else payload
+    with zipfile.ZipFile(path, "w", compression) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/data/0", payload)
+    return path
+
+
+def _billion_laughs() -> bytes:
+    """A list of ten references to a list of ten references ... (9 levels) to ten strings:
+    under 300 bytes of pickle, 10**9 items to walk."""
+    out = b"\x80\x02]q\x00(" + b"X\x03\x00\x00\x00lol" * 10 + b"e"
+    for level in range(1, 9):
+        out += b"0]q" + bytes([level]) + b"(" + (b"h" + bytes([level - 1])) * 10 + b"e"
+    return out + b"."
+
+
+def test_billion_laughs_pickle_fails_fast(tmp_path):
+    pkl = _billion_laughs()
+    assert len(pkl) < 300
+    path = _pth(tmp_path / "bomb.pt", (), (), pkl=pkl)
+    with pytest.raises(eqxtl.TorchFileError, match="more than TorchLimits.max_objects"):
+        load_torch_file(path)
+    # the bound is configurable, and the limit, not the file, is what stops the walk
+    with pytest.raises(eqxtl.TorchFileError, match=r"max_objects \(50\)"):
+        load_torch_file(path, limits=TorchLimits(max_objects=50))
+
+
+def test_strides_that_expand_a_small_storage_are_refused(tmp_path):
+    path = _pth(tmp_path / "expand.pt", (20000, 20000), (0, 0))  # 1.6 GB from 16 bytes
+    with pytest.raises(eqxtl.TorchFileError, match="would take 1600000000 bytes from 16"):
+        load_torch_file(path)
+    small = _pth(tmp_path / "broadcast.pt", (3, 4), (0, 1))  # a legitimate broadcast view
+    np.testing.assert_array_equal(load_torch_file(small)["w"], np.tile(np.arange(4.0), (3, 1)))
+
+
+def test_zip_member_inflating_past_its_tensors_is_refused(tmp_path):
+    zeros = bytes(1 << 20)  # 1 MiB of zeros deflates to ~1 KiB; the tensor declares 16 bytes
+    path = _pth(
+        tmp_path / "inflate.pt", (4,), (1,), payload=zeros, compression=zipfile.ZIP_DEFLATED
+    )
+    assert path.stat().st_size < 4096
+    with pytest.raises(eqxtl.TorchFileError, match="inflates to 1048576 bytes but the tensors"):
+        load_torch_file(path)
+
+
+def test_zip_crc_is_checked(tmp_path):
+    path = _pth(tmp_path / "flipped.pt", (4,), (1,))
+    np.testing.assert_array_equal(load_torch_file(path)["w"], [0, 1, 2, 3])
+    raw = bytearray(path.read_bytes())
+    at = raw.index(np.arange(4, dtype="<f4").tobytes()) + 13  # a byte of the value 3.0
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(eqxtl.TorchFileError, match="fails the zip's CRC-32 check"):
+        load_torch_file(path)
+    assert load_torch_file(path, limits=TorchLimits(check_crc=False))["w"][3] != 3.0
+
+
+def test_oversized_pickle_is_refused(tmp_path):
+    path = _pth(tmp_path / "ok.pt", (4,), (1,))
+    with pytest.raises(eqxtl.TorchFileError, match="over TorchLimits.max_pickle_bytes"):
+        load_torch_file(path, limits=TorchLimits(max_pickle_bytes=32))
