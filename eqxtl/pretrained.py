@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -260,8 +259,10 @@ def _key0():
 
 def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | os.PathLike):
     """Write ``model`` (a backbone or ``Classifier``) as ``model.safetensors`` +
-    ``config.json`` in the transformers layout, atomically (a crash leaves the previous
-    files intact, never half-written ones).
+    ``config.json`` in the transformers layout, atomically per folder: the new files are
+    written into a temporary sibling folder, fsynced and swapped in (other files already in
+    ``path`` are kept), so a crash at any point leaves the previous folder or the new one,
+    never a mix.
 
     ``from_pretrained(path)`` reads it back bit-identically; for CLIP and ResNet,
     transformers' own ``from_pretrained`` reads it too.
@@ -286,11 +287,11 @@ def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | o
         tensors[name.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     config = arch.config_to_hf(backbone.config, num_labels)
 
+    from ._atomic import atomic_directory
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        Path(tmp, "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in ("model.safetensors", "config.json"):
-            os.replace(os.path.join(tmp, name), path / name)
+    names = ("model.safetensors", "config.json")  # replaced together; other files are kept
+    with atomic_directory(path, replacing=names) as tmp:
+        save_file(tensors, os.path.join(tmp, names[0]), metadata={"format": "pt"})
+        Path(tmp, names[1]).write_text(json.dumps(config, indent=2, sort_keys=True))
     return path

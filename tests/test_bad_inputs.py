@@ -2,9 +2,13 @@
 classes, feature-cache keys, resource-safe ``.pth`` reading, atomic folder saves and rule
 sanity (issue 11). Each test names the case it covers; all run offline in seconds."""
 
+import importlib.util
 import struct
+import subprocess
+import sys
 import warnings
 import zipfile
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -26,6 +30,7 @@ from eqxtl.data import (
     check_labels,
     check_same_classes,
 )
+from tests._tiny import tiny
 
 IDENTITY = Preprocessing(resize=8, crop=8, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0)
 
@@ -404,3 +409,96 @@ def test_oversized_pickle_is_refused(tmp_path):
     path = _pth(tmp_path / "ok.pt", (4,), (1,))
     with pytest.raises(eqxtl.TorchFileError, match="over TorchLimits.max_pickle_bytes"):
         load_torch_file(path, limits=TorchLimits(max_pickle_bytes=32))
+
+
+# ---------------------------------------------------------------- atomic folder writes
+
+_ATOMIC = Path(eqxtl.__file__).parent / "_atomic.py"
+_WRITER = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("_atomic", sys.argv[1])
+atomic = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(atomic)
+target, kill_at, mode = sys.argv[2:]
+if mode == "renames":
+    atomic._RENAMEAT2 = None
+def hook(step):
+    if step == kill_at:
+        os._exit(9)
+atomic._step_hook = hook
+with atomic.atomic_directory(target, replacing=["a.txt", "b.txt"]) as tmp:
+    (tmp / "a.txt").write_text("new")
+    hook("half-written")
+    (tmp / "b.txt").write_text("new")
+"""
+_STEPS = ["created", "half-written", "written", "synced", "moved-old", "swapped", "none"]
+
+
+def _load_atomic():
+    spec = importlib.util.spec_from_file_location("_atomic_under_test", _ATOMIC)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _contents(folder):
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("mode", ["exchange", "renames"])
+def test_atomic_directory_survives_a_kill_at_every_step(tmp_path, mode):
+    atomic = _load_atomic()
+    if mode == "exchange":  # this platform must have the one-step swap
+        (tmp_path / "x").mkdir(), (tmp_path / "y").mkdir()
+        assert atomic._exchange(tmp_path / "x", tmp_path / "y")
+    old = {"a.txt": "old", "b.txt": "old", "keep.txt": "kept"}
+    new = {"a.txt": "new", "b.txt": "new", "keep.txt": "kept"}
+    for step in _STEPS:
+        target = tmp_path / step / "model"
+        target.mkdir(parents=True)
+        for name, text in old.items():
+            (target / name).write_text(text)
+        run = subprocess.run(
+            [sys.executable, "-c", _WRITER, str(_ATOMIC), str(target), step, mode],
+            capture_output=True,
+            text=True,
+        )
+        killed = step != "none" and not (mode == "exchange" and step == "moved-old")
+        assert run.returncode == (9 if killed else 0), (step, run.stderr)
+        if mode == "exchange" or step != "moved-old":  # never a mix, never missing
+            assert _contents(target) in (old, new), step
+        atomic.recover(target)  # what the next write (or a careful reader) does first
+        expected = new if step == "swapped" or not killed else old
+        assert _contents(target) == expected, (mode, step)
+        assert [p.name for p in target.parent.iterdir()] == ["model"], (mode, step)
+
+
+def test_save_pretrained_is_atomic_per_folder(tmp_path):
+    backbone, state = tiny("resnet")
+    folder = tmp_path / "ckpt"
+    eqxtl.save_pretrained(backbone, state, folder)
+    (folder / "train_state.eqx").write_bytes(b"other files in the folder are kept")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # Another process writes new weights and is killed once they are written, before the
+    # swap: the folder must hold the old weights, whole.
+    code = (
+        "import os, sys, jax, eqxtl, eqxtl._atomic as atomic\n"
+        "model, state = eqxtl.from_pretrained(sys.argv[1])\n"
+        "model = jax.tree.map(lambda x: x + 1 if eqxtl._paths._is_array(x) else x, model)\n"
+        "atomic._step_hook = lambda step: os._exit(9) if step == 'written' else None\n"
+        "eqxtl.save_pretrained(model, state, sys.argv[1])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True)
+    assert run.returncode == 9, run.stderr.decode()[-2000:]
+    eqxtl._atomic.recover(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    loaded, _ = eqxtl.from_pretrained(folder)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(backbone), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A save that completes replaces both weight files and keeps the rest.
+    bigger = jax.tree.map(lambda x: x * 2 if eqx.is_inexact_array(x) else x, backbone)
+    eqxtl.save_pretrained(bigger, state, folder)
+    assert (folder / "train_state.eqx").read_bytes() == before["train_state.eqx"]
+    assert (folder / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
