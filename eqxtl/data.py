@@ -186,11 +186,15 @@ def _pixel_problem(a: np.ndarray) -> str | None:
     return f"Unsupported image dtype {a.dtype}; pass uint8 (H, W, 3)."
 
 
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
 def _pil_rgb(im: Image.Image) -> np.ndarray:
     """A PIL image as uint8 ``(H, W, 3)``: EXIF orientation applied (photos from phones
     store it there), 16-bit modes scaled by ``255 / 65535`` (``convert("RGB")`` would clip
     every value above 255 to white)."""
-    im = ImageOps.exif_transpose(im)
+    if im.getexif().get(_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)  # (a copy: only when there is something to undo)
     if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
         a = np.asarray(im)
         if a.min() < 0 or a.max() > 65535:
