@@ -408,18 +408,22 @@ class ArraySource:
         return h.hexdigest()
 
 
-def _check_pixels(images) -> None:
-    """``DataError`` naming the first image whose values ``as_rgb`` would refuse."""
+def _check_pixels(images, offset: int = 0) -> None:
+    """``DataError`` naming the first image whose values ``as_rgb`` would refuse (an array
+    of images is checked 64 MiB at a time, to bound the temporaries)."""
     if isinstance(images, np.ndarray):
-        if _pixel_problem(images) is None:
+        if images.dtype == np.uint8 or not len(images):
             return
-        images = list(images)  # find which one
+        step = max(1, (64 << 20) // max(images[0].nbytes, 1))
+        for start in range(0, len(images), step):
+            if _pixel_problem(images[start : start + step]) is not None:
+                _check_pixels(list(images[start : start + step]), offset=start)
+        return
     for i, image in enumerate(images):
-        if isinstance(image, Image.Image):
-            continue
-        problem = _pixel_problem(np.asarray(image))
-        if problem is not None:
-            raise DataError(f"Image {i}: {problem}")
+        if not isinstance(image, Image.Image):
+            problem = _pixel_problem(np.asarray(image))
+            if problem is not None:
+                raise DataError(f"Image {offset + i}: {problem}")
 
 
 def _hasher(class_names: Sequence[str], labels: np.ndarray):
