@@ -39,7 +39,11 @@ def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False) -> Any:
     (or ``train_bn``: every BatchNorm, fastai style); frozen ones use their loaded
     statistics (inference mode)."""
     flat, treedef = jtu.tree_flatten(model, is_leaf=_is_bn)
-    spec_nodes = treedef.flatten_up_to(spec)
+    try:
+        spec_nodes = treedef.flatten_up_to(spec)
+    except (ValueError, TypeError):
+        check_spec(model, spec)
+        raise
     out = []
     for node, node_spec in zip(flat, spec_nodes, strict=True):
         if _is_bn(node):
