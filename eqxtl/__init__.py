@@ -14,6 +14,8 @@ from .data import Loader as Loader
 from .data import Preprocessing as Preprocessing
 from .data import Subset as Subset
 from .data import TFDSSource as TFDSSource
+from .data import check_labels as check_labels
+from .data import check_same_classes as check_same_classes
 from .data import preprocess as preprocess
 from .data import split as split
 from .errors import CheckpointError as CheckpointError

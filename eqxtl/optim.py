@@ -52,12 +52,15 @@ def _checked(tx: optax.GradientTransformation, treedef, n_params: int):
 def param_groups(
     model: Any,
     groups: Sequence[tuple[Rule, optax.GradientTransformation | None]],
+    *,
+    strict: bool = False,
 ) -> tuple[Any, optax.GradientTransformation]:
     """``(spec, optimizer)`` from ordered ``(rule, transform)`` pairs; first match wins.
 
     ``None`` as transform freezes what the rule matches. Every floating-point leaf must be
     covered by some rule: end with ``(".*", None)`` to freeze the rest, or with
-    ``(".*", tx)`` to train it.
+    ``(".*", tx)`` to train it. A group whose rule matches only leaves that an earlier
+    group claims trains nothing: a warning, or a ``RuleError`` with ``strict=True``.
 
     >>> spec, opt = eqxtl.param_groups(model, [
     ...     ("head", optax.adam(1e-3)),
@@ -73,7 +76,7 @@ def param_groups(
             raise RuleError(
                 f"Group {rule!r}: expected an optax transformation or None, got {tx!r}."
             )
-    match = rule_matcher(model, rules)
+    match = rule_matcher(model, rules, strict=strict, what="Group")
     uncovered = []
 
     def label(path: str, leaf: Any):
@@ -187,10 +190,12 @@ def layerwise_groups(
     e.g. ``lambda lr: optax.adamw(lr, weight_decay=0.05)``. ``frozen`` rules come first.
     """
     depth_of, n = layer_depths(model)
+    frozen_match = rule_matcher(model, list(frozen)) if frozen else lambda path, leaf: None
     by_depth: dict[int, float] = {}
     for kp, leaf in jtu.tree_flatten_with_path(model)[0]:
-        if _trainable_leaf(leaf):
-            by_depth.setdefault(depth_of(keypath_to_str(kp)), 0)
+        path = keypath_to_str(kp)
+        if _trainable_leaf(leaf) and frozen_match(path, leaf) is None:
+            by_depth.setdefault(depth_of(path), 0)
     groups: list[tuple[Rule, Any]] = [(rule, None) for rule in frozen]
     for d in sorted(by_depth):
         lr = base_lr * decay ** (n + 1 - d)

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -449,8 +448,10 @@ def save_pretrained(
     layout: str | None = None,
 ) -> Path:
     """Write ``model`` (a backbone or ``Classifier``) as weights + config files in one of
-    its architecture's layouts, atomically (a crash leaves the previous files intact, never
-    half-written ones).
+    its architecture's layouts, atomically per folder: the new files are written into a
+    temporary sibling folder, fsynced and swapped in, so a crash at any point leaves the
+    previous folder or the new one, never a mix. Other files already in ``path`` are kept,
+    except weight and config files of other layouts, which would shadow the new ones.
 
     ``layout``: ``"transformers"`` (the default for CLIP and ResNet: transformers'
     ``from_pretrained`` reads the folder), ``"timm"`` (a timm hub folder: ``config.json``
@@ -484,13 +485,13 @@ def save_pretrained(
     }
     configs = lay.write_config(backbone.config, extra)
 
+    from ._atomic import atomic_directory
+
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     names = [lay.weights_file, *configs]
-    with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
+    replacing = {*names, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
+    with atomic_directory(path, replacing=replacing) as tmp:
         save_file(tensors, os.path.join(tmp, lay.weights_file), metadata={"format": "pt"})
         for name, content in configs.items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, sort_keys=True))
-        for name in names:
-            os.replace(os.path.join(tmp, name), path / name)
     return path
