@@ -338,8 +338,16 @@ def from_pretrained(
                         "hidden_act='quick_gelu' for OpenAI-trained CLIP weights).",
                         stacklevel=2,
                     )
+    size = overrides.pop("image_size", None)
     if overrides:
         config = _apply_overrides(config, overrides, stated, source_name)
+    if size is not None and size != _image_size(config):
+        if arch.resize is None:
+            raise CheckpointError(
+                f"{arch.name} has a fixed input size: image_size={size!r} cannot be changed."
+            )
+        config, resampled = arch.resize(config, canonical, size)
+        canonical = canonical.replace(resampled)
 
     where = f"{source_name} (read as {arch.name}, {lay.name} layout)"
     backbone, state = checkpoint.fill(

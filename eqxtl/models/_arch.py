@@ -174,6 +174,10 @@ class Architecture:
     reconcile: Callable[[Any, Shapes], Any] = lambda config, shapes: config
     """Adjust a config read from a file to what the checkpoint holds (canonical shapes),
     e.g. whether CLIP's optional visual projection is present."""
+    resize: Callable[[Any, Mapping[str, Any], Any], tuple[Any, dict]] | None = None
+    """``resize(config, canonical tensors, image_size) -> (config, replaced tensors)``: the
+    same weights for another input size, position embeddings resampled (``None``: the
+    architecture has a fixed input size, or needs none)."""
 
     # ---- the questions the rest of eqxtl asks, answered from the layouts
 

@@ -239,10 +239,18 @@ class Lazy(Mapping):
     """``canonical name -> tensor`` over a checkpoint mapping, read one tensor at a time (so
     peak memory stays near one copy of the weights); ``shapes()`` without reading."""
 
-    def __init__(self, source: Mapping[str, np.ndarray], recipes: Mapping[str, Recipe]):
+    def __init__(
+        self,
+        source: Mapping[str, np.ndarray],
+        recipes: Mapping[str, Recipe],
+        replaced: Mapping[str, np.ndarray] | None = None,
+    ):
         self._source, self._recipes = source, dict(recipes)
+        self._replaced = dict(replaced or {})
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._replaced:
+            return self._replaced[name]
         return self._recipes[name].read(self._source)
 
     def __iter__(self) -> Iterator[str]:
@@ -260,10 +268,19 @@ class Lazy(Mapping):
     def shapes(self) -> dict[str, Shape]:
         src = self._source
         get = src.shape if hasattr(src, "shape") else lambda k: tuple(src[k].shape)
-        return {name: r.shape(get(r.key)) for name, r in self._recipes.items()}
+        shapes = {name: r.shape(get(r.key)) for name, r in self._recipes.items()}
+        return shapes | {name: tuple(v.shape) for name, v in self._replaced.items()}
 
     def restrict(self, names: Iterable[str]) -> Lazy:
-        return Lazy(self._source, {n: self._recipes[n] for n in names})
+        names = list(names)
+        return Lazy(self._source, {n: self._recipes[n] for n in names}, self._replaced)
+
+    def replace(self, values: Mapping[str, np.ndarray]) -> Lazy:
+        """The same view with some canonical tensors replaced by ``values``."""
+        return Lazy(self._source, self._recipes, {**self._replaced, **values})
+
+    def shape(self, name: str) -> Shape:
+        return self.shapes()[name]
 
 
 _WRAPPERS = re.compile(r"^(?:(?:module|model|state_dict|model_state_dict|backbone|net)\.)+")

@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..errors import CheckpointError
 from ._arch import INTERPOLATIONS, Alias, Architecture, Layout, Meta, Preprocessing, Shapes
 from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Map, squeeze
-from .layers import checkpointed
+from .layers import checkpointed, resample_grid
 
 Activation = Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"]
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
@@ -324,8 +324,8 @@ class CLIPVision(eqx.Module):
         if x.ndim not in (3, 4) or x.shape[-3:] != want:
             raise ValueError(
                 f"CLIPVision expects a channel-first image of shape {want} or a batch of them "
-                f"(B, *{want}), got {x.shape} (resize/crop to the checkpoint's image_size; "
-                "position-embedding interpolation is not supported)."
+                f"(B, *{want}), got {x.shape}: resize/crop to the model's image_size, or load "
+                "it for another size with from_pretrained(..., image_size=N)."
             )
         return self.pre_layrnorm(self.embeddings(x))
 
@@ -702,6 +702,26 @@ def _timm_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
     }
 
 
+def _resize(
+    config: CLIPVisionConfig, tensors: Mapping[str, np.ndarray], image_size: Any
+) -> tuple[CLIPVisionConfig, dict[str, np.ndarray]]:
+    """CLIP at another input size: the patch grid of the position embeddings resampled
+    bicubically (as transformers' ``interpolate_pos_encoding``), the class token's kept."""
+    size = _square(image_size, "image_size")
+    if size % config.patch_size:
+        raise CheckpointError(
+            f"image_size {size} is not a multiple of the patch size {config.patch_size}."
+        )
+    pos = np.asarray(tensors["embeddings.position_embedding.weight"])
+    old, new = config.image_size // config.patch_size, size // config.patch_size
+    grid = resample_grid(pos[1:].reshape(old, old, -1), (new, new))
+    resampled = np.concatenate([pos[:1], grid.reshape(new * new, -1)])
+    return (
+        dataclasses.replace(config, image_size=size),
+        {"embeddings.position_embedding.weight": resampled},
+    )
+
+
 def _feature_dim(config: CLIPVisionConfig) -> int:
     return config.hidden_size
 
@@ -758,4 +778,5 @@ CLIP_VISION = Architecture(
         "clip-vit-large-patch14": Alias(CLIP_VIT_L14, "openai/clip-vit-large-patch14"),
     },
     reconcile=_reconcile,
+    resize=_resize,
 )
