@@ -84,9 +84,10 @@ class Preprocessing:
             interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
         )
 
-    def at_size(self, size: int) -> Preprocessing:
-        """The same preprocessing for a ``size`` crop (resize scaled alike)."""
-        if size == self.crop:
+    def at_size(self, size: int | None) -> Preprocessing:
+        """The same preprocessing for a ``size`` crop (resize scaled alike); ``None``: as is
+        (a model without a fixed input size)."""
+        if size is None or size == self.crop:
             return self
         return dataclasses.replace(self, resize=round(self.resize * size / self.crop), crop=size)
 

@@ -677,7 +677,11 @@ def _timm_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
     if cfg is None:
         return None
     quick = "quickgelu" in cfg["architecture"]
-    return dataclasses.replace(_infer_config(shapes), hidden_act="quick_gelu" if quick else "gelu")
+    config = _infer_config(shapes)
+    heads = (cfg.get("model_args") or {}).get("num_heads", config.num_attention_heads)
+    return dataclasses.replace(
+        config, num_attention_heads=int(heads), hidden_act="quick_gelu" if quick else "gelu"
+    )
 
 
 def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
@@ -686,17 +690,33 @@ def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
 
 
 def _timm_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
+    # A name timm registers (the dimensions that differ travel in model_args).
     act = "_quickgelu" if config.hidden_act == "quick_gelu" else ""
-    size = {768: "base", 1024: "large", 1280: "huge", 384: "small"}.get(config.hidden_size, "base")
-    name = f"vit_{size}_patch{config.patch_size}_clip{act}_{config.image_size}"
+    if config.hidden_size == 1024 and config.patch_size == 14:
+        name = f"vit_large_patch14_clip{act}_224"
+    elif config.hidden_size == 1280 and config.patch_size == 14:
+        name = f"vit_huge_patch14_clip{act}_224"
+    else:
+        name = f"vit_base_patch{16 if config.patch_size == 16 else 32}_clip{act}_224"
     pre: Preprocessing = extra["preprocessing"]
     num_classes = config.projection_dim or 0
+    model_args = {
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "img_size": [config.image_size, config.image_size],
+        "patch_size": config.patch_size,
+        "num_classes": num_classes,
+        "global_pool": "token",
+    }
     return {
         "config.json": {
             "architecture": name,
             "num_classes": num_classes,
             "num_features": config.hidden_size,
             "global_pool": "token",
+            "model_args": model_args,
             "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
         }
     }

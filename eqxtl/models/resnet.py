@@ -563,6 +563,7 @@ def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
 
 def _timm_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
     depth = _DEPTHS.get((config.depths, config.layer_type))
+    expansion = _REDUCTION if config.layer_type == "bottleneck" else 1
     num_classes = extra["num_labels"] or 0
     pre: Preprocessing = extra["preprocessing"]
     return {
@@ -571,6 +572,12 @@ def _timm_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
             "num_classes": num_classes,
             "num_features": config.hidden_sizes[-1],
             "global_pool": "avg",
+            "model_args": {
+                "layers": list(config.depths),
+                "channels": [h // expansion for h in config.hidden_sizes],
+                "num_classes": num_classes,
+                "global_pool": "avg",
+            },
             "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
         }
     }
