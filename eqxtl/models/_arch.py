@@ -135,6 +135,33 @@ class Layout:
     layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
 
 
+def timm_meta(meta: Meta) -> Mapping[str, Any] | None:
+    """timm's hub ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg``; no
+    transformers ``model_type``), if that is what sits beside the weights."""
+    cfg = meta.get("config.json")
+    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
+        return None
+    return cfg
+
+
+def claims_timm(architectures: str) -> Callable[[Meta], bool]:
+    """``Layout.claims`` for timm hub folders whose ``architecture`` (tag stripped) fully
+    matches the regex ``architectures``."""
+
+    def claims(meta: Meta) -> bool:
+        cfg = timm_meta(meta)
+        name = str(cfg["architecture"]).split(".")[0] if cfg is not None else ""
+        return cfg is not None and re.fullmatch(architectures, name) is not None
+
+    return claims
+
+
+def timm_preprocessing(meta: Meta) -> Preprocessing | None:
+    """``Layout.preprocessing`` from timm's ``pretrained_cfg``."""
+    cfg = timm_meta(meta)
+    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+
+
 @dataclasses.dataclass(frozen=True)
 class Alias:
     """One published checkpoint, by a short name (``"resnet50"``)."""
