@@ -157,6 +157,26 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
+def jax_device() -> dict[str, Any]:
+    """``{"platform": "cpu"|"gpu"|..., "device": device kind}`` of JAX's default device."""
+    import jax
+
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device": d.device_kind}
+
+
+def jax_peak_device_mb() -> float | None:
+    """Peak accelerator memory in use by this process so far (MiB); ``None`` on CPU."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory statistics
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2**20, 1)
+
+
 def peak_gflops(n: int = 4096, reps: int = 5) -> dict[str, float]:
     """GFLOP/s of an f32 ``n x n`` ``jnp.dot`` (the machine's matmul peak for XLA:CPU).
 
@@ -285,9 +305,22 @@ def run_children(
     return records
 
 
+def batch_size(args) -> int:
+    """``--batch-size`` if given, else ``QUICK_BATCH`` with ``--quick``, else ``BATCH``."""
+    if getattr(args, "batch_size", None):
+        return args.batch_size
+    return QUICK_BATCH if args.quick else BATCH
+
+
 def add_common_args(parser) -> None:
     """The options every benchmark script shares."""
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"examples per step (default {BATCH}, {QUICK_BATCH} with --quick)",
+    )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds (median taken)")
     parser.add_argument("--steps", type=int, default=1, help="steps per timed round")
@@ -322,6 +355,8 @@ def child_argv(script: str, args, model: str, workload: str, extra: list[str] = 
     argv += ["--rounds", str(args.rounds), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.quick:
         argv.append("--quick")
+    if getattr(args, "batch_size", None):
+        argv += ["--batch-size", str(args.batch_size)]
     return argv + list(extra)
 
 

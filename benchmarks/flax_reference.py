@@ -91,7 +91,7 @@ def run_one(model_name: str, workload: str, args) -> None:
     import optax
     from flax import traverse_util
 
-    batch_size = C.QUICK_BATCH if args.quick else C.BATCH
+    batch_size = C.batch_size(args)
     module, blocks, image = build(model_name, args.quick)
     rng = np.random.default_rng(0)
     # The transformers Flax modules take channels-last input (their PreTrainedModel wrapper

@@ -13,6 +13,14 @@ not met.
     python benchmarks/run_all.py --quick              # tiny configs, smoke run
     python benchmarks/run_all.py --frameworks eqxtl torch --models clip
     python benchmarks/run_all.py --summarize benchmarks/results/latest.jsonl
+    python benchmarks/run_all.py --frameworks eqxtl torch torch-compile --device gpu \
+        --batch-size 128 --dtype bf16 --process-per framework   # what accelerator.sh runs
+
+``--dtype bf16`` adds bfloat16 runs of eqxtl and of the PyTorch frameworks (autocast).
+``--process-per framework`` runs each (framework, dtype) in one process over every model
+and workload (startup and device initialisation paid once; peak RSS is then per process);
+``--deadline-s`` stops starting new runs when the time is spent (each is recorded as
+skipped).
 """
 
 from __future__ import annotations
@@ -25,13 +33,15 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import _common as C  # noqa: E402
 
-FRAMEWORKS = ("eqxtl", "torch", "flax")
+FRAMEWORKS = ("eqxtl", "torch", "torch-compile", "flax")
+DEFAULT_FRAMEWORKS = ("eqxtl", "torch", "flax")
 DEFAULT_OUT = os.path.join(HERE, "results", "latest.jsonl")
 
 
@@ -61,15 +71,60 @@ def _git_commit() -> str | None:
         return None
 
 
-def _command(framework: str, args, model: str, workload: str, dtype: str = "f32") -> list[str]:
+def _command(framework: str, args, model, workload, dtype: str = "f32") -> list[str]:
+    """The child command for one framework and dtype; ``model`` and ``workload`` are a name
+    each, or lists (``--process-per framework``: one process runs them all)."""
+    models = [model] if isinstance(model, str) else list(model)
+    workloads = [workload] if isinstance(workload, str) else list(workload)
+    script = {"eqxtl": "steps.py", "flax": "flax_reference.sh"}.get(framework, "torch_reference.py")
+    argv = C.child_argv(os.path.join(HERE, script), args, models[0], workloads[0])
+    argv[argv.index("--models") + 1 : argv.index("--workloads") + 2] = [
+        *models,
+        "--workloads",
+        *workloads,
+    ]
+    if len(models) * len(workloads) > 1:
+        argv.append("--in-process")
     if framework == "eqxtl":
-        argv = C.child_argv(os.path.join(HERE, "steps.py"), args, model, workload)
-        return [sys.executable, *argv, "--dtype", dtype]
-    if framework == "torch":
-        argv = C.child_argv(os.path.join(HERE, "torch_reference.py"), args, model, workload)
+        return [sys.executable, *argv, "--dtype", dtype, "--platform", _jax_platform(args.device)]
+    if framework.startswith("torch"):
+        argv += ["--dtype", dtype, "--device", _torch_device(args.device)]
+        if framework == "torch-compile":
+            argv += ["--compile", "--compile-backend", args.compile_backend]
         return [sys.executable, *argv]
-    argv = C.child_argv(os.path.join(HERE, "flax_reference.sh"), args, model, workload)
     return ["bash", *argv]
+
+
+def _jax_platform(device: str) -> str:
+    return {"gpu": "cuda", "cuda": "cuda"}.get(device, device)
+
+
+def _torch_device(device: str) -> str:
+    return {"gpu": "cuda"}.get(device, device)
+
+
+def _dtypes(framework: str, args) -> list[str]:
+    return ["f32", "bf16"] if args.dtype == "bf16" and framework != "flax" else ["f32"]
+
+
+def step_commands(args, frameworks: list[str]) -> list[list[str]]:
+    """The child processes of the step benchmarks, in running order."""
+    if args.process_per == "framework":
+        # In the order given (accelerator.py puts the slow-compiling torch-compile last, so
+        # that a spent budget cuts the least).
+        return [
+            _command(f, args, args.models, args.workloads, dtype)
+            for f in frameworks
+            for dtype in _dtypes(f, args)
+        ]
+    return [
+        _command(f, args, model, workload, dtype)
+        for model in args.models
+        for workload in args.workloads
+        for dtype in ("f32", "bf16")
+        for f in frameworks
+        if dtype in _dtypes(f, args)
+    ]
 
 
 def run(args) -> list[dict]:
@@ -101,7 +156,17 @@ def run(args) -> list[dict]:
     )
     quick = ["--quick"] if args.quick else []
     peak_cmd = [sys.executable, os.path.join(HERE, "steps.py"), "--peak", *quick]
+    peak_cmd += ["--platform", _jax_platform(args.device)]
     C.run_children([peak_cmd], on_line=lambda r: keep({**r, "when": "start"}))
+    deadline = None if args.deadline_s is None else time.monotonic() + args.deadline_s
+
+    def run_in_time(commands: list[list[str]]) -> None:
+        for cmd in commands:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < 1:
+                keep({"command": " ".join(cmd[1:]), "skipped": "time budget spent"})
+                continue
+            C.run_children([cmd], on_line=keep, timeout=left)
 
     frameworks = list(args.frameworks)
     if "flax" in frameworks:
@@ -117,12 +182,7 @@ def run(args) -> list[dict]:
             keep({"kind": "unavailable", "framework": "flax", "reason": why})
             frameworks.remove("flax")
 
-    for model in args.models:
-        for workload in args.workloads:
-            commands = [_command(f, args, model, workload) for f in frameworks]
-            if args.dtype == "bf16" and "eqxtl" in frameworks:
-                commands.append(_command("eqxtl", args, model, workload, "bf16"))
-            C.run_children(commands, on_line=keep)
+    run_in_time(step_commands(args, frameworks))
 
     C.run_children([peak_cmd], on_line=lambda r: keep({**r, "when": "end"}))
     if not args.no_load:
@@ -292,22 +352,41 @@ def summarize(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(C.MODELS), choices=C.MODELS)
     parser.add_argument("--workloads", nargs="+", default=list(C.WORKLOADS), choices=C.WORKLOADS)
-    parser.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    parser.add_argument(
+        "--frameworks", nargs="+", default=list(DEFAULT_FRAMEWORKS), choices=FRAMEWORKS
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
     parser.add_argument(
-        "--dtype", default="f32", choices=("f32", "bf16"), help="bf16: add eqxtl bf16 runs"
+        "--dtype",
+        default="f32",
+        choices=("f32", "bf16"),
+        help="bf16: add bf16 runs of eqxtl and the PyTorch frameworks",
     )
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (4 --quick)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "gpu", "auto"),
+        help="where eqxtl and PyTorch run (auto: JAX's default device, CUDA when torch has it)",
+    )
+    parser.add_argument("--compile-backend", default="inductor", help="for torch-compile")
+    parser.add_argument("--process-per", choices=("workload", "framework"), default="workload")
+    parser.add_argument("--deadline-s", type=float, default=None, help="total time budget")
     parser.add_argument("--no-load", action="store_true", help="skip load.py")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file to write")
     parser.add_argument("--summarize", metavar="JSONL", help="only summarise an earlier run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.summarize:
         with open(args.summarize) as f:
             records = [json.loads(line) for line in f if line.strip()]

@@ -15,6 +15,7 @@ executable gives the FLOPs); the timed calls then hit the compilation cache.
     python benchmarks/steps.py --peak                # only the f32 4096^2 jnp.dot GFLOP/s
     python benchmarks/steps.py --dtype bf16          # when make_step takes a compute dtype
     python benchmarks/steps.py --remat               # blocks recomputed in the backward pass
+    python benchmarks/steps.py --platform gpu --batch-size 128   # on an accelerator
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def run_one(model_name: str, workload: str, args) -> None:
 
     import eqxtl
 
-    batch_size = C.QUICK_BATCH if args.quick else C.BATCH
+    batch_size = C.batch_size(args)
     base = {"framework": "eqxtl", "model": model_name, "workload": workload}
     base |= {"batch": batch_size, "dtype": args.dtype}
     # bf16: activations and matmuls in bfloat16, float32 master weights (classification_loss)
@@ -172,6 +173,10 @@ def run_one(model_name: str, workload: str, args) -> None:
         extra["trainable_params"] = eqxtl.count(model, spec)
         if compile_s is None:
             compile_s = timing["first_call_s"] - timing["sec_per_step"]
+    extra |= C.jax_device()
+    device_mb = C.jax_peak_device_mb()
+    if device_mb is not None:  # in one process over several workloads: the peak so far
+        extra["peak_device_mb"] = device_mb
     record = C.result(
         "eqxtl",
         model_name,
@@ -197,6 +202,7 @@ def run_peak(quick: bool) -> None:
             "kind": "peak",
             "what": f"f32 jnp.dot {n}x{n}",
             "jax": jax.__version__,
+            **C.jax_device(),
             **{k: round(v, 2) for k, v in peak.items()},
             "peak_rss_mb": round(C.peak_rss_mb(), 1),
         }
@@ -209,11 +215,18 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="f32", choices=("f32", "bf16"))
     parser.add_argument("--peak", action="store_true", help="only measure the jnp.dot peak")
     parser.add_argument(
+        "--platform",
+        default="auto",
+        help="JAX platform (cpu, gpu/cuda, tpu); auto: JAX's default device",
+    )
+    parser.add_argument(
         "--remat",
         action="store_true",
         help="rematerialise each block in the backward pass (eqxtl.with_remat)",
     )
     args = parser.parse_args(argv)
+    if args.platform != "auto":
+        os.environ["JAX_PLATFORMS"] = args.platform  # before jax is imported (lazily)
     if args.peak:
         run_peak(args.quick)
         return
@@ -221,7 +234,8 @@ def main(argv=None) -> None:
         os.path.abspath(__file__),
         args,
         lambda m, w: run_one(m, w, args),
-        extra=["--dtype", args.dtype] + (["--remat"] if args.remat else []),
+        extra=["--dtype", args.dtype, "--platform", args.platform]
+        + (["--remat"] if args.remat else []),
     )
 
 

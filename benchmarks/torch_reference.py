@@ -4,14 +4,23 @@
 (random init), each with a new ``nn.Linear`` head on ``pooler_output``; batch 32, 224x224,
 3 classes, ``torch.optim.Adam``. Freezing is ``requires_grad_(False)``; frozen modules run
 in ``eval()`` (BatchNorm uses its running statistics), trained ones in ``train()``, like
-eqxtl's ``make_step``. Eager mode (the issue measured ``torch.compile`` at about the same
-speed on this CPU), ``torch.set_num_threads(os.cpu_count())``.
+eqxtl's ``make_step``. Eager mode by default (the issue measured ``torch.compile`` at about
+the same speed on this CPU), ``torch.set_num_threads(os.cpu_count())``.
+
+``--compile``: the classifier runs under ``torch.compile`` (``--compile-backend``, default
+inductor; the record's framework is ``torch-compile``, ``compile_s`` is the first call minus
+a step: Dynamo + the backend's compile of forward and backward). ``--dtype bf16``: the step
+runs under ``torch.autocast`` in bfloat16 (float32 master weights, as eqxtl's
+``compute_dtype``). ``--device cuda``: on the GPU, with ``cudnn.benchmark`` (XLA autotunes
+its convolutions too) and TF32 float32 matmuls (``set_float32_matmul_precision("high")``,
+XLA's default precision on GPUs); the record says which.
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one extra step (matmuls
 and convolutions only, where XLA's cost analysis counts every op): ``gflops_per_s`` is
 comparable across frameworks only roughly.
 
     python benchmarks/torch_reference.py [--models clip resnet50] [--workloads ...] [--quick]
+    python benchmarks/torch_reference.py --device cuda --compile --dtype bf16 --batch-size 128
 """
 
 from __future__ import annotations
@@ -67,23 +76,54 @@ def build(model_name: str, quick: bool):
     return Classifier(), blocks, image
 
 
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def run_one(model_name: str, workload: str, args) -> None:
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count())
-    batch_size = C.QUICK_BATCH if args.quick else C.BATCH
+    device = _device(args.device)
+    cuda = device.startswith("cuda")
+    extra = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": args.dtype}
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
+        extra["f32_matmul"] = "tf32" if args.tf32 else "ieee"
+        torch.cuda.reset_peak_memory_stats(device)
+    batch_size = C.batch_size(args)
     model, blocks, image = build(model_name, args.quick)
+    model.to(device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, image, image, generator=g)
-    y = torch.randint(0, C.NUM_CLASSES, (batch_size,), generator=g)
+    x = torch.randn(batch_size, 3, image, image, generator=g).to(device)
+    y = torch.randint(0, C.NUM_CLASSES, (batch_size,), generator=g).to(device)
+    eager = model
+    if args.compile:
+        # A fresh cache per workload: several in one process would otherwise exhaust
+        # Dynamo's recompile limit (one code object, Classifier.forward) and fall back to eager.
+        torch._dynamo.reset()
+        model = torch.compile(model, backend=args.compile_backend)
+        extra["compile_backend"] = args.compile_backend
+
+    def autocast():
+        if args.dtype == "bf16":
+            return torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     if workload == "eval":
-        model.eval()
+        eager.eval()
 
-        def call():
-            with torch.inference_mode():
-                return F.cross_entropy(model(x), y)
+        def call(net=model):
+            with torch.inference_mode(), autocast():
+                return F.cross_entropy(net(x), y)
 
     else:
         if workload == "full":
@@ -94,17 +134,18 @@ def run_one(model_name: str, workload: str, args) -> None:
             trained = [model.head, *blocks[-2:]]
         else:
             raise ValueError(workload)
-        model.requires_grad_(False)
-        model.eval()
+        eager.requires_grad_(False)
+        eager.eval()
         for module in trained:
             module.requires_grad_(True)
             module.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in eager.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=1e-3)
 
-        def call():
+        def call(net=model):
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            with autocast():
+                loss = F.cross_entropy(net(x), y)
             loss.backward()
             optimizer.step()
             return loss.detach()
@@ -115,21 +156,26 @@ def run_one(model_name: str, workload: str, args) -> None:
 
         counter = FlopCounterMode(display=False)
         with counter:
-            call()
+            call(eager)  # the same step, uncompiled (the counter cannot see inside a graph)
         flops = float(counter.get_total_flops()) or None
     timing = C.measure(call, float, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
-    extra = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    extra |= {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if cuda:
+        extra["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if workload != "eval":
         extra["trainable_params"] = sum(p.numel() for p in params)
     if args.quick:
         extra["quick"] = True
+    compile_s = None
+    if args.compile and timing["first_call_s"] is not None:
+        compile_s = max(timing["first_call_s"] - timing["sec_per_step"], 0.0)
     record = C.result(
-        "torch",
+        "torch-compile" if args.compile else "torch",
         model_name,
         workload,
         batch_size,
         timing,
-        compile_s=None,
+        compile_s=compile_s,
         flops=flops,
         flops_via="FlopCounterMode (matmul/conv only)",
         **extra,
@@ -141,8 +187,21 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_common_args(parser)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    parser.add_argument("--dtype", default="f32", choices=("f32", "bf16"), help="bf16: autocast")
+    parser.add_argument("--compile", action="store_true", help="run under torch.compile")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    parser.add_argument(
+        "--no-tf32",
+        dest="tf32",
+        action="store_false",
+        help="on CUDA, float32 matmuls in full IEEE precision (default: TF32, as XLA)",
+    )
     args = parser.parse_args(argv)
     extra = ["--no-flops"] if args.no_flops else []
+    extra += ["--device", args.device, "--dtype", args.dtype]
+    extra += ["--compile-backend", args.compile_backend]
+    extra += (["--compile"] if args.compile else []) + ([] if args.tf32 else ["--no-tf32"])
     C.dispatch(os.path.abspath(__file__), args, lambda m, w: run_one(m, w, args), extra=extra)
 
 

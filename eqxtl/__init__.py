@@ -66,6 +66,7 @@ from .pretrained import from_config as from_config
 from .pretrained import from_pretrained as from_pretrained
 from .pretrained import save_pretrained as save_pretrained
 from .remat import with_remat as with_remat
+from .scan import with_scan as with_scan
 from .train import batched as batched
 from .train import batchnorm_modes as batchnorm_modes
 from .train import classification_loss as classification_loss

@@ -22,48 +22,21 @@ schedule, no slower on these models). With it, a CLIP ViT-B/32 full fine-tuning 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, TypeVar
-
-import equinox as eqx
-import jax
+from typing import TypeVar
 
 from .models.layers import checkpointed as checkpointed
-from .models.layers import replace_static
+from .models.layers import with_static_flag
 
 T = TypeVar("T")
 
 FIELD = "remat"
 
 
-def _has_flag(x: Any) -> bool:
-    return isinstance(x, eqx.Module) and any(f.name == FIELD for f in dataclasses.fields(x))
-
-
-def _with_flag(module: eqx.Module, value: bool) -> eqx.Module:
-    return replace_static(module, **{FIELD: bool(value)})
-
-
 def with_remat(model: T, enabled: bool = True) -> T:
     """A copy of ``model`` (any pytree) with rematerialisation switched on (or off) in every
     module that supports it; the arrays are shared, not copied.
 
-    Raises ``ValueError`` if nothing in ``model`` supports it (e.g. EfficientNet), so that a
-    memory-saving option never silently does nothing.
+    Raises ``EqxtlError`` (a ``ValueError``) if nothing in ``model`` supports it (e.g.
+    EfficientNet), so that a memory-saving option never silently does nothing.
     """
-    found = False
-
-    def set_flag(x):
-        nonlocal found
-        if _has_flag(x):
-            found = True
-            return _with_flag(x, enabled)
-        return x
-
-    out = jax.tree_util.tree_map(set_flag, model, is_leaf=_has_flag)
-    if not found:
-        raise ValueError(
-            f"{type(model).__name__} has no module with a '{FIELD}' flag: rematerialisation "
-            "is supported for CLIP and ResNet backbones (and classifiers built on them)."
-        )
-    return out
+    return with_static_flag(model, FIELD, enabled, "rematerialisation", "CLIP and ResNet backbones")

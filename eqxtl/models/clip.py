@@ -23,6 +23,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
+from ..scan import run_blocks
 from ._arch import (
     INTERPOLATIONS,
     Alias,
@@ -272,10 +273,17 @@ class Encoder(eqx.Module):
 
     ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each block
     under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
-    activations from its input instead of keeping them."""
+    activations from its input instead of keeping them. ``scan`` (static, off by default;
+    ``eqxtl.with_scan``): run runs of interchangeable blocks under ``jax.lax.scan`` (one
+    compiled block instead of one per layer; ``eqxtl.scan``)."""
 
     layers: list[EncoderLayer]
     remat: bool = eqx.field(static=True, default=False)
+    scan: bool = eqx.field(static=True, default=False)
+
+    def run(self, layers: list[EncoderLayer], h: Array) -> Array:
+        """``h`` through ``layers`` (some of ``self.layers``), as the flags say."""
+        return run_blocks(_run_layer, layers, h, scan=self.scan, remat=self.remat)
 
     def __init__(self, config: CLIPVisionConfig, key: PRNGKeyArray):
         keys = jax.random.split(key, config.num_hidden_layers)
@@ -342,11 +350,7 @@ class CLIPVision(eqx.Module):
     def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         """transformers' ``last_hidden_state``: every token after the last block (class
         token first), before ``post_layernorm``. ``t = 1 + (image_size / patch_size)**2``."""
-        h = self._embed(x)
-        run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in self.encoder.layers:
-            h = run(layer, h)
-        return h
+        return self.encoder.run(self.encoder.layers, self._embed(x))
 
     def __call__(
         self,
@@ -357,11 +361,8 @@ class CLIPVision(eqx.Module):
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
         """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm)."""
         del key  # no dropout
-        h = self._embed(x)
         layers = self.encoder.layers
-        run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in layers[:-1]:
-            h = run(layer, h)
+        h = self.encoder.run(layers[:-1], self._embed(x))
         if layers:
             # Only the class token is pooled: the last block computes queries, MLP and
             # residual for it alone (what the full block gives that token; ~6% faster).

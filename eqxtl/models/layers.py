@@ -310,6 +310,37 @@ def checkpointed(fn, enabled: bool):
     return eqx.filter_checkpoint(fn) if enabled else fn
 
 
+def with_static_flag(model, name: str, value: bool, what: str, supported: str):
+    """A copy of ``model`` (any pytree) with the static boolean field ``name`` set to
+    ``value`` in every module that has one (arrays shared, not copied); for the opt-in
+    switches ``eqxtl.with_remat`` and ``eqxtl.with_scan``.
+
+    Raises ``EqxtlError`` if no module has the field: the option would do nothing.
+    ``what`` names the option and ``supported`` the models that have it, in the message.
+    """
+    from ..errors import EqxtlError
+
+    def has_flag(x) -> bool:
+        return isinstance(x, eqx.Module) and any(f.name == name for f in dataclasses.fields(x))
+
+    found = False
+
+    def set_flag(x):
+        nonlocal found
+        if has_flag(x):
+            found = True
+            return replace_static(x, **{name: bool(value)})
+        return x
+
+    out = jax.tree_util.tree_map(set_flag, model, is_leaf=has_flag)
+    if not found:
+        raise EqxtlError(
+            f"{type(model).__name__} has no module with a '{name}' flag: {what} is supported "
+            f"for {supported} (and classifiers built on them)."
+        )
+    return out
+
+
 def replace_static(module: eqx.Module, **fields) -> eqx.Module:
     """``module`` with static fields replaced, the other fields shared.
 

@@ -1,0 +1,246 @@
+"""The accelerator benchmark (run by ``accelerator.sh``, which installs what it needs first).
+
+CLIP ViT-B/32 and ResNet-50, float32 and bfloat16, batch 128: eqxtl against PyTorch eager
+and ``torch.compile``, through ``run_all.py`` (one process per framework and dtype). Writes
+``benchmarks/results/<device>.jsonl`` and prints a table with each step's time, its compile
+time and the model FLOP utilisation: achieved FLOP/s over the device's dense peak.
+
+Model FLOPs per step are PyTorch's ``FlopCounterMode`` count of the same step (matmuls and
+convolutions: the usual MFU numerator), the same figure for all three frameworks; without
+a PyTorch record, eqxtl's XLA cost analysis (which counts every op) stands in. Float32 runs
+use TF32 tensor cores on both sides (XLA's default on GPUs; PyTorch is set to match), so
+their MFU is against the TF32 peak; bfloat16 runs against the BF16 peak. A device that is
+not in ``PEAK_TFLOPS`` gets achieved TFLOP/s only.
+
+    python benchmarks/accelerator.py                 # on a GPU machine, in accelerator.sh's venv
+    python benchmarks/accelerator.py --dry-run       # the plan, nothing run
+    python benchmarks/accelerator.py --cpu-smoke --out /tmp/smoke.jsonl   # tiny, on CPU
+    python benchmarks/accelerator.py --summarize benchmarks/results/nvidia-h100.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import run_all  # noqa: E402
+
+# Dense (no structured sparsity) peak TFLOP/s from NVIDIA's datasheets: (float32 on CUDA
+# cores, TF32 tensor cores, BF16 tensor cores); datasheets quote tensor-core figures with
+# sparsity, twice these. First match on the device name wins (more specific names first).
+PEAK_TFLOPS: list[tuple[str, tuple[float, float, float]]] = [
+    (r"H200 NVL", (60.0, 417.5, 835.5)),
+    (r"H200", (67.0, 494.7, 989.4)),
+    (r"H100 NVL", (60.0, 417.5, 835.5)),
+    (r"H100 PCIe", (51.2, 378.0, 756.0)),
+    (r"H100", (66.9, 494.7, 989.4)),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"A100", (19.5, 156.0, 312.0)),
+    (r"L40S", (91.6, 183.0, 362.0)),
+    (r"\bL4\b", (30.3, 60.0, 121.0)),
+    (r"\bA10\b", (31.2, 62.5, 125.0)),
+]
+
+GPU_PLAN = dict(
+    models=["clip", "resnet50"],
+    workloads=["eval", "full"],
+    frameworks=["eqxtl", "torch", "torch-compile"],
+    batch_size=128,
+    rounds=3,
+    steps=10,
+    warmup=2,
+)
+SMOKE_PLAN = dict(
+    GPU_PLAN, models=["clip"], workloads=["full"], batch_size=2, rounds=1, steps=1, warmup=1
+)
+
+
+def peak_tflops(device: str, dtype: str, tf32: bool = True) -> float | None:
+    """The dense peak for ``dtype`` ("f32" or "bf16") on ``device`` (a CUDA device name),
+    or ``None`` for a device not in ``PEAK_TFLOPS``."""
+    for pattern, (fp32, tf32_peak, bf16) in PEAK_TFLOPS:
+        if re.search(pattern, device):
+            return bf16 if dtype == "bf16" else (tf32_peak if tf32 else fp32)
+    return None
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from ``nvidia-smi`` (no framework is imported here: a JAX
+    backend in this process would hold the GPU's memory while the children run)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return lines[0] if out.returncode == 0 and lines else None
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def run_all_argv(args, plan: dict) -> list[str]:
+    """``run_all.py`` arguments for this plan."""
+    argv = ["--models", *plan["models"], "--workloads", *args.workloads]
+    argv += ["--frameworks", *plan["frameworks"], "--dtype", "bf16"]
+    argv += ["--batch-size", str(args.batch_size or plan["batch_size"])]
+    argv += ["--rounds", str(plan["rounds"]), "--steps", str(plan["steps"])]
+    argv += ["--warmup", str(plan["warmup"]), "--process-per", "framework", "--no-load"]
+    argv += ["--out", args.out, "--deadline-s", str(args.budget_s)]
+    if args.cpu_smoke:
+        # Tiny configs on CPU; torch.compile with the aot_eager backend: Dynamo's capture and
+        # AOTAutograd's forward/backward graphs, without inductor's C++ code generation.
+        argv += ["--quick", "--device", "cpu", "--compile-backend", "aot_eager"]
+    else:
+        argv += ["--device", "gpu", "--compile-backend", args.compile_backend]
+    return argv
+
+
+def _steps(records: list[dict]) -> dict[tuple, dict]:
+    out = {}
+    for r in records:
+        if "sec_per_step" in r and "workload" in r:
+            out[(r["framework"], r["model"], r["workload"], r.get("dtype", "f32"))] = r
+    return out
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def summarize(records: list[dict], device: str | None = None) -> str:
+    """Markdown table: per model, workload and dtype, each framework's seconds per step,
+    compile seconds, achieved TFLOP/s and MFU; eqxtl's ratio to each PyTorch mode."""
+    steps = _steps(records)
+    if device is None:
+        device = next((r["device"] for r in steps.values() if r.get("device")), "unknown")
+    fws = ("eqxtl", "torch", "torch-compile")
+    lines = [f"Device: {device}; seconds per step (median), compile s, TFLOP/s, MFU."]
+    peaks = {dt: peak_tflops(device, dt) for dt in ("f32", "bf16")}
+    if all(p is None for p in peaks.values()):
+        lines.append("No peak known for this device: achieved TFLOP/s only, no MFU.")
+    else:
+        lines.append(
+            f"Dense peaks: TF32 {_f(peaks['f32'])}, BF16 {_f(peaks['bf16'])} TFLOP/s "
+            "(float32 runs use TF32 tensor cores on both sides)."
+        )
+    head = "| model | workload | dtype | batch |"
+    sep = "|---|---|---|---|"
+    for fw in fws:
+        head += f" {fw} s | {fw} compile s | {fw} TFLOP/s | {fw} MFU |"
+        sep += "---|---|---|---|"
+    head += " eqxtl/torch | eqxtl/torch-compile |"
+    sep += "---|---|"
+    lines += ["", head, sep]
+    keys = sorted({k[1:] for k in steps}, key=lambda k: (k[0], k[1], k[2]))
+    for model, workload, dtype in keys:
+        ref = steps.get(("torch", model, workload, "f32")) or steps.get(
+            ("torch-compile", model, workload, "f32")
+        )
+        eq = steps.get(("eqxtl", model, workload, dtype))
+        row = f"| {model} | {workload} | {dtype} | {(eq or ref or {}).get('batch', '?')} |"
+        for fw in fws:
+            r = steps.get((fw, model, workload, dtype))
+            if r is None:
+                row += " — | — | — | — |"
+                continue
+            gflop = (ref or r).get("gflop_per_step")
+            tflops = None if not gflop else gflop / r["sec_per_step"] / 1e3
+            peak = peaks[dtype]
+            mfu = None if tflops is None or peak is None else tflops / peak
+            mfu_s = "—" if mfu is None else f"{100 * mfu:.1f}%"
+            row += f" {_f(r['sec_per_step'])} | {_f(r.get('compile_s'))} | {_f(tflops)} |"
+            row += f" {mfu_s} |"
+        for fw in ("torch", "torch-compile"):
+            r = steps.get((fw, model, workload, dtype))
+            ratio = None if eq is None or r is None else eq["sec_per_step"] / r["sec_per_step"]
+            row += f" {_f(ratio)} |"
+        lines.append(row)
+    lines.append("")
+    lines.append(
+        "MFU numerator: PyTorch FlopCounterMode FLOPs of the same step (matmul/conv), the "
+        "same for every framework; ratios < 1: eqxtl faster."
+    )
+    problems = [r for r in records if "error" in r or "skipped" in r]
+    if problems:
+        lines.append("")
+        lines.append("Not measured:")
+        for r in problems:
+            why = r.get("skipped") or r.get("error")
+            tail = (r.get("stderr_tail") or "").strip().splitlines()[-1:] or [""]
+            lines.append(f"- {r.get('command')}: {why} {tail[0]}".rstrip())
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="print the plan only")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU")
+    parser.add_argument("--out", default=None, help="JSON lines (default results/<device>)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (2 smoke)")
+    parser.add_argument("--workloads", nargs="+", default=None, choices=run_all.C.WORKLOADS)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="for all runs together")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--summarize", metavar="JSONL", help="only summarise an earlier run")
+    args = parser.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            print(summarize([json.loads(line) for line in f if line.strip()]))
+        return
+    plan = SMOKE_PLAN if args.cpu_smoke else GPU_PLAN
+    args.workloads = args.workloads or plan["workloads"]
+    device = "cpu" if args.cpu_smoke else (gpu_name() or "no GPU found")
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", slug("cpu-smoke" if args.cpu_smoke else device))
+        args.out += ".jsonl"
+    forwarded = run_all_argv(args, plan)
+    if args.dry_run:
+        batch = args.batch_size or plan["batch_size"]
+        size = "tiny configs, 32x32" if args.cpu_smoke else "full configs, 224x224"
+        parsed = run_all.parse_args(forwarded)
+        children = run_all.step_commands(parsed, parsed.frameworks)
+        print(f"device: {device}")
+        print(
+            f"runs: {', '.join(plan['models'])} x {', '.join(args.workloads)} x f32, bf16 x "
+            f"{', '.join(plan['frameworks'])}; batch {batch}, {size}; "
+            f"{plan['rounds']} rounds of {plan['steps']} steps after {plan['warmup']} "
+            f"warm-up (compile timed apart); {len(children)} processes, one per framework "
+            f"and dtype; budget {args.budget_s:.0f} s"
+        )
+        print(f"command: {sys.executable} {os.path.join(HERE, 'run_all.py')} {' '.join(forwarded)}")
+        for cmd in children:
+            print(
+                "  child: "
+                + " ".join(os.path.relpath(c, HERE) if c.startswith("/") else c for c in cmd[1:])
+            )
+        print(f"writes: {args.out}")
+        return
+    if not args.cpu_smoke and device == "no GPU found":
+        raise SystemExit("accelerator.py: nvidia-smi finds no GPU (use --cpu-smoke on a CPU).")
+    start = time.monotonic()
+    parsed = run_all.parse_args(forwarded)
+    records = run_all.run(parsed)
+    print()
+    print(summarize(records, None if args.cpu_smoke else device))
+    print(f"\nTotal {time.monotonic() - start:.0f} s; records in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

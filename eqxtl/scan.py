@@ -1,0 +1,117 @@
+"""Opt-in ``jax.lax.scan`` over a backbone's repeated blocks: compile time that does not
+grow with depth.
+
+    model = eqxtl.with_scan(model)          # a Classifier or a bare backbone (CLIP)
+    model = eqxtl.with_scan(model, False)   # back to one unrolled copy per block
+
+The model keeps its blocks as a Python list (``encoder.layers.N``): its pytree, paths,
+filter specs, optimizer groups (``last_blocks``, layer-wise decay), ``state_dict`` and
+``save_pretrained`` files are exactly those of the unscanned model. Only the forward pass
+changes: inside the traced function, each run of consecutive interchangeable blocks is
+stacked along a new leading axis (one ``(n, ...)`` array per weight) and run by one
+``jax.lax.scan``, so XLA compiles the block once instead of once per layer, and the
+backward pass is a scan too.
+
+Blocks are interchangeable when they have the same structure, shapes and dtypes and, at
+trace time, every weight is traced the same way: a weight that is differentiated (it
+trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
+2)`` spec therefore gives a forward-only scan over the frozen blocks and the two trained
+blocks on their own, and XLA builds no backward pass below them, as unscanned. Stacking is
+a copy of the blocks' weights per step (and the weight gradients are sliced back out);
+that and the loop are the cost against the unrolled step (``benchmarks/compile.py``).
+
+The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .models.layers import checkpointed, with_static_flag
+
+T = TypeVar("T")
+B = TypeVar("B")
+H = TypeVar("H")
+
+FIELD = "scan"
+
+
+def with_scan(model: T, enabled: bool = True) -> T:
+    """A copy of ``model`` (any pytree) whose repeated blocks run under ``jax.lax.scan``
+    (or, with ``enabled=False``, unrolled again) in every module that supports it; the
+    arrays are shared, not copied.
+
+    Raises ``EqxtlError`` if nothing in ``model`` supports it (ResNet, EfficientNet), so
+    that the option never silently does nothing.
+    """
+    return with_static_flag(model, FIELD, enabled, "scanning blocks", "CLIP backbones")
+
+
+def _signature(block: Any) -> tuple:
+    """What two blocks must share to be stacked: the tree structure (static fields
+    included), every array's shape and dtype and the trace it belongs to (so that trained
+    and frozen weights are never stacked together), and the non-array leaves."""
+    leaves, treedef = jax.tree.flatten(block)
+    parts = []
+    for leaf in leaves:
+        if eqx.is_array(leaf):
+            trace = getattr(leaf, "_trace", None) if isinstance(leaf, jax.core.Tracer) else None
+            parts.append(("array", leaf.shape, leaf.dtype, type(leaf), id(trace)))
+        else:
+            parts.append(("other", leaf))
+    return treedef, tuple(parts)
+
+
+def _runs(blocks: Sequence[B]) -> list[list[B]]:
+    """``blocks`` cut into maximal runs of consecutive interchangeable blocks."""
+    runs: list[list[B]] = []
+    last = None
+    for block in blocks:
+        sig = _signature(block)
+        if runs and sig == last:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+        last = sig
+    return runs
+
+
+def run_blocks(
+    call: Callable[[B, H], H],
+    blocks: Sequence[B],
+    h: H,
+    *,
+    scan: bool = False,
+    remat: bool = False,
+) -> H:
+    """``h = call(block, h)`` for each block in order.
+
+    ``scan``: each run of two or more interchangeable blocks (see the module docstring) is
+    stacked and run by one ``jax.lax.scan``; a block alone runs as is. ``remat``: each
+    block's call runs under ``eqx.filter_checkpoint`` (inside the scan body when scanned).
+    ``call`` must return an ``h`` of the same shape and dtype (a scan carry).
+    """
+    run = checkpointed(call, remat)
+    if not scan:
+        for block in blocks:
+            h = run(block, h)
+        return h
+    for group in _runs(blocks):
+        if len(group) == 1:
+            h = run(group[0], h)
+            continue
+        static = eqx.partition(group[0], eqx.is_array)[1]
+        stacked = jax.tree.map(
+            lambda *xs: jnp.stack(xs), *[eqx.filter(b, eqx.is_array) for b in group]
+        )
+
+        def body(carry, weights, static=static):
+            return run(eqx.combine(weights, static), carry), None
+
+        h, _ = jax.lax.scan(body, h, stacked)
+    return h

@@ -1,0 +1,204 @@
+"""Scanned blocks (``eqxtl.with_scan``): the same values, gradients, names and files as the
+unrolled model; frozen blocks stay out of the backward pass; the compiled step does not
+grow with depth."""
+
+import dataclasses
+import filecmp
+import os
+
+import equinox as eqx
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from eqxtl import checkpoint
+from eqxtl.models import clip
+from tests._tiny import TINY_CLIP, random_tensors, tiny
+
+IMAGE = 32
+NUM_CLASSES = 3
+
+
+def classifier(config=None, seed: int = 0):
+    if config is None:
+        backbone, state = tiny("clip", seed)
+    else:
+        tensors = random_tensors(clip.CLIP_VISION, config, seed)
+        backbone, state = checkpoint.fill(checkpoint.skeleton(clip.CLIP_VISION, config), tensors)
+    return eqxtl.Classifier(backbone, NUM_CLASSES, key=jax.random.key(1)), state
+
+
+def batch(seed: int = 0, size: int = 4):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(size, 3, IMAGE, IMAGE)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, size).astype(np.int32),
+    }
+
+
+def grad_fn(spec):
+    loss_fn = eqxtl.classification_loss()
+
+    def run(trainable, frozen, state, data):
+        def loss_of(t):
+            return loss_fn(eqx.combine(t, frozen), state, data, None)[0]
+
+        return eqx.filter_value_and_grad(loss_of)(trainable)
+
+    return run
+
+
+def loss_and_grads(model, state, spec=None):
+    spec = eqxtl.everything(model) if spec is None else spec
+    trainable, frozen = eqx.partition(model, spec)
+    return eqx.filter_jit(grad_fn(spec))(trainable, frozen, state, batch())
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    la = jax.tree.leaves(eqx.filter(a, eqx.is_array))
+    lb = jax.tree.leaves(eqx.filter(b, eqx.is_array))
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def model_state():
+    return classifier()
+
+
+def scans_in(jaxpr) -> list[int]:
+    """Lengths of every ``scan`` in a closed jaxpr, nested ones included."""
+    found = []
+
+    def visit(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "scan":
+                found.append(eqn.params["length"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return found
+
+
+def count_dots(jaxpr) -> int:
+    """``dot_general`` equations in a closed jaxpr, each sub-jaxpr (a scan body) once."""
+    n = 0
+
+    def visit(jp):
+        nonlocal n
+        for eqn in jp.eqns:
+            n += eqn.primitive.name == "dot_general"
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jaxpr.jaxpr)
+    return n
+
+
+def test_flag_names_and_files_unchanged(model_state, tmp_path):
+    model, state = model_state
+    scanned = eqxtl.with_scan(model)
+    assert scanned.backbone.encoder.scan and not model.backbone.encoder.scan
+    assert not eqxtl.with_scan(scanned, False).backbone.encoder.scan
+    # The same pytree: per-layer names everywhere, arrays shared.
+    assert eqxtl.paths(scanned) == eqxtl.paths(model)
+    assert "backbone.encoder.layers.3.mlp.fc1.weight" in eqxtl.paths(scanned)
+    assert list(eqxtl.state_dict(scanned.backbone)) == list(eqxtl.state_dict(model.backbone))
+    assert eqxtl.blocks(scanned) == eqxtl.blocks(model)
+    # save -> load -> save gives byte-identical files, scanned or not.
+    eqxtl.save_pretrained(model, state, tmp_path / "plain")
+    eqxtl.save_pretrained(scanned, state, tmp_path / "scanned")
+    names = sorted(os.listdir(tmp_path / "plain"))
+    assert names == sorted(os.listdir(tmp_path / "scanned"))
+    match, mismatch, errors = filecmp.cmpfiles(
+        tmp_path / "plain", tmp_path / "scanned", names, shallow=False
+    )
+    assert mismatch == [] and errors == [] and match == names
+    loaded, loaded_state = eqxtl.from_pretrained(tmp_path / "scanned", keep_head=True)
+    loaded = eqxtl.with_scan(loaded)
+    assert eqxtl.paths(loaded) == eqxtl.paths(model)
+    eqxtl.save_pretrained(loaded, loaded_state, tmp_path / "again")
+    assert (
+        filecmp.cmpfiles(tmp_path / "plain", tmp_path / "again", names, shallow=False)[0] == names
+    )
+
+
+def test_forward_and_gradients_equal_unrolled(model_state):
+    model, state = model_state
+    scanned = eqxtl.with_scan(model)
+    x = jnp.asarray(batch()["image"])
+    np.testing.assert_allclose(
+        eqx.filter_jit(lambda m: m.backbone.hidden_states(x))(scanned),
+        eqx.filter_jit(lambda m: m.backbone.hidden_states(x))(model),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    loss, grads = loss_and_grads(model, state)
+    loss_s, grads_s = loss_and_grads(scanned, state)
+    np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
+    assert_trees_close(grads_s, grads)
+    # remat inside the scan body: the same gradients again.
+    loss_r, grads_r = loss_and_grads(eqxtl.with_remat(scanned), state)
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    assert_trees_close(grads_r, grads)
+
+
+def test_full_step_jaxpr_does_not_grow_with_depth():
+    dots = {}
+    for depth in (3, 6):
+        config = dataclasses.replace(TINY_CLIP, num_hidden_layers=depth)
+        model, state = classifier(config)
+        for scan in (False, True):
+            m = eqxtl.with_scan(model, scan)
+            spec = eqxtl.everything(m)
+            trainable, frozen = eqx.partition(m, spec)
+            jaxpr = jax.make_jaxpr(grad_fn(spec))(trainable, frozen, state, batch())
+            dots[depth, scan] = count_dots(jaxpr)
+            if scan:  # forward and backward: one scan each over all but the last layer
+                assert sorted(scans_in(jaxpr)) == [depth - 1, depth - 1]
+    assert dots[3, True] == dots[6, True]
+    assert dots[6, False] > dots[3, False] > dots[3, True]
+
+
+def test_last_blocks_trains_those_layers_only(model_state):
+    model, state = model_state
+    scanned = eqxtl.with_scan(model)
+    rules = ["head", *eqxtl.last_blocks(scanned, 2)]
+    assert rules == ["head", *eqxtl.last_blocks(model, 2)]
+    spec = eqxtl.trainable(scanned, *rules)
+    # Frozen layers 0-1 run as one forward-only scan: no backward scan below layer 2.
+    trainable, frozen = eqx.partition(scanned, spec)
+    jaxpr = jax.make_jaxpr(grad_fn(spec))(trainable, frozen, state, batch())
+    assert scans_in(jaxpr) == [2]
+    # A step with layer-wise LR decay: the same update as unscanned, and only the head and
+    # layers 2-3 move.
+    frozen_rules = [r"backbone\.(embeddings|pre_layrnorm)", r"backbone\.encoder\.layers\.[01]"]
+    groups = eqxtl.layerwise_groups(scanned, optax.adam, 1e-2, 0.5, frozen=frozen_rules)
+    results = []
+    for m in (model, scanned):
+        spec_m, optimizer = eqxtl.param_groups(m, groups)
+        opt_state = optimizer.init(eqx.filter(m, spec_m))
+        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec_m)
+        new, _, _, _ = step(m, state, opt_state, batch())
+        results.append(new)
+    assert_trees_close(results[1], results[0])
+    before, after = (dict(eqxtl.state_dict(m)) for m in (model, results[1]))
+    moved = {p for p in before if not np.array_equal(before[p], after[p])}
+    prefixes = (
+        "head.",
+        "backbone.post_layernorm.",
+        *(f"backbone.encoder.layers.{i}." for i in (2, 3)),
+    )
+    assert {p for p in before if p.startswith(prefixes)} == moved
+
+
+def test_unsupported_model_says_so():
+    backbone, _ = tiny("resnet")
+    with pytest.raises(eqxtl.EqxtlError, match="'scan' flag"):
+        eqxtl.with_scan(backbone)
