@@ -1,0 +1,172 @@
+"""Compile seconds and step seconds of CLIP's full fine-tuning step, unrolled vs scanned
+(``eqxtl.with_scan``), for ViT-B/32 (12 layers) and ViT-L/14 (24 layers).
+
+Issue 15's bar: L/14's full-step compile <= 2x B/32's, with the step time within 5% of the
+unrolled step. Each (config, scan) runs in a fresh process (its own peak RSS, no shared
+compilation cache) and prints one JSON line; the summary gives the ratios. Compile time is
+the ahead-of-time ``lower(...).compile()`` of the step's jitted function (``steps.py``'s
+protocol); tracing is timed apart (``trace_s``: Python building the jaxpr, which also grows
+with depth when unrolled).
+
+    python benchmarks/compile.py                          # B/32 and L/14, batch 2, 224x224
+    python benchmarks/compile.py --configs b32 --batch 4 --rounds 3
+    python benchmarks/compile.py --workloads full last2   # last2: head + last 2 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+
+import _common as C  # noqa: E402
+
+CONFIGS = ("b32", "l14")
+
+
+def _config(name: str, image: int):
+    from eqxtl.models import clip
+
+    base = {"b32": clip.CLIP_VIT_B32, "l14": clip.CLIP_VIT_L14}[name]
+    return dataclasses.replace(base, projection_dim=None, image_size=image)
+
+
+def run_one(name: str, scan: bool, workload: str, args) -> dict:
+    import equinox as eqx
+    import jax
+    import optax
+    from steps import make_batch, spec_for
+
+    import eqxtl
+    from eqxtl.models import clip
+
+    config = _config(name, args.image)
+    backbone, state = eqx.nn.make_with_state(clip.CLIP_VISION.build)(config, jax.random.key(0))
+    model = eqxtl.Classifier(eqx.nn.inference_mode(backbone), C.NUM_CLASSES, key=jax.random.key(1))
+    model = eqxtl.with_scan(model, scan)
+    batch = make_batch(args.batch, config.image_size)
+    spec = spec_for(model, workload)
+    optimizer = optax.adam(1e-4)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    key = jax.random.key(2)
+    trainable, frozen = eqx.partition(model, spec)
+    start = time.perf_counter()
+    lowered = step.compiled.lower((frozen, state, batch, key), trainable, opt_state)
+    trace_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lowered.compile()
+    compile_s = time.perf_counter() - start
+    carry = [model, state, opt_state]
+
+    def call():
+        m, s, o, metrics = step(*carry, batch, key)
+        carry[:] = [m, s, o]
+        return metrics
+
+    timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=1)
+    return {
+        "kind": "compile",
+        "config": name,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "tokens": config.num_positions,
+        "scan": scan,
+        "workload": workload,
+        "batch": args.batch,
+        "trace_s": round(trace_s, 3),
+        "compile_s": round(compile_s, 3),
+        "sec_per_step": round(timing["sec_per_step"], 4),
+        "round_sec_per_step": [round(r, 4) for r in timing["round_sec_per_step"]],
+        "peak_rss_mb": round(C.peak_rss_mb(), 1),
+    }
+
+
+def lscpu() -> dict:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    return {
+        "cpu_model": fields.get("Model name", "").strip(),
+        "cpus": os.cpu_count(),
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "amx": any(f.startswith("amx") for f in flags),
+    }
+
+
+def summarize(records: list[dict]) -> str:
+    by = {(r["config"], r["scan"], r["workload"]): r for r in records if r.get("kind") == "compile"}
+    lines = [
+        "| config | workload | unrolled compile s | scanned compile s | unrolled step s "
+        "| scanned step s | scanned/unrolled step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (config, scan, workload), r in by.items():
+        if scan:
+            continue
+        s = by.get((config, True, workload))
+        row = f"| {config} ({r['layers']} layers) | {workload} | {r['compile_s']:.1f} |"
+        if s is None:
+            lines.append(row + f" — | {r['sec_per_step']:.3g} | — | — |")
+            continue
+        ratio = s["sec_per_step"] / r["sec_per_step"]
+        row += f" {s['compile_s']:.1f} | {r['sec_per_step']:.3g} | {s['sec_per_step']:.3g} |"
+        lines.append(row + f" {ratio:.3f} |")
+    lines.append("")
+    for workload in dict.fromkeys(k[2] for k in by):
+        for scan in (False, True):
+            b, lg = by.get(("b32", scan, workload)), by.get(("l14", scan, workload))
+            if b and lg:
+                what = "scanned" if scan else "unrolled"
+                lines.append(
+                    f"{workload}, {what}: L/14 compile / B/32 compile = "
+                    f"{lg['compile_s'] / b['compile_s']:.2f} (bar <= 2)"
+                )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--workloads", nargs="+", default=["full"], choices=("full", "last2"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--out", default=None, help="also append the JSON lines here")
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SCAN", "WORKLOAD"))
+    args = parser.parse_args(argv)
+    if args.child:
+        name, scan, workload = args.child
+        C.emit(run_one(name, scan == "1", workload, args))
+        return
+    records = [{"kind": "machine", **lscpu()}]
+    C.emit(records[0])
+    common = ["--batch", str(args.batch), "--image", str(args.image)]
+    common += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
+    for workload in args.workloads:
+        for name in args.configs:
+            for scan in ("0", "1"):
+                cmd = [sys.executable, __file__, "--child", name, scan, workload, *common]
+                records += C.run_children([cmd], on_line=C.emit)
+    if args.out:
+        with open(args.out, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    print()
+    print(summarize(records))
+
+
+if __name__ == "__main__":
+    main()
