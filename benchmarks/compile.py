@@ -11,6 +11,7 @@ with depth when unrolled).
     python benchmarks/compile.py                          # B/32 and L/14, batch 2, 224x224
     python benchmarks/compile.py --configs b32 --batch 4 --rounds 3
     python benchmarks/compile.py --workloads full last2   # last2: head + last 2 layers
+    python benchmarks/compile.py --workloads grad --hidden 256   # no optimizer, narrow
 """
 
 from __future__ import annotations
@@ -48,28 +49,51 @@ def run_one(name: str, scan: bool, workload: str, args) -> dict:
     from eqxtl.models import clip
 
     config = _config(name, args.image)
+    if args.hidden:
+        config = dataclasses.replace(
+            config,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            num_attention_heads=max(1, args.hidden // 64),
+        )
     backbone, state = eqx.nn.make_with_state(clip.CLIP_VISION.build)(config, jax.random.key(0))
     model = eqxtl.Classifier(eqx.nn.inference_mode(backbone), C.NUM_CLASSES, key=jax.random.key(1))
     model = eqxtl.with_scan(model, scan)
     batch = make_batch(args.batch, config.image_size)
-    spec = spec_for(model, workload)
-    optimizer = optax.adam(1e-4)
-    opt_state = optimizer.init(eqx.filter(model, spec))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
-    key = jax.random.key(2)
-    trainable, frozen = eqx.partition(model, spec)
-    start = time.perf_counter()
-    lowered = step.compiled.lower((frozen, state, batch, key), trainable, opt_state)
-    trace_s = time.perf_counter() - start
-    start = time.perf_counter()
-    lowered.compile()
-    compile_s = time.perf_counter() - start
-    carry = [model, state, opt_state]
+    loss_fn = eqxtl.classification_loss()
+    if workload == "grad":  # forward + backward of everything, no optimizer update
+        grad = eqx.filter_jit(
+            lambda m: eqx.filter_grad(lambda m: loss_fn(m, state, batch, None)[0])(m)
+        )
+        start = time.perf_counter()
+        lowered = grad.lower(model)
+        trace_s = time.perf_counter() - start
+        start = time.perf_counter()
+        lowered.compile()
+        compile_s = time.perf_counter() - start
 
-    def call():
-        m, s, o, metrics = step(*carry, batch, key)
-        carry[:] = [m, s, o]
-        return metrics
+        def call():
+            return grad(model)
+
+    else:
+        spec = spec_for(model, workload)
+        optimizer = optax.adam(1e-4)
+        opt_state = optimizer.init(eqx.filter(model, spec))
+        step = eqxtl.make_step(loss_fn, optimizer, spec)
+        key = jax.random.key(2)
+        trainable, frozen = eqx.partition(model, spec)
+        start = time.perf_counter()
+        lowered = step.compiled.lower((frozen, state, batch, key), trainable, opt_state)
+        trace_s = time.perf_counter() - start
+        start = time.perf_counter()
+        lowered.compile()
+        compile_s = time.perf_counter() - start
+        carry = [model, state, opt_state]
+
+        def call():
+            m, s, o, metrics = step(*carry, batch, key)
+            carry[:] = [m, s, o]
+            return metrics
 
     timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=1)
     return {
@@ -139,7 +163,10 @@ def summarize(records: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    parser.add_argument("--workloads", nargs="+", default=["full"], choices=("full", "last2"))
+    parser.add_argument(
+        "--workloads", nargs="+", default=["full"], choices=("full", "last2", "grad")
+    )
+    parser.add_argument("--hidden", type=int, default=None, help="narrower layers (fast)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--image", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=2)
@@ -154,6 +181,7 @@ def main(argv=None) -> None:
     records = [{"kind": "machine", **lscpu()}]
     C.emit(records[0])
     common = ["--batch", str(args.batch), "--image", str(args.image)]
+    common += ["--hidden", str(args.hidden)] if args.hidden else []
     common += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
     for workload in args.workloads:
         for name in args.configs:

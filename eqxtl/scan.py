@@ -16,9 +16,16 @@ Blocks are interchangeable when they have the same structure, shapes and dtypes 
 trace time, every weight is traced the same way: a weight that is differentiated (it
 trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
 2)`` spec therefore gives a forward-only scan over the frozen blocks and the two trained
-blocks on their own, and XLA builds no backward pass below them, as unscanned. Stacking is
-a copy of the blocks' weights per step (and the weight gradients are sliced back out);
-that and the loop are the cost against the unrolled step (``benchmarks/compile.py``).
+blocks on their own, and XLA builds no backward pass below them, as unscanned.
+
+What it buys, and costs (``benchmarks/compile.py``; benchmarks/README.md has the figures):
+the forward and backward passes compile once per run of blocks instead of once per block.
+The optimizer update is not scanned: it still runs on the per-layer weights, one set of
+XLA kernels per weight of each layer, and on XLA:CPU compiling those kernels is as costly
+as the passes themselves, so the full train step's compile time still grows with depth.
+Stacking copies the blocks' weights every step and the weight gradients are sliced back
+out, which costs step time (most at small batches, where weights dominate the traffic).
+Hence opt-in, not the default.
 
 The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
 """
