@@ -131,6 +131,7 @@ def from_pretrained(
     keep_head: bool = False,
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
+    towers: str = "vision",
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """Load a pretrained backbone by name, in inference mode.
 
@@ -150,6 +151,9 @@ def from_pretrained(
     - `keep_head`: return ``Classifier(backbone, head=<pretrained head>)`` so that the
       checkpoint's own predictions (e.g. ImageNet classes) can be checked.
     - `dtype`: cast floating weights (default: as stored).
+    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: CLIP's two towers
+      as one ``eqxtl.models.clip_text.CLIP`` (from a transformers ``CLIPModel`` checkpoint;
+      ``config`` is then a ``CLIPConfig``).
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
     ``x`` of shape ``(C, H, W)``; ``state`` holds BatchNorm statistics (empty otherwise).
@@ -157,9 +161,17 @@ def from_pretrained(
     Strict: any missing, unexpected or misshaped key raises one ``CheckpointError`` that
     lists them.
     """
+    if towers not in ("vision", "both"):
+        raise ValueError(f"towers must be 'vision' or 'both', got {towers!r}.")
     files, registry_config, arch_name = _resolve(source, revision, cache_dir)
     tensors = _read(files.weights)
     hf_config = json.loads(files.config.read_text()) if files.config is not None else None
+    if towers == "both":
+        from .models.clip_text import load_clip
+
+        if keep_head:
+            raise ValueError("keep_head applies to towers='vision' only.")
+        return load_clip(tensors, hf_config, config=config, source=files.description, dtype=dtype)
     arch = _pick_architecture(hf_config, tensors.keys(), architecture or arch_name)
 
     names = checkpoint.canonical_names(arch, tensors.keys(), ignore, files.description)
