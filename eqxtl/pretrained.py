@@ -208,7 +208,8 @@ def from_pretrained(
     )
     head_tensors = _Renamed(tensors, {n[len("head.") :]: k for n, k in head_names.items()})
     head, _ = checkpoint.fill(head_skeleton, head_tensors, source=source_name, dtype=dtype)
-    return Classifier(backbone, head=head), state
+    flags = (hf_config or {}).get(_HEAD_FLAGS, {})  # e.g. a zero-shot head's, see save
+    return Classifier(backbone, head=head, **flags), state
 
 
 def from_config(
@@ -270,6 +271,9 @@ def _key0():
     return jax.random.key(0)
 
 
+_HEAD_FLAGS = "eqxtl_classifier"  # config.json entry for Classifier(project=, normalize=)
+
+
 def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | os.PathLike):
     """Write ``model`` (a backbone or ``Classifier``) as ``model.safetensors`` +
     ``config.json`` in the transformers layout, atomically (a crash leaves the previous
@@ -297,6 +301,8 @@ def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | o
         # every key they expect.
         tensors[name.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     config = arch.config_to_hf(backbone.config, num_labels)
+    if with_head and (model.project or model.normalize):
+        config[_HEAD_FLAGS] = {"project": model.project, "normalize": model.normalize}
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
