@@ -44,11 +44,18 @@ from .errors import EqxtlError
 
 
 def _structure_error(a: Any, b: Any, what: str) -> EqxtlError:
-    paths_a = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(a)[0]]
-    paths_b = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(b)[0]]
-    only_a = [p for p in paths_a if p not in set(paths_b)]
-    only_b = [p for p in paths_b if p not in set(paths_a)]
-    if only_a or only_b:
+    flat_a = {keypath_to_str(kp): x for kp, x in jtu.tree_flatten_with_path(a)[0]}
+    flat_b = {keypath_to_str(kp): x for kp, x in jtu.tree_flatten_with_path(b)[0]}
+    only_a = [p for p in flat_a if p not in flat_b]
+    only_b = [p for p in flat_b if p not in flat_a]
+    shapes = [
+        f"{p}: shapes {np.shape(x)} and {np.shape(flat_b[p])}"
+        for p, x in flat_a.items()
+        if p in flat_b and np.shape(x) != np.shape(flat_b[p])
+    ]
+    if shapes:
+        detail = "; ".join(shapes[:3])
+    elif only_a or only_b:
         detail = (
             f"leaves only in the first: {only_a[:5] or 'none'}; "
             f"only in the second: {only_b[:5] or 'none'}"

@@ -79,7 +79,7 @@ class Tokenizer:
         pad_token: str = EOS,
     ):
         """``backend``: a ``tokenizers.Tokenizer`` holding CLIP's vocabulary."""
-        from tokenizers import processors
+        from tokenizers import AddedToken, processors
 
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2, got {context_length}.")
@@ -91,6 +91,10 @@ class Tokenizer:
                     f"The tokenizer's vocabulary has no {token!r}: not a CLIP vocabulary."
                 )
         backend = backend.__class__.from_str(backend.to_str())  # a private copy
+        # As transformers registers them: matched in the raw text, before lower-casing.
+        backend.add_special_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(ids)]
+        )
         backend.post_processor = processors.RobertaProcessing(
             (EOS, ids[EOS]), (BOS, ids[BOS]), trim_offsets=False, add_prefix_space=False
         )

@@ -177,6 +177,7 @@ def zero_shot_head(
     texts = [t.replace("{}", name) for name in class_names for t in templates]
     ids = tokenizer(texts)
     encode = eqx.filter_jit(lambda model, x: model.encode_text(x))
+    batch_size = min(batch_size, len(ids))  # one compiled shape; no padding of a short list
     chunks = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
