@@ -669,3 +669,34 @@ def test_lp_ft_learns_and_trains_the_backbone_only_in_phase_two(tiny_clip, token
     assert all(np.array_equal(a, b) for a, b in zip(before, after_probe, strict=True))
     assert any(not np.array_equal(a, b) for a, b in zip(after_probe, after, strict=True))
     assert tuned.model.normalize and tuned.model.project
+
+
+# ---------------------------------------------------------------- examples/finetune_rps.py
+
+
+def test_finetune_rps_zero_shot_and_wise_ft_on_tfds_mock_data(
+    tiny_clip, vocab_dir, tmp_path, capsys
+):
+    import tensorflow_datasets as tfds
+
+    from tests.test_fit import _example
+
+    weights = tmp_path / "weights"
+    shutil.copytree(tiny_clip[2], weights)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(vocab_dir / name, weights)
+    out = tmp_path / "out"
+    argv = [
+        "--weights", str(weights), "--head", "zero-shot", "--train", ".*", "--lr", "1e-4",
+        "--batch-size", "8", "--eval-every", "3", "--out", str(out), "--wise-ft", "0", "0.5", "1",
+    ]  # fmt: skip
+    with tfds.testing.mock_data(num_examples=20):
+        result = _example().main(argv)
+    printed = capsys.readouterr().out
+    assert "zero-shot test accuracy" in printed and "['rock', 'paper', 'scissors']" in printed
+    for alpha in ("0", "0.5", "1"):
+        assert f"WiSE-FT alpha {alpha}: test accuracy" in printed
+    assert result.step == 3 and result.model.normalize
+    assert (out / "wise_ft.png").read_bytes()[:8] == PNG_SIGNATURE
+    model, _ = eqxtl.from_pretrained(out / "best", keep_head=True)
+    assert model.project and model.normalize and model.num_classes == 3
