@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, SourceError
+from .errors import CheckpointError, DataError, SourceError
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -116,7 +116,7 @@ class Tokenizer:
         batch = [texts] if single else list(texts)
         bad = [t for t in batch if not isinstance(t, str)]
         if bad:
-            raise TypeError(f"Tokenizer takes strings, got {type(bad[0]).__name__}: {bad[0]!r}.")
+            raise DataError(f"Tokenizer takes strings, got {type(bad[0]).__name__}: {bad[0]!r}.")
         encodings = self.backend.encode_batch(batch) if batch else []
         ids = np.array([e.ids for e in encodings], np.int32).reshape(-1, self.context_length)
         return ids[0] if single else ids

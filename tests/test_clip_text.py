@@ -341,7 +341,7 @@ def test_tokenizer_basics(tokenizer):
     assert tokenizer([]).shape == (0, 77)
     short = eqxtl.Tokenizer(tokenizer.backend, context_length=8)("one two three four five six")
     assert short.shape == (8,) and short[-1] == tokenizer.eos_token_id
-    with pytest.raises(TypeError, match="strings"):
+    with pytest.raises(eqxtl.DataError, match="strings"):
         tokenizer(["ok", 3])
 
 
@@ -430,9 +430,9 @@ def _load_text_tower(tensors, hf_text_config) -> CLIPText:
 
 def test_text_tower_rejects_bad_ids(tiny_clip):
     text = tiny_clip[1].text_model
-    with pytest.raises(ValueError, match="integer token ids"):
+    with pytest.raises(eqxtl.DataError, match="integer token ids"):
         text(jnp.zeros((2, 5)))
-    with pytest.raises(ValueError, match="tokens per text"):
+    with pytest.raises(eqxtl.DataError, match="tokens per text"):
         text(jnp.zeros((1, 78), jnp.int32))
 
 
@@ -551,6 +551,18 @@ def test_clip_checkpoint_keys_are_strict(tiny_clip, tmp_path):
     clip, _ = eqxtl.from_pretrained(tmp_path / "model.safetensors", towers="both")
     assert clip.config.text_config.num_hidden_layers == 2
     assert clip.config.vision_config.patch_size == 8
+    # and back: transformers' CLIPModel takes eqxtl's weights under their names, strictly
+    from eqxtl.models.clip_text import clip_state_dict
+
+    ref = transformers.CLIPModel(tiny_hf_config())
+    missing, unexpected = ref.load_state_dict(
+        {k: torch.from_numpy(v.copy()) for k, v in clip_state_dict(clip).items()}, strict=False
+    )
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    np.testing.assert_array_equal(
+        ref.text_model.final_layer_norm.weight.detach().numpy(),
+        tiny_clip[0].text_model.final_layer_norm.weight.detach().numpy(),
+    )
 
 
 # ---------------------------------------------------------------- WiSE-FT

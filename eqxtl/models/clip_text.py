@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
 from ..remat import checkpointed
 from .clip import (
     _ACTIVATIONS,
@@ -171,12 +171,12 @@ class CLIPText(eqx.Module):
         shape = getattr(input_ids, "shape", None)
         dtype = getattr(input_ids, "dtype", None)
         if shape is None or len(shape) not in (1, 2) or not jnp.issubdtype(dtype, jnp.integer):
-            raise ValueError(
+            raise DataError(
                 f"CLIPText expects integer token ids of shape (t,) or (B, t) (from "
                 f"eqxtl.Tokenizer), got {dtype} {shape}."
             )
         if not 1 <= shape[-1] <= c.max_position_embeddings:
-            raise ValueError(
+            raise DataError(
                 f"{shape[-1]} tokens per text; this text tower takes 1 to "
                 f"{c.max_position_embeddings} (tokenize with context_length="
                 f"{c.max_position_embeddings})."
