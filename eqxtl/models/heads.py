@@ -57,7 +57,10 @@ class Classifier(eqx.Module):
         self.project = project
         self.normalize = normalize
         if project and not callable(getattr(backbone, "project", None)):
-            raise ValueError(f"project=True needs a backbone with .project(); got {backbone}.")
+            raise ValueError(
+                f"project=True needs a backbone with a projection (.project()), e.g. CLIP's "
+                f"vision tower; got {type(backbone).__name__}."
+            )
         if head is not None:
             self.head = head
             return
