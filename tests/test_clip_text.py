@@ -439,7 +439,9 @@ def test_text_tower_rejects_bad_ids(tiny_clip):
 # ---------------------------------------------------------------- both towers
 
 
-def test_clip_logits_per_image_match_transformers_on_photos(b32, photos, tokenizer):
+@pytest.fixture(scope="session")
+def b32_outputs(b32, photos, tokenizer) -> dict:
+    """transformers' and eqxtl's outputs for the photos against PROMPTS (one compilation)."""
     ref, clip, _ = b32
     ids = tokenizer(PROMPTS)
     with torch.no_grad():
@@ -447,38 +449,44 @@ def test_clip_logits_per_image_match_transformers_on_photos(b32, photos, tokeniz
             input_ids=torch.from_numpy(ids.astype(np.int64)),
             pixel_values=torch.from_numpy(photos),
         )
-    assert isinstance(clip, CLIP)
-    logits, image_embeds = eqx.filter_jit(lambda m, x, t: (m(x, t), m.encode_image(x)))(
+        image_embeds = ref.get_image_features(pixel_values=torch.from_numpy(photos))
+    logits, features = eqx.filter_jit(lambda m, x, t: (m(x, t), m.vision_model(x, None)[0]))(
         clip, photos, ids
     )
+    return {
+        "want_logits": out.logits_per_image.numpy(),
+        "want_image_embeds": image_embeds.pooler_output.numpy(),
+        "logits": np.asarray(logits),
+        "features": features,
+    }
+
+
+def test_clip_logits_per_image_match_transformers_on_photos(b32, b32_outputs):
+    _, clip, _ = b32
+    assert isinstance(clip, CLIP)
+    logits = b32_outputs["logits"]
     assert logits.shape == (len(PHOTOS), len(PROMPTS))
-    assert max_diff(logits, out.logits_per_image) <= TOL
-    assert float(np.ptp(np.asarray(logits))) > 0.1  # the prompts and photos are told apart
-    with torch.no_grad():
-        want_embeds = ref.get_image_features(pixel_values=torch.from_numpy(photos))
-    assert max_diff(image_embeds, want_embeds.pooler_output) <= TOL
+    assert max_diff(logits, b32_outputs["want_logits"]) <= TOL
+    assert float(np.ptp(logits)) > 0.1  # the prompts and photos are told apart
+    image_embeds = clip.vision_model.project(b32_outputs["features"])
+    assert max_diff(image_embeds, b32_outputs["want_image_embeds"]) <= TOL
     assert float(clip.logit_scale) == pytest.approx(3.1)
     # the weights are the transformers ones under transformers' names
     from eqxtl.models.clip_text import clip_state_dict
 
     names = clip_state_dict(clip)
-    ref_names = {k for k in ref.state_dict() if not k.endswith("position_ids")}
+    ref_names = {k for k in b32[0].state_dict() if not k.endswith("position_ids")}
     assert set(names) == ref_names
 
 
-def test_zero_shot_head_logits_equal_logits_per_image(b32, photos, tokenizer):
-    ref, clip, _ = b32
-    ids = tokenizer(PROMPTS)
-    with torch.no_grad():
-        want = ref(
-            input_ids=torch.from_numpy(ids.astype(np.int64)),
-            pixel_values=torch.from_numpy(photos),
-        ).logits_per_image
+def test_zero_shot_head_logits_equal_logits_per_image(b32, b32_outputs, tokenizer):
+    """The head on the photos' pooled features (what ``head(x)`` computes after the vision
+    tower; ``head(x)`` itself is checked on the tiny model below)."""
+    _, clip, _ = b32
     head = eqxtl.zero_shot_head(clip, PROMPTS, templates=["{}"], tokenizer=tokenizer)
     assert isinstance(head, eqxtl.Classifier) and head.num_classes == len(PROMPTS)
     assert head.project and head.normalize
-    logits, _ = eqxtl.batched(head)(photos, eqx.nn.State(head))
-    assert max_diff(logits, want) <= TOL
+    assert max_diff(head.logits(b32_outputs["features"]), b32_outputs["want_logits"]) <= TOL
 
 
 def test_zero_shot_head_averages_normalised_template_embeddings(tiny_clip, tokenizer):
@@ -503,6 +511,8 @@ def test_zero_shot_classifier_saves_and_loads(tiny_clip, tokenizer, tmp_path):
     head = eqxtl.zero_shot_head(clip, ["red", "green"], templates=["a {}."], tokenizer=tokenizer)
     x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
     want, _ = eqxtl.batched(head)(x, eqx.nn.State(head))
+    ids = tokenizer(["a red.", "a green."])
+    assert max_diff(want, clip.logits(x, ids)) <= 1e-5  # head(x) = CLIP's logits_per_image
     eqxtl.save_pretrained(head, None, tmp_path)
     loaded, state = eqxtl.from_pretrained(tmp_path, keep_head=True)
     assert loaded.project and loaded.normalize
