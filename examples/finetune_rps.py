@@ -130,6 +130,10 @@ def main(argv=None) -> eqxtl.FitResult:
         raise SystemExit(
             "error: --wise-ft interpolates from the zero-shot head: add --head zero-shot"
         )
+    if args.head == "zero-shot":
+        clip, tokenizer = load_backbone(args, towers="both")
+    else:
+        backbone, state = load_backbone(args)
     try:
         train = eqxtl.TFDSSource(args.dataset, "train", data_dir=args.data_dir)
         test = eqxtl.TFDSSource(args.dataset, "test", data_dir=args.data_dir)
@@ -137,13 +141,11 @@ def main(argv=None) -> eqxtl.FitResult:
         raise SystemExit(f"error: {e}\nUse --data-dir DIR where the dataset is prepared.") from None
 
     if args.head == "zero-shot":
-        clip, tokenizer = load_backbone(args, towers="both")
         model = eqxtl.zero_shot_head(clip, train.class_names, tokenizer=tokenizer)
         state = eqx.nn.State(model)
         zero_shot = eqxtl.evaluate(model, state, test, batch_size=args.batch_size)
         print(f"zero-shot test accuracy {zero_shot['accuracy']:.4f} ({train.class_names})")
     else:
-        backbone, state = load_backbone(args)
         model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
     try:
         groups = [(rule, optax.adam(lr)) for rule, lr in rules] + [(".*", None)]
