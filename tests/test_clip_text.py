@@ -558,7 +558,8 @@ def test_clip_checkpoint_keys_are_strict(tiny_clip, tmp_path):
     safetensors.numpy.save_file(
         safetensors.numpy.load_file(folder / "model.safetensors"), tmp_path / "model.safetensors"
     )
-    clip, _ = eqxtl.from_pretrained(tmp_path / "model.safetensors", towers="both")
+    with pytest.warns(UserWarning, match="hidden_act is not stored"):
+        clip, _ = eqxtl.from_pretrained(tmp_path / "model.safetensors", towers="both")
     assert clip.config.text_config.num_hidden_layers == 2
     assert clip.config.vision_config.patch_size == 8
     # and back: transformers' CLIPModel takes eqxtl's weights under their names, strictly

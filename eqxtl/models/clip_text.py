@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import CheckpointError, DataError
-from ..remat import checkpointed
+from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Lazy, Map
 from .clip import (
     _ACTIVATIONS,
     CLIP_VISION,
@@ -40,6 +41,7 @@ from .clip import (
     _dense,
     _linear,
 )
+from .layers import checkpointed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,29 +270,66 @@ class CLIP(eqx.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Loading a transformers CLIPModel file
+# Loading: transformers CLIPModel and open_clip CLIP checkpoints
 # --------------------------------------------------------------------------------------
 
-_DROPPED = re.compile(r".*position_ids")
+# transformers' CLIPModel: the paths of `CLIP`, except that each projection sits at the top.
+_TRANSFORMERS_KEYS = KeyMap(
+    (
+        Drop(r"(text_model|vision_model)\.embeddings\.position_ids"),
+        # the projections first: on save, the first rule that matches a canonical name wins
+        Map("visual_projection", "vision_model.visual_projection"),
+        Map("text_projection", "text_model.text_projection"),
+        Map("vision_model", "vision_model"),
+        Map("text_model", "text_model"),
+        Map("logit_scale", "logit_scale"),
+    )
+)
 
 
-def _canonical(key: str) -> str | None:
-    """transformers ``CLIPModel`` key -> path in ``CLIP``; None for buffers."""
-    if _DROPPED.fullmatch(key):
-        return None
-    if key == "visual_projection.weight":
-        return "vision_model.visual_projection.weight"
-    if key == "text_projection.weight":
-        return "text_model.text_projection.weight"
-    return key
+def _vision_rules(keys: KeyMap, prefix: str = "vision_model.") -> list[Map]:
+    """The vision layout's own rules (``clip.py``) with the canonical side under ``prefix``;
+    its ``Drop``s of the text tower and its classifier rule left out."""
+    out = []
+    for rule in keys.rules:
+        if isinstance(rule, Map) and not rule.ours_tuple[0].startswith("head"):
+            ours = tuple(prefix + o for o in rule.ours_tuple)
+            out.append(Map(rule.theirs, ours if len(ours) > 1 else ours[0], rule.op, rule.save))
+    return out
 
 
-def hf_name(canonical: str) -> str:
-    """Path in ``CLIP`` -> transformers ``CLIPModel`` key (the inverse of loading)."""
-    for tower, name in (("vision_model.", "visual_projection"), ("text_model.", "text_projection")):
-        if canonical == f"{tower}{name}.weight":
-            return f"{name}.weight"
-    return canonical
+_T = "text_model.encoder.layers.{i}"
+# open_clip's CLIP: `visual.*` plus the text tower at the top level, q/k/v packed,
+# `text_projection (D, E)` transposed against transformers' `(E, D)`.
+_OPEN_CLIP_KEYS = KeyMap(
+    (
+        *_vision_rules(CLIP_VISION.layout("open_clip").keys),
+        Map("token_embedding", "text_model.embeddings.token_embedding"),
+        Map("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+        Map(
+            "transformer.resblocks.{i}.attn.in_proj_weight",
+            tuple(f"{_T}.self_attn.{p}_proj.weight" for p in "qkv"),
+            SPLIT3,
+        ),
+        Map(
+            "transformer.resblocks.{i}.attn.in_proj_bias",
+            tuple(f"{_T}.self_attn.{p}_proj.bias" for p in "qkv"),
+            SPLIT3,
+        ),
+        Map("transformer.resblocks.{i}.attn.out_proj", f"{_T}.self_attn.out_proj"),
+        Map("transformer.resblocks.{i}.ln_1", f"{_T}.layer_norm1"),
+        Map("transformer.resblocks.{i}.ln_2", f"{_T}.layer_norm2"),
+        Map("transformer.resblocks.{i}.mlp.c_fc", f"{_T}.mlp.fc1"),
+        Map("transformer.resblocks.{i}.mlp.c_proj", f"{_T}.mlp.fc2"),
+        Map("ln_final", "text_model.final_layer_norm"),
+        Map("text_projection", "text_model.text_projection.weight", TRANSPOSE),
+        Map("logit_scale", "logit_scale"),
+        Drop("attn_mask"),
+    )
+)
+LAYOUTS = {"transformers": _TRANSFORMERS_KEYS, "open_clip": _OPEN_CLIP_KEYS}
+"""Two-way key maps of the two-tower checkpoints ``load_clip`` reads and
+``clip_state_dict`` writes."""
 
 
 def _layers(shapes: Mapping[str, tuple], prefix: str) -> int:
@@ -298,9 +337,9 @@ def _layers(shapes: Mapping[str, tuple], prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _text_config_from_shapes(shapes: Mapping[str, tuple]) -> CLIPTextConfig:
+def _text_config_from_shapes(shapes: Mapping[str, tuple], **fields) -> CLIPTextConfig:
     """Text config from canonical ``text_model.*`` shapes; ``num_attention_heads =
-    hidden_size // 64`` (every openai CLIP text tower), transformers' default token ids."""
+    hidden_size // 64`` (every openai CLIP text tower) unless ``fields`` say otherwise."""
     t = "text_model."
     try:
         vocab, hidden = shapes[t + "embeddings.token_embedding.weight"]
@@ -309,7 +348,7 @@ def _text_config_from_shapes(shapes: Mapping[str, tuple]) -> CLIPTextConfig:
     except KeyError as e:
         raise CheckpointError(f"Cannot infer the CLIP text config: no {e.args[0]!r}.") from None
     projection = shapes.get(t + "text_projection.weight")
-    return CLIPTextConfig(
+    values = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -318,6 +357,7 @@ def _text_config_from_shapes(shapes: Mapping[str, tuple]) -> CLIPTextConfig:
         max_position_embeddings=positions,
         projection_dim=None if projection is None else projection[0],
     )
+    return CLIPTextConfig(**{**values, **fields})
 
 
 def _text_config_from_hf(hf: Mapping[str, Any]) -> CLIPTextConfig:
@@ -330,93 +370,149 @@ def _text_config_from_hf(hf: Mapping[str, Any]) -> CLIPTextConfig:
     return CLIPTextConfig(**values, projection_dim=hf.get("projection_dim", 512))
 
 
+_OPEN_CLIP_UNSUPPORTED = (
+    "hf_model_name",
+    "ls_init_value",
+    "embed_cls",
+    "no_causal_mask",
+    "final_ln_after_pool",
+    "proj_bias",
+    "qk_norm",
+    "scaled_cosine_attn",
+    "scale_heads",
+    "scale_attn_inner",
+    "scale_attn",
+    "scale_fc",
+)
+
+
+def _open_clip_text_config(oc: Mapping[str, Any], shapes, hidden_act: str) -> CLIPTextConfig:
+    """From ``open_clip_config.json``'s ``model_cfg.text_cfg``. open_clip pools the largest
+    token id by default (``pool_type="argmax"``): transformers' legacy rule,
+    ``eos_token_id=2``."""
+    text = oc.get("model_cfg", oc).get("text_cfg") or {}
+    unsupported = {k: text[k] for k in _OPEN_CLIP_UNSUPPORTED if text.get(k)}
+    pool = text.get("pool_type", "argmax")
+    if pool not in ("argmax", "eos") or (pool == "eos" and text.get("eos_id", 2) == 2):
+        unsupported["pool_type"] = pool
+    if text.get("proj_type", "linear") != "linear":
+        unsupported["proj_type"] = text["proj_type"]
+    if unsupported:
+        raise CheckpointError(
+            f"open_clip_config.json describes a text tower eqxtl does not build "
+            f"({unsupported}); eqxtl reads open_clip's plain causal text transformer."
+        )
+    width = int(text.get("width", 512))
+    eos = 2 if pool == "argmax" else int(text["eos_id"])
+    return _text_config_from_shapes(
+        shapes,
+        num_attention_heads=int(text.get("heads", max(1, width // 64))),
+        hidden_act=hidden_act,
+        eos_token_id=eos,
+        pad_token_id=int(text.get("pad_id", 0)),
+    )
+
+
 def config_of(
-    shapes: Mapping[str, tuple], hf_config: Mapping[str, Any] | None = None
+    layout: str, shapes: Mapping[str, tuple], meta: Mapping[str, Mapping[str, Any]]
 ) -> CLIPConfig:
-    """The ``CLIPConfig`` of canonical ``shapes``: from a ``clip`` config.json when given,
-    otherwise inferred from the shapes."""
-    vision_shapes = {
-        k[len("vision_model.") :]: v for k, v in shapes.items() if k.startswith("vision_model.")
-    }
-    if hf_config is not None:
-        vision = CLIP_VISION.reconcile(CLIP_VISION.config_from_hf(hf_config), vision_shapes)
-        text = _text_config_from_hf(hf_config)
-        scale = hf_config.get("logit_scale_init_value", CLIPConfig.logit_scale_init_value)
-        return CLIPConfig(vision, text, scale)
-    return CLIPConfig(CLIP_VISION.infer_config(vision_shapes), _text_config_from_shapes(shapes))
+    """The ``CLIPConfig`` of a checkpoint from its canonical ``shapes`` and the config files
+    beside it (``meta``: ``{file name: JSON}``); inferred from the shapes where they say
+    nothing (then ``hidden_act`` takes the layout's default, with a warning)."""
+    vision_arch_layout = CLIP_VISION.layout(layout)
+    prefix = "vision_model."
+    vision_shapes = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    vision = vision_arch_layout.read_config(meta, vision_shapes)
+    if vision is None:
+        vision = CLIP_VISION.infer_config(vision_shapes)
+        for field, value in vision_arch_layout.defaults.items():
+            vision = dataclasses.replace(vision, **{field: value})
+            warnings.warn(
+                f"{field} is not stored in the weights and no config file states it; using "
+                f"the {layout} layout's default {value!r}. Pass config=CLIPConfig(...) to "
+                "choose.",
+                stacklevel=3,
+            )
+    vision = CLIP_VISION.reconcile(vision, vision_shapes)
+    scale = CLIPConfig.logit_scale_init_value
+    hf = meta.get("config.json") or {}
+    if layout == "transformers" and hf.get("model_type") == "clip":
+        text = _text_config_from_hf(hf)
+        scale = hf.get("logit_scale_init_value", scale)
+    elif layout == "open_clip" and "open_clip_config.json" in meta:
+        text = _open_clip_text_config(meta["open_clip_config.json"], shapes, vision.hidden_act)
+    else:
+        eos = {"eos_token_id": 2} if layout == "open_clip" else {}
+        text = _text_config_from_shapes(shapes, hidden_act=vision.hidden_act, **eos)
+    return CLIPConfig(vision, text, scale)
+
+
+def _which_layout(keys: list[str], meta: Mapping[str, Any]) -> str:
+    if "open_clip_config.json" in meta or any(k.startswith("visual.") for k in keys):
+        return "open_clip"
+    return "transformers"
 
 
 def load_clip(
     tensors: Mapping[str, np.ndarray],
-    hf_config: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     config: CLIPConfig | None = None,
     source: str = "checkpoint",
     dtype=None,
 ) -> tuple[CLIP, eqx.nn.State]:
-    """A ``CLIP`` from the tensors of a transformers ``CLIPModel`` file (names strictly
-    checked: one ``CheckpointError`` lists every missing, unexpected or misshaped key).
+    """A ``CLIP`` from the tensors of a two-tower checkpoint: transformers' ``CLIPModel``
+    or open_clip's ``CLIP`` (names strictly checked: one ``CheckpointError`` lists every
+    missing, unexpected or misshaped key).
 
-    ``hf_config``: its config.json (``model_type="clip"``), else the config is inferred
-    from the shapes (``config`` overrides both). Returns ``(clip, state)`` in inference mode
-    (``state`` is empty: CLIP has no BatchNorm).
+    ``meta``: the config files beside the weights, ``{file name: JSON}``
+    (``config.json`` with ``model_type="clip"``, or ``open_clip_config.json``); without
+    them the config is inferred from the shapes. ``config`` overrides both. Returns
+    ``(clip, state)`` in inference mode (``state`` is empty: CLIP has no BatchNorm).
     """
     from .. import checkpoint  # the generic loader sits above models/ in the import graph
 
-    names: dict[str, str] = {}
-    for key in tensors:
-        name = _canonical(key)
-        if name is not None:
-            names[name] = key
+    meta = meta or {}
+    keys = list(tensors)
+    layout = _which_layout(keys, meta)
+    plan = LAYOUTS[layout].plan(keys)
+    names = plan.recipes
+    where = f"{source} (read as two-tower CLIP, {layout} layout)"
     if not any(n.startswith("text_model.") for n in names):
         raise CheckpointError(
-            f"{source} holds no text tower (no text_model.* weights): it is a vision-only "
-            "checkpoint. Load it with towers='vision', or use a full CLIPModel checkpoint "
-            "(e.g. openai/clip-vit-base-patch32)."
+            f"{source} holds no text tower (no text weights): it is a vision-only "
+            "checkpoint. Load it with towers='vision', or use a full CLIP checkpoint "
+            "(transformers CLIPModel, e.g. openai/clip-vit-base-patch32, or open_clip)."
         )
     if "vision_model.visual_projection.weight" not in names or "logit_scale" not in names:
         raise CheckpointError(
-            f"{source} has a text tower but no visual_projection.weight or logit_scale: "
-            "towers='both' needs a full transformers CLIPModel file."
+            f"{where} has a text tower but no visual projection or logit_scale: "
+            "towers='both' needs a full CLIP checkpoint."
         )
-    shape_of = getattr(tensors, "shape", None)
-    shapes = {
-        n: tuple(shape_of(k)) if shape_of else tuple(np.shape(tensors[k])) for n, k in names.items()
-    }
+    if layout == "transformers" and meta.get("config.json", {}).get("model_type") not in (
+        None,
+        "clip",
+    ):
+        raise CheckpointError(
+            f"{source}: config.json model_type {meta['config.json']['model_type']!r} is not a "
+            "two-tower CLIP ('clip')."
+        )
+    canonical = Lazy(tensors, names)
     if config is None:
-        if hf_config is not None and hf_config.get("model_type") not in (None, "clip"):
-            raise CheckpointError(
-                f"{source}: config.json model_type {hf_config.get('model_type')!r} is not a "
-                "two-tower CLIP ('clip')."
-            )
-        config = config_of(shapes, hf_config)
+        config = config_of(layout, canonical.shapes(), meta)
     skeleton = eqx.filter_eval_shape(CLIP, config, key=jax.random.key(0))
-    renamed = _Lazy(tensors, names)
-    return checkpoint.fill(skeleton, renamed, source=source, dtype=dtype)
+    return checkpoint.fill(
+        skeleton, canonical, source=where, dtype=dtype, unexplained=plan.unexplained
+    )
 
 
-class _Lazy(Mapping):
-    """``path -> tensor`` over ``tensors`` without reading any until asked."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray], names: dict[str, str]):
-        self._tensors, self._names = tensors, names
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._tensors[self._names[name]]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name) -> bool:
-        return name in self._names
-
-
-def clip_state_dict(clip: CLIP) -> dict[str, np.ndarray]:
-    """Every weight of ``clip`` under its transformers ``CLIPModel`` key (what
-    ``CLIPModel.load_state_dict`` takes, ``position_ids`` aside)."""
+def clip_state_dict(clip: CLIP, layout: str = "transformers") -> dict[str, np.ndarray]:
+    """Every weight of ``clip`` under its key in ``layout``: transformers' ``CLIPModel``
+    (what ``CLIPModel.load_state_dict`` takes, ``position_ids`` aside) or open_clip's
+    ``CLIP`` (``attn_mask`` aside)."""
     from ..checkpoint import state_dict
 
-    return {hf_name(n): np.asarray(v) for n, v in state_dict(clip).items()}
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}.")
+    tensors = {n: np.asarray(v) for n, v in state_dict(clip).items()}
+    return LAYOUTS[layout].save(tensors)
