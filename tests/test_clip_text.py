@@ -723,3 +723,43 @@ def test_finetune_rps_zero_shot_and_wise_ft_on_tfds_mock_data(
     assert (out / "wise_ft.png").read_bytes()[:8] == PNG_SIGNATURE
     model, _ = eqxtl.from_pretrained(out / "best", keep_head=True)
     assert model.project and model.normalize and model.num_classes == 3
+
+
+# ---------------------------------------------------------------- open_clip layout
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["open_clip_vit", "open_clip_vit_gelu"])
+def test_open_clip_two_towers_match_golden(name):
+    """open_clip's own CLIP (golden outputs made by open_clip 3.3.0, see
+    tests/fixtures/make_open_clip.py): both towers, argmax pooling, quick_gelu and gelu."""
+    import safetensors.numpy
+
+    folder = FIXTURES / name
+    golden = np.load(folder / "golden.npz")
+    clip, _ = eqxtl.from_pretrained(folder, towers="both")
+    assert clip.config.text_config.eos_token_id == 2  # open_clip pools the largest id
+    act = "quick_gelu" if name == "open_clip_vit" else "gelu"
+    assert clip.config.text_config.hidden_act == act == clip.config.vision_config.hidden_act
+    tokens = golden["text_tokens"].astype(np.int32)
+    assert max_diff(clip.encode_image(golden["input"]), golden["projected"]) <= TOL
+    assert max_diff(clip.encode_text(tokens), golden["text_features"]) <= TOL
+    assert float(clip.logit_scale) == float(golden["logit_scale"])
+    image = golden["projected"] / np.linalg.norm(golden["projected"], axis=-1, keepdims=True)
+    text = golden["text_features"]
+    text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+    want = np.exp(golden["logit_scale"]) * image @ text.T
+    assert max_diff(clip(golden["input"], tokens), want) <= TOL
+    # the PyTorch file reads the same, and the key map writes the open_clip names back
+    from_bin, _ = eqxtl.from_pretrained(folder / "open_clip_pytorch_model.bin", towers="both")
+    for a, b in zip(leaves(from_bin), leaves(clip), strict=True):
+        np.testing.assert_array_equal(a, b)
+    from eqxtl.models.clip_text import clip_state_dict
+
+    saved = clip_state_dict(clip, "open_clip")
+    original = safetensors.numpy.load_file(folder / "open_clip_model.safetensors")
+    original.pop("attn_mask", None)
+    assert set(saved) == set(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
