@@ -186,9 +186,11 @@ def _tokenizer_files(source, revision, cache_dir) -> dict[str, Path]:
     from .models.registry import REGISTRY
 
     key = str(source)
-    if key in REGISTRY and REGISTRY[key].repo is not None:
-        entry = REGISTRY[key]
-        return _hub_files(entry.repo, revision or entry.revision, cache_dir)
+    if key in REGISTRY:
+        _, alias = REGISTRY[key]
+        if alias.repo is None:
+            raise SourceError(f"Alias {key!r} has no hub repo to read a tokenizer from.")
+        return _hub_files(alias.repo, revision or alias.revision, cache_dir)
     if hub.looks_local(source):
         folder = Path(source).expanduser()
         if folder.is_file():
@@ -213,12 +215,11 @@ def _hub_files(repo: str, revision: str | None, cache_dir) -> dict[str, Path]:
     for name in ("tokenizer.json", "vocab.json", "merges.txt", *_CONFIGS):
         if name in ("vocab.json", "merges.txt") and "tokenizer.json" in files:
             continue
-        try:
-            path = hub._download(repo, name, revision, cache_dir)
-        except SourceError:
-            path = None
+        path = hub._download(repo, name, revision, cache_dir, optional=True)
         if path is not None:
             files[name] = path
+    if not files:  # offline and not cached: say so (SourceError), or the repo has none
+        hub._download(repo, "tokenizer.json", revision, cache_dir)
     _check_complete(files, f"{repo}@{revision or 'main'}")
     return files
 

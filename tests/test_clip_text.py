@@ -345,6 +345,12 @@ def test_tokenizer_basics(tokenizer):
         tokenizer(["ok", 3])
 
 
+def test_tokenizer_from_the_hub_offline_fails_clearly(tmp_path):
+    for source in ("openai/clip-vit-base-patch32", "clip-vit-base-patch32"):
+        with pytest.raises(eqxtl.SourceError, match="openai/clip-vit-base-patch32"):
+            eqxtl.Tokenizer.from_pretrained(source, cache_dir=tmp_path)
+
+
 def test_tokenizer_missing_files_name_the_file(vocab_dir, tmp_path):
     only_vocab = tmp_path / "only_vocab"
     only_vocab.mkdir()
