@@ -202,3 +202,30 @@ def test_unsupported_model_says_so():
     backbone, _ = tiny("resnet")
     with pytest.raises(eqxtl.EqxtlError, match="'scan' flag"):
         eqxtl.with_scan(backbone)
+
+
+def test_text_tower_scans_too():
+    from eqxtl.models.clip_text import CLIPText, CLIPTextConfig
+
+    config = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=None,
+        eos_token_id=99,
+    )
+    text = CLIPText(config, key=jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 99, (2, 8)), jnp.int32)
+    scanned = eqxtl.with_scan(text)
+    assert scanned.encoder.scan
+    jaxpr = jax.make_jaxpr(lambda m: m.hidden_states(ids))(scanned)
+    assert scans_in(jaxpr) == [3]  # causal blocks scanned
+    np.testing.assert_allclose(
+        eqx.filter_jit(lambda m: m.hidden_states(ids))(scanned),
+        eqx.filter_jit(lambda m: m.hidden_states(ids))(text),
+        rtol=1e-5,
+        atol=1e-5,
+    )
