@@ -9,7 +9,8 @@ bottom, first match wins:
   ``Map("bn1", "embedder.embedder.normalization")`` maps ``bn1.running_mean`` too. ``op`` is
   the tensor surgery, applied on load and undone on save: ``SPLIT3`` (a packed q/k/v
   projection -> three), ``TRANSPOSE`` (open_clip's ``proj`` is ``(in, out)``), ``SQUEEZE``
-  (timm's ``(1, 1, D)`` class token).
+  (timm's ``(1, 1, D)`` class token), ``CONV_HWIO`` and ``merged_heads`` (flax kernels in
+  ``.npz`` files, big_vision / vit_jax).
 - ``Drop(regex)``: keys that are known and not loaded (buffers such as
   ``num_batches_tracked``, another tower). On save, ``constants`` add them back where the
   other library expects them.
@@ -62,6 +63,48 @@ def squeeze(leading: int) -> Op:
         lambda xs: xs[0].reshape((1,) * leading + xs[0].shape),
         lambda s: [s[leading:]],
     )
+
+
+CONV_HWIO = Op(
+    "conv_hwio",
+    1,
+    lambda x: [x.transpose(3, 2, 0, 1)],
+    lambda xs: xs[0].transpose(2, 3, 1, 0),
+    lambda s: [(s[3], s[2], s[0], s[1])],
+)
+"""A flax / JAX convolution kernel ``(kh, kw, in, out)`` <-> torch's ``(out, in, kh, kw)``."""
+
+
+def _read_only(name: str):
+    def save(xs):
+        raise ValueError(f"{name}: a read-only layout rule (its inverse needs the head count).")
+
+    return save
+
+
+def merged_heads(kind: str) -> Op:
+    """Flax ``MultiHeadDotProductAttention`` tensors -> torch ``Linear`` ones (read only: the
+    inverse needs the head count, which the tensors do not carry):
+
+    - ``"in"``: a query / key / value kernel ``(d, heads, hd)`` -> weight ``(heads*hd, d)``;
+    - ``"bias"``: a query / key / value bias ``(heads, hd)`` -> ``(heads*hd,)``;
+    - ``"out"``: the output kernel ``(heads, hd, d)`` -> weight ``(d, heads*hd)``.
+    """
+    if kind == "in":
+        load, shapes = (
+            lambda x: [x.reshape(x.shape[0], -1).T],
+            lambda s: [(int(np.prod(s[1:])), s[0])],
+        )
+    elif kind == "bias":
+        load, shapes = lambda x: [x.reshape(-1)], lambda s: [(int(np.prod(s)),)]
+    elif kind == "out":
+        load, shapes = (
+            lambda x: [x.reshape(-1, x.shape[-1]).T],
+            lambda s: [(s[-1], int(np.prod(s[:-1])))],
+        )
+    else:
+        raise ValueError(f"merged_heads kind must be 'in', 'bias' or 'out', got {kind!r}.")
+    return Op(f"merged_heads_{kind}", 1, load, _read_only(f"merged_heads({kind!r})"), shapes)
 
 
 def _compile(pattern: str) -> tuple[re.Pattern, dict[str, int]]:

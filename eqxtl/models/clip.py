@@ -26,10 +26,20 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..errors import CheckpointError
 from ._arch import INTERPOLATIONS, Alias, Architecture, Layout, Meta, Preprocessing, Shapes
 from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Map, squeeze
-from .layers import checkpointed, resample_grid
+from .layers import (
+    ACTIVATIONS,
+    LayerNorm,
+    PatchEmbedding,
+    checkpointed,
+    multihead_attention,
+    resample_grid,
+)
+from .layers import activation as _activation
+from .layers import dense as _dense
+from .layers import linear as _linear
 
 Activation = Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"]
-_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+_ACTIVATIONS = ACTIVATIONS[:4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,67 +93,6 @@ CLIP_VIT_L14 = CLIPVisionConfig(
 """openai/clip-vit-large-patch14."""
 
 
-def _dense(linear: eqx.nn.Linear, x: Float[Array, "*n i"]) -> Float[Array, "*n o"]:
-    """``eqx.nn.Linear`` over the last axis of ``x``, in ``x``'s dtype.
-
-    All leading axes are merged into one before the product: the weight gradient is then a
-    plain 2-D GEMM. With several leading axes (a vmapped batch, or ``(batch, tokens)``)
-    XLA:CPU contracts them through a full transpose of the incoming gradient, 2.5x slower.
-    """
-    weight = linear.weight.astype(x.dtype)
-    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
-    return y if linear.bias is None else y + linear.bias.astype(x.dtype)
-
-
-def _linear(in_features: int, out_features: int, key: PRNGKeyArray, use_bias: bool = True):
-    return eqx.nn.Linear(in_features, out_features, use_bias=use_bias, key=key)
-
-
-class LayerNorm(eqx.Module):
-    """LayerNorm over the last axis ``(..., d) -> (..., d)``, computed in float32."""
-
-    weight: Float[Array, " d"]
-    bias: Float[Array, " d"]
-    eps: float = eqx.field(static=True)
-
-    def __init__(self, dim: int, eps: float):
-        self.weight = jnp.ones((dim,))
-        self.bias = jnp.zeros((dim,))
-        self.eps = eps
-
-    def __call__(self, x: Float[Array, "*n d"]) -> Float[Array, "*n d"]:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.weight + self.bias).astype(x.dtype)
-
-
-class PatchEmbedding(eqx.Module):
-    """Non-overlapping patches -> tokens: ``(*b, C, H, W) -> (*b, H/p * W/p, hidden)``.
-
-    Same weights as torch's ``Conv2d(C, hidden, p, stride=p, bias=False)``, computed as one
-    matmul of the patches against the flattened kernel.
-    """
-
-    weight: Float[Array, "hidden c p p"]
-
-    def __init__(self, channels: int, hidden: int, patch: int, key: PRNGKeyArray):
-        bound = 1.0 / math.sqrt(channels * patch * patch)
-        shape = (hidden, channels, patch, patch)
-        self.weight = jax.random.uniform(key, shape, minval=-bound, maxval=bound)
-
-    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b n hidden"]:
-        hidden, c, p, _ = self.weight.shape
-        *lead, _, h, w = x.shape
-        gh, gw = h // p, w // p
-        patches = x.reshape(*lead, c, gh, p, gw, p)
-        patches = jnp.moveaxis(patches, (-5, -3, -1), (-3, -2, -1))  # (*b, gh, gw, c, p, p)
-        patches = patches.reshape(-1, c * p * p)
-        y = patches @ self.weight.reshape(hidden, -1).astype(x.dtype).T  # one 2-D GEMM
-        return y.reshape(*lead, gh * gw, hidden)
-
-
 class Embeddings(eqx.Module):
     """Patch tokens, a class token in front, plus learned positions:
     ``(*b, C, H, W) -> (*b, 1+n, d)``."""
@@ -191,24 +140,10 @@ class Attention(eqx.Module):
     ) -> Float[Array, "*b tq d"]:
         """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``."""
         queries = x if queries is None else queries
-        d, heads = x.shape[-1], self.num_heads
-
-        def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
-            return y.reshape(*y.shape[:-1], heads, d // heads)
-
-        q = split(_dense(self.q_proj, queries))
-        k = split(_dense(self.k_proj, x))
-        v = split(_dense(self.v_proj, x))
-        o = jax.nn.dot_product_attention(q, k, v)  # softmax in float32
-        return _dense(self.out_proj, o.reshape(queries.shape))
-
-
-def _activation(name: str, x: Array) -> Array:
-    if name == "quick_gelu":
-        # transformers' QuickGELUActivation: x * sigmoid(1.702 x) (openai CLIP).
-        return x * jax.nn.sigmoid(1.702 * x)
-    # jax.nn.gelu defaults to the tanh approximation; transformers' "gelu" is exact (erf).
-    return jax.nn.gelu(x, approximate=name != "gelu")
+        q, k, v = (
+            _dense(p, y) for p, y in ((self.q_proj, queries), (self.k_proj, x), (self.v_proj, x))
+        )
+        return _dense(self.out_proj, multihead_attention(q, k, v, self.num_heads))
 
 
 class MLP(eqx.Module):
