@@ -308,7 +308,7 @@ def from_pretrained(
     unexplained = [k for k in plan.unexplained if not any(p.fullmatch(k) for p in patterns)]
     canonical = Lazy(tensors, keep)
     shapes = canonical.shapes()
-    backbone_shapes = {k: v for k, v in shapes.items() if not k.startswith("head.")}
+    backbone_shapes = {k: v for k, v in shapes.items() if not _is_head(k)}
 
     stated = None
     if config is None:
@@ -352,7 +352,7 @@ def from_pretrained(
     where = f"{source_name} (read as {arch.name}, {lay.name} layout)"
     backbone, state = checkpoint.fill(
         checkpoint.skeleton(arch, config),
-        canonical.restrict(n for n in keep if not n.startswith("head.")),
+        canonical.restrict(n for n in keep if not _is_head(n)),
         source=where,
         dtype=dtype,
         unexplained=unexplained,
@@ -363,7 +363,7 @@ def from_pretrained(
         backbone = replace_static(
             backbone, preprocessing=stated_preprocessing.at_size(_image_size(config))
         )
-    head_names = {n for n in keep if n.startswith("head.")}
+    head_names = {n for n in keep if _is_head(n)}
     if not keep_head:
         return backbone, state
     if not head_names:
@@ -387,6 +387,12 @@ def from_pretrained(
         dtype=dtype,
     )
     return Classifier(backbone, head=head), state
+
+
+def _is_head(name: str) -> bool:
+    """A classification head's canonical name. Other ``head.*`` names belong to the
+    backbone (SigLIP's attention-pooling ``head.probe``, ``head.mlp.fc1.weight``...)."""
+    return name in ("head.weight", "head.bias")
 
 
 def _image_size(config) -> int | None:

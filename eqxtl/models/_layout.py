@@ -344,3 +344,32 @@ def strip_wrappers(keys: Sequence[str]) -> dict[str, str]:
 def top_prefixes(keys: Iterable[str], limit: int = 12) -> list[str]:
     """The distinct first path components of ``keys`` (for error messages)."""
     return sorted({k.split(".", 1)[0] for k in keys})[:limit]
+
+
+# ---- flax modules in `.npz` files (big_vision, vit_jax): keys joined with "/"
+
+
+def flax_dense(theirs: str, ours: str) -> tuple[Map, Map]:
+    """A flax ``Dense`` (``{theirs}/kernel (in, out)``, ``{theirs}/bias``) <-> a torch
+    ``Linear`` (``{ours}.weight (out, in)``, ``{ours}.bias``)."""
+    return Map(f"{theirs}/kernel", f"{ours}.weight", TRANSPOSE), Map(
+        f"{theirs}/bias", f"{ours}.bias"
+    )
+
+
+def flax_norm(theirs: str, ours: str) -> tuple[Map, Map]:
+    """A flax ``LayerNorm`` (``scale``, ``bias``) <-> torch's (``weight``, ``bias``)."""
+    return Map(f"{theirs}/scale", f"{ours}.weight"), Map(f"{theirs}/bias", f"{ours}.bias")
+
+
+def flax_attention(theirs: str, ours: Mapping[str, str]) -> tuple[Map, ...]:
+    """A flax ``MultiHeadDotProductAttention`` (per-head ``query``, ``key``, ``value``,
+    ``out`` kernels and biases) <-> four torch ``Linear``s: ``ours`` maps each flax name to
+    its canonical module path. Read only (see ``merged_heads``)."""
+    rules = []
+    for name, path in ours.items():
+        kind = "out" if name == "out" else "in"
+        rules.append(Map(f"{theirs}/{name}/kernel", f"{path}.weight", merged_heads(kind)))
+        bias = RENAME if name == "out" else merged_heads("bias")
+        rules.append(Map(f"{theirs}/{name}/bias", f"{path}.bias", bias))
+    return tuple(rules)

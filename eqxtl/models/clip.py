@@ -206,6 +206,13 @@ class Encoder(eqx.Module):
         keys = jax.random.split(key, config.num_hidden_layers)
         self.layers = [EncoderLayer(config, k) for k in keys]
 
+    def __call__(self, h: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
+        """Every block in order: ``(*b, t, d) -> (*b, t, d)``."""
+        run = checkpointed(_run_layer, self.remat)
+        for layer in self.layers:
+            h = run(layer, h)
+        return h
+
 
 def _run_layer(layer: EncoderLayer, h: Array) -> Array:
     return layer(h)
@@ -267,11 +274,7 @@ class CLIPVision(eqx.Module):
     def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         """transformers' ``last_hidden_state``: every token after the last block (class
         token first), before ``post_layernorm``. ``t = 1 + (image_size / patch_size)**2``."""
-        h = self._embed(x)
-        run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in self.encoder.layers:
-            h = run(layer, h)
-        return h
+        return self.encoder(self._embed(x))
 
     def __call__(
         self,
