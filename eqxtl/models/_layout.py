@@ -273,7 +273,8 @@ class KeyMap:
         for key, (rule, parts) in grouped.items():
             if len(parts) != rule.op.n_ours:
                 raise KeyError(f"{key}: needs all of {rule.ours_tuple}")
-            out[key] = rule.op.save([parts[i] for i in range(rule.op.n_ours)])
+            # contiguous: safetensors writes a transposed view's buffer, not its values
+            out[key] = np.ascontiguousarray(rule.op.save([parts[i] for i in range(rule.op.n_ours)]))
         out.update(self.constants(out))
         return out
 

@@ -1,0 +1,139 @@
+"""MLP-Mixer: the timm and vit_jax ``.npz`` golden fixtures (same weights), the fixed input
+size, saving in both layouts, batching, blocks and learnability."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from eqxtl.models.mixer import MIXER, MixerConfig
+from tests._batching import assert_batch_native_matches_vmap
+from tests._learn import assert_frozen_backbone_learns
+from tests._tiny import random_tensors
+
+GOLDEN_TOL = 1e-5  # relative to the output scale (float32)
+FIXTURES = Path(__file__).parent / "fixtures"
+TIMM = FIXTURES / "timm_mixer"
+VIT_JAX = FIXTURES / "vit_jax_mixer" / "mixer_tiny.npz"
+CONFIG = MixerConfig(
+    hidden_size=32,
+    num_blocks=2,
+    tokens_mlp_dim=24,
+    channels_mlp_dim=128,
+    image_size=32,
+    patch_size=8,
+)
+
+
+def rel(a, b) -> float:
+    b = np.asarray(b)
+    return float(np.max(np.abs(np.asarray(a) - b)) / np.max(np.abs(b)))
+
+
+def check_golden(model, state, golden, suffix=""):
+    """Tokens after the final norm, pooled features and logits against the fixture's."""
+    x = golden["input"]
+    backbone = model.backbone
+    assert rel(backbone.tokens(x), golden["features" + suffix]) <= GOLDEN_TOL
+    assert rel(backbone(x, state)[0], golden["pooled" + suffix]) <= GOLDEN_TOL
+    logits = jax.vmap(lambda xi: model(xi, state)[0])(x)
+    assert rel(logits, golden["logits" + suffix]) <= GOLDEN_TOL
+
+
+def test_timm_golden():
+    model, state = eqxtl.from_pretrained(TIMM, keep_head=True)
+    assert model.backbone.config == CONFIG  # exact GELU: timm's nn.GELU
+    check_golden(model, state, np.load(TIMM / "golden.npz"))
+    pre = eqxtl.preprocessing_for(model)
+    assert (pre.crop, pre.mean, pre.interpolation) == (32, (0.5, 0.5, 0.5), "bicubic")
+
+
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
+def test_vit_jax_golden(act):
+    golden = np.load(FIXTURES / "vit_jax_mixer" / "golden.npz")
+    if act == "gelu_pytorch_tanh":  # the layout's default (flax's tanh GELU), with a warning
+        with pytest.warns(UserWarning, match="hidden_act"):
+            model, state = eqxtl.from_pretrained(VIT_JAX, keep_head=True)
+        check_golden(model, state, golden)
+    else:
+        model, state = eqxtl.from_pretrained(VIT_JAX, keep_head=True, hidden_act=act)
+        check_golden(model, state, golden, "_gelu_exact")
+    assert model.backbone.config == MixerConfig(**{**CONFIG.__dict__, "hidden_act": act})
+    # the same weights as the timm fixture, read through transposed flax kernels
+    timm, _ = eqxtl.from_pretrained(TIMM, keep_head=True)
+    for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(timm), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fixed_input_size():
+    with pytest.raises(eqxtl.CheckpointError, match="fixed input size"):
+        eqxtl.from_pretrained(TIMM, image_size=64)
+    model, state = eqxtl.from_pretrained(TIMM, image_size=32)  # its own size is fine
+    with pytest.raises(eqxtl.DataError, match="patch count"):
+        model(jnp.zeros((3, 64, 64)), state)
+
+
+@pytest.mark.parametrize("layout", ["timm", "vit_jax"])
+def test_save_round_trip(tmp_path, layout):
+    model, state = eqxtl.from_pretrained(TIMM, keep_head=True)
+    eqxtl.save_pretrained(model, state, tmp_path, layout=layout)
+    again, _ = eqxtl.from_pretrained(tmp_path, keep_head=True, hidden_act="gelu")
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert again.backbone.config == model.backbone.config
+    if layout == "timm":  # what timm's create_model needs to rebuild it
+        saved = json.loads((tmp_path / "config.json").read_text())
+        original = json.loads((TIMM / "config.json").read_text())
+        assert saved["architecture"] == "mixer_b8_32"
+        for key in ("embed_dim", "num_blocks", "patch_size", "img_size", "mlp_ratio"):
+            assert saved["model_args"][key] == original["model_args"][key], key
+
+
+def test_npz_with_object_arrays_is_refused(tmp_path):
+    tensors = dict(np.load(VIT_JAX))
+    np.savez(tmp_path / "pickled.npz", **tensors, meta=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(eqxtl.CheckpointError, match="pickled"):
+        eqxtl.from_pretrained(tmp_path / "pickled.npz")
+
+
+def tiny(seed=0):
+    skeleton = eqx.filter_eval_shape(MIXER.build, CONFIG, jax.random.key(0))
+    return eqxtl.checkpoint.fill(skeleton, random_tensors(MIXER, CONFIG, seed))
+
+
+def test_batch_native_equals_vmap():
+    backbone, state = tiny()
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-5))
+
+
+def test_blocks_last_blocks_layerwise_and_remat():
+    backbone, state = tiny()
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    assert eqxtl.blocks(model) == ["backbone.blocks.0", "backbone.blocks.1"]
+    spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
+    trained = {p for p, on in zip(eqxtl.paths(model), jax.tree.leaves(spec), strict=True) if on}
+    assert "backbone.blocks.1.mlp_tokens.fc1.weight" in trained
+    assert "backbone.blocks.0.mlp_tokens.fc1.weight" not in trained
+    assert "backbone.norm.weight" not in trained and "head.weight" in trained
+    depth_of, n = eqxtl.layer_depths(model)
+    assert (n, depth_of("backbone.stem.proj.weight"), depth_of("backbone.norm.bias")) == (2, 0, 3)
+    assert len(eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5)) == 4
+    x = jax.random.normal(jax.random.key(2), (2, 3, 32, 32))
+    want = backbone(x, state)[0]
+    np.testing.assert_allclose(eqxtl.with_remat(backbone)(x, state)[0], want, rtol=1e-6)
+
+
+def test_frozen_backbone_learns():
+    assert_frozen_backbone_learns(*tiny())
