@@ -6,6 +6,7 @@ differentiates only what trains.
 """
 
 from ._paths import paths as paths
+from ._torch_pickle import TorchLimits as TorchLimits
 from .checkpoint import state_dict as state_dict
 from .data import ArraySource as ArraySource
 from .data import Augment as Augment

@@ -55,7 +55,7 @@ class _SafetensorsFile(Mapping):
         return tuple(self._file.get_slice(key).get_shape())
 
 
-def _read(path: Path) -> Mapping[str, np.ndarray]:
+def _read(path: Path, torch_limits=None) -> Mapping[str, np.ndarray]:
     if path.suffix == ".safetensors":
         try:
             return _SafetensorsFile(path)
@@ -65,7 +65,7 @@ def _read(path: Path) -> Mapping[str, np.ndarray]:
         return _read_npz(path)
     from ._torch_pickle import load_torch_file
 
-    return load_torch_file(path)
+    return load_torch_file(path, limits=torch_limits)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -256,6 +256,7 @@ def from_pretrained(
     keep_head: bool = False,
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
+    torch_limits=None,
     **overrides: Any,
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """Load a pretrained backbone by name, in inference mode.
@@ -279,6 +280,8 @@ def from_pretrained(
     - `keep_head`: return ``Classifier(backbone, head=<pretrained head>)`` so that the
       checkpoint's own predictions (e.g. ImageNet classes) can be checked.
     - `dtype`: cast floating weights (default: as stored).
+    - `torch_limits`: an ``eqxtl.TorchLimits`` for PyTorch files (bounds on pickle objects,
+      tensor expansion and zip members; the defaults admit real checkpoints up to 10 GB).
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
       for an open_clip file without its ``open_clip_config.json``. One that contradicts a
       config file beside the weights is an error.
@@ -292,7 +295,7 @@ def from_pretrained(
     files, alias_arch, alias_config = _resolve(source, revision, cache_dir)
     source_name = files.description
     meta = _read_meta(files.configs)
-    raw = _read(files.weights)
+    raw = _read(files.weights, torch_limits)
     renamed = strip_wrappers(list(raw))
     tensors = Lazy(raw, {k: Recipe(orig, RENAME, 0) for k, orig in renamed.items()})
     keys = list(tensors)

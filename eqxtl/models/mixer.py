@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Mapping
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -23,7 +20,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError, DataError
-from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
 from ._layout import CONV_HWIO, KeyMap, Map, flax_dense, flax_norm
 from .clip import MLP
 from .layers import ACTIVATIONS, LayerNorm, PatchEmbedding, checkpointed, image_hw
@@ -236,25 +243,10 @@ def _infer_config(shapes: Shapes) -> MixerConfig:
     )
 
 
-_TIMM_MIXER = re.compile(r"mixer_\w+")
-
-
-def _timm_meta(meta: Meta) -> Mapping[str, Any] | None:
-    cfg = meta.get("config.json")
-    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
-        return None
-    return cfg
-
-
-def _timm_claims(meta: Meta) -> bool:
-    cfg = _timm_meta(meta)
-    return cfg is not None and bool(_TIMM_MIXER.fullmatch(cfg["architecture"].split(".")[0]))
-
-
 def _timm_config(meta: Meta, shapes: Shapes) -> MixerConfig | None:
     """The shapes, with ``model_args``' ``img_size`` (non-square sizes) and ``act_layer``
     (timm builds nn.GELU, exact, unless it names ``gelu_tanh``)."""
-    cfg = _timm_meta(meta)
+    cfg = timm_meta(meta)
     if cfg is None:
         return None
     args = cfg.get("model_args") or {}
@@ -264,11 +256,6 @@ def _timm_config(meta: Meta, shapes: Shapes) -> MixerConfig | None:
         config = dataclasses.replace(config, image_size=tuple(image_hw(size)))
     tanh = args.get("act_layer") in ("gelu_tanh", "gelu_new")
     return dataclasses.replace(config, hidden_act="gelu_pytorch_tanh" if tanh else "gelu")
-
-
-def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
-    cfg = _timm_meta(meta)
-    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
 
 
 def _timm_write(config: MixerConfig, extra: dict) -> dict[str, dict]:
@@ -322,10 +309,10 @@ MIXER = Architecture(
             "timm",
             _TIMM_KEYS,
             signature=(r"stem\.proj\.weight", r"blocks\.0\.mlp_tokens\.fc1\.weight"),
-            claims=_timm_claims,
+            claims=claims_timm(r"mixer_\w+"),
             read_config=_timm_config,
             write_config=_timm_write,
-            preprocessing=_timm_preprocessing,
+            preprocessing=timm_preprocessing,
             defaults={"hidden_act": "gelu"},
         ),
         Layout(

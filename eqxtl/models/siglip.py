@@ -30,13 +30,13 @@ from ..errors import CheckpointError, DataError
 from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
 from ._layout import (
     CONV_HWIO,
-    SPLIT3,
     Drop,
     KeyMap,
     Map,
     flax_attention,
     flax_dense,
     flax_norm,
+    packed,
     squeeze,
 )
 from .clip import MLP, Attention, Encoder
@@ -205,7 +205,6 @@ resizes both sides to 224 without keeping the aspect ratio; ``Preprocessing`` re
 shortest side and center-crops: the same for square images.)"""
 
 _LAYER = "encoder.layers.{i}"
-_MAP_QKV = tuple(f"head.attention.{p}_proj" for p in "qkv")
 
 # ---- transformers: the canonical names, under `vision_model.` (SiglipModel, what eqxtl
 # writes) or bare (SiglipVisionModel). torch's MultiheadAttention in the MAP head packs q, k, v.
@@ -219,18 +218,13 @@ def _transformers_rules(prefix: str) -> tuple[Map, ...]:
             Map(f"{prefix}head.{part}", f"head.{part}", save=save)
             for part in ("probe", "attention.out_proj", "layernorm", "mlp")
         ],
-        Map(
-            f"{prefix}head.attention.in_proj_weight",
-            tuple(f"{p}.weight" for p in _MAP_QKV),
-            SPLIT3,
-            save=save,
-        ),
-        Map(
-            f"{prefix}head.attention.in_proj_bias",
-            tuple(f"{p}.bias" for p in _MAP_QKV),
-            SPLIT3,
-            save=save,
-        ),
+        *[
+            dataclasses.replace(
+                packed(f"{prefix}head.attention.in_proj_{kind}", f"head.attention.*_proj.{kind}"),
+                save=save,
+            )
+            for kind in ("weight", "bias")
+        ],
     )
 
 
