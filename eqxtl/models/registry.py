@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 
 from .._paths import keypath_to_str
 from ..errors import SourceError
-from . import clip, efficientnet, resnet
+from . import clip, efficientnet, resnet, vit
 from ._arch import Alias, Architecture, Preprocessing
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -23,6 +23,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         clip.CLIP_VISION,
         resnet.RESNET,
         efficientnet.EFFICIENTNET_LITE,
+        vit.VIT,
     )
 }
 
