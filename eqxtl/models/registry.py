@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 
 from .._paths import keypath_to_str
 from ..errors import SourceError
-from . import clip, efficientnet, resnet, vit
+from . import clip, dinov2, efficientnet, resnet, vit
 from ._arch import Alias, Architecture, Preprocessing
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -24,6 +24,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         resnet.RESNET,
         efficientnet.EFFICIENTNET_LITE,
         vit.VIT,
+        dinov2.DINOV2,
     )
 }
 

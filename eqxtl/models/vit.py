@@ -803,5 +803,6 @@ VIT = Architecture(
         },
     },
     reconcile=_reconcile,
+    choices=("interpolate_antialias",),
     resize=resize_positions,
 )
