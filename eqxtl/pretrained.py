@@ -220,7 +220,7 @@ def _ignore_filter(ignore: Iterable[str]) -> list[re.Pattern]:
     return out
 
 
-def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str):
+def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str, free=()):
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -231,7 +231,7 @@ def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str):
         clash = {
             k: (getattr(stated, k), v)
             for k, v in overrides.items()
-            if getattr(stated, k) != v and k != "image_size"
+            if getattr(stated, k) != v and k != "image_size" and k not in free
         }
         if clash:
             said = ", ".join(f"{k}={c!r} (argument {a!r})" for k, (c, a) in clash.items())
@@ -343,7 +343,7 @@ def from_pretrained(
                     )
     size = overrides.pop("image_size", None)
     if overrides:
-        config = _apply_overrides(config, overrides, stated, source_name)
+        config = _apply_overrides(config, overrides, stated, source_name, arch.choices)
     if size is not None and size != _image_size(config):
         if arch.resize is None:
             raise CheckpointError(

@@ -202,6 +202,9 @@ class Architecture:
     reconcile: Callable[[Any, Shapes], Any] = lambda config, shapes: config
     """Adjust a config read from a file to what the checkpoint holds (canonical shapes),
     e.g. whether CLIP's optional visual projection is present."""
+    choices: tuple[str, ...] = ()
+    """Config fields that are the user's choice, not the checkpoint's (e.g. DINOv2's
+    ``pooling``): ``from_pretrained(..., field=value)`` may differ from a config file."""
     resize: Callable[[Any, Mapping[str, Any], Any], tuple[Any, dict]] | None = None
     """``resize(config, canonical tensors, image_size) -> (config, replaced tensors)``: the
     same weights for another input size, position embeddings resampled (``None``: the

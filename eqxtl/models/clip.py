@@ -38,13 +38,13 @@ from ._arch import (
 from ._layout import TRANSPOSE, Drop, KeyMap, Map, packed, squeeze
 from .layers import (
     ACTIVATIONS,
+    MLP,
     LayerNorm,
     PatchEmbedding,
     checkpointed,
     multihead_attention,
     resample_grid,
 )
-from .layers import activation as _activation
 from .layers import dense as _dense
 from .layers import linear as _linear
 
@@ -154,23 +154,6 @@ class Attention(eqx.Module):
             _dense(p, y) for p, y in ((self.q_proj, queries), (self.k_proj, x), (self.v_proj, x))
         )
         return _dense(self.out_proj, multihead_attention(q, k, v, self.num_heads))
-
-
-class MLP(eqx.Module):
-    """``fc2(act(fc1(x)))``: ``(*b, t, d) -> (*b, t, d)``."""
-
-    fc1: eqx.nn.Linear
-    fc2: eqx.nn.Linear
-    activation: str = eqx.field(static=True)
-
-    def __init__(self, dim: int, hidden: int, activation: str, key: PRNGKeyArray):
-        k1, k2 = jax.random.split(key)
-        self.fc1 = _linear(dim, hidden, k1)
-        self.fc2 = _linear(hidden, dim, k2)
-        self.activation = activation
-
-    def __call__(self, x: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
-        return _dense(self.fc2, _activation(self.activation, _dense(self.fc1, x)))
 
 
 class EncoderLayer(eqx.Module):

@@ -471,6 +471,23 @@ class PatchEmbedding(eqx.Module):
         return y.reshape(*lead, gh * gw, hidden)
 
 
+class MLP(eqx.Module):
+    """``fc2(act(fc1(x)))``: ``(*b, t, d) -> (*b, t, d)``."""
+
+    fc1: eqx.nn.Linear
+    fc2: eqx.nn.Linear
+    activation: str = eqx.field(static=True)
+
+    def __init__(self, dim: int, hidden: int, activation: str, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.fc1 = linear(dim, hidden, k1)
+        self.fc2 = linear(hidden, dim, k2)
+        self.activation = activation
+
+    def __call__(self, x: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
+        return dense(self.fc2, activation(self.activation, dense(self.fc1, x)))
+
+
 def multihead_attention(
     q: Float[Array, "*b tq d"], k: Float[Array, "*b t d"], v: Float[Array, "*b t d"], heads: int
 ) -> Float[Array, "*b tq d"]:
@@ -482,6 +499,21 @@ def multihead_attention(
 
     o = jax.nn.dot_product_attention(split(q), split(k), split(v))
     return o.reshape(q.shape)
+
+
+def resample_grid_traced(
+    grid: Float[Array, "h w d"], size: tuple[int, int], *, antialias: bool = False
+) -> Float[Array, "h2 w2 d"]:
+    """``resample_grid`` inside a traced computation (the resize of transformers' DINOv2 on
+    every forward): the same torch-exact weights as float32 constants, differentiable in
+    ``grid``, computed in float32 as transformers does."""
+    h, w, _ = grid.shape
+    mh = jnp.asarray(_bicubic_matrix(h, size[0], antialias), jnp.float32)
+    mw = jnp.asarray(_bicubic_matrix(w, size[1], antialias), jnp.float32)
+    out = jnp.einsum(
+        "ih,hwd,jw->ijd", mh, grid.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST
+    )
+    return out.astype(grid.dtype)
 
 
 def resample_positions(

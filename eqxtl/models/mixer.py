@@ -32,8 +32,7 @@ from ._arch import (
     timm_preprocessing,
 )
 from ._layout import CONV_HWIO, KeyMap, Map, flax_dense, flax_norm
-from .clip import MLP
-from .layers import ACTIVATIONS, LayerNorm, PatchEmbedding, checkpointed, image_hw
+from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, checkpointed, image_hw
 
 
 @dataclasses.dataclass(frozen=True)

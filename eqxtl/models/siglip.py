@@ -39,8 +39,8 @@ from ._layout import (
     packed,
     squeeze,
 )
-from .clip import MLP, Attention, Encoder
-from .layers import ACTIVATIONS, LayerNorm, PatchEmbedding, image_hw, resample_positions
+from .clip import Attention, Encoder
+from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, image_hw, resample_positions
 
 
 @dataclasses.dataclass(frozen=True)
