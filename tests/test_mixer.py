@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors.numpy import load_file
 
 import eqxtl
 from eqxtl.models.mixer import MIXER, MixerConfig
@@ -85,18 +86,33 @@ def test_fixed_input_size():
 
 @pytest.mark.parametrize("layout", ["timm", "vit_jax"])
 def test_save_round_trip(tmp_path, layout):
+    """Saved with the library's own keys and shapes, reloaded bit-identically."""
     model, state = eqxtl.from_pretrained(TIMM, keep_head=True)
     eqxtl.save_pretrained(model, state, tmp_path, layout=layout)
+    saved = load_file(tmp_path / "model.safetensors")
+    original = load_file(TIMM / "model.safetensors") if layout == "timm" else np.load(VIT_JAX)
+    assert {k: v.shape for k, v in saved.items()} == {k: original[k].shape for k in original}
     again, _ = eqxtl.from_pretrained(tmp_path, keep_head=True, hidden_act="gelu")
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(model), strict=True):
         np.testing.assert_array_equal(a, b)
     assert again.backbone.config == model.backbone.config
     if layout == "timm":  # what timm's create_model needs to rebuild it
+        assert eqxtl.preprocessing_for(again) == eqxtl.preprocessing_for(model)
         saved = json.loads((tmp_path / "config.json").read_text())
         original = json.loads((TIMM / "config.json").read_text())
         assert saved["architecture"] == "mixer_b8_32"
         for key in ("embed_dim", "num_blocks", "patch_size", "img_size", "mlp_ratio"):
             assert saved["model_args"][key] == original["model_args"][key], key
+
+
+def test_hub_repo_id_from_the_local_cache(tmp_path):
+    from tests.test_layouts import _hub_cache
+
+    repo = "timm/mixer_tiny.goog_in21k_ft_in1k"
+    cache = _hub_cache(tmp_path, repo, TIMM, ["model.safetensors", "config.json"])
+    model, state = eqxtl.from_pretrained(repo, cache_dir=cache)
+    golden = np.load(TIMM / "golden.npz")
+    assert rel(model(golden["input"], state)[0], golden["pooled"]) <= GOLDEN_TOL
 
 
 def test_npz_with_object_arrays_is_refused(tmp_path):

@@ -174,6 +174,11 @@ def test_save_round_trip_and_transformers_reads_it(small, tmp_path):
     assert jax.tree.all(jax.tree.map(jnp.array_equal, again, model))
 
     eqxtl.save_pretrained(backbone, state, tmp_path / "backbone")
+    saved = safetensors.numpy.load_file(tmp_path / "backbone" / "model.safetensors")
+    own = safetensors.numpy.load_file(root / "vision" / "model.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {
+        "vision_model." + k: v.shape for k, v in own.items()
+    }
     reference, info = transformers.SiglipVisionModel.from_pretrained(
         tmp_path / "backbone", output_loading_info=True
     )
@@ -219,6 +224,42 @@ def test_big_vision_golden(golden, act):
     x = golden["input"]
     assert rel(model(x, state)[0], golden["pooled" + suffix]) <= GOLDEN_TOL
     assert rel(model.hidden_states(x), golden["features" + suffix]) <= GOLDEN_TOL
+
+
+def timm_keys(depth: int) -> set[str]:
+    """timm's VisionTransformer(class_token=False, global_pool="map") state-dict keys."""
+    linear = ("weight", "bias")
+    block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
+    pool = ["q", "kv", "proj", "norm", "mlp.fc1", "mlp.fc2"]
+    return {
+        "pos_embed",
+        "attn_pool.latent",
+        *(f"{m}.{p}" for m in ("patch_embed.proj", "norm") for p in linear),
+        *(f"blocks.{i}.{m}.{p}" for i in range(depth) for m in block for p in linear),
+        *(f"attn_pool.{m}.{p}" for m in pool for p in linear),
+    }
+
+
+def test_timm_layout_round_trip(golden, tmp_path):
+    """big_vision -> timm's names (what timm's big_vision loader makes of the file) ->
+    bit-identical reload; the tanh activation survives as timm's act_layer."""
+    model, state = eqxtl.from_pretrained(
+        FIXTURE / "siglip_tiny.npz", num_attention_heads=4, hidden_act="gelu_pytorch_tanh"
+    )
+    eqxtl.save_pretrained(model, state, tmp_path, layout="timm")
+    saved = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    assert set(saved) == timm_keys(2)
+    assert saved["pos_embed"].shape == (1, 16, 32)
+    assert saved["attn_pool.kv.weight"].shape == (64, 32)
+    again, _ = eqxtl.from_pretrained(tmp_path)
+    assert again.config == model.config
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert rel(again(golden["input"], state)[0], golden["pooled"]) <= GOLDEN_TOL
+    # the same weights saved in the transformers layout load identically too
+    eqxtl.save_pretrained(model, state, tmp_path / "hf")
+    hf, _ = eqxtl.from_pretrained(tmp_path / "hf")
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, hf, model))
 
 
 def test_big_vision_drops_text_tower(tmp_path):

@@ -371,19 +371,24 @@ _OPEN_CLIP_KEYS = KeyMap(
 
 # ---- timm `vit_*_clip_*`: `(1, 1, D)` class token, `(1, N, D)` positions, packed qkv, and
 # the projection as `head` with a zero bias.
+TIMM_BLOCKS = (
+    packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
+    packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
+    Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
+    Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
+    Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
+    Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
+    Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+)
+"""timm's ``blocks.N`` <-> these ``encoder.layers.N`` (also SigLIP's timm layout)."""
+
 _TIMM_KEYS = KeyMap(
     (
         Map("cls_token", "embeddings.class_embedding", squeeze(2)),
         Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
         Map("patch_embed.proj", "embeddings.patch_embedding"),
         Map("norm_pre", "pre_layrnorm"),
-        packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
-        packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
-        Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
-        Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
-        Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
-        Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
-        Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+        *TIMM_BLOCKS,
         Map("norm", "post_layernorm"),
         Map("head.weight", "visual_projection.weight"),
         Drop(r"head\.bias"),

@@ -27,7 +27,17 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError, DataError
-from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
 from ._layout import (
     CONV_HWIO,
     Drop,
@@ -39,7 +49,7 @@ from ._layout import (
     packed,
     squeeze,
 )
-from .clip import Attention, Encoder
+from .clip import TIMM_BLOCKS, Attention, Encoder
 from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, image_hw, resample_positions
 
 
@@ -194,7 +204,7 @@ class SiglipVision(eqx.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoint architecture: transformers, big_vision (.npz) layouts
+# Checkpoint architecture: transformers, timm, big_vision (.npz) layouts
 # --------------------------------------------------------------------------------------
 
 PREPROCESSING = Preprocessing(
@@ -238,6 +248,26 @@ _TRANSFORMERS_KEYS = KeyMap(
         # too, but it was trained on the mean of the patch tokens, not the MAP output).
         Map("classifier.weight", "head.weight"),
         Map("classifier.bias", "head.bias"),
+    )
+)
+
+# ---- timm `vit_*_siglip_*`: `(1, N, D)` positions, packed q/k/v in the blocks (CLIP's timm
+# block names), the MAP head as `attn_pool` with q alone and k/v packed.
+_TIMM_KEYS = KeyMap(
+    (
+        Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
+        Map("patch_embed.proj", "embeddings.patch_embedding"),
+        *TIMM_BLOCKS,
+        Map("norm", "post_layernorm"),
+        Map("attn_pool.latent", "head.probe"),
+        Map("attn_pool.q", "head.attention.q_proj"),
+        packed("attn_pool.kv.weight", "head.attention.*_proj.weight", "kv"),
+        packed("attn_pool.kv.bias", "head.attention.*_proj.bias", "kv"),
+        Map("attn_pool.proj", "head.attention.out_proj"),
+        Map("attn_pool.norm", "head.layernorm"),
+        Map("attn_pool.mlp", "head.mlp"),
+        Map("head.weight", "head.weight"),
+        Map("head.bias", "head.bias"),
     )
 )
 
@@ -351,6 +381,59 @@ def _transformers_write(config: SiglipVisionConfig, extra: dict) -> dict[str, di
     }
 
 
+def _timm_config(meta: Meta, shapes: Shapes) -> SiglipVisionConfig | None:
+    """The shapes, with ``model_args``' ``num_heads``, ``img_size`` and ``act_layer`` (timm
+    builds exact GELU for SigLIP unless it names ``gelu_tanh``)."""
+    cfg = timm_meta(meta)
+    if cfg is None:
+        return None
+    args = cfg.get("model_args") or {}
+    pool = args.get("global_pool", cfg.get("global_pool", "map"))
+    if pool != "map" or "_gap_" in cfg["architecture"]:
+        raise CheckpointError(
+            f"timm {cfg['architecture']} pools with {pool!r}: eqxtl's SigLIP backbone pools "
+            "with the attention-pooling (map) head."
+        )
+    config = _infer_config(shapes)
+    if "num_heads" in args:
+        config = dataclasses.replace(config, num_attention_heads=int(args["num_heads"]))
+    if "img_size" in args:
+        config = dataclasses.replace(config, image_size=image_hw(args["img_size"]))
+    tanh = args.get("act_layer") in ("gelu_tanh", "gelu_new")
+    return dataclasses.replace(config, hidden_act="gelu_pytorch_tanh" if tanh else "gelu")
+
+
+def _timm_write(config: SiglipVisionConfig, extra: dict) -> dict[str, dict]:
+    size = {768: "base", 1024: "large", 1152: "so400m"}.get(config.hidden_size, "base")
+    h, w = image_hw(config.image_size)
+    num_classes = extra["num_labels"] or 0
+    args = {
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "patch_size": config.patch_size,
+        "img_size": [h, w],
+        "in_chans": config.num_channels,
+        "class_token": False,
+        "global_pool": "map",
+        "num_classes": num_classes,
+    }
+    if config.hidden_act != "gelu":
+        args["act_layer"] = "gelu_tanh"
+    pre: Preprocessing = extra["preprocessing"]
+    return {
+        "config.json": {
+            "architecture": f"vit_{size}_patch{config.patch_size}_siglip_{h}",
+            "num_classes": num_classes,
+            "num_features": config.hidden_size,
+            "global_pool": "map",
+            "model_args": args,
+            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
+        }
+    }
+
+
 def _resize(
     config: SiglipVisionConfig, tensors: Mapping[str, np.ndarray], image_size: Any
 ) -> tuple[SiglipVisionConfig, dict[str, np.ndarray]]:
@@ -390,6 +473,16 @@ SIGLIP_VISION = Architecture(
             read_config=_transformers_config,
             write_config=_transformers_write,
             defaults={"hidden_act": "gelu_pytorch_tanh"},
+        ),
+        Layout(
+            "timm",
+            _TIMM_KEYS,
+            signature=(r"attn_pool\.latent", r"blocks\.0\.attn\.qkv\.weight"),
+            claims=claims_timm(r"vit_\w+_siglip_\w+"),
+            read_config=_timm_config,
+            write_config=_timm_write,
+            preprocessing=timm_preprocessing,
+            defaults={"hidden_act": "gelu"},  # timm builds nn.GELU unless told gelu_tanh
         ),
         Layout(
             "big_vision",
