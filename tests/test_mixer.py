@@ -8,32 +8,23 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import json
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from safetensors.numpy import load_file
 
 import eqxtl
-from eqxtl.models.mixer import MIXER, MixerConfig
+from eqxtl.models.mixer import MixerConfig
 from tests._batching import assert_batch_native_matches_vmap
-from tests._learn import assert_frozen_backbone_learns
-from tests._tiny import random_tensors
+from tests._learn import assert_blocks_work, assert_frozen_backbone_learns
+from tests._tiny import TINY_MIXER, tiny
 
 GOLDEN_TOL = 1e-5  # relative to the output scale (float32)
 FIXTURES = Path(__file__).parent / "fixtures"
 TIMM = FIXTURES / "timm_mixer"
 VIT_JAX = FIXTURES / "vit_jax_mixer" / "mixer_tiny.npz"
-CONFIG = MixerConfig(
-    hidden_size=32,
-    num_blocks=2,
-    tokens_mlp_dim=24,
-    channels_mlp_dim=128,
-    image_size=32,
-    patch_size=8,
-)
+CONFIG = TINY_MIXER  # the fixtures' shape
 
 
 def rel(a, b) -> float:
@@ -122,34 +113,23 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
         eqxtl.from_pretrained(tmp_path / "pickled.npz")
 
 
-def tiny(seed=0):
-    skeleton = eqx.filter_eval_shape(MIXER.build, CONFIG, jax.random.key(0))
-    return eqxtl.checkpoint.fill(skeleton, random_tensors(MIXER, CONFIG, seed))
-
-
 def test_batch_native_equals_vmap():
-    backbone, state = tiny()
+    backbone, state = tiny("mixer")
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
     assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-5))
 
 
 def test_blocks_last_blocks_layerwise_and_remat():
-    backbone, state = tiny()
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    assert eqxtl.blocks(model) == ["backbone.blocks.0", "backbone.blocks.1"]
-    spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
-    trained = {p for p, on in zip(eqxtl.paths(model), jax.tree.leaves(spec), strict=True) if on}
-    assert "backbone.blocks.1.mlp_tokens.fc1.weight" in trained
-    assert "backbone.blocks.0.mlp_tokens.fc1.weight" not in trained
-    assert "backbone.norm.weight" not in trained and "head.weight" in trained
-    depth_of, n = eqxtl.layer_depths(model)
-    assert (n, depth_of("backbone.stem.proj.weight"), depth_of("backbone.norm.bias")) == (2, 0, 3)
-    assert len(eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5)) == 4
-    x = jax.random.normal(jax.random.key(2), (2, 3, 32, 32))
-    want = backbone(x, state)[0]
-    np.testing.assert_allclose(eqxtl.with_remat(backbone)(x, state)[0], want, rtol=1e-6)
+    assert_blocks_work(
+        *tiny("mixer"),
+        jax.random.normal(jax.random.key(2), (2, 3, 32, 32)),
+        ["blocks.0", "blocks.1"],
+        inside="mlp_tokens.fc1.weight",
+        stem="stem.proj.weight",
+        top="norm.bias",
+    )
 
 
 def test_frozen_backbone_learns():
-    assert_frozen_backbone_learns(*tiny())
+    assert_frozen_backbone_learns(*tiny("mixer"))

@@ -12,17 +12,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import safetensors.numpy
 import torch
 import transformers
 
 import eqxtl
-from eqxtl.models.siglip import SIGLIP_B16, SIGLIP_VISION, SiglipVision, SiglipVisionConfig
+from eqxtl.models.siglip import SIGLIP_B16, SiglipVisionConfig
 from tests._batching import assert_batch_native_matches_vmap
-from tests._learn import assert_frozen_backbone_learns
-from tests._tiny import random_tensors
+from tests._learn import assert_blocks_work, assert_frozen_backbone_learns
+from tests._tiny import tiny
 
 TOL = 1e-4  # transformers parity: max |Δ| relative to the output scale (float32)
 GOLDEN_TOL = 1e-5  # golden fixtures, relative to the output scale
@@ -290,41 +289,24 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
 # Batching, blocks, remat, learnability (tiny random model)
 # --------------------------------------------------------------------------------------
 
-TINY = SiglipVisionConfig(**SMALL)
-
-
-def tiny(seed=0):
-    skeleton = eqx.filter_eval_shape(SiglipVision, TINY, key=jax.random.key(0))
-    return eqxtl.checkpoint.fill(skeleton, random_tensors(SIGLIP_VISION, TINY, seed))
-
 
 def test_batch_native_equals_vmap():
-    backbone, state = tiny()
+    backbone, state = tiny("siglip")
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
     assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-5))
 
 
 def test_blocks_last_blocks_layerwise_and_remat():
-    backbone, state = tiny()
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    assert eqxtl.blocks(model) == ["backbone.encoder.layers.0", "backbone.encoder.layers.1"]
-    spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
-    trained = {p for p, on in zip(eqxtl.paths(model), jax.tree.leaves(spec), strict=True) if on}
-    assert "backbone.encoder.layers.1.self_attn.q_proj.weight" in trained
-    assert "backbone.encoder.layers.0.self_attn.q_proj.weight" not in trained
-    assert "backbone.head.probe" not in trained and "head.weight" in trained
-    depth_of, n = eqxtl.layer_depths(model)
-    assert n == 2
-    assert depth_of("backbone.embeddings.position_embedding.weight") == 0
-    assert depth_of("backbone.encoder.layers.1.mlp.fc1.weight") == 2
-    assert depth_of("backbone.head.probe") == depth_of("head.weight") == 3
-    groups = eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5)
-    assert len(groups) == 4
-    x = images(32)
-    want = backbone(x, state)[0]
-    np.testing.assert_allclose(eqxtl.with_remat(backbone)(x, state)[0], want, rtol=1e-6)
+    assert_blocks_work(
+        *tiny("siglip"),
+        images(32),
+        ["encoder.layers.0", "encoder.layers.1"],
+        inside="self_attn.q_proj.weight",
+        stem="embeddings.position_embedding.weight",
+        top="head.probe",
+    )
 
 
 def test_frozen_backbone_learns():
-    assert_frozen_backbone_learns(*tiny())
+    assert_frozen_backbone_learns(*tiny("siglip"))

@@ -21,6 +21,7 @@ Vocabulary:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -160,6 +161,27 @@ def timm_preprocessing(meta: Meta) -> Preprocessing | None:
     """``Layout.preprocessing`` from timm's ``pretrained_cfg``."""
     cfg = timm_meta(meta)
     return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+
+
+def count_blocks(shapes: Shapes, prefix: str) -> int:
+    """``1 + max N`` over the canonical names ``{prefix}N.*`` (0 when there is none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def square_side(patches: int) -> int:
+    """The side of a square grid of ``patches``; ``CheckpointError`` when there is none
+    (the weights cannot tell a non-square grid's shape)."""
+    side = math.isqrt(patches)
+    if side * side != patches:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(
+            f"{patches} patch positions do not form a square grid: pass config= (or "
+            "image_size=(h, w)) for a non-square checkpoint."
+        )
+    return side
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ The token-mixing MLP is sized by the number of patches: a Mixer has a fixed inpu
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import equinox as eqx
 import jax
@@ -28,6 +27,8 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    count_blocks,
+    square_side,
     timm_meta,
     timm_preprocessing,
 )
@@ -224,20 +225,13 @@ def _infer_config(shapes: Shapes) -> MixerConfig:
     except KeyError as e:
         msg = f"Cannot infer a Mixer config: no {e.args[0]!r} in the checkpoint."
         raise CheckpointError(msg) from None
-    grid = math.isqrt(patches)
-    if grid * grid != patches:
-        raise CheckpointError(
-            f"{patches} patches do not form a square grid: pass config= (or "
-            "image_size=(h, w)) for a non-square Mixer."
-        )
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.")}
     return MixerConfig(
         hidden_size=hidden,
-        num_blocks=max(blocks) + 1,
+        num_blocks=count_blocks(shapes, "blocks."),
         tokens_mlp_dim=tokens_dim,
         channels_mlp_dim=channels_dim,
         num_channels=channels,
-        image_size=grid * patch,
+        image_size=square_side(patches) * patch,
         patch_size=patch,
     )
 

@@ -35,6 +35,8 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    count_blocks,
+    square_side,
     timm_meta,
     timm_preprocessing,
 )
@@ -328,20 +330,13 @@ def _infer_config(shapes: Shapes) -> SiglipVisionConfig:
     except KeyError as e:
         msg = f"Cannot infer a SigLIP vision config: no {e.args[0]!r} in the checkpoint."
         raise CheckpointError(msg) from None
-    grid = math.isqrt(positions)
-    if grid * grid != positions:
-        raise CheckpointError(
-            f"{positions} patch positions do not form a square grid: pass config= (or "
-            "image_size=(h, w)) for a non-square checkpoint."
-        )
-    layers = {int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers.")}
     return SiglipVisionConfig(
         hidden_size=hidden,
         intermediate_size=intermediate,
-        num_hidden_layers=max(layers) + 1 if layers else 0,
+        num_hidden_layers=count_blocks(shapes, "encoder.layers."),
         num_attention_heads=_HEADS.get(hidden, max(1, hidden // 64)),
         num_channels=channels,
-        image_size=grid * patch,
+        image_size=square_side(positions) * patch,
         patch_size=patch,
     )
 
