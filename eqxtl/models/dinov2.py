@@ -411,6 +411,8 @@ def _transformers_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
             if f.name not in skip
         },
     }
+    if float(config.mlp_ratio).is_integer():  # transformers' config validates an int
+        out["mlp_ratio"] = int(config.mlp_ratio)
     if num_labels is not None:
         out["num_labels"] = num_labels
     return {"config.json": out}
