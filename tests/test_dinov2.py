@@ -28,7 +28,9 @@ FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4  # transformers parity, relative to the output scale
 GOLDEN_TOL = 1e-5  # timm goldens, relative to the output scale
 
-S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518)
+S14 = dict(
+    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=14
+)
 TINY = dict(
     hidden_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=14
 )
