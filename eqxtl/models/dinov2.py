@@ -146,13 +146,12 @@ class Dinov2Layer(eqx.Module):
     def __init__(self, config: Dinov2Config, key: PRNGKeyArray):
         akey, mkey = jax.random.split(key)
         d, eps = config.hidden_size, config.layer_norm_eps
-        scale = jnp.full((d,), config.layerscale_value)
         self.norm1 = LayerNorm(d, eps)
         self.attention = ViTAttention(d, config.num_attention_heads, config.qkv_bias, akey)
-        self.layer_scale1 = Dinov2LayerScale(scale)
+        self.layer_scale1 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
         self.norm2 = LayerNorm(d, eps)
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act, mkey)
-        self.layer_scale2 = Dinov2LayerScale(scale)
+        self.layer_scale2 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
 
     def __call__(
         self, x: Float[Array, "*b t d"], *, first_only: bool = False
@@ -411,6 +410,8 @@ def _transformers_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
             if f.name not in skip
         },
     }
+    if float(config.mlp_ratio).is_integer():  # transformers' config validates an int
+        out["mlp_ratio"] = int(config.mlp_ratio)
     if num_labels is not None:
         out["num_labels"] = num_labels
     return {"config.json": out}
