@@ -29,8 +29,10 @@ from ._arch import (
     claims_timm,
     count_blocks,
     square_side,
+    timm_act,
     timm_meta,
     timm_preprocessing,
+    timm_write,
 )
 from ._layout import CONV_HWIO, KeyMap, Map, flax_dense, flax_norm
 from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, checkpointed, image_hw
@@ -247,46 +249,24 @@ def _timm_config(meta: Meta, shapes: Shapes) -> MixerConfig | None:
     config = _infer_config(shapes)
     if size:
         config = dataclasses.replace(config, image_size=tuple(image_hw(size)))
-    tanh = args.get("act_layer") in ("gelu_tanh", "gelu_new")
-    return dataclasses.replace(config, hidden_act="gelu_pytorch_tanh" if tanh else "gelu")
+    return dataclasses.replace(config, hidden_act=timm_act(args))
 
 
 def _timm_write(config: MixerConfig, extra: dict) -> dict[str, dict]:
     size = {512: "s", 768: "b", 1024: "l"}.get(config.hidden_size, "b")
-    h, w = image_hw(config.image_size)
-    name = f"mixer_{size}{config.patch_size}_{h}"
-    num_classes = extra["num_labels"] or 0
     args = {
         "embed_dim": config.hidden_size,
         "num_blocks": config.num_blocks,
         "patch_size": config.patch_size,
-        "img_size": [h, w],
-        "in_chans": config.num_channels,
         "mlp_ratio": [
             config.tokens_mlp_dim / config.hidden_size,
             config.channels_mlp_dim / config.hidden_size,
         ],
-        "num_classes": num_classes,
     }
-    if config.hidden_act != "gelu":
-        args["act_layer"] = "gelu_tanh"
-    pre: Preprocessing = extra["preprocessing"]
-    return {
-        "config.json": {
-            "architecture": name,
-            "num_classes": num_classes,
-            "num_features": config.hidden_size,
-            "global_pool": "avg",
-            "model_args": args,
-            "pretrained_cfg": {
-                **pre.to_timm(),
-                "input_size": [config.num_channels, h, w],
-                "fixed_input_size": True,
-                "num_classes": num_classes,
-                "classifier": "head",
-            },
-        }
-    }
+    name = f"mixer_{size}{config.patch_size}_{image_hw(config.image_size)[0]}"
+    return timm_write(
+        name, config, extra, args, global_pool="avg", fixed_input_size=True, classifier="head"
+    )
 
 
 def _alias(config: MixerConfig, tag: str) -> Alias:

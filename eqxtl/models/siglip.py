@@ -37,8 +37,10 @@ from ._arch import (
     claims_timm,
     count_blocks,
     square_side,
+    timm_act,
     timm_meta,
     timm_preprocessing,
+    timm_write,
 )
 from ._layout import (
     CONV_HWIO,
@@ -394,39 +396,21 @@ def _timm_config(meta: Meta, shapes: Shapes) -> SiglipVisionConfig | None:
         config = dataclasses.replace(config, num_attention_heads=int(args["num_heads"]))
     if "img_size" in args:
         config = dataclasses.replace(config, image_size=image_hw(args["img_size"]))
-    tanh = args.get("act_layer") in ("gelu_tanh", "gelu_new")
-    return dataclasses.replace(config, hidden_act="gelu_pytorch_tanh" if tanh else "gelu")
+    return dataclasses.replace(config, hidden_act=timm_act(args))
 
 
 def _timm_write(config: SiglipVisionConfig, extra: dict) -> dict[str, dict]:
     size = {768: "base", 1024: "large", 1152: "so400m"}.get(config.hidden_size, "base")
-    h, w = image_hw(config.image_size)
-    num_classes = extra["num_labels"] or 0
     args = {
         "embed_dim": config.hidden_size,
         "depth": config.num_hidden_layers,
         "num_heads": config.num_attention_heads,
         "mlp_ratio": config.intermediate_size / config.hidden_size,
         "patch_size": config.patch_size,
-        "img_size": [h, w],
-        "in_chans": config.num_channels,
         "class_token": False,
-        "global_pool": "map",
-        "num_classes": num_classes,
     }
-    if config.hidden_act != "gelu":
-        args["act_layer"] = "gelu_tanh"
-    pre: Preprocessing = extra["preprocessing"]
-    return {
-        "config.json": {
-            "architecture": f"vit_{size}_patch{config.patch_size}_siglip_{h}",
-            "num_classes": num_classes,
-            "num_features": config.hidden_size,
-            "global_pool": "map",
-            "model_args": args,
-            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
-        }
-    }
+    name = f"vit_{size}_patch{config.patch_size}_siglip_{image_hw(config.image_size)[0]}"
+    return timm_write(name, config, extra, args, global_pool="map")
 
 
 def _resize(
