@@ -16,9 +16,10 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from skimage import data as skdata
 
 import eqxtl
-from eqxtl.models.siglip import SIGLIP_B16, SiglipVisionConfig
+from eqxtl.models.siglip import PREPROCESSING, SIGLIP_B16, SiglipVisionConfig
 from tests._batching import assert_batch_native_matches_vmap
 from tests._blocks import assert_blocks_work
 from tests._tiny import tiny
@@ -77,10 +78,20 @@ def test_parity_base(base):
     directory, x, pooled, hidden = base
     model, state = eqxtl.from_pretrained(directory)
     assert model.config == SIGLIP_B16
+    assert eqxtl.preprocessing_for(model) == PREPROCESSING
     # one batch-native forward; features = the MAP head on the post-norm tokens
     tokens, features = eqx.filter_jit(_tokens_and_features)(model, x)
     assert rel_err(tokens, hidden) <= TOL
     assert rel_err(features, pooled) <= TOL
+
+
+def test_preprocessing_matches_the_siglip_processor():
+    """Both sides resized to 224 (no crop, aspect ratio not kept), bicubic, mean = std = 0.5:
+    transformers' SiglipImageProcessorPil on a non-square photo."""
+    processor = transformers.SiglipImageProcessorPil()
+    image = skdata.chelsea()  # (300, 451, 3)
+    want = processor(images=image, return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(eqxtl.preprocess(image, PREPROCESSING), want, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class Preprocessing:
     - `scale`: multiplies the uint8 pixel values before normalising (``1/255``).
     - `interpolation`: PIL resampling filter, ``"bicubic"``, ``"bilinear"``, ``"nearest"``,
       ``"lanczos"``, ``"box"`` or ``"hamming"``.
+    - `squash`: resize both sides straight to ``crop`` (aspect ratio not kept, no crop), as
+      SigLIP's image processor and big_vision do, instead of shortest side + center crop.
     """
 
     resize: int = 224
@@ -57,6 +59,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     scale: float = 1 / 255
     interpolation: str = "bicubic"
+    squash: bool = False
 
     def __post_init__(self):
         for name in ("mean", "std"):  # tuples of floats: hashable, comparable

@@ -212,11 +212,15 @@ class SiglipVision(eqx.Module):
 # --------------------------------------------------------------------------------------
 
 PREPROCESSING = Preprocessing(
-    resize=224, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic"
+    resize=224,
+    crop=224,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    interpolation="bicubic",
+    squash=True,
 )
-"""``SiglipImageProcessor``: bicubic resize to 224, /255, mean = std = 0.5. (The processor
-resizes both sides to 224 without keeping the aspect ratio; ``Preprocessing`` resizes the
-shortest side and center-crops: the same for square images.)"""
+"""``SiglipImageProcessor``: bicubic resize of both sides to 224 (no crop), /255, mean =
+std = 0.5."""
 
 _LAYER = "encoder.layers.{i}"
 
