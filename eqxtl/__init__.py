@@ -43,6 +43,8 @@ from .fit import fit as fit
 from .fit import predict as predict
 from .fit import warmup_cosine as warmup_cosine
 from .models.clip import PREPROCESSING as CLIP_PREPROCESSING  # noqa: F401
+from .models.dinov2 import Dinov2 as Dinov2
+from .models.dinov2 import Dinov2Config as Dinov2Config
 from .models.efficientnet import PREPROCESSING as LITE0_PREPROCESSING  # noqa: F401
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
@@ -52,6 +54,8 @@ from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
 from .models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # noqa: F401
+from .models.vit import ViT as ViT
+from .models.vit import ViTConfig as ViTConfig
 from .optim import blocks as blocks
 from .optim import decay_mask as decay_mask
 from .optim import last_blocks as last_blocks
