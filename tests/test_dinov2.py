@@ -221,3 +221,19 @@ def test_input_checks_and_aliases():
     pre = DINOV2.preprocessing(DINOV2_S14)
     assert (pre.resize, pre.crop, pre.interpolation) == (256, 224, "bicubic")
     assert same_tree(model, model)
+
+
+def test_transformers5_state_dict_names(tiny, tmp_path):
+    """transformers 5's in-memory names (``attention.q_proj`` ...) load like its files'."""
+    import shutil
+
+    import safetensors.torch
+
+    directory, reference_model = tiny[2]
+    tensors = {k: v.contiguous() for k, v in reference_model.state_dict().items()}
+    assert "encoder.layer.0.attention.q_proj.weight" in tensors
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(directory / "config.json", tmp_path)
+    raw, _ = eqxtl.from_pretrained(tmp_path)
+    saved, _ = eqxtl.from_pretrained(directory)
+    assert same_tree(raw, saved)

@@ -240,3 +240,20 @@ def test_config_and_aliases():
     assert ViTConfig(image_size=[224, 160]).grid == (14, 10)
     with pytest.raises(ValueError, match="multiple"):
         ViTConfig(image_size=100)
+
+
+def test_transformers5_state_dict_names(tiny, tmp_path):
+    """transformers 5 holds ViT's blocks as ``layers.N`` with ``q_proj`` ... in memory (its
+    files keep the hub names): a raw ``state_dict()`` loads to the same model."""
+    import shutil
+
+    import safetensors.torch
+
+    root, _, reference = tiny
+    tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    assert "vit.layers.0.attention.q_proj.weight" in tensors
+    safetensors.torch.save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(root / "classifier" / "config.json", tmp_path)
+    raw, _ = eqxtl.from_pretrained(tmp_path, keep_head=True)
+    saved, _ = eqxtl.from_pretrained(root / "classifier", keep_head=True)
+    assert same_tree(raw, saved)

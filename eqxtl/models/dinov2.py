@@ -37,6 +37,7 @@ from .vit import (
     count_layers,
     hf_fields,
     resize_positions,
+    runtime_attention_rules,
     square_grid,
     square_preprocessing,
     timm_block_rules,
@@ -242,6 +243,11 @@ _PREFIXES = r"(dinov2\.|dinov2_with_registers\.)?"
 _TRANSFORMERS_KEYS = KeyMap(
     (
         Drop(_PREFIXES + r"embeddings\.mask_token"),
+        *[
+            rule
+            for prefix in ("dinov2.", "dinov2_with_registers.", "")
+            for rule in runtime_attention_rules(prefix + _LAYER, _LAYER)
+        ],
         *[Map("dinov2." + top, top, save="head") for top in _TOP],
         *[Map("dinov2_with_registers." + top, top, save=False) for top in _TOP],
         *[Map(top, top, save="backbone") for top in _TOP],

@@ -414,9 +414,35 @@ _QKV = tuple(f"{_LAYER}.attention.attention.{p}" for p in ("query", "key", "valu
 
 # ---- transformers: `ViTModel` bare; `ViTForImageClassification` under `vit.` + classifier.
 _TOP = ("embeddings", "encoder", "layernorm", "pooler")
+
+
+def runtime_attention_rules(theirs: str, ours: str) -> tuple[Map, ...]:
+    """Read-only rules for transformers 5's in-memory attention names (``q_proj`` ...
+    ``o_proj``, what ``model.state_dict()`` holds; its files keep the hub names) under the
+    layer paths ``theirs`` -> ``ours``."""
+    names = {"q_proj": "attention.query", "k_proj": "attention.key", "v_proj": "attention.value"}
+    names["o_proj"] = "output.dense"
+    return tuple(
+        Map(f"{theirs}.attention.{t}", f"{ours}.attention.{o}", save=False)
+        for t, o in names.items()
+    )
+
+
+# transformers 5 `ViTModel.state_dict()`: `layers.{i}` with q/k/v/o_proj and mlp.fc1/fc2.
+_RUNTIME = tuple(
+    rule
+    for prefix in ("vit.", "")
+    for rule in (
+        *runtime_attention_rules(prefix + "layers.{i}", _LAYER),
+        Map(prefix + "layers.{i}.mlp.fc1", f"{_LAYER}.intermediate.dense", save=False),
+        Map(prefix + "layers.{i}.mlp.fc2", f"{_LAYER}.output.dense", save=False),
+        Map(prefix + "layers.{i}", _LAYER, save=False),
+    )
+)
 _TRANSFORMERS_KEYS = KeyMap(
     (
         Drop(r"(vit\.)?embeddings\.mask_token"),
+        *_RUNTIME,
         *[Map("vit." + top, top, save="head") for top in _TOP],
         *[Map(top, top, save="backbone") for top in _TOP],
         Map("classifier", "head"),
