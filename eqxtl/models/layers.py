@@ -489,15 +489,21 @@ class MLP(eqx.Module):
 
 
 def multihead_attention(
-    q: Float[Array, "*b tq d"], k: Float[Array, "*b t d"], v: Float[Array, "*b t d"], heads: int
+    q: Float[Array, "*b tq d"],
+    k: Float[Array, "*b t d"],
+    v: Float[Array, "*b t d"],
+    heads: int,
+    *,
+    causal: bool = False,
 ) -> Float[Array, "*b tq d"]:
     """Scaled dot-product attention of projected queries, keys and values split into
-    ``heads`` heads (softmax in float32); heads merged back."""
+    ``heads`` heads (softmax in float32); heads merged back. ``causal``: each query attends
+    to its own position and those before it."""
 
     def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
         return y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
 
-    o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+    o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
     return o.reshape(q.shape)
 
 
