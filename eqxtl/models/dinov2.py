@@ -15,7 +15,6 @@ image_size=N)`` resamples them once instead). The SwiGLU MLP of the giant models
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -26,7 +25,17 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
 from ._layout import Drop, KeyMap, Map, Op
 from .layers import MLP, LayerNorm, PatchEmbedding, image_hw
 from .vit import (
@@ -41,9 +50,7 @@ from .vit import (
     square_grid,
     square_preprocessing,
     timm_block_rules,
-    timm_meta,
     timm_model_args,
-    timm_preprocessing,
     timm_size_name,
     timm_write,
 )
@@ -423,12 +430,7 @@ def _transformers_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
     return {"config.json": out}
 
 
-_TIMM_DINOV2 = re.compile(r"vit_\w+_patch\d+_(reg\d+_)?dinov2")
-
-
-def _timm_claims(meta: Meta) -> bool:
-    cfg = timm_meta(meta)
-    return cfg is not None and bool(_TIMM_DINOV2.fullmatch(cfg["architecture"].split(".")[0]))
+_TIMM_DINOV2 = r"vit_\w+_patch\d+_(reg\d+_)?dinov2"
 
 
 def _timm_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
@@ -487,7 +489,7 @@ DINOV2 = Architecture(
             "timm",
             _TIMM_KEYS,
             signature=(r"cls_token", r"blocks\.0\.ls1\.gamma", r"blocks\.0\.attn\.qkv\.weight"),
-            claims=_timm_claims,
+            claims=claims_timm(_TIMM_DINOV2),
             read_config=_timm_config,
             write_config=_timm_write,
             preprocessing=timm_preprocessing,

@@ -497,8 +497,8 @@ def multihead_attention(
     causal: bool = False,
 ) -> Float[Array, "*b tq d"]:
     """Scaled dot-product attention of projected queries, keys and values split into
-    ``heads`` heads (softmax in float32); heads merged back. ``causal``: each query sees
-    its predecessors and itself (self-attention only)."""
+    ``heads`` heads (softmax in float32); heads merged back. ``causal``: each query attends
+    to its own position and those before it."""
 
     def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
         return y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)

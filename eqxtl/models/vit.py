@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,8 +29,18 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
-from ._layout import CONV_HWIO, SPLIT3, TRANSPOSE, Drop, KeyMap, Map, merged_heads
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
+from ._layout import CONV_HWIO, TRANSPOSE, Drop, KeyMap, Map, merged_heads, packed
 from .layers import (
     ACTIVATIONS,
     LayerNorm,
@@ -453,10 +462,10 @@ _TRANSFORMERS_KEYS = KeyMap(
 def timm_block_rules(layer: str, names: Mapping[str, str]) -> tuple[Map, ...]:
     """timm ``blocks.{i}`` rules onto a transformers-named ``layer`` (``names``: timm
     sub-module -> ours, besides the packed ``attn.qkv`` and ``attn.proj``)."""
-    qkv = tuple(f"{layer}.attention.attention.{p}" for p in ("query", "key", "value"))
+    qkv = ("query", "key", "value")
     return (
-        Map("blocks.{i}.attn.qkv.weight", tuple(q + ".weight" for q in qkv), SPLIT3),
-        Map("blocks.{i}.attn.qkv.bias", tuple(q + ".bias" for q in qkv), SPLIT3),
+        packed("blocks.{i}.attn.qkv.weight", f"{layer}.attention.attention.*.weight", qkv),
+        packed("blocks.{i}.attn.qkv.bias", f"{layer}.attention.attention.*.bias", qkv),
         Map("blocks.{i}.attn.proj", f"{layer}.attention.output.dense"),
         *[Map(f"blocks.{{i}}.{theirs}", f"{layer}.{ours}") for theirs, ours in names.items()],
     )
@@ -628,7 +637,7 @@ def _transformers_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
 
 # timm ViT architectures eqxtl builds: plain class-token ViTs (not CLIP / DINOv2 / SigLIP
 # towers, which have their own eqxtl architectures).
-_TIMM_VIT = re.compile(r"vit_(tiny|small|base|medium|large|huge|giant)_patch\d+_\d+")
+_TIMM_VIT = r"vit_(tiny|small|base|medium|large|huge|giant)_patch\d+_\d+"
 _TIMM_UNSUPPORTED = {
     "class_token": False,
     "no_embed_class": True,
@@ -637,19 +646,6 @@ _TIMM_UNSUPPORTED = {
     "qk_norm": True,
     "dynamic_img_size": True,
 }
-
-
-def timm_meta(meta: Meta) -> Mapping[str, Any] | None:
-    """A timm hub ``config.json`` (``architecture`` and no ``model_type``), or None."""
-    cfg = meta.get("config.json")
-    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
-        return None
-    return cfg
-
-
-def _timm_claims(meta: Meta) -> bool:
-    cfg = timm_meta(meta)
-    return cfg is not None and bool(_TIMM_VIT.fullmatch(cfg["architecture"].split(".")[0]))
 
 
 def timm_model_args(cfg: Mapping[str, Any], unsupported: Mapping[str, Any]) -> dict[str, Any]:
@@ -697,11 +693,6 @@ def _timm_config(meta: Meta, shapes: Shapes) -> ViTConfig | None:
 def _timm_image_size(value: Any) -> int | tuple[int, int]:
     h, w = image_hw(value)
     return h if h == w else (h, w)
-
-
-def timm_preprocessing(meta: Meta) -> Preprocessing | None:
-    cfg = timm_meta(meta)
-    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
 
 
 def timm_size_name(hidden: int) -> str:
@@ -786,7 +777,7 @@ VIT = Architecture(
             "timm",
             _TIMM_KEYS,
             signature=(r"cls_token", r"patch_embed\.proj\.bias", r"blocks\.0\.attn\.qkv\.weight"),
-            claims=_timm_claims,
+            claims=claims_timm(_TIMM_VIT),
             read_config=_timm_config,
             write_config=_timm_write,
             preprocessing=timm_preprocessing,
