@@ -516,6 +516,11 @@ def save_pretrained(
             f"The {lay.name} layout of {arch.name} has no name for {e.args[0]!r}; save in "
             f"another layout ({[x.name for x in arch.layouts]})."
         ) from None
+    except ValueError as e:  # a layout eqxtl reads but does not write
+        raise CheckpointError(
+            f"eqxtl does not write the {lay.name} layout of {arch.name} ({e}); save in "
+            f"another layout ({[x.name for x in arch.layouts]})."
+        ) from None
     extra = {
         "num_labels": model.num_classes if with_head else None,
         "preprocessing": preprocessing_for(backbone),
