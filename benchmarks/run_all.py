@@ -109,13 +109,18 @@ def _dtypes(framework: str, args) -> list[str]:
 
 def step_commands(args, frameworks: list[str]) -> list[list[str]]:
     """The child processes of the step benchmarks, in running order."""
+
+    def models_of(framework: str) -> list[str]:
+        return [m for m in args.models if framework != "flax" or m in C.FLAX_MODELS]
+
     if args.process_per == "framework":
         # In the order given (accelerator.py puts the slow-compiling torch-compile last, so
         # that a spent budget cuts the least).
         return [
-            _command(f, args, args.models, args.workloads, dtype)
+            _command(f, args, models_of(f), args.workloads, dtype)
             for f in frameworks
             for dtype in _dtypes(f, args)
+            if models_of(f)
         ]
     return [
         _command(f, args, model, workload, dtype)
@@ -123,7 +128,7 @@ def step_commands(args, frameworks: list[str]) -> list[list[str]]:
         for workload in args.workloads
         for dtype in ("f32", "bf16")
         for f in frameworks
-        if dtype in _dtypes(f, args)
+        if dtype in _dtypes(f, args) and model in models_of(f)
     ]
 
 

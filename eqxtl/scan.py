@@ -1,7 +1,7 @@
 """Opt-in ``jax.lax.scan`` over a backbone's repeated blocks: compile time that does not
 grow with depth.
 
-    model = eqxtl.with_scan(model)          # a Classifier or a bare backbone (CLIP)
+    model = eqxtl.with_scan(model)          # a Classifier or a bare transformer backbone
     model = eqxtl.with_scan(model, False)   # back to one unrolled copy per block
 
 The model keeps its blocks as a Python list (``encoder.layers.N``): its pytree, paths,
@@ -56,7 +56,9 @@ def with_scan(model: T, enabled: bool = True) -> T:
     Raises ``EqxtlError`` if nothing in ``model`` supports it (ResNet, EfficientNet), so
     that the option never silently does nothing.
     """
-    return with_static_flag(model, FIELD, enabled, "scanning blocks", "CLIP backbones")
+    return with_static_flag(
+        model, FIELD, enabled, "scanning blocks", "CLIP (both towers), SigLIP, ViT and DINOv2"
+    )
 
 
 def _signature(block: Any) -> tuple:

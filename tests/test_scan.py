@@ -229,3 +229,25 @@ def test_text_tower_scans_too():
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_vit_scans_too():
+    from eqxtl.models.vit import ViT, ViTConfig
+
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+    )
+    vit, state = eqx.nn.make_with_state(ViT)(config, key=jax.random.key(0))
+    scanned = eqxtl.with_scan(vit)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 16, 16)), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda m: m(x, state)[0])(scanned)
+    assert scans_in(jaxpr) == [2]  # the last block computes the class token alone
+    for fn in (lambda m: m(x, state)[0], lambda m: m.hidden_states(x)):
+        np.testing.assert_allclose(
+            eqx.filter_jit(fn)(scanned), eqx.filter_jit(fn)(vit), rtol=1e-5, atol=1e-5
+        )
