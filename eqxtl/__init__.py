@@ -6,6 +6,10 @@ differentiates only what trains.
 """
 
 from ._paths import paths as paths
+from .callbacks import EarlyStopping as EarlyStopping
+from .callbacks import Lambda as Lambda
+from .callbacks import LRSchedule as LRSchedule
+from .callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from .checkpoint import state_dict as state_dict
 from .data import CLIP_PREPROCESSING as CLIP_PREPROCESSING
 from .data import IMAGENET_PREPROCESSING as IMAGENET_PREPROCESSING
@@ -39,9 +43,12 @@ from .filters import frozen as frozen
 from .filters import summary as summary
 from .filters import trainable as trainable
 from .fit import FitResult as FitResult
+from .fit import Phase as Phase
+from .fit import Run as Run
 from .fit import evaluate as evaluate
 from .fit import fit as fit
 from .fit import predict as predict
+from .fit import two_phases as two_phases
 from .fit import warmup_cosine as warmup_cosine
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
@@ -63,11 +70,16 @@ from .pretrained import from_config as from_config
 from .pretrained import from_pretrained as from_pretrained
 from .pretrained import save_pretrained as save_pretrained
 from .remat import with_remat as with_remat
+from .tasks import Classification as Classification
+from .tasks import MultiLabel as MultiLabel
+from .tasks import Regression as Regression
+from .tasks import Task as Task
 from .train import batched as batched
 from .train import batchnorm_modes as batchnorm_modes
 from .train import classification_loss as classification_loss
 from .train import cross_entropy as cross_entropy
 from .train import make_eval_step as make_eval_step
 from .train import make_step as make_step
+from .train import task_loss as task_loss
 
 __version__ = "0.1.0"

@@ -320,7 +320,9 @@ def _trains_something(model, spec) -> bool:
             "The spec does not have the model's structure: build it from this model "
             "(eqxtl.trainable(model, ...))."
         ) from None
-    return any(bool(o) and eqx.is_inexact_array(x) and x.size for x, o in zip(flat, on))
+    return any(
+        bool(o) and eqx.is_inexact_array(x) and x.size for x, o in zip(flat, on, strict=True)
+    )
 
 
 def _union(specs: list) -> Any:
@@ -495,7 +497,7 @@ def fit(
         seed=seed,
         batch_size=int(getattr(train, "batch_size", batch_size)),
         train_length=len(getattr(train, "source", train)),
-        steps=[int(n) for n in lengths],
+        phase_steps=[int(n) for n in lengths[:-1]],  # the last phase may grow
         task=repr(task),
         bn=[p.bn for p in phases],
     )

@@ -356,7 +356,6 @@ class RunDir:
             for record in new:
                 f.write(dumps(record) + "\n")
 
-
     def plot(self, history: list[dict]) -> None:
         if not history:
             return
