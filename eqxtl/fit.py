@@ -329,6 +329,11 @@ def _union(specs: list) -> Any:
     return jax.tree.map(lambda *xs: any(bool(x) for x in xs), *specs)
 
 
+def _class_names(loader, num_classes: int) -> list[str] | None:
+    names = getattr(getattr(loader, "source", loader), "class_names", None)
+    return list(names) if names is not None and len(names) == num_classes else None
+
+
 def _default_best(task: Task, has_test: bool) -> str:
     if has_test:
         return "test_accuracy" if "accuracy" in task.metrics else "test_loss"
@@ -465,6 +470,13 @@ def fit(
             seed=seed,
             num_workers=num_workers,
         )
+
+    def with_info(m):  # recorded in checkpoints; predict(labels=True) uses them
+        if not isinstance(m, Classifier):
+            return m
+        names = _class_names(train, m.num_classes)
+        return m.with_training_info(names, getattr(train, "preprocessing", None))
+
     steps_per_epoch = len(train)
     if steps_per_epoch == 0:
         raise DataError("The training data is empty.")
@@ -547,6 +559,7 @@ def fit(
             eval_every=eval_every,
             checkpoint_every=checkpoint_every,
             max_nonfinite=max_nonfinite,
+            with_info=with_info,
             compute_dtype=compute_dtype,
             mesh=mesh,
             batch_size=batch_size,
@@ -566,7 +579,7 @@ def fit(
                 loop.bar.close()
         _call(callbacks, "on_fit_end", run)
     return FitResult(
-        run.model, run.state, run.opt_state, run.history, run.step, out_dir, run.stopped
+        with_info(run.model), run.state, run.opt_state, run.history, run.step, out_dir, run.stopped
     )
 
 
@@ -606,6 +619,7 @@ class _Loop:
     batch_size: int
     progress: bool
     scales_lr: bool
+    with_info: Callable
     bar: Any = None
     guard: dict | None = None
 
@@ -744,7 +758,7 @@ class _Loop:
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
         }
-        self.folder.save(links, run.model, run.state, run.opt_state, meta)
+        self.folder.save(links, run.model, run.state, run.opt_state, meta, self.with_info)
 
     def _postfix(self, acc, images, since, record=None) -> dict:
         out = {}

@@ -12,7 +12,7 @@ from typing import Any
 import equinox as eqx
 import numpy as np
 
-from . import checkpoint, hub
+from . import checkpoint, hub, labels
 from .models._arch import Architecture
 from .models.heads import Classifier
 from .models.registry import ARCHITECTURES, REGISTRY, architecture_of
@@ -128,7 +128,7 @@ def from_pretrained(
     config: Any = None,
     architecture: str | None = None,
     ignore: Iterable[str] = (),
-    keep_head: bool = False,
+    keep_head: bool | None = None,
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[eqx.Module, eqx.nn.State]:
@@ -148,7 +148,9 @@ def from_pretrained(
     - `ignore`: regexes (full match on original or canonical key, or a module prefix) of
       checkpoint keys to leave out.
     - `keep_head`: return ``Classifier(backbone, head=<pretrained head>)`` so that the
-      checkpoint's own predictions (e.g. ImageNet classes) can be checked.
+      checkpoint's own predictions (e.g. ImageNet classes) can be checked. Default: only
+      for a folder that ``save_pretrained`` wrote from a ``Classifier``, which comes back
+      whole (head, class names, training preprocessing).
     - `dtype`: cast floating weights (default: as stored).
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
@@ -179,6 +181,8 @@ def from_pretrained(
     backbone, state = checkpoint.fill(
         checkpoint.skeleton(arch, config), backbone_tensors, source=source_name, dtype=dtype
     )
+    if keep_head is None:
+        keep_head = labels.written_by_eqxtl(hf_config)
     if not keep_head:
         return backbone, state
     if not head_names:
@@ -196,7 +200,10 @@ def from_pretrained(
     )
     head_tensors = _Renamed(tensors, {n[len("head.") :]: k for n, k in head_names.items()})
     head, _ = checkpoint.fill(head_skeleton, head_tensors, source=source_name, dtype=dtype)
-    return Classifier(backbone, head=head), state
+    info = (
+        labels.training_info(hf_config, source_name) if labels.written_by_eqxtl(hf_config) else {}
+    )
+    return Classifier(backbone, head=head, **info), state
 
 
 def from_config(
@@ -285,6 +292,8 @@ def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | o
         # every key they expect.
         tensors[name.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
     config = arch.config_to_hf(backbone.config, num_labels)
+    if with_head:
+        config.update(labels.head_config(model))
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

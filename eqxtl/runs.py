@@ -259,8 +259,11 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return any((self.path / link / META).is_file() for link in LINKS)
 
-    def save(self, links: tuple[str, ...], model, state, opt_state, meta: dict) -> Path:
-        """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it."""
+    def save(
+        self, links: tuple[str, ...], model, state, opt_state, meta: dict, export=None
+    ) -> Path:
+        """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it
+        (``export(model)``: the model ``save_pretrained`` writes, e.g. with class names)."""
         from .pretrained import save_pretrained
 
         if not all_finite((model, state)):
@@ -276,7 +279,7 @@ class RunDir:
         try:
             with open(tmp / TRAIN_STATE, "wb") as f:
                 eqx.tree_serialise_leaves(f, (model, state, opt_state))
-            save_pretrained(model, state, tmp)
+            save_pretrained(model if export is None else export(model), state, tmp)
             (tmp / META).write_text(dumps(meta, indent=1))
             _fsync_tree(tmp)
             os.rename(tmp, ckpts / name)

@@ -249,3 +249,38 @@ def test_bad_bn_mode_is_named(clip_parts):
     with pytest.raises(eqxtl.EqxtlError, match="bn must be one of"):
         eqxtl.fit(model, state, optax.adam(1e-3), eqxtl.trainable(model, "head"),
                   colour_batches(1, 0, kind="multilabel"), bn="inference")  # fmt: skip
+
+
+def test_a_fine_tuned_folder_reloads_whole(tmp_path):
+    """Head, class names (id2label/label2id as transformers writes them) and the training
+    preprocessing come back in one from_pretrained call; predict names the classes."""
+    backbone, state = tiny("clip", 0)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    preprocessing = eqxtl.Preprocessing(resize=36, crop=32, interpolation="bilinear")
+    train = colour_source(24, 0)
+    result = eqxtl.fit(
+        model,
+        state,
+        optax.adam(3e-2),
+        eqxtl.trainable(model, "head"),
+        train,
+        epochs=6,
+        batch_size=8,
+        preprocessing=preprocessing,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert config["id2label"] == {"0": "red", "1": "green", "2": "blue"}
+    assert config["label2id"] == {"red": 0, "green": 1, "blue": 2}
+    loaded, loaded_state = eqxtl.from_pretrained(tmp_path / "best")  # no keep_head needed
+    assert isinstance(loaded, eqxtl.Classifier)
+    assert loaded.class_names == ("red", "green", "blue")
+    assert eqxtl.preprocessing_for(loaded) == preprocessing
+    np.testing.assert_array_equal(loaded.head.weight, result.model.head.weight)
+    names = eqxtl.predict(loaded, loaded_state, list(train.images[:6]), labels=True)
+    assert names == [train.class_names[i] for i in train.labels[:6]]
+    # a bare backbone folder still loads as a backbone
+    eqxtl.save_pretrained(backbone, state, tmp_path / "backbone")
+    again, _ = eqxtl.from_pretrained(tmp_path / "backbone")
+    assert not isinstance(again, eqxtl.Classifier)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,8 @@ class Classifier(eqx.Module):
 
     backbone: eqx.Module
     head: eqx.nn.Linear
+    class_names: tuple[str, ...] | None = eqx.field(static=True)
+    preprocessing: Any = eqx.field(static=True)
 
     def __init__(
         self,
@@ -28,6 +32,8 @@ class Classifier(eqx.Module):
         key: PRNGKeyArray | None = None,
         zero_init: bool = False,
         head: eqx.nn.Linear | None = None,
+        class_names: tuple[str, ...] | None = None,
+        preprocessing: Any = None,
     ):
         """**Arguments:**
 
@@ -36,10 +42,17 @@ class Classifier(eqx.Module):
         - `zero_init`: start the new head at zero weights and bias (the Flax guide's choice:
           the first logits are uniform, so the loss starts at log(num_classes)).
         - `head`: an existing ``eqx.nn.Linear`` instead (e.g. a pretrained ImageNet head).
+        - `class_names`, `preprocessing`: what the head was trained on (``fit`` sets them
+          from the training data); ``save_pretrained`` writes them into ``config.json``
+          (``id2label``/``label2id``, ``eqxtl.preprocessing``), ``from_pretrained`` reads them
+          back, ``predict(..., labels=True)`` names classes with them.
         """
         self.backbone = backbone
+        self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
+        self.preprocessing = preprocessing
         if head is not None:
             self.head = head
+            self._check_names()
             return
         if num_classes is None or num_classes < 1:
             raise ValueError(f"Classifier needs num_classes >= 1, got {num_classes!r}.")
@@ -56,6 +69,23 @@ class Classifier(eqx.Module):
                 (jnp.zeros_like(linear.weight), jnp.zeros_like(linear.bias)),
             )
         self.head = linear
+        self._check_names()
+
+    def _check_names(self) -> None:
+        if self.class_names is not None and len(self.class_names) != self.head.out_features:
+            raise ValueError(
+                f"{len(self.class_names)} class names for a head of {self.head.out_features} "
+                "classes."
+            )
+
+    def with_training_info(self, class_names=None, preprocessing=None) -> Classifier:
+        """This classifier with its class names and training preprocessing recorded."""
+        return Classifier(
+            self.backbone,
+            head=self.head,
+            class_names=class_names if class_names is not None else self.class_names,
+            preprocessing=preprocessing if preprocessing is not None else self.preprocessing,
+        )
 
     @property
     def num_classes(self) -> int:

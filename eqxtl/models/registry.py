@@ -82,7 +82,10 @@ def architecture_of(backbone) -> Architecture:
 
 
 def preprocessing_for(model) -> Preprocessing:
-    """The eval preprocessing matching ``model``'s checkpoint (a backbone or Classifier)."""
+    """The eval preprocessing matching ``model``'s checkpoint (a backbone or Classifier; a
+    Classifier trained by ``fit`` uses its training preprocessing)."""
+    if getattr(model, "preprocessing", None) is not None:
+        return model.preprocessing
     backbone = getattr(model, "backbone", model)
     arch = architecture_of(backbone)
     p = _PREPROCESSING[arch.name]
