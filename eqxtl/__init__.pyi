@@ -6,6 +6,7 @@ from .callbacks import EarlyStopping as EarlyStopping
 from .callbacks import Lambda as Lambda
 from .callbacks import LRSchedule as LRSchedule
 from .callbacks import ReduceLROnPlateau as ReduceLROnPlateau
+from .callbacks import TensorBoard as TensorBoard
 from .checkpoint import state_dict as state_dict
 from .data import CLIP_PREPROCESSING as CLIP_PREPROCESSING
 from .data import IMAGENET_PREPROCESSING as IMAGENET_PREPROCESSING

@@ -136,3 +136,42 @@ class Lambda:
     on_eval: Callable[[Any, dict], None] | None = None
     on_phase_begin: Callable[[Any], None] | None = None
     on_fit_end: Callable[[Any], None] | None = None
+
+
+@dataclasses.dataclass
+class TensorBoard:
+    """TensorBoard event files (needs the ``tensorboard`` extra: ``tensorboardX``): the
+    training loss of every step (``train/step_loss``) and each evaluation's metrics
+    (``train/loss``, ``test/accuracy``, ``images_per_sec``...). ``log_dir`` defaults to
+    ``<out_dir>/tensorboard``. Written at each evaluation, where the loop syncs anyway."""
+
+    log_dir: str | None = None
+    _writer: Any = dataclasses.field(default=None, repr=False)
+    _written: int = 0
+
+    def on_phase_begin(self, run) -> None:
+        if self._writer is not None:
+            return
+        from tensorboardX import SummaryWriter
+
+        log_dir = self.log_dir or (run.out_dir / "tensorboard" if run.out_dir else None)
+        if log_dir is None:
+            raise TrainingError("TensorBoard needs log_dir= or a fit out_dir.")
+        # on resume, drop events past the resumed step (the run repeats them)
+        self._writer = SummaryWriter(str(log_dir), purge_step=run.step or None)
+        self._written = len(run.step_losses)
+
+    def on_eval(self, run, record: dict) -> None:
+        for s in run.step_losses[self._written :]:
+            self._writer.add_scalar("train/step_loss", s["loss"], s["step"])
+        self._written = len(run.step_losses)
+        for key, value in record.items():
+            if key.startswith(("train_", "test_")) or key == "images_per_sec":
+                if isinstance(value, float) and math.isfinite(value):
+                    self._writer.add_scalar(key.replace("_", "/", 1), value, record["step"])
+        self._writer.flush()
+
+    def on_fit_end(self, run) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, help="run folder (default runs/<data>-<model>)")
     train.add_argument("--restart", action="store_true", help="start over (no resume)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--tensorboard", action="store_true", help="event files in <out>/tensorboard"
+    )
 
     ev = sub.add_parser("eval", help="loss and accuracy of a fine-tuned model on a folder")
     ev.add_argument("--model", required=True, help="a folder written by eqxtl train")
@@ -177,6 +180,7 @@ def _train(args, rules) -> int:
         out_dir=out,
         resume=not args.restart,
         progress=not args.quiet,
+        callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
     )
     print(json.dumps({"out": str(out), "best": str(out / "best"), **result.final}))
     return 0

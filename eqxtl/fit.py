@@ -261,6 +261,7 @@ class Run:
         self.out_dir = out_dir
         self.model = self.state = self.opt_state = None
         self.history: list[dict] = []
+        self.step_losses: list[dict] = []  # {"step", "phase", "loss"} of every step so far
         self.stopped: str | None = None
         self._lr_scale: float | None = None
 
@@ -532,7 +533,10 @@ def fit(
                 if found is not None:
                     (model, state, opt_state), meta, _ = found
             folder.write_signature(sig)
-            folder.write_history(meta["history"] if meta else [], restart=True)
+            run.step_losses = folder.read_steps(meta["step"] if meta else 0)
+            folder.write_history(
+                meta["history"] if meta else [], steps=run.step_losses, restart=True
+            )
         if meta is None:
             # The step may donate what trains: work on a copy so that the caller's model
             # stays usable (e.g. for a second fit from the same pretrained weights).
@@ -622,6 +626,7 @@ class _Loop:
     with_info: Callable
     bar: Any = None
     guard: dict | None = None
+    pending: list = dataclasses.field(default_factory=list)
 
     def phase(self, i: int, phase: Phase, optimizer, end: int, resumed: bool) -> None:
         run = self.run
@@ -677,6 +682,7 @@ class _Loop:
                     acc = _zero_sums(metrics)
                 run.step += 1
                 acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
+                self.pending.append((run.step, metrics["loss"]))
                 run.model, run.state, run.opt_state = model, state, opt_state
                 images += int(np.sum(batch["mask"])) if "mask" in batch else self.batch_size
                 if per_step:
@@ -704,13 +710,29 @@ class _Loop:
                 if run.step >= end:
                     break
 
+    def flush_losses(self) -> None:
+        """Fetch the per-step losses gathered since the last flush (the loop calls this
+        where it waits for the device anyway) into ``run.step_losses`` and the run folder."""
+        if not self.pending:
+            return
+        values = jax.device_get([loss for _, loss in self.pending])
+        new = [
+            {"step": s, "phase": self.run.phase, "loss": float(v)}
+            for (s, _), v in zip(self.pending, values, strict=True)
+        ]
+        self.pending = []
+        self.run.step_losses.extend(new)
+        if self.folder is not None:
+            self.folder.append_steps(new)
+
     def check(self) -> None:
         """Raise ``TrainingError`` when more non-finite steps happened than allowed."""
+        self.flush_losses()
         guard = jax.device_get(self.guard)
         if float(guard["nonfinite"]) <= self.max_nonfinite:
             return
         if self.folder is not None:
-            self.folder.write_history(self.run.history)
+            self.folder.write_history(self.run.history, steps=self.run.step_losses)
         n, first = int(guard["nonfinite"]), int(guard["first_bad"])
         last = float(guard["last_loss"])
         raise TrainingError(
@@ -741,7 +763,7 @@ class _Loop:
             self.best_value = value
         if self.folder is not None:
             self.save(("last", "best") if is_best else ("last",))
-            self.folder.write_history(run.history, [record])
+            self.folder.write_history(run.history, [record], steps=run.step_losses)
         return record
 
     def save(self, links) -> None:
@@ -763,9 +785,9 @@ class _Loop:
     def _postfix(self, acc, images, since, record=None) -> dict:
         out = {}
         summary = _summarise(self.task, acc, "train")
-        for k in ("train_loss", "train_accuracy"):
+        for k, short in (("train_loss", "loss"), ("train_accuracy", "acc")):
             if k in summary:
-                out[k.removeprefix("train_")[:4]] = f"{summary[k]:.3f}"
+                out[short] = f"{summary[k]:.3f}"
         out["img/s"] = f"{images / max(time.perf_counter() - since, 1e-9):.1f}"
         if record and self.best in record:
             out[self.best] = f"{record[self.best]:.3f}"

@@ -224,7 +224,7 @@ class RunDir:
         """Forget a previous run in this folder (``resume=False``)."""
         for link in LINKS:
             (self.path / link).unlink(missing_ok=True)
-        for name in ("run.json", "history.json", "history.jsonl", "history.png"):
+        for name in ("run.json", "history.json", "history.jsonl", "history.png", "steps.jsonl"):
             (self.path / name).unlink(missing_ok=True)
         shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
 
@@ -347,11 +347,14 @@ class RunDir:
         tmp.write_text(text)
         os.replace(tmp, self.path / name)
 
-    def write_history(self, history: list[dict], new=(), *, restart: bool = False) -> None:
-        """``history.json`` (whole) and ``history.jsonl``: ``new`` records appended (with
-        ``restart``: rewritten from ``history``)."""
+    def write_history(
+        self, history: list[dict], new=(), *, steps=None, restart: bool = False
+    ) -> None:
+        """``history.json`` (whole), ``history.jsonl`` (``new`` records appended; with
+        ``restart`` rewritten from ``history``) and ``history.png`` (with ``steps``, the
+        per-step training losses)."""
         self._write_text("history.json", dumps(history, indent=1))
-        self.plot(history)
+        self.plot(history, steps or [])
         if restart:
             self._write_text("history.jsonl", "".join(dumps(r) + "\n" for r in history))
             return
@@ -359,14 +362,36 @@ class RunDir:
             for record in new:
                 f.write(dumps(record) + "\n")
 
-    def plot(self, history: list[dict]) -> None:
-        if not history:
+    def read_steps(self, up_to: int) -> list[dict]:
+        """The per-step losses in ``steps.jsonl`` up to step ``up_to`` (a resume drops
+        the later ones, which the run repeats), rewriting the file to match."""
+        path = self.path / "steps.jsonl"
+        out = []
+        if path.is_file() and up_to > 0:
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut by a kill
+                    continue
+                if record.get("step", up_to + 1) <= up_to:
+                    out.append(record)
+        self._write_text("steps.jsonl", "".join(dumps(r) + "\n" for r in out))
+        return out
+
+    def append_steps(self, records: list[dict]) -> None:
+        with open(self.path / "steps.jsonl", "a") as f:
+            for record in records:
+                f.write(dumps(record) + "\n")
+
+    def plot(self, history: list[dict], steps: list[dict]) -> None:
+        if not history and not steps:
             return
+        from .plot import plot_history
+
         try:
-            from .plot import plot_history
-        except ImportError:  # matplotlib is an optional extra
+            plot_history(history, self.path / "history.png", steps=steps)
+        except ImportError:  # matplotlib is an optional extra (plot)
             return
-        plot_history(history, self.path / "history.png")
 
 
 @eqx.filter_jit

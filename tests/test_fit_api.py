@@ -284,3 +284,55 @@ def test_a_fine_tuned_folder_reloads_whole(tmp_path):
     eqxtl.save_pretrained(backbone, state, tmp_path / "backbone")
     again, _ = eqxtl.from_pretrained(tmp_path / "backbone")
     assert not isinstance(again, eqxtl.Classifier)
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Scalars of the TFRecord event files under ``log_dir`` (length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list] = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i < len(data):
+            n = int.from_bytes(data[i : i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_logs_json_lines_plot_and_tensorboard(clip_parts, tmp_path):
+    backbone, state = clip_parts
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    data = colour_batches(3, 0, kind="multilabel")
+    phases = [
+        eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-2), epochs=1),
+        eqxtl.Phase(eqxtl.trainable(model, "head"), optax.sgd(1e-2), epochs=1),
+    ]
+    result = eqxtl.fit(
+        model,
+        state,
+        train_data=data,
+        test_data=data,
+        phases=phases,
+        task=eqxtl.MultiLabel(),
+        eval_every=2,
+        out_dir=tmp_path,
+        callbacks=[eqxtl.TensorBoard()],
+        progress=False,
+    )
+    steps = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["phase"]) for s in steps] == [
+        (i, 0 if i <= 3 else 1) for i in range(1, 7)
+    ]
+    evals = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert evals == json.loads((tmp_path / "history.json").read_text()) == result.history
+    assert [e["step"] for e in evals] == [2, 3, 4, 6]
+    assert (tmp_path / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["train/step_loss"]] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in scalars["train/step_loss"]],
+                               [s["loss"] for s in steps], rtol=1e-6)  # fmt: skip
+    assert [s for s, _ in scalars["test/accuracy"]] == [2, 3, 4, 6]
