@@ -34,7 +34,7 @@ from .errors import DataError, EqxtlError, TrainingError
 from .features import FeatureLoader, backbone_frozen, extract_features
 from .models.heads import Classifier
 from .models.registry import preprocessing_for
-from .parallel import auto_mesh, replicate
+from .parallel import ProcessShard, auto_mesh, check_same_length, host, local, replicate
 from .runs import RunDir, signature
 from .tasks import Classification, Task
 from .train import _bn_mode, batched, make_eval_step, make_step, task_loss
@@ -133,7 +133,7 @@ def _zero_sums(metrics: dict) -> dict:
 def _summarise(task: Task, acc: dict | None, prefix: str) -> dict:
     if acc is None:
         return {}
-    acc = {k: float(v) for k, v in jax.device_get(acc).items()}
+    acc = {k: float(v) for k, v in host(acc).items()}
     if acc.get("count", 0.0) == 0.0:
         return {}
     return {f"{prefix}_{k}": float(v) for k, v in task.summarise(acc).items()}
@@ -171,7 +171,7 @@ def evaluate(
         data, model, preprocessing, batch_size, shuffle=False, seed=0, num_workers=num_workers
     )
     eval_step = eval_step or make_eval_step(task_loss(task))
-    acc = jax.device_get(_eval_sums(eval_step, model, state, loader))
+    acc = host(_eval_sums(eval_step, model, state, loader))
     out = {k: float(v) for k, v in task.summarise({k: float(v) for k, v in acc.items()}).items()}
     return {**out, "count": int(acc["count"])}
 
@@ -478,6 +478,13 @@ def fit(
         names = _class_names(train, m.num_classes)
         return m.with_training_info(names, getattr(train, "preprocessing", None))
 
+    processes = jax.process_count()
+    if processes > 1:  # each process reads its part of every global batch
+        check_same_length(
+            train_data=len(getattr(train, "source", train)),
+            test_data=-1 if test is None else len(getattr(test, "source", test)),
+        )
+        train, test = (ProcessShard(x) if isinstance(x, Loader) else x for x in (train, test))
     steps_per_epoch = len(train)
     if steps_per_epoch == 0:
         raise DataError("The training data is empty.")
@@ -516,15 +523,18 @@ def fit(
     )
 
     run = Run(total_steps=total, steps_per_epoch=steps_per_epoch, out_dir=out_dir)
-    folder = RunDir(out_dir) if out_dir is not None else None
+    writer = jax.process_index() == 0  # one process writes the run folder
+    folder = RunDir(out_dir, is_writer=writer) if out_dir is not None else None
     with folder if folder is not None else _nothing():
         meta, opt_state = None, None
         if folder is not None:
-            folder.recover()
+            if writer:
+                folder.recover()
             folder.check_signature(sig, resume=resume)
-            if not resume:
+            if not resume and writer:
                 folder.reset()
-            elif folder.has_checkpoint():
+            _barrier("eqxtl-fit-start")  # the others read the folder once it is consistent
+            if resume and folder.has_checkpoint():
 
                 def like(meta):
                     return model, state, opt_init(_phase_at(bounds, meta["step"]), model)
@@ -532,11 +542,15 @@ def fit(
                 found = folder.load(like)
                 if found is not None:
                     (model, state, opt_state), meta, _ = found
-            folder.write_signature(sig)
-            run.step_losses = folder.read_steps(meta["step"] if meta else 0)
-            folder.write_history(
-                meta["history"] if meta else [], steps=run.step_losses, restart=True
-            )
+            _barrier("eqxtl-fit-loaded")
+            if writer:
+                folder.write_signature(sig)
+                run.step_losses = folder.read_steps(meta["step"] if meta else 0)
+                folder.write_history(
+                    meta["history"] if meta else [], steps=run.step_losses, restart=True
+                )
+            else:
+                folder = None  # process 0 writes
         if meta is None:
             # The step may donate what trains: work on a copy so that the caller's model
             # stays usable (e.g. for a second fit from the same pretrained weights).
@@ -585,6 +599,13 @@ def fit(
     return FitResult(
         with_info(run.model), run.state, run.opt_state, run.history, run.step, out_dir, run.stopped
     )
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class _nothing:
@@ -686,11 +707,11 @@ class _Loop:
                 run.model, run.state, run.opt_state = model, state, opt_state
                 images += int(np.sum(batch["mask"])) if "mask" in batch else self.batch_size
                 if per_step:
-                    host = jax.device_get(metrics)
+                    values = host(metrics)
                     self.check()
                     if self.callback is not None:
-                        self.callback(run.step, host)
-                    _call(self.callbacks, "on_step", run, host)
+                        self.callback(run.step, values)
+                    _call(self.callbacks, "on_step", run, values)
                 if self.bar is not None:
                     if run.step % 10 == 0 or run.step == end:
                         self.check()
@@ -715,7 +736,7 @@ class _Loop:
         where it waits for the device anyway) into ``run.step_losses`` and the run folder."""
         if not self.pending:
             return
-        values = jax.device_get([loss for _, loss in self.pending])
+        values = host([loss for _, loss in self.pending])
         new = [
             {"step": s, "phase": self.run.phase, "loss": float(v)}
             for (s, _), v in zip(self.pending, values, strict=True)
@@ -728,7 +749,7 @@ class _Loop:
     def check(self) -> None:
         """Raise ``TrainingError`` when more non-finite steps happened than allowed."""
         self.flush_losses()
-        guard = jax.device_get(self.guard)
+        guard = host(self.guard)
         if float(guard["nonfinite"]) <= self.max_nonfinite:
             return
         if self.folder is not None:
@@ -749,7 +770,7 @@ class _Loop:
         record: dict = {"step": run.step, "epoch": run.epoch, "phase": run.phase}
         record.update(_summarise(self.task, acc, "train"))
         record["images_per_sec"] = images / max(time.perf_counter() - since, 1e-9)
-        nonfinite = int(jax.device_get(self.guard["nonfinite"]))
+        nonfinite = int(host(self.guard["nonfinite"]))
         if nonfinite:
             record["nonfinite_steps"] = nonfinite
         if test is not None:
@@ -780,7 +801,8 @@ class _Loop:
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
         }
-        self.folder.save(links, run.model, run.state, run.opt_state, meta, self.with_info)
+        tree = local((run.model, run.state, run.opt_state))  # this process's replica
+        self.folder.save(links, *tree, meta, self.with_info)
 
     def _postfix(self, acc, images, since, record=None) -> dict:
         out = {}

@@ -1,8 +1,12 @@
-"""Data parallelism over local devices with ``jax.sharding``: the batch is split along its
-first axis, parameters, BatchNorm state and optimizer state are replicated, and XLA inserts
-the gradient all-reduce (and the cross-device BatchNorm reductions) itself.
+"""Data parallelism with ``jax.sharding``: the batch is split along its first axis,
+parameters, BatchNorm state and optimizer state are replicated, and XLA inserts the gradient
+all-reduce (and the cross-device BatchNorm reductions) itself.
 
-``fit`` does this automatically when more than one device is present. By hand:
+``fit`` does this automatically when more than one device is present, and across processes
+(one per host, ``jax.distributed.initialize()`` first): each process then reads only its
+part of every global batch (``ProcessShard``), the batches are assembled into global arrays
+with ``jax.make_array_from_process_local_data``, evaluation sums are reduced over all
+processes by XLA, and process 0 alone writes the run folder. By hand:
 
 >>> mesh = eqxtl.data_mesh()                      # all local devices, axis "data"
 >>> model, state, opt_state = eqxtl.replicate((model, state, opt_state), mesh)
@@ -24,6 +28,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .errors import CorruptImageError, DataError, TrainingError
+
 DATA_AXIS = "data"
 
 
@@ -34,14 +40,111 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def auto_mesh() -> Mesh | None:
-    """``data_mesh()`` when more than one local device is present, else ``None``."""
+    """A mesh over every device of every process when there is more than one process,
+    over the local devices when there are several, else ``None``."""
+    if jax.process_count() > 1:
+        return data_mesh(jax.devices())
     return data_mesh() if jax.local_device_count() > 1 else None
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every array of ``tree`` copied to all devices of ``mesh``."""
+    """Every array of ``tree`` copied to all devices of ``mesh`` (across processes: each
+    process passes the same values)."""
     arrays, static = eqx.partition(tree, eqx.is_array)
-    return eqx.combine(jax.device_put(arrays, NamedSharding(mesh, PartitionSpec())), static)
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() > 1:
+        put = lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(local(x)))  # noqa: E731
+        return eqx.combine(jax.tree.map(put, arrays), static)
+    return eqx.combine(jax.device_put(arrays, sharding), static)
+
+
+def local(tree: Any) -> Any:
+    """``tree`` with each replicated global array replaced by this process's copy (host
+    values can then be read: ``np.asarray``, ``jax.device_get``)."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+def host(tree: Any) -> Any:
+    """``jax.device_get`` that also reads replicated multi-process arrays."""
+    return jax.device_get(local(tree))
+
+
+def check_same_length(**lengths: int) -> None:
+    """Across processes: every process must see data of the same lengths
+    (``TrainingError`` naming them otherwise)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = np.array(list(lengths.values()), np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine))
+    for j, name in enumerate(lengths):
+        if len(set(every[:, j].tolist())) > 1:
+            raise TrainingError(
+                f"The processes disagree on the length of {name}: "
+                f"{dict(enumerate(every[:, j].tolist()))} (process: length). Every process "
+                "must open the same data (each reads its own part of every batch)."
+            )
+
+
+class ProcessShard:
+    """This process's part of each global batch of ``loader`` (an image ``Loader``):
+    batch ``i`` of epoch ``e`` holds positions ``[p * b, (p + 1) * b)`` of the global batch
+    (``b = batch_size / process_count``), so that the global batches, assembled with
+    ``jax.make_array_from_process_local_data``, are exactly those of one process reading
+    everything (same order, same augmentation, same padding and mask)."""
+
+    def __init__(self, loader, index: int | None = None, count: int | None = None):
+        self.loader = loader
+        self.index = jax.process_index() if index is None else index
+        self.count = jax.process_count() if count is None else count
+        if loader.batch_size % self.count:
+            raise DataError(
+                f"A global batch of {loader.batch_size} cannot be split over {self.count} "
+                f"processes: use a batch size that is a multiple of {self.count}."
+            )
+        self.batch_size = loader.batch_size
+        self.local_batch_size = loader.batch_size // self.count
+        self.source = loader.source
+        self.preprocessing = loader.preprocessing
+        self.augment = loader.augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        order, big, b = self.loader.order(epoch), self.batch_size, self.local_batch_size
+        workers = max(1, self.loader.num_workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="eqxtl-shard") as pool:
+            for i in range(start_step, len(self)):
+                chunk = order[i * big : (i + 1) * big]
+                mine = chunk[self.index * b : (self.index + 1) * b]
+                examples = list(pool.map(lambda j: self._example(j, epoch), mine))
+                filler = examples[0] if examples else self._example(chunk[0], epoch)
+                crop = self.preprocessing.crop
+                image0 = filler[0] if filler[0] is not None else np.zeros((3, crop, crop))
+                images = np.empty((b, *image0.shape), np.float32)
+                labels, mask = np.zeros(b, np.int32), np.zeros(b, bool)
+                for j in range(b):
+                    image, label = examples[j] if j < len(examples) else (None, 0)
+                    ok = j < len(examples) and image is not None
+                    images[j] = image if ok else (0.0 if j < len(examples) else image0)
+                    labels[j], mask[j] = (label, True) if ok else (0, False)
+                yield {"image": images, "label": labels, "mask": mask}
+
+    def _example(self, index, epoch):
+        try:
+            return self.loader.example(index, epoch)
+        except CorruptImageError:
+            return None, 0
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
