@@ -60,6 +60,8 @@ from .optim import last_blocks as last_blocks
 from .optim import layer_depths as layer_depths
 from .optim import layerwise_groups as layerwise_groups
 from .optim import param_groups as param_groups
+from .parallel import GrainLoader as GrainLoader
+from .parallel import ProcessShard as ProcessShard
 from .parallel import data_mesh as data_mesh
 from .parallel import replicate as replicate
 from .parallel import shard_batch as shard_batch

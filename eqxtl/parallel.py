@@ -20,6 +20,7 @@ from the process-local parts with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -121,30 +122,102 @@ class ProcessShard:
     def epoch(self, epoch: int, start_step: int = 0):
         from concurrent.futures import ThreadPoolExecutor
 
-        order, big, b = self.loader.order(epoch), self.batch_size, self.local_batch_size
-        workers = max(1, self.loader.num_workers)
-        with ThreadPoolExecutor(workers, thread_name_prefix="eqxtl-shard") as pool:
+        order = self.loader.order(epoch)
+        with ThreadPoolExecutor(max(1, self.loader.num_workers)) as pool:
             for i in range(start_step, len(self)):
-                chunk = order[i * big : (i + 1) * big]
-                mine = chunk[self.index * b : (self.index + 1) * b]
-                examples = list(pool.map(lambda j: self._example(j, epoch), mine))
-                filler = examples[0] if examples else self._example(chunk[0], epoch)
-                crop = self.preprocessing.crop
-                image0 = filler[0] if filler[0] is not None else np.zeros((3, crop, crop))
-                images = np.empty((b, *image0.shape), np.float32)
-                labels, mask = np.zeros(b, np.int32), np.zeros(b, bool)
-                for j in range(b):
-                    image, label = examples[j] if j < len(examples) else (None, 0)
-                    ok = j < len(examples) and image is not None
-                    images[j] = image if ok else (0.0 if j < len(examples) else image0)
-                    labels[j], mask[j] = (label, True) if ok else (0, False)
-                yield {"image": images, "label": labels, "mask": mask}
+                yield local_batch(self.loader, order, i, epoch, self.index, self.count, pool.map)
 
-    def _example(self, index, epoch):
-        try:
-            return self.loader.example(index, epoch)
-        except CorruptImageError:
-            return None, 0
+
+def local_batch(loader, order, i: int, epoch: int, index: int = 0, count: int = 1, map_=map):
+    """Process ``index`` of ``count``'s part of batch ``i`` of ``loader``'s epoch (``order``:
+    ``loader.order(epoch)``), exactly as ``Loader.epoch`` makes the global batch: a last
+    partial batch is padded with copies of its first example (label 0, mask False), and an
+    undecodable example is zeros with mask False."""
+    big = loader.batch_size
+    b = big // count
+    chunk = order[i * big : (i + 1) * big]
+    mine = chunk[index * b : (index + 1) * b]
+    examples = list(map_(lambda j: _example(loader, j, epoch), mine))
+    crop = loader.preprocessing.crop
+    pad = np.zeros((3, crop, crop), np.float32)
+    if len(examples) < b:  # padding copies the global batch's first example
+        first = examples[0] if index == 0 and examples else _example(loader, chunk[0], epoch)
+        pad = first[0] if first[0] is not None else pad
+    images = np.empty((b, 3, crop, crop), np.float32)
+    labels, mask = np.zeros(b, np.int32), np.zeros(b, bool)
+    for j in range(b):
+        if j >= len(examples):
+            images[j] = pad
+        elif examples[j][0] is None:
+            images[j] = 0.0
+        else:
+            images[j], labels[j], mask[j] = examples[j][0], examples[j][1], True
+    return {"image": images, "label": labels, "mask": mask}
+
+
+def _example(loader, index, epoch):
+    try:
+        return loader.example(index, epoch)
+    except CorruptImageError as e:
+        warnings.warn(f"{e}; this example is masked out.", stacklevel=2)
+        return None, 0
+
+
+class GrainLoader:
+    """A ``Loader``'s batches made by grain worker processes (decode and augmentation run
+    outside this process's GIL): the same batches as ``loader.epoch`` (same order,
+    augmentation, padding and mask), this process's part of each when there are several
+    (as ``ProcessShard``). The iterator state is ``(epoch, start_step)``, which ``fit``
+    saves with every checkpoint. Needs the ``grain`` extra; the source must pickle.
+
+    >>> fit(model, state, optimizer, spec, eqxtl.GrainLoader(eqxtl.Loader(source, p, 32)))
+    """
+
+    def __init__(
+        self, loader, *, num_workers: int = 2, index: int | None = None, count: int | None = None
+    ):
+        self.loader = loader
+        self.num_workers = num_workers
+        self.index = jax.process_index() if index is None else index
+        self.count = jax.process_count() if count is None else count
+        if loader.batch_size % self.count:
+            raise DataError(
+                f"A global batch of {loader.batch_size} cannot be split over {self.count} "
+                f"processes: use a batch size that is a multiple of {self.count}."
+            )
+        self.batch_size = loader.batch_size
+        self.source = loader.source
+        self.preprocessing = loader.preprocessing
+        self.augment = loader.augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        import grain
+
+        if start_step >= len(self):
+            return iter(())
+        make = _GrainBatch(self.loader, self.loader.order(epoch), epoch, self.index, self.count)
+        ds = grain.MapDataset.range(start_step, len(self)).map(make).to_iter_dataset()
+        if self.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults)
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        return iter(ds)
+
+
+class _GrainBatch:
+    """Picklable ``batch index -> local batch`` for grain workers."""
+
+    def __init__(self, loader, order, epoch, index, count):
+        self.loader, self.order, self.epoch = loader, order, epoch
+        self.index, self.count = index, count
+
+    def __call__(self, i):
+        return local_batch(self.loader, self.order, int(i), self.epoch, self.index, self.count)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

@@ -336,3 +336,24 @@ def test_logs_json_lines_plot_and_tensorboard(clip_parts, tmp_path):
     np.testing.assert_allclose([v for _, v in scalars["train/step_loss"]],
                                [s["loss"] for s in steps], rtol=1e-6)  # fmt: skip
     assert [s for s, _ in scalars["test/accuracy"]] == [2, 3, 4, 6]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_grain_loader_and_process_shards_give_the_loaders_batches(workers):
+    """GrainLoader (grain worker processes) and ProcessShard (threads) make exactly the
+    Loader's batches (order, augmentation, last-batch padding and mask), or each process's
+    part of them, from any start step (the resume position)."""
+    source = colour_source(21, 0)
+    p = eqxtl.Preprocessing(resize=36, crop=32)
+    loader = eqxtl.Loader(source, p, 8, shuffle=True, seed=3, augment=eqxtl.Augment())
+    expected = list(loader.epoch(2, start_step=1))
+    got = list(eqxtl.GrainLoader(loader, num_workers=workers).epoch(2, start_step=1))
+    assert len(got) == len(expected) == 2
+    parts = [
+        list(eqxtl.ProcessShard(loader, index=i, count=2).epoch(2, start_step=1)) for i in range(2)
+    ]
+    for i, want in enumerate(expected):
+        joined = {k: np.concatenate([parts[0][i][k], parts[1][i][k]]) for k in want}
+        for batch in (got[i], joined):
+            for key in ("image", "label", "mask"):
+                np.testing.assert_array_equal(batch[key], want[key])
