@@ -2,15 +2,13 @@
 first use, and by type checkers)."""
 
 from ._paths import paths as paths
+from ._torch_pickle import TorchLimits as TorchLimits
 from .callbacks import EarlyStopping as EarlyStopping
 from .callbacks import Lambda as Lambda
 from .callbacks import LRSchedule as LRSchedule
 from .callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from .callbacks import TensorBoard as TensorBoard
 from .checkpoint import state_dict as state_dict
-from .data import CLIP_PREPROCESSING as CLIP_PREPROCESSING
-from .data import IMAGENET_PREPROCESSING as IMAGENET_PREPROCESSING
-from .data import LITE0_PREPROCESSING as LITE0_PREPROCESSING
 from .data import ArraySource as ArraySource
 from .data import Augment as Augment
 from .data import ImageFolder as ImageFolder
@@ -18,6 +16,8 @@ from .data import Loader as Loader
 from .data import Preprocessing as Preprocessing
 from .data import Subset as Subset
 from .data import TFDSSource as TFDSSource
+from .data import check_labels as check_labels
+from .data import check_same_classes as check_same_classes
 from .data import preprocess as preprocess
 from .data import split as split
 from .errors import CheckpointError as CheckpointError
@@ -47,6 +47,8 @@ from .fit import fit as fit
 from .fit import predict as predict
 from .fit import two_phases as two_phases
 from .fit import warmup_cosine as warmup_cosine
+from .models.clip import PREPROCESSING as CLIP_PREPROCESSING  # noqa: F401
+from .models.efficientnet import PREPROCESSING as LITE0_PREPROCESSING  # noqa: F401
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
 from .models.layers import BatchNorm as BatchNorm
@@ -54,6 +56,7 @@ from .models.layers import Conv2d as Conv2d
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
+from .models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # noqa: F401
 from .optim import blocks as blocks
 from .optim import decay_mask as decay_mask
 from .optim import last_blocks as last_blocks

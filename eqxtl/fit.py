@@ -29,7 +29,7 @@ import optax
 from jax.sharding import Mesh
 
 from .callbacks import improved, metric_mode
-from .data import Augment, Loader, Preprocessing
+from .data import Augment, Loader, Preprocessing, check_labels, check_same_classes
 from .errors import DataError, EqxtlError, TrainingError
 from .features import FeatureLoader, backbone_frozen, extract_features
 from .models.heads import Classifier
@@ -478,6 +478,12 @@ def fit(
         names = _class_names(train, m.num_classes)
         return m.with_training_info(names, getattr(train, "preprocessing", None))
 
+    if isinstance(task, Classification) and isinstance(model, Classifier):
+        for data in (train, test):  # labels in range, same classes: before any training
+            if isinstance(data, Loader):
+                check_labels(data, model.num_classes)
+        if isinstance(train, Loader) and isinstance(test, Loader):
+            check_same_classes(train, test)
     processes = jax.process_count()
     if processes > 1:  # each process reads its part of every global batch
         check_same_length(
