@@ -321,11 +321,11 @@ class RunDir:
                 meta = json.loads((path / META).read_text())
                 with open(path / TRAIN_STATE, "rb") as f:
                     tree = eqx.tree_deserialise_leaves(f, like_for_meta(meta))
-                if f"{link}" != "last" or errors:
+                if link != "last":
+                    why = "; ".join(errors) or "last/ is missing"
                     warnings.warn(
-                        f"Resuming from {link}/ (step {meta['step']}): "
-                        + "; ".join(errors)
-                        + ". Training continues from there.",
+                        f"Resuming from {link}/ (step {meta['step']}): {why}. Training "
+                        "continues from there.",
                         stacklevel=2,
                     )
                 return tree, meta, link
