@@ -13,6 +13,7 @@ would have reached (the data order, the augmentation and the step keys are pure 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -531,7 +532,7 @@ def fit(
     run = Run(total_steps=total, steps_per_epoch=steps_per_epoch, out_dir=out_dir)
     writer = jax.process_index() == 0  # one process writes the run folder
     folder = RunDir(out_dir, is_writer=writer) if out_dir is not None else None
-    with folder if folder is not None else _nothing():
+    with folder if folder is not None else contextlib.nullcontext():
         meta, opt_state = None, None
         if folder is not None:
             if writer:
@@ -612,14 +613,6 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _phase_at(bounds, step: int) -> int:
