@@ -53,6 +53,10 @@ class FitResult:
     out_dir: Path | None
     stopped: str | None = None
     """Why a callback stopped the run early (``None``: it ran to the end)."""
+    class_names: list[str] | None = None
+    """The training data's class names (also in the checkpoints' ``config.json``)."""
+    preprocessing: Preprocessing | None = None
+    """The training preprocessing (also in the checkpoints' ``config.json``)."""
 
     @property
     def final(self) -> dict:
@@ -424,6 +428,11 @@ def fit(
     - `mesh`: data parallelism (``eqxtl.data_mesh``); ``"auto"`` uses every local device
       when there is more than one (the batch size must then be a multiple of their count),
       ``None`` one device.
+
+    The returned model is the model passed in, trained (its static fields unchanged); the
+    checkpoints written to `out_dir` also record the training class names and preprocessing
+    (``FitResult.class_names`` / ``.preprocessing``), so ``from_pretrained(out_dir/"best")``
+    reloads the whole ``Classifier``.
     """
     bn = _bn_mode(bn, train_bn)
     task = task or Classification(label_smoothing)
@@ -603,8 +612,17 @@ def fit(
             if loop.bar is not None:
                 loop.bar.close()
         _call(callbacks, "on_fit_end", run)
+    names = _class_names(train, getattr(run.model, "num_classes", -1))
     return FitResult(
-        with_info(run.model), run.state, run.opt_state, run.history, run.step, out_dir, run.stopped
+        run.model,
+        run.state,
+        run.opt_state,
+        run.history,
+        run.step,
+        out_dir,
+        run.stopped,
+        names,
+        getattr(train, "preprocessing", None),
     )
 
 

@@ -257,6 +257,7 @@ def from_pretrained(
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
     torch_limits=None,
+    towers: str = "vision",
     **overrides: Any,
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """Load a pretrained backbone by name, in inference mode.
@@ -287,6 +288,9 @@ def from_pretrained(
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
       for an open_clip file without its ``open_clip_config.json``. One that contradicts a
       config file beside the weights is an error.
+    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: CLIP's two towers
+      as one ``eqxtl.CLIP`` (from a transformers ``CLIPModel`` or a full open_clip
+      checkpoint; ``config`` is then a ``CLIPConfig``).
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
     ``x`` of shape ``(C, H, W)``; ``state`` holds BatchNorm statistics (empty otherwise).
@@ -300,6 +304,14 @@ def from_pretrained(
     raw = _read(files.weights, torch_limits)
     renamed = strip_wrappers(list(raw))
     tensors = Lazy(raw, {k: Recipe(orig, RENAME, 0) for k, orig in renamed.items()})
+    if towers != "vision":
+        if towers != "both":
+            raise ValueError(f"towers must be 'vision' or 'both', got {towers!r}.")
+        if keep_head or overrides or tuple(ignore):
+            raise ValueError("keep_head, ignore and config overrides apply to towers='vision'.")
+        from .models.clip_text import load_clip
+
+        return load_clip(tensors, meta, config=config, source=source_name, dtype=dtype)
     keys = list(tensors)
     arch, lay, plan = _choose(meta, keys, architecture, layout, alias_arch, source_name)
     lay.check(tensors)
@@ -394,10 +406,13 @@ def from_pretrained(
         source=where,
         dtype=dtype,
     )
-    info = {}
-    if labels.written_by_eqxtl(hf_config):
-        info = labels.training_info(hf_config, source_name)
-    return Classifier(backbone, head=head, **info), state
+    flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
+    if labels.written_by_eqxtl(hf_config):  # class names, training preprocessing
+        flags = {**flags, **labels.training_info(hf_config, source_name)}
+    return Classifier(backbone, head=head, **flags), state  # flags: e.g. a zero-shot head's
+
+
+_HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normalize=)
 
 
 def _image_size(config) -> int | None:
@@ -479,8 +494,12 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
-    from safetensors.numpy import save_file
+    from .models.clip_text import CLIP, clip_files
 
+    if isinstance(model, CLIP):
+        weights_file, tensors, configs = clip_files(model, layout or "transformers")
+        _write_folder(Path(path), weights_file, tensors, configs)
+        return Path(path)
     backbone = model.backbone if isinstance(model, Classifier) else model
     arch: Architecture = architecture_of(backbone)
     lay = arch.layouts[0] if layout is None else arch.layout(layout)
@@ -504,15 +523,25 @@ def save_pretrained(
     }
     configs = lay.write_config(backbone.config, extra)
     if with_head and "config.json" in configs:  # class names, training preprocessing
-        configs["config.json"].update(labels.head_config(model))
+        configs["config.json"] = {**configs["config.json"], **labels.head_config(model)}
+    if with_head and (model.project or model.normalize) and configs:
+        first = next(iter(configs))
+        flags = {"project": model.project, "normalize": model.normalize}
+        configs[first] = {**configs[first], _HEAD_FLAGS: flags}
+
+    _write_folder(Path(path), lay.weights_file, tensors, configs)
+    return Path(path)
+
+
+def _write_folder(path: Path, weights_file: str, tensors: dict, configs: dict[str, dict]):
+    """Weights + config files into ``path``, atomically per folder (other files kept, weight
+    and config files of other layouts dropped: they would shadow the new ones)."""
+    from safetensors.numpy import save_file
 
     from ._atomic import atomic_directory
 
-    path = Path(path)
-    names = [lay.weights_file, *configs]
-    replacing = {*names, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
+    replacing = {weights_file, *configs, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
     with atomic_directory(path, replacing=replacing) as tmp:
-        save_file(tensors, os.path.join(tmp, lay.weights_file), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, weights_file), metadata={"format": "pt"})
         for name, content in configs.items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, sort_keys=True))
-    return path

@@ -197,9 +197,14 @@ class Attention(eqx.Module):
         self.num_heads = num_heads
 
     def __call__(
-        self, x: Float[Array, "*b t d"], queries: Float[Array, "*b tq d"] | None = None
+        self,
+        x: Float[Array, "*b t d"],
+        queries: Float[Array, "*b tq d"] | None = None,
+        *,
+        causal: bool = False,
     ) -> Float[Array, "*b tq d"]:
-        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``."""
+        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``, or
+        with ``causal`` (self-attention only) to each token's predecessors and itself."""
         queries = x if queries is None else queries
         d, heads = x.shape[-1], self.num_heads
 
@@ -209,7 +214,7 @@ class Attention(eqx.Module):
         q = split(_dense(self.q_proj, queries))
         k = split(_dense(self.k_proj, x))
         v = split(_dense(self.v_proj, x))
-        o = jax.nn.dot_product_attention(q, k, v)  # softmax in float32
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # softmax in float32
         return _dense(self.out_proj, o.reshape(queries.shape))
 
 
@@ -255,15 +260,16 @@ class EncoderLayer(eqx.Module):
         self.layer_norm2 = LayerNorm(d, eps)
 
     def __call__(
-        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+        self, x: Float[Array, "*b t d"], *, first_only: bool = False, causal: bool = False
     ) -> Float[Array, "*b tq d"]:
         """All tokens ``(*b, t, d)``, or with ``first_only`` just the class token's
-        ``(*b, 1, d)`` (the other tokens only feed it through keys and values)."""
+        ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``causal``:
+        each token attends to itself and the tokens before it (CLIP's text tower)."""
         h = self.layer_norm1(x)
         if first_only:
             x = x[..., :1, :] + self.self_attn(h, h[..., :1, :])
         else:
-            x = x + self.self_attn(h)
+            x = x + self.self_attn(h, causal=causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
