@@ -106,7 +106,8 @@ def task_loss(task: Task, *, compute_dtype=None, features: bool = False) -> Loss
     model's outputs on batches ``{"image": (B, C, H, W), "label", "mask": (B,) optional}``.
 
     ``features=True``: batches of cached backbone features ``{"features": (B, D), ...}``
-    through ``model.head`` only (see ``extract_features``).
+    through ``model.logits`` (the head, after the projection and normalisation a zero-shot
+    head asks for) only (see ``extract_features``).
 
     ``compute_dtype=jnp.bfloat16``: mixed precision. The images are cast, and every eqxtl
     layer runs its matmuls and convolutions in its input's dtype (casting the float32 master
@@ -116,8 +117,7 @@ def task_loss(task: Task, *, compute_dtype=None, features: bool = False) -> Loss
 
     def loss_fn(model, state, batch, key):
         if features:
-            x = batch["features"]
-            outputs = jax.vmap(model.head)(x.astype(model.head.weight.dtype))
+            outputs = model.logits(batch["features"])  # the head (and projection) only
         else:
             x = batch["image"]
             if compute_dtype is not None:

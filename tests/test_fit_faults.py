@@ -5,6 +5,7 @@ its message, or the correct result."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,6 +67,19 @@ def run_fit(clip_model, out_dir=None, batches=None, **kwargs):
         progress=False,
         **kwargs,
     )
+
+
+@pytest.fixture(scope="module")
+def base_run(clip_model, tmp_path_factory):
+    """A finished 2-step run folder (last = best = step 2) and its result, copied by the
+    tests that need one (one compilation for all of them)."""
+    path = tmp_path_factory.mktemp("base") / "run"
+    return path, run_fit(clip_model, path, steps=2)
+
+
+def copy_of(base_run, tmp_path):
+    shutil.copytree(base_run[0], tmp_path, symlinks=True, dirs_exist_ok=True)
+    return base_run[1]
 
 
 def arrays(tree):
@@ -162,8 +176,10 @@ def test_a_stale_lock_is_taken_over(clip_model, tmp_path):
         ({"batches": make_batches(5)}, "train_length: 4 -> 5"),
     ],
 )
-def test_resume_with_another_configuration_is_refused(clip_model, tmp_path, change, phrase):
-    run_fit(clip_model, tmp_path, steps=2)
+def test_resume_with_another_configuration_is_refused(
+    clip_model, base_run, tmp_path, change, phrase
+):
+    copy_of(base_run, tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     change = dict(change)
     if change.get("spec") == "backbone":
@@ -177,19 +193,17 @@ def test_resume_with_another_configuration_is_refused(clip_model, tmp_path, chan
     assert after == before  # nothing written
 
 
-def test_resume_false_starts_over(clip_model, tmp_path):
-    run_fit(clip_model, tmp_path, steps=2)
+def test_resume_false_starts_over(clip_model, base_run, tmp_path):
+    copy_of(base_run, tmp_path)
     result = run_fit(clip_model, tmp_path, steps=3, seed=5, resume=False)
     assert result.step == 3 and [h["step"] for h in result.history] == [3]
     assert strict_load(tmp_path / "run.json")["seed"] == 5
 
 
-def test_a_corrupt_last_falls_back_to_best(clip_model, tmp_path):
-    first = run_fit(clip_model, tmp_path, steps=2)
+def test_a_corrupt_last_falls_back_to_best(clip_model, base_run, tmp_path):
+    first = copy_of(base_run, tmp_path)
     target = (tmp_path / "last").resolve()
     corrupt = target.with_name(target.name + "-corrupt")
-    import shutil
-
     shutil.copytree(target, corrupt)
     data = (corrupt / runs.TRAIN_STATE).read_bytes()
     (corrupt / runs.TRAIN_STATE).write_bytes(data[: len(data) // 2])  # truncated
@@ -202,16 +216,16 @@ def test_a_corrupt_last_falls_back_to_best(clip_model, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_every_checkpoint_corrupt_fails_clearly(clip_model, tmp_path):
-    run_fit(clip_model, tmp_path, steps=2)
+def test_every_checkpoint_corrupt_fails_clearly(clip_model, base_run, tmp_path):
+    copy_of(base_run, tmp_path)
     state_file = tmp_path / "last" / runs.TRAIN_STATE  # best is the same directory
     state_file.write_bytes(state_file.read_bytes()[:100])
     with pytest.raises(eqxtl.TrainingError, match="best/ is unreadable"):
         run_fit(clip_model, tmp_path, steps=2)
 
 
-def test_leftovers_of_a_kill_are_cleaned_at_start(clip_model, tmp_path):
-    run_fit(clip_model, tmp_path, steps=2)
+def test_leftovers_of_a_kill_are_cleaned_at_start(clip_model, base_run, tmp_path):
+    copy_of(base_run, tmp_path)
     ckpts = tmp_path / "checkpoints"
     (ckpts / ".tmp-step-9-dead").mkdir()
     (ckpts / "step-9-unlinked").mkdir()
@@ -222,8 +236,10 @@ def test_leftovers_of_a_kill_are_cleaned_at_start(clip_model, tmp_path):
     assert len(list(ckpts.iterdir())) == 1
 
 
-def test_a_kill_while_replacing_best_keeps_the_old_best(clip_model, tmp_path, monkeypatch):
-    run_fit(clip_model, tmp_path, steps=2)
+def test_a_kill_while_replacing_best_keeps_the_old_best(
+    clip_model, base_run, tmp_path, monkeypatch
+):
+    copy_of(base_run, tmp_path)
     old_best = (tmp_path / "best").resolve()
     real_link = runs.RunDir._link
 
@@ -243,10 +259,10 @@ def test_a_kill_while_replacing_best_keeps_the_old_best(clip_model, tmp_path, mo
     eqxtl.from_pretrained(tmp_path / "best", keep_head=True)  # complete
 
 
-def test_old_layout_interrupted_best_swap_is_recovered(clip_model, tmp_path):
+def test_old_layout_interrupted_best_swap_is_recovered(clip_model, base_run, tmp_path):
     """The previous layout renamed best away before renaming the new one in: a kill in
     between left only .best-old-*. It is restored as best/ at the next start."""
-    run_fit(clip_model, tmp_path, steps=2)
+    copy_of(base_run, tmp_path)
     saved = tmp_path / "keep"
     os.rename((tmp_path / "best").resolve(), saved)
     for link in ("best", "last"):
