@@ -119,7 +119,8 @@ def run(args) -> list[dict]:
 
     for model in args.models:
         for workload in args.workloads:
-            commands = [_command(f, args, model, workload) for f in frameworks]
+            here = [f for f in frameworks if f != "flax" or model in C.FLAX_MODELS]
+            commands = [_command(f, args, model, workload) for f in here]
             if args.dtype == "bf16" and "eqxtl" in frameworks:
                 commands.append(_command("eqxtl", args, model, workload, "bf16"))
             C.run_children(commands, on_line=keep)
