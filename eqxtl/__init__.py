@@ -6,6 +6,14 @@ differentiates only what trains.
 """
 
 from ._paths import paths as paths
+from .adapters import ADAPTER_RULE as ADAPTER_RULE
+from .adapters import adapter_targets as adapter_targets
+from .adapters import load_adapter as load_adapter
+from .adapters import lora as lora
+from .adapters import lora_spec as lora_spec
+from .adapters import merge_lora as merge_lora
+from .adapters import save_adapter as save_adapter
+from .adapters import unmerge_lora as unmerge_lora
 from .checkpoint import state_dict as state_dict
 from .data import CLIP_PREPROCESSING as CLIP_PREPROCESSING
 from .data import IMAGENET_PREPROCESSING as IMAGENET_PREPROCESSING
@@ -19,6 +27,7 @@ from .data import Subset as Subset
 from .data import TFDSSource as TFDSSource
 from .data import preprocess as preprocess
 from .data import split as split
+from .errors import AdapterError as AdapterError
 from .errors import CheckpointError as CheckpointError
 from .errors import CorruptImageError as CorruptImageError
 from .errors import DataError as DataError
@@ -47,6 +56,8 @@ from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
 from .models.layers import BatchNorm as BatchNorm
 from .models.layers import Conv2d as Conv2d
+from .models.layers import LoRAConv2d as LoRAConv2d
+from .models.layers import LoRALinear as LoRALinear
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for

@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..remat import checkpointed
 from ._arch import Architecture, Shapes
+from .layers import dense as _dense  # plain or LoRA-adapted linears, merged-rows GEMMs
 
 Activation = Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"]
 _ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
@@ -77,18 +78,6 @@ CLIP_VIT_L14 = CLIPVisionConfig(
     projection_dim=768,
 )
 """openai/clip-vit-large-patch14."""
-
-
-def _dense(linear: eqx.nn.Linear, x: Float[Array, "*n i"]) -> Float[Array, "*n o"]:
-    """``eqx.nn.Linear`` over the last axis of ``x``, in ``x``'s dtype.
-
-    All leading axes are merged into one before the product: the weight gradient is then a
-    plain 2-D GEMM. With several leading axes (a vmapped batch, or ``(batch, tokens)``)
-    XLA:CPU contracts them through a full transpose of the incoming gradient, 2.5x slower.
-    """
-    weight = linear.weight.astype(x.dtype)
-    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
-    return y if linear.bias is None else y + linear.bias.astype(x.dtype)
 
 
 def _linear(in_features: int, out_features: int, key: PRNGKeyArray, use_bias: bool = True):
@@ -183,20 +172,30 @@ class Attention(eqx.Module):
         self.num_heads = num_heads
 
     def __call__(
-        self, x: Float[Array, "*b t d"], queries: Float[Array, "*b tq d"] | None = None
+        self,
+        x: Float[Array, "*b t d"],
+        queries: Float[Array, "*b tq d"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*b tq d"]:
-        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``."""
+        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``.
+        ``key``: dropout of LoRA adapters, if any."""
         queries = x if queries is None else queries
         d, heads = x.shape[-1], self.num_heads
+        qk, kk, vk, ok = _split(key, 4)
 
         def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
             return y.reshape(*y.shape[:-1], heads, d // heads)
 
-        q = split(_dense(self.q_proj, queries))
-        k = split(_dense(self.k_proj, x))
-        v = split(_dense(self.v_proj, x))
+        q = split(_dense(self.q_proj, queries, key=qk))
+        k = split(_dense(self.k_proj, x, key=kk))
+        v = split(_dense(self.v_proj, x, key=vk))
         o = jax.nn.dot_product_attention(q, k, v)  # softmax in float32
-        return _dense(self.out_proj, o.reshape(queries.shape))
+        return _dense(self.out_proj, o.reshape(queries.shape), key=ok)
+
+
+def _split(key: PRNGKeyArray | None, n: int) -> list:
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -220,8 +219,11 @@ class MLP(eqx.Module):
         self.fc2 = _linear(hidden, dim, k2)
         self.activation = activation
 
-    def __call__(self, x: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
-        return _dense(self.fc2, _activation(self.activation, _dense(self.fc1, x)))
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*b t d"]:
+        k1, k2 = _split(key, 2)
+        return _dense(self.fc2, _activation(self.activation, _dense(self.fc1, x, key=k1)), key=k2)
 
 
 class EncoderLayer(eqx.Module):
@@ -241,16 +243,22 @@ class EncoderLayer(eqx.Module):
         self.layer_norm2 = LayerNorm(d, eps)
 
     def __call__(
-        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+        self,
+        x: Float[Array, "*b t d"],
+        *,
+        first_only: bool = False,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*b tq d"]:
         """All tokens ``(*b, t, d)``, or with ``first_only`` just the class token's
-        ``(*b, 1, d)`` (the other tokens only feed it through keys and values)."""
+        ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``key``:
+        dropout of LoRA adapters, if any."""
+        akey, mkey = _split(key, 2)
         h = self.layer_norm1(x)
         if first_only:
-            x = x[..., :1, :] + self.self_attn(h, h[..., :1, :])
+            x = x[..., :1, :] + self.self_attn(h, h[..., :1, :], key=akey)
         else:
-            x = x + self.self_attn(h)
-        return x + self.mlp(self.layer_norm2(x))
+            x = x + self.self_attn(h, key=akey)
+        return x + self.mlp(self.layer_norm2(x), key=mkey)
 
 
 class Encoder(eqx.Module):
@@ -268,12 +276,12 @@ class Encoder(eqx.Module):
         self.layers = [EncoderLayer(config, k) for k in keys]
 
 
-def _run_layer(layer: EncoderLayer, h: Array) -> Array:
-    return layer(h)
+def _run_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
+    return layer(h, key=key)
 
 
-def _run_last_layer(layer: EncoderLayer, h: Array) -> Array:
-    return layer(h, first_only=True)
+def _run_last_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
+    return layer(h, first_only=True, key=key)
 
 
 class CLIPVision(eqx.Module):
@@ -289,6 +297,8 @@ class CLIPVision(eqx.Module):
     """
 
     batch_native = True  # a class attribute, not a field
+    keyed_layers = r"encoder\.layers\.\d+\.(self_attn|mlp)\.\w+"
+    """Linear layers that receive the call's ``key`` (for LoRA dropout), as a path regex."""
 
     embeddings: Embeddings
     pre_layrnorm: LayerNorm  # sic: the typo is in transformers' weight names
@@ -338,17 +348,19 @@ class CLIPVision(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
-        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm)."""
-        del key  # no dropout
+        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm).
+        ``key`` drives the dropout of LoRA adapters (``eqxtl.lora``), if any; CLIP itself
+        has no dropout."""
         h = self._embed(x)
         layers = self.encoder.layers
+        keys = _split(key, len(layers))
         run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in layers[:-1]:
-            h = run(layer, h)
+        for layer, k in zip(layers[:-1], keys, strict=False):
+            h = run(layer, h, k)
         if layers:
             # Only the class token is pooled: the last block computes queries, MLP and
             # residual for it alone (what the full block gives that token; ~6% faster).
-            h = checkpointed(_run_last_layer, self.encoder.remat)(layers[-1], h)
+            h = checkpointed(_run_last_layer, self.encoder.remat)(layers[-1], h, keys[-1])
         return self.post_layernorm(h[..., 0, :]), state
 
     def project(self, features: Float[Array, "*b d"]) -> Float[Array, "*b p"]:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .layers import dense
 from .registry import architecture_of
 
 
@@ -66,8 +67,9 @@ class Classifier(eqx.Module):
     ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
         features, state = self.backbone(x, state, key=key)
         features = features.astype(self.head.weight.dtype)
-        # features @ W^T also serves a batch (B, d) when the backbone is batch-native
-        return features @ self.head.weight.T + self.head.bias, state
+        # also serves a batch (B, d) when the backbone is batch-native; the head may be a
+        # LoRA-adapted linear (eqxtl.lora)
+        return dense(self.head, features), state
 
     @property
     def batch_native(self) -> bool:
