@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -112,7 +113,7 @@ def _select(model: Any, rules: list[Rule]) -> list[tuple[str, Any]]:
             )
         good = [(p, layer) for p, layer in hits if _adaptable(layer)]
         if not good:
-            hint = closest(rule, candidates) if isinstance(rule, str) else []
+            hint = _hint(rule, candidates) if isinstance(rule, str) else []
             near = f" Closest adaptable layers: {hint}." if hint else ""
             raise RuleError(
                 f"Rule {_describe(rule)} matches no linear or (ungrouped) convolution layer "
@@ -120,6 +121,17 @@ def _select(model: Any, rules: list[Rule]) -> list[tuple[str, Any]]:
             )
         chosen.update(good)
     return [(p, layer) for p, layer in layers if p in chosen]
+
+
+def _hint(rule: str, candidates: list[str]) -> list[str]:
+    """Adaptable layers whose name looks like the rule's (``.*\\.q_prj`` -> ``q_proj``
+    layers), else whose path does."""
+    last = re.sub(r"[^\w.]", "", rule.replace("\\.", ".")).strip(".").rsplit(".", 1)[-1]
+    by_name: dict[str, str] = {}
+    for path in candidates:
+        by_name.setdefault(path.rsplit(".", 1)[-1], path)
+    names = difflib.get_close_matches(last, by_name, n=3, cutoff=0.5) if last else []
+    return [by_name[n] for n in names] or closest(rule, candidates)
 
 
 def adapter_targets(model: Any) -> list[str]:
@@ -228,17 +240,21 @@ def lora(
         )
     _check_dropout(model, [p for p, _ in chosen], dropout)
     alpha = float(rank if alpha is None else alpha)
+    # One draw for all A's, sliced in numpy: eager per-shape draws compile once per shape.
+    sizes = [rank * _fan(layer)[0] for _, layer in chosen]
+    flat = np.asarray(jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0))
+    offsets = np.cumsum([0, *sizes])
     new = {}
-    for (path, layer), k in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
+    for (path, layer), start in zip(chosen, offsets, strict=False):
         fan_in, out = _fan(layer)
         w = layer.weight
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(k, (rank, *w.shape[1:]), w.dtype, -bound, bound)
-        b = jnp.zeros((out, rank, *(1,) * (w.ndim - 2)), w.dtype)
+        a = flat[start : start + rank * fan_in].reshape(rank, *w.shape[1:]) / math.sqrt(fan_in)
+        b = np.zeros((out, rank, *(1,) * (w.ndim - 2)))
         magnitude = None
         if dora:
-            w32 = w.astype(jnp.float32).reshape(out, -1)
-            magnitude = jnp.sqrt(jnp.sum(jnp.square(w32), axis=1)).astype(w.dtype)
+            w64 = np.asarray(w, np.float64).reshape(out, -1)
+            magnitude = jnp.asarray(np.sqrt(np.sum(w64 * w64, axis=1)), w.dtype)
+        a, b = jnp.asarray(a, w.dtype), jnp.asarray(b, w.dtype)
         new[path] = _adapter(layer, a, b, magnitude, alpha=alpha, rslora=rslora, dropout=dropout)
     return _replace(model, new)
 
@@ -298,11 +314,26 @@ def _per_channel(g, weight):
     return g.reshape(-1, *(1,) * (weight.ndim - 1))
 
 
-def _merged_weight(layer):
-    w = layer.weight.astype(jnp.float32) + layer.delta().astype(jnp.float32)
-    if layer.lora_magnitude is not None:
-        w = _per_channel(_dora_scale(layer), w) * w
-    return w.astype(layer.weight.dtype)
+@eqx.filter_jit  # one compilation for all layers, not one per weight shape
+def _merged_weights(layers: list) -> list:
+    out = []
+    for layer in layers:
+        w = layer.weight.astype(jnp.float32) + layer.delta().astype(jnp.float32)
+        if layer.lora_magnitude is not None:
+            w = _per_channel(_dora_scale(layer), w) * w
+        out.append(w.astype(layer.weight.dtype))
+    return out
+
+
+@eqx.filter_jit
+def _unmerged_weights(layers: list, merged: list) -> list:
+    out = []
+    for layer, w_merged in zip(layers, merged, strict=True):
+        w = w_merged.astype(jnp.float32)
+        if layer.lora_magnitude is not None:
+            w = w / _per_channel(_dora_scale(layer), w)
+        out.append((w - layer.delta().astype(jnp.float32)).astype(w_merged.dtype))
+    return out
 
 
 def merge_lora(model: Any) -> Any:
@@ -312,9 +343,9 @@ def merge_lora(model: Any) -> Any:
 
     Refuses a model without adapters (merging twice)."""
     layers = _require_adapters(model, "merge")
-    return _replace(
-        model, {p: _plain(layer, _merged_weight(layer), layer.bias) for p, layer in layers}
-    )
+    weights = _merged_weights([layer for _, layer in layers])
+    new = {p: _plain(layer, w, layer.bias) for (p, layer), w in zip(layers, weights, strict=True)}
+    return _replace(model, new)
 
 
 def unmerge_lora(merged: Any, adapted: Any) -> Any:
@@ -344,14 +375,11 @@ def unmerge_lora(merged: Any, adapted: Any) -> Any:
             f"unmerge_lora: {len(wrong)} adapted layers have no plain layer of the same shape "
             f"in the merged model, e.g. {wrong[:3]}: it was not merged from this model."
         )
-    new = {}
-    for p, layer in adapters.items():
-        base = plain[p]
-        w = base.weight.astype(jnp.float32)
-        if layer.lora_magnitude is not None:
-            w = w / _per_channel(_dora_scale(layer), w)
-        w = (w - layer.delta().astype(jnp.float32)).astype(base.weight.dtype)
-        new[p] = dataclasses.replace(layer, weight=w, bias=base.bias)
+    weights = _unmerged_weights(list(adapters.values()), [plain[p].weight for p in adapters])
+    new = {
+        p: dataclasses.replace(layer, weight=w, bias=plain[p].bias)
+        for (p, layer), w in zip(adapters.items(), weights, strict=True)
+    }
     return _replace(merged, new)
 
 
