@@ -24,8 +24,19 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-WORKLOADS = ("eval", "head", "last2", "full")
-"""eval forward, head-only step, head + last-two-blocks step, full fine-tune step (Adam)."""
+WORKLOADS = ("eval", "head", "last2", "full", "lora")
+"""eval forward, head-only step, head + last-two-blocks step, full fine-tune step, and a
+LoRA step (r=8 adapters + head; ``LORA_TARGETS``), all with Adam."""
+LORA_RANK = 8
+LORA_TARGETS = {
+    # PEFT's ViT guide: query and value of every block
+    "clip": ("q_proj", "v_proj"),
+    # every convolution inside the residual blocks (1x1 and 3x3)
+    "resnet50": ("layer.0.convolution", "layer.1.convolution", "layer.2.convolution"),
+}
+"""Module-name suffixes (PEFT's ``target_modules`` matching: ``name.endswith(suffix)``)."""
+NO_LORA = ("flax",)
+"""References without a LoRA workload."""
 MODELS = ("clip", "resnet50")
 BATCH = 32
 IMAGE = 224
