@@ -25,6 +25,7 @@ from eqxtl.filters import _zip_spec
 from eqxtl.models import resnet as R
 from eqxtl.models.clip import LayerNorm
 from tests._tiny import TINY_RESNET, random_tensors
+from tests._tiny import tiny as tiny_model
 from tests.test_clip import b32 as b32  # noqa: F401  (session fixture: CLIP-B/32 directory)
 from tests.test_clip import load as load_clip
 from tests.test_resnet import _real
@@ -377,3 +378,27 @@ def test_resnet50_adapter_from_peft(resnet50, images, tmp_path):  # noqa: F811
     err, moved = max_diff(ours, theirs), max_diff(theirs, resnet50["logits"])
     print(f"ResNet-50 PEFT->eqxtl: max |Δ| logits {err:.2e} (adapters moved them {moved:.2f})")
     assert moved > 100 * TOL and err <= TOL
+
+
+def test_finetune_rps_lora(tmp_path, capsys):
+    """examples/finetune_rps.py --lora: adapters + head train; PEFT folder and merged model."""
+    import tensorflow_datasets as tfds
+
+    from tests.test_fit import _example
+
+    backbone, state = tiny_model("clip")
+    eqxtl.save_pretrained(backbone, state, tmp_path / "weights")
+    argv = [
+        "--weights", str(tmp_path / "weights"), "--batch-size", "8", "--eval-every", "3",
+        "--out", str(tmp_path / "out"), "--lora", "2",
+    ]  # fmt: skip
+    with tfds.testing.mock_data(num_examples=20):
+        result = _example().main(argv)
+    assert "backbone.encoder.layers.*.self_attn.q_proj.lora_*" in capsys.readouterr().out
+    lora_b = result.model.backbone.encoder.layers[0].self_attn.v_proj.lora_b
+    assert float(jnp.max(jnp.abs(lora_b))) > 0  # the adapters trained
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["modules_to_save"] == ["classifier"]
+    merged, _ = eqxtl.from_pretrained(tmp_path / "out" / "merged", keep_head=True)
+    x = jnp.asarray(batch(0)["image"])
+    assert rel_diff(outputs(merged, state, x), outputs(result.model, state, x)) <= MERGE_RTOL
