@@ -8,6 +8,7 @@ differentiates only what trains.
 from ._paths import paths as paths
 from .adapters import ADAPTER_RULE as ADAPTER_RULE
 from .adapters import adapter_targets as adapter_targets
+from .adapters import has_adapters as has_adapters
 from .adapters import load_adapter as load_adapter
 from .adapters import lora as lora
 from .adapters import lora_spec as lora_spec
@@ -15,9 +16,6 @@ from .adapters import merge_lora as merge_lora
 from .adapters import save_adapter as save_adapter
 from .adapters import unmerge_lora as unmerge_lora
 from .checkpoint import state_dict as state_dict
-from .data import CLIP_PREPROCESSING as CLIP_PREPROCESSING
-from .data import IMAGENET_PREPROCESSING as IMAGENET_PREPROCESSING
-from .data import LITE0_PREPROCESSING as LITE0_PREPROCESSING
 from .data import ArraySource as ArraySource
 from .data import Augment as Augment
 from .data import ImageFolder as ImageFolder
@@ -25,6 +23,8 @@ from .data import Loader as Loader
 from .data import Preprocessing as Preprocessing
 from .data import Subset as Subset
 from .data import TFDSSource as TFDSSource
+from .data import check_labels as check_labels
+from .data import check_same_classes as check_same_classes
 from .data import preprocess as preprocess
 from .data import split as split
 from .errors import AdapterError as AdapterError
@@ -52,6 +52,8 @@ from .fit import evaluate as evaluate
 from .fit import fit as fit
 from .fit import predict as predict
 from .fit import warmup_cosine as warmup_cosine
+from .models.clip import PREPROCESSING as CLIP_PREPROCESSING  # noqa: F401
+from .models.efficientnet import PREPROCESSING as LITE0_PREPROCESSING  # noqa: F401
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
 from .models.layers import BatchNorm as BatchNorm
@@ -61,6 +63,7 @@ from .models.layers import LoRALinear as LoRALinear
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
+from .models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # noqa: F401
 from .optim import blocks as blocks
 from .optim import decay_mask as decay_mask
 from .optim import last_blocks as last_blocks

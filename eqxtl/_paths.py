@@ -10,6 +10,7 @@ exactly as in a PyTorch state dict.
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,3 +72,18 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
         for i in range(1, len(parts) + 1):
             prefixes.add(".".join(parts[:i]))
     return difflib.get_close_matches(name, sorted(prefixes), n=n, cutoff=0.4)
+
+
+def first_difference(a: Any, b: Any) -> str:
+    """Where two pytrees stop having the same structure, in words (for error messages):
+    the first leaf path that differs, or, when every path agrees, that a static field (a
+    layer size, an activation) does."""
+    pa = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(a)[0]]
+    pb = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(b)[0]]
+    for i, (x, y) in enumerate(itertools.zip_longest(pa, pb)):
+        if x != y:
+            return (
+                f"leaf {i} is {x!r} in one and {y!r} in the other "
+                f"({len(pa)} leaves against {len(pb)})"
+            )
+    return f"the same {len(pa)} leaf paths, but a static field (a layer size, say) differs"

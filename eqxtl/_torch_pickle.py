@@ -22,10 +22,14 @@ returned are read from disk, each storage once.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import io
+import math
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +38,42 @@ import numpy as np
 
 from .errors import TorchFileError, UnsafeCheckpointError
 
-__all__ = ["TorchFileError", "UnsafeCheckpointError", "load_torch_file"]
+__all__ = ["TorchFileError", "TorchLimits", "UnsafeCheckpointError", "load_torch_file"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLimits:
+    """Bounds that keep a hostile or corrupt file from taking unbounded time or memory.
+
+    The defaults admit every real checkpoint up to 10 GB and more (a state dict of a
+    million tensors, a pickle of a gigabyte, tied weights); a file past a bound is a
+    ``TorchFileError`` that names the bound. Pass others to ``load_torch_file(limits=)``.
+
+    **Fields:**
+
+    - `max_objects`: container items walked when collecting the tensors (the
+      "billion laughs" pickle, a list of ten references to a list of ten references...,
+      stops here, after well under a second).
+    - `max_pickle_bytes`: size of the pickle (``data.pkl``) itself.
+    - `max_expansion`, `expansion_allowance`: the tensors together may take at most
+      ``max_expansion * (bytes of the storages they view) + expansion_allowance`` bytes
+      (strides of 0 can make a tiny storage describe a huge tensor; shared storages are
+      counted once per tensor built from them).
+    - `check_crc`: verify the zip's CRC-32 of every storage read (torch writes it).
+    """
+
+    max_objects: int = 1_000_000
+    max_pickle_bytes: int = 1 << 30
+    max_expansion: float = 4.0
+    expansion_allowance: int = 1 << 26
+    check_crc: bool = True
+
+
+DEFAULT_LIMITS = TorchLimits()
+
+# A zip member may hold this many bytes beyond the storage the pickle declares for it (torch
+# writes exactly the storage; anything much longer is an inflation bomb or corruption).
+_MEMBER_SLACK = 4096
 
 
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
@@ -285,12 +324,13 @@ def _count(x, what: str) -> int:
 
 
 class _ZipReader:
-    def __init__(self, f, source: str):
-        self.f, self.source = f, source
+    def __init__(self, f, source: str, limits: TorchLimits):
+        self.f, self.source, self.limits = f, source, limits
         try:
             self.zf = zipfile.ZipFile(f)
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise TorchFileError(f"{source}: corrupt zip archive ({e})") from None
+        self.size = os.fstat(f.fileno()).st_size
         names = self.zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if not pkl:
@@ -302,6 +342,8 @@ class _ZipReader:
         order = self.prefix + "byteorder"
         self.byteorder = "little"
         if order in names:
+            if self.zf.getinfo(order).file_size > 16:
+                raise TorchFileError(f"{source}: malformed byteorder entry")
             self.byteorder = self.zf.read(order).decode("ascii", "replace").strip()
             if self.byteorder not in ("little", "big"):
                 raise TorchFileError(f"{source}: unknown byte order {self.byteorder!r}")
@@ -316,8 +358,10 @@ class _ZipReader:
         return self.storages[key]
 
     def load_object(self):
-        with self.zf.open(self.prefix + "data.pkl") as f:
-            return _RestrictedUnpickler(f, self.source, self.record).load()
+        info = self.zf.getinfo(self.prefix + "data.pkl")
+        _check_pickle_size(info.file_size, self.source, self.limits)
+        data = self.zf.read(info)  # bounded above; zipfile checks its CRC
+        return _RestrictedUnpickler(io.BytesIO(data), self.source, self.record).load()
 
     def position(self, key: str) -> int:
         try:
@@ -325,7 +369,7 @@ class _ZipReader:
         except KeyError:
             return -1  # reported by read()
 
-    def read(self, storage: _Storage) -> bytearray:
+    def read(self, storage: _Storage) -> memoryview:
         name = f"{self.prefix}data/{storage.key}"
         try:
             info = self.zf.getinfo(name)
@@ -337,26 +381,49 @@ class _ZipReader:
                 f"{self.source}: storage {storage.key!r} has {info.file_size} bytes, "
                 f"{nbytes} expected"
             )
-        buf = bytearray(nbytes)
-        if info.compress_type == zipfile.ZIP_STORED:
-            # torch stores storages uncompressed: read them straight from the file into
-            # their final buffer (no intermediate bytes object).
-            self.f.seek(info.header_offset)
-            header = self.f.read(30)
-            if len(header) != 30 or header[:4] != b"PK\x03\x04":
-                raise TorchFileError(f"{self.source}: corrupt zip entry {name}")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            self.f.seek(info.header_offset + 30 + name_len + extra_len)
-            if self.f.readinto(buf) != nbytes:
-                raise TorchFileError(f"{self.source}: truncated storage {storage.key!r}")
-        else:
-            buf[:] = self.zf.read(name)[:nbytes]
-        return buf
+        if info.file_size > nbytes + _MEMBER_SLACK:
+            raise TorchFileError(
+                f"{self.source}: zip member {name} inflates to {info.file_size} bytes but "
+                f"the tensors on it declare {nbytes}: refusing it (an inflation bomb, or a "
+                "corrupt file)."
+            )
+        if info.compress_type != zipfile.ZIP_STORED:
+            return memoryview(bytearray(self.zf.read(info)))[:nbytes]  # CRC checked
+        # torch stores storages uncompressed: read them straight from the file into
+        # their final buffer (no intermediate bytes object).
+        self.f.seek(info.header_offset)
+        header = self.f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise TorchFileError(f"{self.source}: corrupt zip entry {name}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        if info.compress_size != info.file_size or start + info.file_size > self.size:
+            raise TorchFileError(f"{self.source}: truncated storage {storage.key!r}")
+        buf = bytearray(info.file_size)
+        self.f.seek(start)
+        if self.f.readinto(buf) != len(buf):
+            raise TorchFileError(f"{self.source}: truncated storage {storage.key!r}")
+        if self.limits.check_crc and zlib.crc32(buf) != info.CRC:
+            raise TorchFileError(
+                f"{self.source}: storage {storage.key!r} fails the zip's CRC-32 check "
+                "(corrupt file; download it again)."
+            )
+        return memoryview(buf)[:nbytes]
+
+
+def _check_pickle_size(nbytes: int, source: str, limits: TorchLimits) -> None:
+    if nbytes > limits.max_pickle_bytes:
+        raise TorchFileError(
+            f"{source}: its pickle is {nbytes} bytes, over TorchLimits.max_pickle_bytes "
+            f"({limits.max_pickle_bytes}); if you trust the file, pass a larger bound."
+        )
 
 
 class _LegacyReader:
-    def __init__(self, f, source: str):
+    def __init__(self, f, source: str, limits: TorchLimits):
         self.f, self.source = f, source
+        # One stream of pickles and raw storages: the file's size bounds the pickle.
+        _check_pickle_size(os.fstat(f.fileno()).st_size, source, limits)
         self.storages: dict[str, _Storage] = {}
         self.byteorder = "little"
         magic = _RestrictedUnpickler(f, source).load()
@@ -433,13 +500,15 @@ class _LegacyReader:
 # --------------------------------------------------------------------------- materialising
 
 
-def _lazy_tensors(obj, prefix: str, out: dict[str, _LazyTensor], ancestors: set[int]) -> None:
+def _lazy_tensors(
+    obj, prefix: str, out: dict[str, _LazyTensor], ancestors: set[int], budget: list[int]
+) -> None:
     if isinstance(obj, _LazyTensor):
         if prefix in out:
             raise TorchFileError(f"two tensors flatten to the same key {prefix!r}")
         out[prefix] = obj
         return
-    if isinstance(obj, Mapping):
+    if isinstance(obj, dict):  # the only mappings an unpickler builds (OrderedDict included)
         items = obj.items()
     elif isinstance(obj, (list, tuple)):
         items = enumerate(obj)
@@ -447,9 +516,19 @@ def _lazy_tensors(obj, prefix: str, out: dict[str, _LazyTensor], ancestors: set[
         return  # ints, strings, dtypes, bare storages...: not tensors
     if id(obj) in ancestors:  # a container inside itself
         raise TorchFileError("malformed checkpoint: a container contains itself")
+    # Shared references make a small pickle describe an exponential tree: count every item
+    # walked, before walking it.
+    budget[0] -= len(obj)
+    if budget[0] < 0:
+        raise TorchFileError(
+            f"the checkpoint's containers hold more than TorchLimits.max_objects "
+            f"({budget[1]}) items (counting each shared reference again): refusing to walk "
+            "it (a pickle bomb?). If you trust the file, pass a larger bound."
+        )
     ancestors.add(id(obj))
     for k, v in items:
-        _lazy_tensors(v, f"{prefix}.{k}" if prefix else str(k), out, ancestors)
+        if isinstance(v, (_LazyTensor, dict, list, tuple)):
+            _lazy_tensors(v, f"{prefix}.{k}" if prefix else str(k), out, ancestors, budget)
     ancestors.discard(id(obj))
 
 
@@ -503,13 +582,31 @@ def _array(t: _LazyTensor, raw: np.ndarray, sole: bool, byteorder: str, what: st
     return np.array(view, order="C")
 
 
-def _materialize(tensors: dict[str, _LazyTensor], reader, source: str) -> dict[str, np.ndarray]:
+def _check_expansion(unique: list[_LazyTensor], source: str, limits: TorchLimits) -> None:
+    """Refuse tensors that would take far more memory than the storages they view."""
+    roots = {id(_root(t)): _root(t) for t in unique}.values()
+    stored = sum(r.numel * r.dtype.itemsize for r in roots)
+    built = sum(math.prod(t.shape) * t.dtype.itemsize for t in unique)
+    bound = limits.max_expansion * stored + limits.expansion_allowance
+    if built > bound:
+        raise TorchFileError(
+            f"{source}: its tensors would take {built} bytes from {stored} bytes of storage "
+            f"(strides that repeat elements, or many tensors over one storage), over "
+            f"TorchLimits max_expansion={limits.max_expansion} / expansion_allowance="
+            f"{limits.expansion_allowance}. If you trust the file, pass larger bounds."
+        )
+
+
+def _materialize(
+    tensors: dict[str, _LazyTensor], reader, source: str, limits: TorchLimits
+) -> dict[str, np.ndarray]:
     """Read each storage once, in file order, and free it once its tensors are built."""
     names = {id(t): name for name, t in reversed(tensors.items())}
     unique = sorted(
         {id(t): t for t in tensors.values()}.values(),
         key=lambda t: reader.position(_root(t).key),
     )
+    _check_expansion(unique, source, limits)
     users = collections.Counter(_root(t).key for t in unique)
     pending = collections.Counter(users)
     buffers: dict[str, np.ndarray] = {}
@@ -529,7 +626,9 @@ def _materialize(tensors: dict[str, _LazyTensor], reader, source: str) -> dict[s
 # --------------------------------------------------------------------------- public
 
 
-def load_torch_file(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str, np.ndarray]:
+def load_torch_file(
+    path: str | os.PathLike, *, unwrap: bool = True, limits: TorchLimits | None = None
+) -> dict[str, np.ndarray]:
     """Every tensor of a PyTorch checkpoint as ``{dotted key: numpy array}``, read without
     torch and without running code from the file.
 
@@ -541,6 +640,8 @@ def load_torch_file(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str
       level that has a dict under ``"state_dict"``, ``"model_state_dict"``, ``"model"`` or
       ``"module"`` (the first present, in that order), return only that dict's tensors
       (optimizer state, epoch etc. are not read).
+    - `limits`: bounds on the work and memory a file may ask for (``TorchLimits``; default
+      ``DEFAULT_LIMITS``, which admits every real checkpoint).
 
     Nested containers are flattened into dotted keys: dict keys and list/tuple indices are
     joined with ``"."`` (``{"enc": {"w": t}, "blocks": [t0, t1]}`` gives ``"enc.w"``,
@@ -556,8 +657,10 @@ def load_torch_file(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str
     global besides torch's tensor-rebuild functions, storage classes and dtypes and
     ``collections.OrderedDict`` (a pickled function, object or nn.Module): nothing it names
     is imported or called. ``TorchFileError`` (also a ``ValueError``) for files that are
-    truncated, corrupt or not PyTorch checkpoints.
+    truncated, corrupt (zip CRC-32 included) or not PyTorch checkpoints, and for files
+    past a bound of ``limits``.
     """
+    limits = DEFAULT_LIMITS if limits is None else limits
     source = os.fspath(path)
     try:
         with open(source, "rb") as f:
@@ -565,12 +668,15 @@ def load_torch_file(path: str | os.PathLike, *, unwrap: bool = True) -> dict[str
                 # torch's own test (serialization._is_zipfile): a local file header first.
                 is_zip = f.read(4) == b"PK\x03\x04"
                 f.seek(0)
-                reader = _ZipReader(f, source) if is_zip else _LegacyReader(f, source)
+                reader = (_ZipReader if is_zip else _LegacyReader)(f, source, limits)
                 obj = reader.load_object()
                 tensors: dict[str, _LazyTensor] = {}
-                _lazy_tensors(_unwrap(obj) if unwrap else obj, "", tensors, set())
-                return _materialize(tensors, reader, source)
-            except TorchFileError:
+                budget = [limits.max_objects, limits.max_objects]
+                _lazy_tensors(_unwrap(obj) if unwrap else obj, "", tensors, set(), budget)
+                return _materialize(tensors, reader, source, limits)
+            except TorchFileError as e:
+                if source not in str(e):  # say which file, once
+                    raise type(e)(f"{source}: {e}") from None
                 raise
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
                 raise TorchFileError(_corrupt(source, e)) from None

@@ -69,6 +69,11 @@ def _adapted_layers(model: Any) -> list[tuple[str, Any]]:
     return [(p, layer) for p, layer in _layers(model) if isinstance(layer, _ADAPTED)]
 
 
+def has_adapters(model: Any) -> bool:
+    """Whether ``model`` holds LoRA/DoRA adapters (``eqxtl.lora`` / ``load_adapter``)."""
+    return bool(_adapted_layers(model))
+
+
 def _leaf(module: str, name: str) -> str:
     return f"{module}.{name}" if module else name
 
@@ -386,20 +391,29 @@ def unmerge_lora(merged: Any, adapted: Any) -> Any:
 # --------------------------------------------------------------------------- PEFT files
 
 
-def _transformers_key(model: Any, path: str) -> str:
-    """An eqxtl leaf path -> the transformers state-dict key of the same base model (the
-    one place that knows the layout; PEFT's module names are these keys without the
-    parameter name)."""
+def _transformers_key(model: Any, path: str) -> str | None:
+    """An eqxtl leaf path -> its key in the transformers layout of the same base model (the
+    architecture's default layout when it has no transformers one); ``None`` when that
+    layout has no name for it. The one place that knows the naming: PEFT's module names are
+    these keys without the parameter name."""
     if isinstance(model, Classifier):
         backbone, with_head = model.backbone, True
         canonical = path.removeprefix("backbone.")
     else:
         backbone, with_head, canonical = model, False, path
-    return architecture_of(backbone).hf_name(canonical, with_head)
+    arch = architecture_of(backbone)
+    names = [layout.name for layout in arch.layouts]
+    try:
+        return arch.key_in(
+            canonical, "transformers" if "transformers" in names else None, with_head
+        )
+    except KeyError:
+        return None
 
 
-def _transformers_module(model: Any, module: str) -> str:
-    return _transformers_key(model, _leaf(module, "weight")).removesuffix(".weight")
+def _transformers_module(model: Any, module: str) -> str | None:
+    key = _transformers_key(model, _leaf(module, "weight"))
+    return None if key is None else key.removesuffix(".weight")
 
 
 def save_adapter(
@@ -421,6 +435,12 @@ def save_adapter(
     if len({layer.lora_magnitude is None for _, layer in layers}) > 1:
         raise AdapterError("PEFT needs all adapters LoRA or all DoRA; they are mixed.")
     tensors, ranks, alphas = {}, {}, {}
+    unnamed = [p for p, _ in layers if _transformers_module(model, p) is None]
+    if unnamed:
+        raise AdapterError(
+            f"save_adapter: the transformers layout has no name for {unnamed[:3]}; PEFT "
+            "files can only hold adapters of layers the transformers model has."
+        )
     for path, layer in layers:
         name = _transformers_module(model, path)
         prefix = _PEFT_PREFIX + name
@@ -441,6 +461,8 @@ def save_adapter(
             raise RuleError(f"modules_to_save: no module {module!r} in the model. Closest: {hint}.")
         for p in under:
             key = _transformers_key(model, p)
+            if key is None:
+                raise AdapterError(f"modules_to_save: no transformers name for {p!r}.")
             tensors[_PEFT_PREFIX + key] = np.asarray(leaves[p])
             saved.append(key.rsplit(".", 1)[0])
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
@@ -531,6 +553,8 @@ def load_adapter(model: Any, directory: str | os.PathLike, *, dropout: float | N
 
     modules = {_transformers_module(model, p): (p, layer) for p, layer in _layers(model)}
     leaves = {_transformers_key(model, p): (p, leaf) for p, leaf in leaves_with_paths(model)}
+    modules.pop(None, None)
+    leaves.pop(None, None)
     adapters: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     others, mismatches = {}, []
     suffixes = {

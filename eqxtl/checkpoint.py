@@ -20,6 +20,7 @@ import numpy as np
 from ._paths import keypath_to_str
 from .errors import CheckpointError
 from .models._arch import Architecture
+from .models._layout import strip_wrappers
 from .models.layers import set_inference
 
 
@@ -34,7 +35,11 @@ def _group(names: Iterable[str]) -> list[str]:
     return out
 
 
-def _report(missing, unexpected, misshaped, source: str) -> str:
+def _is_bfloat16(value) -> bool:
+    return np.asarray(value).dtype == jnp.bfloat16
+
+
+def _report(missing, unexpected, misshaped, source: str, hint: str = "") -> str:
     lines = [f"Checkpoint {source} does not fit the model:"]
     if missing:
         lines.append(f"  missing from the checkpoint ({len(missing)}):")
@@ -45,14 +50,18 @@ def _report(missing, unexpected, misshaped, source: str) -> str:
     if misshaped:
         lines.append(f"  wrong shape ({len(misshaped)}):")
         lines += [
-            f"    {name}: checkpoint {tuple(got)}, model expects {tuple(want)}"
+            f"    {name}: checkpoint {_fmt(got)}, model expects {_fmt(want)}"
             for name, got, want in misshaped
         ]
     lines.append(
         "Pass ignore=[regex, ...] to from_pretrained to leave keys out (e.g. a classifier "
-        "head), or check that the config matches the weights."
+        "head), or check that the config matches the weights." + (f" {hint}" if hint else "")
     )
     return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return x if isinstance(x, str) else str(tuple(x))
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -62,31 +71,38 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 def canonical_names(
     arch: Architecture, keys: Iterable[str], ignore: Iterable[str] = (), source: str = ""
 ) -> dict[str, str]:
-    """``{canonical name: checkpoint key}`` for every key the model should load.
-
-    Known buffers and foreign towers are dropped; keys matching an ``ignore`` regex (tested
-    on the original and the canonical name, or a module prefix of either) are left out.
-    """
+    """``{canonical name: checkpoint key}`` for the keys of one checkpoint of ``arch`` (in
+    whichever of its layouts fits best; packed keys appear once per part). Known buffers
+    and foreign towers are dropped; keys matching an ``ignore`` regex (tested on the
+    original and the canonical name, or a module prefix of either) are left out."""
+    renamed = strip_wrappers(list(keys))
+    found = arch.plan(renamed)
+    if found is None:
+        raise CheckpointError(f"{source or 'checkpoint'} is not a {arch.name} checkpoint.")
     ignore = tuple(ignore)
-    names: dict[str, str] = {}
-    for key in keys:
-        name = arch.canonical_name(key)
-        if name is None or _matches(key, ignore) or _matches(name, ignore):
-            continue
-        if name in names:
-            raise CheckpointError(
-                f"{source or 'checkpoint'}: keys {names[name]!r} and {key!r} both map to "
-                f"{name!r}; pass ignore= to drop one of them."
-            )
-        names[name] = key
-    return names
+    return {
+        name: renamed[r.key]
+        for name, r in found[1].recipes.items()
+        if not (_matches(r.key, ignore) or _matches(name, ignore))
+    }
 
 
 def canonicalize(
     arch: Architecture, tensors: Mapping[str, np.ndarray], ignore: Iterable[str] = ()
 ) -> dict[str, np.ndarray]:
-    """Checkpoint tensors (any layout the architecture reads) by canonical name."""
-    return {name: tensors[key] for name, key in canonical_names(arch, tensors, ignore).items()}
+    """Checkpoint tensors (any layout the architecture reads) by canonical name, with the
+    layout's tensor surgery applied."""
+    renamed = strip_wrappers(list(tensors))
+    found = arch.plan(renamed)
+    if found is None:
+        raise CheckpointError(f"Not a {arch.name} checkpoint.")
+    source = {k: tensors[orig] for k, orig in renamed.items()}
+    ignore = tuple(ignore)
+    return {
+        name: r.read(source)
+        for name, r in found[1].recipes.items()
+        if not (_matches(r.key, ignore) or _matches(name, ignore))
+    }
 
 
 def skeleton(arch: Architecture, config) -> eqx.Module:
@@ -113,10 +129,15 @@ def fill(
     allow_missing: Iterable[str] = (),
     init_missing=None,
     dtype=None,
+    unexplained: Iterable[str] = (),
+    hint: str = "",
 ):
     """Replace every array leaf of ``model_skeleton`` by the tensor of the same path.
 
-    Raises one ``CheckpointError`` listing every missing, unexpected and misshaped key.
+    Floating-point tensors keep their stored dtype (float16 / bfloat16 files load as such)
+    unless ``dtype`` is given. Raises one ``CheckpointError`` listing every missing,
+    unexpected (including the checkpoint keys in ``unexplained``, which no rule of the
+    layout maps), misshaped and non-floating key; ``hint`` ends the message.
     Leaves matching ``allow_missing`` may be absent: they are taken from ``init_missing``
     (a real, initialised model of the same structure). Returns ``(model, state)`` in
     inference mode, with BatchNorm statistics moved into ``state``.
@@ -143,10 +164,14 @@ def fill(
             misshaped.append((name, value.shape, leaf.shape))
             leaves.append(leaf)
             continue
-        leaves.append(jnp.asarray(value, dtype=dtype or leaf.dtype))
-    unexpected = sorted(set(tensors) - used)
+        if not np.issubdtype(np.asarray(value).dtype, np.floating) and not _is_bfloat16(value):
+            misshaped.append((name, f"dtype {np.asarray(value).dtype}", f"dtype {leaf.dtype}"))
+            leaves.append(leaf)
+            continue
+        leaves.append(jnp.asarray(value, dtype=dtype))
+    unexpected = sorted(set(tensors) - used) + sorted(unexplained)
     if missing or unexpected or misshaped:
-        raise CheckpointError(_report(missing, unexpected, misshaped, source))
+        raise CheckpointError(_report(missing, unexpected, misshaped, source, hint))
     model = jtu.tree_unflatten(treedef, leaves)
     model, state = eqx.nn.make_with_state(lambda: model)()
     return set_inference(model, True), state

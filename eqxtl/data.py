@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import warnings
@@ -30,48 +31,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import CorruptImageError, DataError
-from .models.efficientnet import MEAN as _LITE0_MEAN
-from .models.efficientnet import STD as _LITE0_STD
+from .models._arch import Preprocessing as Preprocessing
 
 # ---------------------------------------------------------------- preprocessing
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """How a checkpoint wants its input: ``(resize(image) -> center crop) * scale``, then
-    ``(x - mean) / std`` per channel, channels first.
-
-    **Fields:**
-
-    - `resize`: length of the shortest side after resizing (aspect ratio kept).
-    - `crop`: side of the square center crop; the output is ``(3, crop, crop)``.
-    - `mean`, `std`: per-channel (R, G, B) statistics on the scaled (``0..1``) range.
-    - `scale`: multiplies the uint8 pixel values before normalising (``1/255``).
-    - `interpolation`: PIL resampling filter, ``"bicubic"``, ``"bilinear"``, ``"nearest"``,
-      ``"lanczos"``, ``"box"`` or ``"hamming"``.
-    """
-
-    resize: int = 224
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    scale: float = 1 / 255
-    interpolation: str = "bicubic"
-
-    def __post_init__(self):
-        for name in ("mean", "std"):  # tuples of floats: hashable, comparable
-            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
-        if self.resize < 1 or self.crop < 1:
-            raise DataError(f"resize and crop must be >= 1, got {self.resize}, {self.crop}.")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise DataError("mean and std need one value per RGB channel (3 each).")
-        if self.interpolation not in _RESAMPLE:
-            raise DataError(
-                f"Unknown interpolation {self.interpolation!r}; use one of {sorted(_RESAMPLE)}."
-            )
 
 
 _RESAMPLE = {
@@ -83,47 +48,18 @@ _RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 
-CLIP_PREPROCESSING = Preprocessing(
-    resize=224,
-    crop=224,
-    mean=(0.48145466, 0.4578275, 0.40821073),
-    std=(0.26862954, 0.26130258, 0.27577711),
-    interpolation="bicubic",
-)
-"""OpenAI CLIP (``openai/clip-vit-*``): bicubic shortest side 224, center crop 224."""
-
-IMAGENET_PREPROCESSING = Preprocessing(
-    resize=256,
-    crop=224,
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    interpolation="bicubic",
-)
-"""ImageNet eval crop as transformers does it for ``microsoft/resnet-*``
-(``ConvNextImageProcessor``, crop_pct 0.875, resample 3): bicubic shortest side
-256 = int(224 / 0.875), center crop 224, ImageNet mean/std."""
-
-LITE0_PREPROCESSING = Preprocessing(
-    resize=256,
-    crop=224,
-    mean=_LITE0_MEAN,
-    std=_LITE0_STD,
-    interpolation="bilinear",
-)
-"""EfficientNet-Lite0: ImageNet eval crop (256 → 224, bilinear), input ``(x·255 − 127)/128``."""
-
 
 def as_rgb(image: Any) -> np.ndarray:
     """Any reasonable image as a uint8 ``(H, W, 3)`` RGB array.
 
-    Accepts PIL images (any mode), numpy arrays ``(H, W)`` (grayscale), ``(H, W, 1)``,
-    ``(H, W, 3)`` (RGB) or ``(H, W, 4)`` (RGBA: alpha dropped), with uint8 or other integer
-    values in ``0..255`` or float values in ``[0, 1]`` (rounded to uint8: resizing works on
-    8-bit images, as in PIL-based reference preprocessors). Anything else raises
-    ``DataError``.
+    Accepts PIL images (any mode; EXIF orientation applied, 16-bit modes scaled to 8 bits),
+    numpy arrays ``(H, W)`` (grayscale), ``(H, W, 1)``, ``(H, W, 3)`` (RGB) or ``(H, W, 4)``
+    (RGBA: alpha dropped), with uint8 or other integer values in ``0..255`` or float values
+    in ``[0, 1]`` (rounded to uint8: resizing works on 8-bit images, as in PIL-based
+    reference preprocessors). Anything else raises ``DataError``.
     """
     if isinstance(image, Image.Image):
-        image = image.convert("RGB")
+        return _pil_rgb(image)
     a = np.asarray(image)
     if a.dtype == object or a.ndim not in (2, 3):
         raise DataError(
@@ -146,25 +82,63 @@ def as_rgb(image: Any) -> np.ndarray:
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
+    problem = _pixel_problem(a)
+    if problem is not None:
+        raise DataError(problem)
     if a.dtype == np.uint8:
         return a
     if a.dtype == bool:
         return a.astype(np.uint8) * 255
     if np.issubdtype(a.dtype, np.integer):
+        return a.astype(np.uint8)
+    return np.round(a * 255).astype(np.uint8)
+
+
+def _pixel_problem(a: np.ndarray) -> str | None:
+    """Why the pixel values of ``a`` cannot be read as an image (``None`` when they can)."""
+    if a.dtype == np.uint8 or a.dtype == bool or a.size == 0:
+        return None
+    if np.issubdtype(a.dtype, np.integer):
         if a.min() < 0 or a.max() > 255:
-            raise DataError(
+            return (
                 f"Integer images must hold values in 0..255; got {a.dtype} in "
                 f"[{a.min()}, {a.max()}]. Rescale to uint8 first."
             )
-        return a.astype(np.uint8)
+        return None
     if np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 1:
-            raise DataError(
-                f"Float images must hold values in [0, 1]; got {a.dtype} in "
-                f"[{np.nanmin(a)}, {np.nanmax(a)}]. Pass uint8 0..255 (or divide by 255)."
+        finite = np.isfinite(a)
+        if not finite.all():
+            return (
+                f"The image holds {a.size - np.count_nonzero(finite)} NaN or infinite "
+                f"pixel values ({a.dtype}); pass finite values in [0, 1] (or uint8 0..255)."
             )
-        return np.round(a * 255).astype(np.uint8)
-    raise DataError(f"Unsupported image dtype {a.dtype}; pass uint8 (H, W, 3).")
+        if a.min() < 0 or a.max() > 1:
+            return (
+                f"Float images must hold values in [0, 1]; got {a.dtype} in "
+                f"[{a.min()}, {a.max()}]. Pass uint8 0..255 (or divide by 255)."
+            )
+        return None
+    return f"Unsupported image dtype {a.dtype}; pass uint8 (H, W, 3)."
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _pil_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image as uint8 ``(H, W, 3)``: EXIF orientation applied (photos from phones
+    store it there), 16-bit modes scaled by ``255 / 65535`` (``convert("RGB")`` would clip
+    every value above 255 to white)."""
+    if im.getexif().get(_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)  # (a copy: only when there is something to undo)
+    if im.mode.startswith("I;16") or (im.mode == "I" and np.asarray(im).max() > 255):
+        a = np.asarray(im)
+        if a.min() < 0 or a.max() > 65535:
+            raise DataError(
+                f"A {im.mode} image with values in [{a.min()}, {a.max()}]: not 8 or 16 bits."
+            )
+        gray = np.round(a.astype(np.float32) * (255 / 65535)).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
 
 
 def resize_shortest_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -308,9 +282,17 @@ def _check_index(index: int, n: int) -> int:
     return index
 
 
+_MAX_INFERRED_CLASSES = 1 << 20
+
+
 class ArraySource:
     """Examples from arrays: ``images`` uint8 ``(N, H, W, 3)`` / ``(N, H, W)`` (or a list of
-    differently sized images) and integer ``labels (N,)`` in ``0..num_classes-1``."""
+    differently sized images) and integer ``labels (N,)`` in ``0..num_classes-1``.
+
+    Without ``class_names`` the classes are ``"0" .. str(max label)``. Float images must
+    hold finite values in ``[0, 1]``, other integer images values in ``0..255``: both are
+    checked here, so that a NaN pixel is a ``DataError`` now, not a NaN loss later.
+    """
 
     def __init__(self, images, labels, class_names: Sequence[str] | None = None):
         labels = np.asarray(labels)
@@ -323,13 +305,21 @@ class ArraySource:
         if isinstance(images, np.ndarray) and images.ndim not in (3, 4):
             raise DataError(f"images must be (N, H, W, 3) or (N, H, W); got shape {images.shape}.")
         if class_names is None:
-            class_names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+            top = int(labels.max()) if len(labels) else -1
+            if top >= _MAX_INFERRED_CLASSES:
+                raise DataError(
+                    f"Label {top} would make {top + 1} classes; labels must lie in "
+                    "0..num_classes-1. Pass class_names= (one per class) or fix the labels."
+                )
+            class_names = [str(i) for i in range(top + 1)]
         class_names = list(class_names)
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
+            bad = int(np.flatnonzero((labels < 0) | (labels >= len(class_names)))[0])
             raise DataError(
                 f"labels must lie in 0..{len(class_names) - 1} ({len(class_names)} classes); "
-                f"got [{labels.min()}, {labels.max()}]."
+                f"got [{labels.min()}, {labels.max()}] (label {labels[bad]} at index {bad})."
             )
+        _check_pixels(images)
         self.images = images
         self.labels = labels.astype(np.int64)
         self.class_names = class_names
@@ -340,6 +330,127 @@ class ArraySource:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         index = _check_index(index, len(self))
         return self.images[index], int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"ArraySource({len(self)} examples, {len(self.class_names)} classes)"
+
+    def fingerprint(self) -> str:
+        """Hash of the pixels, labels and class names (see ``fingerprint``)."""
+        h = _hasher(self.class_names, self.labels)
+        images = [self.images] if isinstance(self.images, np.ndarray) else self.images
+        for image in images:
+            _hash_array(h, np.asarray(image))
+        return h.hexdigest()
+
+
+def _check_pixels(images, offset: int = 0) -> None:
+    """``DataError`` naming the first image whose values ``as_rgb`` would refuse (an array
+    of images is checked 64 MiB at a time, to bound the temporaries)."""
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8 or not len(images):
+            return
+        step = max(1, (64 << 20) // max(images[0].nbytes, 1))
+        for start in range(0, len(images), step):
+            if _pixel_problem(images[start : start + step]) is not None:
+                _check_pixels(list(images[start : start + step]), offset=start)
+        return
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            problem = _pixel_problem(np.asarray(image))
+            if problem is not None:
+                raise DataError(f"Image {offset + i}: {problem}")
+
+
+def _hasher(class_names: Sequence[str], labels: np.ndarray):
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(list(class_names)).encode())
+    _hash_array(h, np.asarray(labels, np.int64))
+    return h
+
+
+def _hash_array(h, a: np.ndarray) -> None:
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).data)
+
+
+def fingerprint(source: Source) -> str:
+    """A hash of everything a source holds: its images, labels and class names.
+
+    Sources that can say it cheaply have a ``fingerprint()`` method (``ArraySource``:
+    hashes its arrays; ``ImageFolder``: file paths, sizes and modification times;
+    ``Subset``: its indices and its source's fingerprint; ``TFDSSource``: the prepared
+    files). Any other source is read example by example and hashed (give a custom source a
+    ``fingerprint()`` method to avoid that). ``extract_features(cache_dir=...)`` keys its
+    cache on this.
+    """
+    method = getattr(source, "fingerprint", None)
+    if callable(method):
+        return f"{type(source).__qualname__}:{method()}"
+    h = _hasher(list(getattr(source, "class_names", []) or []), np.zeros(0, np.int64))
+    for i in range(len(source)):
+        image, label = source[i]
+        _hash_array(h, np.asarray(image))
+        h.update(f":{int(label)};".encode())
+    return f"{type(source).__qualname__}:{h.hexdigest()}"
+
+
+def check_labels(source: Source, num_classes: int) -> None:
+    """Raise ``DataError`` unless ``source`` fits a model with ``num_classes`` outputs.
+
+    It must not have more class names than ``num_classes``, and every label must lie in
+    ``[0, num_classes)``. Labels are checked here when the source knows them cheaply (a
+    ``labels`` array: ``ArraySource``, ``ImageFolder``, ``Subset`` of those); the ``Loader``
+    checks each label it reads against the source's class names in any case. ``source``
+    may be a ``Loader`` (its source is checked).
+    """
+    data = source.source if isinstance(source, Loader) else source
+    names = list(getattr(data, "class_names", None) or [])
+    if len(names) > num_classes:
+        raise DataError(
+            f"{data!r} has {len(names)} classes but the model predicts {num_classes}: build "
+            f"the head with num_classes=len(source.class_names) ({len(names)})."
+        )
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        return
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataError(
+            f"Label {labels[i]} of example {i} of {data!r} is outside [0, {num_classes}) "
+            f"({len(bad)} such labels); the model predicts {num_classes} classes. Fix the "
+            "labels, or build the head with as many classes as the data has."
+        )
+
+
+def check_same_classes(train: Source, other: Source, what: str = "test data") -> None:
+    """Raise ``DataError`` unless ``other`` has exactly ``train``'s class names, in the
+    same order (label ``i`` must mean the same class in both). Either may be a ``Loader``.
+    """
+    a = list(getattr(train, "class_names", None) or [])
+    b = list(getattr(other, "class_names", None) or [])
+    if a == b:
+        return
+    missing = [n for n in a if n not in b]
+    extra = [n for n in b if n not in a]
+    if missing or extra:
+        diff = "; ".join(
+            part
+            for part in (
+                f"missing {missing}" if missing else "",
+                f"not in the training data {extra}" if extra else "",
+            )
+            if part
+        )
+    else:
+        diff = f"the same classes in another order: training {a}, {what} {b}"
+    raise DataError(
+        f"The {what} classes differ from the training data's ({diff}), so label i would "
+        "mean another class in each. Give both the training class list, e.g. "
+        "ImageFolder(val_root, class_names=train.class_names) or "
+        "ArraySource(images, labels, class_names=train.class_names)."
+    )
 
 
 class Subset:
@@ -364,6 +475,15 @@ class Subset:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.source[int(self.indices[_check_index(index, len(self))])]
+
+    def __repr__(self) -> str:
+        return f"Subset({len(self)} of {self.source!r})"
+
+    def fingerprint(self) -> str:
+        """Hash of the indices and of the underlying source's ``fingerprint``."""
+        h = hashlib.blake2b(fingerprint(self.source).encode(), digest_size=16)
+        _hash_array(h, self.indices)
+        return h.hexdigest()
 
 
 def split(source: Source, fraction: float, seed: int = 0) -> tuple[Subset, Subset]:
@@ -401,29 +521,62 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 class ImageFolder:
     """Images in ``root/<class_name>/**/<file>``; classes are the sorted names of the
-    subdirectories of ``root`` (hidden ones, such as ``.ipynb_checkpoints``, excluded).
+    subdirectories of ``root``, or ``class_names`` when given.
 
-    Files with an extension in ``IMAGE_EXTENSIONS`` (any case) are checked at construction
-    with PIL's ``verify`` (reads headers, cheap); those that fail are left out and listed in
-    ``skipped`` as ``(path, reason)``; other files are ignored (counted in ``ignored``).
-    ``report()`` says what was found. A file that still fails to decode when read raises
-    ``CorruptImageError``, which the ``Loader`` masks out with a warning.
+    ``class_names`` maps folders to labels by name: pass the training source's list for a
+    validation or test folder (``ImageFolder(val_root, class_names=train.class_names)``) so
+    that label ``i`` means the same class in both, even when a folder is missing (an empty
+    class, with a warning) or sorts differently. A folder not in the list is a
+    ``DataError``.
+
+    Hidden folders and files (names starting with ``.``: ``.ipynb_checkpoints``,
+    ``.DS_Store``, macOS ``._*`` files) are left out silently. Files with an extension in
+    ``IMAGE_EXTENSIONS`` (any case) are checked at construction with PIL's ``verify``
+    (reads headers, cheap); those that fail are left out and listed in ``skipped`` as
+    ``(path, reason)``; files of other types are listed in ``ignored``. ``report()`` says
+    what was found; it is also a warning when files were skipped or ignored or a class is
+    empty. A file that still fails to decode when read raises ``CorruptImageError``, which
+    the ``Loader`` masks out with a warning. Reading applies the EXIF orientation and
+    scales 16-bit images to 8 bits (see ``as_rgb``).
     """
 
-    def __init__(self, root: str | os.PathLike, *, verify: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        class_names: Sequence[str] | None = None,
+        verify: bool = True,
+    ):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"ImageFolder root {str(root)!r} is not a directory.")
         self.root = root
-        self.class_names = sorted(
+        folders = sorted(
             d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
         )
+        self.ignored: list[Path] = [
+            f for f in sorted(root.iterdir()) if f.is_file() and not f.name.startswith(".")
+        ]
+        if class_names is None:
+            self.class_names = folders
+        else:
+            self.class_names = [str(n) for n in class_names]
+            unknown = [f for f in folders if f not in self.class_names]
+            if unknown:
+                raise DataError(
+                    f"ImageFolder {str(root)!r} has folders {unknown} that are not among "
+                    f"the given class_names {self.class_names}: remove them, or use the "
+                    "training data's class list."
+                )
         self.paths: list[Path] = []
         labels: list[int] = []
         self.skipped: list[tuple[Path, str]] = []
-        self.ignored: list[Path] = []
         for label, name in enumerate(self.class_names):
+            if not (root / name).is_dir():
+                continue
             for path in sorted((root / name).rglob("*")):
+                if any(part.startswith(".") for part in path.relative_to(root).parts):
+                    continue
                 if not path.is_file():
                     continue
                 if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -436,28 +589,38 @@ class ImageFolder:
                 self.paths.append(path)
                 labels.append(label)
         self.labels = np.asarray(labels, np.int64)
+        counts = np.bincount(self.labels, minlength=len(self.class_names))
+        self.empty_classes = [n for n, c in zip(self.class_names, counts, strict=True) if not c]
         if not self.paths:
             raise DataError(
                 f"No readable images under {str(root)!r}: expected root/<class_name>/<image> "
                 f"with extensions {', '.join(IMAGE_EXTENSIONS)}. {self.report()}"
             )
-        if self.skipped:
+        if self.skipped or self.ignored or self.empty_classes:
             warnings.warn(self.report(), stacklevel=2)
 
     def report(self) -> str:
-        """A one-paragraph summary: classes, images per class, skipped and ignored files."""
+        """A one-paragraph summary: classes, images per class, empty classes, skipped
+        (unreadable) and ignored (other types) files."""
         counts = np.bincount(self.labels, minlength=len(self.class_names))
         per_class = ", ".join(f"{n}: {c}" for n, c in zip(self.class_names, counts, strict=True))
         lines = [
             f"ImageFolder {str(self.root)!r}: {len(self.paths)} images in "
             f"{len(self.class_names)} classes ({per_class or 'none'})."
         ]
+        if self.empty_classes:
+            lines.append(f"Empty classes (no images): {', '.join(self.empty_classes)}.")
         if self.skipped:
             shown = "; ".join(f"{p} ({why})" for p, why in self.skipped[:5])
             more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
             lines.append(f"Skipped {len(self.skipped)} unreadable files: {shown}{more}.")
         if self.ignored:
-            lines.append(f"Ignored {len(self.ignored)} files without an image extension.")
+            kinds = collections.Counter(p.suffix.lower() or "(no extension)" for p in self.ignored)
+            shown = ", ".join(f"{k}: {n}" for k, n in kinds.most_common())
+            lines.append(
+                f"Ignored {len(self.ignored)} files that are not images ({shown}); image "
+                f"extensions are {', '.join(IMAGE_EXTENSIONS)}."
+            )
         return " ".join(lines)
 
     def __len__(self) -> int:
@@ -468,10 +631,22 @@ class ImageFolder:
         path = self.paths[index]
         try:
             with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = _pil_rgb(im)
         except (OSError, ValueError, SyntaxError) as e:
             raise CorruptImageError(f"Cannot decode {path}: {e}") from e
         return rgb, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({str(self.root)!r})"
+
+    def fingerprint(self) -> str:
+        """Hash of the class names, labels and each file's path, size and modification
+        time (a file rewritten in place changes its mtime)."""
+        h = _hasher(self.class_names, self.labels)
+        for path in self.paths:
+            st = path.stat()
+            h.update(f"{path.relative_to(self.root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
 
 
 def _verify(path: Path) -> str | None:
@@ -521,9 +696,24 @@ class TFDSSource:
         except Exception as e:
             raise DataError(_tfds_error(name, split, data_dir, builder, e)) from e
         self.class_names = list(builder.info.features[label_key].names)
+        self._prepared_dir = Path(builder.data_dir)
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"TFDSSource({self.name!r}, {self.split!r})"
+
+    def fingerprint(self) -> str:
+        """Hash of the dataset name, split, keys, class names and the prepared files'
+        names, sizes and modification times."""
+        h = _hasher(self.class_names, np.zeros(0, np.int64))
+        h.update(repr((self.name, self.split, self.image_key, self.label_key)).encode())
+        if self._prepared_dir.is_dir():
+            for path in sorted(self._prepared_dir.iterdir()):
+                st = path.stat()
+                h.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         # One record at a time: `__getitems__` is broken under tfds.testing.mock_data.
@@ -598,6 +788,8 @@ class Loader:
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.drop_last = drop_last
         self.prefetch = max(1, int(prefetch))
+        names = getattr(source, "class_names", None)
+        self._num_labels = len(names) if names else np.iinfo(np.int32).max
 
     @property
     def class_names(self) -> list[str]:
@@ -670,6 +862,11 @@ class Loader:
             warnings.warn(f"{e}; this example is masked out.", stacklevel=2)
             batch["image"][j] = 0.0
             return
+        if not 0 <= label < self._num_labels:
+            raise DataError(
+                f"Label {label} of example {index} of {self.source!r} is outside "
+                f"[0, {self._num_labels}) (the source's class_names). Fix the labels."
+            )
         batch["image"][j] = image
         batch["label"][j] = label
         batch["mask"][j] = True

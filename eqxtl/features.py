@@ -24,7 +24,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from .data import Loader, Preprocessing
+from .data import Loader, Preprocessing, fingerprint
 from .train import LossFn, cross_entropy
 
 
@@ -61,8 +61,10 @@ def extract_features(
     - `data`: a source (``TFDSSource``, ``ImageFolder``, ``ArraySource``...) or a ``Loader``
       (its preprocessing and batch size are used; its shuffling and augmentation are not).
     - `cache_dir`: keep the features on disk under this directory, keyed by a fingerprint
-      of the backbone's weights, the preprocessing and the data; a later call with the same
-      key memory-maps them instead of recomputing (for datasets that do not fit in memory).
+      of the backbone's weights, the preprocessing and the data (image contents, or file
+      sizes and modification times; labels; class names): a later call with the same key
+      memory-maps them instead of recomputing (for datasets that do not fit in memory); a
+      changed image, label or class list recomputes.
     """
     from .models.registry import preprocessing_for
 
@@ -144,28 +146,15 @@ def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None,
 
 def _fingerprint(backbone, state, preprocessing: Preprocessing, source) -> str:
     """Hash of everything the features depend on: weights and BatchNorm statistics, the
-    config, the preprocessing and the data (its type, length and description)."""
+    config, the preprocessing, and the data's images, labels and class names
+    (``eqxtl.data.fingerprint``)."""
     h = hashlib.sha256()
     for leaf in jax.tree.leaves((eqx.filter(backbone, eqx.is_array), state)):
         h.update(np.asarray(leaf).tobytes())
     h.update(repr(getattr(backbone, "config", type(backbone).__name__)).encode())
     h.update(repr(preprocessing).encode())
-    h.update(f"{type(source).__qualname__}:{len(source)}:{_describe(source)}".encode())
+    h.update(f"{len(source)}:{fingerprint(source)}".encode())
     return h.hexdigest()[:32]
-
-
-_IDENTIFYING = ("name", "split", "data_dir", "root", "paths", "indices", "source")
-
-
-def _describe(source) -> str:
-    """What identifies a source's content (beyond its length)."""
-    attrs = {a: getattr(source, a) for a in _IDENTIFYING if hasattr(source, a)}
-    if attrs:
-        return repr(attrs)
-    if hasattr(source, "images"):
-        images = np.asarray(source.images)
-        return hashlib.sha256(images.tobytes()).hexdigest()
-    return repr(source)
 
 
 class FeatureLoader:

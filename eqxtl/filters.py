@@ -7,7 +7,8 @@ A filter spec is a pytree of bools shaped like the model (``True`` = trains), re
 - a string: a full-match regex on the path; a module path such as ``"head"`` or
   ``"backbone.encoder.layers.11"`` also matches everything under it;
 - a type (``eqx.nn.LayerNorm``, ``eqxtl.BatchNorm``...): every parameter of every module of
-  that type;
+  that type, or of each architecture's own layer of the same kind and name
+  (``eqx.nn.LayerNorm`` matches CLIP's float32 ``LayerNorm`` too);
 - a callable ``(path, leaf) -> bool``;
 - a pair ``(rule, value)``: ``value`` says whether the leaves it matches train.
 
@@ -18,6 +19,7 @@ never in the model, so they never train either.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._paths import closest, keypath_to_str, leaves_with_paths, map_with_path
+from ._paths import closest, first_difference, keypath_to_str, leaves_with_paths, map_with_path
 from .errors import RuleError
 
 Rule = str | type | Callable[[str, Any], bool] | tuple[Any, bool]
@@ -36,9 +38,27 @@ def _trainable_leaf(leaf: Any) -> bool:
     return eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
+def _layer_kinds() -> tuple[type, ...]:
+    from .models.registry import ARCHITECTURES
+
+    return tuple(t for a in ARCHITECTURES.values() for t in (*a.norm_types, *a.linear_types))
+
+
+def _of_kind(node: Any, cls: type) -> bool:
+    """``node`` is a ``cls``, or an architecture's own layer of the same kind (same class
+    name: ``eqx.nn.LayerNorm`` also means CLIP's float32 ``LayerNorm``, ``eqx.nn.BatchNorm``
+    eqxtl's ``BatchNorm``, ``eqx.nn.Conv2d`` eqxtl's ``Conv2d``)."""
+    if isinstance(node, cls):
+        return True
+    kinds = _layer_kinds()
+    return isinstance(node, kinds) and any(
+        isinstance(node, k) and k.__name__ == cls.__name__ for k in kinds
+    )
+
+
 def _module_prefixes(model: Any, cls: type) -> list[str]:
-    flat = jtu.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, cls))[0]
-    return [keypath_to_str(kp) for kp, node in flat if isinstance(node, cls)]
+    flat = jtu.tree_flatten_with_path(model, is_leaf=lambda x: _of_kind(x, cls))[0]
+    return [keypath_to_str(kp) for kp, node in flat if _of_kind(node, cls)]
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -75,23 +95,45 @@ def _describe(rule: Any) -> str:
     return getattr(rule, "__name__", repr(rule))
 
 
-def rule_matcher(model: Any, rules: list[Any]) -> Callable[[str, Any], int | None]:
+def rule_matcher(
+    model: Any, rules: list[Any], *, strict: bool = False, what: str = "Rule"
+) -> Callable[[str, Any], int | None]:
     """Compile ``rules``; return ``(path, leaf) -> index of the first matching rule``.
 
     Raises ``RuleError`` naming the closest real paths when a rule matches no array leaf.
+    A rule that matches only leaves an earlier rule already claims (first match wins)
+    changes nothing: a warning, or a ``RuleError`` with ``strict=True``. ``what`` names a
+    rule in messages (``"Group"`` for ``param_groups``).
     """
     predicates = [_compile(model, r) for r in rules]
     leaves = leaves_with_paths(model)
-    for rule, pred in zip(rules, predicates, strict=True):
-        if not any(pred(path, leaf) for path, leaf in leaves):
+    hits = [[i for i, pred in enumerate(predicates) if pred(path, leaf)] for path, leaf in leaves]
+    for i, rule in enumerate(rules):
+        if not any(i in h for h in hits):
             hint = closest(rule, [p for p, _ in leaves]) if isinstance(rule, str) else []
             near = f" Closest real paths: {hint}." if hint else ""
             raise RuleError(
-                f"Rule {_describe(rule)} matches no parameter of {type(model).__name__}.{near} "
-                "List them with eqxtl.paths(model)."
+                f"{what} {_describe(rule)} matches no parameter of {type(model).__name__}."
+                f"{near} List them with eqxtl.paths(model)."
             )
+    first = {path: h[0] for (path, _), h in zip(leaves, hits, strict=True) if h}
+    for i, rule in enumerate(rules):
+        claimed_by = {h[0] for h in hits if i in h}
+        catch_all = all(i in h for h in hits)  # a default for the rest is never a mistake
+        if i not in claimed_by and not catch_all:
+            earlier = ", ".join(f"{j} ({_describe(rules[j])})" for j in sorted(claimed_by))
+            message = (
+                f"{what} {i} ({_describe(rule)}) matches only parameters that an earlier rule "
+                f"already claims (rule {earlier}); the first match wins, so it changes "
+                "nothing. Put the more specific rule first, or drop this one."
+            )
+            if strict:
+                raise RuleError(message)
+            warnings.warn(message, stacklevel=3)
 
     def first_match(path: str, leaf: Any) -> int | None:
+        if path in first:
+            return first[path]
         for i, pred in enumerate(predicates):
             if pred(path, leaf):
                 return i
@@ -100,12 +142,12 @@ def rule_matcher(model: Any, rules: list[Any]) -> Callable[[str, Any], int | Non
     return first_match
 
 
-def _spec(model: Any, rules: tuple[Rule, ...], default: bool) -> Any:
+def _spec(model: Any, rules: tuple[Rule, ...], default: bool, strict: bool) -> Any:
     pairs = [r if isinstance(r, tuple) else (r, not default) for r in rules]
     for pair in pairs:
         if len(pair) != 2 or not isinstance(pair[1], bool):
             raise RuleError(f"Rule pair {pair!r} must be (rule, True|False).")
-    match = rule_matcher(model, [r for r, _ in pairs])
+    match = rule_matcher(model, [r for r, _ in pairs], strict=strict)
 
     def decide(path: str, leaf: Any) -> bool:
         if not _trainable_leaf(leaf):
@@ -116,25 +158,57 @@ def _spec(model: Any, rules: tuple[Rule, ...], default: bool) -> Any:
     return map_with_path(decide, model)
 
 
-def trainable(model: Any, *rules: Rule) -> Any:
+def trainable(model: Any, *rules: Rule, strict: bool = False) -> Any:
     """Filter spec in which exactly the leaves matched by ``rules`` train.
+
+    A rule that matches nothing is a ``RuleError``; one that matches only leaves an earlier
+    rule claims is a warning (``strict=True``: a ``RuleError``).
 
     >>> spec = eqxtl.trainable(model, "head", r"backbone\\.encoder\\.layers\\.1[01]")
     """
-    return _spec(model, rules, default=False)
+    return _spec(model, rules, default=False, strict=strict)
 
 
-def frozen(model: Any, *rules: Rule) -> Any:
+def frozen(model: Any, *rules: Rule, strict: bool = False) -> Any:
     """Complement of ``trainable``: everything trains except the leaves matched by ``rules``.
 
     >>> spec = eqxtl.frozen(model, "backbone.embeddings", eqx.nn.LayerNorm)
     """
-    return _spec(model, rules, default=True)
+    return _spec(model, rules, default=True, strict=strict)
 
 
 def everything(model: Any) -> Any:
     """Filter spec in which every floating-point leaf trains (full fine-tuning)."""
     return jax.tree.map(_trainable_leaf, model)
+
+
+def check_spec(model: Any, spec: Any) -> None:
+    """Raise ``RuleError`` unless ``spec`` is a filter spec for ``model``'s structure (one
+    built from another model, another head size or another architecture is not)."""
+    try:
+        jtu.tree_structure(spec).flatten_up_to(model)
+    except (ValueError, TypeError):
+        raise RuleError(
+            f"This filter spec was not built for this {type(model).__name__}: "
+            f"{first_difference(spec, model)}. Build the spec from the model you train, "
+            "e.g. eqxtl.trainable(model, ...) or eqxtl.param_groups(model, ...), after any "
+            "change to it (a new head, LoRA, another checkpoint)."
+        ) from None
+
+
+def require_trainable(model: Any, spec: Any) -> int:
+    """The number of scalar parameters ``spec`` trains; ``RuleError`` when it is zero (or
+    when ``spec`` does not fit ``model``): training would change nothing."""
+    check_spec(model, spec)
+    n = count(model, spec)
+    if n == 0:
+        raise RuleError(
+            f"Nothing trains: the filter spec marks no floating-point parameter of "
+            f"{type(model).__name__} as trainable. Choose what trains, e.g. "
+            'eqxtl.trainable(model, "head") or eqxtl.param_groups(model, [("head", '
+            'optax.adam(1e-3)), (".*", None)]); eqxtl.summary(model, spec) shows the split.'
+        )
+    return n
 
 
 def count(model: Any, spec: Any | None = None) -> int:
@@ -146,7 +220,11 @@ def count(model: Any, spec: Any | None = None) -> int:
 def _zip_spec(model: Any, spec: Any) -> list[tuple[str, Any, bool]]:
     """(path, array leaf, spec value) for every array leaf; the spec must match the model."""
     flat, treedef = jtu.tree_flatten_with_path(model)
-    spec_leaves = treedef.flatten_up_to(spec)
+    try:
+        spec_leaves = treedef.flatten_up_to(spec)
+    except (ValueError, TypeError):
+        check_spec(model, spec)
+        raise
     return [
         (keypath_to_str(kp), leaf, bool(on))
         for (kp, leaf), on in zip(flat, spec_leaves, strict=True)

@@ -16,7 +16,17 @@ from pathlib import Path
 
 from .errors import SourceError
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "open_clip_model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+    "model.pth",
+)
+"""The weight file names looked for in a folder or a hub repo, in this order."""
+CONFIG_FILES = ("config.json", "open_clip_config.json")
+"""The config files read beside the weights (transformers / timm, open_clip)."""
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -25,7 +35,8 @@ class Resolved:
     """Local files of one checkpoint: the weights and, when there is one, ``config.json``."""
 
     weights: Path
-    config: Path | None
+    configs: dict[str, Path]
+    """``{file name: path}`` of the ``CONFIG_FILES`` found beside the weights."""
     description: str
 
 
@@ -47,8 +58,11 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
-def _download(repo: str, filename: str, revision: str | None, cache_dir) -> Path | None:
-    """One file from the hub (cache first); None when the repo has no such file."""
+def _download(
+    repo: str, filename: str, revision: str | None, cache_dir, optional: bool = False
+) -> Path | None:
+    """One file from the hub (cache first); None when the repo has no such file (or, for an
+    ``optional`` file, when it is not cached and the hub cannot be asked)."""
     from huggingface_hub import errors, hf_hub_download
 
     kwargs = dict(repo_id=repo, filename=filename, revision=revision, cache_dir=cache_dir)
@@ -57,7 +71,7 @@ def _download(repo: str, filename: str, revision: str | None, cache_dir) -> Path
     except (errors.LocalEntryNotFoundError, FileNotFoundError):
         pass
     if _offline() or not _hub_reachable():
-        return None if filename == "config.json" else _raise_offline(repo, filename, revision)
+        return None if optional else _raise_offline(repo, filename, revision)
     try:
         return Path(hf_hub_download(**kwargs))
     except errors.EntryNotFoundError:
@@ -66,6 +80,13 @@ def _download(repo: str, filename: str, revision: str | None, cache_dir) -> Path
         raise SourceError(f"No Hugging Face repo {repo!r} (or it is private): {e}") from None
     except errors.RevisionNotFoundError:
         raise SourceError(f"Repo {repo!r} has no revision {revision!r}.") from None
+
+
+def _cached(repo: str, filename: str, revision: str | None, cache_dir) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
+    return isinstance(found, str)
 
 
 def _raise_offline(repo: str, filename: str, revision: str | None):
@@ -82,15 +103,22 @@ def resolve_hub(
     repo: str,
     *,
     revision: str | None = None,
-    filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin"),
+    filenames: tuple[str, ...] = WEIGHT_FILES,
     cache_dir=None,
 ) -> Resolved:
-    """Fetch (or find in cache) the first of ``filenames`` that ``repo@revision`` holds."""
-    for filename in filenames:
-        weights = _download(repo, filename, revision, cache_dir)
+    """Fetch (or find in cache) the first of ``filenames`` that ``repo@revision`` holds, and
+    the config files beside it. Files already in the local cache are preferred, so an
+    offline machine finds whichever of them was downloaded."""
+    cached = [f for f in filenames if _cached(repo, f, revision, cache_dir)]
+    for i, filename in enumerate(cached + [f for f in filenames if f not in cached]):
+        weights = _download(repo, filename, revision, cache_dir, optional=i < len(filenames) - 1)
         if weights is not None:
-            config = _download(repo, "config.json", revision, cache_dir)
-            return Resolved(weights, config, f"{repo}@{revision or 'main'}/{filename}")
+            configs = {}
+            for name in CONFIG_FILES:
+                path = _download(repo, name, revision, cache_dir, optional=True)
+                if path is not None:
+                    configs[name] = path
+            return Resolved(weights, configs, f"{repo}@{revision or 'main'}/{filename}")
     raise SourceError(
         f"Repo {repo!r}{' at ' + revision if revision else ''} holds none of {filenames}. "
         "Pass revision= (e.g. a 'refs/pr/N' branch that has safetensors) or a local file."
@@ -101,10 +129,9 @@ def resolve_local(path: str | os.PathLike) -> Resolved:
     """A local directory (config.json + weights) or a single weights file."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "model.pth"):
+        for name in WEIGHT_FILES:
             if (path / name).is_file():
-                config = path / "config.json"
-                return Resolved(path / name, config if config.is_file() else None, str(path))
+                return Resolved(path / name, _configs_in(path), str(path))
         found = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
         if len(found) == 1:
             return resolve_local(path / found[0])
@@ -117,9 +144,12 @@ def resolve_local(path: str | os.PathLike) -> Resolved:
             raise SourceError(
                 f"{path} is not a checkpoint file (expected one of {WEIGHT_SUFFIXES})."
             )
-        config = path.with_name("config.json")
-        return Resolved(path, config if config.is_file() else None, str(path))
+        return Resolved(path, _configs_in(path.parent), str(path))
     raise SourceError(f"{path} does not exist.")
+
+
+def _configs_in(folder: Path) -> dict[str, Path]:
+    return {name: folder / name for name in CONFIG_FILES if (folder / name).is_file()}
 
 
 def looks_local(source: str | os.PathLike) -> bool:

@@ -20,6 +20,7 @@ import optax
 from ._paths import keypath_to_str, map_with_path
 from .errors import OptimizerMismatchError
 from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
+from .models.registry import backbones_in
 
 FROZEN = "frozen"
 
@@ -51,12 +52,15 @@ def _checked(tx: optax.GradientTransformation, treedef, n_params: int):
 def param_groups(
     model: Any,
     groups: Sequence[tuple[Rule, optax.GradientTransformation | None]],
+    *,
+    strict: bool = False,
 ) -> tuple[Any, optax.GradientTransformation]:
     """``(spec, optimizer)`` from ordered ``(rule, transform)`` pairs; first match wins.
 
     ``None`` as transform freezes what the rule matches. Every floating-point leaf must be
     covered by some rule: end with ``(".*", None)`` to freeze the rest, or with
-    ``(".*", tx)`` to train it.
+    ``(".*", tx)`` to train it. A group whose rule matches only leaves that an earlier
+    group claims trains nothing: a warning, or a ``RuleError`` with ``strict=True``.
 
     >>> spec, opt = eqxtl.param_groups(model, [
     ...     ("head", optax.adam(1e-3)),
@@ -72,7 +76,7 @@ def param_groups(
             raise RuleError(
                 f"Group {rule!r}: expected an optax transformation or None, got {tx!r}."
             )
-    match = rule_matcher(model, rules)
+    match = rule_matcher(model, rules, strict=strict, what="Group")
     uncovered = []
 
     def label(path: str, leaf: Any):
@@ -104,22 +108,38 @@ def param_groups(
     return spec, _checked(optimizer, treedef, treedef.num_leaves)
 
 
-_BLOCK = re.compile(r"(.*?(?:encoder\.layers|encoder\.stages\.\d+\.layers|_blocks)\.\d+)(?:\.|$)")
+def _block_of(model: Any) -> Callable[[str], str | None]:
+    """``block_of(path)``: the block (module path) a leaf path lies in, or None; blocks are
+    what each backbone's architecture declares (``Architecture.blocks``)."""
+    patterns = [
+        re.compile(re.escape(prefix) + f"({arch.blocks})" + r"(?:\.|$)")
+        for prefix, _, arch in backbones_in(model)
+    ]
+
+    def block_of(path: str) -> str | None:
+        for pattern in patterns:
+            m = pattern.match(path)
+            if m:
+                return path[: m.end(1)]
+        return None
+
+    return block_of
 
 
 def blocks(model: Any) -> list[str]:
-    """Paths of the model's repeated blocks in forward order: transformer layers
-    (``encoder.layers.N``), ResNet blocks (``encoder.stages.S.layers.N``) or EfficientNet
-    blocks (``_blocks.N``)."""
+    """Paths of the model's repeated blocks in forward order, as its architecture declares
+    them: transformer layers (``encoder.layers.N``), ResNet blocks
+    (``encoder.stages.S.layers.N``), EfficientNet blocks (``_blocks.N``)..."""
+    block_of = _block_of(model)
     found: dict[str, None] = {}
     for kp, _ in jtu.tree_flatten_with_path(model)[0]:
-        m = _BLOCK.match(keypath_to_str(kp))
-        if m:
-            found.setdefault(m.group(1))
+        block = block_of(keypath_to_str(kp))
+        if block is not None:
+            found.setdefault(block)
     if not found:
         raise RuleError(
-            f"{type(model).__name__} has no recognised blocks (encoder.layers.N, "
-            "encoder.stages.S.layers.N, _blocks.N)."
+            f"{type(model).__name__} has no blocks: it holds no eqxtl backbone whose "
+            "architecture declares them."
         )
     return list(found)
 
@@ -140,14 +160,15 @@ def layer_depths(model: Any) -> tuple[Callable[[str], int], int]:
     norms, heads).
     """
     order = {b: i + 1 for i, b in enumerate(blocks(model))}
+    block_of = _block_of(model)
     paths = [keypath_to_str(kp) for kp, _ in jtu.tree_flatten_with_path(model)[0]]
-    first = next(i for i, p in enumerate(paths) if _BLOCK.match(p))
+    first = next(i for i, p in enumerate(paths) if block_of(p) is not None)
     stem = set(paths[:first])
 
     def depth_of(path: str) -> int:
-        m = _BLOCK.match(path)
-        if m:
-            return order[m.group(1)]
+        block = block_of(path)
+        if block is not None:
+            return order[block]
         return 0 if path in stem else len(order) + 1
 
     return depth_of, len(order)
@@ -169,10 +190,12 @@ def layerwise_groups(
     e.g. ``lambda lr: optax.adamw(lr, weight_decay=0.05)``. ``frozen`` rules come first.
     """
     depth_of, n = layer_depths(model)
+    frozen_match = rule_matcher(model, list(frozen)) if frozen else lambda path, leaf: None
     by_depth: dict[int, float] = {}
     for kp, leaf in jtu.tree_flatten_with_path(model)[0]:
-        if _trainable_leaf(leaf):
-            by_depth.setdefault(depth_of(keypath_to_str(kp)), 0)
+        path = keypath_to_str(kp)
+        if _trainable_leaf(leaf) and frozen_match(path, leaf) is None:
+            by_depth.setdefault(depth_of(path), 0)
     groups: list[tuple[Rule, Any]] = [(rule, None) for rule in frozen]
     for d in sorted(by_depth):
         lr = base_lr * decay ** (n + 1 - d)

@@ -1,10 +1,18 @@
-"""``from_pretrained`` and ``save_pretrained``: the public way in and out of checkpoints."""
+"""``from_pretrained`` and ``save_pretrained``: the public way in and out of checkpoints.
+
+Loading: resolve the source to local files (``hub``), read the tensors lazily, pick the
+architecture and layout (a config file beside the weights first, then the keys), map the
+keys to canonical names with the layout's key map, settle the config, fill a shape-only
+skeleton by name (``checkpoint.fill``). Saving runs the same key map backwards.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import tempfile
+import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +21,12 @@ import equinox as eqx
 import numpy as np
 
 from . import checkpoint, hub
-from .models._arch import Architecture
+from .errors import AdapterError, CheckpointError, LayoutError
+from .models._arch import Architecture, Layout
+from .models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
 from .models.heads import Classifier
-from .models.registry import ARCHITECTURES, REGISTRY, architecture_of
+from .models.layers import replace_static
+from .models.registry import ARCHITECTURES, architecture_of, lookup_alias, preprocessing_for
 
 
 class _SafetensorsFile(Mapping):
@@ -44,81 +55,194 @@ class _SafetensorsFile(Mapping):
         return tuple(self._file.get_slice(key).get_shape())
 
 
-class _Renamed(Mapping):
-    """``canonical name -> tensor`` over a source mapping, without touching the tensors."""
-
-    def __init__(self, source: Mapping, names: dict[str, str]):
-        self._source, self._names = source, names
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._source[self._names[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __contains__(self, key) -> bool:
-        return key in self._names
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        src = self._source
-        get = src.shape if hasattr(src, "shape") else lambda k: tuple(src[k].shape)
-        return {name: get(orig) for name, orig in self._names.items()}
-
-
 def _read(path: Path) -> Mapping[str, np.ndarray]:
     if path.suffix == ".safetensors":
         try:
             return _SafetensorsFile(path)
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise checkpoint.CheckpointError(
-                f"{path} is not a valid safetensors file: {e}"
-            ) from None
+            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
+    if path.suffix == ".npz":
+        return _read_npz(path)
     from ._torch_pickle import load_torch_file
 
     return load_torch_file(path)
 
 
-def _pick_architecture(hf_config: dict | None, shapes: Iterable[str], name: str | None):
-    if name is not None:
-        if name not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}.")
-        return ARCHITECTURES[name]
-    if hf_config is not None:
-        model_type = hf_config.get("model_type")
-        for arch in ARCHITECTURES.values():
-            if model_type in arch.model_types:
-                return arch
-    keys = {k: () for k in shapes}
-    for arch in ARCHITECTURES.values():
-        if arch.detect(keys):
-            return arch
-    sample = sorted(keys)[:8]
-    raise checkpoint.CheckpointError(
-        f"Cannot tell the architecture of this checkpoint (first keys: {sample}). "
-        f"Known: {sorted(ARCHITECTURES)}; pass architecture= to choose one."
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """A NumPy ``.npz`` (big_vision / vit_jax checkpoints), never unpickling anything."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as e:  # object arrays need pickle
+        raise CheckpointError(
+            f"{path} holds pickled (object) arrays, which eqxtl refuses to load: {e}"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable .npz file: {e}") from None
+
+
+def _read_meta(configs: Mapping[str, Path]) -> dict[str, dict]:
+    """``{file name: JSON object}`` of the config files beside the weights."""
+    meta = {}
+    for name, path in configs.items():
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{path} is not valid JSON ({e}). Fix or remove it, or pass config= to "
+                "from_pretrained."
+            ) from None
+        if not isinstance(data, dict):
+            raise CheckpointError(
+                f"{path} holds a JSON {type(data).__name__}, not an object: it is not a model "
+                "config. Fix or remove it, or pass config= to from_pretrained."
+            )
+        meta[name] = data
+    return meta
+
+
+def _resolve(source, revision, cache_dir) -> tuple[hub.Resolved, Architecture | None, Any]:
+    """-> (files, architecture of an alias or None, alias config or None)."""
+    key = str(source)
+    if not hub.looks_local(source) or key in _aliases():
+        if key in _aliases():
+            arch, entry = lookup_alias(key)
+            if entry.local is not None:
+                return hub.resolve_local(entry.local()), arch, entry.config
+            files = hub.resolve_hub(
+                entry.repo,
+                revision=revision or entry.revision,
+                filenames=entry.filenames,
+                cache_dir=cache_dir,
+            )
+            return files, arch, entry.config
+        return hub.resolve_hub(key, revision=revision, cache_dir=cache_dir), None, None
+    path = Path(key).expanduser()
+    if not path.exists() and not key.startswith((".", "/", "~")) and os.sep not in key:
+        lookup_alias(key)  # a bare name that is neither a file nor an alias
+    return hub.resolve_local(source), None, None
+
+
+def _aliases() -> set[str]:
+    from .models.registry import REGISTRY
+
+    return set(REGISTRY)
+
+
+def _all_layouts() -> list[tuple[Architecture, Layout]]:
+    return [(a, lay) for a in ARCHITECTURES.values() for lay in a.layouts]
+
+
+def _describe_layouts() -> str:
+    return "; ".join(
+        f"{a.name}: {', '.join(lay.name for lay in a.layouts)}" for a in ARCHITECTURES.values()
     )
 
 
-def _resolve(source, revision, cache_dir) -> tuple[hub.Resolved, Any, str | None]:
-    """-> (files, registry config or None, architecture name or None)."""
-    key = str(source)
-    if key in REGISTRY:
-        entry = REGISTRY[key]
-        if entry.local is not None:
-            return hub.resolve_local(entry.local()), entry.config, entry.architecture
-        files = hub.resolve_hub(
-            entry.repo,
-            revision=revision or entry.revision,
-            filenames=entry.filenames,
-            cache_dir=cache_dir,
+def _matches_signature(layout: Layout, keys: list[str]) -> bool:
+    return all(any(re.fullmatch(sig, k) for k in keys) for sig in layout.signature)
+
+
+def _choose(
+    meta: Mapping[str, Mapping],
+    keys: list[str],
+    architecture: str | None,
+    layout: str | None,
+    alias_arch: Architecture | None,
+    source: str,
+) -> tuple[Architecture, Layout, Plan]:
+    """The architecture and layout of a checkpoint: a config file beside the weights that
+    claims one, else the layouts whose signature keys occur; the one whose key map explains
+    the most keys wins."""
+    candidates = _all_layouts()
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise CheckpointError(
+                f"Unknown architecture {architecture!r}; eqxtl reads {sorted(ARCHITECTURES)}."
+            )
+        candidates = [(a, lay) for a, lay in candidates if a.name == architecture]
+    elif alias_arch is not None:
+        candidates = [(a, lay) for a, lay in candidates if a is alias_arch]
+    if layout is not None:
+        candidates = [(a, lay) for a, lay in candidates if lay.name == layout]
+        if not candidates:
+            raise CheckpointError(
+                f"No layout {layout!r}{' for ' + architecture if architecture else ''}; "
+                f"eqxtl reads {_describe_layouts()}."
+            )
+
+    claimed = [(a, lay) for a, lay in candidates if lay.claims(meta)]
+    timm = meta.get("config.json", {})
+    if not claimed and layout is None and "architecture" in timm and "model_type" not in timm:
+        raise CheckpointError(
+            f"{source}: its timm config.json names architecture {timm['architecture']!r}, "
+            f"which eqxtl does not build. It reads timm resnet18-152 and vit_*_clip_* towers "
+            f"({_describe_layouts()}). Pass architecture= and layout= to force one."
         )
-        return files, entry.config, entry.architecture
-    if hub.looks_local(source):
-        return hub.resolve_local(source), None, None
-    return hub.resolve_hub(key, revision=revision, cache_dir=cache_dir), None, None
+    pool = claimed or [(a, lay) for a, lay in candidates if _matches_signature(lay, keys)]
+    if not pool:
+        raise LayoutError(
+            f"{source}: unknown checkpoint layout (top-level key prefixes: "
+            f"{top_prefixes(keys)}; {len(keys)} keys). eqxtl reads {_describe_layouts()}. "
+            "Pass architecture= (and layout=) to read it as one of these, config= for its "
+            "shape, and ignore=[regex, ...] for keys to leave out."
+        )
+    plans = [(a, lay, lay.keys.plan(keys)) for a, lay in pool]
+    best = min(plans, key=lambda p: (len(p[2].unexplained), -len(p[2].recipes)))
+    arch, lay, plan = best
+    if claimed and len(plan.recipes) < len(keys) // 2:
+        by_keys = [
+            (a, ly, ly.keys.plan(keys))
+            for a, ly in candidates
+            if _matches_signature(ly, keys) and (a, ly) != (arch, lay)
+        ]
+        if by_keys:
+            other = max(by_keys, key=lambda p: len(p[2].recipes))
+            raise CheckpointError(
+                f"{source}: its config file says {arch.name} ({lay.name} layout), but the "
+                f"weights look like {other[0].name} in the {other[1].name} layout "
+                f"({len(other[2].recipes)} of {len(keys)} keys fit it, {len(plan.recipes)} "
+                "fit the config's). Remove the wrong config file or pass architecture= / "
+                "config= to say which is right."
+            )
+    return arch, lay, plan
+
+
+def _ignore_filter(ignore: Iterable[str]) -> list[re.Pattern]:
+    out = []
+    for pattern in ignore:
+        try:
+            out.append(re.compile(f"(?:{pattern})(?:\\..*)?"))
+        except re.error as e:
+            raise CheckpointError(
+                f"ignore= pattern {pattern!r} is not a valid regular expression ({e})."
+            ) from None
+    return out
+
+
+def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str):
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise CheckpointError(
+            f"{type(config).__name__} has no field {unknown}; its fields are {sorted(fields)}."
+        )
+    if stated is not None:
+        clash = {
+            k: (getattr(stated, k), v)
+            for k, v in overrides.items()
+            if getattr(stated, k) != v and k != "image_size"
+        }
+        if clash:
+            said = ", ".join(f"{k}={c!r} (argument {a!r})" for k, (c, a) in clash.items())
+            raise CheckpointError(
+                f"{source}: the config beside the weights says {said}. Remove the argument, "
+                "or pass a whole config= if the file is wrong."
+            )
+    try:
+        return dataclasses.replace(config, **overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid config override {dict(overrides)}: {e}") from None
 
 
 def from_pretrained(
@@ -127,10 +251,12 @@ def from_pretrained(
     revision: str | None = None,
     config: Any = None,
     architecture: str | None = None,
+    layout: str | None = None,
     ignore: Iterable[str] = (),
     keep_head: bool = False,
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
+    **overrides: Any,
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """Load a pretrained backbone by name, in inference mode.
 
@@ -138,65 +264,133 @@ def from_pretrained(
 
     - `source`: a registry alias (``"clip-vit-base-patch32"``, ``"resnet50"``,
       ``"efficientnet-lite0"``; see ``eqxtl.REGISTRY``), a Hugging Face repo id
-      (``"microsoft/resnet-50"``), a local directory with config.json + model.safetensors,
-      or a single ``.safetensors`` / ``.pth`` / ``.bin`` file (architecture and config are
-      then inferred from the tensor names and shapes). PyTorch files are read without
-      torch and without running any code they contain.
+      (``"microsoft/resnet-50"``, ``"timm/resnet50.a1_in1k"``,
+      ``"laion/CLIP-ViT-B-32-laion2B-s34B-b79K"``), a local directory (weights + the config
+      files beside them), or a single ``.safetensors`` / ``.pth`` / ``.bin`` file. PyTorch
+      files are read without torch and without running any code they contain.
     - `revision`: hub branch, tag or commit.
-    - `config`: override the config (a ``CLIPVisionConfig``, ``ResNetConfig``...).
-    - `architecture`: force one of ``eqxtl.ARCHITECTURES`` instead of detecting it.
-    - `ignore`: regexes (full match on original or canonical key, or a module prefix) of
-      checkpoint keys to leave out.
+    - `config`: the whole config (a ``CLIPVisionConfig``, ``ResNetConfig``...), instead of
+      the one read from the files or inferred from the shapes.
+    - `architecture`, `layout`: force one of ``eqxtl.ARCHITECTURES`` and one of its layouts
+      (``"transformers"``, ``"timm"``, ``"open_clip"``, ``"torchvision"``...) instead of
+      detecting them.
+    - `ignore`: regexes (full match on the checkpoint key or the canonical name, or a
+      module prefix of either) of checkpoint keys to leave out.
     - `keep_head`: return ``Classifier(backbone, head=<pretrained head>)`` so that the
       checkpoint's own predictions (e.g. ImageNet classes) can be checked.
     - `dtype`: cast floating weights (default: as stored).
+    - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
+      for an open_clip file without its ``open_clip_config.json``. One that contradicts a
+      config file beside the weights is an error.
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
     ``x`` of shape ``(C, H, W)``; ``state`` holds BatchNorm statistics (empty otherwise).
 
     Strict: any missing, unexpected or misshaped key raises one ``CheckpointError`` that
-    lists them.
+    lists them, with the layout the checkpoint was read as.
     """
-    files, registry_config, arch_name = _resolve(source, revision, cache_dir)
-    tensors = _read(files.weights)
-    hf_config = json.loads(files.config.read_text()) if files.config is not None else None
-    arch = _pick_architecture(hf_config, tensors.keys(), architecture or arch_name)
-
-    names = checkpoint.canonical_names(arch, tensors.keys(), ignore, files.description)
-    canonical = _Renamed(tensors, names)
-    shapes = canonical.shapes()
-    if config is None:
-        if hf_config is not None:
-            config = arch.reconcile(arch.config_from_hf(hf_config), shapes)
-        elif registry_config is not None:
-            config = arch.reconcile(registry_config, shapes)
-        else:
-            config = arch.infer_config(shapes)
-
-    head_names = {n: k for n, k in names.items() if n.startswith("head.")}
-    backbone_tensors = _Renamed(tensors, {n: k for n, k in names.items() if n not in head_names})
+    files, alias_arch, alias_config = _resolve(source, revision, cache_dir)
     source_name = files.description
+    meta = _read_meta(files.configs)
+    raw = _read(files.weights)
+    renamed = strip_wrappers(list(raw))
+    tensors = Lazy(raw, {k: Recipe(orig, RENAME, 0) for k, orig in renamed.items()})
+    keys = list(tensors)
+    arch, lay, plan = _choose(meta, keys, architecture, layout, alias_arch, source_name)
+    lay.check(tensors)
+
+    patterns = _ignore_filter(ignore)
+    keep = {
+        name: r
+        for name, r in plan.recipes.items()
+        if not any(p.fullmatch(name) or p.fullmatch(r.key) for p in patterns)
+    }
+    unexplained = [k for k in plan.unexplained if not any(p.fullmatch(k) for p in patterns)]
+    canonical = Lazy(tensors, keep)
+    shapes = canonical.shapes()
+    backbone_shapes = {k: v for k, v in shapes.items() if not k.startswith("head.")}
+
+    stated = None
+    if config is None:
+        if alias_config is not None:
+            config = arch.reconcile(alias_config, backbone_shapes)
+        else:
+            try:
+                stated = lay.read_config(meta, backbone_shapes)
+            except (TypeError, ValueError, KeyError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(
+                    f"{source_name}: the config beside the weights has an invalid field: "
+                    f"{e!r}. Fix the file or pass config=."
+                ) from None
+            config = None if stated is None else arch.reconcile(stated, backbone_shapes)
+            if config is None:
+                config = arch.infer_config(backbone_shapes)
+                for field, value in lay.defaults.items():
+                    if field in overrides:
+                        continue
+                    config = dataclasses.replace(config, **{field: value})
+                    warnings.warn(
+                        f"{source_name}: {field} is not stored in the weights and no config "
+                        f"file states it; using the {lay.name} layout's default {value!r}. "
+                        f"Pass {field}=... to from_pretrained to choose (e.g. "
+                        "hidden_act='quick_gelu' for OpenAI-trained CLIP weights).",
+                        stacklevel=2,
+                    )
+    size = overrides.pop("image_size", None)
+    if overrides:
+        config = _apply_overrides(config, overrides, stated, source_name)
+    if size is not None and size != _image_size(config):
+        if arch.resize is None:
+            raise CheckpointError(
+                f"{arch.name} has a fixed input size: image_size={size!r} cannot be changed."
+            )
+        config, resampled = arch.resize(config, canonical, size)
+        canonical = canonical.replace(resampled)
+
+    where = f"{source_name} (read as {arch.name}, {lay.name} layout)"
     backbone, state = checkpoint.fill(
-        checkpoint.skeleton(arch, config), backbone_tensors, source=source_name, dtype=dtype
+        checkpoint.skeleton(arch, config),
+        canonical.restrict(n for n in keep if not n.startswith("head.")),
+        source=where,
+        dtype=dtype,
+        unexplained=unexplained,
+        hint=f"eqxtl reads {_describe_layouts()}; pass layout= / architecture= to choose.",
     )
+    stated_preprocessing = lay.preprocessing(meta)
+    if stated_preprocessing is not None:
+        backbone = replace_static(
+            backbone, preprocessing=stated_preprocessing.at_size(_image_size(config))
+        )
+    head_names = {n for n in keep if n.startswith("head.")}
     if not keep_head:
         return backbone, state
     if not head_names:
-        raise checkpoint.CheckpointError(
+        raise CheckpointError(
             f"keep_head=True but {source_name} has no classification head "
             f"(no classifier / fc weights)."
         )
-    weight = tensors[head_names["head.weight"]]
+    head_tensors = canonical.restrict(head_names)
+    weight_shape = head_tensors.shapes()["head.weight"]
     head_skeleton = eqx.filter_eval_shape(
         eqx.nn.Linear,
-        weight.shape[1],
-        weight.shape[0],
+        weight_shape[1],
+        weight_shape[0],
         use_bias="head.bias" in head_names,
         key=_key0(),
     )
-    head_tensors = _Renamed(tensors, {n[len("head.") :]: k for n, k in head_names.items()})
-    head, _ = checkpoint.fill(head_skeleton, head_tensors, source=source_name, dtype=dtype)
+    head, _ = checkpoint.fill(
+        head_skeleton,
+        {n[len("head.") :]: head_tensors[n] for n in head_names},
+        source=where,
+        dtype=dtype,
+    )
     return Classifier(backbone, head=head), state
+
+
+def _image_size(config) -> int | None:
+    return getattr(config, "image_size", None)
 
 
 def from_config(
@@ -209,7 +403,8 @@ def from_config(
     """A randomly initialised backbone (for training from scratch), in inference mode.
 
     ``model``: a registry alias (``"efficientnet-lite0"``, ``"resnet50"``, ...) or a config
-    (``ResNetConfig(...)``, ``CLIPVisionConfig(...)``...). Nothing is downloaded.
+    (``ResNetConfig(...)``, ``CLIPVisionConfig(...)``...). Nothing is downloaded. ``dtype``:
+    of every floating-point leaf (e.g. ``jnp.bfloat16``).
 
     Initialisation (drawn with NumPy from ``seed``, so building a large model costs no
     compilation): convolution and linear weights He-normal over their fan-in, biases zero,
@@ -217,13 +412,8 @@ def from_config(
     position embeddings N(0, 0.02).
     """
     if isinstance(model, str):
-        if model not in REGISTRY:
-            raise hub.SourceError(
-                f"{model!r} is not a registry alias; known: {sorted(REGISTRY)}. Pass a config "
-                "(e.g. eqxtl.models.resnet.RESNET50) to build another one."
-            )
-        entry = REGISTRY[model]
-        arch, config = ARCHITECTURES[entry.architecture], entry.config
+        arch, entry = lookup_alias(model)
+        config = entry.config
     else:
         config = model
         matches = [a for a in ARCHITECTURES.values() if isinstance(config, a.config_cls)]
@@ -258,39 +448,66 @@ def _key0():
     return jax.random.key(0)
 
 
-def save_pretrained(model: eqx.Module, state: eqx.nn.State | None, path: str | os.PathLike):
-    """Write ``model`` (a backbone or ``Classifier``) as ``model.safetensors`` +
-    ``config.json`` in the transformers layout, atomically (a crash leaves the previous
-    files intact, never half-written ones).
+def save_pretrained(
+    model: eqx.Module,
+    state: eqx.nn.State | None,
+    path: str | os.PathLike,
+    *,
+    layout: str | None = None,
+) -> Path:
+    """Write ``model`` (a backbone or ``Classifier``) as weights + config files in one of
+    its architecture's layouts, atomically per folder: the new files are written into a
+    temporary sibling folder, fsynced and swapped in, so a crash at any point leaves the
+    previous folder or the new one, never a mix. Other files already in ``path`` are kept,
+    except weight and config files of other layouts, which would shadow the new ones.
 
-    ``from_pretrained(path)`` reads it back bit-identically; for CLIP and ResNet,
-    transformers' own ``from_pretrained`` reads it too.
+    ``layout``: ``"transformers"`` (the default for CLIP and ResNet: transformers'
+    ``from_pretrained`` reads the folder), ``"timm"`` (a timm hub folder: ``config.json``
+    with ``architecture`` and ``pretrained_cfg``), ``"open_clip"``
+    (``open_clip_model.safetensors`` + ``open_clip_config.json``; a vision tower alone loads
+    into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
+    ``from_pretrained(path)`` reads any of them back bit-identically.
     """
     from safetensors.numpy import save_file
 
+    from .adapters import has_adapters
+
+    if has_adapters(model):
+        raise AdapterError(
+            "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
+            "has names for. Save eqxtl.merge_lora(model) (a plain model, same outputs), or "
+            "the adapters alone with eqxtl.save_adapter(model, dir)."
+        )
     backbone = model.backbone if isinstance(model, Classifier) else model
     arch: Architecture = architecture_of(backbone)
+    lay = arch.layouts[0] if layout is None else arch.layout(layout)
     with_head = isinstance(model, Classifier)
-    tensors = {
-        arch.hf_name(name, with_head): np.asarray(value)
-        for name, value in checkpoint.state_dict(backbone, state).items()
+    canonical = {
+        name: np.asarray(value) for name, value in checkpoint.state_dict(backbone, state).items()
     }
-    num_labels = None
     if with_head:
-        num_labels = model.num_classes
         for name, value in checkpoint.state_dict(model.head).items():
-            tensors[arch.hf_name(f"head.{name}", True)] = np.asarray(value)
-    for name in [n for n in tensors if n.endswith(".running_mean")]:
-        # PyTorch's BatchNorm buffer; unused by eqxtl, written so that torch loaders find
-        # every key they expect.
-        tensors[name.removesuffix("running_mean") + "num_batches_tracked"] = np.zeros((), np.int64)
-    config = arch.config_to_hf(backbone.config, num_labels)
+            canonical[f"head.{name}"] = np.asarray(value)
+    try:
+        tensors = lay.keys.save(canonical, with_head)
+    except KeyError as e:
+        raise CheckpointError(
+            f"The {lay.name} layout of {arch.name} has no name for {e.args[0]!r}; save in "
+            f"another layout ({[x.name for x in arch.layouts]})."
+        ) from None
+    extra = {
+        "num_labels": model.num_classes if with_head else None,
+        "preprocessing": preprocessing_for(backbone),
+    }
+    configs = lay.write_config(backbone.config, extra)
+
+    from ._atomic import atomic_directory
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        Path(tmp, "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in ("model.safetensors", "config.json"):
-            os.replace(os.path.join(tmp, name), path / name)
+    names = [lay.weights_file, *configs]
+    replacing = {*names, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
+    with atomic_directory(path, replacing=replacing) as tmp:
+        save_file(tensors, os.path.join(tmp, lay.weights_file), metadata={"format": "pt"})
+        for name, content in configs.items():
+            Path(tmp, name).write_text(json.dumps(content, indent=2, sort_keys=True))
     return path

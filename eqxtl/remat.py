@@ -28,6 +28,9 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 
+from .models.layers import checkpointed as checkpointed
+from .models.layers import replace_static
+
 T = TypeVar("T")
 
 FIELD = "remat"
@@ -38,18 +41,7 @@ def _has_flag(x: Any) -> bool:
 
 
 def _with_flag(module: eqx.Module, value: bool) -> eqx.Module:
-    """``module`` with its static ``remat`` field replaced, other fields shared.
-
-    A static field is not a pytree leaf, so ``eqx.tree_at`` cannot reach it, and
-    ``dataclasses.replace`` would call the module's own ``__init__`` (which builds layers
-    from a config). This copies the fields onto a fresh instance, as Equinox's own
-    unflattening does.
-    """
-    new = object.__new__(type(module))
-    for field in dataclasses.fields(module):
-        object.__setattr__(new, field.name, getattr(module, field.name))
-    object.__setattr__(new, FIELD, bool(value))
-    return new
+    return replace_static(module, **{FIELD: bool(value)})
 
 
 def with_remat(model: T, enabled: bool = True) -> T:
@@ -75,8 +67,3 @@ def with_remat(model: T, enabled: bool = True) -> T:
             "is supported for CLIP and ResNet backbones (and classifiers built on them)."
         )
     return out
-
-
-def checkpointed(fn, enabled: bool):
-    """``eqx.filter_checkpoint(fn)`` if ``enabled``, else ``fn`` (for the models' loops)."""
-    return eqx.filter_checkpoint(fn) if enabled else fn

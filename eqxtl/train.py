@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
+from ._paths import first_difference
+from .errors import OptimizerMismatchError
+from .filters import check_spec
 from .models.layers import BatchNorm
 from .parallel import shard_batch
 
@@ -36,7 +39,11 @@ def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False) -> Any:
     (or ``train_bn``: every BatchNorm, fastai style); frozen ones use their loaded
     statistics (inference mode)."""
     flat, treedef = jtu.tree_flatten(model, is_leaf=_is_bn)
-    spec_nodes = treedef.flatten_up_to(spec)
+    try:
+        spec_nodes = treedef.flatten_up_to(spec)
+    except (ValueError, TypeError):
+        check_spec(model, spec)
+        raise
     out = []
     for node, node_spec in zip(flat, spec_nodes, strict=True):
         if _is_bn(node):
@@ -138,6 +145,7 @@ def make_step(
 
     def _step(passthrough, trainable, opt_state):
         frozen, state, batch, key = passthrough
+        _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
 
         def loss_of(trainable):
@@ -163,7 +171,11 @@ def make_step(
     def step(model, state, opt_state, batch, key=None):
         if mesh is not None:
             batch = shard_batch(batch, mesh)
-        trainable, frozen = eqx.partition(model, spec)
+        try:
+            trainable, frozen = eqx.partition(model, spec)
+        except (ValueError, TypeError):
+            check_spec(model, spec)  # a RuleError that says so, if that is the cause
+            raise
         donates = donate
         if donates is None:
             donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
@@ -176,6 +188,33 @@ def make_step(
     # exposed for tests and benchmarks (tracing counts, cost analysis)
     step.compiled = plain if donate is False else donating
     return step
+
+
+def _check_opt_state(optimizer, trainable, opt_state) -> None:
+    """``OptimizerMismatchError`` unless ``opt_state`` has the structure, shapes and dtypes
+    ``optimizer.init(trainable)`` gives (an opt_state from another model or spec would fail
+    deep inside optax otherwise)."""
+    expected = jax.eval_shape(optimizer.init, trainable)
+    got_leaves, got_def = jax.tree.flatten(opt_state)
+    want_leaves, want_def = jax.tree.flatten(expected)
+    where = None
+    if got_def != want_def:
+        where = first_difference(opt_state, expected)
+    else:
+        for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+            if jnp.shape(g) != w.shape or jnp.result_type(g) != w.dtype:
+                where = (
+                    f"leaf {i} is {jnp.result_type(g)}{list(jnp.shape(g))}, "
+                    f"{w.dtype}{list(w.shape)} expected"
+                )
+                break
+    if where is not None:
+        raise OptimizerMismatchError(
+            f"The optimizer state does not fit this model's trainable leaves ({where}): it "
+            "comes from another model, spec or optimizer. Make it with "
+            "optimizer.init(eqx.filter(model, spec)) for the model and spec you train "
+            "(again after changing either)."
+        )
 
 
 DONATE_MIN_BYTES = 64 * 2**20

@@ -121,6 +121,8 @@ def test_init_merge_unmerge_save(arch, dora, tmp_path):
 
     with pytest.raises(eqxtl.AdapterError, match="no LoRA/DoRA adapters"):
         eqxtl.merge_lora(merged)  # merging twice
+    with pytest.raises(eqxtl.AdapterError, match="merge_lora"):
+        eqxtl.save_pretrained(adapted, state, tmp_path / "adapted")
     with pytest.raises(eqxtl.AdapterError, match="still has adapters"):
         eqxtl.unmerge_lora(adapted, adapted)
 
@@ -401,4 +403,10 @@ def test_finetune_rps_lora(tmp_path, capsys):
     assert config["r"] == 2 and config["modules_to_save"] == ["classifier"]
     merged, _ = eqxtl.from_pretrained(tmp_path / "out" / "merged", keep_head=True)
     x = jnp.asarray(batch(0)["image"])
-    assert rel_diff(outputs(merged, state, x), outputs(result.model, state, x)) <= MERGE_RTOL
+    want = outputs(result.model, state, x)
+    assert rel_diff(outputs(merged, state, x), want) <= MERGE_RTOL
+    # fit's checkpoints of an adapted model: the merged model + the PEFT adapter beside it
+    best = tmp_path / "out" / "best"
+    again = eqxtl.load_adapter(eqxtl.Classifier(backbone, 3, zero_init=True), best)
+    assert rel_diff(outputs(again, state, x), outputs(result.model, state, x)) <= 1e-6
+    assert (best / "model.safetensors").is_file()

@@ -1,58 +1,255 @@
-"""What eqxtl needs to know about one architecture to load, infer and save it.
+"""The architecture plug-in: everything eqxtl needs to know about one backbone family.
 
-Each backbone module (``clip.py``, ``resnet.py``, ...) exports one ``Architecture``; the
-generic loader in ``checkpoint.py`` only talks to this interface.
+Each backbone module (``clip.py``, ``resnet.py``, ...) declares one ``Architecture`` and
+nothing else in eqxtl names it: the loader, ``save_pretrained``, ``preprocessing_for``,
+``last_blocks`` / layer-wise decay, type rules and the alias registry all ask it. Adding an
+architecture = one file in ``models/`` + one line in ``registry.py``.
 
 Vocabulary:
-- *canonical names*: the dotted leaf paths of the eqxtl backbone (``eqxtl.paths``), which
-  are the transformers names without a model prefix. A checkpoint's pretrained
-  classification head, when there is one, is canonicalised to ``head.weight`` /
-  ``head.bias``.
-- *shapes*: ``dict[str, tuple[int, ...]]`` of a checkpoint, used to detect and infer.
+
+- *canonical names*: the dotted leaf paths of the eqxtl backbone (``eqxtl.paths``), the
+  transformers names without a model prefix. A checkpoint's classification head, when
+  there is one, is canonicalised to ``head.weight`` / ``head.bias``.
+- *layout*: one way checkpoints of the family are written (``transformers``, ``timm``,
+  ``open_clip``, ``torchvision``, ...): a two-way key map with tensor surgery
+  (``_layout.KeyMap``), how to recognise it, the config files that sit beside its weights
+  and how to read / write them.
+- *meta*: ``{file name: parsed JSON}`` of the config files found beside the weights
+  (``config.json``, ``open_clip_config.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ..errors import DataError
+from ._layout import KeyMap, Plan, strip_wrappers
 
 Shapes = Mapping[str, tuple[int, ...]]
-Tensors = Mapping[str, np.ndarray]
+Meta = Mapping[str, Mapping[str, Any]]
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a checkpoint wants its input: ``(resize(image) -> center crop) * scale``, then
+    ``(x - mean) / std`` per channel, channels first.
+
+    **Fields:**
+
+    - `resize`: length of the shortest side after resizing (aspect ratio kept).
+    - `crop`: side of the square center crop; the output is ``(3, crop, crop)``.
+    - `mean`, `std`: per-channel (R, G, B) statistics on the scaled (``0..1``) range.
+    - `scale`: multiplies the uint8 pixel values before normalising (``1/255``).
+    - `interpolation`: PIL resampling filter, ``"bicubic"``, ``"bilinear"``, ``"nearest"``,
+      ``"lanczos"``, ``"box"`` or ``"hamming"``.
+    """
+
+    resize: int = 224
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    scale: float = 1 / 255
+    interpolation: str = "bicubic"
+
+    def __post_init__(self):
+        for name in ("mean", "std"):  # tuples of floats: hashable, comparable
+            object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
+        if self.resize < 1 or self.crop < 1:
+            raise DataError(f"resize and crop must be >= 1, got {self.resize}, {self.crop}.")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise DataError("mean and std need one value per RGB channel (3 each).")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(
+                f"Unknown interpolation {self.interpolation!r}; use one of {INTERPOLATIONS}."
+            )
+
+    @classmethod
+    def from_timm(cls, cfg: Mapping[str, Any]) -> Preprocessing:
+        """From a timm ``pretrained_cfg`` (``input_size``, ``crop_pct``, ``interpolation``,
+        ``mean``, ``std``): resize = ``floor(crop / crop_pct)`` as timm's eval transform."""
+        crop = int(cfg.get("input_size", (3, 224, 224))[-1])
+        crop_pct = float(cfg.get("crop_pct", 0.875) or 1.0)
+        interpolation = cfg.get("interpolation", "bicubic")
+        return cls(
+            resize=int(crop / crop_pct),
+            crop=crop,
+            mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+            interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+        )
+
+    def at_size(self, size: int) -> Preprocessing:
+        """The same preprocessing for a ``size`` crop (resize scaled alike)."""
+        if size == self.crop:
+            return self
+        return dataclasses.replace(self, resize=round(self.resize * size / self.crop), crop=size)
+
+    def to_timm(self) -> dict[str, Any]:
+        """Inverse of ``from_timm`` (the fields timm's ``pretrained_cfg`` uses)."""
+        return {
+            "input_size": [3, self.crop, self.crop],
+            "crop_pct": self.crop / self.resize,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One checkpoint layout of an architecture."""
+
+    name: str
+    """``"transformers"``, ``"timm"``, ``"open_clip"``, ``"torchvision"``, ..."""
+    keys: KeyMap
+    """Two-way key map with tensor surgery."""
+    signature: tuple[str, ...]
+    """Checkpoint keys (after training-wrapper prefixes are stripped) that all occur in every
+    checkpoint of this layout: how it is recognised from the weights alone."""
+    claims: Callable[[Meta], bool] = lambda meta: False
+    """True when a config file beside the weights says it is this layout (e.g. timm's
+    ``config.json`` naming a ResNet architecture)."""
+    read_config: Callable[[Meta, Shapes], Any] = lambda meta, shapes: None
+    """Config from the files beside the weights and the canonical shapes; ``None`` when
+    they say nothing (the config is then inferred from the shapes)."""
+    write_config: Callable[[Any, dict], dict[str, dict]] = lambda config, extra: {}
+    """``write_config(config, extra) -> {file name: JSON dict}`` written beside saved
+    weights; ``extra`` has ``num_labels`` (or None) and ``preprocessing``."""
+    preprocessing: Callable[[Meta], Preprocessing | None] = lambda meta: None
+    """The preprocessing stated by the files beside the weights (timm ``pretrained_cfg``,
+    open_clip ``preprocess_cfg``), if any."""
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Config fields the weights cannot tell, at this layout's library default; used (with
+    a warning) when no config file states them and no argument does."""
+    weights_file: str = "model.safetensors"
+    """The file name ``save_pretrained`` writes the weights to."""
+    check: Callable[[Mapping[str, Any]], None] = lambda tensors: None
+    """Raises ``CheckpointError`` for a checkpoint (key -> tensor, read on demand) that this
+    layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """One published checkpoint, by a short name (``"resnet50"``)."""
+
+    config: Any
+    repo: str | None = None
+    revision: str | None = None
+    filenames: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+    local: Callable[[], Path] | None = None
+    """Returns the path of a copy installed with a package (used instead of the hub)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
     name: str
     """Short name, e.g. ``"clip_vision"``, ``"resnet"``, ``"efficientnet_lite"``."""
-    model_types: tuple[str, ...]
-    """transformers ``config.json`` ``model_type`` values this architecture reads."""
     config_cls: type
     """A frozen dataclass whose fields mirror the transformers config's."""
     build: Callable[[Any, Any], Any]
     """``build(config, key) -> backbone``: random init (run under ``eqx.filter_eval_shape``
     by the loader, so it never allocates)."""
-    detect: Callable[[Shapes], bool]
-    """True when a checkpoint's keys (any supported layout) belong to this architecture."""
-    canonical_name: Callable[[str], str | None]
-    """Maps one checkpoint key (any supported layout, any known prefix) to its canonical
-    name; ``None`` for keys that are known and dropped (buffers such as ``position_ids``,
-    ``num_batches_tracked``, CLIP's text tower). Unknown keys map to themselves (and are then
-    reported as unexpected)."""
+    layouts: tuple[Layout, ...]
+    """Every layout it reads; the first is the default for ``save_pretrained``."""
     infer_config: Callable[[Shapes], Any]
-    """Config from the canonical shapes alone (for a bare ``.safetensors`` file)."""
-    config_from_hf: Callable[[Mapping[str, Any]], Any]
-    """Config from a transformers ``config.json`` dict (CLIPModel's nested one too)."""
-    config_to_hf: Callable[[Any, int | None], dict]
-    """``config_to_hf(config, num_labels)``: a transformers ``config.json`` dict. With
-    ``num_labels`` the classification variant (e.g. ``ResNetForImageClassification``)."""
-    hf_name: Callable[[str, bool], str]
-    """``hf_name(canonical, with_head)``: canonical name -> transformers key for saving
-    (``with_head``: the file is the classification variant, e.g. ``resnet.`` prefix)."""
+    """Config from the canonical shapes alone (for a bare weights file)."""
     feature_dim: Callable[[Any], int]
     """Size of the pooled features for a config (what a head takes)."""
+    preprocessing: Callable[[Any], Preprocessing]
+    """The default eval preprocessing for a config (when the checkpoint states none)."""
+    blocks: str
+    """Regex (full match, relative to the backbone) of the repeated blocks' module paths,
+    in forward order: ``last_blocks``, layer-wise decay and remat use it."""
+    norm_types: tuple[type, ...] = ()
+    """The normalisation layer classes the backbone uses (type rules, weight decay)."""
+    linear_types: tuple[type, ...] = ()
+    """The linear / convolution layer classes (type rules, adapters)."""
+    aliases: Mapping[str, Alias] = dataclasses.field(default_factory=dict)
     reconcile: Callable[[Any, Shapes], Any] = lambda config, shapes: config
-    """Adjust a config read from ``config.json`` to what the checkpoint holds (canonical
-    shapes), e.g. whether CLIP's optional visual projection is present."""
+    """Adjust a config read from a file to what the checkpoint holds (canonical shapes),
+    e.g. whether CLIP's optional visual projection is present."""
+    resize: Callable[[Any, Mapping[str, Any], Any], tuple[Any, dict]] | None = None
+    """``resize(config, canonical tensors, image_size) -> (config, replaced tensors)``: the
+    same weights for another input size, position embeddings resampled (``None``: the
+    architecture has a fixed input size, or needs none)."""
+
+    # ---- the questions the rest of eqxtl asks, answered from the layouts
+
+    def plan(self, keys) -> tuple[Layout, Plan] | None:
+        """The layout whose signature occurs in ``keys`` and whose map explains the most of
+        them, with its plan; None when no layout's signature occurs."""
+        keys = list(keys)
+        found = [
+            (lay, lay.keys.plan(keys))
+            for lay in self.layouts
+            if all(any(re.fullmatch(sig, k) for k in keys) for sig in lay.signature)
+        ]
+        if not found:
+            return None
+        return min(found, key=lambda f: (len(f[1].unexplained), -len(f[1].recipes)))
+
+    def detect(self, shapes: Shapes) -> bool:
+        """Whether a checkpoint's keys (any layout, training-wrapper prefixes allowed) are
+        this architecture's."""
+        return self.plan(strip_wrappers(list(shapes))) is not None
+
+    def canonical_name(self, key: str) -> str | None:
+        """One checkpoint key (any layout) -> its canonical name; ``None`` for keys that are
+        known and not loaded; unknown keys map to themselves. (A packed key maps to its
+        first part.)"""
+        stripped = next(iter(strip_wrappers([key])))
+        for lay in self.layouts:
+            plan = lay.keys.plan([stripped])
+            if plan.dropped:
+                return None
+            if plan.recipes:
+                return min(plan.recipes)
+        return key
+
+    def key_in(self, canonical: str, layout: str | None = None, with_head: bool = False) -> str:
+        """The key a canonical name is saved under in ``layout`` (default: the first, e.g.
+        transformers); ``with_head``: in a file that also holds a classification head."""
+        lay = self.layouts[0] if layout is None else self.layout(layout)
+        hit = lay.keys.theirs(canonical, with_head)
+        if hit is None:
+            raise KeyError(f"{lay.name} layout of {self.name} has no name for {canonical!r}")
+        return hit[0]
+
+    def hf_name(self, canonical: str, with_head: bool = False) -> str:
+        """The key of a canonical name in the default layout (transformers where it has one;
+        see ``key_in``)."""
+        return self.key_in(canonical, None, with_head)
+
+    def config_from_hf(self, hf: Mapping[str, Any]) -> Any:
+        """Config from a transformers-style ``config.json`` dict (not reconciled with any
+        weights)."""
+        from ..errors import CheckpointError
+
+        config = self.layouts[0].read_config({"config.json": hf}, {})
+        if config is None:
+            raise CheckpointError(
+                f"Not a {self.name} config.json: model_type {hf.get('model_type')!r}."
+            )
+        return config
+
+    def config_to_hf(self, config: Any, num_labels: int | None = None) -> dict:
+        """The ``config.json`` dict the default layout writes for ``config``."""
+        extra = {"num_labels": num_labels, "preprocessing": self.preprocessing(config)}
+        return self.layouts[0].write_config(config, extra)["config.json"]
+
+    def layout(self, name: str) -> Layout:
+        for layout in self.layouts:
+            if layout.name == name:
+                return layout
+        from ..errors import CheckpointError
+
+        raise CheckpointError(
+            f"{self.name} has no layout {name!r}; it reads and writes "
+            f"{[lay.name for lay in self.layouts]}."
+        )

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..remat import checkpointed
-from ._arch import Architecture, Shapes
+from ..errors import CheckpointError
+from ._arch import INTERPOLATIONS, Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Map, squeeze
+from .layers import checkpointed, resample_grid
 from .layers import dense as _dense  # plain or LoRA-adapted linears, merged-rows GEMMs
 
 Activation = Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"]
@@ -306,6 +310,9 @@ class CLIPVision(eqx.Module):
     post_layernorm: LayerNorm
     visual_projection: eqx.nn.Linear | None
     config: CLIPVisionConfig = eqx.field(static=True)
+    preprocessing: Preprocessing | None = eqx.field(static=True, default=None)
+    """The checkpoint's own preprocessing when its files state one (``preprocessing_for``
+    falls back to the architecture's default)."""
 
     def __init__(self, config: CLIPVisionConfig, *, key: PRNGKeyArray):
         ekey, nkey, pkey = jax.random.split(key, 3)
@@ -327,8 +334,8 @@ class CLIPVision(eqx.Module):
         if x.ndim not in (3, 4) or x.shape[-3:] != want:
             raise ValueError(
                 f"CLIPVision expects a channel-first image of shape {want} or a batch of them "
-                f"(B, *{want}), got {x.shape} (resize/crop to the checkpoint's image_size; "
-                "position-embedding interpolation is not supported)."
+                f"(B, *{want}), got {x.shape}: resize/crop to the model's image_size, or load "
+                "it for another size with from_pretrained(..., image_size=N)."
             )
         return self.pre_layrnorm(self.embeddings(x))
 
@@ -375,39 +382,123 @@ class CLIPVision(eqx.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoint architecture
+# Checkpoint architecture: transformers, open_clip and timm layouts
 # --------------------------------------------------------------------------------------
 
-_VISION = "vision_model."
-_HEAD = "classifier."
+PREPROCESSING = Preprocessing(
+    resize=224,
+    crop=224,
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+    interpolation="bicubic",
+)
+"""OpenAI CLIP (``openai/clip-vit-*``): bicubic shortest side 224, center crop 224."""
+
+_LAYER = "encoder.layers.{i}"
+
+# ---- transformers: the canonical names, under `vision_model.` (CLIPModel, transformers 4,
+# and what eqxtl writes), bare (transformers-5 CLIPVisionModel) or `clip.vision_model.`
+# (CLIPSeg).
+_TOP = ("embeddings", "pre_layrnorm", "encoder", "post_layernorm")
+_TRANSFORMERS_KEYS = KeyMap(
+    (
+        Drop(r"(clip\.)?(vision_model\.)?embeddings\.position_ids"),
+        Drop(r"(clip\.)?(logit_scale|text_model\..*|text_projection\..*)"),
+        *[
+            Map(prefix + top, top, save=prefix == "vision_model.")
+            for prefix in ("vision_model.", "", "clip.vision_model.")
+            for top in _TOP
+        ],
+        Map("visual_projection", "visual_projection"),
+        Map("clip.visual_projection", "visual_projection", save=False),
+        # eqxtl's own saved heads. A transformers CLIPForImageClassification head loads too,
+        # but it was trained on the mean of the patch tokens, not on the pooled class token.
+        Map("classifier", "head"),
+    )
+)
+
+# ---- open_clip: `visual.*` (the text tower sits at the top level and is not loaded here).
+# q/k/v are packed in `in_proj_weight (3D, D)`; `visual.proj` is `(D, E)`, the transpose
+# of transformers' `visual_projection.weight (E, D)`.
+_OPEN_CLIP_KEYS = KeyMap(
+    (
+        Map("visual.class_embedding", "embeddings.class_embedding"),
+        Map("visual.positional_embedding", "embeddings.position_embedding.weight"),
+        Map("visual.conv1", "embeddings.patch_embedding"),
+        Map("visual.ln_pre", "pre_layrnorm"),
+        Map(
+            "visual.transformer.resblocks.{i}.attn.in_proj_weight",
+            tuple(f"{_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"),
+            SPLIT3,
+        ),
+        Map(
+            "visual.transformer.resblocks.{i}.attn.in_proj_bias",
+            tuple(f"{_LAYER}.self_attn.{p}_proj.bias" for p in "qkv"),
+            SPLIT3,
+        ),
+        Map("visual.transformer.resblocks.{i}.attn.out_proj", f"{_LAYER}.self_attn.out_proj"),
+        Map("visual.transformer.resblocks.{i}.ln_1", f"{_LAYER}.layer_norm1"),
+        Map("visual.transformer.resblocks.{i}.ln_2", f"{_LAYER}.layer_norm2"),
+        Map("visual.transformer.resblocks.{i}.mlp.c_fc", f"{_LAYER}.mlp.fc1"),
+        Map("visual.transformer.resblocks.{i}.mlp.c_proj", f"{_LAYER}.mlp.fc2"),
+        Map("visual.ln_post", "post_layernorm"),
+        Map("visual.proj", "visual_projection.weight", TRANSPOSE),
+        Map("classifier", "head"),
+        # The text tower (issue: CLIP text), at the top level.
+        Drop(
+            r"(token_embedding\..*|positional_embedding|transformer\..*|ln_final\..*"
+            r"|text_projection|logit_scale|attn_mask)"
+        ),
+    )
+)
+
+# ---- timm `vit_*_clip_*`: `(1, 1, D)` class token, `(1, N, D)` positions, packed qkv, and
+# the projection as `head` with a zero bias.
+_TIMM_KEYS = KeyMap(
+    (
+        Map("cls_token", "embeddings.class_embedding", squeeze(2)),
+        Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
+        Map("patch_embed.proj", "embeddings.patch_embedding"),
+        Map("norm_pre", "pre_layrnorm"),
+        Map(
+            "blocks.{i}.attn.qkv.weight",
+            tuple(f"{_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"),
+            SPLIT3,
+        ),
+        Map(
+            "blocks.{i}.attn.qkv.bias",
+            tuple(f"{_LAYER}.self_attn.{p}_proj.bias" for p in "qkv"),
+            SPLIT3,
+        ),
+        Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
+        Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
+        Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
+        Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
+        Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+        Map("norm", "post_layernorm"),
+        Map("head.weight", "visual_projection.weight"),
+        Drop(r"head\.bias"),
+        Map("classifier", "head"),
+    ),
+    constants=lambda saved: (
+        {"head.bias": np.zeros(saved["head.weight"].shape[0], saved["head.weight"].dtype)}
+        if "head.weight" in saved
+        else {}
+    ),
+)
+
+
+def _timm_check(tensors) -> None:
+    if "head.bias" in tensors and np.any(np.asarray(tensors["head.bias"]) != 0):
+        raise CheckpointError(
+            "This timm CLIP checkpoint's head has a non-zero bias: it is a classification "
+            "head (e.g. an ft_in1k tag), not CLIP's projection, and eqxtl would load it as "
+            "the projection. Pass ignore=['head'] to load the tower without it."
+        )
 
 
 def _build(config: CLIPVisionConfig, key: PRNGKeyArray) -> CLIPVision:
     return CLIPVision(config, key=key)
-
-
-def _detect(shapes: Shapes) -> bool:
-    return any(k.endswith("patch_embedding.weight") for k in shapes) and any(
-        k.endswith("class_embedding") for k in shapes
-    )
-
-
-def _canonical_name(key: str) -> str | None:
-    # `clip.` prefixes CLIPSeg files (CLIPSegForImageSegmentation.clip); `vision_model.`
-    # prefixes CLIPModel, CLIPVisionModelWithProjection, CLIPForImageClassification and every
-    # transformers-4 vision file. transformers-5 CLIPVisionModel files have no prefix.
-    name = key.removeprefix("clip.")
-    if (
-        name.endswith("position_ids")  # non-persistent buffer, saved by old versions
-        or name == "logit_scale"
-        or name.startswith(("text_model.", "text_projection."))
-    ):
-        return None
-    if name.startswith(_HEAD):
-        # eqxtl's own saved heads. A transformers CLIPForImageClassification head loads too,
-        # but it was trained on the mean of the patch tokens, not on the pooled class token.
-        return "head." + name[len(_HEAD) :]
-    return name.removeprefix(_VISION)
 
 
 def _count_layers(shapes: Shapes) -> int:
@@ -419,8 +510,9 @@ def _infer_config(shapes: Shapes) -> CLIPVisionConfig:
     """Config from canonical shapes alone.
 
     Not in the weights, so by convention: ``num_attention_heads = hidden_size // 64`` (every
-    openai CLIP ViT: B/32, B/16 -> 12, L/14 -> 16); ``hidden_act="quick_gelu"`` and
-    ``layer_norm_eps=1e-5`` (openai CLIP). Pass an explicit config otherwise.
+    openai CLIP ViT: B/32, B/16 -> 12, L/14 -> 16; and open_clip's default head width);
+    ``hidden_act`` and ``layer_norm_eps`` from the layout. Pass ``config=`` or the field
+    (``num_attention_heads=...``) otherwise.
     """
     try:
         hidden = shapes["embeddings.class_embedding"][0]
@@ -429,10 +521,10 @@ def _infer_config(shapes: Shapes) -> CLIPVisionConfig:
         intermediate = shapes["encoder.layers.0.mlp.fc1.weight"][0]
     except KeyError as e:
         msg = f"Cannot infer a CLIP vision config: no {e.args[0]!r} in the checkpoint."
-        raise ValueError(msg) from None
+        raise CheckpointError(msg) from None
     grid = math.isqrt(positions - 1)
     if grid * grid != positions - 1:
-        raise ValueError(f"{positions - 1} patch positions do not form a square grid.")
+        raise CheckpointError(f"{positions - 1} patch positions do not form a square grid.")
     projection = shapes.get("visual_projection.weight")
     return CLIPVisionConfig(
         hidden_size=hidden,
@@ -449,39 +541,31 @@ def _infer_config(shapes: Shapes) -> CLIPVisionConfig:
 def _square(value: Any, name: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
-            raise ValueError(f"CLIP needs a square {name}, got {value}.")
+            raise CheckpointError(f"CLIP needs a square {name}, got {value}.")
         value = value[0]
     return int(value)
 
 
-def _config_from_hf(hf: Mapping[str, Any]) -> CLIPVisionConfig:
+def _transformers_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
     """From a ``clip_vision_model`` config.json, or a ``clip`` one (its ``vision_config``).
 
     Missing fields take transformers' ``CLIPVisionConfig`` defaults (= ViT-B/32), as
     transformers does. transformers always writes ``projection_dim`` (default 512), even for
     a CLIPVisionModel without projection: ``reconcile`` settles it from the weights.
     """
-    model_type = hf.get("model_type")
-    if model_type == "clip":
+    hf = meta.get("config.json")
+    if hf is None or hf.get("model_type") not in ("clip", "clip_vision_model"):
+        return None
+    if hf["model_type"] == "clip":
         vision = hf.get("vision_config") or hf.get("vision_config_dict") or {}
-        projection_dim = hf.get("projection_dim", 512)
-    elif model_type == "clip_vision_model":
-        vision, projection_dim = hf, hf.get("projection_dim", 512)
     else:
-        raise ValueError(f"Not a CLIP config.json: model_type {model_type!r}.")
+        vision = hf
     d = CLIPVisionConfig()
-    return CLIPVisionConfig(
-        hidden_size=vision.get("hidden_size", d.hidden_size),
-        intermediate_size=vision.get("intermediate_size", d.intermediate_size),
-        num_hidden_layers=vision.get("num_hidden_layers", d.num_hidden_layers),
-        num_attention_heads=vision.get("num_attention_heads", d.num_attention_heads),
-        num_channels=vision.get("num_channels", d.num_channels),
-        image_size=_square(vision.get("image_size", d.image_size), "image_size"),
-        patch_size=_square(vision.get("patch_size", d.patch_size), "patch_size"),
-        hidden_act=vision.get("hidden_act", d.hidden_act),
-        layer_norm_eps=vision.get("layer_norm_eps", d.layer_norm_eps),
-        projection_dim=projection_dim,
-    )
+    fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)} - {"projection_dim"}
+    values = {k: vision.get(k, getattr(d, k)) for k in fields}
+    values["image_size"] = _square(values["image_size"], "image_size")
+    values["patch_size"] = _square(values["patch_size"], "patch_size")
+    return CLIPVisionConfig(**values, projection_dim=hf.get("projection_dim", 512))
 
 
 def _reconcile(config: CLIPVisionConfig, shapes: Shapes) -> CLIPVisionConfig:
@@ -490,12 +574,11 @@ def _reconcile(config: CLIPVisionConfig, shapes: Shapes) -> CLIPVisionConfig:
     return dataclasses.replace(config, projection_dim=None if projection is None else projection[0])
 
 
-def _config_to_hf(config: CLIPVisionConfig, num_labels: int | None) -> dict:
-    # num_labels is ignored: transformers' CLIPForImageClassification pools differently (mean
-    # of the patch tokens, no post_layernorm) and takes a full CLIPConfig, so it is no
+def _transformers_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
+    # num_labels is not written: transformers' CLIPForImageClassification pools differently
+    # (mean of the patch tokens, no post_layernorm) and takes a full CLIPConfig, so it is no
     # vision-only equivalent of Classifier(CLIPVision). A head is saved as `classifier.*`,
     # which transformers reports as unexpected and skips.
-    del num_labels
     out = {
         "model_type": "clip_vision_model",
         "architectures": [
@@ -509,21 +592,146 @@ def _config_to_hf(config: CLIPVisionConfig, num_labels: int | None) -> dict:
     }
     if config.projection_dim is not None:
         out["projection_dim"] = config.projection_dim
-    return out
+    return {"config.json": out}
 
 
-def _hf_name(canonical: str, with_head: bool) -> str:
-    # One layout for every config: what transformers 5 writes for
-    # CLIPVisionModelWithProjection (`vision_model.*` + `visual_projection.weight`), also the
-    # transformers-4 layout. transformers 5 CLIPVisionModel reads it through its
-    # PrefixChange(prefix_to_remove="vision_model") conversion (conversion_mapping.py),
-    # with no missing or unexpected keys (checked with 5.23).
-    del with_head
-    if canonical.startswith("head."):
-        return _HEAD + canonical[len("head.") :]
-    if canonical == "visual_projection.weight":
-        return canonical
-    return _VISION + canonical
+def _open_clip_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
+    """From ``open_clip_config.json`` (``model_cfg.vision_cfg``, ``model_cfg.quick_gelu``)."""
+    oc = meta.get("open_clip_config.json")
+    if oc is None:
+        return None
+    model_cfg = oc.get("model_cfg", oc)
+    vision = model_cfg.get("vision_cfg") or {}
+    unsupported = {
+        k: vision[k]
+        for k in ("timm_model_name", "ls_init_value", "attentional_pool", "no_ln_pre")
+        if vision.get(k)
+    }
+    if vision.get("pool_type", "tok") != "tok" or vision.get("final_ln_after_pool"):
+        unsupported["pool_type"] = vision.get("pool_type")
+    if unsupported:
+        raise CheckpointError(
+            f"open_clip_config.json describes a vision tower eqxtl does not build "
+            f"({unsupported}); eqxtl reads plain open_clip ViTs (class-token pooling, "
+            "ln_pre, no layer scale)."
+        )
+    inferred = _infer_config(shapes)
+    width = int(vision.get("width", inferred.hidden_size))
+    return dataclasses.replace(
+        inferred,
+        num_attention_heads=max(1, width // int(vision.get("head_width", 64))),
+        image_size=_square(vision.get("image_size", inferred.image_size), "image_size"),
+        hidden_act="quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu",
+    )
+
+
+def _open_clip_preprocessing(meta: Meta) -> Preprocessing | None:
+    oc = meta.get("open_clip_config.json")
+    if oc is None:
+        return None
+    size = _square(oc.get("model_cfg", oc).get("vision_cfg", {}).get("image_size", 224), "size")
+    pre = oc.get("preprocess_cfg") or {}
+    interpolation = pre.get("interpolation", "bicubic")
+    return Preprocessing(
+        resize=size,
+        crop=size,
+        mean=tuple(pre.get("mean", PREPROCESSING.mean)),
+        std=tuple(pre.get("std", PREPROCESSING.std)),
+        interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
+    )
+
+
+def _open_clip_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
+    pre: Preprocessing = extra["preprocessing"]
+    if config.hidden_act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"open_clip has no {config.hidden_act!r} activation.")
+    vision_cfg = {
+        "image_size": config.image_size,
+        "layers": config.num_hidden_layers,
+        "width": config.hidden_size,
+        "head_width": config.hidden_size // config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "patch_size": config.patch_size,
+    }
+    model_cfg = {
+        "embed_dim": config.projection_dim,
+        "quick_gelu": config.hidden_act == "quick_gelu",
+        "vision_cfg": vision_cfg,
+    }
+    preprocess_cfg = {
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "interpolation": pre.interpolation,
+        "resize_mode": "shortest",
+    }
+    return {"open_clip_config.json": {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}}
+
+
+_TIMM_CLIP = re.compile(r"vit_\w+_clip_\w+")
+
+
+def _timm_meta(meta: Meta) -> Mapping[str, Any] | None:
+    cfg = meta.get("config.json")
+    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
+        return None
+    return cfg
+
+
+def _timm_claims(meta: Meta) -> bool:
+    cfg = _timm_meta(meta)
+    return cfg is not None and bool(_TIMM_CLIP.fullmatch(cfg["architecture"].split(".")[0]))
+
+
+def _timm_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
+    """timm names the activation in the architecture: ``*_quickgelu_*`` builds QuickGELU,
+    every other ``vit_*_clip_*`` (``.openai`` tags included) nn.GELU."""
+    cfg = _timm_meta(meta)
+    if cfg is None:
+        return None
+    quick = "quickgelu" in cfg["architecture"]
+    return dataclasses.replace(_infer_config(shapes), hidden_act="quick_gelu" if quick else "gelu")
+
+
+def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
+    cfg = _timm_meta(meta)
+    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+
+
+def _timm_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
+    act = "_quickgelu" if config.hidden_act == "quick_gelu" else ""
+    size = {768: "base", 1024: "large", 1280: "huge", 384: "small"}.get(config.hidden_size, "base")
+    name = f"vit_{size}_patch{config.patch_size}_clip{act}_{config.image_size}"
+    pre: Preprocessing = extra["preprocessing"]
+    num_classes = config.projection_dim or 0
+    return {
+        "config.json": {
+            "architecture": name,
+            "num_classes": num_classes,
+            "num_features": config.hidden_size,
+            "global_pool": "token",
+            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
+        }
+    }
+
+
+def _resize(
+    config: CLIPVisionConfig, tensors: Mapping[str, np.ndarray], image_size: Any
+) -> tuple[CLIPVisionConfig, dict[str, np.ndarray]]:
+    """CLIP at another input size: the patch grid of the position embeddings resampled
+    bicubically (as transformers' ``interpolate_pos_encoding``), the class token's kept."""
+    size = _square(image_size, "image_size")
+    if size % config.patch_size:
+        raise CheckpointError(
+            f"image_size {size} is not a multiple of the patch size {config.patch_size}."
+        )
+    pos = np.asarray(tensors["embeddings.position_embedding.weight"])
+    old, new = config.image_size // config.patch_size, size // config.patch_size
+    grid = resample_grid(pos[1:].reshape(old, old, -1), (new, new))
+    resampled = np.concatenate([pos[:1], grid.reshape(new * new, -1)])
+    return (
+        dataclasses.replace(config, image_size=size),
+        {"embeddings.position_embedding.weight": resampled},
+    )
 
 
 def _feature_dim(config: CLIPVisionConfig) -> int:
@@ -532,15 +740,55 @@ def _feature_dim(config: CLIPVisionConfig) -> int:
 
 CLIP_VISION = Architecture(
     name="clip_vision",
-    model_types=("clip_vision_model", "clip"),
     config_cls=CLIPVisionConfig,
     build=_build,
-    detect=_detect,
-    canonical_name=_canonical_name,
+    layouts=(
+        Layout(
+            "transformers",
+            _TRANSFORMERS_KEYS,
+            signature=(r"(clip\.)?(vision_model\.)?embeddings\.class_embedding",),
+            claims=lambda meta: (
+                (meta.get("config.json") or {}).get("model_type") in ("clip", "clip_vision_model")
+            ),
+            read_config=_transformers_config,
+            write_config=_transformers_write,
+            defaults={"hidden_act": "quick_gelu"},
+        ),
+        Layout(
+            "open_clip",
+            _OPEN_CLIP_KEYS,
+            signature=(r"visual\.class_embedding", r"visual\.transformer\.resblocks\.0\..*"),
+            claims=lambda meta: "open_clip_config.json" in meta,
+            read_config=_open_clip_config,
+            write_config=_open_clip_write,
+            preprocessing=_open_clip_preprocessing,
+            defaults={"hidden_act": "gelu"},
+            weights_file="open_clip_model.safetensors",
+        ),
+        Layout(
+            "timm",
+            _TIMM_KEYS,
+            signature=(r"cls_token", r"norm_pre\.weight", r"blocks\.0\.attn\.qkv\.weight"),
+            claims=_timm_claims,
+            read_config=_timm_config,
+            write_config=_timm_write,
+            preprocessing=_timm_preprocessing,
+            defaults={"hidden_act": "gelu"},
+            check=_timm_check,
+        ),
+    ),
     infer_config=_infer_config,
-    config_from_hf=_config_from_hf,
-    config_to_hf=_config_to_hf,
-    hf_name=_hf_name,
     feature_dim=_feature_dim,
+    preprocessing=lambda config: PREPROCESSING.at_size(config.image_size),
+    blocks=r"encoder\.layers\.\d+",
+    norm_types=(LayerNorm,),
+    linear_types=(eqx.nn.Linear, PatchEmbedding),
+    aliases={
+        # openai/clip-vit-base-patch32 keeps model.safetensors on a PR branch, not on main.
+        "clip-vit-base-patch32": Alias(CLIP_VIT_B32, "openai/clip-vit-base-patch32", "refs/pr/32"),
+        "clip-vit-base-patch16": Alias(CLIP_VIT_B16, "openai/clip-vit-base-patch16"),
+        "clip-vit-large-patch14": Alias(CLIP_VIT_L14, "openai/clip-vit-large-patch14"),
+    },
     reconcile=_reconcile,
+    resize=_resize,
 )

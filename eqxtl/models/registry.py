@@ -1,72 +1,42 @@
-"""Known architectures and checkpoint aliases.
+"""Known architectures and checkpoint aliases: one line per architecture.
 
-An alias names a real published checkpoint: which architecture and config, where the
-safetensors live (repo, revision, file), and the preprocessing it was trained with.
+Everything else in eqxtl asks an ``Architecture`` (``models/_arch.py``) and never names one:
+this file is the only list of them.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-from ..data import CLIP_PREPROCESSING, IMAGENET_PREPROCESSING, LITE0_PREPROCESSING, Preprocessing
+import equinox as eqx
+import jax.tree_util as jtu
+
+from .._paths import keypath_to_str
+from ..errors import SourceError
 from . import clip, efficientnet, resnet
-from ._arch import Architecture
+from ._arch import Alias, Architecture, Preprocessing
 
 ARCHITECTURES: dict[str, Architecture] = {
-    a.name: a for a in (clip.CLIP_VISION, resnet.RESNET, efficientnet.EFFICIENTNET_LITE)
+    a.name: a
+    for a in (
+        clip.CLIP_VISION,
+        resnet.RESNET,
+        efficientnet.EFFICIENTNET_LITE,
+    )
 }
-_PREPROCESSING = {
-    clip.CLIP_VISION.name: CLIP_PREPROCESSING,
-    resnet.RESNET.name: IMAGENET_PREPROCESSING,
-    efficientnet.EFFICIENTNET_LITE.name: LITE0_PREPROCESSING,
+
+REGISTRY: dict[str, tuple[Architecture, Alias]] = {
+    alias: (arch, entry) for arch in ARCHITECTURES.values() for alias, entry in arch.aliases.items()
 }
+"""Alias -> (architecture, published checkpoint)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One published checkpoint."""
-
-    architecture: str
-    config: Any
-    repo: str | None = None
-    revision: str | None = None
-    filenames: tuple[str, ...] = ("model.safetensors",)
-    local: Callable[[], Path] | None = None
-    """Returns the path of a copy installed with a package (checked before the hub)."""
-
-
-_HF_FILES = ("model.safetensors", "pytorch_model.bin")
-
-REGISTRY: dict[str, Entry] = {
-    # openai/clip-vit-base-patch32 keeps model.safetensors on a PR branch, not on main.
-    "clip-vit-base-patch32": Entry(
-        "clip_vision", clip.CLIP_VIT_B32, "openai/clip-vit-base-patch32", "refs/pr/32"
-    ),
-    "clip-vit-base-patch16": Entry(
-        "clip_vision", clip.CLIP_VIT_B16, "openai/clip-vit-base-patch16", None, _HF_FILES
-    ),
-    "clip-vit-large-patch14": Entry(
-        "clip_vision", clip.CLIP_VIT_L14, "openai/clip-vit-large-patch14", None, _HF_FILES
-    ),
-    **{
-        f"resnet{depth}": Entry(
-            "resnet",
-            getattr(resnet, f"RESNET{depth}"),
-            f"microsoft/resnet-{depth}",
-            None,
-            _HF_FILES,
-        )
-        for depth in (18, 34, 50, 101, 152)
-    },
-    "efficientnet-lite0": Entry(
-        "efficientnet_lite",
-        efficientnet.EFFICIENTNET_LITE0,
-        local=efficientnet.packaged_lite0_path,
-    ),
-}
+def lookup_alias(name: str) -> tuple[Architecture, Alias]:
+    """The architecture and checkpoint of an alias; ``SourceError`` listing the known ones."""
+    if name not in REGISTRY:
+        raise SourceError(f"{name!r} is not a known alias; known aliases: {sorted(REGISTRY)}.")
+    return REGISTRY[name]
 
 
 def architecture_of(backbone) -> Architecture:
@@ -81,12 +51,31 @@ def architecture_of(backbone) -> Architecture:
     )
 
 
+def is_backbone(x: Any) -> bool:
+    config = getattr(x, "config", None)
+    return isinstance(x, eqx.Module) and any(
+        isinstance(config, a.config_cls) for a in ARCHITECTURES.values()
+    )
+
+
+def backbones_in(model: Any) -> Iterator[tuple[str, Any, Architecture]]:
+    """``(path prefix, backbone, architecture)`` of every backbone inside ``model`` (the
+    prefix is ``""`` for a bare backbone, ``"backbone."`` in a ``Classifier``)."""
+    for kp, node in jtu.tree_flatten_with_path(model, is_leaf=is_backbone)[0]:
+        if is_backbone(node):
+            path = keypath_to_str(kp)
+            yield (path + "." if path else ""), node, architecture_of(node)
+
+
 def preprocessing_for(model) -> Preprocessing:
-    """The eval preprocessing matching ``model``'s checkpoint (a backbone or Classifier)."""
-    backbone = getattr(model, "backbone", model)
-    arch = architecture_of(backbone)
-    p = _PREPROCESSING[arch.name]
-    size = getattr(backbone.config, "image_size", None)
-    if size is not None and size != p.crop:
-        p = dataclasses.replace(p, resize=round(p.resize * size / p.crop), crop=size)
-    return p
+    """The eval preprocessing matching ``model``'s checkpoint (a backbone or Classifier):
+    what the checkpoint's own files stated (timm ``pretrained_cfg``, open_clip
+    ``preprocess_cfg``) or the architecture's default, at the model's input size."""
+    found = list(backbones_in(model))
+    if not found:
+        raise TypeError(f"{type(model).__name__} holds no eqxtl backbone.")
+    _, backbone, arch = found[0]
+    stated = getattr(backbone, "preprocessing", None)
+    if stated is not None:
+        return stated
+    return arch.preprocessing(backbone.config)

@@ -32,12 +32,13 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ..remat import checkpointed
-from ._arch import Architecture, Shapes
-from .layers import BatchNorm, Conv2d
+from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._layout import Drop, KeyMap, Map
+from .layers import BatchNorm, Conv2d, checkpointed
 
 LayerType = Literal["basic", "bottleneck"]
 
@@ -320,6 +321,8 @@ class ResNet(eqx.Module):
     embedder: Embeddings
     encoder: Encoder
     config: ResNetConfig = eqx.field(static=True)
+    preprocessing: Preprocessing | None = eqx.field(static=True, default=None)
+    """The checkpoint's own preprocessing when its files state one."""
 
     def __init__(self, config: ResNetConfig, *, key: PRNGKeyArray):
         ekey, nkey = jax.random.split(key)
@@ -362,71 +365,63 @@ class ResNet(eqx.Module):
 # Checkpoint architecture
 # --------------------------------------------------------------------------------------
 
-_PREFIX = "resnet."
-_HEAD = "classifier.1."
-_HF_TOP = ("embedder.", "encoder.")
-_TV_TOP = re.compile(r"^(?:conv1|bn1|layer\d+|fc)\.")
-_WRAPPERS = re.compile(r"^(?:(?:module|model|state_dict|model_state_dict|backbone|net)\.)+")
-_TV_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv|bn)(\d+)\.(.+)$")
-_TV_DOWNSAMPLE = re.compile(r"^layer(\d+)\.(\d+)\.downsample\.([01])\.(.+)$")
+PREPROCESSING = Preprocessing(
+    resize=256,
+    crop=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    interpolation="bicubic",
+)
+"""ImageNet eval crop as transformers does it for ``microsoft/resnet-*``
+(``ConvNextImageProcessor``, crop_pct 0.875, resample 3): bicubic shortest side
+256 = int(224 / 0.875), center crop 224, ImageNet mean/std."""
+
+_BN_BUFFER = Drop(r".*\.num_batches_tracked")
+
+# ---- transformers: the canonical names. ResNetModel files have no prefix;
+# ResNetForImageClassification files prefix `resnet.` and hold the head as `classifier.1`.
+_TRANSFORMERS_KEYS = KeyMap(
+    (
+        _BN_BUFFER,
+        Map("resnet.embedder", "embedder", save="head"),
+        Map("resnet.encoder", "encoder", save="head"),
+        Map("embedder", "embedder", save="backbone"),
+        Map("encoder", "encoder", save="backbone"),
+        Map("classifier.1", "head"),
+    ),
+    constants=lambda saved: _bn_counters(saved),
+)
+
+# ---- torchvision and timm: `conv1, bn1, layer{1..4}.I.{conv,bn}{1,2,3},
+# layer{1..4}.0.downsample.{0,1}, fc`.
+_BLOCK = "encoder.stages.{s-1}.layers.{b}"
+_TORCHVISION_KEYS = KeyMap(
+    (
+        _BN_BUFFER,
+        Map("conv1", "embedder.embedder.convolution"),
+        Map("bn1", "embedder.embedder.normalization"),
+        Map("layer{s}.{b}.conv{i}", _BLOCK + ".layer.{i-1}.convolution"),
+        Map("layer{s}.{b}.bn{i}", _BLOCK + ".layer.{i-1}.normalization"),
+        Map("layer{s}.{b}.downsample.0", _BLOCK + ".shortcut.convolution"),
+        Map("layer{s}.{b}.downsample.1", _BLOCK + ".shortcut.normalization"),
+        Map("fc", "head"),
+    ),
+    constants=lambda saved: _bn_counters(saved),
+)
+
+
+def _bn_counters(saved) -> dict[str, np.ndarray]:
+    """PyTorch BatchNorm's ``num_batches_tracked`` buffer: unused by eqxtl, written so that
+    torch loaders find every key they expect."""
+    return {
+        k.removesuffix("running_mean") + "num_batches_tracked": np.zeros((), np.int64)
+        for k in saved
+        if k.endswith(".running_mean")
+    }
 
 
 def _build(config: ResNetConfig, key: PRNGKeyArray) -> ResNet:
     return ResNet(config, key=key)
-
-
-def _strip(key: str) -> str:
-    """Remove wrapper prefixes (``module.``, ``model.``, transformers' ``resnet.``) when what
-    follows is a transformers or torchvision ResNet key."""
-    for candidate in (key, _WRAPPERS.sub("", key)):
-        rest = candidate.removeprefix(_PREFIX)
-        if rest.startswith(_HF_TOP) or rest.startswith(_HEAD) or _TV_TOP.match(rest):
-            return rest
-    return key
-
-
-def _from_torchvision(key: str) -> str:
-    if key.startswith("conv1."):
-        return "embedder.embedder.convolution." + key[len("conv1.") :]
-    if key.startswith("bn1."):
-        return "embedder.embedder.normalization." + key[len("bn1.") :]
-    if key.startswith("fc."):
-        return "head." + key[len("fc.") :]
-    m = _TV_BLOCK.match(key)
-    if m:
-        stage, block, kind, index, leaf = m.groups()
-        module = "convolution" if kind == "conv" else "normalization"
-        return (
-            f"encoder.stages.{int(stage) - 1}.layers.{block}.layer.{int(index) - 1}.{module}.{leaf}"
-        )
-    m = _TV_DOWNSAMPLE.match(key)
-    if m:
-        stage, block, index, leaf = m.groups()
-        module = "convolution" if index == "0" else "normalization"
-        return f"encoder.stages.{int(stage) - 1}.layers.{block}.shortcut.{module}.{leaf}"
-    return key
-
-
-def _canonical_name(key: str) -> str | None:
-    """Any supported layout -> canonical name; ``num_batches_tracked`` dropped, the
-    classifier (``classifier.1`` / ``fc``) -> ``head``."""
-    name = _strip(key)
-    if name.endswith("num_batches_tracked"):
-        return None
-    if name.startswith(_HF_TOP):
-        return name
-    if name.startswith(_HEAD):
-        return "head." + name[len(_HEAD) :]
-    if _TV_TOP.match(name):
-        return _from_torchvision(name)
-    return key
-
-
-def _detect(shapes: Shapes) -> bool:
-    keys = {_strip(k) for k in shapes}
-    return "embedder.embedder.convolution.weight" in keys or (
-        "conv1.weight" in keys and "layer1.0.conv1.weight" in keys
-    )
 
 
 def expected_shapes(config: ResNetConfig) -> dict[str, tuple[int, ...]]:
@@ -507,18 +502,20 @@ def _infer_config(shapes: Shapes) -> ResNetConfig:
     return config
 
 
-def _config_from_hf(hf: Mapping[str, Any]) -> ResNetConfig:
+def _transformers_config(meta: Meta, shapes: Shapes) -> ResNetConfig | None:
     """From a transformers ``config.json`` (``model_type`` ``"resnet"``); missing fields take
     transformers' defaults (ResNet-50)."""
-    if hf.get("model_type") != "resnet":
-        raise ValueError(f"Not a ResNet config.json: model_type {hf.get('model_type')!r}.")
+    hf = meta.get("config.json")
+    if hf is None or hf.get("model_type") != "resnet":
+        return None
     fields = {f.name for f in dataclasses.fields(ResNetConfig)}
     return ResNetConfig(**{k: v for k, v in hf.items() if k in fields})
 
 
-def _config_to_hf(config: ResNetConfig, num_labels: int | None) -> dict:
+def _transformers_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
     """transformers ``config.json``: ``ResNetModel``, or with ``num_labels``
-    ``ResNetForImageClassification`` (generic ``LABEL_i`` names)."""
+    ``ResNetForImageClassification``."""
+    num_labels = extra["num_labels"]
     out: dict[str, Any] = {
         "model_type": "resnet",
         "architectures": ["ResNetModel" if num_labels is None else "ResNetForImageClassification"],
@@ -529,31 +526,94 @@ def _config_to_hf(config: ResNetConfig, num_labels: int | None) -> dict:
     if num_labels is not None:
         out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
         out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-    return out
+    return {"config.json": out}
 
 
-def _hf_name(canonical: str, with_head: bool) -> str:
-    """Canonical -> transformers key: ``ResNetModel`` names, or with ``with_head`` the
-    ``ResNetForImageClassification`` ones (``resnet.`` prefix, ``head`` -> ``classifier.1``)."""
-    if canonical.startswith("head."):
-        return _HEAD + canonical[len("head.") :]
-    return _PREFIX + canonical if with_head else canonical
+_TIMM_RESNET = re.compile(r"resnet(\d+)")
+_DEPTHS = {
+    ((2, 2, 2, 2), "basic"): 18,
+    ((3, 4, 6, 3), "basic"): 34,
+    ((3, 4, 6, 3), "bottleneck"): 50,
+    ((3, 4, 23, 3), "bottleneck"): 101,
+    ((3, 8, 36, 3), "bottleneck"): 152,
+}
+
+
+def _timm_meta(meta: Meta) -> Mapping[str, Any] | None:
+    cfg = meta.get("config.json")
+    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
+        return None
+    return cfg
+
+
+def _timm_claims(meta: Meta) -> bool:
+    cfg = _timm_meta(meta)
+    return cfg is not None and bool(_TIMM_RESNET.fullmatch(cfg["architecture"].split(".")[0]))
+
+
+def _timm_config(meta: Meta, shapes: Shapes) -> ResNetConfig | None:
+    """timm's plain ``resnetN`` is v1.5 with ReLU, as torchvision's: the shapes say the rest."""
+    return None if _timm_meta(meta) is None else _infer_config(shapes)
+
+
+def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
+    cfg = _timm_meta(meta)
+    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+
+
+def _timm_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
+    depth = _DEPTHS.get((config.depths, config.layer_type))
+    num_classes = extra["num_labels"] or 0
+    pre: Preprocessing = extra["preprocessing"]
+    return {
+        "config.json": {
+            "architecture": f"resnet{depth}" if depth else "resnet50",
+            "num_classes": num_classes,
+            "num_features": config.hidden_sizes[-1],
+            "global_pool": "avg",
+            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
+        }
+    }
 
 
 def _feature_dim(config: ResNetConfig) -> int:
     return config.hidden_sizes[-1]
 
 
+_SIGNATURE_TV = (r"conv1\.weight", r"layer1\.0\.conv1\.weight")
+
 RESNET = Architecture(
     name="resnet",
-    model_types=("resnet",),
     config_cls=ResNetConfig,
     build=_build,
-    detect=_detect,
-    canonical_name=_canonical_name,
+    layouts=(
+        Layout(
+            "transformers",
+            _TRANSFORMERS_KEYS,
+            signature=(r"(resnet\.)?embedder\.embedder\.convolution\.weight",),
+            claims=lambda meta: (meta.get("config.json") or {}).get("model_type") == "resnet",
+            read_config=_transformers_config,
+            write_config=_transformers_write,
+        ),
+        Layout("torchvision", _TORCHVISION_KEYS, signature=_SIGNATURE_TV),
+        Layout(
+            "timm",
+            _TORCHVISION_KEYS,
+            signature=_SIGNATURE_TV,
+            claims=_timm_claims,
+            read_config=_timm_config,
+            write_config=_timm_write,
+            preprocessing=_timm_preprocessing,
+        ),
+    ),
     infer_config=_infer_config,
-    config_from_hf=_config_from_hf,
-    config_to_hf=_config_to_hf,
-    hf_name=_hf_name,
     feature_dim=_feature_dim,
+    preprocessing=lambda config: PREPROCESSING,
+    blocks=r"encoder\.stages\.\d+\.layers\.\d+",
+    norm_types=(BatchNorm,),
+    linear_types=(Conv2d,),
+    aliases={
+        f"resnet{depth}": Alias(globals()[f"RESNET{depth}"], f"microsoft/resnet-{depth}")
+        for depth in (18, 34, 50, 101, 152)
+    },
 )
