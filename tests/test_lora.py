@@ -336,11 +336,12 @@ def resnet50(tmp_path_factory, images):  # noqa: F811
 
 
 def test_resnet50_adapter_to_peft(resnet50, images, tmp_path):  # noqa: F811
-    """eqxtl -> PEFT: DoRA r=8 on every convolution (7x7 stem, 3x3, 1x1, shortcuts) +
-    the classifier saved whole."""
+    """eqxtl -> PEFT: DoRA r=8 on the 7x7 stem and every convolution of the last stage
+    (3x3, 1x1, shortcut) + the classifier saved whole."""
     model, state = eqxtl.from_pretrained(resnet50["dirs"]["cls"], keep_head=True)
+    targets = r".*(embedder|stages\.3\..*)\.convolution"
     adapted = perturb(
-        eqxtl.lora(model, r".*convolution", rank=8, alpha=4, dora=True, key=jax.random.key(0)), 0
+        eqxtl.lora(model, targets, rank=8, alpha=4, dora=True, key=jax.random.key(0)), 0
     )
     adapted = eqx.tree_at(lambda m: m.head.bias, adapted, adapted.head.bias + 0.5)
     ours = outputs(adapted, state, jnp.asarray(images))
@@ -357,13 +358,13 @@ def test_resnet50_adapter_to_peft(resnet50, images, tmp_path):  # noqa: F811
 
 def test_resnet50_adapter_from_peft(resnet50, images, tmp_path):  # noqa: F811
     """PEFT -> eqxtl: LoRA r=4 (r=8 on the 3x3s by rank_pattern), alpha 8, on every
-    convolution, classifier in modules_to_save."""
+    convolution of the first two stages, classifier in modules_to_save."""
     base = copy.deepcopy(resnet50["model"]).eval()
     config = peft.LoraConfig(
         r=4,
         lora_alpha=8,
         rank_pattern={r"layer\.1\.convolution": 8},
-        target_modules=r".*convolution",
+        target_modules=r".*stages\.[01]\..*convolution",
         modules_to_save=["classifier"],
     )
     peft_model = peft.get_peft_model(base, config)
