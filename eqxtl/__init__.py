@@ -6,6 +6,7 @@ differentiates only what trains.
 """
 
 from ._paths import paths as paths
+from ._torch_pickle import TorchLimits as TorchLimits
 from .adapters import ADAPTER_RULE as ADAPTER_RULE
 from .adapters import adapter_targets as adapter_targets
 from .adapters import has_adapters as has_adapters
@@ -53,9 +54,16 @@ from .fit import fit as fit
 from .fit import predict as predict
 from .fit import warmup_cosine as warmup_cosine
 from .models.clip import PREPROCESSING as CLIP_PREPROCESSING  # noqa: F401
+from .models.clip_text import CLIP as CLIP
+from .models.clip_text import CLIPConfig as CLIPConfig
+from .models.clip_text import CLIPText as CLIPText
+from .models.clip_text import CLIPTextConfig as CLIPTextConfig
 from .models.efficientnet import PREPROCESSING as LITE0_PREPROCESSING  # noqa: F401
+from .models.heads import IMAGENET_TEMPLATES as IMAGENET_TEMPLATES
+from .models.heads import IMAGENET_TEMPLATES_7 as IMAGENET_TEMPLATES_7
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
+from .models.heads import zero_shot_head as zero_shot_head
 from .models.layers import BatchNorm as BatchNorm
 from .models.layers import Conv2d as Conv2d
 from .models.layers import LoRAConv2d as LoRAConv2d
@@ -77,6 +85,10 @@ from .pretrained import from_config as from_config
 from .pretrained import from_pretrained as from_pretrained
 from .pretrained import save_pretrained as save_pretrained
 from .remat import with_remat as with_remat
+from .robust import interpolate as interpolate
+from .robust import lp_ft as lp_ft
+from .robust import wise_ft as wise_ft
+from .tokenizer import Tokenizer as Tokenizer
 from .train import batched as batched
 from .train import batchnorm_modes as batchnorm_modes
 from .train import classification_loss as classification_loss

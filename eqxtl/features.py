@@ -189,12 +189,13 @@ class FeatureLoader:
 
 
 def head_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
-    """Like ``classification_loss``, for batches of cached features: ``model.head`` only
-    (``compute_dtype`` is accepted for symmetry; the head runs in its weights' dtype)."""
+    """Like ``classification_loss``, for batches of cached features: ``model.logits``, the
+    head only (``compute_dtype`` is accepted for symmetry; the head runs in its weights'
+    dtype)."""
 
     def loss_fn(model, state, batch, key):
         features = batch["features"]
-        logits = jax.vmap(model.head)(features.astype(model.head.weight.dtype))
+        logits = model.logits(features)
         loss, metrics = cross_entropy(
             logits, batch["label"], batch.get("mask"), label_smoothing=label_smoothing
         )

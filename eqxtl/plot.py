@@ -36,3 +36,29 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def plot_wise_ft(records: list[dict], path: str | os.PathLike) -> Path:
+    """Accuracy against the interpolation weight alpha (``eqxtl.wise_ft``'s records), one
+    line per dataset, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    alphas = [r["alpha"] for r in records]
+    for key in [k for k in records[0] if k.endswith("accuracy")]:
+        label = key.removesuffix("accuracy").rstrip("_") or "accuracy"
+        ax.plot(alphas, [r[key] for r in records], "-o", label=label, markersize=4)
+    ax.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

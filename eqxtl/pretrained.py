@@ -55,7 +55,7 @@ class _SafetensorsFile(Mapping):
         return tuple(self._file.get_slice(key).get_shape())
 
 
-def _read(path: Path) -> Mapping[str, np.ndarray]:
+def _read(path: Path, torch_limits=None) -> Mapping[str, np.ndarray]:
     if path.suffix == ".safetensors":
         try:
             return _SafetensorsFile(path)
@@ -65,7 +65,7 @@ def _read(path: Path) -> Mapping[str, np.ndarray]:
         return _read_npz(path)
     from ._torch_pickle import load_torch_file
 
-    return load_torch_file(path)
+    return load_torch_file(path, limits=torch_limits)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -256,6 +256,8 @@ def from_pretrained(
     keep_head: bool = False,
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
+    torch_limits=None,
+    towers: str = "vision",
     **overrides: Any,
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """Load a pretrained backbone by name, in inference mode.
@@ -279,9 +281,14 @@ def from_pretrained(
     - `keep_head`: return ``Classifier(backbone, head=<pretrained head>)`` so that the
       checkpoint's own predictions (e.g. ImageNet classes) can be checked.
     - `dtype`: cast floating weights (default: as stored).
+    - `torch_limits`: an ``eqxtl.TorchLimits`` for PyTorch files (bounds on pickle objects,
+      tensor expansion and zip members; the defaults admit real checkpoints up to 10 GB).
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
       for an open_clip file without its ``open_clip_config.json``. One that contradicts a
       config file beside the weights is an error.
+    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: CLIP's two towers
+      as one ``eqxtl.CLIP`` (from a transformers ``CLIPModel`` or a full open_clip
+      checkpoint; ``config`` is then a ``CLIPConfig``).
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
     ``x`` of shape ``(C, H, W)``; ``state`` holds BatchNorm statistics (empty otherwise).
@@ -292,9 +299,17 @@ def from_pretrained(
     files, alias_arch, alias_config = _resolve(source, revision, cache_dir)
     source_name = files.description
     meta = _read_meta(files.configs)
-    raw = _read(files.weights)
+    raw = _read(files.weights, torch_limits)
     renamed = strip_wrappers(list(raw))
     tensors = Lazy(raw, {k: Recipe(orig, RENAME, 0) for k, orig in renamed.items()})
+    if towers != "vision":
+        if towers != "both":
+            raise ValueError(f"towers must be 'vision' or 'both', got {towers!r}.")
+        if keep_head or overrides or tuple(ignore):
+            raise ValueError("keep_head, ignore and config overrides apply to towers='vision'.")
+        from .models.clip_text import load_clip
+
+        return load_clip(tensors, meta, config=config, source=source_name, dtype=dtype)
     keys = list(tensors)
     arch, lay, plan = _choose(meta, keys, architecture, layout, alias_arch, source_name)
     lay.check(tensors)
@@ -386,7 +401,11 @@ def from_pretrained(
         source=where,
         dtype=dtype,
     )
-    return Classifier(backbone, head=head), state
+    flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
+    return Classifier(backbone, head=head, **flags), state  # flags: e.g. a zero-shot head's
+
+
+_HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normalize=)
 
 
 def _image_size(config) -> int | None:
@@ -500,6 +519,10 @@ def save_pretrained(
         "preprocessing": preprocessing_for(backbone),
     }
     configs = lay.write_config(backbone.config, extra)
+    if with_head and (model.project or model.normalize) and configs:
+        first = next(iter(configs))
+        flags = {"project": model.project, "normalize": model.normalize}
+        configs[first] = {**configs[first], _HEAD_FLAGS: flags}
 
     from ._atomic import atomic_directory
 

@@ -10,6 +10,13 @@ batch 32, one epoch, evaluation every 20 steps.
     python examples/finetune_rps.py --weights weights/clip-vit-base-patch32 --data-dir ~/tfds
     python examples/finetune_rps.py --lora 8            # LoRA on q,v of every block + head
     python examples/finetune_rps.py --lora 8 --lora-targets ".*_proj" ".*fc1" --lr 1e-3
+    python examples/finetune_rps.py --head zero-shot --train .* --lr 1e-5 --wise-ft 0.5
+
+``--head zero-shot`` starts from CLIP's zero-shot classifier (the dataset's class names in
+OpenAI's 80 ImageNet prompt templates; needs a full CLIP checkpoint with its tokenizer
+files) and prints its accuracy before training; ``--wise-ft A [A ...]`` then evaluates the
+weight interpolations ``(1 - A) * zero-shot + A * fine-tuned`` (WiSE-FT) and plots the
+sweep.
 
 ``--train`` takes filter rules (full-match regexes on parameter paths, see
 ``eqxtl.paths``), each optionally with its own learning rate (``RULE=LR``); everything the
@@ -22,8 +29,10 @@ writes the adapter as a Hugging Face PEFT folder and the merged model.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import optax
 
@@ -71,6 +80,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="layers that get adapters (path rules; default: per architecture, see above)",
     )
     parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA")
+    parser.add_argument(
+        "--head",
+        choices=["linear", "zero-shot"],
+        default="linear",
+        help="a zero-initialised linear head, or CLIP's zero-shot head (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--wise-ft",
+        type=float,
+        nargs="+",
+        metavar="ALPHA",
+        help="after training, evaluate (1-ALPHA)*zero-shot + ALPHA*fine-tuned (--head zero-shot)",
+    )
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=20)
@@ -100,13 +122,19 @@ def parse_rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
     return rules
 
 
-def load_backbone(args):
+def load_backbone(args, towers: str = "vision"):
     local = args.weights
     fetched = Path("weights") / args.model.replace("/", "--")  # see weights/fetch.py
     if local is None and fetched.exists():
         local = fetched
+    source = str(local) if local is not None else args.model
     try:
-        return eqxtl.from_pretrained(str(local) if local is not None else args.model)
+        if towers == "both":
+            clip, _ = eqxtl.from_pretrained(source, towers="both")
+            return clip, eqxtl.Tokenizer.from_pretrained(source)
+        return eqxtl.from_pretrained(source)
+    except eqxtl.CheckpointError as e:
+        raise SystemExit(f"error: --head zero-shot needs a full CLIP checkpoint: {e}") from None
     except eqxtl.SourceError as e:
         raise SystemExit(
             f"error: cannot load the backbone: {e}\n"
@@ -119,17 +147,30 @@ def load_backbone(args):
 def main(argv=None) -> eqxtl.FitResult:
     args = parse_args(argv)
     rules = parse_rules(args.train, args.lr)
-    backbone, state = load_backbone(args)
+    if args.wise_ft and args.head != "zero-shot":
+        raise SystemExit(
+            "error: --wise-ft interpolates from the zero-shot head: add --head zero-shot"
+        )
+    if args.head == "zero-shot":
+        clip, tokenizer = load_backbone(args, towers="both")
+    else:
+        backbone, state = load_backbone(args)
     try:
         train = eqxtl.TFDSSource(args.dataset, "train", data_dir=args.data_dir)
         test = eqxtl.TFDSSource(args.dataset, "test", data_dir=args.data_dir)
     except eqxtl.DataError as e:
         raise SystemExit(f"error: {e}\nUse --data-dir DIR where the dataset is prepared.") from None
 
-    model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
+    if args.head == "zero-shot":
+        model = eqxtl.zero_shot_head(clip, train.class_names, tokenizer=tokenizer)
+        state = eqx.nn.State(model)
+        zero_shot = eqxtl.evaluate(model, state, test, batch_size=args.batch_size)
+        print(f"zero-shot test accuracy {zero_shot['accuracy']:.4f} ({train.class_names})")
+    else:
+        model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
     groups = [(rule, optax.adam(lr)) for rule, lr in rules]
     if args.lora is not None:
-        targets = args.lora_targets or LORA_TARGETS[architecture_of(backbone).name]
+        targets = args.lora_targets or LORA_TARGETS[architecture_of(model.backbone).name]
         try:
             model = eqxtl.lora(
                 model, targets, rank=args.lora, dora=args.dora, key=jax.random.key(args.seed)
@@ -172,6 +213,17 @@ def main(argv=None) -> eqxtl.FitResult:
         f"checkpoints: {args.out / 'best'} and {args.out / 'last'}\n"
         f"history: {args.out / 'history.json'}, plot: {args.out / 'history.png'}"
     )
+    if args.wise_ft:
+        sweep = eqxtl.wise_ft(
+            model if args.lora is None else eqxtl.merge_lora(model),
+            result.model if args.lora is None else eqxtl.merge_lora(result.model),
+            args.wise_ft,
+            test,
+            batch_size=args.batch_size,
+            plot=args.out / "wise_ft.png" if importlib.util.find_spec("matplotlib") else None,
+        )
+        for record in sweep:
+            print(f"WiSE-FT alpha {record['alpha']:g}: test accuracy {record['accuracy']:.4f}")
     return result
 
 

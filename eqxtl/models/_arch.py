@@ -84,9 +84,10 @@ class Preprocessing:
             interpolation=interpolation if interpolation in INTERPOLATIONS else "bicubic",
         )
 
-    def at_size(self, size: int) -> Preprocessing:
-        """The same preprocessing for a ``size`` crop (resize scaled alike)."""
-        if size == self.crop:
+    def at_size(self, size: int | None) -> Preprocessing:
+        """The same preprocessing for a ``size`` crop (resize scaled alike); ``None``: as is
+        (a model without a fixed input size)."""
+        if size is None or size == self.crop:
             return self
         return dataclasses.replace(self, resize=round(self.resize * size / self.crop), crop=size)
 
@@ -132,6 +133,33 @@ class Layout:
     check: Callable[[Mapping[str, Any]], None] = lambda tensors: None
     """Raises ``CheckpointError`` for a checkpoint (key -> tensor, read on demand) that this
     layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
+
+
+def timm_meta(meta: Meta) -> Mapping[str, Any] | None:
+    """timm's hub ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg``; no
+    transformers ``model_type``), if that is what sits beside the weights."""
+    cfg = meta.get("config.json")
+    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
+        return None
+    return cfg
+
+
+def claims_timm(architectures: str) -> Callable[[Meta], bool]:
+    """``Layout.claims`` for timm hub folders whose ``architecture`` (tag stripped) fully
+    matches the regex ``architectures``."""
+
+    def claims(meta: Meta) -> bool:
+        cfg = timm_meta(meta)
+        name = str(cfg["architecture"]).split(".")[0] if cfg is not None else ""
+        return cfg is not None and re.fullmatch(architectures, name) is not None
+
+    return claims
+
+
+def timm_preprocessing(meta: Meta) -> Preprocessing | None:
+    """``Layout.preprocessing`` from timm's ``pretrained_cfg``."""
+    cfg = timm_meta(meta)
+    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
 
 
 @dataclasses.dataclass(frozen=True)

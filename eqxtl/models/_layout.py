@@ -138,6 +138,13 @@ def _strip_offsets(pattern: str) -> str:
     return _PLACEHOLDER.sub(lambda m: "{" + m.group(1) + "}", pattern)
 
 
+def packed(theirs: str, ours: str, parts: str = "qkv") -> Map:
+    """A packed q/k/v tensor (rows in ``parts`` order) <-> three canonical ones: ``*`` in
+    ``ours`` stands for each part, e.g. ``packed("blocks.{i}.attn.qkv.weight",
+    "encoder.layers.{i}.self_attn.*_proj.weight")``."""
+    return Map(theirs, tuple(ours.replace("*", p) for p in parts), SPLIT3)
+
+
 @dataclasses.dataclass(frozen=True)
 class Drop:
     """Checkpoint keys (full-match regex) that are known and not loaded."""
@@ -230,7 +237,8 @@ class KeyMap:
         for key, (rule, parts) in grouped.items():
             if len(parts) != rule.op.n_ours:
                 raise KeyError(f"{key}: needs all of {rule.ours_tuple}")
-            out[key] = rule.op.save([parts[i] for i in range(rule.op.n_ours)])
+            # contiguous: safetensors writes a strided view's raw buffer, not its values
+            out[key] = np.ascontiguousarray(rule.op.save([parts[i] for i in range(rule.op.n_ours)]))
         out.update(self.constants(out))
         return out
 

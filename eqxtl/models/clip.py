@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -24,8 +23,19 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ._arch import INTERPOLATIONS, Alias, Architecture, Layout, Meta, Preprocessing, Shapes
-from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Map, squeeze
+from ._arch import (
+    INTERPOLATIONS,
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
+from ._layout import TRANSPOSE, Drop, KeyMap, Map, packed, squeeze
 from .layers import checkpointed, resample_grid
 from .layers import dense as _dense  # plain or LoRA-adapted linears, merged-rows GEMMs
 
@@ -180,9 +190,11 @@ class Attention(eqx.Module):
         x: Float[Array, "*b t d"],
         queries: Float[Array, "*b tq d"] | None = None,
         *,
+        causal: bool = False,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*b tq d"]:
-        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``.
+        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``, or
+        with ``causal`` (self-attention only) to each token's predecessors and itself.
         ``key``: dropout of LoRA adapters, if any."""
         queries = x if queries is None else queries
         d, heads = x.shape[-1], self.num_heads
@@ -194,7 +206,7 @@ class Attention(eqx.Module):
         q = split(_dense(self.q_proj, queries, key=qk))
         k = split(_dense(self.k_proj, x, key=kk))
         v = split(_dense(self.v_proj, x, key=vk))
-        o = jax.nn.dot_product_attention(q, k, v)  # softmax in float32
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # softmax in float32
         return _dense(self.out_proj, o.reshape(queries.shape), key=ok)
 
 
@@ -251,17 +263,19 @@ class EncoderLayer(eqx.Module):
         x: Float[Array, "*b t d"],
         *,
         first_only: bool = False,
+        causal: bool = False,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*b tq d"]:
         """All tokens ``(*b, t, d)``, or with ``first_only`` just the class token's
-        ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``key``:
+        ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``causal``:
+        each token attends to itself and the tokens before it (CLIP's text tower). ``key``:
         dropout of LoRA adapters, if any."""
         akey, mkey = _split(key, 2)
         h = self.layer_norm1(x)
         if first_only:
             x = x[..., :1, :] + self.self_attn(h, h[..., :1, :], key=akey)
         else:
-            x = x + self.self_attn(h, key=akey)
+            x = x + self.self_attn(h, causal=causal, key=akey)
         return x + self.mlp(self.layer_norm2(x), key=mkey)
 
 
@@ -420,27 +434,25 @@ _TRANSFORMERS_KEYS = KeyMap(
 # ---- open_clip: `visual.*` (the text tower sits at the top level and is not loaded here).
 # q/k/v are packed in `in_proj_weight (3D, D)`; `visual.proj` is `(D, E)`, the transpose
 # of transformers' `visual_projection.weight (E, D)`.
+_RESBLOCK = "visual.transformer.resblocks.{i}"
 _OPEN_CLIP_KEYS = KeyMap(
     (
         Map("visual.class_embedding", "embeddings.class_embedding"),
         Map("visual.positional_embedding", "embeddings.position_embedding.weight"),
         Map("visual.conv1", "embeddings.patch_embedding"),
         Map("visual.ln_pre", "pre_layrnorm"),
-        Map(
+        packed(
             "visual.transformer.resblocks.{i}.attn.in_proj_weight",
-            tuple(f"{_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"),
-            SPLIT3,
+            f"{_LAYER}.self_attn.*_proj.weight",
         ),
-        Map(
-            "visual.transformer.resblocks.{i}.attn.in_proj_bias",
-            tuple(f"{_LAYER}.self_attn.{p}_proj.bias" for p in "qkv"),
-            SPLIT3,
+        packed(
+            "visual.transformer.resblocks.{i}.attn.in_proj_bias", f"{_LAYER}.self_attn.*_proj.bias"
         ),
-        Map("visual.transformer.resblocks.{i}.attn.out_proj", f"{_LAYER}.self_attn.out_proj"),
-        Map("visual.transformer.resblocks.{i}.ln_1", f"{_LAYER}.layer_norm1"),
-        Map("visual.transformer.resblocks.{i}.ln_2", f"{_LAYER}.layer_norm2"),
-        Map("visual.transformer.resblocks.{i}.mlp.c_fc", f"{_LAYER}.mlp.fc1"),
-        Map("visual.transformer.resblocks.{i}.mlp.c_proj", f"{_LAYER}.mlp.fc2"),
+        Map(_RESBLOCK + ".attn.out_proj", f"{_LAYER}.self_attn.out_proj"),
+        Map(_RESBLOCK + ".ln_1", f"{_LAYER}.layer_norm1"),
+        Map(_RESBLOCK + ".ln_2", f"{_LAYER}.layer_norm2"),
+        Map(_RESBLOCK + ".mlp.c_fc", f"{_LAYER}.mlp.fc1"),
+        Map(_RESBLOCK + ".mlp.c_proj", f"{_LAYER}.mlp.fc2"),
         Map("visual.ln_post", "post_layernorm"),
         Map("visual.proj", "visual_projection.weight", TRANSPOSE),
         Map("classifier", "head"),
@@ -460,16 +472,8 @@ _TIMM_KEYS = KeyMap(
         Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
         Map("patch_embed.proj", "embeddings.patch_embedding"),
         Map("norm_pre", "pre_layrnorm"),
-        Map(
-            "blocks.{i}.attn.qkv.weight",
-            tuple(f"{_LAYER}.self_attn.{p}_proj.weight" for p in "qkv"),
-            SPLIT3,
-        ),
-        Map(
-            "blocks.{i}.attn.qkv.bias",
-            tuple(f"{_LAYER}.self_attn.{p}_proj.bias" for p in "qkv"),
-            SPLIT3,
-        ),
+        packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
+        packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
         Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
         Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
         Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
@@ -667,48 +671,48 @@ def _open_clip_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
     return {"open_clip_config.json": {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}}
 
 
-_TIMM_CLIP = re.compile(r"vit_\w+_clip_\w+")
-
-
-def _timm_meta(meta: Meta) -> Mapping[str, Any] | None:
-    cfg = meta.get("config.json")
-    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
-        return None
-    return cfg
-
-
-def _timm_claims(meta: Meta) -> bool:
-    cfg = _timm_meta(meta)
-    return cfg is not None and bool(_TIMM_CLIP.fullmatch(cfg["architecture"].split(".")[0]))
-
-
 def _timm_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
     """timm names the activation in the architecture: ``*_quickgelu_*`` builds QuickGELU,
     every other ``vit_*_clip_*`` (``.openai`` tags included) nn.GELU."""
-    cfg = _timm_meta(meta)
+    cfg = timm_meta(meta)
     if cfg is None:
         return None
     quick = "quickgelu" in cfg["architecture"]
-    return dataclasses.replace(_infer_config(shapes), hidden_act="quick_gelu" if quick else "gelu")
-
-
-def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
-    cfg = _timm_meta(meta)
-    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+    config = _infer_config(shapes)
+    heads = (cfg.get("model_args") or {}).get("num_heads", config.num_attention_heads)
+    return dataclasses.replace(
+        config, num_attention_heads=int(heads), hidden_act="quick_gelu" if quick else "gelu"
+    )
 
 
 def _timm_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
+    # A name timm registers (the dimensions that differ travel in model_args).
     act = "_quickgelu" if config.hidden_act == "quick_gelu" else ""
-    size = {768: "base", 1024: "large", 1280: "huge", 384: "small"}.get(config.hidden_size, "base")
-    name = f"vit_{size}_patch{config.patch_size}_clip{act}_{config.image_size}"
+    if config.hidden_size == 1024 and config.patch_size == 14:
+        name = f"vit_large_patch14_clip{act}_224"
+    elif config.hidden_size == 1280 and config.patch_size == 14:
+        name = f"vit_huge_patch14_clip{act}_224"
+    else:
+        name = f"vit_base_patch{16 if config.patch_size == 16 else 32}_clip{act}_224"
     pre: Preprocessing = extra["preprocessing"]
     num_classes = config.projection_dim or 0
+    model_args = {
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "img_size": [config.image_size, config.image_size],
+        "patch_size": config.patch_size,
+        "num_classes": num_classes,
+        "global_pool": "token",
+    }
     return {
         "config.json": {
             "architecture": name,
             "num_classes": num_classes,
             "num_features": config.hidden_size,
             "global_pool": "token",
+            "model_args": model_args,
             "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
         }
     }
@@ -769,10 +773,10 @@ CLIP_VISION = Architecture(
             "timm",
             _TIMM_KEYS,
             signature=(r"cls_token", r"norm_pre\.weight", r"blocks\.0\.attn\.qkv\.weight"),
-            claims=_timm_claims,
+            claims=claims_timm(r"vit_\w+_clip_\w+"),
             read_config=_timm_config,
             write_config=_timm_write,
-            preprocessing=_timm_preprocessing,
+            preprocessing=timm_preprocessing,
             defaults={"hidden_act": "gelu"},
             check=_timm_check,
         ),

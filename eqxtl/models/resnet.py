@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
@@ -36,7 +36,17 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
 from ._layout import Drop, KeyMap, Map
 from .layers import BatchNorm, Conv2d, checkpointed
 
@@ -529,7 +539,6 @@ def _transformers_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
     return {"config.json": out}
 
 
-_TIMM_RESNET = re.compile(r"resnet(\d+)")
 _DEPTHS = {
     ((2, 2, 2, 2), "basic"): 18,
     ((3, 4, 6, 3), "basic"): 34,
@@ -539,30 +548,14 @@ _DEPTHS = {
 }
 
 
-def _timm_meta(meta: Meta) -> Mapping[str, Any] | None:
-    cfg = meta.get("config.json")
-    if cfg is None or "architecture" not in cfg or "model_type" in cfg:
-        return None
-    return cfg
-
-
-def _timm_claims(meta: Meta) -> bool:
-    cfg = _timm_meta(meta)
-    return cfg is not None and bool(_TIMM_RESNET.fullmatch(cfg["architecture"].split(".")[0]))
-
-
 def _timm_config(meta: Meta, shapes: Shapes) -> ResNetConfig | None:
     """timm's plain ``resnetN`` is v1.5 with ReLU, as torchvision's: the shapes say the rest."""
-    return None if _timm_meta(meta) is None else _infer_config(shapes)
-
-
-def _timm_preprocessing(meta: Meta) -> Preprocessing | None:
-    cfg = _timm_meta(meta)
-    return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+    return None if timm_meta(meta) is None else _infer_config(shapes)
 
 
 def _timm_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
     depth = _DEPTHS.get((config.depths, config.layer_type))
+    expansion = _REDUCTION if config.layer_type == "bottleneck" else 1
     num_classes = extra["num_labels"] or 0
     pre: Preprocessing = extra["preprocessing"]
     return {
@@ -571,6 +564,12 @@ def _timm_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
             "num_classes": num_classes,
             "num_features": config.hidden_sizes[-1],
             "global_pool": "avg",
+            "model_args": {
+                "layers": list(config.depths),
+                "channels": [h // expansion for h in config.hidden_sizes],
+                "num_classes": num_classes,
+                "global_pool": "avg",
+            },
             "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
         }
     }
@@ -600,10 +599,10 @@ RESNET = Architecture(
             "timm",
             _TORCHVISION_KEYS,
             signature=_SIGNATURE_TV,
-            claims=_timm_claims,
+            claims=claims_timm(r"resnet\d+"),
             read_config=_timm_config,
             write_config=_timm_write,
-            preprocessing=_timm_preprocessing,
+            preprocessing=timm_preprocessing,
         ),
     ),
     infer_config=_infer_config,

@@ -1,0 +1,226 @@
+"""Robust fine-tuning: weight interpolation (WiSE-FT) and linear-probe-then-fine-tune (LP-FT).
+
+WiSE-FT (Wortsman et al., 2022): ``θ = (1 − α)·θ_zero-shot + α·θ_fine-tuned`` keeps most of
+the fine-tuned accuracy and recovers much of the zero-shot model's robustness::
+
+    clip, _ = eqxtl.from_pretrained("path/to/clip", towers="both")
+    zero_shot = eqxtl.zero_shot_head(clip, class_names, tokenizer="path/to/clip")
+    state = eqx.nn.State(zero_shot)
+    spec, opt = eqxtl.param_groups(zero_shot, [(".*", optax.adamw(1e-5))])
+    fine_tuned = eqxtl.fit(zero_shot, state, opt, spec, train, epochs=2).model
+    sweep = eqxtl.wise_ft(zero_shot, fine_tuned, [0, 0.25, 0.5, 0.75, 1], {"test": test})
+    model = eqxtl.interpolate(zero_shot, fine_tuned, 0.5)
+
+LP-FT (Kumar et al., 2022): train the head first with the backbone frozen (on cached
+features, so it is cheap), then everything at a low learning rate, so that the first
+fine-tuning steps do not distort the pretrained features through a random head::
+
+    probe, tuned = eqxtl.lp_ft(model, state, train, head_epochs=10, epochs=2, lr=1e-5)
+
+which is exactly these two calls::
+
+    spec, opt = eqxtl.param_groups(model, [("head", optax.adam(head_lr)), (".*", None)])
+    probe = eqxtl.fit(model, state, opt, spec, train, epochs=head_epochs)   # cached features
+    spec, opt = eqxtl.param_groups(probe.model, [(".*", optax.adam(lr))])
+    tuned = eqxtl.fit(probe.model, probe.state, opt, spec, train, epochs=epochs)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+
+from ._paths import keypath_to_str
+from .errors import EqxtlError
+
+
+def _structure_error(a: Any, b: Any, what: str) -> EqxtlError:
+    flat_a = {keypath_to_str(kp): x for kp, x in jtu.tree_flatten_with_path(a)[0]}
+    flat_b = {keypath_to_str(kp): x for kp, x in jtu.tree_flatten_with_path(b)[0]}
+    only_a = [p for p in flat_a if p not in flat_b]
+    only_b = [p for p in flat_b if p not in flat_a]
+    shapes = [
+        f"{p}: shapes {np.shape(x)} and {np.shape(flat_b[p])}"
+        for p, x in flat_a.items()
+        if p in flat_b and np.shape(x) != np.shape(flat_b[p])
+    ]
+    if shapes:
+        detail = "; ".join(shapes[:3])
+    elif only_a or only_b:
+        detail = (
+            f"leaves only in the first: {only_a[:5] or 'none'}; "
+            f"only in the second: {only_b[:5] or 'none'}"
+        )
+    else:
+        detail = (
+            "the same leaf paths, but a different static configuration (config, head "
+            "flags, remat) or module types"
+        )
+    return EqxtlError(
+        f"Cannot interpolate: the two {what}s do not have the same structure ({detail}). "
+        "Interpolate two versions of one model: e.g. the zero-shot model and the same model "
+        "after fine-tuning."
+    )
+
+
+def _interpolate_tree(a: Any, b: Any, alpha: float, what: str) -> Any:
+    if jtu.tree_structure(a) != jtu.tree_structure(b):
+        raise _structure_error(a, b, what)
+
+    def mix(kp, x, y):
+        name = keypath_to_str(kp) or what
+        if not eqx.is_array(x) or not eqx.is_array(y):
+            if eqx.is_array(x) != eqx.is_array(y) or x != y:
+                raise EqxtlError(f"Cannot interpolate {what} leaf {name}: {x!r} vs {y!r}.")
+            return x
+        if x.shape != y.shape:
+            raise EqxtlError(
+                f"Cannot interpolate {what} leaf {name}: shapes {x.shape} and {y.shape}."
+            )
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            if not bool(jnp.array_equal(x, y)):
+                raise EqxtlError(
+                    f"Cannot interpolate {what} leaf {name}: it holds {x.dtype} values that "
+                    "differ between the two models."
+                )
+            return x
+        if alpha == 0:
+            return x  # bit for bit, even -0.0 and non-finite values in y
+        if alpha == 1:
+            return y.astype(x.dtype)
+        return (x * (1 - alpha) + y.astype(x.dtype) * alpha).astype(x.dtype)
+
+    return jtu.tree_map_with_path(mix, a, b)
+
+
+def interpolate(
+    model_a: Any,
+    model_b: Any,
+    alpha: float,
+    state_a: eqx.nn.State | None = None,
+    state_b: eqx.nn.State | None = None,
+):
+    """``(1 − alpha)·model_a + alpha·model_b``, leaf by leaf (WiSE-FT).
+
+    Floating-point leaves are interpolated (``alpha=0`` returns ``model_a``'s leaves and
+    ``alpha=1`` ``model_b``'s, bit for bit); integer leaves and static fields must agree.
+    With ``state_a`` and ``state_b`` (BatchNorm running statistics) these are
+    interpolated too and ``(model, state)`` is returned; otherwise the model alone.
+    Raises ``EqxtlError`` naming the first difference when the two do not have the same
+    structure.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+        raise EqxtlError(f"alpha must be a real number, got {alpha!r}.")
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise EqxtlError(f"alpha must be finite, got {alpha}.")
+    model = _interpolate_tree(model_a, model_b, alpha, "model")
+    if state_a is None and state_b is None:
+        return model
+    if state_a is None or state_b is None:
+        raise EqxtlError("Pass both states (state_a and state_b) or neither.")
+    return model, _interpolate_tree(state_a, state_b, alpha, "state")
+
+
+def wise_ft(
+    zero_shot: Any,
+    fine_tuned: Any,
+    alphas: Sequence[float],
+    data: Any,
+    *,
+    states: tuple[eqx.nn.State, eqx.nn.State] | None = None,
+    batch_size: int = 32,
+    preprocessing=None,
+    plot: str | os.PathLike | None = None,
+    num_workers: int | None = None,
+) -> list[dict]:
+    """Evaluate ``interpolate(zero_shot, fine_tuned, alpha)`` for every ``alpha``.
+
+    ``data``: one source (or ``Loader``), or ``{name: source}`` (e.g. the test split and a
+    distribution shift). Returns one record per alpha, ``{"alpha", "accuracy", "loss"}`` for
+    one source, ``{"alpha", "<name>_accuracy", "<name>_loss", ...}`` for several. ``plot``:
+    a PNG path for the accuracy-vs-alpha curve (needs the ``plot`` extra). ``states``:
+    ``(zero-shot state, fine-tuned state)`` for models with BatchNorm.
+    """
+    from .fit import evaluate
+    from .train import make_eval_step
+
+    alphas = [float(a) for a in alphas]
+    if not alphas:
+        raise EqxtlError("wise_ft needs at least one alpha, e.g. [0, 0.5, 1].")
+    named = isinstance(data, Mapping)
+    sources = dict(data) if named else {"": data}
+    if not sources:
+        raise EqxtlError("wise_ft needs data: a source or a non-empty {name: source}.")
+    eval_step = make_eval_step()  # one compilation for the whole sweep
+    records = []
+    for alpha in alphas:
+        if states is None:
+            model = interpolate(zero_shot, fine_tuned, alpha)
+            state = eqx.nn.State(model)
+        else:
+            model, state = interpolate(zero_shot, fine_tuned, alpha, *states)
+        record = {"alpha": alpha}
+        for name, source in sources.items():
+            result = evaluate(
+                model,
+                state,
+                source,
+                batch_size=batch_size,
+                preprocessing=preprocessing,
+                eval_step=eval_step,
+                num_workers=num_workers,
+            )
+            prefix = f"{name}_" if named else ""
+            record[f"{prefix}accuracy"] = result["accuracy"]
+            record[f"{prefix}loss"] = result["loss"]
+        records.append(record)
+    if plot is not None:
+        from .plot import plot_wise_ft
+
+        plot_wise_ft(records, plot)
+    return records
+
+
+def lp_ft(
+    model: Any,
+    state: eqx.nn.State,
+    train_data: Any,
+    *,
+    head_epochs: int = 10,
+    epochs: int = 1,
+    head_lr: float = 1e-3,
+    lr: float = 1e-5,
+    out_dir: str | os.PathLike | None = None,
+    **fit_kwargs,
+):
+    """LP-FT: fit the head with the backbone frozen (on cached features), then the whole
+    model at the low ``lr``, starting from that head. Returns both ``FitResult``s
+    ``(probe, fine_tuned)``.
+
+    ``model`` is a ``Classifier`` (a zero-shot one, or a fresh linear head); ``fit_kwargs``
+    go to both ``eqxtl.fit`` calls (``test_data``, ``batch_size``, ``seed``, ...), and with
+    ``out_dir`` the two runs write to ``out_dir/probe`` and ``out_dir/finetune``.
+    """
+    from .fit import fit
+    from .optim import param_groups
+
+    def run(model, state, groups, n_epochs, name):
+        spec, optimizer = param_groups(model, groups)
+        folder = None if out_dir is None else Path(out_dir) / name
+        return fit(
+            model, state, optimizer, spec, train_data, epochs=n_epochs, out_dir=folder, **fit_kwargs
+        )
+
+    probe = run(model, state, [("head", optax.adam(head_lr)), (".*", None)], head_epochs, "probe")
+    tuned = run(probe.model, probe.state, [(".*", optax.adam(lr))], epochs, "finetune")
+    return probe, tuned
