@@ -487,9 +487,8 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
-    from safetensors.numpy import save_file
-
     from .adapters import has_adapters
+    from .models.clip_text import CLIP, clip_files
 
     if has_adapters(model):
         raise AdapterError(
@@ -497,6 +496,10 @@ def save_pretrained(
             "has names for. Save eqxtl.merge_lora(model) (a plain model, same outputs), or "
             "the adapters alone with eqxtl.save_adapter(model, dir)."
         )
+    if isinstance(model, CLIP):
+        weights_file, tensors, configs = clip_files(model, layout or "transformers")
+        _write_folder(Path(path), weights_file, tensors, configs)
+        return Path(path)
     backbone = model.backbone if isinstance(model, Classifier) else model
     arch: Architecture = architecture_of(backbone)
     lay = arch.layouts[0] if layout is None else arch.layout(layout)
@@ -524,13 +527,19 @@ def save_pretrained(
         flags = {"project": model.project, "normalize": model.normalize}
         configs[first] = {**configs[first], _HEAD_FLAGS: flags}
 
+    _write_folder(Path(path), lay.weights_file, tensors, configs)
+    return Path(path)
+
+
+def _write_folder(path: Path, weights_file: str, tensors: dict, configs: dict[str, dict]):
+    """Weights + config files into ``path``, atomically per folder (other files kept, weight
+    and config files of other layouts dropped: they would shadow the new ones)."""
+    from safetensors.numpy import save_file
+
     from ._atomic import atomic_directory
 
-    path = Path(path)
-    names = [lay.weights_file, *configs]
-    replacing = {*names, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
+    replacing = {weights_file, *configs, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
     with atomic_directory(path, replacing=replacing) as tmp:
-        save_file(tensors, os.path.join(tmp, lay.weights_file), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(tmp, weights_file), metadata={"format": "pt"})
         for name, content in configs.items():
             Path(tmp, name).write_text(json.dumps(content, indent=2, sort_keys=True))
-    return path

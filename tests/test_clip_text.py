@@ -769,3 +769,28 @@ def test_open_clip_two_towers_match_golden(name):
     assert set(saved) == set(original)
     for key, value in original.items():
         np.testing.assert_array_equal(saved[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["transformers", "open_clip"])
+def test_two_tower_clip_saves_in_each_layout(layout, tmp_path):
+    """``save_pretrained`` of a two-tower CLIP writes the library's own files (open_clip: the
+    same keys and shapes as open_clip's own file; transformers: CLIPModel loads it with no
+    missing or unexpected key) and reads back bit-identically."""
+    from safetensors.numpy import load_file
+
+    clip, _ = eqxtl.from_pretrained(FIXTURES / "open_clip_vit", towers="both")
+    eqxtl.save_pretrained(clip, None, tmp_path, layout=layout)
+    if layout == "open_clip":
+        saved = load_file(tmp_path / "open_clip_model.safetensors")
+        own = load_file(FIXTURES / "open_clip_vit" / "open_clip_model.safetensors")
+        assert {k: v.shape for k, v in saved.items()} == {
+            k: v.shape for k, v in own.items() if k != "attn_mask"
+        }
+    else:
+        _, info = transformers.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    again, _ = eqxtl.from_pretrained(tmp_path, towers="both")
+    assert again.config == clip.config
+    want = eqxtl.state_dict(clip)
+    for name, value in eqxtl.state_dict(again).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(want[name]), err_msg=name)

@@ -238,9 +238,15 @@ class KeyMap:
             if len(parts) != rule.op.n_ours:
                 raise KeyError(f"{key}: needs all of {rule.ours_tuple}")
             # contiguous: safetensors writes a strided view's raw buffer, not its values
-            out[key] = np.ascontiguousarray(rule.op.save([parts[i] for i in range(rule.op.n_ours)]))
+            out[key] = _contiguous(rule.op.save([parts[i] for i in range(rule.op.n_ours)]))
         out.update(self.constants(out))
         return out
+
+
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    # not np.ascontiguousarray: it turns a 0-d array (CLIP's logit_scale) into shape (1,)
+    x = np.asarray(x)
+    return x if x.flags.c_contiguous else x.copy(order="C")
 
 
 class Lazy(Mapping):

@@ -516,3 +516,45 @@ def clip_state_dict(clip: CLIP, layout: str = "transformers") -> dict[str, np.nd
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}.")
     tensors = {n: np.asarray(v) for n, v in state_dict(clip).items()}
     return LAYOUTS[layout].save(tensors)
+
+
+def clip_files(clip: CLIP, layout: str = "transformers") -> tuple[str, dict, dict[str, dict]]:
+    """``(weights file name, tensors, {config file: JSON})`` of a two-tower CLIP in
+    ``layout``: transformers' ``CLIPModel`` folder (``model.safetensors`` + ``config.json``)
+    or open_clip's (``open_clip_model.safetensors`` + ``open_clip_config.json``);
+    ``from_pretrained(path, towers="both")`` reads either back."""
+    config = clip.config
+    vision, text = config.vision_config, config.text_config
+    tensors = clip_state_dict(clip, layout)
+    vision_layout = CLIP_VISION.layout(layout)
+    extra = {"num_labels": None, "preprocessing": CLIP_VISION.preprocessing(vision)}
+    written = vision_layout.write_config(vision, extra)
+    if layout == "transformers":
+        text_config = {"model_type": "clip_text_model", **dataclasses.asdict(text)}
+        return (
+            "model.safetensors",
+            tensors,
+            {
+                "config.json": {
+                    "model_type": "clip",
+                    "architectures": ["CLIPModel"],
+                    "projection_dim": config.projection_dim,
+                    "logit_scale_init_value": config.logit_scale_init_value,
+                    "vision_config": written["config.json"],
+                    "text_config": text_config,
+                }
+            },
+        )
+    oc = written["open_clip_config.json"]
+    text_cfg = {
+        "context_length": text.max_position_embeddings,
+        "vocab_size": text.vocab_size,
+        "width": text.hidden_size,
+        "heads": text.num_attention_heads,
+        "layers": text.num_hidden_layers,
+        "mlp_ratio": text.intermediate_size / text.hidden_size,
+    }
+    if text.eos_token_id != 2:
+        text_cfg.update(pool_type="eos", eos_id=text.eos_token_id)
+    oc["model_cfg"]["text_cfg"] = text_cfg
+    return vision_layout.weights_file, tensors, {"open_clip_config.json": oc}
