@@ -27,6 +27,9 @@ from typing import Any
 WORKLOADS = ("eval", "head", "last2", "full", "lora")
 """eval forward, head-only step, head + last-two-blocks step, full fine-tune step, and a
 LoRA step (r=8 adapters + head; ``LORA_TARGETS``), all with Adam."""
+MODELS = ("clip", "resnet50", "vit_b16", "dinov2_s14")
+FLAX_MODELS = ("clip", "resnet50")
+"""The models benchmarks/flax_reference.py builds."""
 LORA_RANK = 8
 LORA_TARGETS = {
     # PEFT's ViT guide: query and value of every block
@@ -34,10 +37,8 @@ LORA_TARGETS = {
     # every convolution inside the residual blocks (1x1 and 3x3)
     "resnet50": ("layer.0.convolution", "layer.1.convolution", "layer.2.convolution"),
 }
-"""Module-name suffixes (PEFT's ``target_modules`` matching: ``name.endswith(suffix)``)."""
-NO_LORA = ("flax",)
-"""References without a LoRA workload."""
-MODELS = ("clip", "resnet50")
+"""Module-name suffixes (PEFT's ``target_modules`` matching: ``name.endswith(suffix)``);
+the ``lora`` workload runs for these models only, and not in the Flax reference."""
 BATCH = 32
 IMAGE = 224
 NUM_CLASSES = 3
@@ -65,6 +66,33 @@ CLIP_QUICK_HF = dict(
     image_size=QUICK_IMAGE,
     patch_size=8,
 )
+
+
+# ViT-B/16 (google/vit-base-patch16-224-in21k: ViTModel with its pooler) and DINOv2-S/14
+# (facebook/dinov2-small, positions for a 224 input) as transformers config keyword
+# arguments, and their tiny ``--quick`` variants; eqxtl builds the same from these.
+VIT_B16_HF = dict(image_size=IMAGE, patch_size=16)
+VIT_QUICK_HF = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=QUICK_IMAGE,
+    patch_size=8,
+)
+DINOV2_S14_HF = dict(
+    hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=IMAGE, patch_size=14
+)
+DINOV2_QUICK_HF = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
+)
+
+
+def vit_family_hf_kwargs(model_name: str, quick: bool) -> dict[str, Any]:
+    """transformers config keyword arguments of the benchmarked ``vit_b16`` / ``dinov2_s14``."""
+    if model_name == "vit_b16":
+        return VIT_QUICK_HF if quick else VIT_B16_HF
+    return DINOV2_QUICK_HF if quick else DINOV2_S14_HF
 
 
 def clip_hf_kwargs(quick: bool) -> dict[str, Any]:

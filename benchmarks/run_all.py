@@ -119,8 +119,10 @@ def run(args) -> list[dict]:
 
     for model in args.models:
         for workload in args.workloads:
-            chosen = [f for f in frameworks if not (workload == "lora" and f in C.NO_LORA)]
-            commands = [_command(f, args, model, workload) for f in chosen]
+            here = [f for f in frameworks if f != "flax" or model in C.FLAX_MODELS]
+            if workload == "lora":  # issue 12: eqxtl and PEFT + PyTorch, where defined
+                here = [f for f in here if f != "flax"] if model in C.LORA_TARGETS else []
+            commands = [_command(f, args, model, workload) for f in here]
             if args.dtype == "bf16" and "eqxtl" in frameworks:
                 commands.append(_command("eqxtl", args, model, workload, "bf16"))
             C.run_children(commands, on_line=keep)

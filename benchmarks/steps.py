@@ -1,4 +1,5 @@
-"""eqxtl step benchmarks: CLIP ViT-B/32 and ResNet-50, batch 32, 224x224, 3 classes.
+"""eqxtl step benchmarks: CLIP ViT-B/32, ResNet-50, ViT-B/16 and DINOv2-S/14, batch 32,
+224x224, 3 classes.
 
 Workloads (see ``_common.WORKLOADS``): ``eval`` (``make_eval_step``: forward + loss),
 ``head`` (head-only step), ``last2`` (head + last two blocks), ``full`` (everything trains),
@@ -69,6 +70,18 @@ def build(model_name: str, quick: bool):
         arch = resnet.RESNET
         config = _tiny_resnet(resnet) if quick else resnet.RESNET50
         image = C.QUICK_IMAGE if quick else C.IMAGE
+    elif model_name == "vit_b16":
+        from eqxtl.models import vit
+
+        arch = vit.VIT
+        config = vit.ViTConfig(**C.vit_family_hf_kwargs(model_name, quick))
+        image = config.image_size
+    elif model_name == "dinov2_s14":
+        from eqxtl.models import dinov2
+
+        arch = dinov2.DINOV2
+        config = dinov2.Dinov2Config(**C.vit_family_hf_kwargs(model_name, quick))
+        image = config.image_size
     else:
         raise ValueError(model_name)
     backbone, state = eqx.nn.make_with_state(arch.build)(config, jax.random.key(0))

@@ -1,7 +1,8 @@
 """PyTorch reference: the same workloads as ``steps.py`` in PyTorch + transformers 5.
 
-``CLIPVisionModel`` at the ViT-B/32 config and ``ResNetModel`` at the ResNet-50 config
-(random init), each with a new ``nn.Linear`` head on ``pooler_output``; batch 32, 224x224,
+``CLIPVisionModel`` at the ViT-B/32 config, ``ResNetModel`` at the ResNet-50 config,
+``ViTModel`` at ViT-B/16 and ``Dinov2Model`` at DINOv2-S/14 (224 positions), random init,
+each with a new ``nn.Linear`` head on ``pooler_output``; batch 32, 224x224,
 3 classes, ``torch.optim.Adam``. Freezing is ``requires_grad_(False)``; frozen modules run
 in ``eval()`` (BatchNorm uses its running statistics), trained ones in ``train()``, like
 eqxtl's ``make_step``. ``lora``: Hugging Face PEFT's ``LoraConfig(r=8, lora_alpha=8,
@@ -53,6 +54,21 @@ def build(model_name: str, quick: bool):
         blocks = [layer for stage in backbone.encoder.stages for layer in stage.layers]
         features = config.hidden_sizes[-1]
         image = C.QUICK_IMAGE if quick else C.IMAGE
+    elif model_name == "vit_b16":
+        from transformers import ViTConfig, ViTModel
+
+        kwargs = C.vit_family_hf_kwargs(model_name, quick)
+        backbone = ViTModel(ViTConfig(**kwargs))  # with its pooler, as the in21k checkpoint
+        # transformers 5 runs ViT's blocks as `layers` (its files still say encoder.layer)
+        blocks = list(getattr(backbone, "layers", None) or backbone.encoder.layer)
+        features, image = backbone.config.hidden_size, kwargs["image_size"]
+    elif model_name == "dinov2_s14":
+        from transformers import Dinov2Config, Dinov2Model
+
+        kwargs = C.vit_family_hf_kwargs(model_name, quick)
+        backbone = Dinov2Model(Dinov2Config(**kwargs))
+        blocks = list(backbone.encoder.layer)
+        features, image = kwargs["hidden_size"], kwargs["image_size"]
     else:
         raise ValueError(model_name)
 

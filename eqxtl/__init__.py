@@ -58,6 +58,8 @@ from .models.clip_text import CLIP as CLIP
 from .models.clip_text import CLIPConfig as CLIPConfig
 from .models.clip_text import CLIPText as CLIPText
 from .models.clip_text import CLIPTextConfig as CLIPTextConfig
+from .models.dinov2 import Dinov2 as Dinov2
+from .models.dinov2 import Dinov2Config as Dinov2Config
 from .models.efficientnet import PREPROCESSING as LITE0_PREPROCESSING  # noqa: F401
 from .models.heads import IMAGENET_TEMPLATES as IMAGENET_TEMPLATES
 from .models.heads import IMAGENET_TEMPLATES_7 as IMAGENET_TEMPLATES_7
@@ -68,10 +70,16 @@ from .models.layers import BatchNorm as BatchNorm
 from .models.layers import Conv2d as Conv2d
 from .models.layers import LoRAConv2d as LoRAConv2d
 from .models.layers import LoRALinear as LoRALinear
+from .models.mixer import MixerConfig as MixerConfig
+from .models.mixer import MLPMixer as MLPMixer
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
 from .models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # noqa: F401
+from .models.siglip import SiglipVision as SiglipVision
+from .models.siglip import SiglipVisionConfig as SiglipVisionConfig
+from .models.vit import ViT as ViT
+from .models.vit import ViTConfig as ViTConfig
 from .optim import blocks as blocks
 from .optim import decay_mask as decay_mask
 from .optim import last_blocks as last_blocks

@@ -211,7 +211,7 @@ def _depth_rule(depth_of: Callable[[str], int], d: int) -> Callable[[str, Any], 
     return at_depth
 
 
-_NO_DECAY = r"(class_embedding|position_embedding)"
+_NO_DECAY = r"(class_embedding|position_embedding|cls_token|register_tokens)"
 
 
 def decay_mask(params: Any) -> Any:

@@ -220,7 +220,7 @@ def _ignore_filter(ignore: Iterable[str]) -> list[re.Pattern]:
     return out
 
 
-def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str):
+def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str, free=()):
     fields = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
@@ -231,7 +231,7 @@ def _apply_overrides(config, overrides: Mapping[str, Any], stated, source: str):
         clash = {
             k: (getattr(stated, k), v)
             for k, v in overrides.items()
-            if getattr(stated, k) != v and k != "image_size"
+            if getattr(stated, k) != v and k != "image_size" and k not in free
         }
         if clash:
             said = ", ".join(f"{k}={c!r} (argument {a!r})" for k, (c, a) in clash.items())
@@ -323,7 +323,7 @@ def from_pretrained(
     unexplained = [k for k in plan.unexplained if not any(p.fullmatch(k) for p in patterns)]
     canonical = Lazy(tensors, keep)
     shapes = canonical.shapes()
-    backbone_shapes = {k: v for k, v in shapes.items() if not k.startswith("head.")}
+    backbone_shapes = {k: v for k, v in shapes.items() if not _is_head(k)}
 
     stated = None
     if config is None:
@@ -355,7 +355,7 @@ def from_pretrained(
                     )
     size = overrides.pop("image_size", None)
     if overrides:
-        config = _apply_overrides(config, overrides, stated, source_name)
+        config = _apply_overrides(config, overrides, stated, source_name, arch.choices)
     if size is not None and size != _image_size(config):
         if arch.resize is None:
             raise CheckpointError(
@@ -367,7 +367,7 @@ def from_pretrained(
     where = f"{source_name} (read as {arch.name}, {lay.name} layout)"
     backbone, state = checkpoint.fill(
         checkpoint.skeleton(arch, config),
-        canonical.restrict(n for n in keep if not n.startswith("head.")),
+        canonical.restrict(n for n in keep if not _is_head(n)),
         source=where,
         dtype=dtype,
         unexplained=unexplained,
@@ -378,7 +378,7 @@ def from_pretrained(
         backbone = replace_static(
             backbone, preprocessing=stated_preprocessing.at_size(_image_size(config))
         )
-    head_names = {n for n in keep if n.startswith("head.")}
+    head_names = {n for n in keep if _is_head(n)}
     if not keep_head:
         return backbone, state
     if not head_names:
@@ -406,6 +406,12 @@ def from_pretrained(
 
 
 _HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normalize=)
+
+
+def _is_head(name: str) -> bool:
+    """A classification head's canonical name. Other ``head.*`` names belong to the
+    backbone (SigLIP's attention-pooling ``head.probe``, ``head.mlp.fc1.weight``...)."""
+    return name in ("head.weight", "head.bias")
 
 
 def _image_size(config) -> int | None:
@@ -515,6 +521,11 @@ def save_pretrained(
     except KeyError as e:
         raise CheckpointError(
             f"The {lay.name} layout of {arch.name} has no name for {e.args[0]!r}; save in "
+            f"another layout ({[x.name for x in arch.layouts]})."
+        ) from None
+    except ValueError as e:  # a layout eqxtl reads but does not write
+        raise CheckpointError(
+            f"eqxtl does not write the {lay.name} layout of {arch.name} ({e}); save in "
             f"another layout ({[x.name for x in arch.layouts]})."
         ) from None
     extra = {

@@ -9,7 +9,8 @@ bottom, first match wins:
   ``Map("bn1", "embedder.embedder.normalization")`` maps ``bn1.running_mean`` too. ``op`` is
   the tensor surgery, applied on load and undone on save: ``SPLIT3`` (a packed q/k/v
   projection -> three), ``TRANSPOSE`` (open_clip's ``proj`` is ``(in, out)``), ``SQUEEZE``
-  (timm's ``(1, 1, D)`` class token).
+  (timm's ``(1, 1, D)`` class token), ``CONV_HWIO`` and ``merged_heads`` (flax kernels in
+  ``.npz`` files, big_vision / vit_jax).
 - ``Drop(regex)``: keys that are known and not loaded (buffers such as
   ``num_batches_tracked``, another tower). On save, ``constants`` add them back where the
   other library expects them.
@@ -43,13 +44,20 @@ class Op:
 
 RENAME = Op("rename", 1, lambda x: [x], lambda xs: xs[0], lambda s: [s])
 TRANSPOSE = Op("transpose", 1, lambda x: [x.T], lambda xs: xs[0].T, lambda s: [s[::-1]])
-SPLIT3 = Op(
-    "split3",
-    3,
-    lambda x: list(np.split(x, 3, axis=0)),
-    lambda xs: np.concatenate(xs, axis=0),
-    lambda s: [(s[0] // 3, *s[1:])] * 3,
-)
+
+
+def split(n: int) -> Op:
+    """One tensor packing ``n`` equal row blocks (q/k/v, timm's k/v) <-> ``n`` tensors."""
+    return Op(
+        f"split{n}",
+        n,
+        lambda x: list(np.split(x, n, axis=0)),
+        lambda xs: np.concatenate(xs, axis=0),
+        lambda s: [(s[0] // n, *s[1:])] * n,
+    )
+
+
+SPLIT3 = split(3)
 
 
 def squeeze(leading: int) -> Op:
@@ -62,6 +70,48 @@ def squeeze(leading: int) -> Op:
         lambda xs: xs[0].reshape((1,) * leading + xs[0].shape),
         lambda s: [s[leading:]],
     )
+
+
+CONV_HWIO = Op(
+    "conv_hwio",
+    1,
+    lambda x: [x.transpose(3, 2, 0, 1)],
+    lambda xs: xs[0].transpose(2, 3, 1, 0),
+    lambda s: [(s[3], s[2], s[0], s[1])],
+)
+"""A flax / JAX convolution kernel ``(kh, kw, in, out)`` <-> torch's ``(out, in, kh, kw)``."""
+
+
+def _read_only(name: str):
+    def save(xs):
+        raise ValueError(f"{name}: a read-only layout rule (its inverse needs the head count).")
+
+    return save
+
+
+def merged_heads(kind: str) -> Op:
+    """Flax ``MultiHeadDotProductAttention`` tensors -> torch ``Linear`` ones (read only: the
+    inverse needs the head count, which the tensors do not carry):
+
+    - ``"in"``: a query / key / value kernel ``(d, heads, hd)`` -> weight ``(heads*hd, d)``;
+    - ``"bias"``: a query / key / value bias ``(heads, hd)`` -> ``(heads*hd,)``;
+    - ``"out"``: the output kernel ``(heads, hd, d)`` -> weight ``(d, heads*hd)``.
+    """
+    if kind == "in":
+        load, shapes = (
+            lambda x: [x.reshape(x.shape[0], -1).T],
+            lambda s: [(int(np.prod(s[1:])), s[0])],
+        )
+    elif kind == "bias":
+        load, shapes = lambda x: [x.reshape(-1)], lambda s: [(int(np.prod(s)),)]
+    elif kind == "out":
+        load, shapes = (
+            lambda x: [x.reshape(-1, x.shape[-1]).T],
+            lambda s: [(s[-1], int(np.prod(s[:-1])))],
+        )
+    else:
+        raise ValueError(f"merged_heads kind must be 'in', 'bias' or 'out', got {kind!r}.")
+    return Op(f"merged_heads_{kind}", 1, load, _read_only(f"merged_heads({kind!r})"), shapes)
 
 
 def _compile(pattern: str) -> tuple[re.Pattern, dict[str, int]]:
@@ -139,10 +189,11 @@ def _strip_offsets(pattern: str) -> str:
 
 
 def packed(theirs: str, ours: str, parts: str = "qkv") -> Map:
-    """A packed q/k/v tensor (rows in ``parts`` order) <-> three canonical ones: ``*`` in
-    ``ours`` stands for each part, e.g. ``packed("blocks.{i}.attn.qkv.weight",
-    "encoder.layers.{i}.self_attn.*_proj.weight")``."""
-    return Map(theirs, tuple(ours.replace("*", p) for p in parts), SPLIT3)
+    """A packed q/k/v tensor (rows in ``parts`` order) <-> one canonical tensor per part:
+    ``*`` in ``ours`` stands for each part, e.g. ``packed("blocks.{i}.attn.qkv.weight",
+    "encoder.layers.{i}.self_attn.*_proj.weight")``; ``parts="kv"`` for packed k/v."""
+    op = SPLIT3 if len(parts) == 3 else split(len(parts))
+    return Map(theirs, tuple(ours.replace("*", p) for p in parts), op)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,3 +366,32 @@ def strip_wrappers(keys: Sequence[str]) -> dict[str, str]:
 def top_prefixes(keys: Iterable[str], limit: int = 12) -> list[str]:
     """The distinct first path components of ``keys`` (for error messages)."""
     return sorted({k.split(".", 1)[0] for k in keys})[:limit]
+
+
+# ---- flax modules in `.npz` files (big_vision, vit_jax): keys joined with "/"
+
+
+def flax_dense(theirs: str, ours: str) -> tuple[Map, Map]:
+    """A flax ``Dense`` (``{theirs}/kernel (in, out)``, ``{theirs}/bias``) <-> a torch
+    ``Linear`` (``{ours}.weight (out, in)``, ``{ours}.bias``)."""
+    return Map(f"{theirs}/kernel", f"{ours}.weight", TRANSPOSE), Map(
+        f"{theirs}/bias", f"{ours}.bias"
+    )
+
+
+def flax_norm(theirs: str, ours: str) -> tuple[Map, Map]:
+    """A flax ``LayerNorm`` (``scale``, ``bias``) <-> torch's (``weight``, ``bias``)."""
+    return Map(f"{theirs}/scale", f"{ours}.weight"), Map(f"{theirs}/bias", f"{ours}.bias")
+
+
+def flax_attention(theirs: str, ours: Mapping[str, str]) -> tuple[Map, ...]:
+    """A flax ``MultiHeadDotProductAttention`` (per-head ``query``, ``key``, ``value``,
+    ``out`` kernels and biases) <-> four torch ``Linear``s: ``ours`` maps each flax name to
+    its canonical module path. Read only (see ``merged_heads``)."""
+    rules = []
+    for name, path in ours.items():
+        kind = "out" if name == "out" else "in"
+        rules.append(Map(f"{theirs}/{name}/kernel", f"{path}.weight", merged_heads(kind)))
+        bias = RENAME if name == "out" else merged_heads("bias")
+        rules.append(Map(f"{theirs}/{name}/bias", f"{path}.bias", bias))
+    return tuple(rules)

@@ -36,11 +36,21 @@ from ._arch import (
     timm_preprocessing,
 )
 from ._layout import TRANSPOSE, Drop, KeyMap, Map, packed, squeeze
-from .layers import checkpointed, resample_grid
-from .layers import dense as _dense  # plain or LoRA-adapted linears, merged-rows GEMMs
+from .layers import (
+    ACTIVATIONS,
+    MLP,
+    LayerNorm,
+    PatchEmbedding,
+    checkpointed,
+    multihead_attention,
+    resample_grid,
+    split_key,
+)
+from .layers import dense as _dense
+from .layers import linear as _linear
 
 Activation = Literal["quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh"]
-_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+_ACTIVATIONS = ACTIVATIONS[:4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,55 +102,6 @@ CLIP_VIT_L14 = CLIPVisionConfig(
     projection_dim=768,
 )
 """openai/clip-vit-large-patch14."""
-
-
-def _linear(in_features: int, out_features: int, key: PRNGKeyArray, use_bias: bool = True):
-    return eqx.nn.Linear(in_features, out_features, use_bias=use_bias, key=key)
-
-
-class LayerNorm(eqx.Module):
-    """LayerNorm over the last axis ``(..., d) -> (..., d)``, computed in float32."""
-
-    weight: Float[Array, " d"]
-    bias: Float[Array, " d"]
-    eps: float = eqx.field(static=True)
-
-    def __init__(self, dim: int, eps: float):
-        self.weight = jnp.ones((dim,))
-        self.bias = jnp.zeros((dim,))
-        self.eps = eps
-
-    def __call__(self, x: Float[Array, "*n d"]) -> Float[Array, "*n d"]:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.weight + self.bias).astype(x.dtype)
-
-
-class PatchEmbedding(eqx.Module):
-    """Non-overlapping patches -> tokens: ``(*b, C, H, W) -> (*b, H/p * W/p, hidden)``.
-
-    Same weights as torch's ``Conv2d(C, hidden, p, stride=p, bias=False)``, computed as one
-    matmul of the patches against the flattened kernel.
-    """
-
-    weight: Float[Array, "hidden c p p"]
-
-    def __init__(self, channels: int, hidden: int, patch: int, key: PRNGKeyArray):
-        bound = 1.0 / math.sqrt(channels * patch * patch)
-        shape = (hidden, channels, patch, patch)
-        self.weight = jax.random.uniform(key, shape, minval=-bound, maxval=bound)
-
-    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b n hidden"]:
-        hidden, c, p, _ = self.weight.shape
-        *lead, _, h, w = x.shape
-        gh, gw = h // p, w // p
-        patches = x.reshape(*lead, c, gh, p, gw, p)
-        patches = jnp.moveaxis(patches, (-5, -3, -1), (-3, -2, -1))  # (*b, gh, gw, c, p, p)
-        patches = patches.reshape(-1, c * p * p)
-        y = patches @ self.weight.reshape(hidden, -1).astype(x.dtype).T  # one 2-D GEMM
-        return y.reshape(*lead, gh * gw, hidden)
 
 
 class Embeddings(eqx.Module):
@@ -195,51 +156,17 @@ class Attention(eqx.Module):
     ) -> Float[Array, "*b tq d"]:
         """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``, or
         with ``causal`` (self-attention only) to each token's predecessors and itself.
-        ``key``: dropout of LoRA adapters, if any."""
+        ``key``: dropout of LoRA adapters (``eqxtl.lora``), if any."""
         queries = x if queries is None else queries
-        d, heads = x.shape[-1], self.num_heads
-        qk, kk, vk, ok = _split(key, 4)
-
-        def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
-            return y.reshape(*y.shape[:-1], heads, d // heads)
-
-        q = split(_dense(self.q_proj, queries, key=qk))
-        k = split(_dense(self.k_proj, x, key=kk))
-        v = split(_dense(self.v_proj, x, key=vk))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=causal)  # softmax in float32
-        return _dense(self.out_proj, o.reshape(queries.shape), key=ok)
-
-
-def _split(key: PRNGKeyArray | None, n: int) -> list:
-    return [None] * n if key is None else list(jax.random.split(key, n))
-
-
-def _activation(name: str, x: Array) -> Array:
-    if name == "quick_gelu":
-        # transformers' QuickGELUActivation: x * sigmoid(1.702 x) (openai CLIP).
-        return x * jax.nn.sigmoid(1.702 * x)
-    # jax.nn.gelu defaults to the tanh approximation; transformers' "gelu" is exact (erf).
-    return jax.nn.gelu(x, approximate=name != "gelu")
-
-
-class MLP(eqx.Module):
-    """``fc2(act(fc1(x)))``: ``(*b, t, d) -> (*b, t, d)``."""
-
-    fc1: eqx.nn.Linear
-    fc2: eqx.nn.Linear
-    activation: str = eqx.field(static=True)
-
-    def __init__(self, dim: int, hidden: int, activation: str, key: PRNGKeyArray):
-        k1, k2 = jax.random.split(key)
-        self.fc1 = _linear(dim, hidden, k1)
-        self.fc2 = _linear(hidden, dim, k2)
-        self.activation = activation
-
-    def __call__(
-        self, x: Float[Array, "*b t d"], *, key: PRNGKeyArray | None = None
-    ) -> Float[Array, "*b t d"]:
-        k1, k2 = _split(key, 2)
-        return _dense(self.fc2, _activation(self.activation, _dense(self.fc1, x, key=k1)), key=k2)
+        keys = split_key(key, 4)
+        q, k, v = (
+            _dense(p, y, key=kk)
+            for p, y, kk in zip(
+                (self.q_proj, self.k_proj, self.v_proj), (queries, x, x), keys, strict=False
+            )
+        )
+        o = multihead_attention(q, k, v, self.num_heads, causal=causal)
+        return _dense(self.out_proj, o, key=keys[3])
 
 
 class EncoderLayer(eqx.Module):
@@ -270,7 +197,7 @@ class EncoderLayer(eqx.Module):
         ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``causal``:
         each token attends to itself and the tokens before it (CLIP's text tower). ``key``:
         dropout of LoRA adapters, if any."""
-        akey, mkey = _split(key, 2)
+        akey, mkey = split_key(key, 2)
         h = self.layer_norm1(x)
         if first_only:
             x = x[..., :1, :] + self.self_attn(h, h[..., :1, :], key=akey)
@@ -292,6 +219,13 @@ class Encoder(eqx.Module):
     def __init__(self, config: CLIPVisionConfig, key: PRNGKeyArray):
         keys = jax.random.split(key, config.num_hidden_layers)
         self.layers = [EncoderLayer(config, k) for k in keys]
+
+    def __call__(self, h: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
+        """Every block in order: ``(*b, t, d) -> (*b, t, d)``."""
+        run = checkpointed(_run_layer, self.remat)
+        for layer in self.layers:
+            h = run(layer, h)
+        return h
 
 
 def _run_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
@@ -356,11 +290,7 @@ class CLIPVision(eqx.Module):
     def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         """transformers' ``last_hidden_state``: every token after the last block (class
         token first), before ``post_layernorm``. ``t = 1 + (image_size / patch_size)**2``."""
-        h = self._embed(x)
-        run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in self.encoder.layers:
-            h = run(layer, h)
-        return h
+        return self.encoder(self._embed(x))
 
     def __call__(
         self,
@@ -374,7 +304,7 @@ class CLIPVision(eqx.Module):
         has no dropout."""
         h = self._embed(x)
         layers = self.encoder.layers
-        keys = _split(key, len(layers))
+        keys = split_key(key, len(layers))
         run = checkpointed(_run_layer, self.encoder.remat)
         for layer, k in zip(layers[:-1], keys, strict=False):
             h = run(layer, h, k)
@@ -466,19 +396,24 @@ _OPEN_CLIP_KEYS = KeyMap(
 
 # ---- timm `vit_*_clip_*`: `(1, 1, D)` class token, `(1, N, D)` positions, packed qkv, and
 # the projection as `head` with a zero bias.
+TIMM_BLOCKS = (
+    packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
+    packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
+    Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
+    Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
+    Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
+    Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
+    Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+)
+"""timm's ``blocks.N`` <-> these ``encoder.layers.N`` (also SigLIP's timm layout)."""
+
 _TIMM_KEYS = KeyMap(
     (
         Map("cls_token", "embeddings.class_embedding", squeeze(2)),
         Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
         Map("patch_embed.proj", "embeddings.patch_embedding"),
         Map("norm_pre", "pre_layrnorm"),
-        packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
-        packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
-        Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
-        Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
-        Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
-        Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
-        Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+        *TIMM_BLOCKS,
         Map("norm", "post_layernorm"),
         Map("head.weight", "visual_projection.weight"),
         Drop(r"head\.bias"),

@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 
 from .._paths import keypath_to_str
 from ..errors import SourceError
-from . import clip, efficientnet, resnet
+from . import clip, dinov2, efficientnet, mixer, resnet, siglip, vit
 from ._arch import Alias, Architecture, Preprocessing
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -23,6 +23,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         clip.CLIP_VISION,
         resnet.RESNET,
         efficientnet.EFFICIENTNET_LITE,
+        vit.VIT,
+        dinov2.DINOV2,
+        siglip.SIGLIP_VISION,
+        mixer.MIXER,
     )
 }
 

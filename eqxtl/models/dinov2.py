@@ -1,0 +1,526 @@
+"""DINOv2 (with and without registers) with transformers' names, and its ``Architecture``.
+
+Field names equal the transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` names
+without a model prefix: ``embeddings.cls_token``, ``embeddings.register_tokens``,
+``encoder.layer.3.attention.attention.query.weight``, ``encoder.layer.3.layer_scale1.lambda1``,
+``encoder.layer.3.mlp.fc1.weight``, ``layernorm.weight`` ... The embeddings and attention are
+ViT's (``vit.py``). Checkpoints load from transformers and timm (``vit_*_patch14_dinov2``,
+``vit_*_patch14_reg4_dinov2``).
+
+Like transformers' model, any input whose sides are multiples of the patch size works: the
+position embeddings are resampled on the fly for another grid (``from_pretrained(...,
+image_size=N)`` resamples them once instead). The SwiGLU MLP of the giant models is not built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..errors import CheckpointError
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
+from ._layout import Drop, KeyMap, Map, Op
+from .layers import MLP, LayerNorm, PatchEmbedding, image_hw
+from .vit import (
+    ViTAttention,
+    ViTEmbeddings,
+    ViTEncoder,
+    _check_common,
+    count_layers,
+    hf_fields,
+    resize_positions,
+    runtime_attention_rules,
+    square_grid,
+    square_preprocessing,
+    timm_block_rules,
+    timm_model_args,
+    timm_size_name,
+    timm_write,
+)
+
+Pooling = Literal["cls", "cls+mean"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dinov2Config:
+    """The fields of transformers' ``Dinov2Config`` / ``Dinov2WithRegistersConfig`` that
+    shape the model, plus:
+
+    - `pooling`: the features: ``"cls"`` (the final-norm class token, transformers'
+      ``pooler_output``) or ``"cls+mean"`` (``concat(class token, mean of the patch
+      tokens)``, both after the final norm: DINOv2's linear-probe feature, what
+      ``Dinov2ForImageClassification``'s classifier takes), ``2 * hidden_size`` wide.
+    - `interpolate_antialias`: the bicubic filter for another input size: transformers'
+      ``Dinov2Model`` resamples without antialias, ``Dinov2WithRegistersModel`` and timm
+      with it.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    mlp_ratio: float = 4.0
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    image_size: int | tuple[int, int] = 518
+    patch_size: int = 14
+    num_channels: int = 3
+    qkv_bias: bool = True
+    layerscale_value: float = 1.0
+    use_swiglu_ffn: bool = False
+    num_register_tokens: int = 0
+    pooling: Pooling = "cls"
+    interpolate_antialias: bool = False
+
+    def __post_init__(self):
+        _check_common(self)
+        if self.use_swiglu_ffn:
+            raise ValueError(
+                "use_swiglu_ffn=True (the DINOv2 giant models' SwiGLU MLP) is not built by "
+                "eqxtl; use dinov2-small, -base or -large."
+            )
+        if self.pooling not in ("cls", "cls+mean"):
+            raise ValueError(f"pooling must be 'cls' or 'cls+mean', got {self.pooling!r}.")
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = image_hw(self.image_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        gh, gw = self.grid
+        return gh * gw + 1
+
+
+def _sized(hidden: int, layers: int, heads: int, registers: int = 0) -> Dinov2Config:
+    return Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_register_tokens=registers,
+        interpolate_antialias=registers > 0,
+    )
+
+
+DINOV2_S14 = _sized(384, 12, 6)
+"""facebook/dinov2-small."""
+DINOV2_B14 = _sized(768, 12, 12)
+"""facebook/dinov2-base."""
+DINOV2_L14 = _sized(1024, 24, 16)
+"""facebook/dinov2-large."""
+
+
+class Dinov2LayerScale(eqx.Module):
+    """Per-channel scale ``x * lambda1``."""
+
+    lambda1: Float[Array, " d"]
+
+    def __call__(self, x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
+        return x * self.lambda1.astype(x.dtype)
+
+
+class Dinov2Layer(eqx.Module):
+    """Pre-LN block with layer scale: ``x + ls1(attention(norm1(x)))``, then
+    ``x + ls2(mlp(norm2(x)))``."""
+
+    norm1: LayerNorm
+    attention: ViTAttention
+    layer_scale1: Dinov2LayerScale
+    norm2: LayerNorm
+    mlp: MLP
+    layer_scale2: Dinov2LayerScale
+
+    def __init__(self, config: Dinov2Config, key: PRNGKeyArray):
+        akey, mkey = jax.random.split(key)
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.norm1 = LayerNorm(d, eps)
+        self.attention = ViTAttention(d, config.num_attention_heads, config.qkv_bias, akey)
+        self.layer_scale1 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
+        self.norm2 = LayerNorm(d, eps)
+        self.mlp = MLP(d, config.intermediate_size, config.hidden_act, mkey)
+        self.layer_scale2 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
+
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+    ) -> Float[Array, "*b tq d"]:
+        """All tokens, or with ``first_only`` just the class token's ``(*b, 1, d)``."""
+        h = self.norm1(x)
+        if first_only:
+            x = x[..., :1, :] + self.layer_scale1(self.attention(h, h[..., :1, :]))
+        else:
+            x = x + self.layer_scale1(self.attention(h))
+        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+
+
+class Dinov2(eqx.Module):
+    """DINOv2: one image ``(3, H, W)`` (or a batch; ``H``, ``W`` multiples of the patch
+    size) -> features: the final-norm class token ``(hidden,)`` (transformers'
+    ``pooler_output``), or with ``config.pooling == "cls+mean"`` that and the mean of the
+    patch tokens ``(2 * hidden,)``.
+
+    ``batch_native``: a batch ``(B, 3, H, W)`` runs every matrix product over ``B * tokens``
+    rows.
+    """
+
+    batch_native = True  # a class attribute, not a field
+
+    embeddings: ViTEmbeddings
+    encoder: ViTEncoder
+    layernorm: LayerNorm
+    config: Dinov2Config = eqx.field(static=True)
+    preprocessing: Preprocessing | None = eqx.field(static=True, default=None)
+
+    def __init__(self, config: Dinov2Config, *, key: PRNGKeyArray):
+        ekey, nkey = jax.random.split(key)
+        self.embeddings = ViTEmbeddings(
+            config, ekey, registers=config.num_register_tokens, dynamic=True
+        )
+        keys = jax.random.split(nkey, config.num_hidden_layers)
+        self.encoder = ViTEncoder([Dinov2Layer(config, k) for k in keys])
+        self.layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.config = config
+
+    def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
+        """transformers' ``last_hidden_state`` (= timm's ``forward_features``): every token
+        after the final ``layernorm``: class, registers, patches."""
+        self.embeddings.check_input(x, "Dinov2")
+        return self.layernorm(self.encoder(self.embeddings(x)))
+
+    def __call__(
+        self,
+        x: Float[Array, "*b c h w"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "*b f"], eqx.nn.State]:
+        """``(features, state)``; ``state`` passes through (no BatchNorm)."""
+        del key  # no dropout, no stochastic depth
+        self.embeddings.check_input(x, "Dinov2")
+        h = self.embeddings(x)
+        if self.config.pooling == "cls":
+            return self.layernorm(self.encoder(h, class_only=True)[..., 0, :]), state
+        h = self.layernorm(self.encoder(h))
+        patches = h[..., 1 + self.config.num_register_tokens :, :]
+        mean = jnp.mean(patches.astype(jnp.float32), axis=-2).astype(h.dtype)
+        return jnp.concatenate([h[..., 0, :], mean], axis=-1), state
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint architecture: transformers and timm layouts
+# --------------------------------------------------------------------------------------
+
+PREPROCESSING = Preprocessing(
+    resize=256,
+    crop=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    interpolation="bicubic",
+)
+"""facebook/dinov2-*: ``BitImageProcessor``, bicubic shortest side 256, center crop 224,
+ImageNet mean / std."""
+
+_LAYER = "encoder.layer.{i}"
+
+# ---- transformers: `Dinov2Model` / `Dinov2WithRegistersModel` bare; the classification
+# models under `dinov2.` / `dinov2_with_registers.` + classifier. The mask token (used only
+# for masked-image pretraining) is not loaded; a save writes a zero one.
+_TOP = ("embeddings", "encoder", "layernorm")
+_PREFIXES = r"(dinov2\.|dinov2_with_registers\.)?"
+_TRANSFORMERS_KEYS = KeyMap(
+    (
+        Drop(_PREFIXES + r"embeddings\.mask_token"),
+        *[
+            rule
+            for prefix in ("dinov2.", "dinov2_with_registers.", "")
+            for rule in runtime_attention_rules(prefix + _LAYER, _LAYER)
+        ],
+        *[Map("dinov2." + top, top, save="head") for top in _TOP],
+        *[Map("dinov2_with_registers." + top, top, save=False) for top in _TOP],
+        *[Map(top, top, save="backbone") for top in _TOP],
+        Map("classifier", "head"),
+    ),
+    constants=lambda saved: {
+        key.replace("cls_token", "mask_token"): np.zeros(value.shape[-1:], value.dtype)[None]
+        for key, value in saved.items()
+        if key.endswith("embeddings.cls_token")
+    },
+)
+
+
+def _class_position(x: np.ndarray) -> list[np.ndarray]:
+    """timm's no_embed_class layout (register models): ``pos_embed (1, N, D)`` covers the
+    patches only (its converter folded the class position into ``cls_token``) -> a zero
+    class position in front. A square token count (``N = side**2``) says which layout it
+    is; ``_timm_check`` makes sure it agrees with the register tokens."""
+    n = x.shape[1]
+    if square_grid_or_none(n) is None:
+        return [x]
+    return [np.concatenate([np.zeros_like(x[:, :1]), x], axis=1)]
+
+
+def square_grid_or_none(n: int) -> int | None:
+    side = int(np.sqrt(n))
+    return side if side * side == n and n > 0 else None
+
+
+_POS_EMBED = Op(
+    "class_position",
+    1,
+    _class_position,
+    lambda xs: xs[0],  # the register save folds it back in `_timm_fold`
+    lambda s: [(s[0], s[1] + 1, s[2]) if square_grid_or_none(s[1]) is not None else tuple(s)],
+)
+
+
+def _timm_fold(saved: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Back to timm's no_embed_class layout when there are registers: the class position
+    added to ``cls_token``, ``pos_embed`` the patches' only."""
+    if "reg_token" not in saved:
+        return {}
+    pos = saved["pos_embed"]
+    return {"cls_token": saved["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
+
+
+_TIMM_KEYS = KeyMap(
+    (
+        Map("cls_token", "embeddings.cls_token"),
+        Map("reg_token", "embeddings.register_tokens"),
+        Map("pos_embed", "embeddings.position_embeddings", _POS_EMBED),
+        Map("patch_embed.proj", "embeddings.patch_embeddings.projection"),
+        *timm_block_rules(
+            _LAYER,
+            {
+                "norm1": "norm1",
+                "norm2": "norm2",
+                "ls1.gamma": "layer_scale1.lambda1",
+                "ls2.gamma": "layer_scale2.lambda1",
+                "mlp.fc1": "mlp.fc1",
+                "mlp.fc2": "mlp.fc2",
+            },
+        ),
+        Map("norm", "layernorm"),
+        Map("head", "head"),
+    ),
+    constants=_timm_fold,
+)
+
+
+def _timm_check(tensors) -> None:
+    if "pos_embed" not in tensors:
+        return
+    n = np.shape(tensors["pos_embed"])[1]
+    registers = "reg_token" in tensors
+    if (square_grid_or_none(n) is not None) != registers:
+        raise CheckpointError(
+            f"timm DINOv2 pos_embed with {n} positions {'with' if registers else 'without'} "
+            "register tokens: eqxtl reads square patch grids, with the class position "
+            "folded into cls_token exactly when there are registers (timm's no_embed_class)."
+        )
+
+
+def _build(config: Dinov2Config, key: PRNGKeyArray) -> Dinov2:
+    return Dinov2(config, key=key)
+
+
+def _infer_config(shapes: Shapes) -> Dinov2Config:
+    """Config from canonical shapes alone: ``num_attention_heads = hidden_size // 64``
+    (dinov2-small 6, base 12, large 16), a square image, antialiased resizing with
+    registers (as transformers)."""
+    try:
+        hidden = shapes["embeddings.cls_token"][-1]
+        _, channels, patch, _ = shapes["embeddings.patch_embeddings.projection.weight"]
+        positions = shapes["embeddings.position_embeddings"][1]
+        intermediate = shapes["encoder.layer.0.mlp.fc1.weight"][0]
+    except KeyError as e:
+        if any(".mlp.weights_in." in k or ".mlp.gate_proj." in k for k in shapes):
+            raise CheckpointError(
+                "This DINOv2 checkpoint has the SwiGLU MLP (giant models), which eqxtl does "
+                "not build; use dinov2-small, -base or -large."
+            ) from None
+        raise CheckpointError(
+            f"Cannot infer a DINOv2 config: no {e.args[0]!r} in the checkpoint."
+        ) from None
+    registers = shapes.get("embeddings.register_tokens", (1, 0))[1]
+    return Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=count_layers(shapes),
+        num_attention_heads=max(1, hidden // 64),
+        mlp_ratio=intermediate / hidden,
+        image_size=square_grid(positions, 1, "DINOv2") * patch,
+        patch_size=patch,
+        num_channels=channels,
+        qkv_bias="encoder.layer.0.attention.attention.query.bias" in shapes,
+        num_register_tokens=registers,
+        interpolate_antialias=registers > 0,
+    )
+
+
+def _reconcile(config: Dinov2Config, shapes: Shapes) -> Dinov2Config:
+    """The register count from the weights."""
+    registers = shapes.get("embeddings.register_tokens", (1, 0))[1]
+    return dataclasses.replace(config, num_register_tokens=registers)
+
+
+_HF_TYPES = ("dinov2", "dinov2_with_registers")
+
+
+def _transformers_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
+    hf = meta.get("config.json")
+    if hf is None or hf.get("model_type") not in _HF_TYPES:
+        return None
+    if hf.get("use_swiglu_ffn"):
+        raise CheckpointError(
+            "This DINOv2 config has use_swiglu_ffn=True (the giant models' SwiGLU MLP), "
+            "which eqxtl does not build; use dinov2-small, -base or -large."
+        )
+    registers = hf["model_type"] == "dinov2_with_registers"
+    values = hf_fields(Dinov2Config, hf, ("pooling", "interpolate_antialias"))
+    if not registers:
+        values["num_register_tokens"] = 0
+    elif "num_register_tokens" not in hf:
+        values["num_register_tokens"] = 4
+    classifier = any("ForImageClassification" in a for a in hf.get("architectures") or ())
+    return Dinov2Config(
+        **values,
+        pooling="cls+mean" if classifier else "cls",
+        interpolate_antialias=registers,
+    )
+
+
+def _transformers_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
+    registers = config.num_register_tokens > 0
+    name = "Dinov2WithRegisters" if registers else "Dinov2"
+    num_labels = extra["num_labels"]
+    head = num_labels is not None and config.pooling == "cls+mean"
+    skip = ("pooling", "interpolate_antialias") + (() if registers else ("num_register_tokens",))
+    out = {
+        "model_type": "dinov2_with_registers" if registers else "dinov2",
+        "architectures": [f"{name}ForImageClassification" if head else f"{name}Model"],
+        **{
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in skip
+        },
+    }
+    if float(config.mlp_ratio).is_integer():  # transformers' config validates an int
+        out["mlp_ratio"] = int(config.mlp_ratio)
+    if num_labels is not None:
+        out["num_labels"] = num_labels
+    return {"config.json": out}
+
+
+_TIMM_DINOV2 = r"vit_\w+_patch\d+_(reg\d+_)?dinov2"
+
+
+def _timm_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
+    cfg = timm_meta(meta)
+    if cfg is None:
+        return None
+    if "giant" in cfg["architecture"]:
+        raise CheckpointError(
+            f"timm {cfg['architecture']} has the SwiGLU MLP, which eqxtl does not build."
+        )
+    args = timm_model_args(cfg, {"class_token": False, "pre_norm": True, "fc_norm": True})
+    config = dataclasses.replace(_infer_config(shapes), interpolate_antialias=True)
+    if "num_heads" in args:
+        config = dataclasses.replace(config, num_attention_heads=int(args["num_heads"]))
+    if "img_size" in args:
+        h, w = image_hw(args["img_size"])
+        config = dataclasses.replace(config, image_size=h if h == w else (h, w))
+    return config
+
+
+def _timm_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
+    h, w = image_hw(config.image_size)
+    registers = config.num_register_tokens
+    reg = f"reg{registers}_" if registers else ""
+    name = f"vit_{timm_size_name(config.hidden_size)}_patch{config.patch_size}_{reg}dinov2"
+    args: dict[str, Any] = {
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": config.mlp_ratio,
+        "img_size": [h, w],
+        "patch_size": config.patch_size,
+        "in_chans": config.num_channels,
+        "qkv_bias": config.qkv_bias,
+        "init_values": config.layerscale_value,
+    }
+    if registers:
+        args |= {"reg_tokens": registers, "no_embed_class": True}
+    return timm_write(name, args, extra)
+
+
+DINOV2 = Architecture(
+    name="dinov2",
+    config_cls=Dinov2Config,
+    build=_build,
+    layouts=(
+        Layout(
+            "transformers",
+            _TRANSFORMERS_KEYS,
+            signature=(_PREFIXES + r"encoder\.layer\.0\.layer_scale1\.lambda1",),
+            claims=lambda meta: (meta.get("config.json") or {}).get("model_type") in _HF_TYPES,
+            read_config=_transformers_config,
+            write_config=_transformers_write,
+        ),
+        Layout(
+            "timm",
+            _TIMM_KEYS,
+            signature=(r"cls_token", r"blocks\.0\.ls1\.gamma", r"blocks\.0\.attn\.qkv\.weight"),
+            claims=claims_timm(_TIMM_DINOV2),
+            read_config=_timm_config,
+            write_config=_timm_write,
+            preprocessing=timm_preprocessing,
+            defaults={"interpolate_antialias": True},
+            check=_timm_check,
+        ),
+    ),
+    infer_config=_infer_config,
+    feature_dim=lambda config: config.hidden_size * (2 if config.pooling == "cls+mean" else 1),
+    preprocessing=lambda config: (
+        PREPROCESSING
+        if config.image_size == 518  # the checkpoints' own size; they are used at 224
+        else square_preprocessing(PREPROCESSING, config.image_size)
+    ),
+    blocks=r"encoder\.layer\.\d+",
+    norm_types=(LayerNorm,),
+    linear_types=(eqx.nn.Linear, PatchEmbedding),
+    aliases={
+        **{
+            f"dinov2-{size}": Alias(config, f"facebook/dinov2-{size}")
+            for size, config in (("small", DINOV2_S14), ("base", DINOV2_B14), ("large", DINOV2_L14))
+        },
+        **{
+            f"dinov2-with-registers-{size}": Alias(
+                dataclasses.replace(config, num_register_tokens=4, interpolate_antialias=True),
+                f"facebook/dinov2-with-registers-{size}",
+            )
+            for size, config in (("small", DINOV2_S14), ("base", DINOV2_B14), ("large", DINOV2_L14))
+        },
+    },
+    reconcile=_reconcile,
+    choices=("pooling", "interpolate_antialias"),
+    resize=resize_positions,
+)

@@ -1,0 +1,825 @@
+"""Vision Transformer (ViT) with transformers' names, and its checkpoint ``Architecture``.
+
+Field names equal the transformers ``ViTModel`` names without a model prefix, so
+``eqxtl.paths(backbone)`` reads ``embeddings.cls_token``,
+``embeddings.patch_embeddings.projection.weight``,
+``encoder.layer.3.attention.attention.query.weight``, ``layernorm.weight``,
+``pooler.dense.weight`` ... Checkpoints load from transformers (``ViTModel``,
+``ViTForImageClassification``), timm (``vit_*_patch*_*.augreg*``) and Google's vit_jax
+``.npz`` files (``ViT-B_16.npz``).
+
+The embeddings, attention and encoder here are shared with DINOv2 (``dinov2.py``), whose
+transformers names are the same for them.
+
+One image ``(3, H, W)`` or a batch ``(B, 3, H, W)`` per call (``batch_native``). Matmuls run in
+the input's dtype (weights are cast to it); LayerNorm and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..errors import CheckpointError
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_timm,
+    timm_meta,
+    timm_preprocessing,
+)
+from ._layout import CONV_HWIO, TRANSPOSE, Drop, KeyMap, Map, merged_heads, packed
+from .layers import (
+    ACTIVATIONS,
+    LayerNorm,
+    PatchEmbedding,
+    activation,
+    checkpointed,
+    dense,
+    image_hw,
+    linear,
+    multihead_attention,
+    resample_grid_traced,
+    resample_positions,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """The fields of transformers' ``ViTConfig`` that shape the model, plus:
+
+    - `add_pooling_layer`: whether the checkpoint has transformers' ``ViTPooler`` (the
+      pre-logits ``dense`` + ``tanh`` of the in21k checkpoints); its output is then the
+      features. ``ViTForImageClassification`` and timm checkpoints have none.
+    - `interpolate_antialias`: how ``resize`` resamples the position embeddings:
+      ``False`` as transformers' ``interpolate_pos_encoding``, ``True`` as timm's
+      ``resample_abs_pos_embed``.
+
+    ``image_size`` is an int or ``(height, width)``; ``patch_size`` an int.
+    """
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    image_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    add_pooling_layer: bool = True
+    pooler_output_size: int | None = None
+    pooler_act: str = "tanh"
+    interpolate_antialias: bool = False
+
+    def __post_init__(self):
+        _check_common(self)
+        if self.pooler_act not in ("tanh", *ACTIVATIONS):
+            raise ValueError(f"pooler_act {self.pooler_act!r} is not 'tanh' or in {ACTIVATIONS}.")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """``(rows, columns)`` of patches."""
+        h, w = image_hw(self.image_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        gh, gw = self.grid
+        return gh * gw + 1
+
+
+def _check_common(config) -> None:
+    """Checks shared by the ViT and DINOv2 configs; normalises a list image_size."""
+    if isinstance(config.image_size, list):
+        object.__setattr__(config, "image_size", tuple(config.image_size))
+    if isinstance(config.image_size, tuple) and config.image_size[0] == config.image_size[1]:
+        object.__setattr__(config, "image_size", int(config.image_size[0]))
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {ACTIVATIONS}.")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+            f"{config.num_attention_heads}."
+        )
+    h, w = image_hw(config.image_size)
+    if h % config.patch_size or w % config.patch_size:
+        raise ValueError(
+            f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}."
+        )
+
+
+VIT_B16 = ViTConfig()
+"""google/vit-base-patch16-224-in21k (with the pre-logits pooler)."""
+VIT_B16_FT = ViTConfig(add_pooling_layer=False)
+"""google/vit-base-patch16-224 (ViTForImageClassification: no pooler)."""
+VIT_B16_TIMM = ViTConfig(layer_norm_eps=1e-6, add_pooling_layer=False, interpolate_antialias=True)
+"""timm vit_base_patch16_224.augreg*."""
+VIT_S16_TIMM = dataclasses.replace(
+    VIT_B16_TIMM, hidden_size=384, intermediate_size=1536, num_attention_heads=6
+)
+"""timm vit_small_patch16_224.augreg*."""
+
+
+# --------------------------------------------------------------------------------------
+# Modules (shared with DINOv2)
+# --------------------------------------------------------------------------------------
+
+
+class PatchEmbeddings(eqx.Module):
+    """transformers' ``ViTPatchEmbeddings``: a biased ``projection`` conv, stride = size."""
+
+    projection: PatchEmbedding
+
+
+class ViTEmbeddings(eqx.Module):
+    """Class token, patch tokens plus learned positions, then register tokens (DINOv2 with
+    registers): ``(*b, C, H, W) -> (*b, 1 + registers + n, d)``.
+
+    ``position_embeddings (1, 1 + n, d)`` cover the class token and a ``grid`` of patches;
+    another input grid resamples the patch positions on the fly (``dynamic``, as
+    transformers' DINOv2 does on every call) or is an error (ViT: load the model for that
+    size with ``from_pretrained(..., image_size=...)``)."""
+
+    cls_token: Float[Array, "1 1 d"]
+    patch_embeddings: PatchEmbeddings
+    position_embeddings: Float[Array, "1 n d"]
+    register_tokens: Float[Array, "1 r d"] | None
+    grid: tuple[int, int] = eqx.field(static=True)
+    dynamic: bool = eqx.field(static=True)
+    antialias: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        config,
+        key: PRNGKeyArray,
+        *,
+        registers: int = 0,
+        dynamic: bool = False,
+    ):
+        ckey, pkey, ekey, rkey = jax.random.split(key, 4)
+        d = config.hidden_size
+        self.cls_token = 0.02 * jax.random.normal(ckey, (1, 1, d))
+        projection = PatchEmbedding(config.num_channels, d, config.patch_size, pkey, use_bias=True)
+        self.patch_embeddings = PatchEmbeddings(projection)
+        self.position_embeddings = 0.02 * jax.random.normal(ekey, (1, config.num_positions, d))
+        self.register_tokens = (
+            0.02 * jax.random.normal(rkey, (1, registers, d)) if registers else None
+        )
+        self.grid = config.grid
+        self.dynamic = dynamic
+        self.antialias = config.interpolate_antialias
+
+    def positions(self, grid: tuple[int, int]) -> Float[Array, "n d"]:
+        """The position embeddings for a ``grid`` of patches (class position first)."""
+        pos = self.position_embeddings[0]
+        if grid == self.grid:
+            return pos
+        patches = pos[1:].reshape(*self.grid, pos.shape[-1])
+        patches = resample_grid_traced(patches, grid, antialias=self.antialias)
+        return jnp.concatenate([pos[:1], patches.reshape(-1, pos.shape[-1])])
+
+    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
+        p = self.patch_embeddings.projection.weight.shape[-1]
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        patches = self.patch_embeddings.projection(x)
+        lead, d = patches.shape[:-2], patches.shape[-1]
+        cls = jnp.broadcast_to(self.cls_token[0].astype(x.dtype), (*lead, 1, d))
+        tokens = jnp.concatenate([cls, patches], axis=-2) + self.positions(grid).astype(x.dtype)
+        if self.register_tokens is None:
+            return tokens
+        registers = self.register_tokens[0].astype(x.dtype)
+        registers = jnp.broadcast_to(registers, (*lead, *registers.shape))
+        return jnp.concatenate([tokens[..., :1, :], registers, tokens[..., 1:, :]], axis=-2)
+
+    def check_input(self, x: Array, name: str) -> None:
+        """A clear error for an input this model cannot take."""
+        c, p = self.patch_embeddings.projection.weight.shape[1:3]
+        ok = x.ndim in (3, 4) and x.shape[-3] == c
+        if ok and self.dynamic:
+            ok = x.shape[-2] % p == 0 and x.shape[-1] % p == 0 and x.shape[-1] >= p
+        elif ok:
+            ok = x.shape[-2:] == (self.grid[0] * p, self.grid[1] * p)
+        if not ok:
+            want = (
+                f"(C={c}, H, W) with H and W multiples of the patch size {p}"
+                if self.dynamic
+                else f"{(c, self.grid[0] * p, self.grid[1] * p)}"
+            )
+            raise ValueError(
+                f"{name} expects a channel-first image of shape {want} or a batch of them, "
+                f"got {x.shape}."
+                + (
+                    ""
+                    if self.dynamic
+                    else " Resize/crop to the model's image_size, or load it for another "
+                    "size with from_pretrained(..., image_size=N or (H, W))."
+                )
+            )
+
+
+class ViTSelfAttention(eqx.Module):
+    """The ``query`` / ``key`` / ``value`` projections and ``num_heads``."""
+
+    query: eqx.nn.Linear
+    key: eqx.nn.Linear
+    value: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+
+
+class ViTSelfOutput(eqx.Module):
+    dense: eqx.nn.Linear
+
+
+class ViTAttention(eqx.Module):
+    """Multi-head self-attention, transformers' layout (``attention.{query,key,value}``,
+    ``output.dense``): ``(*b, t, d) -> (*b, tq, d)``."""
+
+    attention: ViTSelfAttention
+    output: ViTSelfOutput
+
+    def __init__(self, dim: int, heads: int, qkv_bias: bool, key: PRNGKeyArray):
+        qkey, kkey, vkey, okey = jax.random.split(key, 4)
+        self.attention = ViTSelfAttention(
+            linear(dim, dim, qkey, qkv_bias),
+            linear(dim, dim, kkey, qkv_bias),
+            linear(dim, dim, vkey, qkv_bias),
+            heads,
+        )
+        self.output = ViTSelfOutput(linear(dim, dim, okey))
+
+    def __call__(
+        self, x: Float[Array, "*b t d"], queries: Float[Array, "*b tq d"] | None = None
+    ) -> Float[Array, "*b tq d"]:
+        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``."""
+        a = self.attention
+        queries = x if queries is None else queries
+        q, k, v = dense(a.query, queries), dense(a.key, x), dense(a.value, x)
+        return dense(self.output.dense, multihead_attention(q, k, v, a.num_heads))
+
+
+class ViTIntermediate(eqx.Module):
+    dense: eqx.nn.Linear
+
+
+class ViTOutput(eqx.Module):
+    dense: eqx.nn.Linear
+
+
+class ViTLayer(eqx.Module):
+    """Pre-LN block: ``x + attention(layernorm_before(x))``, then
+    ``x + output(act(intermediate(layernorm_after(x))))``."""
+
+    attention: ViTAttention
+    intermediate: ViTIntermediate
+    output: ViTOutput
+    layernorm_before: LayerNorm
+    layernorm_after: LayerNorm
+    hidden_act: str = eqx.field(static=True)
+
+    def __init__(self, config: ViTConfig, key: PRNGKeyArray):
+        akey, ikey, okey = jax.random.split(key, 3)
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.attention = ViTAttention(d, config.num_attention_heads, config.qkv_bias, akey)
+        self.intermediate = ViTIntermediate(linear(d, config.intermediate_size, ikey))
+        self.output = ViTOutput(linear(config.intermediate_size, d, okey))
+        self.layernorm_before = LayerNorm(d, eps)
+        self.layernorm_after = LayerNorm(d, eps)
+        self.hidden_act = config.hidden_act
+
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+    ) -> Float[Array, "*b tq d"]:
+        """All tokens, or with ``first_only`` just the class token's ``(*b, 1, d)``."""
+        h = self.layernorm_before(x)
+        if first_only:
+            x = x[..., :1, :] + self.attention(h, h[..., :1, :])
+        else:
+            x = x + self.attention(h)
+        h = activation(self.hidden_act, dense(self.intermediate.dense, self.layernorm_after(x)))
+        return x + dense(self.output.dense, h)
+
+
+class ViTEncoder(eqx.Module):
+    """The blocks, applied in order (a Python list: ``encoder.layer.N``).
+
+    ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each block
+    under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
+    activations from its input instead of keeping them."""
+
+    layer: list
+    remat: bool = eqx.field(static=True, default=False)
+
+    def __call__(self, h: Float[Array, "*b t d"], *, class_only: bool = False) -> Array:
+        """Every block; with ``class_only`` the last computes the class token alone
+        ``(*b, 1, d)`` (the other tokens only feed it through keys and values)."""
+        run = checkpointed(_run_layer, self.remat)
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            if class_only and i == last:
+                h = checkpointed(_run_class_only, self.remat)(layer, h)
+            else:
+                h = run(layer, h)
+        return h
+
+
+def _run_layer(layer, h: Array) -> Array:
+    return layer(h)
+
+
+def _run_class_only(layer, h: Array) -> Array:
+    return layer(h, first_only=True)
+
+
+class ViTPooler(eqx.Module):
+    """transformers' ``ViTPooler``: ``act(dense(class token))`` (the pre-logits layer)."""
+
+    dense: eqx.nn.Linear
+    act: str = eqx.field(static=True)
+
+    def __call__(self, cls: Float[Array, "*b d"]) -> Float[Array, "*b p"]:
+        y = dense(self.dense, cls)
+        return jnp.tanh(y) if self.act == "tanh" else activation(self.act, y)
+
+
+class ViT(eqx.Module):
+    """ViT: one image ``(3, H, W)`` (or a batch) -> pooled features ``(hidden,)``.
+
+    ``features``: transformers' ``pooler_output`` when the checkpoint has a pooler (the
+    pre-logits ``dense`` + ``tanh``), else the final-``layernorm`` class token (timm's
+    ``pre_logits``, what ``ViTForImageClassification``'s classifier takes).
+
+    It also takes a batch ``(B, 3, H, W) -> (B, hidden)`` directly (``batch_native``): the
+    same values, every matrix product over ``B * tokens`` rows.
+    """
+
+    batch_native = True  # a class attribute, not a field
+
+    embeddings: ViTEmbeddings
+    encoder: ViTEncoder
+    layernorm: LayerNorm
+    pooler: ViTPooler | None
+    config: ViTConfig = eqx.field(static=True)
+    preprocessing: Preprocessing | None = eqx.field(static=True, default=None)
+    """The checkpoint's own preprocessing when its files state one (``preprocessing_for``
+    falls back to the architecture's default)."""
+
+    def __init__(self, config: ViTConfig, *, key: PRNGKeyArray):
+        ekey, nkey, pkey = jax.random.split(key, 3)
+        d = config.hidden_size
+        self.embeddings = ViTEmbeddings(config, ekey)
+        keys = jax.random.split(nkey, config.num_hidden_layers)
+        self.encoder = ViTEncoder([ViTLayer(config, k) for k in keys])
+        self.layernorm = LayerNorm(d, config.layer_norm_eps)
+        out = config.pooler_output_size or d
+        self.pooler = (
+            ViTPooler(linear(d, out, pkey), config.pooler_act) if config.add_pooling_layer else None
+        )
+        self.config = config
+
+    def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
+        """transformers' ``last_hidden_state`` (= timm's ``forward_features``): every token
+        after the final ``layernorm``, class token first. ``t = 1 + patches``."""
+        self.embeddings.check_input(x, "ViT")
+        return self.layernorm(self.encoder(self.embeddings(x)))
+
+    def __call__(
+        self,
+        x: Float[Array, "*b c h w"],
+        state: eqx.nn.State,
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
+        """``(features (*b, hidden or pooler size), state)``; ``state`` passes through."""
+        del key  # no dropout
+        self.embeddings.check_input(x, "ViT")
+        h = self.encoder(self.embeddings(x), class_only=True)
+        cls = self.layernorm(h[..., 0, :])
+        return (cls if self.pooler is None else self.pooler(cls)), state
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint architecture: transformers, timm and vit_jax (.npz) layouts
+# --------------------------------------------------------------------------------------
+
+PREPROCESSING = Preprocessing(resize=224, crop=224, interpolation="bilinear")
+"""google/vit-base-patch16-224(-in21k): ``ViTImageProcessor``, bilinear 224, mean=std=0.5."""
+
+_LAYER = "encoder.layer.{i}"
+_QKV = tuple(f"{_LAYER}.attention.attention.{p}" for p in ("query", "key", "value"))
+
+# ---- transformers: `ViTModel` bare; `ViTForImageClassification` under `vit.` + classifier.
+_TOP = ("embeddings", "encoder", "layernorm", "pooler")
+
+
+def runtime_attention_rules(theirs: str, ours: str) -> tuple[Map, ...]:
+    """Read-only rules for transformers 5's in-memory attention names (``q_proj`` ...
+    ``o_proj``, what ``model.state_dict()`` holds; its files keep the hub names) under the
+    layer paths ``theirs`` -> ``ours``."""
+    names = {"q_proj": "attention.query", "k_proj": "attention.key", "v_proj": "attention.value"}
+    names["o_proj"] = "output.dense"
+    return tuple(
+        Map(f"{theirs}.attention.{t}", f"{ours}.attention.{o}", save=False)
+        for t, o in names.items()
+    )
+
+
+# transformers 5 `ViTModel.state_dict()`: `layers.{i}` with q/k/v/o_proj and mlp.fc1/fc2.
+_RUNTIME = tuple(
+    rule
+    for prefix in ("vit.", "")
+    for rule in (
+        *runtime_attention_rules(prefix + "layers.{i}", _LAYER),
+        Map(prefix + "layers.{i}.mlp.fc1", f"{_LAYER}.intermediate.dense", save=False),
+        Map(prefix + "layers.{i}.mlp.fc2", f"{_LAYER}.output.dense", save=False),
+        Map(prefix + "layers.{i}", _LAYER, save=False),
+    )
+)
+_TRANSFORMERS_KEYS = KeyMap(
+    (
+        Drop(r"(vit\.)?embeddings\.mask_token"),
+        *_RUNTIME,
+        *[Map("vit." + top, top, save="head") for top in _TOP],
+        *[Map(top, top, save="backbone") for top in _TOP],
+        Map("classifier", "head"),
+    )
+)
+
+
+def timm_block_rules(layer: str, names: Mapping[str, str]) -> tuple[Map, ...]:
+    """timm ``blocks.{i}`` rules onto a transformers-named ``layer`` (``names``: timm
+    sub-module -> ours, besides the packed ``attn.qkv`` and ``attn.proj``)."""
+    qkv = ("query", "key", "value")
+    return (
+        packed("blocks.{i}.attn.qkv.weight", f"{layer}.attention.attention.*.weight", qkv),
+        packed("blocks.{i}.attn.qkv.bias", f"{layer}.attention.attention.*.bias", qkv),
+        Map("blocks.{i}.attn.proj", f"{layer}.attention.output.dense"),
+        *[Map(f"blocks.{{i}}.{theirs}", f"{layer}.{ours}") for theirs, ours in names.items()],
+    )
+
+
+# ---- timm `vit_*_patch*_*`: packed qkv, `(1, 1, D)` class token and `(1, 1+N, D)` positions
+# (transformers' shapes), patch projection with a bias.
+_TIMM_KEYS = KeyMap(
+    (
+        Map("cls_token", "embeddings.cls_token"),
+        Map("pos_embed", "embeddings.position_embeddings"),
+        Map("patch_embed.proj", "embeddings.patch_embeddings.projection"),
+        *timm_block_rules(
+            _LAYER,
+            {
+                "norm1": "layernorm_before",
+                "norm2": "layernorm_after",
+                "mlp.fc1": "intermediate.dense",
+                "mlp.fc2": "output.dense",
+            },
+        ),
+        Map("norm", "layernorm"),
+        Map("head", "head"),
+    )
+)
+
+
+# ---- vit_jax `.npz` (`ViT-B_16.npz`, augreg `.npz`): flax kernels, "/"-joined names. Read
+# only: eqxtl writes safetensors.
+def _npz_rules() -> tuple[Map, ...]:
+    block = "Transformer/encoderblock_{i}/"
+    attn = block + "MultiHeadDotProductAttention_1/"
+    rules = [
+        Map("cls", "embeddings.cls_token"),
+        Map("Transformer/posembed_input/pos_embedding", "embeddings.position_embeddings"),
+        Map("embedding/kernel", "embeddings.patch_embeddings.projection.weight", CONV_HWIO),
+        Map("embedding/bias", "embeddings.patch_embeddings.projection.bias"),
+        Map("Transformer/encoder_norm/scale", "layernorm.weight"),
+        Map("Transformer/encoder_norm/bias", "layernorm.bias"),
+        Map("pre_logits/kernel", "pooler.dense.weight", TRANSPOSE),
+        Map("pre_logits/bias", "pooler.dense.bias"),
+        Map("head/kernel", "head.weight", TRANSPOSE),
+        Map("head/bias", "head.bias"),
+        Map(attn + "out/kernel", f"{_LAYER}.attention.output.dense.weight", merged_heads("out")),
+        Map(attn + "out/bias", f"{_LAYER}.attention.output.dense.bias"),
+    ]
+    for theirs, ours in zip(("query", "key", "value"), _QKV, strict=True):
+        rules.append(Map(attn + theirs + "/kernel", ours + ".weight", merged_heads("in")))
+        rules.append(Map(attn + theirs + "/bias", ours + ".bias", merged_heads("bias")))
+    for theirs, ours in (("LayerNorm_0", "layernorm_before"), ("LayerNorm_2", "layernorm_after")):
+        rules.append(Map(block + theirs + "/scale", f"{_LAYER}.{ours}.weight"))
+        rules.append(Map(block + theirs + "/bias", f"{_LAYER}.{ours}.bias"))
+    for theirs, ours in (("Dense_0", "intermediate"), ("Dense_1", "output")):
+        rules.append(
+            Map(block + f"MlpBlock_3/{theirs}/kernel", f"{_LAYER}.{ours}.dense.weight", TRANSPOSE)
+        )
+        rules.append(Map(block + f"MlpBlock_3/{theirs}/bias", f"{_LAYER}.{ours}.dense.bias"))
+    return tuple(dataclasses.replace(r, save=False) for r in rules)
+
+
+_NPZ_KEYS = KeyMap(_npz_rules())
+
+
+def _build(config: ViTConfig, key: PRNGKeyArray) -> ViT:
+    return ViT(config, key=key)
+
+
+def count_layers(shapes: Shapes, prefix: str = "encoder.layer.") -> int:
+    indices = {int(k[len(prefix) :].split(".")[0]) for k in shapes if k.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def square_grid(positions: int, prefix: int, what: str) -> int:
+    """The side of the square patch grid of ``positions`` embeddings after ``prefix`` ones."""
+    side = math.isqrt(positions - prefix)
+    if side * side != positions - prefix:
+        raise CheckpointError(
+            f"{what}: {positions - prefix} patch positions do not form a square grid; pass "
+            "config= (or image_size=(H, W) of the checkpoint) to say its shape."
+        )
+    return side
+
+
+def _infer_config(shapes: Shapes) -> ViTConfig:
+    """Config from canonical shapes alone.
+
+    Not in the weights, so by convention: ``num_attention_heads = hidden_size // 64``
+    (every published ViT: Ti 3, S 6, B 12, L 16, H 16); a square image;
+    ``hidden_act`` and ``layer_norm_eps`` from the layout. Pass ``config=`` or the field
+    (``num_attention_heads=...``) otherwise.
+    """
+    try:
+        hidden = shapes["embeddings.cls_token"][-1]
+        _, channels, patch, _ = shapes["embeddings.patch_embeddings.projection.weight"]
+        positions = shapes["embeddings.position_embeddings"][1]
+        intermediate = shapes["encoder.layer.0.intermediate.dense.weight"][0]
+    except KeyError as e:
+        raise CheckpointError(
+            f"Cannot infer a ViT config: no {e.args[0]!r} in the checkpoint."
+        ) from None
+    pooler = shapes.get("pooler.dense.weight")
+    return ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=count_layers(shapes),
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=intermediate,
+        image_size=square_grid(positions, 1, "ViT") * patch,
+        patch_size=patch,
+        num_channels=channels,
+        qkv_bias="encoder.layer.0.attention.attention.query.bias" in shapes,
+        add_pooling_layer=pooler is not None,
+        pooler_output_size=None if pooler is None or pooler[0] == hidden else pooler[0],
+    )
+
+
+def _reconcile(config: ViTConfig, shapes: Shapes) -> ViTConfig:
+    """Whether there is a pooler (and its size), from the weights."""
+    pooler = shapes.get("pooler.dense.weight")
+    return dataclasses.replace(
+        config,
+        add_pooling_layer=pooler is not None,
+        pooler_output_size=None if pooler is None or pooler[0] == config.hidden_size else pooler[0],
+    )
+
+
+def _patch(value: Any) -> int:
+    h, w = image_hw(value, "patch_size")
+    if h != w:
+        raise CheckpointError(f"eqxtl reads square patches only, got patch_size {value}.")
+    return h
+
+
+def hf_fields(cls: type, hf: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of config class ``cls`` a transformers ``config.json`` dict states (its
+    defaults otherwise), ``image_size`` / ``patch_size`` normalised."""
+    default = cls()
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    values = {k: hf.get(k, getattr(default, k)) for k in names}
+    values["patch_size"] = _patch(values["patch_size"])
+    if isinstance(values["image_size"], list):
+        values["image_size"] = tuple(values["image_size"])
+    return values
+
+
+def _transformers_config(meta: Meta, shapes: Shapes) -> ViTConfig | None:
+    hf = meta.get("config.json")
+    if hf is None or hf.get("model_type") != "vit":
+        return None
+    skip = ("add_pooling_layer", "interpolate_antialias")
+    return ViTConfig(**hf_fields(ViTConfig, hf, skip))
+
+
+def _transformers_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
+    num_labels = extra["num_labels"]
+    head = num_labels is not None and not config.add_pooling_layer
+    out = {
+        "model_type": "vit",
+        "architectures": ["ViTForImageClassification" if head else "ViTModel"],
+        **{
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in ("add_pooling_layer", "interpolate_antialias")
+        },
+    }
+    if num_labels is not None:
+        out["num_labels"] = num_labels
+    return {"config.json": out}
+
+
+# timm ViT architectures eqxtl builds: plain class-token ViTs (not CLIP / DINOv2 / SigLIP
+# towers, which have their own eqxtl architectures).
+_TIMM_VIT = r"vit_(tiny|small|base|medium|large|huge|giant)_patch\d+_\d+"
+_TIMM_UNSUPPORTED = {
+    "class_token": False,
+    "no_embed_class": True,
+    "pre_norm": True,
+    "fc_norm": True,
+    "qk_norm": True,
+    "dynamic_img_size": True,
+}
+
+
+def timm_model_args(cfg: Mapping[str, Any], unsupported: Mapping[str, Any]) -> dict[str, Any]:
+    """``model_args`` of a timm ``config.json``; ``CheckpointError`` for the ``unsupported``
+    values (``{arg: value eqxtl does not build}``) and pooling other than the class token."""
+    args = dict(cfg.get("model_args") or {})
+    bad = {k: args[k] for k, v in unsupported.items() if k in args and args[k] == v}
+    if args.get("global_pool", "token") not in ("token", None):
+        bad["global_pool"] = args["global_pool"]
+    if bad:
+        raise CheckpointError(
+            f"timm {cfg['architecture']} has model_args eqxtl does not build: {bad}."
+        )
+    return args
+
+
+def _timm_config(meta: Meta, shapes: Shapes) -> ViTConfig | None:
+    """From timm's ``model_args`` where present, else the shapes; timm's ViT uses exact GELU
+    and LayerNorm eps 1e-6."""
+    cfg = timm_meta(meta)
+    if cfg is None:
+        return None
+    args = timm_model_args(cfg, _TIMM_UNSUPPORTED)
+    if args.get("init_values"):
+        raise CheckpointError(
+            f"timm {cfg['architecture']} has layer scale (init_values): eqxtl builds it as "
+            "DINOv2 only."
+        )
+    act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}.get(args.get("act_layer", "gelu"))
+    if act is None:
+        raise CheckpointError(f"timm act_layer {args['act_layer']!r}: eqxtl builds gelu/gelu_tanh.")
+    config = dataclasses.replace(
+        _infer_config(shapes),
+        hidden_act=act,
+        layer_norm_eps=1e-6,
+        interpolate_antialias=True,
+    )
+    if "num_heads" in args:
+        config = dataclasses.replace(config, num_attention_heads=int(args["num_heads"]))
+    if "img_size" in args:
+        config = dataclasses.replace(config, image_size=_timm_image_size(args["img_size"]))
+    return config
+
+
+def _timm_image_size(value: Any) -> int | tuple[int, int]:
+    h, w = image_hw(value)
+    return h if h == w else (h, w)
+
+
+def timm_size_name(hidden: int) -> str:
+    return {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}.get(hidden, "base")
+
+
+def timm_write(name: str, model_args: dict, extra: dict) -> dict[str, dict]:
+    """A timm hub ``config.json`` for architecture ``name`` built with ``model_args``."""
+    pre: Preprocessing = extra["preprocessing"]
+    num_classes = extra["num_labels"] or 0
+    return {
+        "config.json": {
+            "architecture": name,
+            "num_classes": num_classes,
+            "num_features": model_args["embed_dim"],
+            "global_pool": "token",
+            "model_args": {**model_args, "num_classes": num_classes, "global_pool": "token"},
+            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
+        }
+    }
+
+
+def _timm_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
+    if config.hidden_act not in ("gelu", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"timm's ViT has no {config.hidden_act!r} activation.")
+    h, w = image_hw(config.image_size)
+    name = f"vit_{timm_size_name(config.hidden_size)}_patch{config.patch_size}_{h}"
+    args = {
+        "embed_dim": config.hidden_size,
+        "depth": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "mlp_ratio": config.intermediate_size / config.hidden_size,
+        "img_size": [h, w],
+        "patch_size": config.patch_size,
+        "in_chans": config.num_channels,
+        "qkv_bias": config.qkv_bias,
+        "act_layer": "gelu" if config.hidden_act == "gelu" else "gelu_tanh",
+    }
+    return timm_write(name, args, extra)
+
+
+def resize_positions(config, tensors: Mapping[str, np.ndarray], image_size: Any):
+    """ViT / DINOv2 at another input size (an int or ``(H, W)``): the patch grid of the
+    position embeddings resampled bicubically (``config.interpolate_antialias``: timm's
+    antialiased filter, else transformers'), the class position kept."""
+    try:
+        h, w = image_hw(image_size)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    p = config.patch_size
+    if h % p or w % p or h < p or w < p:
+        raise CheckpointError(f"image_size {image_size} is not a multiple of the patch size {p}.")
+    name = "embeddings.position_embeddings"
+    pos = np.asarray(tensors[name])[0]
+    new = resample_positions(
+        pos, 1, config.grid, (h // p, w // p), antialias=config.interpolate_antialias
+    )
+    size = h if h == w else (h, w)
+    return dataclasses.replace(config, image_size=size), {name: new[None]}
+
+
+def square_preprocessing(default: Preprocessing, image_size: Any) -> Preprocessing:
+    """``default`` at the model's input size (the height for a non-square size, whose
+    pipeline must resize to ``(H, W)`` itself)."""
+    return default.at_size(image_hw(image_size)[0])
+
+
+VIT = Architecture(
+    name="vit",
+    config_cls=ViTConfig,
+    build=_build,
+    layouts=(
+        Layout(
+            "transformers",
+            _TRANSFORMERS_KEYS,
+            signature=(r"(vit\.)?embeddings\.patch_embeddings\.projection\.weight",),
+            claims=lambda meta: (meta.get("config.json") or {}).get("model_type") == "vit",
+            read_config=_transformers_config,
+            write_config=_transformers_write,
+        ),
+        Layout(
+            "timm",
+            _TIMM_KEYS,
+            signature=(r"cls_token", r"patch_embed\.proj\.bias", r"blocks\.0\.attn\.qkv\.weight"),
+            claims=claims_timm(_TIMM_VIT),
+            read_config=_timm_config,
+            write_config=_timm_write,
+            preprocessing=timm_preprocessing,
+            defaults={"layer_norm_eps": 1e-6, "interpolate_antialias": True},
+        ),
+        Layout(
+            "vit_jax",
+            _NPZ_KEYS,
+            signature=(r"cls", r"Transformer/encoderblock_0/MultiHeadDotProductAttention_1/.*"),
+            # flax's nn.gelu is the tanh approximation; pass hidden_act="gelu" for weights
+            # trained with exact GELU.
+            defaults={
+                "hidden_act": "gelu_pytorch_tanh",
+                "layer_norm_eps": 1e-6,
+                "interpolate_antialias": True,
+            },
+            weights_file="model.npz",
+        ),
+    ),
+    infer_config=_infer_config,
+    feature_dim=lambda config: (
+        (config.pooler_output_size or config.hidden_size)
+        if config.add_pooling_layer
+        else config.hidden_size
+    ),
+    preprocessing=lambda config: square_preprocessing(PREPROCESSING, config.image_size),
+    blocks=r"encoder\.layer\.\d+",
+    norm_types=(LayerNorm,),
+    linear_types=(eqx.nn.Linear, PatchEmbedding),
+    aliases={
+        "vit-base-patch16-224-in21k": Alias(VIT_B16, "google/vit-base-patch16-224-in21k"),
+        "vit-base-patch16-224": Alias(VIT_B16_FT, "google/vit-base-patch16-224"),
+        **{
+            f"vit_{size}_patch16_224.{tag}": Alias(
+                config, f"timm/vit_{size}_patch16_224.{tag}", filenames=("model.safetensors",)
+            )
+            for size, config in (("base", VIT_B16_TIMM), ("small", VIT_S16_TIMM))
+            for tag in ("augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k", "augreg_in21k")
+            if not (size == "small" and tag == "augreg2_in21k_ft_in1k")
+        },
+    },
+    reconcile=_reconcile,
+    choices=("interpolate_antialias",),
+    resize=resize_positions,
+)

@@ -1,0 +1,85 @@
+"""Shared helpers for the ViT-family tests (ViT, DINOv2): perturbed transformers reference
+models, relative errors, and the generic backbone checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+import eqxtl
+
+
+def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Norm weights 1 + 0.1N, norm biases 0.1N, layer scales 0.5 + 0.1N, cls / register
+    tokens N(0, 1): a random init where every parameter matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "lambda1" in name:
+                p.copy_(0.5 + 0.1 * noise)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif "cls_token" in name or "register_tokens" in name:
+                p.copy_(noise)
+    return model.eval()
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want|."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def same_tree(a, b) -> bool:
+    return jax.tree.all(jax.tree.map(jnp.array_equal, a, b))
+
+
+def check_blocks(backbone, num_blocks: int) -> None:
+    """last_blocks and layer-wise decay see the backbone's blocks in order."""
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    rules = eqxtl.last_blocks(model, 2)
+    assert rules == [rf"backbone\.encoder\.layer\.{i}" for i in (num_blocks - 2, num_blocks - 1)]
+    spec = eqxtl.trainable(model, "head", *rules)
+    trained = [p for p, on in zip(eqxtl.paths(model), jax.tree.leaves(spec), strict=True) if on]
+    assert trained and all(
+        p.startswith(
+            (
+                "head",
+                f"backbone.encoder.layer.{num_blocks - 2}.",
+                f"backbone.encoder.layer.{num_blocks - 1}.",
+            )
+        )
+        for p in trained
+    )
+    depth_of, n = eqxtl.layer_depths(model)
+    assert n == num_blocks
+    assert depth_of("backbone.embeddings.cls_token") == 0
+    assert depth_of("backbone.encoder.layer.0.attention.attention.query.weight") == 1
+    assert depth_of("head.weight") == num_blocks + 1
+    groups = eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5)
+    assert len(groups) == num_blocks + 2
+
+
+def check_learns(backbone, state, tmp_path) -> float:
+    """The quickstart recipe: frozen backbone + new head, ``eqxtl.fit`` on a separable
+    colour task (tests/test_fit.py's); returns the test accuracy."""
+    from tests.test_fit import colour_task
+
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    result = eqxtl.fit(
+        model,
+        state,
+        optax.adam(1e-2),
+        eqxtl.trainable(model, "head"),
+        colour_task(96, seed=0),
+        test_data=colour_task(48, seed=1),
+        epochs=8,
+        batch_size=16,
+        out_dir=tmp_path,
+        progress=False,
+    )
+    return result.final["test_accuracy"]
