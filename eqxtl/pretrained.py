@@ -349,8 +349,12 @@ def from_pretrained(
                     warnings.warn(
                         f"{source_name}: {field} is not stored in the weights and no config "
                         f"file states it; using the {lay.name} layout's default {value!r}. "
-                        f"Pass {field}=... to from_pretrained to choose (e.g. "
-                        "hidden_act='quick_gelu' for OpenAI-trained CLIP weights).",
+                        f"Pass {field}=... to from_pretrained to choose"
+                        + (
+                            " (e.g. hidden_act='quick_gelu' for OpenAI-trained CLIP weights)."
+                            if field == "hidden_act"
+                            else "."
+                        ),
                         stacklevel=2,
                     )
     size = overrides.pop("image_size", None)
