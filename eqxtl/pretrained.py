@@ -21,7 +21,7 @@ import equinox as eqx
 import numpy as np
 
 from . import checkpoint, hub, labels
-from .errors import CheckpointError, LayoutError
+from .errors import AdapterError, CheckpointError, LayoutError
 from .models._arch import Architecture, Layout
 from .models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
 from .models.heads import Classifier
@@ -351,8 +351,12 @@ def from_pretrained(
                     warnings.warn(
                         f"{source_name}: {field} is not stored in the weights and no config "
                         f"file states it; using the {lay.name} layout's default {value!r}. "
-                        f"Pass {field}=... to from_pretrained to choose (e.g. "
-                        "hidden_act='quick_gelu' for OpenAI-trained CLIP weights).",
+                        f"Pass {field}=... to from_pretrained to choose"
+                        + (
+                            " (e.g. hidden_act='quick_gelu' for OpenAI-trained CLIP weights)."
+                            if field == "hidden_act"
+                            else "."
+                        ),
                         stacklevel=2,
                     )
     size = overrides.pop("image_size", None)
@@ -500,8 +504,15 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
+    from .adapters import has_adapters
     from .models.clip_text import CLIP, clip_files
 
+    if has_adapters(model):
+        raise AdapterError(
+            "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
+            "has names for. Save eqxtl.merge_lora(model) (a plain model, same outputs), or "
+            "the adapters alone with eqxtl.save_adapter(model, dir)."
+        )
     if isinstance(model, CLIP):
         weights_file, tensors, configs = clip_files(model, layout or "transformers")
         _write_folder(Path(path), weights_file, tensors, configs)

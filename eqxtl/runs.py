@@ -264,6 +264,7 @@ class RunDir:
     ) -> Path:
         """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it
         (``export(model)``: the model ``save_pretrained`` writes, e.g. with class names)."""
+        from .adapters import has_adapters, merge_lora, save_adapter
         from .pretrained import save_pretrained
 
         if not all_finite((model, state)):
@@ -279,7 +280,15 @@ class RunDir:
         try:
             with open(tmp / TRAIN_STATE, "wb") as f:
                 eqx.tree_serialise_leaves(f, (model, state, opt_state))
-            save_pretrained(model if export is None else export(model), state, tmp)
+            exported = model if export is None else export(model)
+            if has_adapters(exported):
+                # the merged model (what from_pretrained reads), the adapters beside it as
+                # PEFT's files; resuming reads the adapted model from the training state
+                save_pretrained(merge_lora(exported), state, tmp)
+                heads = ["head"] if hasattr(exported, "head") else []
+                save_adapter(exported, tmp, modules_to_save=heads)
+            else:
+                save_pretrained(exported, state, tmp)
             (tmp / META).write_text(dumps(meta, indent=1))
             _fsync_tree(tmp)
             os.rename(tmp, ckpts / name)
