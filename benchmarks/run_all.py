@@ -110,8 +110,14 @@ def _dtypes(framework: str, args) -> list[str]:
 def step_commands(args, frameworks: list[str]) -> list[list[str]]:
     """The child processes of the step benchmarks, in running order."""
 
+    def runs(framework: str, model: str, workload: str) -> bool:
+        if framework == "flax" and model not in C.FLAX_MODELS:
+            return False
+        # issue 12: LoRA for eqxtl and PEFT + PyTorch, where defined
+        return workload != "lora" or (framework != "flax" and model in C.LORA_TARGETS)
+
     def models_of(framework: str) -> list[str]:
-        return [m for m in args.models if framework != "flax" or m in C.FLAX_MODELS]
+        return [m for m in args.models if any(runs(framework, m, w) for w in args.workloads)]
 
     if args.process_per == "framework":
         # In the order given (accelerator.py puts the slow-compiling torch-compile last, so
@@ -128,7 +134,7 @@ def step_commands(args, frameworks: list[str]) -> list[list[str]]:
         for workload in args.workloads
         for dtype in ("f32", "bf16")
         for f in frameworks
-        if dtype in _dtypes(f, args) and model in models_of(f)
+        if dtype in _dtypes(f, args) and runs(f, model, workload)
     ]
 
 
@@ -325,10 +331,37 @@ def summarize(records: list[dict]) -> str:
             ),
             1.1,
         )
+        if ("eqxtl", m, "lora", "f32") in steps:  # issue 12
+            bar(
+                f"{m}: LoRA step / eqxtl full fine-tune step",
+                _ratio(sec("eqxtl", m, "lora"), sec("eqxtl", m, "full")),
+                0.75,
+            )
+            bar(
+                f"{m}: LoRA step / PEFT + PyTorch LoRA step",
+                _ratio(sec("eqxtl", m, "lora"), sec("torch", m, "lora")),
+                1.0,
+            )
+            bar(
+                f"{m}: LoRA optimizer state / full fine-tune's",
+                _ratio(
+                    field("eqxtl", m, "lora", "opt_state_bytes"),
+                    field("eqxtl", m, "full", "opt_state_bytes"),
+                ),
+                0.02,
+            )
+            bar(
+                f"{m}: peak RSS LoRA / full fine-tune",
+                _ratio(
+                    field("eqxtl", m, "lora", "peak_rss_mb"),
+                    field("eqxtl", m, "full", "peak_rss_mb"),
+                ),
+                0.8,
+            )
     if load and "time_ratio" in load:
         bar("from_pretrained / safetensors.numpy.load_file (time)", load["time_ratio"], 2.0)
     lines.append("")
-    lines.append("Bars (issue 6):")
+    lines.append("Bars (issues 6 and 12):")
     lines += bars
     if load and "time_ratio" in load:
         lines.append("")

@@ -5,8 +5,10 @@
 each with a new ``nn.Linear`` head on ``pooler_output``; batch 32, 224x224,
 3 classes, ``torch.optim.Adam``. Freezing is ``requires_grad_(False)``; frozen modules run
 in ``eval()`` (BatchNorm uses its running statistics), trained ones in ``train()``, like
-eqxtl's ``make_step``. Eager mode by default (the issue measured ``torch.compile`` at about
-the same speed on this CPU), ``torch.set_num_threads(os.cpu_count())``.
+eqxtl's ``make_step``. ``lora``: Hugging Face PEFT's ``LoraConfig(r=8, lora_alpha=8,
+target_modules=_common.LORA_TARGETS[model])`` injected into the backbone, head trained too.
+Eager mode by default (the issue measured ``torch.compile`` at about the same speed on this
+CPU), ``torch.set_num_threads(os.cpu_count())``.
 
 ``--compile``: the classifier runs under ``torch.compile`` (``--compile-backend``, default
 inductor; the record's framework is ``torch-compile``, ``compile_s`` is the first call minus
@@ -142,12 +144,21 @@ def run_one(model_name: str, workload: str, args) -> None:
                 return F.cross_entropy(net(x), y)
 
     else:
-        if workload == "full":
-            trained = [model]
+        if workload == "lora":
+            import peft
+
+            targets = list(C.LORA_TARGETS[model_name])
+            config = peft.LoraConfig(r=C.LORA_RANK, lora_alpha=C.LORA_RANK, target_modules=targets)
+            eager.backbone = peft.inject_adapter_in_model(config, eager.backbone)
+            lora = [m for name, m in eager.named_modules() if name.endswith(".lora_A")]
+            lora += [m for name, m in eager.named_modules() if name.endswith(".lora_B")]
+            trained = [eager.head, *lora]
+        elif workload == "full":
+            trained = [eager]
         elif workload == "head":
-            trained = [model.head]
+            trained = [eager.head]
         elif workload == "last2":
-            trained = [model.head, *blocks[-2:]]
+            trained = [eager.head, *blocks[-2:]]
         else:
             raise ValueError(workload)
         eager.requires_grad_(False)
@@ -180,6 +191,12 @@ def run_one(model_name: str, workload: str, args) -> None:
         extra["peak_device_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if workload != "eval":
         extra["trainable_params"] = sum(p.numel() for p in params)
+        extra["opt_state_bytes"] = sum(
+            t.numel() * t.element_size()
+            for state in optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
     if args.quick:
         extra["quick"] = True
     compile_s = None

@@ -6,29 +6,48 @@ import os
 from pathlib import Path
 
 
-def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
-    """Train/test loss and accuracy against step, written atomically as a PNG."""
+def plot_history(
+    history: list[dict], path: str | os.PathLike, *, steps: list[dict] | None = None
+) -> Path:
+    """``fit``'s history as a PNG, written atomically: on the left the training loss of
+    every step (``steps``: ``{"step", "loss"}`` records) and the train/test loss of each
+    evaluation; on the right every other metric per evaluation (accuracy, MAE...). Phase
+    changes are marked with dashed vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    steps = [h["step"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = steps or []
+    if steps:
+        xs = [s["step"] for s in steps]
+        ax_loss.plot(xs, [s["loss"] for s in steps], "-", lw=0.8, alpha=0.5, label="train (step)")
+    metrics = sorted(
+        {
+            k.split("_", 1)[1]
+            for h in history
+            for k in h
+            if k.startswith(("train_", "test_")) and not k.endswith("_loss")
+        }
+    )
     for split, style in (("train", "-o"), ("test", "-s")):
-        for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-            pts = [
-                (s, h[f"{split}_{what}"])
-                for s, h in zip(steps, history, strict=True)
-                if f"{split}_{what}" in h
-            ]
+        for ax, what in [(ax_loss, "loss")] + [(ax_metric, m) for m in metrics]:
+            key = f"{split}_{what}"
+            pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=split, markersize=3)
-    for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+                ax.plot(*zip(*pts, strict=True), style, label=key, markersize=3)
+    phase_starts = _phase_starts(history, steps)
+    for ax, what in ((ax_loss, "loss"), (ax_metric, ", ".join(metrics) or "metric")):
+        for step, phase in phase_starts:
+            ax.axvline(step, color="grey", ls="--", lw=0.8)
+            ax.text(step, 1.0, f" phase {phase}", transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=8, color="grey")  # fmt: skip
         ax.set_xlabel("step")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -36,6 +55,16 @@ def plot_history(history: list[dict], path: str | os.PathLike) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _phase_starts(history: list[dict], steps: list[dict]) -> list[tuple[int, int]]:
+    """``(first step, phase)`` of each phase after the first."""
+    seen: dict[int, int] = {}
+    for record in [*steps, *history]:
+        if "phase" in record:
+            phase, step = record["phase"], record["step"]
+            seen[phase] = min(seen.get(phase, step), step)
+    return sorted((step - 1, phase) for phase, step in seen.items() if phase > 0)
 
 
 def plot_wise_ft(records: list[dict], path: str | os.PathLike) -> Path:

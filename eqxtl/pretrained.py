@@ -20,8 +20,8 @@ from typing import Any
 import equinox as eqx
 import numpy as np
 
-from . import checkpoint, hub
-from .errors import CheckpointError, LayoutError
+from . import checkpoint, hub, labels
+from .errors import AdapterError, CheckpointError, LayoutError
 from .models._arch import Architecture, Layout
 from .models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
 from .models.heads import Classifier
@@ -253,7 +253,7 @@ def from_pretrained(
     architecture: str | None = None,
     layout: str | None = None,
     ignore: Iterable[str] = (),
-    keep_head: bool = False,
+    keep_head: bool | None = None,
     dtype=None,
     cache_dir: str | os.PathLike | None = None,
     torch_limits=None,
@@ -279,7 +279,9 @@ def from_pretrained(
     - `ignore`: regexes (full match on the checkpoint key or the canonical name, or a
       module prefix of either) of checkpoint keys to leave out.
     - `keep_head`: return ``Classifier(backbone, head=<pretrained head>)`` so that the
-      checkpoint's own predictions (e.g. ImageNet classes) can be checked.
+      checkpoint's own predictions (e.g. ImageNet classes) can be checked. Default: only
+      for a folder that ``save_pretrained`` wrote from a ``Classifier``, which comes back
+      whole (head, class names, training preprocessing).
     - `dtype`: cast floating weights (default: as stored).
     - `torch_limits`: an ``eqxtl.TorchLimits`` for PyTorch files (bounds on pickle objects,
       tensor expansion and zip members; the defaults admit real checkpoints up to 10 GB).
@@ -349,8 +351,12 @@ def from_pretrained(
                     warnings.warn(
                         f"{source_name}: {field} is not stored in the weights and no config "
                         f"file states it; using the {lay.name} layout's default {value!r}. "
-                        f"Pass {field}=... to from_pretrained to choose (e.g. "
-                        "hidden_act='quick_gelu' for OpenAI-trained CLIP weights).",
+                        f"Pass {field}=... to from_pretrained to choose"
+                        + (
+                            " (e.g. hidden_act='quick_gelu' for OpenAI-trained CLIP weights)."
+                            if field == "hidden_act"
+                            else "."
+                        ),
                         stacklevel=2,
                     )
     size = overrides.pop("image_size", None)
@@ -373,6 +379,9 @@ def from_pretrained(
         unexplained=unexplained,
         hint=f"eqxtl reads {_describe_layouts()}; pass layout= / architecture= to choose.",
     )
+    hf_config = meta.get("config.json")
+    if keep_head is None:
+        keep_head = labels.written_by_eqxtl(hf_config)
     stated_preprocessing = lay.preprocessing(meta)
     if stated_preprocessing is not None:
         backbone = replace_static(
@@ -402,6 +411,8 @@ def from_pretrained(
         dtype=dtype,
     )
     flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
+    if labels.written_by_eqxtl(hf_config):  # class names, training preprocessing
+        flags = {**flags, **labels.training_info(hf_config, source_name)}
     return Classifier(backbone, head=head, **flags), state  # flags: e.g. a zero-shot head's
 
 
@@ -493,8 +504,15 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
+    from .adapters import has_adapters
     from .models.clip_text import CLIP, clip_files
 
+    if has_adapters(model):
+        raise AdapterError(
+            "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
+            "has names for. Save eqxtl.merge_lora(model) (a plain model, same outputs), or "
+            "the adapters alone with eqxtl.save_adapter(model, dir)."
+        )
     if isinstance(model, CLIP):
         weights_file, tensors, configs = clip_files(model, layout or "transformers")
         _write_folder(Path(path), weights_file, tensors, configs)
@@ -526,6 +544,8 @@ def save_pretrained(
         "preprocessing": preprocessing_for(backbone),
     }
     configs = lay.write_config(backbone.config, extra)
+    if with_head and "config.json" in configs:  # class names, training preprocessing
+        configs["config.json"] = {**configs["config.json"], **labels.head_config(model)}
     if with_head and (model.project or model.normalize) and configs:
         first = next(iter(configs))
         flags = {"project": model.project, "normalize": model.normalize}

@@ -91,36 +91,48 @@ def _runs(blocks: Sequence[B]) -> list[list[B]]:
 
 
 def run_blocks(
-    call: Callable[[B, H], H],
+    call: Callable[..., H],
     blocks: Sequence[B],
     h: H,
+    keys: Sequence[Any] | None = None,
     *,
     scan: bool = False,
     remat: bool = False,
 ) -> H:
-    """``h = call(block, h)`` for each block in order.
+    """``h = call(block, h)`` for each block in order, or ``h = call(block, h, key)`` with
+    one of ``keys`` per block (``None`` entries: no key).
 
     ``scan``: each run of two or more interchangeable blocks (see the module docstring) is
-    stacked and run by one ``jax.lax.scan``; a block alone runs as is. ``remat``: each
-    block's call runs under ``eqx.filter_checkpoint`` (inside the scan body when scanned).
-    ``call`` must return an ``h`` of the same shape and dtype (a scan carry).
+    stacked, with its keys, and run by one ``jax.lax.scan``; a block alone runs as is.
+    ``remat``: each block's call runs under ``eqx.filter_checkpoint`` (inside the scan body
+    when scanned). ``call`` must return an ``h`` of the same shape and dtype (a scan carry).
     """
     run = checkpointed(call, remat)
+    keys = [None] * len(blocks) if keys is None else list(keys)[: len(blocks)]
+
+    def apply(block, h, key):
+        return run(block, h) if key is None else run(block, h, key)
+
     if not scan:
-        for block in blocks:
-            h = run(block, h)
+        for block, key in zip(blocks, keys, strict=True):
+            h = apply(block, h, key)
         return h
+    start = 0
     for group in _runs(blocks):
+        group_keys = keys[start : start + len(group)]
+        start += len(group)
         if len(group) == 1:
-            h = run(group[0], h)
+            h = apply(group[0], h, group_keys[0])
             continue
         static = eqx.partition(group[0], eqx.is_array)[1]
         stacked = jax.tree.map(
             lambda *xs: jnp.stack(xs), *[eqx.filter(b, eqx.is_array) for b in group]
         )
+        stacked_keys = None if group_keys[0] is None else jnp.stack(group_keys)
 
-        def body(carry, weights, static=static):
-            return run(eqx.combine(weights, static), carry), None
+        def body(carry, xs, static=static):
+            weights, key = xs
+            return apply(eqx.combine(weights, static), carry, key), None
 
-        h, _ = jax.lax.scan(body, h, stacked)
+        h, _ = jax.lax.scan(body, h, (stacked, stacked_keys))
     return h

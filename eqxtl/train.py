@@ -21,10 +21,11 @@ import jax.tree_util as jtu
 import optax
 
 from ._paths import first_difference
-from .errors import OptimizerMismatchError
+from .errors import EqxtlError, OptimizerMismatchError
 from .filters import check_spec
 from .models.layers import BatchNorm
 from .parallel import shard_batch
+from .tasks import Classification, Task, loss_and_metrics
 
 LossFn = Callable[[Any, eqx.nn.State, dict, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
 """``loss_fn(model, state, batch, key) -> (loss, (state, metrics))``."""
@@ -34,10 +35,20 @@ def _is_bn(x: Any) -> bool:
     return isinstance(x, BatchNorm)
 
 
-def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False) -> Any:
-    """``model`` with each BatchNorm in training mode iff its ``weight`` trains in ``spec``
-    (or ``train_bn``: every BatchNorm, fastai style); frozen ones use their loaded
-    statistics (inference mode)."""
+BN_MODES = ("auto", "frozen", "train")
+
+
+def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False, bn: str = "auto") -> Any:
+    """``model`` with each BatchNorm's mode set, independently of what trains:
+
+    - ``bn="auto"``: a BatchNorm normalises with batch statistics (and updates its running
+      ones) iff its ``weight`` trains in ``spec``; frozen ones use their loaded statistics;
+    - ``bn="frozen"``: every BatchNorm uses its loaded statistics, even where its scale and
+      shift train (Keras's advice for fine-tuning after unfreezing);
+    - ``bn="train"`` (or ``train_bn=True``): every BatchNorm trains its statistics (fastai's
+      ``train_bn``).
+    """
+    bn = _bn_mode(bn, train_bn)
     flat, treedef = jtu.tree_flatten(model, is_leaf=_is_bn)
     try:
         spec_nodes = treedef.flatten_up_to(spec)
@@ -47,10 +58,16 @@ def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False) -> Any:
     out = []
     for node, node_spec in zip(flat, spec_nodes, strict=True):
         if _is_bn(node):
-            trains = train_bn or bool(node_spec.weight)
+            trains = bn == "train" or (bn == "auto" and bool(node_spec.weight))
             node = eqx.tree_at(lambda b: b.inference, node, not trains)
         out.append(node)
     return jtu.tree_unflatten(treedef, out)
+
+
+def _bn_mode(bn: str, train_bn: bool = False) -> str:
+    if bn not in BN_MODES:
+        raise EqxtlError(f"bn must be one of {BN_MODES}, got {bn!r}.")
+    return "train" if train_bn else bn
 
 
 def batched(model: Any) -> Callable:
@@ -81,23 +98,16 @@ def cross_entropy(
     Returns ``(loss, metrics)``; metrics hold sums (``loss_sum``, ``correct``, ``count``) so
     that they add up exactly over batches of different fill.
     """
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    per_example = optax.softmax_cross_entropy(logits, targets)
-    mask = jnp.ones(labels.shape, bool) if mask is None else mask
-    weights = mask.astype(jnp.float32)
-    n = jnp.sum(weights)
-    loss = jnp.sum(per_example * weights) / jnp.maximum(n, 1.0)
-    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * weights)
-    return loss, {"loss_sum": jnp.sum(per_example * weights), "correct": correct, "count": n}
+    return loss_and_metrics(Classification(label_smoothing), logits, labels, mask)
 
 
-def classification_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
-    """Loss for ``make_step`` on batches ``{"image": (B, C, H, W), "label": (B,),
-    "mask": (B,) optional}``: cross-entropy of ``model(image)`` logits.
+def task_loss(task: Task, *, compute_dtype=None, features: bool = False) -> LossFn:
+    """Loss for ``make_step`` from a ``task`` (``eqxtl.tasks``): the task's loss of the
+    model's outputs on batches ``{"image": (B, C, H, W), "label", "mask": (B,) optional}``.
+
+    ``features=True``: batches of cached backbone features ``{"features": (B, D), ...}``
+    through ``model.logits`` (the head, after the projection and normalisation a zero-shot
+    head asks for) only (see ``extract_features``).
 
     ``compute_dtype=jnp.bfloat16``: mixed precision. The images are cast, and every eqxtl
     layer runs its matmuls and convolutions in its input's dtype (casting the float32 master
@@ -106,17 +116,25 @@ def classification_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> 
     """
 
     def loss_fn(model, state, batch, key):
-        images = batch["image"]
-        if compute_dtype is not None:
-            images = images.astype(compute_dtype)
-        keys = None if key is None else jax.random.split(key, images.shape[0])
-        logits, state = batched(model)(images, state, keys)
-        loss, metrics = cross_entropy(
-            logits, batch["label"], batch.get("mask"), label_smoothing=label_smoothing
-        )
+        if features:
+            outputs = model.logits(batch["features"])  # the head (and projection) only
+        else:
+            x = batch["image"]
+            if compute_dtype is not None:
+                x = x.astype(compute_dtype)
+            keys = None if key is None else jax.random.split(key, x.shape[0])
+            outputs, state = batched(model)(x, state, keys)
+        loss, metrics = loss_and_metrics(task, outputs, batch["label"], batch.get("mask"))
         return loss, (state, metrics)
 
     return loss_fn
+
+
+def classification_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
+    """Loss for ``make_step`` on batches ``{"image": (B, C, H, W), "label": (B,),
+    "mask": (B,) optional}``: cross-entropy of ``model(image)`` logits (``task_loss`` with
+    ``Classification(label_smoothing)``; see there for ``compute_dtype``)."""
+    return task_loss(Classification(label_smoothing), compute_dtype=compute_dtype)
 
 
 def make_step(
@@ -124,24 +142,32 @@ def make_step(
     optimizer: optax.GradientTransformation,
     spec: Any,
     *,
+    bn: str = "auto",
     train_bn: bool = False,
     donate: bool | None = None,
     mesh=None,
+    skip_nonfinite: bool = True,
 ) -> Callable:
     """A compiled train step that differentiates only the leaves ``spec`` marks ``True``.
 
     ``step(model, state, opt_state, batch, key) -> (model, state, opt_state, metrics)``.
-    ``opt_state`` must come from ``optimizer.init(eqx.filter(model, spec))``. BatchNorm
-    layers whose weights are frozen run in inference mode (``train_bn=True``: all of them
-    train their statistics). With ``donate`` the trainable leaves and the optimizer state
-    passed in are consumed (updated in place): keep using the returned ones. The default,
-    ``None``, donates when they hold at least 64 MiB, where the saved copy matters; for a
-    small head donation saves nothing and costs ~3% of a CPU step. The BatchNorm state is
-    never donated (it is small); when no BatchNorm trains it is returned as passed in.
+    ``opt_state`` must come from ``optimizer.init(eqx.filter(model, spec))``. ``bn`` sets
+    the BatchNorm modes (``batchnorm_modes``: ``"auto"``, ``"frozen"``, ``"train"``;
+    ``train_bn=True`` is ``"train"``). With ``donate`` the trainable leaves and the optimizer
+    state passed in are consumed (updated in place): keep using the returned ones. The
+    default, ``None``, donates when they hold at least 64 MiB, where the saved copy matters;
+    for a small head donation saves nothing and costs ~3% of a CPU step. The BatchNorm state
+    is never donated (it is small); when no BatchNorm trains it is returned as passed in.
+
+    Non-finite steps: ``metrics["nonfinite"]`` is 1.0 when the loss or any gradient is NaN
+    or infinite. With ``skip_nonfinite`` (the default) such a step changes nothing: the
+    model, BatchNorm state and optimizer state come back as they went in (a select inside the
+    compiled step; no host sync). ``fit`` counts these steps and stops (``TrainingError``).
 
     With a ``mesh`` (``eqxtl.data_mesh()``), each batch is split over its devices (data
     parallel); pass the model, state and optimizer state through ``eqxtl.replicate`` once.
     """
+    bn = _bn_mode(bn, train_bn)
 
     def _step(passthrough, trainable, opt_state):
         frozen, state, batch, key = passthrough
@@ -149,21 +175,33 @@ def make_step(
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
 
         def loss_of(trainable):
-            model = batchnorm_modes(eqx.combine(trainable, frozen), spec, train_bn=train_bn)
+            model = batchnorm_modes(eqx.combine(trainable, frozen), spec, bn=bn)
             return loss_fn(model, state, batch, key)
 
         (loss, (new_state, metrics)), grads = eqx.filter_value_and_grad(loss_of, has_aux=True)(
             trainable
         )
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = eqx.apply_updates(trainable, updates)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = eqx.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss)
+        for g in jax.tree.leaves(grads):
+            finite = finite & jnp.all(jnp.isfinite(g))
         # With every BatchNorm frozen the state passes through untouched: returning it would
         # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).
         new_leaves = jax.tree.leaves(new_state)
         unchanged = len(state_leaves) == len(new_leaves) and all(
             a is b for a, b in zip(state_leaves, new_leaves, strict=True)
         )
-        return trainable, None if unchanged else new_state, opt_state, {"loss": loss, **metrics}
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            new_trainable = jtu.tree_map(keep, new_trainable, trainable)
+            new_opt_state = jtu.tree_map(keep, new_opt_state, opt_state)
+            if not unchanged:
+                leaves, treedef = jtu.tree_flatten(new_state)
+                kept = [keep(a, b) for a, b in zip(leaves, state_leaves, strict=True)]
+                new_state = jtu.tree_unflatten(treedef, kept)
+        metrics = {"loss": loss, **metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return new_trainable, None if unchanged else new_state, new_opt_state, metrics
 
     donating = eqx.filter_jit(_step, donate="all-except-first")
     plain = eqx.filter_jit(_step)
@@ -227,8 +265,8 @@ def _nbytes(*trees: Any) -> int:
 
 
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
-    """Compiled ``eval_step(model, state, batch) -> metrics`` in inference mode (with a
-    ``mesh``, each batch is split over its devices)."""
+    """Compiled ``eval_step(model, state, batch) -> metrics`` (the loss function's metric
+    sums) in inference mode (with a ``mesh``, each batch is split over its devices)."""
     loss_fn = loss_fn or classification_loss()
 
     @eqx.filter_jit

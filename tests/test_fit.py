@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import equinox as eqx
@@ -143,7 +142,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_cached_features_train_the_same_head(tmp_path):
+def test_cached_features_train_the_same_head(tmp_path, monkeypatch):
     train, test = colour_task(50, seed=5), colour_task(20, seed=6)
     runs = {}
     for cache in (False, True, tmp_path / "cache"):
@@ -175,9 +174,13 @@ def test_cached_features_train_the_same_head(tmp_path):
 
     assert len(entries()) == 2
     model, state = classifier("clip", seed=1)
-    before = time.perf_counter()
-    again = eqxtl.extract_features(model, state, train, cache_dir=tmp_path / "cache")
-    assert time.perf_counter() - before < 5
+    with monkeypatch.context() as patch:  # a cache hit computes nothing
+
+        def no_compute(*args, **kwargs):
+            raise AssertionError("recomputed features that are cached")
+
+        patch.setattr(eqxtl.features, "_compute", no_compute)
+        again = eqxtl.extract_features(model, state, train, cache_dir=tmp_path / "cache")
     assert isinstance(again.features, np.memmap) and again.features.shape == (50, 64)
     assert len(entries()) == 2
     # a different backbone gets its own entry
@@ -309,15 +312,13 @@ def test_finetune_rps_offline_without_weights_fails_fast_and_clearly(tmp_path, m
     script = ROOT / "examples" / "finetune_rps.py"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     env["HF_HUB_CACHE"] = str(tmp_path / "hub")
-    before = time.perf_counter()
     run = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120
     )
-    elapsed = time.perf_counter() - before
     assert run.returncode != 0
     assert "Traceback" not in run.stderr, run.stderr
     assert "--weights" in run.stderr and "--model" in run.stderr, run.stderr
-    assert elapsed < 30, elapsed  # no hub retry loop (the import of jax dominates)
+    assert "retry" not in run.stderr.lower(), run.stderr  # no hub retry loop
 
 
 def test_fetch_saves_a_loadable_copy_and_fails_clearly_offline(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -13,6 +14,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import DataError
 from ..tokenizer import Tokenizer
+from .layers import dense
 from .registry import architecture_of
 
 
@@ -27,6 +29,8 @@ class Classifier(eqx.Module):
     head: eqx.nn.Linear
     project: bool = eqx.field(static=True, default=False)
     normalize: bool = eqx.field(static=True, default=False)
+    class_names: tuple[str, ...] | None = eqx.field(static=True, default=None)
+    preprocessing: Any = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -38,6 +42,8 @@ class Classifier(eqx.Module):
         head: eqx.nn.Linear | None = None,
         project: bool = False,
         normalize: bool = False,
+        class_names: tuple[str, ...] | None = None,
+        preprocessing: Any = None,
     ):
         """**Arguments:**
 
@@ -52,6 +58,10 @@ class Classifier(eqx.Module):
         - `normalize`: the head reads L2-normalised features (after ``project``): with
           both, a head of scaled class text embeddings is CLIP's zero-shot classifier
           (``eqxtl.zero_shot_head``).
+        - `class_names`, `preprocessing`: what the head was trained on (``fit`` sets them
+          from the training data); ``save_pretrained`` writes them into ``config.json``
+          (``id2label``/``label2id``, ``eqxtl.preprocessing``), ``from_pretrained`` reads them
+          back, ``predict(..., labels=True)`` names classes with them.
         """
         self.backbone = backbone
         self.project = project
@@ -61,8 +71,11 @@ class Classifier(eqx.Module):
                 f"project=True needs a backbone with a projection (.project()), e.g. CLIP's "
                 f"vision tower; got {type(backbone).__name__}."
             )
+        self.class_names = None if class_names is None else tuple(str(c) for c in class_names)
+        self.preprocessing = preprocessing
         if head is not None:
             self.head = head
+            self._check_names()
             return
         if num_classes is None or num_classes < 1:
             raise ValueError(f"Classifier needs num_classes >= 1, got {num_classes!r}.")
@@ -79,6 +92,25 @@ class Classifier(eqx.Module):
                 (jnp.zeros_like(linear.weight), jnp.zeros_like(linear.bias)),
             )
         self.head = linear
+        self._check_names()
+
+    def _check_names(self) -> None:
+        if self.class_names is not None and len(self.class_names) != self.head.out_features:
+            raise ValueError(
+                f"{len(self.class_names)} class names for a head of {self.head.out_features} "
+                "classes."
+            )
+
+    def with_training_info(self, class_names=None, preprocessing=None) -> Classifier:
+        """This classifier with its class names and training preprocessing recorded."""
+        return Classifier(
+            self.backbone,
+            head=self.head,
+            project=self.project,
+            normalize=self.normalize,
+            class_names=class_names if class_names is not None else self.class_names,
+            preprocessing=preprocessing if preprocessing is not None else self.preprocessing,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -98,8 +130,9 @@ class Classifier(eqx.Module):
         features = features.astype(self.head.weight.dtype)
         if self.normalize:
             features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-        # features @ W^T also serves a batch (B, d) when the backbone is batch-native
-        return features @ self.head.weight.T + self.head.bias
+        # also serves a batch (B, d) when the backbone is batch-native; the head may be a
+        # LoRA-adapted linear (eqxtl.lora)
+        return dense(self.head, features)
 
     @property
     def batch_native(self) -> bool:

@@ -74,7 +74,10 @@ def backbones_in(model: Any) -> Iterator[tuple[str, Any, Architecture]]:
 def preprocessing_for(model) -> Preprocessing:
     """The eval preprocessing matching ``model``'s checkpoint (a backbone or Classifier):
     what the checkpoint's own files stated (timm ``pretrained_cfg``, open_clip
-    ``preprocess_cfg``) or the architecture's default, at the model's input size."""
+    ``preprocess_cfg``) or the architecture's default, at the model's input size. A
+    Classifier trained by ``fit`` uses its training preprocessing."""
+    if getattr(model, "preprocessing", None) is not None:
+        return model.preprocessing
     found = list(backbones_in(model))
     if not found:
         raise TypeError(f"{type(model).__name__} holds no eqxtl backbone.")

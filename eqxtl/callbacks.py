@@ -1,0 +1,177 @@
+"""Callbacks: code ``fit`` calls at fixed points of a run.
+
+A callback is any object with some of these methods (each optional):
+
+- ``on_phase_begin(run)``: a phase starts (``run.phase``);
+- ``on_step(run, metrics)``: after each step, with that step's metrics as host values
+  (this syncs with the device every step: keep it for logging and tests);
+- ``on_eval(run, record)``: after each evaluation, with its record (``train_loss``,
+  ``test_accuracy``, ...);
+- ``on_fit_end(run)``.
+
+``run`` is the live ``Run``: ``step``, ``epoch``, ``phase``, ``model``, ``state``,
+``opt_state``, ``history``, ``stop()`` and ``lr_scale`` (a factor on every update, for
+callbacks that declare ``scales_lr = True``). A callback with state that must survive a
+resume defines ``state_dict()`` and ``load_state_dict(d)`` (JSON values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from .errors import TrainingError
+
+
+def metric_mode(name: str, mode: str = "auto") -> str:
+    """``"min"`` for losses and errors, ``"max"`` otherwise (``mode="auto"``)."""
+    if mode not in ("auto", "min", "max"):
+        raise TrainingError(f"mode must be 'auto', 'min' or 'max', got {mode!r}.")
+    if mode != "auto":
+        return mode
+    lower = any(w in name for w in ("loss", "mae", "mse", "error"))
+    return "min" if lower else "max"
+
+
+def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does)."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def require_metric(name: str, record: dict, what: str) -> float:
+    if name not in record:
+        known = sorted(k for k, v in record.items() if isinstance(v, float) and k != "epoch")
+        raise TrainingError(
+            f"{what} watches the metric {name!r}, which evaluations do not report; "
+            f"they report {known}."
+        )
+    return record[name]
+
+
+@dataclasses.dataclass
+class EarlyStopping:
+    """Stop when ``metric`` has not improved for ``patience`` evaluations."""
+
+    metric: str = "test_loss"
+    patience: int = 3
+    mode: str = "auto"
+    min_delta: float = 0.0
+    best: float | None = None
+    wait: int = 0
+
+    def on_eval(self, run, record: dict) -> None:
+        value = require_metric(self.metric, record, "EarlyStopping")
+        if improved(value, self.best, metric_mode(self.metric, self.mode), self.min_delta):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            run.stop(f"{self.metric} did not improve for {self.patience} evaluations")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.wait = d["best"], d["wait"]
+
+
+@dataclasses.dataclass
+class ReduceLROnPlateau:
+    """Multiply every update by ``factor`` when ``metric`` has not improved for
+    ``patience`` evaluations (down to ``min_scale``)."""
+
+    metric: str = "test_loss"
+    factor: float = 0.5
+    patience: int = 2
+    mode: str = "auto"
+    min_delta: float = 0.0
+    min_scale: float = 1e-3
+    best: float | None = None
+    wait: int = 0
+    scales_lr = True
+
+    def on_eval(self, run, record: dict) -> None:
+        value = require_metric(self.metric, record, "ReduceLROnPlateau")
+        if improved(value, self.best, metric_mode(self.metric, self.mode), self.min_delta):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            run.lr_scale = max(run.lr_scale * self.factor, self.min_scale)
+            self.wait = 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.wait = d["best"], d["wait"]
+
+
+@dataclasses.dataclass
+class LRSchedule:
+    """Set the update scale from the step: ``run.lr_scale = schedule(step)`` before each
+    evaluation interval's steps (e.g. a step decay on top of the optimizer's own schedule)."""
+
+    schedule: Callable[[int], float]
+    scales_lr = True
+
+    def on_eval(self, run, record: dict) -> None:
+        run.lr_scale = float(self.schedule(run.step))
+
+    def on_phase_begin(self, run) -> None:
+        run.lr_scale = float(self.schedule(run.step))
+
+
+@dataclasses.dataclass
+class Lambda:
+    """A callback from plain functions: ``Lambda(on_eval=lambda run, record: ...)``."""
+
+    on_step: Callable[[Any, dict], None] | None = None
+    on_eval: Callable[[Any, dict], None] | None = None
+    on_phase_begin: Callable[[Any], None] | None = None
+    on_fit_end: Callable[[Any], None] | None = None
+
+
+@dataclasses.dataclass
+class TensorBoard:
+    """TensorBoard event files (needs the ``tensorboard`` extra: ``tensorboardX``): the
+    training loss of every step (``train/step_loss``) and each evaluation's metrics
+    (``train/loss``, ``test/accuracy``, ``images_per_sec``...). ``log_dir`` defaults to
+    ``<out_dir>/tensorboard``. Written at each evaluation, where the loop syncs anyway."""
+
+    log_dir: str | None = None
+    _writer: Any = dataclasses.field(default=None, repr=False)
+    _written: int = 0
+
+    def on_phase_begin(self, run) -> None:
+        if self._writer is not None:
+            return
+        from tensorboardX import SummaryWriter
+
+        log_dir = self.log_dir or (run.out_dir / "tensorboard" if run.out_dir else None)
+        if log_dir is None:
+            raise TrainingError("TensorBoard needs log_dir= or a fit out_dir.")
+        # on resume, drop events past the resumed step (the run repeats them)
+        self._writer = SummaryWriter(str(log_dir), purge_step=run.step or None)
+        self._written = len(run.step_losses)
+
+    def on_eval(self, run, record: dict) -> None:
+        for s in run.step_losses[self._written :]:
+            self._writer.add_scalar("train/step_loss", s["loss"], s["step"])
+        self._written = len(run.step_losses)
+        for key, value in record.items():
+            if key.startswith(("train_", "test_")) or key == "images_per_sec":
+                if isinstance(value, float) and math.isfinite(value):
+                    self._writer.add_scalar(key.replace("_", "/", 1), value, record["step"])
+        self._writer.flush()
+
+    def on_fit_end(self, run) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

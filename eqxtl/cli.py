@@ -1,0 +1,270 @@
+"""The ``eqxtl`` command: fine-tune, evaluate and use a model on image folders.
+
+    eqxtl train --model resnet50 --data photos/train --val photos/val --train head=1e-3 \\
+        --train "backbone.encoder.stages.3=1e-5" --epochs 3 --batch-size 32
+    eqxtl eval --model runs/train-resnet50/best --data photos/test
+    eqxtl predict --model runs/train-resnet50/best cat.jpg dog.png
+    eqxtl summary resnet50 --train head
+    eqxtl fetch resnet50 clip-vit-base-patch32
+
+Image folders are ``DIR/<class name>/<image>``. Arguments are parsed before JAX is imported
+(``--help`` is instant); rules are checked against the model before any image is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RUNS = Path("runs")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eqxtl", description=__doc__.split("\n\n")[0], formatter_class=_Formatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a model on an image folder")
+    train.add_argument("--model", required=True, help="registry alias, hub repo id or folder")
+    train.add_argument("--data", required=True, type=Path, help="DIR/<class>/<image>")
+    train.add_argument("--val", type=Path, help="validation folder (same classes)")
+    train.add_argument(
+        "--train",
+        action="append",
+        required=True,
+        metavar="RULE[=LR]",
+        help="what trains (a path rule, e.g. head or backbone.encoder.layers.11), at LR "
+        "(default --lr); repeat for more groups; everything else is frozen",
+    )
+    train.add_argument("--lr", type=float, default=1e-3, help="default learning rate")
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--eval-every", type=int, help="evaluate every N steps")
+    train.add_argument("--augment", action="store_true", help="random crops and flips")
+    train.add_argument("--bn", choices=("auto", "frozen", "train"), default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, help="run folder (default runs/<data>-<model>)")
+    train.add_argument("--restart", action="store_true", help="start over (no resume)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--tensorboard", action="store_true", help="event files in <out>/tensorboard"
+    )
+
+    ev = sub.add_parser("eval", help="loss and accuracy of a fine-tuned model on a folder")
+    ev.add_argument("--model", required=True, help="a folder written by eqxtl train")
+    ev.add_argument("--data", required=True, type=Path)
+    ev.add_argument("--batch-size", type=int, default=32)
+
+    pr = sub.add_parser("predict", help="class of each image file")
+    pr.add_argument("--model", required=True, help="a folder written by eqxtl train")
+    pr.add_argument("files", nargs="+", type=Path, metavar="FILES")
+    pr.add_argument("--batch-size", type=int, default=32)
+
+    su = sub.add_parser("summary", help="what trains, per module")
+    su.add_argument("model", metavar="MODEL")
+    su.add_argument("--train", action="append", default=[], metavar="RULE")
+
+    fe = sub.add_parser("fetch", help="download models into weights/ (needs network)")
+    fe.add_argument("names", nargs="+", metavar="NAME")
+    fe.add_argument("--out", type=Path, default=Path("weights"))
+    fe.add_argument("--revision")
+    return parser
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _fail(message: str) -> None:
+    print(f"eqxtl: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _image_folder_shape(path: Path, what: str) -> None:
+    """Cheap checks before JAX is imported: a folder with class subfolders."""
+    if not path.is_dir():
+        _fail(f"{what} {str(path)!r} is not a folder.")
+    classes = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if not classes:
+        _fail(
+            f"{what} {str(path)!r} has no class subfolders: expected {path}/<class name>/<image> "
+            "(one folder per class)."
+        )
+
+
+def _rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
+    out = []
+    for item in items:
+        rule, sep, lr = item.rpartition("=") if "=" in item else (item, "", "")
+        if not sep:
+            out.append((item, default_lr))
+            continue
+        try:
+            out.append((rule, float(lr)))
+        except ValueError:
+            _fail(f"--train {item!r}: {lr!r} is not a learning rate (RULE=LR, e.g. head=1e-3).")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        _image_folder_shape(args.data, "--data")
+        if args.val is not None:
+            _image_folder_shape(args.val, "--val")
+        rules = _rules(args.train, args.lr)
+    import eqxtl  # JAX from here on
+
+    try:
+        if args.command == "train":
+            return _train(args, rules)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "predict":
+            return _predict(args)
+        if args.command == "summary":
+            return _summary(args)
+        return _fetch(args)
+    except eqxtl.EqxtlError as e:
+        _fail(str(e))
+    return 0
+
+
+def _class_folders(path: Path) -> list[str]:
+    return sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _optimizer(lr: float, weight_decay: float):
+    import optax
+
+    return optax.adamw(lr, weight_decay=weight_decay) if weight_decay else optax.adam(lr)
+
+
+def _train(args, rules) -> int:
+    import jax
+
+    import eqxtl
+
+    model, state = eqxtl.from_pretrained(args.model)
+    n = len(_class_folders(args.data))
+    if not isinstance(model, eqxtl.Classifier) or model.num_classes != n:
+        backbone = getattr(model, "backbone", model)
+        model = eqxtl.Classifier(backbone, n, key=jax.random.key(args.seed))
+    # the rules are checked against the model before any image is read
+    groups = [(rule, _optimizer(lr, args.weight_decay)) for rule, lr in rules]
+    spec, optimizer = eqxtl.param_groups(model, [*groups, (".*", None)])
+    train = eqxtl.ImageFolder(args.data)
+    val = eqxtl.ImageFolder(args.val) if args.val is not None else None
+    if val is not None and val.class_names != train.class_names:
+        raise eqxtl.DataError(
+            f"--val classes {val.class_names} differ from --data classes {train.class_names}."
+        )
+    out = args.out or RUNS / f"{args.data.resolve().name}-{Path(args.model).name}"
+    result = eqxtl.fit(
+        model,
+        state,
+        optimizer,
+        spec,
+        train,
+        test_data=val,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        augment=eqxtl.Augment() if args.augment else None,
+        bn=args.bn,
+        seed=args.seed,
+        out_dir=out,
+        resume=not args.restart,
+        progress=not args.quiet,
+        callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
+    )
+    print(json.dumps({"out": str(out), "best": str(out / "best"), **result.final}))
+    return 0
+
+
+def _load_classifier(path):
+    import eqxtl
+
+    model, state = eqxtl.from_pretrained(path)
+    if not isinstance(model, eqxtl.Classifier):
+        raise eqxtl.EqxtlError(
+            f"{path} holds a backbone without a trained head: give a folder written by "
+            "`eqxtl train` (its best/ or last/)."
+        )
+    return model, state
+
+
+def _eval(args) -> int:
+    import eqxtl
+
+    _image_folder_shape(args.data, "--data")
+    model, state = _load_classifier(args.model)
+    data = eqxtl.ImageFolder(args.data)
+    if model.class_names is not None and tuple(data.class_names) != model.class_names:
+        raise eqxtl.DataError(
+            f"--data classes {data.class_names} differ from the model's {list(model.class_names)}."
+        )
+    print(json.dumps(eqxtl.evaluate(model, state, data, batch_size=args.batch_size)))
+    return 0
+
+
+def _predict(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    import eqxtl
+
+    model, state = _load_classifier(args.model)
+    images = []
+    for path in args.files:
+        try:
+            with Image.open(path) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise eqxtl.DataError(f"{path}: cannot read this image ({e}).") from None
+    probs = eqxtl.predict(model, state, images, batch_size=args.batch_size)
+    names = model.class_names or [str(i) for i in range(model.num_classes)]
+    for path, p in zip(args.files, probs, strict=True):
+        i = int(np.argmax(p))
+        print(f"{path}\t{names[i]}\t{p[i]:.4f}")
+    return 0
+
+
+def _summary(args) -> int:
+    import eqxtl
+
+    model, _ = eqxtl.from_pretrained(args.model)
+    spec = eqxtl.trainable(model, *args.train) if args.train else eqxtl.everything(model)
+    eqxtl.summary(model, spec)
+    return 0
+
+
+def _fetch(args) -> int:
+    import eqxtl
+
+    failed = []
+    for name in args.names:
+        target = args.out / (Path(name).name if Path(name).exists() else name.replace("/", "--"))
+        try:
+            model, state = eqxtl.from_pretrained(name, revision=args.revision)
+            eqxtl.save_pretrained(model, state, target)
+        except (eqxtl.EqxtlError, OSError) as e:
+            print(f"{name}: failed: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        print(f"{name}: {eqxtl.count(model):,} parameters -> {target}")
+    if failed:
+        print(
+            f"eqxtl: {len(failed)} of {len(args.names)} failed: {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""What a model is trained to do: a task turns model outputs and labels into a loss and metrics.
+
+A task is three pure functions of ``outputs (B, K)`` (float32) and the batch's ``label``:
+
+- ``per_example(outputs, labels) -> (B,)``: the loss of each example;
+- ``sums(outputs, labels, weights) -> dict``: metric numerators that add up over batches
+  (the loop adds ``loss_sum`` and ``count`` itself);
+- ``summarise(sums) -> dict``: the readable metrics (``loss``, ``accuracy``, ``mae``...).
+
+``activation`` maps outputs to predictions (``predict``). ``Classification`` is the default of
+``fit``; ``MultiLabel`` (sigmoid binary cross-entropy, multi-hot labels ``(B, K)``) and
+``Regression`` (mean squared error, targets ``(B,)`` or ``(B, K)``) are the other built-ins.
+Write your own by subclassing ``Task``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Base class: subclasses define ``per_example``, ``sums``, ``summarise``, ``metrics``."""
+
+    metrics: tuple[str, ...] = dataclasses.field(default=("loss",), init=False)
+    """Names of the metrics ``summarise`` returns (``fit`` prefixes them ``train_``/``test_``)."""
+
+    def per_example(self, outputs: Float[Array, "b k"], labels: Array) -> Float[Array, " b"]:
+        raise NotImplementedError
+
+    def sums(self, outputs: Float[Array, "b k"], labels: Array, weights: Array) -> dict:
+        return {}
+
+    def summarise(self, sums: dict) -> dict:
+        return {"loss": sums["loss_sum"] / max(sums["count"], 1.0)}
+
+    def activation(self, outputs: Float[Array, "b k"]) -> Float[Array, "b k"]:
+        return outputs
+
+
+def loss_and_metrics(
+    task: Task, outputs: Float[Array, "b k"], labels: Array, mask: Array | None = None
+) -> tuple[Float[Array, ""], dict]:
+    """Masked mean loss of ``task`` over a batch, and its metric sums (``loss_sum``,
+    ``count`` and the task's own), which add up exactly over batches of different fill."""
+    outputs = outputs.astype(jnp.float32)
+    weights = (jnp.ones(outputs.shape[:1], bool) if mask is None else mask).astype(jnp.float32)
+    per_example = task.per_example(outputs, labels)
+    # where, not multiply: a masked padding example with a non-finite loss must not poison it
+    loss_sum = jnp.sum(jnp.where(weights > 0, per_example, 0.0))
+    n = jnp.sum(weights)
+    sums = {"loss_sum": loss_sum, "count": n, **task.sums(outputs, labels, weights)}
+    return loss_sum / jnp.maximum(n, 1.0), sums
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(Task):
+    """Softmax cross-entropy over integer labels ``(B,)``, with optional label smoothing.
+    Metrics: ``loss``, ``accuracy``."""
+
+    label_smoothing: float = 0.0
+    metrics: tuple[str, ...] = dataclasses.field(default=("loss", "accuracy"), init=False)
+
+    def per_example(self, outputs, labels):
+        targets = jax.nn.one_hot(labels, outputs.shape[-1])
+        if self.label_smoothing:
+            targets = optax.smooth_labels(targets, self.label_smoothing)
+        return optax.softmax_cross_entropy(outputs, targets)
+
+    def sums(self, outputs, labels, weights):
+        return {"correct": jnp.sum((jnp.argmax(outputs, -1) == labels) * weights)}
+
+    def summarise(self, sums):
+        n = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
+
+    def activation(self, outputs):
+        return jax.nn.softmax(outputs, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLabel(Task):
+    """Independent sigmoid binary cross-entropy per class over multi-hot labels ``(B, K)``.
+    Metrics: ``loss`` (mean over classes), ``accuracy`` (fraction of the ``B * K`` yes/no
+    decisions at ``threshold`` that are right)."""
+
+    threshold: float = 0.5
+    metrics: tuple[str, ...] = dataclasses.field(default=("loss", "accuracy"), init=False)
+
+    def per_example(self, outputs, labels):
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, labels), axis=-1)
+
+    def sums(self, outputs, labels, weights):
+        right = (jax.nn.sigmoid(outputs) > self.threshold) == (labels > 0.5)
+        return {"correct": jnp.sum(jnp.mean(right, axis=-1) * weights)}
+
+    def summarise(self, sums):
+        n = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "accuracy": sums["correct"] / n}
+
+    def activation(self, outputs):
+        return jax.nn.sigmoid(outputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression(Task):
+    """Mean squared error against float targets ``(B,)`` (one output) or ``(B, K)``.
+    Metrics: ``loss`` (MSE), ``mae``."""
+
+    metrics: tuple[str, ...] = dataclasses.field(default=("loss", "mae"), init=False)
+
+    def _error(self, outputs, labels):
+        labels = labels.astype(jnp.float32)
+        return outputs - (labels[:, None] if labels.ndim == 1 else labels)
+
+    def per_example(self, outputs, labels):
+        return jnp.mean(jnp.square(self._error(outputs, labels)), axis=-1)
+
+    def sums(self, outputs, labels, weights):
+        return {"abs_sum": jnp.sum(jnp.mean(jnp.abs(self._error(outputs, labels)), -1) * weights)}
+
+    def summarise(self, sums):
+        n = max(sums["count"], 1.0)
+        return {"loss": sums["loss_sum"] / n, "mae": sums["abs_sum"] / n}

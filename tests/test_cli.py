@@ -1,0 +1,116 @@
+"""The ``eqxtl`` command: train / eval / predict / summary / fetch on image folders."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import eqxtl
+from eqxtl import cli
+from tests._tiny import tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def image_folder(root: Path, n: int = 6, seed: int = 0) -> Path:
+    """Two classes, red and blue images with noise."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(["blue", "red"]):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(0, 100, (40, 40, 3))
+            image[..., 2 - 2 * c] += 150
+            Image.fromarray(image.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny-clip"
+    eqxtl.save_pretrained(*tiny("clip", 0), path)
+    return path
+
+
+def test_help_does_not_import_jax():
+    code = (
+        "import sys\n"
+        "from eqxtl import cli\n"
+        "for argv in (['--help'], ['train', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if 'jax' in m)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr
+    assert "--train RULE[=LR]" in run.stdout and "--batch-size" in run.stdout
+
+
+def test_train_eval_predict_on_an_image_folder(tmp_path, weights, monkeypatch, capsys):
+    data = image_folder(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)  # the run goes under runs/ by default
+    argv = ["train", "--model", str(weights), "--data", str(data), "--val", str(data),
+            "--train", "head=3e-2", "--epochs", "6", "--batch-size", "4", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    best = Path(out["best"])
+    assert best.resolve().is_relative_to((tmp_path / "runs" / "photos-tiny-clip").resolve())
+    assert out["test_accuracy"] == 1.0
+
+    assert cli.main(["eval", "--model", str(best), "--data", str(data)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["count"] == 12 and evaluated["accuracy"] == 1.0
+
+    files = [str(data / "red" / "0.png"), str(data / "blue" / "1.png")]
+    assert cli.main(["predict", "--model", str(best), *files]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[:2] for line in lines] == [[files[0], "red"], [files[1], "blue"]]
+
+
+def test_rules_are_checked_before_any_image_is_read(tmp_path, weights, monkeypatch, capsys):
+    data = image_folder(tmp_path / "photos", n=1)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("images read before the rules were checked")
+
+    monkeypatch.setattr(eqxtl, "ImageFolder", no_reading)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", str(weights), "--data", str(data), "--train", "heads"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "heads" in err and "Traceback" not in err
+
+
+def test_a_data_folder_without_class_subfolders_is_refused(tmp_path, weights, capsys):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", str(weights), "--data", str(tmp_path / "flat"),
+                  "--train", "head"])  # fmt: skip
+    assert exit_.value.code == 2
+    assert "has no class subfolders" in capsys.readouterr().err
+
+
+def test_fetch_goes_on_past_a_failure_and_reports_each_name(tmp_path, weights, capsys):
+    code = cli.main(["fetch", "no-such-org/no-such-model", str(weights), "--out",
+                     str(tmp_path / "w")])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "no-such-org/no-such-model: failed" in captured.err
+    assert "1 of 2 failed" in captured.err
+    assert f"{weights} :" not in captured.out and "tiny-clip" in captured.out
+    loaded, _ = eqxtl.from_pretrained(tmp_path / "w" / "tiny-clip")
+    assert eqxtl.count(loaded) > 0
+
+
+def test_summary_prints_what_trains(weights, capsys):
+    assert cli.main(["summary", str(weights), "--train", "encoder.layers.3"]) == 0
+    assert "encoder.layers.3" in capsys.readouterr().out

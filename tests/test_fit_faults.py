@@ -1,0 +1,328 @@
+"""Bad input and faults around ``fit``: non-finite training, run folders (lock, resume
+checks, corrupt checkpoints, leftovers of a kill, unwritable folders), phases and metrics
+that cannot work, and ``predict`` misuse. One test per case: the error type and a phrase of
+its message, or the correct result."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from eqxtl import runs
+from tests._tiny import tiny
+
+IMAGE = 32
+
+
+class Batches:
+    """A batch source for ``fit``: fixed batches, the same every epoch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.batch_size = len(batches[0]["label"])
+
+    def __len__(self):
+        return len(self.batches)
+
+    def epoch(self, epoch, start_step=0):
+        yield from self.batches[start_step:]
+
+
+def make_batches(n, seed=0, nan_at=None, size=4):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        image = rng.normal(size=(size, 3, IMAGE, IMAGE)).astype(np.float32)
+        if i == nan_at:
+            image[1, 0, 0, 0] = np.nan
+        labels = rng.integers(0, 3, size).astype(np.int32)
+        out.append({"image": image, "label": labels, "mask": np.ones(size, bool)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    backbone, state = tiny("clip", 0)
+    return eqxtl.Classifier(backbone, 3, key=jax.random.key(1)), state
+
+
+def run_fit(clip_model, out_dir=None, batches=None, **kwargs):
+    model, state = clip_model
+    kwargs.setdefault("steps", 4)
+    return eqxtl.fit(
+        model,
+        state,
+        kwargs.pop("optimizer", optax.adam(1e-2)),
+        kwargs.pop("spec", eqxtl.trainable(model, "head")),
+        Batches(batches or make_batches(4)),
+        out_dir=out_dir,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def base_run(clip_model, tmp_path_factory):
+    """A finished 2-step run folder (last = best = step 2) and its result, copied by the
+    tests that need one (one compilation for all of them)."""
+    path = tmp_path_factory.mktemp("base") / "run"
+    return path, run_fit(clip_model, path, steps=2)
+
+
+def copy_of(base_run, tmp_path):
+    shutil.copytree(base_run[0], tmp_path, symlinks=True, dirs_exist_ok=True)
+    return base_run[1]
+
+
+def arrays(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+
+
+def strict_load(path):
+    def no_constants(name):
+        raise AssertionError(f"non-strict JSON constant {name} in {path}")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+# ------------------------------------------------------------------ non-finite training
+
+
+def test_nan_loss_stops_with_the_step_and_last_finite_loss(clip_model, tmp_path):
+    losses = []
+    with pytest.raises(eqxtl.TrainingError, match="at step 5") as err:
+        run_fit(
+            clip_model,
+            tmp_path,
+            make_batches(6, nan_at=4),
+            steps=6,
+            eval_every=2,
+            callback=lambda step, m: losses.append(float(m["loss"])),
+        )
+    assert f"last finite loss was {losses[3]:.6g}" in str(err.value)
+    # last/ holds step 4 (best/ one before it), finite; history.json is strict JSON
+    assert strict_load(tmp_path / "last" / "meta.json")["step"] == 4
+    for link in ("last", "best"):
+        loaded, _ = eqxtl.from_pretrained(tmp_path / link, keep_head=True)
+        assert all(np.isfinite(a).all() for a in arrays(loaded))
+    assert [h["step"] for h in strict_load(tmp_path / "history.json")] == [2, 4]
+
+
+def test_nan_is_detected_without_per_step_sync(clip_model):
+    """No callback, no progress bar, no evaluation before the end: the check happens at
+    the end, and the skipped steps left the model finite."""
+    with pytest.raises(eqxtl.TrainingError, match="at step 2"):
+        run_fit(clip_model, batches=make_batches(4, nan_at=1))
+
+
+def test_skipped_nonfinite_steps_change_nothing(clip_model):
+    """With max_nonfinite=1 the NaN batch is skipped (weights and optimizer state as
+    before it), so the result equals a run without that batch."""
+    batches = make_batches(5, nan_at=2)
+    skipped = run_fit(clip_model, batches=batches, steps=5, max_nonfinite=1)
+    without = run_fit(clip_model, batches=batches[:2] + batches[3:], steps=4)
+    assert skipped.history[-1]["nonfinite_steps"] == 1
+    for a, b in zip(arrays(skipped.model), arrays(without.model), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_nonfinite_model_is_never_written(clip_model, tmp_path):
+    model, state = clip_model
+    bad = eqx.tree_at(lambda m: m.head.bias, model, model.head.bias.at[0].set(np.inf))
+    with pytest.raises(eqxtl.TrainingError, match="non-finite weights"):
+        run_fit((bad, state), tmp_path, max_nonfinite=10)
+    assert not (tmp_path / "last").exists() and not (tmp_path / "best").exists()
+
+
+def test_history_is_strict_json():
+    text = runs.dumps([{"test_loss": float("nan"), "x": np.float32(np.inf), "ok": 1.5}])
+    assert json.loads(text) == [{"test_loss": None, "x": None, "ok": 1.5}]
+
+
+# ------------------------------------------------------------------ run folders
+
+
+def test_a_locked_run_folder_is_refused(clip_model, tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": os.uname()[1]}))
+    with pytest.raises(eqxtl.TrainingError, match="in use by process"):
+        run_fit(clip_model, tmp_path)
+    assert (tmp_path / ".lock").exists()  # the other run's lock stays
+
+
+def test_a_stale_lock_is_taken_over(clip_model, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], text=True,
+                          capture_output=True).stdout.strip()  # fmt: skip
+    (tmp_path / ".lock").write_text(json.dumps({"pid": int(dead), "host": os.uname()[1]}))
+    with pytest.warns(UserWarning, match="stale lock"):
+        result = run_fit(clip_model, tmp_path, steps=1)
+    assert result.step == 1 and not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize(
+    "change, phrase",
+    [
+        ({"seed": 1}, "seed: 0 -> 1"),
+        ({"spec": "backbone"}, "phase 0 trains"),
+        ({"optimizer": optax.sgd(1e-2)}, "phase 0 optimizer state"),
+        ({"batches": make_batches(5)}, "train_length: 4 -> 5"),
+    ],
+)
+def test_resume_with_another_configuration_is_refused(
+    clip_model, base_run, tmp_path, change, phrase
+):
+    copy_of(base_run, tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    change = dict(change)
+    if change.get("spec") == "backbone":
+        change["spec"] = eqxtl.trainable(
+            clip_model[0], "head", *eqxtl.last_blocks(clip_model[0], 1)
+        )
+    with pytest.raises(eqxtl.TrainingError, match="resume=False") as err:
+        run_fit(clip_model, tmp_path, steps=2, **change)
+    assert phrase in str(err.value)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # nothing written
+
+
+def test_resume_false_starts_over(clip_model, base_run, tmp_path):
+    copy_of(base_run, tmp_path)
+    result = run_fit(clip_model, tmp_path, steps=3, seed=5, resume=False)
+    assert result.step == 3 and [h["step"] for h in result.history] == [3]
+    assert strict_load(tmp_path / "run.json")["seed"] == 5
+
+
+def test_a_corrupt_last_falls_back_to_best(clip_model, base_run, tmp_path):
+    first = copy_of(base_run, tmp_path)
+    target = (tmp_path / "last").resolve()
+    corrupt = target.with_name(target.name + "-corrupt")
+    shutil.copytree(target, corrupt)
+    data = (corrupt / runs.TRAIN_STATE).read_bytes()
+    (corrupt / runs.TRAIN_STATE).write_bytes(data[: len(data) // 2])  # truncated
+    (tmp_path / "last").unlink()
+    os.symlink(os.path.relpath(corrupt, tmp_path), tmp_path / "last")
+    with pytest.warns(UserWarning, match="last/ is unreadable"):
+        again = run_fit(clip_model, tmp_path, steps=2)
+    assert again.step == 2
+    for a, b in zip(arrays(first.model), arrays(again.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_every_checkpoint_corrupt_fails_clearly(clip_model, base_run, tmp_path):
+    copy_of(base_run, tmp_path)
+    state_file = tmp_path / "last" / runs.TRAIN_STATE  # best is the same directory
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    with pytest.raises(eqxtl.TrainingError, match="best/ is unreadable"):
+        run_fit(clip_model, tmp_path, steps=2)
+
+
+def test_leftovers_of_a_kill_are_cleaned_at_start(clip_model, base_run, tmp_path):
+    copy_of(base_run, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / ".tmp-step-9-dead").mkdir()
+    (ckpts / "step-9-unlinked").mkdir()
+    (tmp_path / ".best.link").symlink_to("nowhere")
+    (tmp_path / ".last-new-abc").mkdir()
+    run_fit(clip_model, tmp_path, steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert len(list(ckpts.iterdir())) == 1
+
+
+def test_a_kill_while_replacing_best_keeps_the_old_best(
+    clip_model, base_run, tmp_path, monkeypatch
+):
+    copy_of(base_run, tmp_path)
+    old_best = (tmp_path / "best").resolve()
+    real_link = runs.RunDir._link
+
+    def killed(self, link, target):
+        if link == "best":
+            raise KeyboardInterrupt("killed while replacing best")
+        real_link(self, link, target)
+
+    monkeypatch.setattr(runs.RunDir, "_link", killed)
+    fit_module = sys.modules["eqxtl.fit"]
+    monkeypatch.setattr(fit_module, "improved", lambda *a, **k: True)  # step 4 is "better"
+    with pytest.raises(KeyboardInterrupt):
+        run_fit(clip_model, tmp_path, steps=4, eval_every=2)
+    monkeypatch.undo()
+    assert (tmp_path / "best").resolve() == old_best
+    assert strict_load(tmp_path / "last" / "meta.json")["step"] == 4
+    eqxtl.from_pretrained(tmp_path / "best", keep_head=True)  # complete
+
+
+def test_old_layout_interrupted_best_swap_is_recovered(clip_model, base_run, tmp_path):
+    """The previous layout renamed best away before renaming the new one in: a kill in
+    between left only .best-old-*. It is restored as best/ at the next start."""
+    copy_of(base_run, tmp_path)
+    saved = tmp_path / "keep"
+    os.rename((tmp_path / "best").resolve(), saved)
+    for link in ("best", "last"):
+        (tmp_path / link).unlink()
+    os.rename(saved, tmp_path / ".best-old-123-456")
+    with pytest.warns(UserWarning, match="last/ is missing"):
+        result = run_fit(clip_model, tmp_path, steps=2)
+    assert result.step == 2  # resumed from the recovered best
+    assert (tmp_path / "best" / "meta.json").is_file()
+
+
+def test_an_unwritable_out_dir_fails_before_training(clip_model, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    steps = []
+    with pytest.raises(eqxtl.TrainingError, match="Cannot write to the run folder"):
+        run_fit(clip_model, tmp_path / "file" / "run", callback=lambda s, m: steps.append(s))
+    assert steps == []
+
+
+# ------------------------------------------------------------------ phases, metrics
+
+
+def test_a_phase_that_trains_nothing_is_refused(clip_model):
+    model, state = clip_model
+    phases = [
+        eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-3), steps=1),
+        eqxtl.Phase(eqxtl.trainable(model), optax.adam(1e-3), steps=1, name="empty"),
+    ]
+    with pytest.raises(eqxtl.TrainingError, match=r"Phase 1 \(empty\) trains nothing"):
+        eqxtl.fit(model, state, train_data=Batches(make_batches(2)), phases=phases)
+
+
+def test_fit_with_nothing_trainable_is_refused(clip_model):
+    with pytest.raises(eqxtl.TrainingError, match="trains nothing"):
+        run_fit(clip_model, spec=eqxtl.trainable(clip_model[0]))
+
+
+def test_an_unknown_best_metric_is_refused_before_training(clip_model):
+    steps = []
+    with pytest.raises(eqxtl.TrainingError, match="'test_f1' is not a metric") as err:
+        run_fit(clip_model, best="test_f1", callback=lambda s, m: steps.append(s))
+    assert "train_accuracy" in str(err.value) and steps == []
+
+
+def test_an_early_stopping_metric_that_does_not_exist_is_named(clip_model):
+    with pytest.raises(eqxtl.TrainingError, match="'test_loss', which evaluations do not"):
+        run_fit(clip_model, callbacks=[eqxtl.callbacks.EarlyStopping("test_loss")])
+
+
+# ------------------------------------------------------------------ predict
+
+
+def test_predict_on_a_bare_backbone_is_an_error(clip_model):
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    with pytest.raises(eqxtl.EqxtlError, match="bare CLIPVision"):
+        eqxtl.predict(clip_model[0].backbone, clip_model[1], images)
+
+
+def test_predict_refuses_a_single_image_with_a_hint(clip_model):
+    with pytest.raises(eqxtl.DataError, match=r"single \(H, W, 3\) image"):
+        eqxtl.predict(*clip_model, np.zeros((32, 32, 3), np.uint8))
+    probs = eqxtl.predict(*clip_model, [np.zeros((32, 32, 3), np.uint8)])
+    assert probs.shape == (1, 3)
