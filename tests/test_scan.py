@@ -251,3 +251,26 @@ def test_vit_scans_too():
         np.testing.assert_allclose(
             eqx.filter_jit(fn)(scanned), eqx.filter_jit(fn)(vit), rtol=1e-5, atol=1e-5
         )
+
+
+def test_lora_dropout_keys_go_with_their_layers(model_state):
+    from eqxtl._paths import map_with_path
+
+    model, state = model_state
+    adapted = eqxtl.lora(model, r".*\.(q_proj|v_proj)", rank=4, dropout=0.5, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    adapted = map_with_path(  # non-zero B: dropout changes the output
+        lambda p, x: (
+            jnp.asarray(0.05 * rng.normal(size=x.shape), x.dtype) if p.endswith("lora_b") else x
+        ),
+        adapted,
+    )
+    x = jnp.asarray(batch()["image"])
+
+    def features(m, key):
+        return eqx.filter_jit(lambda m: m.backbone(x, state, key=key)[0])(m)
+
+    scanned = eqxtl.with_scan(adapted)
+    key = jax.random.key(1)
+    np.testing.assert_allclose(features(scanned, key), features(adapted, key), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(features(scanned, key) - features(scanned, None))) > 1e-3
