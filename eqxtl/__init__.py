@@ -58,10 +58,14 @@ from .models.heads import feature_dim as feature_dim
 from .models.heads import zero_shot_head as zero_shot_head
 from .models.layers import BatchNorm as BatchNorm
 from .models.layers import Conv2d as Conv2d
+from .models.mixer import MixerConfig as MixerConfig
+from .models.mixer import MLPMixer as MLPMixer
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
 from .models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # noqa: F401
+from .models.siglip import SiglipVision as SiglipVision
+from .models.siglip import SiglipVisionConfig as SiglipVisionConfig
 from .models.vit import ViT as ViT
 from .models.vit import ViTConfig as ViTConfig
 from .optim import blocks as blocks

@@ -184,9 +184,13 @@ def preprocess(image: Any, p: Preprocessing) -> np.ndarray:
 
     ``image``: see ``as_rgb`` (uint8 ``(H, W, 3)`` RGB is the usual case). Steps: PIL resize
     of the shortest side to ``p.resize`` with ``p.interpolation``, center crop ``p.crop``
-    (zero-padded if smaller), ``* p.scale``, ``(x - mean) / std``, channels first.
+    (zero-padded if smaller), ``* p.scale``, ``(x - mean) / std``, channels first. With
+    ``p.squash``: a resize of both sides to ``p.crop`` instead of the resize and crop.
     """
     rgb = as_rgb(image)
+    if p.squash:
+        pil = Image.fromarray(rgb).resize((p.crop, p.crop), _RESAMPLE[p.interpolation])
+        return normalise(np.asarray(pil), p)
     h, w = resize_shortest_size(*rgb.shape[:2], p.resize)
     pil = Image.fromarray(rgb).resize((w, h), _RESAMPLE[p.interpolation])
     return normalise(center_crop(np.asarray(pil), p.crop), p)

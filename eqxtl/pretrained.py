@@ -323,7 +323,7 @@ def from_pretrained(
     unexplained = [k for k in plan.unexplained if not any(p.fullmatch(k) for p in patterns)]
     canonical = Lazy(tensors, keep)
     shapes = canonical.shapes()
-    backbone_shapes = {k: v for k, v in shapes.items() if not k.startswith("head.")}
+    backbone_shapes = {k: v for k, v in shapes.items() if not _is_head(k)}
 
     stated = None
     if config is None:
@@ -349,8 +349,12 @@ def from_pretrained(
                     warnings.warn(
                         f"{source_name}: {field} is not stored in the weights and no config "
                         f"file states it; using the {lay.name} layout's default {value!r}. "
-                        f"Pass {field}=... to from_pretrained to choose (e.g. "
-                        "hidden_act='quick_gelu' for OpenAI-trained CLIP weights).",
+                        f"Pass {field}=... to from_pretrained to choose"
+                        + (
+                            " (e.g. hidden_act='quick_gelu' for OpenAI-trained CLIP weights)."
+                            if field == "hidden_act"
+                            else "."
+                        ),
                         stacklevel=2,
                     )
     size = overrides.pop("image_size", None)
@@ -367,7 +371,7 @@ def from_pretrained(
     where = f"{source_name} (read as {arch.name}, {lay.name} layout)"
     backbone, state = checkpoint.fill(
         checkpoint.skeleton(arch, config),
-        canonical.restrict(n for n in keep if not n.startswith("head.")),
+        canonical.restrict(n for n in keep if not _is_head(n)),
         source=where,
         dtype=dtype,
         unexplained=unexplained,
@@ -378,7 +382,7 @@ def from_pretrained(
         backbone = replace_static(
             backbone, preprocessing=stated_preprocessing.at_size(_image_size(config))
         )
-    head_names = {n for n in keep if n.startswith("head.")}
+    head_names = {n for n in keep if _is_head(n)}
     if not keep_head:
         return backbone, state
     if not head_names:
@@ -406,6 +410,12 @@ def from_pretrained(
 
 
 _HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normalize=)
+
+
+def _is_head(name: str) -> bool:
+    """A classification head's canonical name. Other ``head.*`` names belong to the
+    backbone (SigLIP's attention-pooling ``head.probe``, ``head.mlp.fc1.weight``...)."""
+    return name in ("head.weight", "head.bias")
 
 
 def _image_size(config) -> int | None:
@@ -508,6 +518,11 @@ def save_pretrained(
     except KeyError as e:
         raise CheckpointError(
             f"The {lay.name} layout of {arch.name} has no name for {e.args[0]!r}; save in "
+            f"another layout ({[x.name for x in arch.layouts]})."
+        ) from None
+    except ValueError as e:  # a layout eqxtl reads but does not write
+        raise CheckpointError(
+            f"eqxtl does not write the {lay.name} layout of {arch.name} ({e}); save in "
             f"another layout ({[x.name for x in arch.layouts]})."
         ) from None
     extra = {

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 
 from eqxtl import checkpoint
-from eqxtl.models import clip, resnet
+from eqxtl.models import clip, mixer, resnet, siglip
 
 TINY_CLIP = dataclasses.replace(
     clip.CLIP_VIT_B32,
@@ -20,7 +20,28 @@ TINY_CLIP = dataclasses.replace(
 TINY_RESNET = dataclasses.replace(
     resnet.RESNET18, embedding_size=8, hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1)
 )
-TINY = {"clip": (clip.CLIP_VISION, TINY_CLIP), "resnet": (resnet.RESNET, TINY_RESNET)}
+TINY_SIGLIP = siglip.SiglipVisionConfig(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+TINY_MIXER = mixer.MixerConfig(
+    hidden_size=32,
+    num_blocks=2,
+    tokens_mlp_dim=24,
+    channels_mlp_dim=128,
+    image_size=32,
+    patch_size=8,
+)
+TINY = {
+    "clip": (clip.CLIP_VISION, TINY_CLIP),
+    "resnet": (resnet.RESNET, TINY_RESNET),
+    "siglip": (siglip.SIGLIP_VISION, TINY_SIGLIP),
+    "mixer": (mixer.MIXER, TINY_MIXER),
+}
 
 
 def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -44,6 +65,6 @@ def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def tiny(arch_name: str, seed: int = 0):
-    """(backbone, state) of a tiny random CLIP or ResNet in inference mode."""
+    """(backbone, state) of a tiny random backbone (a ``TINY`` key) in inference mode."""
     arch, config = TINY[arch_name]
     return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))

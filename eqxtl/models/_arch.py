@@ -21,6 +21,7 @@ Vocabulary:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,6 +49,8 @@ class Preprocessing:
     - `scale`: multiplies the uint8 pixel values before normalising (``1/255``).
     - `interpolation`: PIL resampling filter, ``"bicubic"``, ``"bilinear"``, ``"nearest"``,
       ``"lanczos"``, ``"box"`` or ``"hamming"``.
+    - `squash`: resize both sides straight to ``crop`` (aspect ratio not kept, no crop), as
+      SigLIP's image processor and big_vision do, instead of shortest side + center crop.
     """
 
     resize: int = 224
@@ -56,6 +59,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     scale: float = 1 / 255
     interpolation: str = "bicubic"
+    squash: bool = False
 
     def __post_init__(self):
         for name in ("mean", "std"):  # tuples of floats: hashable, comparable
@@ -160,6 +164,72 @@ def timm_preprocessing(meta: Meta) -> Preprocessing | None:
     """``Layout.preprocessing`` from timm's ``pretrained_cfg``."""
     cfg = timm_meta(meta)
     return None if cfg is None else Preprocessing.from_timm(cfg.get("pretrained_cfg") or {})
+
+
+def timm_write(
+    architecture: str,
+    config: Any,
+    extra: Mapping[str, Any],
+    model_args: Mapping[str, Any],
+    *,
+    global_pool: str,
+    **pretrained_cfg: Any,
+) -> dict[str, dict]:
+    """``Layout.write_config`` body for timm hub folders: the ``config.json`` timm's
+    ``save_for_hf`` writes (``architecture``, ``num_classes``, ``num_features``,
+    ``global_pool``, ``model_args``, ``pretrained_cfg``); ``config`` has ``hidden_size``,
+    ``hidden_act``, ``num_channels`` and ``image_size`` (int or ``(h, w)``)."""
+    num_classes = extra["num_labels"] or 0
+    size = config.image_size
+    h, w = (size, size) if isinstance(size, int) else size
+    args = {**model_args, "img_size": [h, w], "in_chans": config.num_channels}
+    if config.hidden_act != "gelu":  # timm builds nn.GELU (exact) unless told
+        args["act_layer"] = "gelu_tanh"
+    pre: Preprocessing = extra["preprocessing"]
+    return {
+        "config.json": {
+            "architecture": architecture,
+            "num_classes": num_classes,
+            "num_features": config.hidden_size,
+            "global_pool": global_pool,
+            "model_args": {**args, "num_classes": num_classes, "global_pool": global_pool},
+            "pretrained_cfg": {
+                **pre.to_timm(),
+                "input_size": [config.num_channels, h, w],
+                "num_classes": num_classes,
+                **pretrained_cfg,
+            },
+        }
+    }
+
+
+def timm_act(meta_args: Mapping[str, Any]) -> str:
+    """The ``hidden_act`` of timm ``model_args``: its ``act_layer`` ``gelu_tanh`` is
+    transformers' ``gelu_pytorch_tanh``; timm's default nn.GELU is exact ``gelu``."""
+    return (
+        "gelu_pytorch_tanh" if meta_args.get("act_layer") in ("gelu_tanh", "gelu_new") else "gelu"
+    )
+
+
+def count_blocks(shapes: Shapes, prefix: str) -> int:
+    """``1 + max N`` over the canonical names ``{prefix}N.*`` (0 when there is none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in shapes if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def square_side(patches: int) -> int:
+    """The side of a square grid of ``patches``; ``CheckpointError`` when there is none
+    (the weights cannot tell a non-square grid's shape)."""
+    side = math.isqrt(patches)
+    if side * side != patches:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(
+            f"{patches} patch positions do not form a square grid: pass config= (or "
+            "image_size=(h, w)) for a non-square checkpoint."
+        )
+    return side
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,13 +44,20 @@ class Op:
 
 RENAME = Op("rename", 1, lambda x: [x], lambda xs: xs[0], lambda s: [s])
 TRANSPOSE = Op("transpose", 1, lambda x: [x.T], lambda xs: xs[0].T, lambda s: [s[::-1]])
-SPLIT3 = Op(
-    "split3",
-    3,
-    lambda x: list(np.split(x, 3, axis=0)),
-    lambda xs: np.concatenate(xs, axis=0),
-    lambda s: [(s[0] // 3, *s[1:])] * 3,
-)
+
+
+def split(n: int) -> Op:
+    """One tensor packing ``n`` equal row blocks (q/k/v, timm's k/v) <-> ``n`` tensors."""
+    return Op(
+        f"split{n}",
+        n,
+        lambda x: list(np.split(x, n, axis=0)),
+        lambda xs: np.concatenate(xs, axis=0),
+        lambda s: [(s[0] // n, *s[1:])] * n,
+    )
+
+
+SPLIT3 = split(3)
 
 
 def squeeze(leading: int) -> Op:
@@ -182,10 +189,11 @@ def _strip_offsets(pattern: str) -> str:
 
 
 def packed(theirs: str, ours: str, parts: str = "qkv") -> Map:
-    """A packed q/k/v tensor (rows in ``parts`` order) <-> three canonical ones: ``*`` in
-    ``ours`` stands for each part, e.g. ``packed("blocks.{i}.attn.qkv.weight",
-    "encoder.layers.{i}.self_attn.*_proj.weight")``."""
-    return Map(theirs, tuple(ours.replace("*", p) for p in parts), SPLIT3)
+    """A packed q/k/v tensor (rows in ``parts`` order) <-> one canonical tensor per part:
+    ``*`` in ``ours`` stands for each part, e.g. ``packed("blocks.{i}.attn.qkv.weight",
+    "encoder.layers.{i}.self_attn.*_proj.weight")``; ``parts="kv"`` for packed k/v."""
+    op = SPLIT3 if len(parts) == 3 else split(len(parts))
+    return Map(theirs, tuple(ours.replace("*", p) for p in parts), op)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,3 +366,32 @@ def strip_wrappers(keys: Sequence[str]) -> dict[str, str]:
 def top_prefixes(keys: Iterable[str], limit: int = 12) -> list[str]:
     """The distinct first path components of ``keys`` (for error messages)."""
     return sorted({k.split(".", 1)[0] for k in keys})[:limit]
+
+
+# ---- flax modules in `.npz` files (big_vision, vit_jax): keys joined with "/"
+
+
+def flax_dense(theirs: str, ours: str) -> tuple[Map, Map]:
+    """A flax ``Dense`` (``{theirs}/kernel (in, out)``, ``{theirs}/bias``) <-> a torch
+    ``Linear`` (``{ours}.weight (out, in)``, ``{ours}.bias``)."""
+    return Map(f"{theirs}/kernel", f"{ours}.weight", TRANSPOSE), Map(
+        f"{theirs}/bias", f"{ours}.bias"
+    )
+
+
+def flax_norm(theirs: str, ours: str) -> tuple[Map, Map]:
+    """A flax ``LayerNorm`` (``scale``, ``bias``) <-> torch's (``weight``, ``bias``)."""
+    return Map(f"{theirs}/scale", f"{ours}.weight"), Map(f"{theirs}/bias", f"{ours}.bias")
+
+
+def flax_attention(theirs: str, ours: Mapping[str, str]) -> tuple[Map, ...]:
+    """A flax ``MultiHeadDotProductAttention`` (per-head ``query``, ``key``, ``value``,
+    ``out`` kernels and biases) <-> four torch ``Linear``s: ``ours`` maps each flax name to
+    its canonical module path. Read only (see ``merged_heads``)."""
+    rules = []
+    for name, path in ours.items():
+        kind = "out" if name == "out" else "in"
+        rules.append(Map(f"{theirs}/{name}/kernel", f"{path}.weight", merged_heads(kind)))
+        bias = RENAME if name == "out" else merged_heads("bias")
+        rules.append(Map(f"{theirs}/{name}/bias", f"{path}.bias", bias))
+    return tuple(rules)

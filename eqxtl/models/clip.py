@@ -206,6 +206,13 @@ class Encoder(eqx.Module):
         keys = jax.random.split(key, config.num_hidden_layers)
         self.layers = [EncoderLayer(config, k) for k in keys]
 
+    def __call__(self, h: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
+        """Every block in order: ``(*b, t, d) -> (*b, t, d)``."""
+        run = checkpointed(_run_layer, self.remat)
+        for layer in self.layers:
+            h = run(layer, h)
+        return h
+
 
 def _run_layer(layer: EncoderLayer, h: Array) -> Array:
     return layer(h)
@@ -267,11 +274,7 @@ class CLIPVision(eqx.Module):
     def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
         """transformers' ``last_hidden_state``: every token after the last block (class
         token first), before ``post_layernorm``. ``t = 1 + (image_size / patch_size)**2``."""
-        h = self._embed(x)
-        run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in self.encoder.layers:
-            h = run(layer, h)
-        return h
+        return self.encoder(self._embed(x))
 
     def __call__(
         self,
@@ -375,19 +378,24 @@ _OPEN_CLIP_KEYS = KeyMap(
 
 # ---- timm `vit_*_clip_*`: `(1, 1, D)` class token, `(1, N, D)` positions, packed qkv, and
 # the projection as `head` with a zero bias.
+TIMM_BLOCKS = (
+    packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
+    packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
+    Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
+    Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
+    Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
+    Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
+    Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+)
+"""timm's ``blocks.N`` <-> these ``encoder.layers.N`` (also SigLIP's timm layout)."""
+
 _TIMM_KEYS = KeyMap(
     (
         Map("cls_token", "embeddings.class_embedding", squeeze(2)),
         Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
         Map("patch_embed.proj", "embeddings.patch_embedding"),
         Map("norm_pre", "pre_layrnorm"),
-        packed("blocks.{i}.attn.qkv.weight", f"{_LAYER}.self_attn.*_proj.weight"),
-        packed("blocks.{i}.attn.qkv.bias", f"{_LAYER}.self_attn.*_proj.bias"),
-        Map("blocks.{i}.attn.proj", f"{_LAYER}.self_attn.out_proj"),
-        Map("blocks.{i}.norm1", f"{_LAYER}.layer_norm1"),
-        Map("blocks.{i}.norm2", f"{_LAYER}.layer_norm2"),
-        Map("blocks.{i}.mlp.fc1", f"{_LAYER}.mlp.fc1"),
-        Map("blocks.{i}.mlp.fc2", f"{_LAYER}.mlp.fc2"),
+        *TIMM_BLOCKS,
         Map("norm", "post_layernorm"),
         Map("head.weight", "visual_projection.weight"),
         Drop(r"head\.bias"),

@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 
 from .._paths import keypath_to_str
 from ..errors import SourceError
-from . import clip, dinov2, efficientnet, resnet, vit
+from . import clip, dinov2, efficientnet, mixer, resnet, siglip, vit
 from ._arch import Alias, Architecture, Preprocessing
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -25,6 +25,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         efficientnet.EFFICIENTNET_LITE,
         vit.VIT,
         dinov2.DINOV2,
+        siglip.SIGLIP_VISION,
+        mixer.MIXER,
     )
 }
 
