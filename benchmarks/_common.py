@@ -24,11 +24,21 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-WORKLOADS = ("eval", "head", "last2", "full")
-"""eval forward, head-only step, head + last-two-blocks step, full fine-tune step (Adam)."""
+WORKLOADS = ("eval", "head", "last2", "full", "lora")
+"""eval forward, head-only step, head + last-two-blocks step, full fine-tune step, and a
+LoRA step (r=8 adapters + head; ``LORA_TARGETS``), all with Adam."""
 MODELS = ("clip", "resnet50", "vit_b16", "dinov2_s14")
 FLAX_MODELS = ("clip", "resnet50")
 """The models benchmarks/flax_reference.py builds."""
+LORA_RANK = 8
+LORA_TARGETS = {
+    # PEFT's ViT guide: query and value of every block
+    "clip": ("q_proj", "v_proj"),
+    # every convolution inside the residual blocks (1x1 and 3x3)
+    "resnet50": ("layer.0.convolution", "layer.1.convolution", "layer.2.convolution"),
+}
+"""Module-name suffixes (PEFT's ``target_modules`` matching: ``name.endswith(suffix)``);
+the ``lora`` workload runs for these models only, and not in the Flax reference."""
 BATCH = 32
 IMAGE = 224
 NUM_CLASSES = 3

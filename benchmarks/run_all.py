@@ -120,6 +120,8 @@ def run(args) -> list[dict]:
     for model in args.models:
         for workload in args.workloads:
             here = [f for f in frameworks if f != "flax" or model in C.FLAX_MODELS]
+            if workload == "lora":  # issue 12: eqxtl and PEFT + PyTorch, where defined
+                here = [f for f in here if f != "flax"] if model in C.LORA_TARGETS else []
             commands = [_command(f, args, model, workload) for f in here]
             if args.dtype == "bf16" and "eqxtl" in frameworks:
                 commands.append(_command("eqxtl", args, model, workload, "bf16"))
@@ -261,10 +263,37 @@ def summarize(records: list[dict]) -> str:
             ),
             1.1,
         )
+        if ("eqxtl", m, "lora", "f32") in steps:  # issue 12
+            bar(
+                f"{m}: LoRA step / eqxtl full fine-tune step",
+                _ratio(sec("eqxtl", m, "lora"), sec("eqxtl", m, "full")),
+                0.75,
+            )
+            bar(
+                f"{m}: LoRA step / PEFT + PyTorch LoRA step",
+                _ratio(sec("eqxtl", m, "lora"), sec("torch", m, "lora")),
+                1.0,
+            )
+            bar(
+                f"{m}: LoRA optimizer state / full fine-tune's",
+                _ratio(
+                    field("eqxtl", m, "lora", "opt_state_bytes"),
+                    field("eqxtl", m, "full", "opt_state_bytes"),
+                ),
+                0.02,
+            )
+            bar(
+                f"{m}: peak RSS LoRA / full fine-tune",
+                _ratio(
+                    field("eqxtl", m, "lora", "peak_rss_mb"),
+                    field("eqxtl", m, "full", "peak_rss_mb"),
+                ),
+                0.8,
+            )
     if load and "time_ratio" in load:
         bar("from_pretrained / safetensors.numpy.load_file (time)", load["time_ratio"], 2.0)
     lines.append("")
-    lines.append("Bars (issue 6):")
+    lines.append("Bars (issues 6 and 12):")
     lines += bars
     if load and "time_ratio" in load:
         lines.append("")

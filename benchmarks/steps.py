@@ -3,7 +3,9 @@
 
 Workloads (see ``_common.WORKLOADS``): ``eval`` (``make_eval_step``: forward + loss),
 ``head`` (head-only step), ``last2`` (head + last two blocks), ``full`` (everything trains),
-all with ``optax.adam``. Weights are random (speed does not depend on their values).
+``lora`` (r=8 LoRA adapters on ``_common.LORA_TARGETS`` + head), all with ``optax.adam``.
+Step records carry ``opt_state_bytes`` (Adam's state: what the optimizer keeps per run).
+Weights are random (speed does not depend on their values).
 
 Each (model, workload) runs in a fresh subprocess (for its own peak RSS) and prints one
 JSON line. Compilation is done ahead of time through ``.lower(...).compile()`` of the very
@@ -99,9 +101,23 @@ def make_batch(batch: int, image: int):
     }
 
 
+def lora_model(model, model_name: str):
+    """``model`` with r=8 LoRA adapters on the benchmark's targets (alpha = r)."""
+    import re
+
+    import jax
+
+    import eqxtl
+
+    names = "|".join(re.escape(t) for t in C.LORA_TARGETS[model_name])
+    return eqxtl.lora(model, rf".*\.({names})", rank=C.LORA_RANK, key=jax.random.key(3))
+
+
 def spec_for(model, workload: str):
     import eqxtl
 
+    if workload == "lora":
+        return eqxtl.lora_spec(model, "head")
     if workload == "head":
         return eqxtl.trainable(model, "head")
     if workload == "last2":
@@ -157,9 +173,14 @@ def run_one(model_name: str, workload: str, args) -> None:
         if compile_s is None:
             compile_s = timing["first_call_s"] - timing["sec_per_step"]
     else:
+        if workload == "lora":
+            model = lora_model(model, model_name)
         spec = spec_for(model, workload)
         optimizer = optax.adam(1e-3)
         opt_state = optimizer.init(eqx.filter(model, spec))
+        extra["opt_state_bytes"] = sum(
+            x.nbytes for x in jax.tree.leaves(opt_state) if eqx.is_array(x)
+        )
         step = eqxtl.make_step(loss_fn, optimizer, spec)
         key = jax.random.key(2)
         compile_s = flops = None

@@ -5,7 +5,9 @@
 each with a new ``nn.Linear`` head on ``pooler_output``; batch 32, 224x224,
 3 classes, ``torch.optim.Adam``. Freezing is ``requires_grad_(False)``; frozen modules run
 in ``eval()`` (BatchNorm uses its running statistics), trained ones in ``train()``, like
-eqxtl's ``make_step``. Eager mode (the issue measured ``torch.compile`` at about the same
+eqxtl's ``make_step``. ``lora``: Hugging Face PEFT's ``LoraConfig(r=8, lora_alpha=8,
+target_modules=_common.LORA_TARGETS[model])`` injected into the backbone, head trained too.
+Eager mode (the issue measured ``torch.compile`` at about the same
 speed on this CPU), ``torch.set_num_threads(os.cpu_count())``.
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` over one extra step (matmuls
@@ -102,7 +104,16 @@ def run_one(model_name: str, workload: str, args) -> None:
                 return F.cross_entropy(model(x), y)
 
     else:
-        if workload == "full":
+        if workload == "lora":
+            import peft
+
+            targets = list(C.LORA_TARGETS[model_name])
+            config = peft.LoraConfig(r=C.LORA_RANK, lora_alpha=C.LORA_RANK, target_modules=targets)
+            model.backbone = peft.inject_adapter_in_model(config, model.backbone)
+            lora = [m for name, m in model.named_modules() if name.endswith(".lora_A")]
+            lora += [m for name, m in model.named_modules() if name.endswith(".lora_B")]
+            trained = [model.head, *lora]
+        elif workload == "full":
             trained = [model]
         elif workload == "head":
             trained = [model.head]
@@ -137,6 +148,12 @@ def run_one(model_name: str, workload: str, args) -> None:
     extra = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if workload != "eval":
         extra["trainable_params"] = sum(p.numel() for p in params)
+        extra["opt_state_bytes"] = sum(
+            t.numel() * t.element_size()
+            for state in optimizer.state.values()
+            for t in state.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
     if args.quick:
         extra["quick"] = True
     record = C.result(

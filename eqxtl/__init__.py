@@ -7,6 +7,15 @@ differentiates only what trains.
 
 from ._paths import paths as paths
 from ._torch_pickle import TorchLimits as TorchLimits
+from .adapters import ADAPTER_RULE as ADAPTER_RULE
+from .adapters import adapter_targets as adapter_targets
+from .adapters import has_adapters as has_adapters
+from .adapters import load_adapter as load_adapter
+from .adapters import lora as lora
+from .adapters import lora_spec as lora_spec
+from .adapters import merge_lora as merge_lora
+from .adapters import save_adapter as save_adapter
+from .adapters import unmerge_lora as unmerge_lora
 from .checkpoint import state_dict as state_dict
 from .data import ArraySource as ArraySource
 from .data import Augment as Augment
@@ -19,6 +28,7 @@ from .data import check_labels as check_labels
 from .data import check_same_classes as check_same_classes
 from .data import preprocess as preprocess
 from .data import split as split
+from .errors import AdapterError as AdapterError
 from .errors import CheckpointError as CheckpointError
 from .errors import CorruptImageError as CorruptImageError
 from .errors import DataError as DataError
@@ -58,6 +68,8 @@ from .models.heads import feature_dim as feature_dim
 from .models.heads import zero_shot_head as zero_shot_head
 from .models.layers import BatchNorm as BatchNorm
 from .models.layers import Conv2d as Conv2d
+from .models.layers import LoRAConv2d as LoRAConv2d
+from .models.layers import LoRALinear as LoRALinear
 from .models.mixer import MixerConfig as MixerConfig
 from .models.mixer import MLPMixer as MLPMixer
 from .models.registry import ARCHITECTURES as ARCHITECTURES

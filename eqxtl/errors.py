@@ -13,6 +13,7 @@ EqxtlError
 ├── RuleError                a filter rule or parameter group that matches nothing
 ├── DataError                an image, label or dataset that cannot be used
 │   └── CorruptImageError    one image file that cannot be decoded
+├── AdapterError             a LoRA/DoRA operation on a model in the wrong state
 ├── OptimizerMismatchError   an optimizer that does not fit the trainable half
 └── TrainingError            a run that cannot go on (non-finite loss, a locked run folder)
 ```
@@ -59,6 +60,11 @@ class DataError(EqxtlError):
 class CorruptImageError(DataError):
     """One image file could not be decoded. The ``Loader`` masks such an example out (and
     warns) instead of stopping a training run."""
+
+
+class AdapterError(EqxtlError):
+    """A LoRA/DoRA request that cannot be done: a rank out of range, adapters added to an
+    already-adapted layer, merging a model that has no adapters (already merged?)."""
 
 
 class OptimizerMismatchError(EqxtlError):

@@ -273,11 +273,33 @@ def _merge_ranges(rows: list[tuple]) -> list[tuple]:
     return [tuple(r) for r in out]
 
 
+_ADAPTER_LEAF = re.compile(r"(^|\.)lora_(a|b|magnitude)$")
+
+
+def _adapter_rows(entries: list[tuple[str, int, int, bool]]) -> list[tuple]:
+    """LoRA/DoRA leaves (``eqxtl.lora``) as their own rows, one per adapted layer pattern:
+    ``backbone.encoder.layers.*.self_attn.q_proj.lora_*``."""
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for path, _, params, on in entries:
+        module = re.sub(r"\.\d+(?=\.)", ".*", _ADAPTER_LEAF.sub("", path))
+        group = groups.setdefault((_leaf_name(module) + "lora_*", on), [0, 0])
+        group[0] += 1
+        group[1] += params
+    return [(name, leaves, params, on) for (name, on), (leaves, params) in groups.items()]
+
+
+def _leaf_name(module: str) -> str:
+    return f"{module}." if module else ""
+
+
 def summary(model: Any, spec: Any, *, print_it: bool = True) -> str:
-    """Table of what trains: module groups, leaf counts, parameter counts, share of total."""
+    """Table of what trains: module groups, leaf counts, parameter counts, share of total.
+    LoRA/DoRA adapters get rows of their own (``...q_proj.lora_*``)."""
     entries = [(path, 1, leaf.size, bool(on)) for path, leaf, on in _zip_spec(model, spec)]
     total = sum(e[2] for e in entries) or 1
-    rows = _merge_ranges(_rows(entries, 0))
+    adapters = [e for e in entries if _ADAPTER_LEAF.search(e[0])]
+    rows = _merge_ranges(_rows([e for e in entries if e not in adapters], 0))
+    rows += _adapter_rows(adapters)
     width = max([len(r[0]) for r in rows] + [6])
     lines = [f"{'module':<{width}}  {'trains':>6}  {'leaves':>6}  {'params':>12}  {'share':>6}"]
     for name, leaves, params, on in rows:

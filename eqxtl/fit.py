@@ -180,12 +180,19 @@ def _find_checkpoint(out_dir: Path, name: str) -> Path | None:
 
 
 def _save_checkpoint(path: Path, model, state, opt_state, meta: dict) -> None:
+    from .adapters import has_adapters, merge_lora, save_adapter
     from .pretrained import save_pretrained
 
     def write(tmp: Path):
         with open(tmp / _TRAIN_STATE, "wb") as f:
             eqx.tree_serialise_leaves(f, (model, state, opt_state))
-        save_pretrained(model, state, tmp)
+        if has_adapters(model):
+            # the merged model (what from_pretrained reads), the adapters beside it as PEFT's
+            # files; resuming reads the adapted model from the training state
+            save_pretrained(merge_lora(model), state, tmp)
+            save_adapter(model, tmp, modules_to_save=["head"] if hasattr(model, "head") else [])
+        else:
+            save_pretrained(model, state, tmp)
         (tmp / _META).write_text(json.dumps(meta, indent=1))
 
     _write_dir_atomically(path, write)

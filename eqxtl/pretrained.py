@@ -21,7 +21,7 @@ import equinox as eqx
 import numpy as np
 
 from . import checkpoint, hub
-from .errors import CheckpointError, LayoutError
+from .errors import AdapterError, CheckpointError, LayoutError
 from .models._arch import Architecture, Layout
 from .models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
 from .models.heads import Classifier
@@ -497,8 +497,15 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
+    from .adapters import has_adapters
     from .models.clip_text import CLIP, clip_files
 
+    if has_adapters(model):
+        raise AdapterError(
+            "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
+            "has names for. Save eqxtl.merge_lora(model) (a plain model, same outputs), or "
+            "the adapters alone with eqxtl.save_adapter(model, dir)."
+        )
     if isinstance(model, CLIP):
         weights_file, tensors, configs = clip_files(model, layout or "transformers")
         _write_folder(Path(path), weights_file, tensors, configs)

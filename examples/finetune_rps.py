@@ -8,6 +8,8 @@ batch 32, one epoch, evaluation every 20 steps.
     python examples/finetune_rps.py --model resnet50 --train head
     python examples/finetune_rps.py --train head=1e-3 backbone.encoder.layers.11=1e-5
     python examples/finetune_rps.py --weights weights/clip-vit-base-patch32 --data-dir ~/tfds
+    python examples/finetune_rps.py --lora 8            # LoRA on q,v of every block + head
+    python examples/finetune_rps.py --lora 8 --lora-targets ".*_proj" ".*fc1" --lr 1e-3
     python examples/finetune_rps.py --head zero-shot --train .* --lr 1e-5 --wise-ft 0.5
 
 ``--head zero-shot`` starts from CLIP's zero-shot classifier (the dataset's class names in
@@ -18,7 +20,10 @@ sweep.
 
 ``--train`` takes filter rules (full-match regexes on parameter paths, see
 ``eqxtl.paths``), each optionally with its own learning rate (``RULE=LR``); everything the
-rules do not match stays frozen.
+rules do not match stays frozen. ``--lora RANK`` adds LoRA adapters (to ``--lora-targets``,
+by default CLIP's ``q_proj``/``v_proj``, ResNet's block convolutions, EfficientNet-Lite's
+1x1 convolutions) that train at ``--lr`` besides the ``--train`` rules; the run then also
+writes the adapter as a Hugging Face PEFT folder and the merged model.
 """
 
 from __future__ import annotations
@@ -28,11 +33,19 @@ import importlib.util
 from pathlib import Path
 
 import equinox as eqx
+import jax
 import optax
 
 import eqxtl
+from eqxtl.models.registry import architecture_of
 
 DATASET = "rock_paper_scissors"
+# Default LoRA targets per architecture (what PEFT guides adapt / the 1x1 convolutions).
+LORA_TARGETS = {
+    "clip_vision": [r".*\.(q_proj|v_proj)"],
+    "resnet": [r".*\.layer\.\d+\.convolution"],
+    "efficientnet_lite": [r".*\.(_expand_conv|_project_conv|_conv_head)"],
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="what trains: path rules, each with an optional learning rate (default: %(default)s)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="default learning rate")
+    parser.add_argument("--lora", type=int, metavar="RANK", help="add LoRA adapters of this rank")
+    parser.add_argument(
+        "--lora-targets",
+        nargs="+",
+        metavar="RULE",
+        help="layers that get adapters (path rules; default: per architecture, see above)",
+    )
+    parser.add_argument("--dora", action="store_true", help="DoRA instead of plain LoRA")
     parser.add_argument(
         "--head",
         choices=["linear", "zero-shot"],
@@ -147,12 +168,21 @@ def main(argv=None) -> eqxtl.FitResult:
         print(f"zero-shot test accuracy {zero_shot['accuracy']:.4f} ({train.class_names})")
     else:
         model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
+    groups = [(rule, optax.adam(lr)) for rule, lr in rules]
+    if args.lora is not None:
+        targets = args.lora_targets or LORA_TARGETS[architecture_of(model.backbone).name]
+        try:
+            model = eqxtl.lora(
+                model, targets, rank=args.lora, dora=args.dora, key=jax.random.key(args.seed)
+            )
+        except eqxtl.EqxtlError as e:
+            raise SystemExit(f"error: --lora: {e}") from None
+        groups = [(eqxtl.ADAPTER_RULE, optax.adam(args.lr)), *groups]
     try:
-        groups = [(rule, optax.adam(lr)) for rule, lr in rules] + [(".*", None)]
-        spec, optimizer = eqxtl.param_groups(model, groups)
+        spec, optimizer = eqxtl.param_groups(model, [*groups, (".*", None)])
     except eqxtl.RuleError as e:
         raise SystemExit(f"error: --train: {e}") from None
-    print(eqxtl.summary(model, spec))
+    eqxtl.summary(model, spec)
 
     steps_per_epoch = -(-len(train) // args.batch_size)
     result = eqxtl.fit(
@@ -171,6 +201,12 @@ def main(argv=None) -> eqxtl.FitResult:
         resume=not args.no_resume,
     )
     final = result.final
+    if args.lora is not None:
+        # PEFT's adapter folder (for the transformers model of the same base), and the
+        # merged plain model that from_pretrained / transformers read like any checkpoint
+        eqxtl.save_adapter(result.model, args.out / "adapter", modules_to_save=["head"])
+        eqxtl.save_pretrained(eqxtl.merge_lora(result.model), result.state, args.out / "merged")
+        print(f"adapter (PEFT): {args.out / 'adapter'}, merged model: {args.out / 'merged'}")
     print(
         f"test accuracy {final.get('test_accuracy', float('nan')):.4f} "
         f"(loss {final.get('test_loss', float('nan')):.4f}) after {result.step} steps\n"
@@ -179,8 +215,8 @@ def main(argv=None) -> eqxtl.FitResult:
     )
     if args.wise_ft:
         sweep = eqxtl.wise_ft(
-            model,
-            result.model,
+            model if args.lora is None else eqxtl.merge_lora(model),
+            result.model if args.lora is None else eqxtl.merge_lora(result.model),
             args.wise_ft,
             test,
             batch_size=args.batch_size,

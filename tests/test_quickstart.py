@@ -32,7 +32,8 @@ def test_quickstart_small_run(tmp_path):
         ]
     )
     accuracy = summary["test_accuracy"]
-    assert set(accuracy) == {"frozen", "fine-tuned", "scratch"}
+    assert set(accuracy) == {"frozen", "fine-tuned", "scratch", "LoRA"}
+    assert 0 < summary["trainable_share"]["LoRA"] < summary["trainable_share"]["fine-tuned"]
     # pretrained ImageNet features separate these textures even from 3 examples each
     assert accuracy["frozen"] >= 0.6, accuracy
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == accuracy

@@ -44,6 +44,7 @@ from .layers import (
     checkpointed,
     multihead_attention,
     resample_grid,
+    split_key,
 )
 from .layers import dense as _dense
 from .layers import linear as _linear
@@ -151,15 +152,21 @@ class Attention(eqx.Module):
         queries: Float[Array, "*b tq d"] | None = None,
         *,
         causal: bool = False,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*b tq d"]:
         """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``, or
-        with ``causal`` (self-attention only) to each token's predecessors and itself."""
+        with ``causal`` (self-attention only) to each token's predecessors and itself.
+        ``key``: dropout of LoRA adapters (``eqxtl.lora``), if any."""
         queries = x if queries is None else queries
+        keys = split_key(key, 4)
         q, k, v = (
-            _dense(p, y) for p, y in ((self.q_proj, queries), (self.k_proj, x), (self.v_proj, x))
+            _dense(p, y, key=kk)
+            for p, y, kk in zip(
+                (self.q_proj, self.k_proj, self.v_proj), (queries, x, x), keys, strict=False
+            )
         )
         o = multihead_attention(q, k, v, self.num_heads, causal=causal)
-        return _dense(self.out_proj, o)
+        return _dense(self.out_proj, o, key=keys[3])
 
 
 class EncoderLayer(eqx.Module):
@@ -179,17 +186,24 @@ class EncoderLayer(eqx.Module):
         self.layer_norm2 = LayerNorm(d, eps)
 
     def __call__(
-        self, x: Float[Array, "*b t d"], *, first_only: bool = False, causal: bool = False
+        self,
+        x: Float[Array, "*b t d"],
+        *,
+        first_only: bool = False,
+        causal: bool = False,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "*b tq d"]:
         """All tokens ``(*b, t, d)``, or with ``first_only`` just the class token's
         ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``causal``:
-        each token attends to itself and the tokens before it (CLIP's text tower)."""
+        each token attends to itself and the tokens before it (CLIP's text tower). ``key``:
+        dropout of LoRA adapters, if any."""
+        akey, mkey = split_key(key, 2)
         h = self.layer_norm1(x)
         if first_only:
-            x = x[..., :1, :] + self.self_attn(h, h[..., :1, :])
+            x = x[..., :1, :] + self.self_attn(h, h[..., :1, :], key=akey)
         else:
-            x = x + self.self_attn(h, causal=causal)
-        return x + self.mlp(self.layer_norm2(x))
+            x = x + self.self_attn(h, causal=causal, key=akey)
+        return x + self.mlp(self.layer_norm2(x), key=mkey)
 
 
 class Encoder(eqx.Module):
@@ -214,12 +228,12 @@ class Encoder(eqx.Module):
         return h
 
 
-def _run_layer(layer: EncoderLayer, h: Array) -> Array:
-    return layer(h)
+def _run_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
+    return layer(h, key=key)
 
 
-def _run_last_layer(layer: EncoderLayer, h: Array) -> Array:
-    return layer(h, first_only=True)
+def _run_last_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
+    return layer(h, first_only=True, key=key)
 
 
 class CLIPVision(eqx.Module):
@@ -235,6 +249,8 @@ class CLIPVision(eqx.Module):
     """
 
     batch_native = True  # a class attribute, not a field
+    keyed_layers = r"encoder\.layers\.\d+\.(self_attn|mlp)\.\w+"
+    """Linear layers that receive the call's ``key`` (for LoRA dropout), as a path regex."""
 
     embeddings: Embeddings
     pre_layrnorm: LayerNorm  # sic: the typo is in transformers' weight names
@@ -283,17 +299,19 @@ class CLIPVision(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
-        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm)."""
-        del key  # no dropout
+        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm).
+        ``key`` drives the dropout of LoRA adapters (``eqxtl.lora``), if any; CLIP itself
+        has no dropout."""
         h = self._embed(x)
         layers = self.encoder.layers
+        keys = split_key(key, len(layers))
         run = checkpointed(_run_layer, self.encoder.remat)
-        for layer in layers[:-1]:
-            h = run(layer, h)
+        for layer, k in zip(layers[:-1], keys, strict=False):
+            h = run(layer, h, k)
         if layers:
             # Only the class token is pooled: the last block computes queries, MLP and
             # residual for it alone (what the full block gives that token; ~6% faster).
-            h = checkpointed(_run_last_layer, self.encoder.remat)(layers[-1], h)
+            h = checkpointed(_run_last_layer, self.encoder.remat)(layers[-1], h, keys[-1])
         return self.post_layernorm(h[..., 0, :]), state
 
     def project(self, features: Float[Array, "*b d"]) -> Float[Array, "*b p"]:

@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import DataError
 from ..tokenizer import Tokenizer
+from .layers import dense
 from .registry import architecture_of
 
 
@@ -98,8 +99,9 @@ class Classifier(eqx.Module):
         features = features.astype(self.head.weight.dtype)
         if self.normalize:
             features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-        # features @ W^T also serves a batch (B, d) when the backbone is batch-native
-        return features @ self.head.weight.T + self.head.bias
+        # also serves a batch (B, d) when the backbone is batch-native; the head may be a
+        # LoRA-adapted linear (eqxtl.lora)
+        return dense(self.head, features)
 
     @property
     def batch_native(self) -> bool:

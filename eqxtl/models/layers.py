@@ -78,34 +78,41 @@ class Conv2d(eqx.Module):
         """One image ``(H, W, C)`` or a batch ``(N, H, W, C)``."""
         batched = x.ndim == 4
         x = x if batched else x[None]
-        y = self._convolve(x, self.weight.astype(x.dtype))
+        y = _convolve(x, self.weight.astype(x.dtype), self.stride, self.padding, self.dilation)
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
         return y if batched else y[0]
 
-    def _convolve(self, x: Float[Array, "n h w c"], weight) -> Float[Array, "n h2 w2 o"]:
-        depthwise = self.groups > 1 and self.groups == x.shape[-1] == weight.shape[0]
-        if depthwise and self.dilation == (1, 1):
-            return _depthwise(x, weight, self.stride, self.padding)
-        elif self.groups == 1 and weight.shape[2:] == (1, 1):
-            # 1x1 kernels (ResNet's bottleneck and shortcut convolutions, EfficientNet's
-            # expand/project): kernel gradient as one matrix product, see ``_conv``.
-            padding = self.padding
-            if isinstance(padding, str):
-                kernel = weight.shape[2:]
-                dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel, self.dilation, strict=True))
-                pads = jax.lax.padtype_to_pads(x.shape[1:3], dilated, self.stride, padding)
-                padding = tuple(pads)
-            return _conv(x, weight, self.stride, padding, self.dilation)
-        return jax.lax.conv_general_dilated(
-            x,
-            weight,
-            window_strides=self.stride,
-            padding=self.padding,
-            rhs_dilation=self.dilation,
-            dimension_numbers=_DIMENSIONS,
-            feature_group_count=self.groups,
-        )
+
+def _convolve(
+    x: Float[Array, "n h w c"],
+    weight: Float[Array, "o i kh kw"],
+    stride: tuple[int, int],
+    padding: Padding,
+    dilation: tuple[int, int],
+) -> Float[Array, "n h2 w2 o"]:
+    """The convolution behind ``Conv2d`` (groups = ``c / i``), on the fastest path for it."""
+    groups = x.shape[-1] // weight.shape[1]
+    depthwise = groups > 1 and groups == x.shape[-1] == weight.shape[0]
+    if depthwise and dilation == (1, 1):
+        return _depthwise(x, weight, stride, padding)
+    elif groups == 1 and weight.shape[2:] == (1, 1):
+        # 1x1 kernels (ResNet's bottleneck and shortcut convolutions, EfficientNet's
+        # expand/project): kernel gradient as one matrix product, see ``_conv``.
+        if isinstance(padding, str):
+            kernel = weight.shape[2:]
+            dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
+            padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], dilated, stride, padding))
+        return _conv(x, weight, stride, padding, dilation)
+    return jax.lax.conv_general_dilated(
+        x,
+        weight,
+        window_strides=stride,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSIONS,
+        feature_group_count=groups,
+    )
 
 
 def _depthwise(
@@ -307,6 +314,172 @@ def set_inference(model, value: bool):
     return eqx.nn.inference_mode(model, value=value)
 
 
+# --------------------------------------------------------------------------------------
+# Low-rank adapters (LoRA, DoRA): built by ``eqxtl.lora``, see ``eqxtl/adapters.py``
+# --------------------------------------------------------------------------------------
+
+
+class LoRALinear(eqx.Module):
+    """A linear layer plus a low-rank update: ``x W^T + b + s (x A^T) B^T``, ``s = alpha / r``
+    (``alpha / sqrt(r)`` with rsLoRA), as Hugging Face PEFT's ``lora.Linear``.
+
+    ``weight`` and ``bias`` keep the paths of the ``eqx.nn.Linear`` it replaces (checkpoint
+    names, filter rules and summaries keep working); ``lora_a`` ``(r, in)``, ``lora_b``
+    ``(out, r)`` and, for DoRA, ``lora_magnitude`` ``(out,)`` sit beside them.
+
+    DoRA (``lora_magnitude`` set): ``m / ||W + s B A||_row * (x (W + s B A)^T) + b``, the
+    row norm treated as a constant in the backward pass, as PEFT does (DoRA paper, 4.3).
+
+    Dropout (rate ``dropout``) applies to the adapter's input when a ``key`` is given.
+    """
+
+    weight: Float[Array, "out in"]
+    bias: Float[Array, " out"] | None
+    lora_a: Float[Array, "rank in"]
+    lora_b: Float[Array, "out rank"]
+    lora_magnitude: Float[Array, " out"] | None
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+    rslora: bool = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return _lora_scale(self.alpha, self.rank, self.rslora)
+
+    def delta(self) -> Float[Array, "out in"]:
+        """``s B A``: what merging adds to ``weight`` (before DoRA's rescaling)."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+    def __call__(
+        self, x: Float[Array, "*n in"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*n out"]:
+        return dense(self, x, key=key)
+
+
+class LoRAConv2d(eqx.Module):
+    """``Conv2d`` plus a low-rank update, as PEFT's ``lora.Conv2d``: ``A`` is a convolution
+    to ``r`` channels with the base's kernel, stride and padding, ``B`` a 1x1 convolution
+    back to ``out`` channels (for a 1x1 base both are matrices). Paths and DoRA as in
+    ``LoRALinear``; ``lora_a`` ``(r, in, kh, kw)``, ``lora_b`` ``(out, r, 1, 1)``."""
+
+    weight: Float[Array, "out in kh kw"]
+    bias: Float[Array, " out"] | None
+    lora_a: Float[Array, "rank in kh kw"]
+    lora_b: Float[Array, "out rank 1 1"]
+    lora_magnitude: Float[Array, " out"] | None
+    stride: tuple[int, int] = eqx.field(static=True)
+    padding: Padding = eqx.field(static=True)
+    dilation: tuple[int, int] = eqx.field(static=True)
+    groups: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+    rslora: bool = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return _lora_scale(self.alpha, self.rank, self.rslora)
+
+    def delta(self) -> Float[Array, "out in kh kw"]:
+        """``s B A`` as a kernel: what merging adds to ``weight`` (before DoRA's rescaling)."""
+        b = self.lora_b.reshape(self.lora_b.shape[0], self.rank)
+        a = self.lora_a.reshape(self.rank, -1)
+        return (self.scale * (b @ a)).reshape(self.weight.shape)
+
+    def __call__(
+        self, x: Float[Array, "*n h w c"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*n h2 w2 o"]:
+        """One image ``(H, W, C)`` or a batch ``(N, H, W, C)``."""
+        batched = x.ndim == 4
+        x = x if batched else x[None]
+
+        def base(inputs):
+            return _convolve(
+                inputs, self.weight.astype(x.dtype), self.stride, self.padding, self.dilation
+            )
+
+        def low_rank(inputs):
+            h = _convolve(inputs, self.lora_a.astype(x.dtype), self.stride, self.padding, (1, 1))
+            b = self.lora_b.reshape(self.lora_b.shape[0], self.rank).astype(x.dtype)
+            # B as one 2-D GEMM over all rows (its gradient too), like ``dense``
+            rows = h.reshape(-1, self.rank) * self.scale
+            return (rows @ b.T).reshape(*h.shape[:-1], b.shape[0])
+
+        y = _adapted(self, x, base(x), base, low_rank, key)
+        if self.bias is not None:
+            y = y + self.bias.astype(y.dtype)
+        return y if batched else y[0]
+
+
+def _lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _dora_scale(layer) -> Array:
+    """``m / ||W + s B A||`` per output channel, a constant for the backward pass (PEFT,
+    DoRA paper 4.3), computed in float32."""
+    weight = layer.weight.astype(jnp.float32) + layer.delta().astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(weight.reshape(weight.shape[0], -1)), axis=1))
+    return layer.lora_magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
+
+
+def _adapted(layer, x, y, base, low_rank, key):
+    """The base output ``y = base(x)`` (no bias) plus the adapter's term, PEFT's formula.
+
+    With dropout (a key and ``layer.dropout > 0``) the adapter sees the dropped-out input
+    ``xd``: LoRA adds ``low_rank(xd)``; DoRA adds ``(g - 1) base(xd) + g low_rank(xd)``
+    (``g`` the DoRA scale), which without dropout is ``g (y + low_rank(x))``."""
+    dropped = key is not None and layer.dropout > 0
+    xd = x
+    if dropped:
+        keep = 1.0 - layer.dropout
+        mask = jax.random.bernoulli(key, keep, x.shape)
+        xd = jnp.where(mask, x / keep, jnp.zeros_like(x))
+    if layer.lora_magnitude is None:
+        return y + low_rank(xd)
+    g = _dora_scale(layer).astype(y.dtype)
+    if not dropped:
+        return g * (y + low_rank(x))
+    return y + (g - 1) * base(xd) + g * low_rank(xd)
+
+
+def dense(
+    layer: eqx.nn.Linear | LoRALinear,
+    x: Float[Array, "*n i"],
+    *,
+    key: PRNGKeyArray | None = None,
+) -> Float[Array, "*n o"]:
+    """A linear layer (plain or LoRA/DoRA-adapted) over the last axis of ``x``, in ``x``'s
+    dtype; ``key`` drives the adapter's dropout.
+
+    All leading axes are merged into one before each product: the weight gradients are then
+    plain 2-D GEMMs. With several leading axes (a vmapped batch, or ``(batch, tokens)``)
+    XLA:CPU contracts them through a full transpose of the incoming gradient, 2.5x slower.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    weight = layer.weight.astype(x.dtype)
+    y = rows @ weight.T
+    if isinstance(layer, LoRALinear):
+
+        def low_rank(inputs):
+            a, b = layer.lora_a.astype(x.dtype), layer.lora_b.astype(x.dtype)
+            return ((inputs @ a.T) * layer.scale) @ b.T
+
+        y = _adapted(layer, rows, y, lambda inputs: inputs @ weight.T, low_rank, key)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if layer.bias is None else y + layer.bias.astype(x.dtype)
+
+
 def checkpointed(fn, enabled: bool):
     """``eqx.filter_checkpoint(fn)`` if ``enabled``, else ``fn`` (for the models' block loops;
     ``eqxtl.with_remat`` sets the flag)."""
@@ -399,16 +572,10 @@ def activation(name: str, x: Array) -> Array:
     return jax.nn.gelu(x, approximate=name != "gelu")
 
 
-def dense(linear: eqx.nn.Linear, x: Float[Array, "*n i"]) -> Float[Array, "*n o"]:
-    """``eqx.nn.Linear`` over the last axis of ``x``, in ``x``'s dtype.
-
-    All leading axes are merged into one before the product: the weight gradient is then a
-    plain 2-D GEMM. With several leading axes (a vmapped batch, or ``(batch, tokens)``)
-    XLA:CPU contracts them through a full transpose of the incoming gradient, 2.5x slower.
-    """
-    weight = linear.weight.astype(x.dtype)
-    y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
-    return y if linear.bias is None else y + linear.bias.astype(x.dtype)
+def split_key(key: PRNGKeyArray | None, n: int) -> list:
+    """``n`` keys from ``key`` (``n`` times ``None`` without one): what a block hands its
+    layers for dropout (e.g. of LoRA adapters)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 def linear(in_features: int, out_features: int, key: PRNGKeyArray, use_bias: bool = True):
@@ -484,8 +651,11 @@ class MLP(eqx.Module):
         self.fc2 = linear(hidden, dim, k2)
         self.activation = activation
 
-    def __call__(self, x: Float[Array, "*b t d"]) -> Float[Array, "*b t d"]:
-        return dense(self.fc2, activation(self.activation, dense(self.fc1, x)))
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*b t d"]:
+        k1, k2 = split_key(key, 2)
+        return dense(self.fc2, activation(self.activation, dense(self.fc1, x, key=k1)), key=k2)
 
 
 def multihead_attention(
