@@ -33,8 +33,11 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    count_blocks,
+    square_side,
     timm_meta,
     timm_preprocessing,
+    timm_write,
 )
 from ._layout import Drop, KeyMap, Map, Op
 from .layers import MLP, LayerNorm, PatchEmbedding, image_hw
@@ -43,16 +46,13 @@ from .vit import (
     ViTEmbeddings,
     ViTEncoder,
     _check_common,
-    count_layers,
     hf_fields,
     resize_positions,
     runtime_attention_rules,
-    square_grid,
     square_preprocessing,
     timm_block_rules,
     timm_model_args,
     timm_size_name,
-    timm_write,
 )
 
 Pooling = Literal["cls", "cls+mean"]
@@ -364,10 +364,10 @@ def _infer_config(shapes: Shapes) -> Dinov2Config:
     registers = shapes.get("embeddings.register_tokens", (1, 0))[1]
     return Dinov2Config(
         hidden_size=hidden,
-        num_hidden_layers=count_layers(shapes),
+        num_hidden_layers=count_blocks(shapes, "encoder.layer."),
         num_attention_heads=max(1, hidden // 64),
         mlp_ratio=intermediate / hidden,
-        image_size=square_grid(positions, 1, "DINOv2") * patch,
+        image_size=square_side(positions - 1) * patch,
         patch_size=patch,
         num_channels=channels,
         qkv_bias="encoder.layer.0.attention.attention.query.bias" in shapes,
@@ -452,7 +452,6 @@ def _timm_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
 
 
 def _timm_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
-    h, w = image_hw(config.image_size)
     registers = config.num_register_tokens
     reg = f"reg{registers}_" if registers else ""
     name = f"vit_{timm_size_name(config.hidden_size)}_patch{config.patch_size}_{reg}dinov2"
@@ -461,15 +460,13 @@ def _timm_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
         "depth": config.num_hidden_layers,
         "num_heads": config.num_attention_heads,
         "mlp_ratio": config.mlp_ratio,
-        "img_size": [h, w],
         "patch_size": config.patch_size,
-        "in_chans": config.num_channels,
         "qkv_bias": config.qkv_bias,
         "init_values": config.layerscale_value,
     }
     if registers:
         args |= {"reg_tokens": registers, "no_embed_class": True}
-    return timm_write(name, args, extra)
+    return timm_write(name, config, extra, args, global_pool="token")
 
 
 DINOV2 = Architecture(

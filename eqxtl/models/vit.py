@@ -18,7 +18,6 @@ the input's dtype (weights are cast to it); LayerNorm and softmax run in float32
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,8 +37,12 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    count_blocks,
+    square_side,
+    timm_act,
     timm_meta,
     timm_preprocessing,
+    timm_write,
 )
 from ._layout import CONV_HWIO, TRANSPOSE, Drop, KeyMap, Map, merged_heads, packed
 from .layers import (
@@ -532,22 +535,6 @@ def _build(config: ViTConfig, key: PRNGKeyArray) -> ViT:
     return ViT(config, key=key)
 
 
-def count_layers(shapes: Shapes, prefix: str = "encoder.layer.") -> int:
-    indices = {int(k[len(prefix) :].split(".")[0]) for k in shapes if k.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
-
-
-def square_grid(positions: int, prefix: int, what: str) -> int:
-    """The side of the square patch grid of ``positions`` embeddings after ``prefix`` ones."""
-    side = math.isqrt(positions - prefix)
-    if side * side != positions - prefix:
-        raise CheckpointError(
-            f"{what}: {positions - prefix} patch positions do not form a square grid; pass "
-            "config= (or image_size=(H, W) of the checkpoint) to say its shape."
-        )
-    return side
-
-
 def _infer_config(shapes: Shapes) -> ViTConfig:
     """Config from canonical shapes alone.
 
@@ -568,10 +555,10 @@ def _infer_config(shapes: Shapes) -> ViTConfig:
     pooler = shapes.get("pooler.dense.weight")
     return ViTConfig(
         hidden_size=hidden,
-        num_hidden_layers=count_layers(shapes),
+        num_hidden_layers=count_blocks(shapes, "encoder.layer."),
         num_attention_heads=max(1, hidden // 64),
         intermediate_size=intermediate,
-        image_size=square_grid(positions, 1, "ViT") * patch,
+        image_size=square_side(positions - 1) * patch,
         patch_size=patch,
         num_channels=channels,
         qkv_bias="encoder.layer.0.attention.attention.query.bias" in shapes,
@@ -673,9 +660,9 @@ def _timm_config(meta: Meta, shapes: Shapes) -> ViTConfig | None:
             f"timm {cfg['architecture']} has layer scale (init_values): eqxtl builds it as "
             "DINOv2 only."
         )
-    act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}.get(args.get("act_layer", "gelu"))
-    if act is None:
+    if args.get("act_layer", "gelu") not in ("gelu", "gelu_tanh", "gelu_new"):
         raise CheckpointError(f"timm act_layer {args['act_layer']!r}: eqxtl builds gelu/gelu_tanh.")
+    act = timm_act(args)
     config = dataclasses.replace(
         _infer_config(shapes),
         hidden_act=act,
@@ -698,39 +685,20 @@ def timm_size_name(hidden: int) -> str:
     return {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}.get(hidden, "base")
 
 
-def timm_write(name: str, model_args: dict, extra: dict) -> dict[str, dict]:
-    """A timm hub ``config.json`` for architecture ``name`` built with ``model_args``."""
-    pre: Preprocessing = extra["preprocessing"]
-    num_classes = extra["num_labels"] or 0
-    return {
-        "config.json": {
-            "architecture": name,
-            "num_classes": num_classes,
-            "num_features": model_args["embed_dim"],
-            "global_pool": "token",
-            "model_args": {**model_args, "num_classes": num_classes, "global_pool": "token"},
-            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
-        }
-    }
-
-
 def _timm_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
     if config.hidden_act not in ("gelu", "gelu_pytorch_tanh"):
         raise CheckpointError(f"timm's ViT has no {config.hidden_act!r} activation.")
-    h, w = image_hw(config.image_size)
+    h, _ = image_hw(config.image_size)
     name = f"vit_{timm_size_name(config.hidden_size)}_patch{config.patch_size}_{h}"
     args = {
         "embed_dim": config.hidden_size,
         "depth": config.num_hidden_layers,
         "num_heads": config.num_attention_heads,
         "mlp_ratio": config.intermediate_size / config.hidden_size,
-        "img_size": [h, w],
         "patch_size": config.patch_size,
-        "in_chans": config.num_channels,
         "qkv_bias": config.qkv_bias,
-        "act_layer": "gelu" if config.hidden_act == "gelu" else "gelu_tanh",
     }
-    return timm_write(name, args, extra)
+    return timm_write(name, config, extra, args, global_pool="token")
 
 
 def resize_positions(config, tensors: Mapping[str, np.ndarray], image_size: Any):
