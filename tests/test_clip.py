@@ -104,7 +104,7 @@ def save_safetensors(tensors: dict, directory, config: dict):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def b32(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.CLIPVisionConfig(
@@ -159,7 +159,7 @@ def test_infer_config_from_shapes(b32):
 LAYOUTS = ("vision", "vision_projection", "vision_t4", "clip")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """{layout: directory}, plus the torch references for the shared weights."""
     torch.manual_seed(1)

@@ -78,12 +78,12 @@ def write_clip_vocab(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vocab_dir(tmp_path_factory) -> Path:
     return write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tokenizer_json_dir(vocab_dir, tmp_path_factory) -> Path:
     """transformers' own tokenizer.json (+ tokenizer_config.json) for the same vocabulary."""
     out = tmp_path_factory.mktemp("clip_tokenizer_json")
@@ -240,7 +240,7 @@ def save_hf(model, folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def b32(tmp_path_factory):
     """transformers CLIPModel at the real openai/clip-vit-base-patch32 config (its text
     config says eos_token_id=2, bos 0, pad 1), random init, norms perturbed, saved; and the
@@ -280,7 +280,7 @@ def tiny_hf_config(**text) -> transformers.CLIPConfig:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     torch.manual_seed(1)
     ref = transformers.CLIPModel(tiny_hf_config()).eval()
@@ -290,7 +290,7 @@ def tiny_clip(tmp_path_factory):
     return ref, clip, folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def photos() -> np.ndarray:
     """Real photos preprocessed as CLIP's checkpoints expect: (6, 3, 224, 224) float32."""
     return np.stack(
@@ -298,7 +298,7 @@ def photos() -> np.ndarray:
     )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tokenizer(vocab_dir) -> eqxtl.Tokenizer:
     return eqxtl.Tokenizer.from_pretrained(vocab_dir)
 
@@ -445,7 +445,7 @@ def test_text_tower_rejects_bad_ids(tiny_clip):
 # ---------------------------------------------------------------- both towers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def b32_outputs(b32, photos, tokenizer) -> dict:
     """transformers' and eqxtl's outputs for the photos against PROMPTS (one compilation)."""
     ref, clip, _ = b32

@@ -49,7 +49,7 @@ def images(size, n=2, seed=3) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def base(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.SiglipVisionConfig(
@@ -99,7 +99,7 @@ def test_preprocessing_matches_the_siglip_processor():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A SiglipModel (vision + text towers, logit_scale / logit_bias) and the
     SiglipVisionModel with the same vision weights, both saved."""
