@@ -31,7 +31,11 @@ class Task:
     """Names of the metrics ``summarise`` returns (``fit`` prefixes them ``train_``/``test_``)."""
 
     def per_example(self, outputs: Float[Array, "b k"], labels: Array) -> Float[Array, " b"]:
-        raise NotImplementedError
+        """The loss of each example ``(b,)``: what a ``Task`` subclass must define."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no per_example(outputs, labels) -> (batch,) loss: "
+            "a Task subclass must (see eqxtl.Classification for an example)."
+        )
 
     def sums(self, outputs: Float[Array, "b k"], labels: Array, weights: Array) -> dict:
         return {}
