@@ -1,6 +1,8 @@
-"""``eqxtl.Conv2d``'s own kernel gradient (matrix products for 1x1 kernels) equals the
-gradient of XLA's convolution: batched, unbatched, per example, and forward mode; its
-depthwise fast path equals XLA's grouped convolution."""
+"""``eqxtl.Conv2d``'s own paths (1x1 kernels as matrix products, larger kernels' gradients
+as products over shifted views, per tap or im2col) equal XLA's convolution and its
+gradients: batched, unbatched, per example, and forward mode; its depthwise fast path
+equals XLA's grouped convolution; ``max_pool`` equals PyTorch's ``max_pool2d``, gradients
+(ties included) too."""
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +31,22 @@ def close(a, b):
 
 
 @pytest.mark.parametrize(
-    "kernel, stride, padding",
-    [(1, 1, 0), (1, 2, 0), (1, 2, "SAME"), (1, 1, ((1, 0), (0, 2))), (3, 1, 1), (3, 2, "SAME")],
+    "kernel, stride, padding, channels",
+    [
+        (1, 1, 0, 5),
+        (1, 2, 0, 5),
+        (1, 2, "SAME", 5),
+        (1, 1, ((1, 0), (0, 2)), 5),
+        (3, 1, 1, 5),  # im2col kernel gradient (few input channels)
+        (3, 2, "SAME", 5),
+        (7, 2, 3, 3),  # ResNet's stem
+        (3, 1, 1, 17),  # one product per kernel tap
+        (3, 2, ((0, 1), (2, 0)), 16),
+    ],
 )
-def test_gradients_match_xla_convolution(kernel, stride, padding):
-    conv = eqxtl.Conv2d(5, 7, kernel, stride=stride, padding=padding, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 9, 9, 5))
+def test_gradients_match_xla_convolution(kernel, stride, padding, channels):
+    conv = eqxtl.Conv2d(channels, 7, kernel, stride=stride, padding=padding, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 9, 9, channels))
     ours, ref = (lambda c, xi: c(xi)), reference
 
     def batched_loss(conv, x, f):
@@ -90,3 +102,27 @@ def test_depthwise_matches_grouped_convolution(size, kernel, stride, padding):
     want = jax.grad(loss(reference), argnums=(0, 1))(conv, x)
     np.testing.assert_allclose(got[0].weight, want[0].weight, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [9, 12])
+def test_max_pool_matches_torch(size):
+    import torch
+
+    from eqxtl.models.layers import max_pool
+
+    rng = np.random.default_rng(0)
+    # ReLU outputs: whole windows of zeros, so ties decide where the gradient goes
+    x = np.maximum(rng.normal(size=(2, size, size, 4)), 0).astype(np.float32)
+    x[1, 2, 3, 0] = np.nan
+    y = max_pool(jnp.asarray(x), 3, 2, 1)
+    tx = torch.tensor(np.nan_to_num(x)).permute(0, 3, 1, 2).requires_grad_()
+    ty = torch.nn.functional.max_pool2d(tx, 3, 2, 1)
+    want = torch.nn.functional.max_pool2d(torch.tensor(x).permute(0, 3, 1, 2), 3, 2, 1)
+    np.testing.assert_array_equal(np.asarray(y), want.permute(0, 2, 3, 1).numpy())
+    g = rng.normal(size=ty.shape).astype(np.float32)
+    (ty * torch.tensor(g)).sum().backward()
+    got = jax.grad(lambda x: jnp.sum(max_pool(x, 3, 2, 1) * jnp.asarray(g).transpose(0, 2, 3, 1)))(
+        jnp.asarray(np.nan_to_num(x))
+    )
+    np.testing.assert_array_equal(np.asarray(got), tx.grad.permute(0, 2, 3, 1).numpy())
+    assert max_pool(jnp.asarray(x[0]), 3, 2, 1).shape == y.shape[1:]  # one image

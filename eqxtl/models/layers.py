@@ -96,13 +96,13 @@ def _convolve(
     depthwise = groups > 1 and groups == x.shape[-1] == weight.shape[0]
     if depthwise and dilation == (1, 1):
         return _depthwise(x, weight, stride, padding)
-    elif groups == 1 and weight.shape[2:] == (1, 1):
-        # 1x1 kernels (ResNet's bottleneck and shortcut convolutions, EfficientNet's
-        # expand/project): kernel gradient as one matrix product, see ``_conv``.
+    elif groups == 1:
         if isinstance(padding, str):
             kernel = weight.shape[2:]
             dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
             padding = tuple(jax.lax.padtype_to_pads(x.shape[1:3], dilated, stride, padding))
+        if weight.shape[2:] == (1, 1):
+            return _pointwise(x, weight, stride, padding)
         return _conv(x, weight, stride, padding, dilation)
     return jax.lax.conv_general_dilated(
         x,
@@ -113,6 +113,28 @@ def _convolve(
         dimension_numbers=_DIMENSIONS,
         feature_group_count=groups,
     )
+
+
+def _pointwise(
+    x: Float[Array, "n h w i"],
+    weight: Float[Array, "o i 1 1"],
+    stride: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+) -> Float[Array, "n h2 w2 o"]:
+    """A 1x1 convolution as one 2-D matrix product over ``n * h2 * w2`` rows (ResNet's
+    bottleneck and shortcut convolutions, EfficientNet's expand/project).
+
+    XLA:CPU (jaxlib 0.10) runs a 1x1 ``convolution`` 4-5x slower than the same product
+    written as a ``dot`` on ResNet-50's large maps (``(32, 56, 56, 256) -> 64``: 116 ms vs
+    23 ms on an AVX2 EPYC; ``benchmarks/profile_convs.py``); reverse mode then gives both
+    gradients as plain GEMMs too (the kernel gradient ``g^T x`` contracts all rows at once).
+    """
+    if any(p for pair in padding for p in pair):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    x = x[:, :: stride[0], :: stride[1]]
+    out, channels = weight.shape[:2]
+    rows = x.reshape(-1, channels) @ weight.reshape(out, channels).T
+    return rows.reshape(*x.shape[:-1], out)
 
 
 def _depthwise(
@@ -136,11 +158,11 @@ def _depthwise(
     return y
 
 
-def _shifted_views(x, kernel, stride, padding, dilation):
+def _shifted_views(x, kernel, stride, padding, dilation, fill=0.0):
     """``((i, j), view)`` per kernel tap: the strided window of the padded ``x`` (NHWC) that
     tap ``(i, j)`` multiplies, shaped like the convolution's output ``(n, h2, w2, c)``."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=fill)
     n, h, w, c = x.shape
     out_h = (h - (kh - 1) * dh - 1) // sh + 1
     out_w = (w - (kw - 1) * dw - 1) // sw + 1
@@ -156,6 +178,29 @@ def _shifted_views(x, kernel, stride, padding, dilation):
             yield (i, j), view
 
 
+def max_pool(
+    x: Float[Array, "*n h w c"],
+    kernel: int,
+    stride: int,
+    padding: int,
+) -> Float[Array, "*n h2 w2 c"]:
+    """Max pooling over ``kernel x kernel`` windows of one image ``(H, W, C)`` or a batch,
+    padded with ``-inf`` (``torch.nn.MaxPool2d``).
+
+    Written as a running maximum over the ``kernel ** 2`` shifted views: XLA:CPU runs
+    ``reduce_window`` and its gradient (a ``select_and_scatter`` lowered to a scatter)
+    ~5x slower on ResNet-50's stem (batch 32: 0.5 s of a 9 s training step). Ties send the
+    gradient to the first maximum in the window, like PyTorch; NaN propagates.
+    """
+    batched = x.ndim == 4
+    x = x if batched else x[None]
+    pads = ((padding, padding), (padding, padding))
+    best = None
+    for _, view in _shifted_views(x, (kernel, kernel), (stride, stride), pads, (1, 1), -jnp.inf):
+        best = view if best is None else jnp.where((view > best) | jnp.isnan(view), view, best)
+    return best if batched else best[0]
+
+
 _DIMENSIONS = ("NHWC", "OIHW", "NHWC")
 
 
@@ -167,20 +212,16 @@ def _conv(
     padding: tuple[tuple[int, int], tuple[int, int]],
     dilation: tuple[int, int],
 ) -> Float[Array, "n h2 w2 o"]:
-    """Ungrouped convolution, NHWC activations, OIHW kernel. Its value, and its derivative
-    with respect to ``x``, are XLA's; its derivative with respect to the kernel is written as
-    matrix products (``_kernel_term``) instead of the convolution that JAX's transpose rule
-    emits for it.
+    """Ungrouped convolution with a kernel larger than 1x1, NHWC activations, OIHW kernel.
+    Its value, and its derivative with respect to ``x``, are XLA's; its derivative with
+    respect to the kernel is written as matrix products (``_kernel_term``) instead of the
+    convolution that JAX's transpose rule emits for it.
 
-    That convolution has the whole feature map as its window; XLA:CPU runs it behind
-    full-size transposes of both operands, fused into their (BatchNorm-backward) producers
-    as strided traversals: 8-30 GFLOP/s for ResNet-50's 1x1 kernels, against 33-300 for
-    PyTorch's (channels-last). As matrix products the same kernel gradients run 3-5x
-    faster, and ResNet-50's full fine-tuning step (batch 32, 224x224, 2 cores) goes from
-    15.7 s to 11.4 s. Only 1x1 kernels take this path (``Conv2d.__call__``): for larger
-    kernels the ``kh * kw`` shifted views of ``x`` gain little (3x3: 0.8-1.9x) and
-    XLA:CPU's default scheduler computes them in the forward pass and keeps them alive
-    (+1.5 GiB at that size).
+    That convolution has the whole feature map as its window and runs behind full-size
+    transposes of both operands: on ResNet-50 (batch 32, 2-core AVX2 EPYC, jaxlib 0.10)
+    12 GFLOP/s for the 3x3 kernels at 56x56 and 10 for the 7x7 stem. As ``kh * kw``
+    products of shifted views (``_kernel_term``) the 3x3 kernel gradients run 1.1-2.9x
+    faster, the stem's 2.1x (``benchmarks/profile_convs.py``).
     """
     return jax.lax.conv_general_dilated(
         x, weight, stride, padding, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS
@@ -216,23 +257,37 @@ def _kernel_term(
     padding: tuple[tuple[int, int], tuple[int, int]],
     dilation: tuple[int, int],
 ) -> Float[Array, "n h2 w2 o"]:
-    """``conv(x, dweight)`` as a sum over kernel taps of (strided, shifted view of ``x``) @
-    ``dweight[:, :, i, j].T``: the same value, linear in ``dweight``.
+    """``conv(x, dweight)`` as matrix products over shifted views of ``x``: the same value,
+    linear in ``dweight``.
 
-    Only its transpose matters: reverse mode turns each tap into one matrix product that
-    contracts batch and space, ``dW[:, :, i, j] = g^T view_ij`` (under ``jax.vmap`` the batch
-    is one more contraction dimension of the same product; per-example gradients, with
-    ``grad`` inside ``vmap``, stay per example).
+    Only its transpose matters: reverse mode turns it into the kernel gradient. With enough
+    input channels, one product per kernel tap, ``dW[:, :, i, j] = g^T view_ij``; with few
+    (the 3-channel stem), the views side by side (im2col, ``kh * kw * i`` columns) and one
+    product for the whole kernel, since a product with 3 columns per tap is all overhead
+    (49 of them: 2.5x slower). Under ``jax.vmap`` the batch is one more contraction
+    dimension of the same products (per-example gradients, ``grad`` inside ``vmap``, stay
+    per example).
     """
-    out, _, kh, kw = dweight.shape
+    out, channels, kh, kw = dweight.shape
+    views = _shifted_views(x, (kh, kw), stride, padding, dilation)
+    if channels < _IM2COL_BELOW_CHANNELS:
+        patches = jnp.concatenate([view for _, view in views], axis=-1)  # (..., taps * i)
+        kernel = dweight.transpose(0, 2, 3, 1).reshape(out, -1)  # taps-major, like patches
+        rows = patches.reshape(-1, patches.shape[-1]) @ kernel.T
+        return rows.reshape(*patches.shape[:-1], out)
     y = None
-    for (i, j), view in _shifted_views(x, (kh, kw), stride, padding, dilation):
+    for (i, j), view in views:
         # one 2-D product: its transpose (the kernel gradient) is a plain GEMM; with
         # (n, h, w) left as separate contraction axes XLA:CPU transposes first, ~2x slower
         term = view.reshape(-1, view.shape[-1]) @ dweight[:, :, i, j].T
         term = term.reshape(*view.shape[:-1], out)
         y = term if y is None else y + term
     return y
+
+
+# Below this many input channels the kernel gradient takes the im2col form (measured: the
+# 3-channel 7x7 stem 2.1x faster that way; 3x3 kernels on 64+ channels faster per tap).
+_IM2COL_BELOW_CHANNELS = 16
 
 
 class BatchNorm(eqx.Module):

@@ -48,7 +48,7 @@ from ._arch import (
     timm_preprocessing,
 )
 from ._layout import Drop, KeyMap, Map
-from .layers import BatchNorm, Conv2d, checkpointed
+from .layers import BatchNorm, Conv2d, checkpointed, max_pool
 
 LayerType = Literal["basic", "bottleneck"]
 
@@ -297,16 +297,7 @@ class Embeddings(eqx.Module):
         self, x: Float[Array, "*n h w c"], state: eqx.nn.State
     ) -> tuple[Float[Array, "*n h2 w2 e"], eqx.nn.State]:
         x, state = self.embedder(x, state)
-        lead = x.ndim - 3
-        x = jax.lax.reduce_window(
-            x,
-            -jnp.inf,  # a Python scalar: a traced init value breaks reverse-mode autodiff
-            jax.lax.max,
-            window_dimensions=(1,) * lead + (3, 3, 1),
-            window_strides=(1,) * lead + (2, 2, 1),
-            padding=((0, 0),) * lead + ((1, 1), (1, 1), (0, 0)),
-        )
-        return x, state
+        return max_pool(x, kernel=3, stride=2, padding=1), state
 
 
 class ResNet(eqx.Module):
