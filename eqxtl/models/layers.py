@@ -126,7 +126,7 @@ def _pointwise(
 
     XLA:CPU (jaxlib 0.10) runs a 1x1 ``convolution`` 4-5x slower than the same product
     written as a ``dot`` on ResNet-50's large maps (``(32, 56, 56, 256) -> 64``: 116 ms vs
-    23 ms on an AVX2 EPYC; ``benchmarks/profile_convs.py``); reverse mode then gives both
+    23 ms on an AVX2 EPYC; ``benchmarks/README.md``); reverse mode then gives both
     gradients as plain GEMMs too (the kernel gradient ``g^T x`` contracts all rows at once).
     """
     if any(p for pair in padding for p in pair):
@@ -221,7 +221,7 @@ def _conv(
     transposes of both operands: on ResNet-50 (batch 32, 2-core AVX2 EPYC, jaxlib 0.10)
     12 GFLOP/s for the 3x3 kernels at 56x56 and 10 for the 7x7 stem. As ``kh * kw``
     products of shifted views (``_kernel_term``) the 3x3 kernel gradients run 1.1-2.9x
-    faster, the stem's 2.1x (``benchmarks/profile_convs.py``).
+    faster, the stem's 2.1x (``benchmarks/README.md``).
     """
     return jax.lax.conv_general_dilated(
         x, weight, stride, padding, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS
