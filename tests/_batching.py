@@ -30,7 +30,9 @@ def assert_batch_native_matches_vmap(model, state, x, *, state_tol, grad_tol):
         s = clone(state)
         return jax.vmap(lambda xi: m(xi, s), axis_name="batch", out_axes=(0, None))(x)
 
-    value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
+    # one compiled computation per path: op-by-op dispatch of a whole backbone and its
+    # gradient costs minutes on 2 cores
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))
     (got, got_state), got_grads = value_and_grad(model, native)
     (want, want_state), want_grads = value_and_grad(model, vmapped)
     np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -221,7 +221,9 @@ def _conv(
     transposes of both operands: on ResNet-50 (batch 32, 2-core AVX2 EPYC, jaxlib 0.10)
     12 GFLOP/s for the 3x3 kernels at 56x56 and 10 for the 7x7 stem. As ``kh * kw``
     products of shifted views (``_kernel_term``) the 3x3 kernel gradients run 1.1-2.9x
-    faster, the stem's 2.1x (``benchmarks/README.md``).
+    faster, the stem's 2.1x (``benchmarks/README.md``). XLA:CPU's default scheduler
+    computes those views early and keeps them alive (+1.6 GB on ResNet-50 at batch 32);
+    ``make_step`` compiles with the memory-optimised one, which does not.
     """
     return jax.lax.conv_general_dilated(
         x, weight, stride, padding, rhs_dilation=dilation, dimension_numbers=_DIMENSIONS
