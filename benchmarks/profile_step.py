@@ -48,7 +48,7 @@ def _trace(model_name: str, batch_size: int, out: str) -> tuple[float, str]:
     trainable, frozen = eqx.partition(model, spec)
     args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
     options = {"xla_cpu_enable_xprof_traceme": True}
-    options |= eqxtl.train._step_compiler_options() or {}
+    options |= eqxtl.training.step._step_compiler_options() or {}
     compiled = step.compiled.lower(*args).compile(compiler_options=options)
     jax.block_until_ready(compiled(*args))
     start = time.perf_counter()

@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import eqxtl  # noqa: E402
-from eqxtl import runs  # noqa: E402
+from eqxtl.training import runs  # noqa: E402
 from tests._tiny import tiny  # noqa: E402
 
 real_save = runs.RunDir.save
@@ -70,5 +70,5 @@ except eqxtl.EqxtlError as e:
     print(json.dumps({"error": type(e).__name__, "message": str(e)}))
     sys.exit(3)
 leaves = jax.tree.leaves(eqx.filter((result.model, result.state), eqx.is_array))
-params = [np.asarray(eqxtl.parallel.local(x)).tolist() for x in leaves]
+params = [np.asarray(eqxtl.training.parallel.local(x)).tolist() for x in leaves]
 print(json.dumps({"step": result.step, "history": result.history, "params": params}))

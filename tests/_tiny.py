@@ -4,7 +4,7 @@ import dataclasses
 
 import numpy as np
 
-from eqxtl import checkpoint
+from eqxtl.io import checkpoint
 from eqxtl.models import clip, mixer, resnet, siglip
 
 TINY_CLIP = dataclasses.replace(

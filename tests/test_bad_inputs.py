@@ -18,18 +18,18 @@ import pytest
 from PIL import Image
 
 import eqxtl
-from eqxtl._torch_pickle import TorchLimits, load_torch_file
-from eqxtl.data import (
+from eqxtl import (
     ArraySource,
     DataError,
     ImageFolder,
     Loader,
     Preprocessing,
     Subset,
-    as_rgb,
     check_labels,
     check_same_classes,
 )
+from eqxtl.data.images import as_rgb
+from eqxtl.io.torch_pickle import TorchLimits, load_torch_file
 from tests._tiny import tiny
 
 IDENTITY = Preprocessing(resize=8, crop=8, mean=(0, 0, 0), std=(1, 1, 1), scale=1.0)
@@ -287,9 +287,9 @@ def test_a_shadowed_group_warns_or_fails_under_strict():
 
 def test_nothing_trainable_is_an_error():
     model = _toy()
-    assert eqxtl.filters.require_trainable(model, eqxtl.trainable(model, "head")) == 8
+    assert eqxtl.tuning.filters.require_trainable(model, eqxtl.trainable(model, "head")) == 8
     with pytest.raises(eqxtl.RuleError, match="Nothing trains"):
-        eqxtl.filters.require_trainable(model, eqxtl.trainable(model, ("head", False)))
+        eqxtl.tuning.filters.require_trainable(model, eqxtl.trainable(model, ("head", False)))
 
 
 def test_a_spec_from_another_model_is_a_rule_error():
@@ -306,7 +306,7 @@ def test_a_spec_from_another_model_is_a_rule_error():
         step(model, None, opt_state, _toy_batch())
     frozen_backbone = eqxtl.trainable(model.backbone, "weight")  # another structure
     with pytest.raises(eqxtl.RuleError, match="leaf 0 is 'weight' in one and 'backbone.weight'"):
-        eqxtl.filters.require_trainable(model, frozen_backbone)
+        eqxtl.tuning.filters.require_trainable(model, frozen_backbone)
 
 
 def test_an_opt_state_from_another_model_is_an_optimizer_mismatch():
@@ -413,7 +413,7 @@ def test_oversized_pickle_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- atomic folder writes
 
-_ATOMIC = Path(eqxtl.__file__).parent / "_atomic.py"
+_ATOMIC = Path(eqxtl.__file__).parent / "_util" / "atomic.py"
 _WRITER = """
 import importlib.util, os, sys
 spec = importlib.util.spec_from_file_location("_atomic", sys.argv[1])
@@ -482,15 +482,16 @@ def test_save_pretrained_is_atomic_per_folder(tmp_path):
     # Another process writes new weights and is killed once they are written, before the
     # swap: the folder must hold the old weights, whole.
     code = (
-        "import os, sys, jax, eqxtl, eqxtl._atomic as atomic\n"
+        "import os, sys, jax, eqxtl, eqxtl._util.atomic as atomic\n"
+        "from eqxtl._util.pytree_paths import _is_array\n"
         "model, state = eqxtl.from_pretrained(sys.argv[1])\n"
-        "model = jax.tree.map(lambda x: x + 1 if eqxtl._paths._is_array(x) else x, model)\n"
+        "model = jax.tree.map(lambda x: x + 1 if _is_array(x) else x, model)\n"
         "atomic._step_hook = lambda step: os._exit(9) if step == 'written' else None\n"
         "eqxtl.save_pretrained(model, state, sys.argv[1])\n"
     )
     run = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True)
     assert run.returncode == 9, run.stderr.decode()[-2000:]
-    eqxtl._atomic.recover(folder)
+    eqxtl._util.atomic.recover(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     loaded, _ = eqxtl.from_pretrained(folder)

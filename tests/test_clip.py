@@ -20,7 +20,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import eqxtl
-from eqxtl import checkpoint
+from eqxtl.io import checkpoint
 from eqxtl.models.clip import (
     CLIP_VISION,
     CLIP_VIT_B32,

@@ -421,7 +421,7 @@ def test_eos_pooling_rule_matches_transformers(eos_token_id):
 
 def _load_text_tower(tensors, hf_text_config) -> CLIPText:
     """A text-only file through the same strict fill as CLIP loading."""
-    from eqxtl import checkpoint
+    from eqxtl.io import checkpoint
     from eqxtl.models.clip_text import CLIPTextConfig, _text_config_from_hf
 
     config = _text_config_from_hf({"text_config": hf_text_config, "projection_dim": 16})

@@ -18,8 +18,8 @@ import torch
 import transformers
 
 import eqxtl
-from eqxtl import checkpoint
 from eqxtl.errors import CheckpointError
+from eqxtl.io import checkpoint
 from eqxtl.models.dinov2 import DINOV2, DINOV2_S14, Dinov2, Dinov2Config
 from tests._tiny import random_tensors
 from tests._vitfamily import check_blocks, check_learns, perturb, rel_err, same_tree

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import eqxtl
-from eqxtl import checkpoint
-from eqxtl._torch_pickle import load_torch_file
+from eqxtl.io import checkpoint
+from eqxtl.io.torch_pickle import load_torch_file
 from eqxtl.models import efficientnet as E
 
 nn, F = torch.nn, torch.nn.functional

@@ -78,7 +78,9 @@ def test_fit_learns_with_frozen_random_backbone(tmp_path):
 def test_fit_leaves_the_callers_model_and_state_usable(monkeypatch):
     """The step donates what trains; fit must not consume the arrays it was given, so that
     one set of pretrained weights can seed several runs (BatchNorm state included)."""
-    monkeypatch.setattr(eqxtl.train, "DONATE_MIN_BYTES", 0)  # donate even tiny models
+    import eqxtl.training.step
+
+    monkeypatch.setattr(eqxtl.training.step, "DONATE_MIN_BYTES", 0)  # donate even tiny models
     backbone, state = tiny("resnet", 0)
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     # copies: a NumPy view of a buffer would pin it and silently prevent its donation

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import eqxtl
-from eqxtl import runs
+from eqxtl.training import runs
 from tests._tiny import tiny
 
 IMAGE = 32
@@ -249,7 +249,7 @@ def test_a_kill_while_replacing_best_keeps_the_old_best(
         real_link(self, link, target)
 
     monkeypatch.setattr(runs.RunDir, "_link", killed)
-    fit_module = sys.modules["eqxtl.fit"]
+    fit_module = sys.modules["eqxtl.training.loop"]
     monkeypatch.setattr(fit_module, "improved", lambda *a, **k: True)  # step 4 is "better"
     with pytest.raises(KeyboardInterrupt):
         run_fit(clip_model, tmp_path, steps=4, eval_every=2)
@@ -309,7 +309,7 @@ def test_an_unknown_best_metric_is_refused_before_training(clip_model):
 
 def test_an_early_stopping_metric_that_does_not_exist_is_named(clip_model):
     with pytest.raises(eqxtl.TrainingError, match="'test_loss', which evaluations do not"):
-        run_fit(clip_model, callbacks=[eqxtl.callbacks.EarlyStopping("test_loss")])
+        run_fit(clip_model, callbacks=[eqxtl.EarlyStopping("test_loss")])
 
 
 # ------------------------------------------------------------------ predict

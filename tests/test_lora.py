@@ -20,10 +20,10 @@ import torch
 import transformers
 
 import eqxtl
-from eqxtl import checkpoint
-from eqxtl.filters import _zip_spec
+from eqxtl.io import checkpoint
 from eqxtl.models import resnet as R
 from eqxtl.models.clip import LayerNorm
+from eqxtl.tuning.filters import _zip_spec
 from tests._tiny import TINY_RESNET, random_tensors
 from tests._tiny import tiny as tiny_model
 from tests.test_clip import b32 as b32  # noqa: F401  (session fixture: CLIP-B/32 directory)
@@ -50,7 +50,7 @@ def perturb(model, seed: int, scale: float = 0.05):
             return jnp.asarray(np.asarray(leaf) * jitter, leaf.dtype)
         return leaf
 
-    from eqxtl._paths import map_with_path
+    from eqxtl._util.pytree_paths import map_with_path
 
     return map_with_path(lambda p, x: change(p, x) if eqx.is_array(x) else x, model)
 

@@ -24,7 +24,7 @@ from skimage import data as skdata
 from skimage.transform import resize
 
 import eqxtl
-from eqxtl import checkpoint
+from eqxtl.io import checkpoint
 from eqxtl.models import resnet as R
 
 # Float32 everywhere (on CPU default matmul/conv precision is full float32).

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import eqxtl
-from eqxtl import checkpoint
+from eqxtl.io import checkpoint
 from eqxtl.models import clip
 from tests._tiny import TINY_CLIP, random_tensors, tiny
 
@@ -254,7 +254,7 @@ def test_vit_scans_too():
 
 
 def test_lora_dropout_keys_go_with_their_layers(model_state):
-    from eqxtl._paths import map_with_path
+    from eqxtl._util.pytree_paths import map_with_path
 
     model, state = model_state
     adapted = eqxtl.lora(model, r".*\.(q_proj|v_proj)", rank=4, dropout=0.5, key=jax.random.key(0))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch  # the test extra installs it: a missing torch fails, never skips
 
-from eqxtl._torch_pickle import TorchFileError, UnsafeCheckpointError, load_torch_file
+from eqxtl.io.torch_pickle import TorchFileError, UnsafeCheckpointError, load_torch_file
 
 LAYOUTS = pytest.mark.parametrize("zip_layout", [True, False], ids=["zip", "legacy"])
 
@@ -172,7 +172,7 @@ def test_reader_never_imports_torch():
 
     code = (
         "import sys\n"
-        "import eqxtl._torch_pickle as reader\n"
+        "import eqxtl.io.torch_pickle as reader\n"
         f"assert len(reader.load_torch_file({str(packaged_lite0_path())!r})) == 296\n"
         "assert 'torch' not in sys.modules\n"
     )

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import eqxtl
-from eqxtl._paths import leaves_with_paths
+from eqxtl._util.pytree_paths import leaves_with_paths
 from eqxtl.models.clip import LayerNorm
 from tests._tiny import tiny
 
@@ -82,7 +82,7 @@ def test_adamw_leaves_frozen_bit_identical(arch, which):
 def _spec_items(model, spec):
     flat, treedef = jax.tree_util.tree_flatten_with_path(model)
     return [
-        (eqxtl._paths.keypath_to_str(kp), on)
+        (eqxtl._util.pytree_paths.keypath_to_str(kp), on)
         for (kp, leaf), on in zip(flat, treedef.flatten_up_to(spec), strict=True)
         if eqx.is_array(leaf)
     ]

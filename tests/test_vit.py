@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import eqxtl
-from eqxtl import checkpoint
 from eqxtl.errors import CheckpointError
+from eqxtl.io import checkpoint
 from eqxtl.models.vit import VIT, VIT_B16, ViT, ViTConfig
 from tests._tiny import random_tensors
 from tests._vitfamily import check_blocks, check_learns, perturb, rel_err, same_tree

@@ -23,7 +23,6 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ..scan import run_blocks
 from ._arch import (
     INTERPOLATIONS,
     Alias,
@@ -37,6 +36,7 @@ from ._arch import (
     timm_preprocessing,
 )
 from ._layout import TRANSPOSE, Drop, KeyMap, Map, packed, squeeze
+from .blockwise import run_blocks
 from .layers import (
     ACTIVATIONS,
     MLP,

@@ -28,8 +28,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import CheckpointError, DataError
-from ..scan import run_blocks
 from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Lazy, Map
+from .blockwise import run_blocks
 from .clip import (
     _ACTIVATIONS,
     CLIP_VISION,
@@ -469,7 +469,7 @@ def load_clip(
     them the config is inferred from the shapes. ``config`` overrides both. Returns
     ``(clip, state)`` in inference mode (``state`` is empty: CLIP has no BatchNorm).
     """
-    from .. import checkpoint  # the generic loader sits above models/ in the import graph
+    from ..io import checkpoint  # the generic loader sits above models/ in the import graph
 
     meta = meta or {}
     keys = list(tensors)
@@ -509,7 +509,7 @@ def clip_state_dict(clip: CLIP, layout: str = "transformers") -> dict[str, np.nd
     """Every weight of ``clip`` under its key in ``layout``: transformers' ``CLIPModel``
     (what ``CLIPModel.load_state_dict`` takes, ``position_ids`` aside) or open_clip's
     ``CLIP`` (``attn_mask`` aside)."""
-    from ..checkpoint import state_dict
+    from ..io.checkpoint import state_dict
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}.")

@@ -12,7 +12,7 @@ from typing import Any
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._paths import keypath_to_str
+from .._util.pytree_paths import keypath_to_str
 from ..errors import SourceError
 from . import clip, dinov2, efficientnet, mixer, resnet, siglip, vit
 from ._arch import Alias, Architecture, Preprocessing

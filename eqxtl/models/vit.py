@@ -28,7 +28,6 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
-from ..scan import run_blocks
 from ._arch import (
     Alias,
     Architecture,
@@ -45,6 +44,7 @@ from ._arch import (
     timm_write,
 )
 from ._layout import CONV_HWIO, TRANSPOSE, Drop, KeyMap, Map, merged_heads, packed
+from .blockwise import run_blocks
 from .layers import (
     ACTIVATIONS,
     LayerNorm,

@@ -14,7 +14,7 @@ import socket
 import urllib.parse
 from pathlib import Path
 
-from .errors import SourceError
+from ..errors import SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
 WEIGHT_FILES = (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError, DataError, SourceError
+from ..errors import CheckpointError, DataError, SourceError
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -182,8 +182,8 @@ def _pad_token(files: dict[str, Path]) -> str:
 
 
 def _tokenizer_files(source, revision, cache_dir) -> dict[str, Path]:
+    from ..models.registry import REGISTRY
     from . import hub
-    from .models.registry import REGISTRY
 
     key = str(source)
     if key in REGISTRY:

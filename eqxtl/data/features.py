@@ -24,8 +24,10 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from .data import Loader, Preprocessing, fingerprint
-from .train import LossFn, cross_entropy
+from ..models._arch import Preprocessing
+from ..training.step import LossFn, cross_entropy
+from .loader import Loader
+from .sources import fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +68,7 @@ def extract_features(
       memory-maps them instead of recomputing (for datasets that do not fit in memory); a
       changed image, label or class list recomputes.
     """
-    from .models.registry import preprocessing_for
+    from ..models.registry import preprocessing_for
 
     backbone = getattr(backbone, "backbone", backbone)
     if isinstance(data, Loader):
@@ -103,7 +105,7 @@ def extract_features(
 
 
 def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress):
-    from .train import batched
+    from ..models.batching import batched
 
     backbone = eqx.nn.inference_mode(backbone, True)
     forward = eqx.filter_jit(lambda m, s, x: batched(m)(x, s)[0])

@@ -20,13 +20,13 @@ from typing import Any
 import equinox as eqx
 import numpy as np
 
+from ..errors import AdapterError, CheckpointError, LayoutError
+from ..models._arch import Architecture, Layout
+from ..models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
+from ..models.heads import Classifier
+from ..models.layers import replace_static
+from ..models.registry import ARCHITECTURES, architecture_of, lookup_alias, preprocessing_for
 from . import checkpoint, hub, labels
-from .errors import AdapterError, CheckpointError, LayoutError
-from .models._arch import Architecture, Layout
-from .models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
-from .models.heads import Classifier
-from .models.layers import replace_static
-from .models.registry import ARCHITECTURES, architecture_of, lookup_alias, preprocessing_for
 
 
 class _SafetensorsFile(Mapping):
@@ -63,7 +63,7 @@ def _read(path: Path, torch_limits=None) -> Mapping[str, np.ndarray]:
             raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from None
     if path.suffix == ".npz":
         return _read_npz(path)
-    from ._torch_pickle import load_torch_file
+    from .torch_pickle import load_torch_file
 
     return load_torch_file(path, limits=torch_limits)
 
@@ -124,7 +124,7 @@ def _resolve(source, revision, cache_dir) -> tuple[hub.Resolved, Architecture | 
 
 
 def _aliases() -> set[str]:
-    from .models.registry import REGISTRY
+    from ..models.registry import REGISTRY
 
     return set(REGISTRY)
 
@@ -309,7 +309,7 @@ def from_pretrained(
             raise ValueError(f"towers must be 'vision' or 'both', got {towers!r}.")
         if keep_head or overrides or tuple(ignore):
             raise ValueError("keep_head, ignore and config overrides apply to towers='vision'.")
-        from .models.clip_text import load_clip
+        from ..models.clip_text import load_clip
 
         return load_clip(tensors, meta, config=config, source=source_name, dtype=dtype)
     keys = list(tensors)
@@ -504,8 +504,8 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
-    from .adapters import has_adapters
-    from .models.clip_text import CLIP, clip_files
+    from ..models.clip_text import CLIP, clip_files
+    from ..tuning.adapters import has_adapters
 
     if has_adapters(model):
         raise AdapterError(
@@ -560,7 +560,7 @@ def _write_folder(path: Path, weights_file: str, tensors: dict, configs: dict[st
     and config files of other layouts dropped: they would shadow the new ones)."""
     from safetensors.numpy import save_file
 
-    from ._atomic import atomic_directory
+    from .._util.atomic import atomic_directory
 
     replacing = {weights_file, *configs, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
     with atomic_directory(path, replacing=replacing) as tmp:

@@ -17,10 +17,10 @@ import jax
 import jax.tree_util as jtu
 import optax
 
-from ._paths import keypath_to_str, map_with_path
-from .errors import OptimizerMismatchError
+from .._util.pytree_paths import keypath_to_str, map_with_path
+from ..errors import OptimizerMismatchError
+from ..models.registry import backbones_in
 from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
-from .models.registry import backbones_in
 
 FROZEN = "frozen"
 

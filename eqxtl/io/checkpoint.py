@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._paths import keypath_to_str
-from .errors import CheckpointError
-from .models._arch import Architecture
-from .models._layout import strip_wrappers
-from .models.layers import set_inference
+from .._util.pytree_paths import keypath_to_str
+from ..errors import CheckpointError
+from ..models._arch import Architecture
+from ..models._layout import strip_wrappers
+from ..models.layers import set_inference
 
 
 def _group(names: Iterable[str]) -> list[str]:

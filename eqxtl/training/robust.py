@@ -39,8 +39,8 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 
-from ._paths import keypath_to_str
-from .errors import EqxtlError
+from .._util.pytree_paths import keypath_to_str
+from ..errors import EqxtlError
 
 
 def _structure_error(a: Any, b: Any, what: str) -> EqxtlError:
@@ -151,8 +151,8 @@ def wise_ft(
     a PNG path for the accuracy-vs-alpha curve (needs the ``plot`` extra). ``states``:
     ``(zero-shot state, fine-tuned state)`` for models with BatchNorm.
     """
-    from .fit import evaluate
-    from .train import make_eval_step
+    from .loop import evaluate
+    from .step import make_eval_step
 
     alphas = [float(a) for a in alphas]
     if not alphas:
@@ -185,7 +185,7 @@ def wise_ft(
             record[f"{prefix}loss"] = result["loss"]
         records.append(record)
     if plot is not None:
-        from .plot import plot_wise_ft
+        from .._util.plot import plot_wise_ft
 
         plot_wise_ft(records, plot)
     return records
@@ -211,8 +211,8 @@ def lp_ft(
     go to both ``eqxtl.fit`` calls (``test_data``, ``batch_size``, ``seed``, ...), and with
     ``out_dir`` the two runs write to ``out_dir/probe`` and ``out_dir/finetune``.
     """
-    from .fit import fit
-    from .optim import param_groups
+    from ..tuning.groups import param_groups
+    from .loop import fit
 
     def run(model, state, groups, n_epochs, name):
         spec, optimizer = param_groups(model, groups)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from ._paths import first_difference
-from .errors import EqxtlError, OptimizerMismatchError
-from .filters import check_spec
-from .models.layers import BatchNorm
+from .._util.pytree_paths import first_difference
+from ..errors import EqxtlError, OptimizerMismatchError
+from ..models.batching import batched
+from ..models.layers import BatchNorm
+from ..tuning.filters import check_spec
 from .parallel import shard_batch
 from .tasks import Classification, Task, loss_and_metrics
 
@@ -69,26 +70,6 @@ def _bn_mode(bn: str, train_bn: bool = False) -> str:
     if bn not in BN_MODES:
         raise EqxtlError(f"bn must be one of {BN_MODES}, got {bn!r}.")
     return "train" if train_bn else bn
-
-
-def batched(model: Any) -> Callable:
-    """``model`` over a batch: ``(x (B, ...), state, keys (B,) | None) -> (out (B, ...), state)``.
-
-    ``jax.vmap`` over the examples (BatchNorm in training mode reduces over the vmapped axis
-    ``"batch"``), or, for a model that says it is ``batch_native`` (CLIP), one call on the
-    whole batch with the first key.
-    """
-
-    def call(x, state, keys=None):
-        if getattr(model, "batch_native", False):
-            return model(x, state, key=None if keys is None else keys[0])
-        if keys is None:
-            fn = lambda xi: model(xi, state)  # noqa: E731
-            return jax.vmap(fn, axis_name="batch", out_axes=(0, None))(x)
-        fn = lambda xi, ki: model(xi, state, key=ki)  # noqa: E731
-        return jax.vmap(fn, axis_name="batch", out_axes=(0, None))(x, keys)
-
-    return call
 
 
 def cross_entropy(

@@ -29,16 +29,20 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from ..data.features import FeatureLoader, backbone_frozen, extract_features
+from ..data.images import Augment
+from ..data.loader import Loader, ProcessShard
+from ..data.sources import check_labels, check_same_classes
+from ..errors import DataError, EqxtlError, TrainingError
+from ..models._arch import Preprocessing
+from ..models.batching import batched
+from ..models.heads import Classifier
+from ..models.registry import preprocessing_for
 from .callbacks import improved, metric_mode
-from .data import Augment, Loader, Preprocessing, check_labels, check_same_classes
-from .errors import DataError, EqxtlError, TrainingError
-from .features import FeatureLoader, backbone_frozen, extract_features
-from .models.heads import Classifier
-from .models.registry import preprocessing_for
-from .parallel import ProcessShard, auto_mesh, check_same_length, host, local, replicate
+from .parallel import auto_mesh, check_same_length, host, local, replicate
 from .runs import RunDir, signature
+from .step import _bn_mode, make_eval_step, make_step, task_loss
 from .tasks import Classification, Task
-from .train import _bn_mode, batched, make_eval_step, make_step, task_loss
 
 
 @dataclasses.dataclass
@@ -96,7 +100,7 @@ def two_phases(
     ``fine_tune``) as two ``Phase``s: ``head`` alone with Adam at ``head_lr`` for
     ``head_epochs`` (on cached features), then every leaf with Adam at ``lr`` for
     ``epochs``, BatchNorm in inference mode throughout (``bn="frozen"``)."""
-    from .filters import everything, trainable
+    from ..tuning.filters import everything, trainable
 
     return [
         Phase(trainable(model, head), optax.adam(head_lr), epochs=head_epochs, name="head"),
@@ -199,7 +203,7 @@ def predict(
     ``labels=True``: the names of the most likely classes, a list of ``N`` strings (from
     ``class_names``, or the model's own when it was loaded from a fine-tuned folder).
     """
-    from .data import preprocess
+    from ..data.images import preprocess
 
     if not isinstance(model, Classifier):
         raise EqxtlError(

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 
 def metric_mode(name: str, mode: str = "auto") -> str:

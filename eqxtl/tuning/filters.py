@@ -28,8 +28,14 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
-from ._paths import closest, first_difference, keypath_to_str, leaves_with_paths, map_with_path
-from .errors import RuleError
+from .._util.pytree_paths import (
+    closest,
+    first_difference,
+    keypath_to_str,
+    leaves_with_paths,
+    map_with_path,
+)
+from ..errors import RuleError
 
 Rule = str | type | Callable[[str, Any], bool] | tuple[Any, bool]
 
@@ -39,7 +45,7 @@ def _trainable_leaf(leaf: Any) -> bool:
 
 
 def _layer_kinds() -> tuple[type, ...]:
-    from .models.registry import ARCHITECTURES
+    from ..models.registry import ARCHITECTURES
 
     return tuple(t for a in ARCHITECTURES.values() for t in (*a.norm_types, *a.linear_types))
 

@@ -36,7 +36,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from .errors import TorchFileError, UnsafeCheckpointError
+from ..errors import TorchFileError, UnsafeCheckpointError
 
 __all__ = ["TorchFileError", "TorchLimits", "UnsafeCheckpointError", "load_torch_file"]
 

@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._paths import keypath_to_str, leaves_with_paths
-from .errors import TrainingError
+from .._util.pytree_paths import keypath_to_str, leaves_with_paths
+from ..errors import TrainingError
 
 TRAIN_STATE = "train_state.eqx"
 META = "meta.json"
@@ -264,8 +264,8 @@ class RunDir:
     ) -> Path:
         """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it
         (``export(model)``: the model ``save_pretrained`` writes, e.g. with class names)."""
-        from .adapters import has_adapters, merge_lora, save_adapter
-        from .pretrained import save_pretrained
+        from ..io.pretrained import save_pretrained
+        from ..tuning.adapters import has_adapters, merge_lora, save_adapter
 
         if not all_finite((model, state)):
             raise TrainingError(
@@ -395,7 +395,7 @@ class RunDir:
     def plot(self, history: list[dict], steps: list[dict]) -> None:
         if not history and not steps:
             return
-        from .plot import plot_history
+        from .._util.plot import plot_history
 
         try:
             plot_history(history, self.path / "history.png", steps=steps)

@@ -34,12 +34,12 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PRNGKeyArray
 
-from ._paths import closest, keypath_to_str, leaves_with_paths
-from .errors import AdapterError, CheckpointError, RuleError
+from .._util.pytree_paths import closest, keypath_to_str, leaves_with_paths
+from ..errors import AdapterError, CheckpointError, RuleError
+from ..models.heads import Classifier
+from ..models.layers import Conv2d, LoRAConv2d, LoRALinear, _dora_scale
+from ..models.registry import architecture_of
 from .filters import Rule, _compile, _describe, trainable
-from .models.heads import Classifier
-from .models.layers import Conv2d, LoRAConv2d, LoRALinear, _dora_scale
-from .models.registry import architecture_of
 
 _ADAPTED = (LoRALinear, LoRAConv2d)
 _LAYERS = (eqx.nn.Linear, Conv2d, *_ADAPTED)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .data import Preprocessing
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..models._arch import Preprocessing
 
 
 def head_config(model) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""``GrainLoader``: a ``Loader``'s batches made by grain worker processes."""
+
+from __future__ import annotations
+
+import jax
+
+from ..errors import DataError
+from .loader import local_batch
+
+
+class GrainLoader:
+    """A ``Loader``'s batches made by grain worker processes (decode and augmentation run
+    outside this process's GIL): the same batches as ``loader.epoch`` (same order,
+    augmentation, padding and mask), this process's part of each when there are several
+    (as ``ProcessShard``). The iterator state is ``(epoch, start_step)``, which ``fit``
+    saves with every checkpoint. Needs the ``grain`` extra; the source must pickle.
+
+    >>> fit(model, state, optimizer, spec, eqxtl.GrainLoader(eqxtl.Loader(source, p, 32)))
+    """
+
+    def __init__(
+        self, loader, *, num_workers: int = 2, index: int | None = None, count: int | None = None
+    ):
+        self.loader = loader
+        self.num_workers = num_workers
+        self.index = jax.process_index() if index is None else index
+        self.count = jax.process_count() if count is None else count
+        if loader.batch_size % self.count:
+            raise DataError(
+                f"A global batch of {loader.batch_size} cannot be split over {self.count} "
+                f"processes: use a batch size that is a multiple of {self.count}."
+            )
+        self.batch_size = loader.batch_size
+        self.source = loader.source
+        self.preprocessing = loader.preprocessing
+        self.augment = loader.augment
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        import grain
+
+        if start_step >= len(self):
+            return iter(())
+        make = _GrainBatch(self.loader, self.loader.order(epoch), epoch, self.index, self.count)
+        ds = grain.MapDataset.range(start_step, len(self)).map(make).to_iter_dataset()
+        if self.num_workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults)
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        return iter(ds)
+
+
+class _GrainBatch:
+    """Picklable ``batch index -> local batch`` for grain workers."""
+
+    def __init__(self, loader, order, epoch, index, count):
+        self.loader, self.order, self.epoch = loader, order, epoch
+        self.index, self.count = index, count
+
+    def __call__(self, i):
+        return local_batch(self.loader, self.order, int(i), self.epoch, self.index, self.count)
