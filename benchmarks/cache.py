@@ -72,7 +72,7 @@ def main() -> None:
     )
     cached = eqxtl.FeatureLoader(features, loader)
     optimizer = optax.adam(1e-3)
-    step = eqxtl.make_step(eqxtl.data.features.head_loss(), optimizer, spec)
+    step = eqxtl.make_step(eqxtl.task_loss(eqxtl.Classification(), features=True), optimizer, spec)
     opt_state = optimizer.init(eqx.filter(model, spec))
     key = jax.random.key(0)
 

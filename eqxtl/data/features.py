@@ -25,7 +25,6 @@ import jax
 import numpy as np
 
 from ..models._arch import Preprocessing
-from ..training.step import LossFn, cross_entropy
 from .loader import Loader
 from .sources import fingerprint
 
@@ -188,22 +187,6 @@ class FeatureLoader:
                 "label": labels,
                 "mask": mask,
             }
-
-
-def head_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
-    """Like ``classification_loss``, for batches of cached features: ``model.logits``, the
-    head only (``compute_dtype`` is accepted for symmetry; the head runs in its weights'
-    dtype)."""
-
-    def loss_fn(model, state, batch, key):
-        features = batch["features"]
-        logits = model.logits(features)
-        loss, metrics = cross_entropy(
-            logits, batch["label"], batch.get("mask"), label_smoothing=label_smoothing
-        )
-        return loss, (state, metrics)
-
-    return loss_fn
 
 
 def backbone_frozen(model: Any, spec: Any) -> bool:
