@@ -40,12 +40,6 @@ from .models.batching import batched as batched
 from .models.blockwise import with_remat as with_remat
 from .models.blockwise import with_scan as with_scan
 from .models.clip import PREPROCESSING as CLIP_PREPROCESSING  # noqa: F401
-from .models.clip_text import CLIP as CLIP
-from .models.clip_text import CLIPConfig as CLIPConfig
-from .models.clip_text import CLIPText as CLIPText
-from .models.clip_text import CLIPTextConfig as CLIPTextConfig
-from .models.dinov2 import Dinov2 as Dinov2
-from .models.dinov2 import Dinov2Config as Dinov2Config
 from .models.efficientnet import PREPROCESSING as LITE0_PREPROCESSING  # noqa: F401
 from .models.heads import Classifier as Classifier
 from .models.heads import feature_dim as feature_dim
@@ -53,16 +47,9 @@ from .models.layers import BatchNorm as BatchNorm
 from .models.layers import Conv2d as Conv2d
 from .models.layers import LoRAConv2d as LoRAConv2d
 from .models.layers import LoRALinear as LoRALinear
-from .models.mixer import MixerConfig as MixerConfig
-from .models.mixer import MLPMixer as MLPMixer
 from .models.registry import ARCHITECTURES as ARCHITECTURES
 from .models.registry import REGISTRY as REGISTRY
 from .models.registry import preprocessing_for as preprocessing_for
-from .models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # noqa: F401
-from .models.siglip import SiglipVision as SiglipVision
-from .models.siglip import SiglipVisionConfig as SiglipVisionConfig
-from .models.vit import ViT as ViT
-from .models.vit import ViTConfig as ViTConfig
 from .training.callbacks import EarlyStopping as EarlyStopping
 from .training.callbacks import Lambda as Lambda
 from .training.callbacks import LRSchedule as LRSchedule
@@ -93,8 +80,6 @@ from .training.tasks import MultiLabel as MultiLabel
 from .training.tasks import Regression as Regression
 from .training.tasks import Task as Task
 from .tuning.adapters import ADAPTER_RULE as ADAPTER_RULE
-from .tuning.adapters import adapter_targets as adapter_targets
-from .tuning.adapters import has_adapters as has_adapters
 from .tuning.adapters import load_adapter as load_adapter
 from .tuning.adapters import lora as lora
 from .tuning.adapters import lora_spec as lora_spec

@@ -6,7 +6,6 @@ import ast
 import importlib
 import importlib.util
 import sys
-import types
 from pathlib import Path
 
 
@@ -18,21 +17,6 @@ def _exports(stub: Path) -> dict[str, tuple[str, str]]:
             for alias in node.names:
                 out[alias.asname or alias.name] = (node.module, alias.name)
     return out
-
-
-class _Package(types.ModuleType):
-    _exports: dict[str, tuple[str, str]] = {}
-
-    def __setattr__(self, name, value):
-        # Importing a submodule that shares an exported name (``eqxtl.fit``) binds the
-        # module on the package; the exported function keeps the name.
-        if (
-            name in self._exports
-            and isinstance(value, types.ModuleType)
-            and value.__name__ == f"{self.__name__}.{name}"
-        ):
-            return
-        super().__setattr__(name, value)
 
 
 def attach_stub(package: str, init_file: str):
@@ -48,11 +32,10 @@ def attach_stub(package: str, init_file: str):
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         relative, attr = exports[name]
         value = getattr(importlib.import_module(f"{package}.{relative}"), attr)
-        types.ModuleType.__setattr__(module, name, value)
+        setattr(module, name, value)
         return value
 
     def __dir__():
         return sorted(set(module.__dict__) | set(exports))
 
-    module.__class__ = type("_Package", (_Package,), {"_exports": exports})
     return __getattr__, __dir__, sorted(exports)

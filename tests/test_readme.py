@@ -92,10 +92,13 @@ def offline_world(tmp_path, monkeypatch):
 def test_readme_has_the_two_setup_commands():
     text = README.read_text()
     setup = re.search(r"## Set up and run\n\n```bash\n(.*?)```", text, flags=re.S).group(1)
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    ci_test_command = ci[ci.index("# The README's test command:") + 1]
     assert setup.strip().splitlines() == [
         'pip install -e ".[quickstart]" && python examples/quickstart.py',
-        'pip install -e ".[test]" && python -m pytest -q -p no:cacheprovider',
+        ci_test_command,  # CI runs exactly what the README tells users to run
     ]
+    assert "constraints.txt" in ci_test_command
 
 
 def test_every_python_snippet_runs(offline_world):
