@@ -161,7 +161,9 @@ def check_labels(source: Source, num_classes: int) -> None:
     checks each label it reads against the source's class names in any case. ``source``
     may be a ``Loader`` (its source is checked).
     """
-    data = getattr(source, "source", source)  # a batch source: check what it reads
+    from .loader import Loader
+
+    data = source.source if isinstance(source, Loader) else source
     names = list(getattr(data, "class_names", None) or [])
     if len(names) > num_classes:
         raise DataError(
