@@ -265,7 +265,7 @@ def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool):
     known += [f"test_{m}" for m in task.metrics] if has_test else []
     if best not in known:
         raise TrainingError(
-            f"Checkpoint(best={best!r}) is not a metric this run reports; it reports {known}"
+            f"Checkpoint(best=...): {best!r} is not a metric this run reports; it reports {known}"
             + ("" if has_test else " (test_* ones need test_data)")
             + "."
         )
