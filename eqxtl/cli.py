@@ -181,9 +181,7 @@ def _train(args, rules) -> int:
         phases=[eqxtl.Phase(spec, optimizer, epochs=args.epochs, bn=args.bn)],
         callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
         checkpoint=eqxtl.Checkpoint(out, resume=not args.restart),
-        runtime=eqxtl.Runtime(
-            seed=args.seed, eval_every=args.eval_every, progress=not args.quiet
-        ),
+        runtime=eqxtl.Runtime(seed=args.seed, eval_every=args.eval_every, progress=not args.quiet),
     )
     print(json.dumps({"out": str(out), "best": str(out / "best"), **result.final}))
     return 0

@@ -261,9 +261,7 @@ def test_bf16_compute_keeps_f32_master_weights():
     batch = {"image": images, "label": np.array([0, 1, 2, 0], np.int32)}
     losses = {}
     for dtype in (None, jnp.bfloat16):
-        step = eqxtl.make_step(
-            eqxtl.task_loss(compute_dtype=dtype), optimizer, spec, donate=False
-        )
+        step = eqxtl.make_step(eqxtl.task_loss(compute_dtype=dtype), optimizer, spec, donate=False)
         new, _, new_opt, metrics = step(model, state, opt_state, batch)
         losses[dtype] = float(metrics["loss"])
         assert {x.dtype for x in jax.tree.leaves(eqx.filter(new, eqx.is_array))} == {

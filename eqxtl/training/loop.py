@@ -43,6 +43,7 @@ from .session import Loop, Run, call_hooks, progress_bar, with_scale
 from .step import _bn_mode
 from .tasks import Classification, Task
 
+
 @dataclasses.dataclass
 class FitResult:
     """What ``fit`` returns: the trained model and everything needed to continue."""

@@ -48,7 +48,9 @@ class Checkpoint:
         if self.every is not None and int(self.every) < 1:
             raise TrainingError(f"Checkpoint(every=...) must be >= 1 or None, got {self.every}.")
         if self.mode not in ("auto", "min", "max"):
-            raise TrainingError(f"Checkpoint(mode=...) must be auto, min or max, got {self.mode!r}.")
+            raise TrainingError(
+                f"Checkpoint(mode=...) must be auto, min or max, got {self.mode!r}."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,14 +26,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-import optax
 
 from .._util.pytree_paths import keypath_to_str
 from ..errors import EqxtlError

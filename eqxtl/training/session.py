@@ -50,7 +50,6 @@ def _zero_sums(metrics: dict) -> dict:
     return {k: jnp.zeros((), jnp.float32) for k in metrics if k not in ("loss", "nonfinite")}
 
 
-
 class Run:
     """The live state of a ``fit`` call, as callbacks see it."""
 
