@@ -343,3 +343,29 @@ def test_grain_loader_and_process_shards_give_the_loaders_batches(workers):
         for batch in (got[i], joined):
             for key in ("image", "label", "mask"):
                 np.testing.assert_array_equal(batch[key], want[key])
+
+
+def test_every_loader_is_a_source_batches_and_features_follow_its_process_part():
+    """Loader, ProcessShard, GrainLoader and FeatureLoader implement the one declared batch
+    protocol; cached features come in each process's part of the global batch, as images
+    do."""
+    from eqxtl.data.loader import BatchSource, SourceBatches
+
+    source = colour_source(21, 0)
+    loader = eqxtl.Loader(source, eqxtl.Preprocessing(resize=36, crop=32), 8, shuffle=True)
+    n = len(source)
+    features = eqxtl.Features(
+        np.arange(2 * n, dtype=np.float32).reshape(n, 2),
+        source.labels.astype(np.int32),
+        np.ones(n, bool),
+        source.class_names,
+    )
+    whole = eqxtl.FeatureLoader(features, loader)
+    shards = [eqxtl.ProcessShard(loader, index=i, count=2) for i in range(2)]
+    for batches in (loader, *shards, eqxtl.GrainLoader(loader, num_workers=0), whole):
+        assert isinstance(batches, SourceBatches) and isinstance(batches, BatchSource)
+    parts = [list(eqxtl.FeatureLoader(features, s).epoch(1, start_step=1)) for s in shards]
+    for i, want in enumerate(whole.epoch(1, start_step=1)):
+        for key in ("features", "label", "mask"):
+            joined = np.concatenate([parts[0][i][key], parts[1][i][key]])
+            np.testing.assert_array_equal(joined, want[key])

@@ -313,6 +313,14 @@ def test_an_unknown_best_metric_is_refused_before_training(clip_model, tmp_path)
     assert "train_accuracy" in str(err.value) and steps == []
 
 
+@pytest.mark.parametrize("option", ["checkpoint", "runtime"])
+def test_options_must_be_option_objects(clip_model, tmp_path, option):
+    model, state = clip_model
+    with pytest.raises(eqxtl.TrainingError, match=f"fit\\({option}=...\\) takes an eqxtl"):
+        eqxtl.fit(model, state, optax.adam(1e-3), eqxtl.trainable(model, "head"),
+                  Batches(make_batches(1)), **{option: str(tmp_path)})  # fmt: skip
+
+
 def test_an_early_stopping_metric_that_does_not_exist_is_named(clip_model):
     with pytest.raises(eqxtl.TrainingError, match="'test_loss', which evaluations do not"):
         run_fit(clip_model, callbacks=[eqxtl.EarlyStopping("test_loss")])
