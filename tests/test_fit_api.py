@@ -234,10 +234,11 @@ def test_batchnorm_mode_is_independent_of_what_trains(bn):
 def test_bad_bn_mode_is_named(clip_parts):
     backbone, state = clip_parts
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    phase = eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-3), bn="inference")
     with pytest.raises(eqxtl.EqxtlError, match="bn must be one of"):
-        eqxtl.fit(model, state, train_data=colour_batches(1, 0, kind="multilabel"),
-                  phases=[phase])  # fmt: skip
+        eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-3), bn="inference")
+    with pytest.raises(eqxtl.EqxtlError, match="bn must be one of"):
+        eqxtl.make_step(eqxtl.task_loss(), optax.adam(1e-3), eqxtl.trainable(model, "head"),
+                        bn="inference")  # fmt: skip
 
 
 def test_a_fine_tuned_folder_reloads_whole(tmp_path):

@@ -40,7 +40,6 @@ from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
 from .runs import RunDir, signature
 from .session import Loop, Run, call_hooks, progress_bar, with_scale
-from .step import _bn_mode
 from .tasks import Classification, Task
 
 
@@ -219,8 +218,6 @@ def _phases(model, optimizer, spec, epochs, phases) -> list[Phase]:
     elif optimizer is not None or spec is not None:
         raise TrainingError("Pass either optimizer and spec, or phases, not both.")
     phases = list(phases)
-    for p in phases:
-        _bn_mode(p.bn)
     check_phases(model, phases)
     return phases
 

@@ -55,8 +55,8 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
-    """How ``fit`` runs: none of these change what a step computes, except ``seed`` and
-    ``compute_dtype``, which the run folder records.
+    """How ``fit`` runs. Only ``seed`` (recorded in the run folder: a resume must use the
+    same) and ``compute_dtype`` change what the steps compute.
 
     **Arguments:**
 
@@ -80,7 +80,8 @@ class Runtime:
       and BatchNorm is not ``"train"``), run the backbone once over the data
       (``extract_features``) and train the head on the cached features: the same result,
       epochs after the first cost only the head. ``True``: in memory; a directory: on disk,
-      reused across runs; ``False``: always run the backbone.
+      reused across runs; ``False``: always run the backbone. From any loader (``Loader``,
+      ``GrainLoader``, ``ProcessShard``); one process only.
     """
 
     seed: int = 0

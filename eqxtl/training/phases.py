@@ -33,6 +33,16 @@ class Phase:
     bn: str = "auto"
     name: str | None = None
 
+    def __post_init__(self):
+        from .step import BN_MODES
+
+        if self.bn not in BN_MODES:
+            raise TrainingError(f"Phase(bn=...): bn must be one of {BN_MODES}, got {self.bn!r}.")
+        for what in ("epochs", "steps"):
+            value = getattr(self, what)
+            if value is not None and int(value) < 0:
+                raise TrainingError(f"Phase({what}=...) must be >= 0, got {value}.")
+
     def num_steps(self, steps_per_epoch: int) -> int:
         """How many steps this phase runs."""
         if self.steps is not None:

@@ -301,9 +301,11 @@ class Loop:
 def can_cache(model, phase: Phase, train, test, cache_features) -> bool:
     """Whether ``phase`` can train on cached backbone features: nothing in the backbone
     trains, BatchNorm is not in training mode, and the data are ``SourceBatches`` (any
-    loader of this package) without augmentation."""
+    loader of this package) without augmentation, in one process (with several, each would
+    run the backbone over all the data, on a model replicated over all of them)."""
     return (
         cache_features is not False
+        and jax.process_count() == 1
         and phase.bn != "train"
         and isinstance(train, SourceBatches)
         and train.augment is None
