@@ -217,6 +217,11 @@ def _phases(model, optimizer, spec, epochs, phases) -> list[Phase]:
         phases = [Phase(spec, optimizer, epochs=epochs)]
     elif optimizer is not None or spec is not None:
         raise TrainingError("Pass either optimizer and spec, or phases, not both.")
+    elif epochs != 1:
+        raise TrainingError(
+            f"fit(epochs={epochs}) goes with optimizer and spec; with phases, each Phase has "
+            "its own epochs (Phase(spec, optimizer, epochs=...))."
+        )
     phases = list(phases)
     check_phases(model, phases)
     return phases
