@@ -301,6 +301,13 @@ def test_a_phase_that_trains_nothing_is_refused(clip_model):
         eqxtl.fit(model, state, train_data=Batches(make_batches(2)), phases=phases)
 
 
+def test_epochs_next_to_phases_is_refused(clip_model):
+    model, state = clip_model
+    phases = [eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-3), epochs=1)]
+    with pytest.raises(eqxtl.TrainingError, match=r"each Phase has its own epochs"):
+        eqxtl.fit(model, state, train_data=Batches(make_batches(2)), phases=phases, epochs=3)
+
+
 def test_fit_with_nothing_trainable_is_refused(clip_model):
     with pytest.raises(eqxtl.TrainingError, match="trains nothing"):
         run_fit(clip_model, spec=eqxtl.trainable(clip_model[0]))
