@@ -53,11 +53,9 @@ def main() -> None:
             state,
             optax.adam(1e-3),
             spec,
-            data,
+            eqxtl.Loader(data, eqxtl.preprocessing_for(model), C.BATCH, shuffle=True),
             epochs=epochs,
-            batch_size=C.BATCH,
-            cache_features=cache,
-            progress=False,
+            runtime=eqxtl.Runtime(cache_features=cache, progress=False),
         )
         return time.perf_counter() - start
 

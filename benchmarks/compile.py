@@ -60,7 +60,7 @@ def run_one(name: str, scan: bool, workload: str, args) -> dict:
     model = eqxtl.Classifier(eqx.nn.inference_mode(backbone), C.NUM_CLASSES, key=jax.random.key(1))
     model = eqxtl.with_scan(model, scan)
     batch = make_batch(args.batch, config.image_size)
-    loss_fn = eqxtl.classification_loss()
+    loss_fn = eqxtl.task_loss()
     if workload == "grad":  # forward + backward of everything, no optimizer update
         grad = eqx.filter_jit(
             lambda m: eqx.filter_grad(lambda m: loss_fn(m, state, batch, None)[0])(m)

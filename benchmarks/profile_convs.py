@@ -173,7 +173,7 @@ def hlo_summary() -> None:
     spec = eqxtl.everything(model)
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, spec))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     trainable, frozen = eqx.partition(model, spec)
     lowered = step.compiled.lower((frozen, state, batch, jax.random.key(0)), trainable, opt_state)
     text = lowered.compile().compiled.as_text()

@@ -44,7 +44,7 @@ def _trace(model_name: str, batch_size: int, out: str) -> tuple[float, str]:
     spec = eqxtl.everything(model)
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, spec))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, donate=False)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
     trainable, frozen = eqx.partition(model, spec)
     args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
     options = {"xla_cpu_enable_xprof_traceme": True}

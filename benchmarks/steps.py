@@ -138,9 +138,9 @@ def run_one(model_name: str, workload: str, args) -> None:
     batch_size = C.batch_size(args)
     base = {"framework": "eqxtl", "model": model_name, "workload": workload}
     base |= {"batch": batch_size, "dtype": args.dtype}
-    # bf16: activations and matmuls in bfloat16, float32 master weights (classification_loss)
+    # bf16: activations and matmuls in bfloat16, float32 master weights (task_loss)
     compute_dtype = {"f32": None, "bf16": jax.numpy.bfloat16}[args.dtype]
-    loss_fn = eqxtl.classification_loss(compute_dtype=compute_dtype)
+    loss_fn = eqxtl.task_loss(compute_dtype=compute_dtype)
 
     model, state, image = build(model_name, args.quick)
     batch = make_batch(batch_size, image)

@@ -164,23 +164,24 @@ def _train(args, rules) -> int:
             f"--val classes {val.class_names} differ from --data classes {train.class_names}."
         )
     out = args.out or RUNS / f"{args.data.resolve().name}-{Path(args.model).name}"
+    preprocessing = eqxtl.preprocessing_for(model)
+    augment = eqxtl.Augment() if args.augment else None
+    loaders = [
+        None if data is None else eqxtl.Loader(data, preprocessing, args.batch_size, **options)
+        for data, options in (
+            (train, {"shuffle": True, "seed": args.seed, "augment": augment}),
+            (val, {}),
+        )
+    ]
     result = eqxtl.fit(
         model,
         state,
-        optimizer,
-        spec,
-        train,
-        test_data=val,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        augment=eqxtl.Augment() if args.augment else None,
-        bn=args.bn,
-        seed=args.seed,
-        out_dir=out,
-        resume=not args.restart,
-        progress=not args.quiet,
+        train_data=loaders[0],
+        test_data=loaders[1],
+        phases=[eqxtl.Phase(spec, optimizer, epochs=args.epochs, bn=args.bn)],
         callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
+        checkpoint=eqxtl.Checkpoint(out, resume=not args.restart),
+        runtime=eqxtl.Runtime(seed=args.seed, eval_every=args.eval_every, progress=not args.quiet),
     )
     print(json.dumps({"out": str(out), "best": str(out / "best"), **result.final}))
     return 0

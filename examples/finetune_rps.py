@@ -184,21 +184,20 @@ def main(argv=None) -> eqxtl.FitResult:
         raise SystemExit(f"error: --train: {e}") from None
     eqxtl.summary(model, spec)
 
-    steps_per_epoch = -(-len(train) // args.batch_size)
+    preprocessing = eqxtl.preprocessing_for(model)
+    train_batches = eqxtl.Loader(
+        train, preprocessing, args.batch_size, shuffle=True, seed=args.seed
+    )
+    steps = max(1, round(args.epochs * len(train_batches)))
     result = eqxtl.fit(
         model,
         state,
-        optimizer,
-        spec,
-        train,
-        test_data=test,
-        steps=max(1, round(args.epochs * steps_per_epoch)),
-        batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        label_smoothing=args.label_smoothing,
-        seed=args.seed,
-        out_dir=args.out,
-        resume=not args.no_resume,
+        train_data=train_batches,
+        test_data=eqxtl.Loader(test, preprocessing, args.batch_size),
+        phases=[eqxtl.Phase(spec, optimizer, steps=steps)],
+        task=eqxtl.Classification(label_smoothing=args.label_smoothing),
+        checkpoint=eqxtl.Checkpoint(args.out, resume=not args.no_resume),
+        runtime=eqxtl.Runtime(seed=args.seed, eval_every=args.eval_every),
     )
     final = result.final
     if args.lora is not None:

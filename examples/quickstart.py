@@ -120,9 +120,11 @@ def textures(shots: int, test_per_class: int, seed: int):
     )
 
 
-def run(name, backbone, state, groups, train, test, args, adapt=None, **fit_args) -> dict:
+def run(
+    name, backbone, state, groups, train, test, args, *, steps, adapt=None, augment=None, bn="auto"
+) -> dict:
     """Fit a zero-initialised head on ``backbone`` with the per-group optimizers ``groups``
-    (after ``adapt(model)``, e.g. adding LoRA adapters, when given)."""
+    for ``steps`` steps (after ``adapt(model)``, e.g. adding LoRA adapters, when given)."""
     model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
     if adapt is not None:
         model = adapt(model)
@@ -131,22 +133,24 @@ def run(name, backbone, state, groups, train, test, args, adapt=None, **fit_args
     print(f"\n({name}) training {trainable:,} of {total:,} parameters")
     losses = []
     start = time.perf_counter()
+    # the data pipeline is the loaders'; what trains and how long, the phase's
+    train = eqxtl.Loader(
+        train, args.preprocessing, args.batch_size, shuffle=True, seed=args.seed, augment=augment
+    )
+    test = eqxtl.Loader(test, args.preprocessing, args.batch_size)
     result = eqxtl.fit(
         model,
         state,
-        optimizer,
-        spec,
-        train,
+        train_data=train,
         test_data=test,
-        batch_size=args.batch_size,
-        preprocessing=args.preprocessing,
-        seed=args.seed,
-        out_dir=args.out / name,
-        resume=False,
-        progress=not args.no_progress,
-        compute_dtype=jnp.bfloat16 if args.bf16 else None,
-        callback=lambda step, metrics: losses.append(float(metrics["loss"])),
-        **fit_args,
+        phases=[eqxtl.Phase(spec, optimizer, steps=steps, bn=bn)],
+        callbacks=[eqxtl.Lambda(on_step=lambda run, m: losses.append(float(m["loss"])))],
+        checkpoint=eqxtl.Checkpoint(args.out / name, resume=False),
+        runtime=eqxtl.Runtime(
+            seed=args.seed,
+            progress=not args.no_progress,
+            compute_dtype=jnp.bfloat16 if args.bf16 else None,
+        ),
     )
     seconds = time.perf_counter() - start
     accuracy = result.final["test_accuracy"]
@@ -226,7 +230,6 @@ def main(argv=None) -> dict:
             test,
             args,
             steps=args.head_epochs * steps_per_epoch,
-            cache_features=True,
         ),
         "fine-tuned": run(
             "fine-tuned",
@@ -259,7 +262,7 @@ def main(argv=None) -> dict:
         args,
         steps=args.steps,
         augment=augment,
-        train_bn=True,  # random running statistics must be learned
+        bn="train",  # random running statistics must be learned
     )
     # LoRA on every 1x1 convolution (depthwise ones have no low-rank form); BatchNorm frozen.
     one_by_one = r"backbone\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"

@@ -52,19 +52,15 @@ model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
 # BatchNorm of the last block trains: its batch statistics span both processes' examples
 spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
 try:
+    p = eqxtl.preprocessing_for(model)
     result = eqxtl.fit(
         model,
         state,
-        optax.sgd(0.05),
-        spec,
-        colour_task(n_train, 0),
-        test_data=colour_task(10, 1),
-        steps=steps,
-        batch_size=8,
-        eval_every=2,
-        out_dir=None if out_dir == "-" else out_dir,
-        progress=False,
-        num_workers=0,
+        train_data=eqxtl.Loader(colour_task(n_train, 0), p, 8, shuffle=True, num_workers=0),
+        test_data=eqxtl.Loader(colour_task(10, 1), p, 8, num_workers=0),
+        phases=[eqxtl.Phase(spec, optax.sgd(0.05), steps=steps)],
+        checkpoint=None if out_dir == "-" else eqxtl.Checkpoint(out_dir),
+        runtime=eqxtl.Runtime(eval_every=2, progress=False),
     )
 except eqxtl.EqxtlError as e:
     print(json.dumps({"error": type(e).__name__, "message": str(e)}))

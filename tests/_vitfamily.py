@@ -75,11 +75,10 @@ def check_learns(backbone, state, tmp_path) -> float:
         state,
         optax.adam(1e-2),
         eqxtl.trainable(model, "head"),
-        colour_task(96, seed=0),
-        test_data=colour_task(48, seed=1),
+        eqxtl.Loader(colour_task(96, seed=0), eqxtl.preprocessing_for(model), 16, shuffle=True),
+        test_data=eqxtl.Loader(colour_task(48, seed=1), eqxtl.preprocessing_for(model), 16),
         epochs=8,
-        batch_size=16,
-        out_dir=tmp_path,
-        progress=False,
+        checkpoint=eqxtl.Checkpoint(tmp_path),
+        runtime=eqxtl.Runtime(progress=False),
     )
     return result.final["test_accuracy"]

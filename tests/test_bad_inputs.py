@@ -301,7 +301,7 @@ def test_a_spec_from_another_model_is_a_rule_error():
         eqxtl.count(model, spec)
     optimizer = optax.sgd(0.1)
     opt_state = optimizer.init(eqx.filter(model, eqxtl.trainable(model, "head")))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     with pytest.raises(eqxtl.RuleError, match="not built for this Classifier"):
         step(model, None, opt_state, _toy_batch())
     frozen_backbone = eqxtl.trainable(model.backbone, "weight")  # another structure
@@ -316,7 +316,7 @@ def test_an_opt_state_from_another_model_is_an_optimizer_mismatch():
     spec = eqxtl.trainable(model, "head")
     optimizer = optax.adam(1e-3)
     foreign = optimizer.init(eqx.filter(other, eqxtl.trainable(other, "head")))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     with pytest.raises(eqxtl.OptimizerMismatchError, match="comes from another model"):
         step(model, None, foreign, _toy_batch())
     other_spec = optimizer.init(eqx.filter(model, eqxtl.trainable(model, "backbone")))

@@ -672,29 +672,31 @@ def test_wise_ft_sweep_and_plot(tiny_clip, tokenizer, tmp_path):
 
 
 def test_lp_ft_learns_and_trains_the_backbone_only_in_phase_two(tiny_clip, tokenizer):
-    """The zero-shot head trains on cached (projected, normalised) features, then the
-    whole model at a low learning rate."""
+    """LP-FT as two phases of one fit (``two_phases``): the zero-shot head trains on cached
+    (projected, normalised) features, then the whole model at a low learning rate."""
     clip = tiny_clip[1]
     model = eqxtl.zero_shot_head(
         clip, ["red", "green", "blue"], templates=["{}"], tokenizer=tokenizer
     )
     state = eqx.nn.State(model)
-    train, test = colour_task(96, seed=0), colour_task(48, seed=1)
-    probe, tuned = eqxtl.lp_ft(
+    p = eqxtl.preprocessing_for(model)
+    train = eqxtl.Loader(colour_task(96, seed=0), p, 16, shuffle=True)
+    test = eqxtl.Loader(colour_task(48, seed=1), p, 16)
+    probes = []
+    keep_probe = eqxtl.Lambda(on_phase_begin=lambda run: probes.append(run.model))
+    tuned = eqxtl.fit(
         model,
         state,
-        train,
-        head_epochs=8,
-        epochs=1,
-        head_lr=0.1,
-        lr=1e-4,
+        train_data=train,
         test_data=test,
-        batch_size=16,
-        progress=False,
+        phases=eqxtl.two_phases(model, head_epochs=8, epochs=1, head_lr=0.1, lr=1e-4),
+        callbacks=[keep_probe],
+        runtime=eqxtl.Runtime(progress=False),
     )
-    assert probe.final["test_accuracy"] >= 0.9, probe.history
+    probe_record = [h for h in tuned.history if h["phase"] == 0][-1]
+    assert probe_record["test_accuracy"] >= 0.9, tuned.history
     assert tuned.final["test_accuracy"] >= 0.9, tuned.history
-    before, after_probe, after = (leaves(m.backbone) for m in (model, probe.model, tuned.model))
+    before, after_probe, after = (leaves(m.backbone) for m in (model, probes[1], tuned.model))
     assert all(np.array_equal(a, b) for a, b in zip(before, after_probe, strict=True))
     assert any(not np.array_equal(a, b) for a, b in zip(after_probe, after, strict=True))
     assert tuned.model.normalize and tuned.model.project

@@ -17,6 +17,7 @@ import optax
 import pytest
 
 import eqxtl
+import eqxtl.data.features
 from tests._tiny import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +51,11 @@ def test_fit_learns_with_frozen_random_backbone(tmp_path):
         state,
         optax.adam(1e-2),
         spec,
-        colour_task(96, seed=0),
-        test_data=colour_task(48, seed=1),
+        eqxtl.Loader(colour_task(96, seed=0), eqxtl.preprocessing_for(model), 16, shuffle=True),
+        test_data=eqxtl.Loader(colour_task(48, seed=1), eqxtl.preprocessing_for(model), 16),
         epochs=8,
-        batch_size=16,
-        eval_every=12,
-        out_dir=tmp_path,
-        progress=False,
+        checkpoint=eqxtl.Checkpoint(tmp_path),
+        runtime=eqxtl.Runtime(eval_every=12, progress=False),
     )
     assert result.final["test_accuracy"] >= 0.9, result.history
     assert result.step == 8 * 6
@@ -85,18 +84,14 @@ def test_fit_leaves_the_callers_model_and_state_usable(monkeypatch):
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     # copies: a NumPy view of a buffer would pin it and silently prevent its donation
     before = [a.copy() for a in arrays((model, state))]
-    for rules, train_bn in [(["head"], False), (["head", "backbone.encoder.stages.1"], True)]:
+    for rules, bn in [(["head"], "auto"), (["head", "backbone.encoder.stages.1"], "train")]:
         spec = eqxtl.trainable(model, *rules)  # the first run trains on cached features
         eqxtl.fit(
             model,
             state,
-            optax.adam(1e-2),
-            spec,
-            colour_task(16, seed=0),
-            steps=2,
-            batch_size=8,
-            train_bn=train_bn,
-            progress=False,
+            train_data=eqxtl.Loader(colour_task(16, seed=0), eqxtl.preprocessing_for(model), 8),
+            phases=[eqxtl.Phase(spec, optax.adam(1e-2), steps=2, bn=bn)],
+            runtime=eqxtl.Runtime(progress=False),
         )
     for a, b in zip(before, arrays((model, state)), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -107,24 +102,22 @@ def _resume_run(tmp_path, kill_at=None):
     spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1))
     optimizer = optax.adamw(eqxtl.warmup_cosine(1e-2, 10, 2), weight_decay=1e-2)
 
-    def callback(step, record):
-        if step == kill_at:
+    def on_step(run, metrics):
+        if run.step == kill_at:
             raise KeyboardInterrupt("simulated kill")
 
+    preprocessing = eqxtl.preprocessing_for(model)
+    train = eqxtl.Loader(
+        colour_task(40, seed=4), preprocessing, 8, shuffle=True, seed=7, augment=eqxtl.Augment()
+    )
     return eqxtl.fit(
         model,
         state,
-        optimizer,
-        spec,
-        colour_task(40, seed=4),
-        steps=10,
-        batch_size=8,
-        augment=eqxtl.Augment(),
-        checkpoint_every=3,
-        out_dir=tmp_path,
-        progress=False,
-        callback=callback,
-        seed=7,
+        train_data=train,
+        phases=[eqxtl.Phase(spec, optimizer, steps=10)],
+        callbacks=[eqxtl.Lambda(on_step=on_step)],
+        checkpoint=eqxtl.Checkpoint(tmp_path, every=3),
+        runtime=eqxtl.Runtime(seed=7, progress=False),
     )
 
 
@@ -155,13 +148,11 @@ def test_cached_features_train_the_same_head(tmp_path, monkeypatch):
             state,
             optax.adam(1e-2),
             spec,
-            train,
-            test_data=test,
+            eqxtl.Loader(train, eqxtl.preprocessing_for(model), 16, shuffle=True),
+            test_data=eqxtl.Loader(test, eqxtl.preprocessing_for(model), 16),
             epochs=3,
-            batch_size=16,
-            label_smoothing=0.1,
-            cache_features=cache,
-            progress=False,
+            task=eqxtl.Classification(label_smoothing=0.1),
+            runtime=eqxtl.Runtime(cache_features=cache, progress=False),
         )
     live = runs["False"]
     for key in ("True", str(tmp_path / "cache")):
@@ -181,7 +172,7 @@ def test_cached_features_train_the_same_head(tmp_path, monkeypatch):
         def no_compute(*args, **kwargs):
             raise AssertionError("recomputed features that are cached")
 
-        patch.setattr(eqxtl.features, "_compute", no_compute)
+        patch.setattr(eqxtl.data.features, "_compute", no_compute)
         again = eqxtl.extract_features(model, state, train, cache_dir=tmp_path / "cache")
     assert isinstance(again.features, np.memmap) and again.features.shape == (50, 64)
     assert len(entries()) == 2
@@ -189,6 +180,76 @@ def test_cached_features_train_the_same_head(tmp_path, monkeypatch):
     other, other_state = classifier("clip", seed=2)
     eqxtl.extract_features(other, other_state, train, cache_dir=tmp_path / "cache")
     assert len(entries()) == 3
+
+
+def test_a_grain_loader_trains_on_cached_features_like_a_loader(monkeypatch):
+    """Feature caching works from any SourceBatches: a GrainLoader run extracts the
+    features once and trains the same head as the Loader run."""
+    calls = []
+    compute = eqxtl.data.features._compute
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(eqxtl.data.features, "_compute", counting)
+    results = []
+    for wrap in (lambda x: x, lambda x: eqxtl.GrainLoader(x, num_workers=0)):
+        model, state = classifier("clip", seed=1)
+        p = eqxtl.preprocessing_for(model)
+        train = eqxtl.Loader(colour_task(24, seed=5), p, 8, shuffle=True, num_workers=0)
+        result = eqxtl.fit(
+            model,
+            state,
+            optax.adam(1e-2),
+            eqxtl.trainable(model, "head"),
+            wrap(train),
+            test_data=wrap(eqxtl.Loader(colour_task(8, seed=6), p, 8, num_workers=0)),
+            epochs=2,
+            runtime=eqxtl.Runtime(progress=False),
+        )
+        results.append(result)
+    assert len(calls) == 4  # train and test features, once per run
+    live, grain = results
+    np.testing.assert_allclose(grain.model.head.weight, live.model.head.weight, atol=1e-6)
+    assert grain.class_names == ["red", "green", "blue"]
+
+
+class _NoLabels:
+    """A source that does not know its labels up front (like ``TFDSSource``)."""
+
+    def __init__(self, source, class_names):
+        self.source, self.class_names = source, class_names
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.source[i]
+
+
+@pytest.mark.parametrize("source", ["more classes", "label outside class_names"])
+def test_a_grain_loader_refuses_labels_the_head_cannot_predict(source):
+    """Labels are checked for every loader, as for ``Loader``: a source with more classes
+    than the head before training, a label beyond the source's classes when it is read."""
+    model, state = classifier("clip")
+    if source == "more classes":
+        data = colour_task(8, seed=0)
+        data = eqxtl.ArraySource(data.images, data.labels, ["red", "green", "blue", "grey"])
+        match = "has 4 classes but the model predicts 3"
+    else:
+        data = _NoLabels(colour_task(8, seed=0), ["red", "green"])  # labels reach 2
+        match = r"outside \[0, 2\)"
+    train = eqxtl.Loader(data, eqxtl.preprocessing_for(model), 4, num_workers=0)
+    with pytest.raises(eqxtl.DataError, match=match):
+        eqxtl.fit(
+            model,
+            state,
+            optax.adam(1e-2),
+            eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 1)),  # no caching
+            eqxtl.GrainLoader(train, num_workers=0),
+            runtime=eqxtl.Runtime(progress=False),
+        )
 
 
 def test_bf16_compute_keeps_f32_master_weights():
@@ -200,9 +261,7 @@ def test_bf16_compute_keeps_f32_master_weights():
     batch = {"image": images, "label": np.array([0, 1, 2, 0], np.int32)}
     losses = {}
     for dtype in (None, jnp.bfloat16):
-        step = eqxtl.make_step(
-            eqxtl.classification_loss(compute_dtype=dtype), optimizer, spec, donate=False
-        )
+        step = eqxtl.make_step(eqxtl.task_loss(compute_dtype=dtype), optimizer, spec, donate=False)
         new, _, new_opt, metrics = step(model, state, opt_state, batch)
         losses[dtype] = float(metrics["loss"])
         assert {x.dtype for x in jax.tree.leaves(eqx.filter(new, eqx.is_array))} == {
@@ -242,7 +301,7 @@ _PARALLEL = textwrap.dedent(
         o = optimizer.init(eqx.filter(m, spec))
         if mesh is not None:
             m, s, o = eqxtl.replicate((m, s, o), mesh)
-        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, mesh=mesh,
+        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, mesh=mesh,
                                donate=False)
         losses = []
         for b in batches:

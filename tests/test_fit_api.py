@@ -58,8 +58,7 @@ def test_multilabel_task_learns(clip_parts):
         test_data=colour_batches(2, 1, kind="multilabel"),
         task=eqxtl.MultiLabel(),
         epochs=8,
-        eval_every=6,
-        progress=False,
+        runtime=eqxtl.Runtime(eval_every=6, progress=False),
     )
     first, last = result.history[0], result.history[-1]
     assert last["test_accuracy"] >= 0.9, result.history
@@ -82,8 +81,7 @@ def test_regression_task_learns(clip_parts):
         test_data=colour_batches(2, 1, kind="regression"),
         task=eqxtl.Regression(),
         epochs=8,
-        eval_every=6,
-        progress=False,
+        runtime=eqxtl.Runtime(eval_every=6, progress=False),
     )
     first, last = result.history[0], result.history[-1]
     # predicting the mean everywhere gives MSE = var(U(0, 1)) = 1/12; 8 epochs of a head
@@ -106,9 +104,8 @@ def test_early_stopping_stops_and_the_result_says_why(clip_parts):
         test_data=data,
         task=eqxtl.MultiLabel(),
         epochs=10,
-        eval_every=1,
         callbacks=[eqxtl.EarlyStopping("test_loss", patience=2)],
-        progress=False,
+        runtime=eqxtl.Runtime(eval_every=1, progress=False),
     )
     assert result.step == 3 and "did not improve" in result.stopped
 
@@ -127,14 +124,11 @@ def test_reduce_lr_on_plateau_and_a_user_callback(clip_parts):
     result = eqxtl.fit(
         model,
         state,
-        optax.sgd(1e-2),
-        eqxtl.trainable(model, "head"),
-        data,
+        train_data=data,
+        phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.sgd(1e-2), steps=4)],
         task=eqxtl.MultiLabel(),
-        steps=4,
-        eval_every=1,
         callbacks=[plateau, watch],  # "max" of a falling loss: never improves after the 1st
-        progress=False,
+        runtime=eqxtl.Runtime(eval_every=1, progress=False),
     )
     assert [s for s, _, _ in seen] == [1, 2, 3, 4]
     assert {name for _, _, name in seen} == {"Classifier"}
@@ -157,25 +151,23 @@ def _two_phase_run(out_dir, kill_at=None):
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
     phases = eqxtl.two_phases(model, head_epochs=2, epochs=2, head_lr=1e-2, lr=1e-3)
 
-    def callback(step, metrics):
-        if step == kill_at:
+    def on_step(run, metrics):
+        if run.step == kill_at:
             raise KeyboardInterrupt("simulated kill")
 
+    p = eqxtl.preprocessing_for(model)
     return (
         model,
         state,
         eqxtl.fit(
             model,
             state,
-            train_data=colour_source(16, 0),
-            test_data=colour_source(8, 1),
+            train_data=eqxtl.Loader(colour_source(16, 0), p, 8, shuffle=True, seed=2),
+            test_data=eqxtl.Loader(colour_source(8, 1), p, 8),
             phases=phases,
-            batch_size=8,
-            eval_every=2,
-            out_dir=out_dir,
-            callback=callback,
-            progress=False,
-            seed=2,
+            callbacks=[eqxtl.Lambda(on_step=on_step)],
+            checkpoint=eqxtl.Checkpoint(out_dir),
+            runtime=eqxtl.Runtime(seed=2, eval_every=2, progress=False),
         ),
     )
 
@@ -222,13 +214,9 @@ def test_batchnorm_mode_is_independent_of_what_trains(bn):
     result = eqxtl.fit(
         model,
         state,
-        optax.adam(1e-2),
-        spec,
-        colour_source(16, 0),
-        steps=2,
-        batch_size=8,
-        bn=bn,
-        progress=False,
+        train_data=eqxtl.Loader(colour_source(16, 0), eqxtl.preprocessing_for(model), 8),
+        phases=[eqxtl.Phase(spec, optax.adam(1e-2), steps=2, bn=bn)],
+        runtime=eqxtl.Runtime(progress=False),
     )
     stats_same = [
         np.array_equal(a, b) for a, b in zip(arrays(result.state), arrays(state), strict=True)
@@ -247,8 +235,10 @@ def test_bad_bn_mode_is_named(clip_parts):
     backbone, state = clip_parts
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
     with pytest.raises(eqxtl.EqxtlError, match="bn must be one of"):
-        eqxtl.fit(model, state, optax.adam(1e-3), eqxtl.trainable(model, "head"),
-                  colour_batches(1, 0, kind="multilabel"), bn="inference")  # fmt: skip
+        eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-3), bn="inference")
+    with pytest.raises(eqxtl.EqxtlError, match="bn must be one of"):
+        eqxtl.make_step(eqxtl.task_loss(), optax.adam(1e-3), eqxtl.trainable(model, "head"),
+                        bn="inference")  # fmt: skip
 
 
 def test_a_fine_tuned_folder_reloads_whole(tmp_path):
@@ -263,12 +253,10 @@ def test_a_fine_tuned_folder_reloads_whole(tmp_path):
         state,
         optax.adam(3e-2),
         eqxtl.trainable(model, "head"),
-        train,
+        eqxtl.Loader(train, preprocessing, 8, shuffle=True),
         epochs=6,
-        batch_size=8,
-        preprocessing=preprocessing,
-        out_dir=tmp_path,
-        progress=False,
+        checkpoint=eqxtl.Checkpoint(tmp_path),
+        runtime=eqxtl.Runtime(progress=False),
     )
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["id2label"] == {"0": "red", "1": "green", "2": "blue"}
@@ -318,10 +306,9 @@ def test_logs_json_lines_plot_and_tensorboard(clip_parts, tmp_path):
         test_data=data,
         phases=phases,
         task=eqxtl.MultiLabel(),
-        eval_every=2,
-        out_dir=tmp_path,
         callbacks=[eqxtl.TensorBoard()],
-        progress=False,
+        checkpoint=eqxtl.Checkpoint(tmp_path),
+        runtime=eqxtl.Runtime(eval_every=2, progress=False),
     )
     steps = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert [(s["step"], s["phase"]) for s in steps] == [
@@ -357,3 +344,29 @@ def test_grain_loader_and_process_shards_give_the_loaders_batches(workers):
         for batch in (got[i], joined):
             for key in ("image", "label", "mask"):
                 np.testing.assert_array_equal(batch[key], want[key])
+
+
+def test_every_loader_is_a_source_batches_and_features_follow_its_process_part():
+    """Loader, ProcessShard, GrainLoader and FeatureLoader implement the one declared batch
+    protocol; cached features come in each process's part of the global batch, as images
+    do."""
+    from eqxtl.data.loader import BatchSource, SourceBatches
+
+    source = colour_source(21, 0)
+    loader = eqxtl.Loader(source, eqxtl.Preprocessing(resize=36, crop=32), 8, shuffle=True)
+    n = len(source)
+    features = eqxtl.Features(
+        np.arange(2 * n, dtype=np.float32).reshape(n, 2),
+        source.labels.astype(np.int32),
+        np.ones(n, bool),
+        source.class_names,
+    )
+    whole = eqxtl.FeatureLoader(features, loader)
+    shards = [eqxtl.ProcessShard(loader, index=i, count=2) for i in range(2)]
+    for batches in (loader, *shards, eqxtl.GrainLoader(loader, num_workers=0), whole):
+        assert isinstance(batches, SourceBatches) and isinstance(batches, BatchSource)
+    parts = [list(eqxtl.FeatureLoader(features, s).epoch(1, start_step=1)) for s in shards]
+    for i, want in enumerate(whole.epoch(1, start_step=1)):
+        for key in ("features", "label", "mask"):
+            joined = np.concatenate([parts[0][i][key], parts[1][i][key]])
+            np.testing.assert_array_equal(joined, want[key])

@@ -54,18 +54,24 @@ def clip_model():
     return eqxtl.Classifier(backbone, 3, key=jax.random.key(1)), state
 
 
-def run_fit(clip_model, out_dir=None, batches=None, **kwargs):
+def run_fit(clip_model, out_dir=None, batches=None, *, steps=4, callback=None, **kwargs):
+    """``fit`` for ``steps`` steps on fixed batches; the ``Checkpoint`` and ``Runtime``
+    options by name (``resume``, ``best``; ``seed``, ``eval_every``, ``max_nonfinite``)."""
     model, state = clip_model
-    kwargs.setdefault("steps", 4)
+    spec = kwargs.pop("spec", eqxtl.trainable(model, "head"))
+    phase = eqxtl.Phase(spec, kwargs.pop("optimizer", optax.adam(1e-2)), steps=steps)
+    saving = {k: kwargs.pop(k) for k in ("resume", "best") if k in kwargs}
+    callbacks = list(kwargs.pop("callbacks", []))
+    if callback is not None:
+        callbacks.append(eqxtl.Lambda(on_step=lambda run, m: callback(run.step, m)))
     return eqxtl.fit(
         model,
         state,
-        kwargs.pop("optimizer", optax.adam(1e-2)),
-        kwargs.pop("spec", eqxtl.trainable(model, "head")),
-        Batches(batches or make_batches(4)),
-        out_dir=out_dir,
-        progress=False,
-        **kwargs,
+        train_data=Batches(batches or make_batches(4)),
+        phases=[phase],
+        callbacks=callbacks,
+        checkpoint=None if out_dir is None else eqxtl.Checkpoint(out_dir, **saving),
+        runtime=eqxtl.Runtime(progress=False, **kwargs),
     )
 
 
@@ -249,7 +255,7 @@ def test_a_kill_while_replacing_best_keeps_the_old_best(
         real_link(self, link, target)
 
     monkeypatch.setattr(runs.RunDir, "_link", killed)
-    fit_module = sys.modules["eqxtl.training.loop"]
+    fit_module = sys.modules["eqxtl.training.session"]
     monkeypatch.setattr(fit_module, "improved", lambda *a, **k: True)  # step 4 is "better"
     with pytest.raises(KeyboardInterrupt):
         run_fit(clip_model, tmp_path, steps=4, eval_every=2)
@@ -295,16 +301,31 @@ def test_a_phase_that_trains_nothing_is_refused(clip_model):
         eqxtl.fit(model, state, train_data=Batches(make_batches(2)), phases=phases)
 
 
+def test_epochs_next_to_phases_is_refused(clip_model):
+    model, state = clip_model
+    phases = [eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-3), epochs=1)]
+    with pytest.raises(eqxtl.TrainingError, match=r"each Phase has its own epochs"):
+        eqxtl.fit(model, state, train_data=Batches(make_batches(2)), phases=phases, epochs=3)
+
+
 def test_fit_with_nothing_trainable_is_refused(clip_model):
     with pytest.raises(eqxtl.TrainingError, match="trains nothing"):
         run_fit(clip_model, spec=eqxtl.trainable(clip_model[0]))
 
 
-def test_an_unknown_best_metric_is_refused_before_training(clip_model):
+def test_an_unknown_best_metric_is_refused_before_training(clip_model, tmp_path):
     steps = []
     with pytest.raises(eqxtl.TrainingError, match="'test_f1' is not a metric") as err:
-        run_fit(clip_model, best="test_f1", callback=lambda s, m: steps.append(s))
+        run_fit(clip_model, tmp_path, best="test_f1", callback=lambda s, m: steps.append(s))
     assert "train_accuracy" in str(err.value) and steps == []
+
+
+@pytest.mark.parametrize("option", ["checkpoint", "runtime"])
+def test_options_must_be_option_objects(clip_model, tmp_path, option):
+    model, state = clip_model
+    with pytest.raises(eqxtl.TrainingError, match=f"fit\\({option}=...\\) takes an eqxtl"):
+        eqxtl.fit(model, state, optax.adam(1e-3), eqxtl.trainable(model, "head"),
+                  Batches(make_batches(1)), **{option: str(tmp_path)})  # fmt: skip
 
 
 def test_an_early_stopping_metric_that_does_not_exist_is_named(clip_model):

@@ -182,7 +182,7 @@ def test_lora_spec_param_groups_and_training():
         adapted, [(".*lora_.*", optax.adam(1e-2)), ("head", optax.adam(1e-3)), (".*", None)]
     )
     assert jax.tree.all(jax.tree.map(lambda a, b: a == b, spec, spec2))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec2, donate=False)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec2, donate=False)
     opt_state = optimizer.init(eqx.filter(adapted, spec2))
     model = adapted
     for i in range(2):
@@ -227,7 +227,7 @@ def test_lora_step_computes_no_frozen_weight_gradients():
 
     def step_flops(model, spec):
         optimizer = optax.adam(1e-3)
-        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, donate=False)
+        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
         opt_state = optimizer.init(eqx.filter(model, spec))
         trainable, frozen = eqx.partition(model, spec)
         return _flops(step.compiled.lower((frozen, state, b, key), trainable, opt_state).compile())

@@ -30,7 +30,7 @@ def batch(seed: int = 0, size: int = 4):
 def loss_and_grads(model, state):
     """Full fine-tuning loss, gradients and new state (BatchNorm in training mode)."""
     spec = eqxtl.everything(model)
-    loss_fn = eqxtl.classification_loss()
+    loss_fn = eqxtl.task_loss()
 
     @eqx.filter_jit
     def run(model, state, data):
@@ -97,7 +97,7 @@ def test_same_loss_gradients_and_state(arch):
 def test_remat_actually_recomputes():
     """The compiled backward pass holds checkpoint markers: the flag reaches the model."""
     model, state = classifier("clip")
-    loss_fn = eqxtl.classification_loss()
+    loss_fn = eqxtl.task_loss()
 
     def grads_jaxpr(m):
         def loss_of(m):
@@ -117,7 +117,7 @@ def test_train_step_and_save_load(arch, tmp_path):
     spec = eqxtl.everything(model)
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, spec))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     model, state, opt_state, metrics = step(model, state, opt_state, batch(), jax.random.key(0))
     assert np.isfinite(float(metrics["loss"]))
     assert flags(model) == [True]

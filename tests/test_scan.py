@@ -41,7 +41,7 @@ def batch(seed: int = 0, size: int = 4):
 
 
 def grad_fn(spec):
-    loss_fn = eqxtl.classification_loss()
+    loss_fn = eqxtl.task_loss()
 
     def run(trainable, frozen, state, data):
         def loss_of(t):
@@ -184,7 +184,7 @@ def test_last_blocks_trains_those_layers_only(model_state):
     for m in (model, scanned):
         spec_m, optimizer = eqxtl.param_groups(m, groups)
         opt_state = optimizer.init(eqx.filter(m, spec_m))
-        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec_m)
+        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec_m)
         new, _, _, _ = step(m, state, opt_state, batch())
         results.append(new)
     assert_trees_close(results[1], results[0])

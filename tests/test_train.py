@@ -49,7 +49,7 @@ def test_adamw_leaves_frozen_bit_identical(arch, which):
     spec = specs(model)[which]
     optimizer = optax.adamw(1e-2, weight_decay=0.1)
     opt_state = optimizer.init(eqx.filter(model, spec))
-    step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     before, state_before = copy(model), copy(state)
     for i in range(20):
         model, state, opt_state, metrics = step(
@@ -113,7 +113,7 @@ def test_layerwise_sgd_moves_each_leaf_by_its_lr(arch):
     spec, optimizer = eqxtl.param_groups(model, groups)
     depth_of, n_blocks = eqxtl.layer_depths(model)
     b = batch(0)
-    loss_fn = eqxtl.classification_loss()
+    loss_fn = eqxtl.task_loss()
 
     def loss_of(trainable):
         m = eqxtl.batchnorm_modes(
@@ -170,7 +170,7 @@ def test_step_flops_follow_what_trains(arch):
 
     def step_flops(spec):
         optimizer = optax.adam(1e-3)
-        step = eqxtl.make_step(eqxtl.classification_loss(), optimizer, spec, donate=False)
+        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
         opt_state = optimizer.init(eqx.filter(model, spec))
         trainable, frozen = eqx.partition(model, spec)
         lowered = step.compiled.lower((frozen, state, b, key), trainable, opt_state)
@@ -189,7 +189,7 @@ def test_no_retrace_across_epochs_with_partial_batch():
     optimizer = optax.adamw(1e-3, weight_decay=1e-4)
     opt_state = optimizer.init(eqx.filter(model, spec))
     traces = []
-    base_loss = eqxtl.classification_loss(label_smoothing=0.1)
+    base_loss = eqxtl.task_loss(eqxtl.Classification(label_smoothing=0.1))
 
     def loss_fn(*args):
         traces.append(1)

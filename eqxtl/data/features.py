@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from ..models._arch import Preprocessing
-from .loader import Loader
+from .loader import Loader, SourceBatches
 from .sources import fingerprint
 
 
@@ -59,8 +59,10 @@ def extract_features(
     **Arguments:**
 
     - `backbone`: an eqxtl backbone or a ``Classifier`` (its backbone is used).
-    - `data`: a source (``TFDSSource``, ``ImageFolder``, ``ArraySource``...) or a ``Loader``
-      (its preprocessing and batch size are used; its shuffling and augmentation are not).
+    - `data`: a source (``TFDSSource``, ``ImageFolder``, ``ArraySource``...) or any
+      ``SourceBatches`` (``Loader``, ``GrainLoader``, ``ProcessShard``): its source and
+      preprocessing are used, its order, augmentation and process split are not (every
+      example's features are computed).
     - `cache_dir`: keep the features on disk under this directory, keyed by a fingerprint
       of the backbone's weights, the preprocessing and the data (image contents, or file
       sizes and modification times; labels; class names): a later call with the same key
@@ -70,10 +72,9 @@ def extract_features(
     from ..models.registry import preprocessing_for
 
     backbone = getattr(backbone, "backbone", backbone)
-    if isinstance(data, Loader):
+    if isinstance(data, SourceBatches):
         source = data.source
         preprocessing = preprocessing or data.preprocessing
-        num_workers = data.num_workers if num_workers is None else num_workers
     else:
         source = data
     preprocessing = preprocessing or preprocessing_for(backbone)
@@ -159,10 +160,12 @@ def _fingerprint(backbone, state, preprocessing: Preprocessing, source) -> str:
 
 
 class FeatureLoader:
-    """Batches of cached features with exactly the order, padding and mask of ``loader``
-    (an image ``Loader``): ``{"features": (B, D), "label": (B,), "mask": (B,)}``."""
+    """Batches of cached features with exactly the order, padding, mask and process part of
+    ``loader`` (any ``SourceBatches``: ``Loader``, ``GrainLoader``, ``ProcessShard``):
+    ``{"features": (b, D), "label": (b,), "mask": (b,)}`` (``b``: this process's part of
+    the global batch). Itself a ``SourceBatches`` without augmentation."""
 
-    def __init__(self, features: Features, loader: Loader):
+    def __init__(self, features: Features, loader: SourceBatches):
         if len(features) != len(loader.source):
             raise ValueError(
                 f"{len(features)} cached features for a source of {len(loader.source)} "
@@ -170,17 +173,29 @@ class FeatureLoader:
             )
         self.features = features
         self.loader = loader
+        self.source = loader.source
+        self.preprocessing = loader.preprocessing
+        self.augment = None
+        self.batch_size = loader.batch_size
+        self.part = tuple(loader.part)
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def order(self, epoch: int) -> np.ndarray:
+        return self.loader.order(epoch)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        order, b = self.loader.order(epoch), self.loader.batch_size
+        order, big = self.order(epoch), self.batch_size
+        index, count = self.part
+        b = big // count
         for i in range(start_step, len(self)):
-            chunk = order[i * b : (i + 1) * b]
-            pad = np.full(b - len(chunk), chunk[0], dtype=chunk.dtype)
+            chunk = order[i * big : (i + 1) * big]
+            pad = np.full(big - len(chunk), chunk[0], dtype=chunk.dtype)
             take = np.concatenate([chunk, pad])
             mask = np.concatenate([self.features.valid[chunk], np.zeros(len(pad), bool)])
+            mine = slice(index * b, (index + 1) * b)
+            take, mask = take[mine], mask[mine]
             labels = np.where(mask, self.features.labels[take], 0).astype(np.int32)
             yield {
                 "features": np.asarray(self.features.features[take]),

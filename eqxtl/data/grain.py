@@ -16,6 +16,9 @@ class GrainLoader:
     saves with every checkpoint. Needs the ``grain`` extra; the source must pickle.
 
     >>> fit(model, state, optimizer, spec, eqxtl.GrainLoader(eqxtl.Loader(source, p, 32)))
+
+    A ``SourceBatches`` (``eqxtl.data.loader``): ``fit`` checks its labels and caches
+    features from it as from the ``Loader`` it wraps.
     """
 
     def __init__(
@@ -34,9 +37,13 @@ class GrainLoader:
         self.source = loader.source
         self.preprocessing = loader.preprocessing
         self.augment = loader.augment
+        self.part = (self.index, self.count)
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def order(self, epoch: int):
+        return self.loader.order(epoch)
 
     def epoch(self, epoch: int, start_step: int = 0):
         import grain

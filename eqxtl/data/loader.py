@@ -1,7 +1,14 @@
 """Batches: the ``Loader`` yields fixed-shape batches ``{"image": float32 (B, 3, S, S),
 "label": int32 (B,), "mask": bool (B,)}`` (the last partial batch is padded and masked, so a
 jitted step never recompiles), in an order that is a pure function of ``(seed, epoch)``;
-``ProcessShard`` is one process's part of each global batch."""
+``ProcessShard`` is one process's part of each global batch.
+
+What ``fit`` and ``evaluate`` read is declared once here: a ``BatchSource`` (``len``,
+``epoch(e, start_step)``, ``batch_size``); the loaders of this package (``Loader``,
+``ProcessShard``, ``GrainLoader``, ``FeatureLoader``) are moreover ``SourceBatches``: batches
+of a known ``source`` in a known ``order``, which is what label checks, class names, feature
+caching and multi-process runs need.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -18,6 +26,51 @@ from ..errors import CorruptImageError, DataError
 from ..models._arch import Preprocessing
 from .images import Augment, preprocess
 from .sources import Source
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What ``fit`` and ``evaluate`` train and evaluate on: ``len(batches)`` batches per
+    epoch, ``batches.epoch(e, start_step=k)`` yields batches ``k, k+1, ...`` of epoch ``e``
+    (dicts ``{"image" (B, 3, S, S) | "features" (B, D), "label" (B,), "mask" (B,)}``, the
+    same for the same ``(e, k)``: a resumed run reads exactly the batches it missed), and
+    ``batch_size`` (the global batch size ``B``)."""
+
+    batch_size: int
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]: ...
+
+
+@runtime_checkable
+class SourceBatches(BatchSource, Protocol):
+    """A ``BatchSource`` whose batches are the examples of ``source`` (with its
+    ``class_names`` and, where cheap, ``labels``) in ``order(epoch)``, ``batch_size`` at a
+    time, preprocessed with ``preprocessing`` (and ``augment``, if not ``None``); ``part``
+    is ``(index, count)``: each batch holds positions ``[index * b, (index + 1) * b)`` of
+    the global batch (``b = batch_size / count``; ``(0, 1)``: all of it).
+
+    ``Loader``, ``ProcessShard``, ``GrainLoader`` and ``FeatureLoader`` are. ``fit`` checks
+    their labels against the head, records their class names and preprocessing, and trains
+    a frozen backbone's head on cached features (``FeatureLoader``) from any of them.
+    """
+
+    source: Source
+    preprocessing: Preprocessing
+    augment: Augment | None
+    part: tuple[int, int]
+
+    def order(self, epoch: int) -> np.ndarray: ...
+
+
+def for_this_process(batches):
+    """``batches`` as this process reads them: a ``Loader`` is wrapped in ``ProcessShard``
+    when there are several processes; other batch sources must already be split
+    (``GrainLoader``, ``ProcessShard``) or read the same batches everywhere."""
+    if jax.process_count() > 1 and isinstance(batches, Loader):
+        return ProcessShard(batches)
+    return batches
 
 
 class Loader:
@@ -63,6 +116,7 @@ class Loader:
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.drop_last = drop_last
         self.prefetch = max(1, int(prefetch))
+        self.part = (0, 1)
         names = getattr(source, "class_names", None)
         self._num_labels = len(names) if names else np.iinfo(np.int32).max
 
@@ -86,6 +140,11 @@ class Loader:
         """Source example ``index`` preprocessed (augmented, if any) as in epoch ``epoch``:
         ``(float32 (3, S, S), label)``."""
         image, label = self.source[int(index)]
+        if not 0 <= label < self._num_labels:  # every reader of a Loader goes through here
+            raise DataError(
+                f"Label {label} of example {index} of {self.source!r} is outside "
+                f"[0, {self._num_labels}) (the source's class_names). Fix the labels."
+            )
         if self.augment is None:
             return preprocess(image, self.preprocessing), label
         rng = np.random.default_rng((self.seed, epoch, int(index)))
@@ -137,11 +196,6 @@ class Loader:
             warnings.warn(f"{e}; this example is masked out.", stacklevel=2)
             batch["image"][j] = 0.0
             return
-        if not 0 <= label < self._num_labels:
-            raise DataError(
-                f"Label {label} of example {index} of {self.source!r} is outside "
-                f"[0, {self._num_labels}) (the source's class_names). Fix the labels."
-            )
         batch["image"][j] = image
         batch["label"][j] = label
         batch["mask"][j] = True
@@ -186,13 +240,15 @@ class ProcessShard:
         self.source = loader.source
         self.preprocessing = loader.preprocessing
         self.augment = loader.augment
+        self.part = (self.index, self.count)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def epoch(self, epoch: int, start_step: int = 0):
-        from concurrent.futures import ThreadPoolExecutor
+    def order(self, epoch: int) -> np.ndarray:
+        return self.loader.order(epoch)
 
+    def epoch(self, epoch: int, start_step: int = 0):
         order = self.loader.order(epoch)
         with ThreadPoolExecutor(max(1, self.loader.num_workers)) as pool:
             for i in range(start_step, len(self)):

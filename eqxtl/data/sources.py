@@ -159,11 +159,9 @@ def check_labels(source: Source, num_classes: int) -> None:
     ``[0, num_classes)``. Labels are checked here when the source knows them cheaply (a
     ``labels`` array: ``ArraySource``, ``ImageFolder``, ``Subset`` of those); the ``Loader``
     checks each label it reads against the source's class names in any case. ``source``
-    may be a ``Loader`` (its source is checked).
+    may be any ``SourceBatches`` (``Loader``, ``GrainLoader``, ...: its source is checked).
     """
-    from .loader import Loader
-
-    data = source.source if isinstance(source, Loader) else source
+    data = _read_by(source)
     names = list(getattr(data, "class_names", None) or [])
     if len(names) > num_classes:
         raise DataError(
@@ -184,12 +182,20 @@ def check_labels(source: Source, num_classes: int) -> None:
         )
 
 
+def _read_by(data):
+    """The source a ``SourceBatches`` reads, or ``data`` itself."""
+    from .loader import SourceBatches  # (the loader module builds on this one)
+
+    return data.source if isinstance(data, SourceBatches) else data
+
+
 def check_same_classes(train: Source, other: Source, what: str = "test data") -> None:
     """Raise ``DataError`` unless ``other`` has exactly ``train``'s class names, in the
-    same order (label ``i`` must mean the same class in both). Either may be a ``Loader``.
+    same order (label ``i`` must mean the same class in both). Either may be a
+    ``SourceBatches`` (``Loader``, ``GrainLoader``, ...).
     """
-    a = list(getattr(train, "class_names", None) or [])
-    b = list(getattr(other, "class_names", None) or [])
+    a = list(getattr(_read_by(train), "class_names", None) or [])
+    b = list(getattr(_read_by(other), "class_names", None) or [])
     if a == b:
         return
     missing = [n for n in a if n not in b]

@@ -156,7 +156,10 @@ class TensorBoard:
 
         log_dir = self.log_dir or (run.out_dir / "tensorboard" if run.out_dir else None)
         if log_dir is None:
-            raise TrainingError("TensorBoard needs log_dir= or a fit out_dir.")
+            raise TrainingError(
+                "TensorBoard needs log_dir= or a run folder (fit(..., checkpoint="
+                "eqxtl.Checkpoint(out_dir)))."
+            )
         # on resume, drop events past the resumed step (the run repeats them)
         self._writer = SummaryWriter(str(log_dir), purge_step=run.step or None)
         self._written = len(run.step_losses)

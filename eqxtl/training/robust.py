@@ -1,4 +1,5 @@
-"""Robust fine-tuning: weight interpolation (WiSE-FT) and linear-probe-then-fine-tune (LP-FT).
+"""Robust fine-tuning: weight interpolation (WiSE-FT); linear-probe-then-fine-tune (LP-FT)
+is two phases of one ``fit`` (``eqxtl.two_phases``).
 
 WiSE-FT (Wortsman et al., 2022): ``θ = (1 − α)·θ_zero-shot + α·θ_fine-tuned`` keeps most of
 the fine-tuned accuracy and recovers much of the zero-shot model's robustness::
@@ -13,16 +14,11 @@ the fine-tuned accuracy and recovers much of the zero-shot model's robustness::
 
 LP-FT (Kumar et al., 2022): train the head first with the backbone frozen (on cached
 features, so it is cheap), then everything at a low learning rate, so that the first
-fine-tuning steps do not distort the pretrained features through a random head::
+fine-tuning steps do not distort the pretrained features through a random head. That is
+``eqxtl.two_phases``, run by one ``fit`` (one history, one run folder)::
 
-    probe, tuned = eqxtl.lp_ft(model, state, train, head_epochs=10, epochs=2, lr=1e-5)
-
-which is exactly these two calls::
-
-    spec, opt = eqxtl.param_groups(model, [("head", optax.adam(head_lr)), (".*", None)])
-    probe = eqxtl.fit(model, state, opt, spec, train, epochs=head_epochs)   # cached features
-    spec, opt = eqxtl.param_groups(probe.model, [(".*", optax.adam(lr))])
-    tuned = eqxtl.fit(probe.model, probe.state, opt, spec, train, epochs=epochs)
+    phases = eqxtl.two_phases(model, head_epochs=10, epochs=2, head_lr=1e-3, lr=1e-5)
+    tuned = eqxtl.fit(model, state, train_data=train, phases=phases)
 """
 
 from __future__ import annotations
@@ -30,14 +26,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-import optax
 
 from .._util.pytree_paths import keypath_to_str
 from ..errors import EqxtlError
@@ -151,7 +145,7 @@ def wise_ft(
     a PNG path for the accuracy-vs-alpha curve (needs the ``plot`` extra). ``states``:
     ``(zero-shot state, fine-tuned state)`` for models with BatchNorm.
     """
-    from .loop import evaluate
+    from .evaluation import evaluate
     from .step import make_eval_step
 
     alphas = [float(a) for a in alphas]
@@ -189,38 +183,3 @@ def wise_ft(
 
         plot_wise_ft(records, plot)
     return records
-
-
-def lp_ft(
-    model: Any,
-    state: eqx.nn.State,
-    train_data: Any,
-    *,
-    head_epochs: int = 10,
-    epochs: int = 1,
-    head_lr: float = 1e-3,
-    lr: float = 1e-5,
-    out_dir: str | os.PathLike | None = None,
-    **fit_kwargs,
-):
-    """LP-FT: fit the head with the backbone frozen (on cached features), then the whole
-    model at the low ``lr``, starting from that head. Returns both ``FitResult``s
-    ``(probe, fine_tuned)``.
-
-    ``model`` is a ``Classifier`` (a zero-shot one, or a fresh linear head); ``fit_kwargs``
-    go to both ``eqxtl.fit`` calls (``test_data``, ``batch_size``, ``seed``, ...), and with
-    ``out_dir`` the two runs write to ``out_dir/probe`` and ``out_dir/finetune``.
-    """
-    from ..tuning.groups import param_groups
-    from .loop import fit
-
-    def run(model, state, groups, n_epochs, name):
-        spec, optimizer = param_groups(model, groups)
-        folder = None if out_dir is None else Path(out_dir) / name
-        return fit(
-            model, state, optimizer, spec, train_data, epochs=n_epochs, out_dir=folder, **fit_kwargs
-        )
-
-    probe = run(model, state, [("head", optax.adam(head_lr)), (".*", None)], head_epochs, "probe")
-    tuned = run(probe.model, probe.state, [(".*", optax.adam(lr))], epochs, "finetune")
-    return probe, tuned

@@ -247,8 +247,9 @@ class RunDir:
         if diff:
             raise TrainingError(
                 f"Cannot resume the run in {self.path}: it was started with another "
-                f"configuration. Differences: {'; '.join(diff)}. Pass resume=False to start "
-                "over (its checkpoints are deleted), or use another out_dir. Nothing was written."
+                f"configuration. Differences: {'; '.join(diff)}. Pass "
+                "checkpoint=eqxtl.Checkpoint(out_dir, resume=False) to start over (its "
+                "checkpoints are deleted), or use another out_dir. Nothing was written."
             )
 
     def write_signature(self, current: dict) -> None:
@@ -345,7 +346,7 @@ class RunDir:
         if errors:
             raise TrainingError(
                 f"Cannot resume the run in {self.path}: {'; '.join(errors)}. Pass "
-                "resume=False to start over, or use another out_dir."
+                "eqxtl.Checkpoint(out_dir, resume=False) to start over, or use another out_dir."
             )
         return None
 

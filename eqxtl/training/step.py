@@ -40,17 +40,16 @@ def _is_bn(x: Any) -> bool:
 BN_MODES = ("auto", "frozen", "train")
 
 
-def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False, bn: str = "auto") -> Any:
+def batchnorm_modes(model: Any, spec: Any, *, bn: str = "auto") -> Any:
     """``model`` with each BatchNorm's mode set, independently of what trains:
 
     - ``bn="auto"``: a BatchNorm normalises with batch statistics (and updates its running
       ones) iff its ``weight`` trains in ``spec``; frozen ones use their loaded statistics;
     - ``bn="frozen"``: every BatchNorm uses its loaded statistics, even where its scale and
       shift train (Keras's advice for fine-tuning after unfreezing);
-    - ``bn="train"`` (or ``train_bn=True``): every BatchNorm trains its statistics (fastai's
-      ``train_bn``).
+    - ``bn="train"``: every BatchNorm trains its statistics (fastai's ``train_bn``).
     """
-    bn = _bn_mode(bn, train_bn)
+    bn = _bn_mode(bn)
     flat, treedef = jtu.tree_flatten(model, is_leaf=_is_bn)
     try:
         spec_nodes = treedef.flatten_up_to(spec)
@@ -66,26 +65,18 @@ def batchnorm_modes(model: Any, spec: Any, *, train_bn: bool = False, bn: str = 
     return jtu.tree_unflatten(treedef, out)
 
 
-def _bn_mode(bn: str, train_bn: bool = False) -> str:
+def _bn_mode(bn: str) -> str:
     if bn not in BN_MODES:
         raise EqxtlError(f"bn must be one of {BN_MODES}, got {bn!r}.")
-    return "train" if train_bn else bn
+    return bn
 
 
-def cross_entropy(
-    logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None, label_smoothing=0.0
-) -> tuple[jax.Array, dict]:
-    """Mean (masked) softmax cross-entropy in float32 with optional label smoothing.
-
-    Returns ``(loss, metrics)``; metrics hold sums (``loss_sum``, ``correct``, ``count``) so
-    that they add up exactly over batches of different fill.
-    """
-    return loss_and_metrics(Classification(label_smoothing), logits, labels, mask)
-
-
-def task_loss(task: Task, *, compute_dtype=None, features: bool = False) -> LossFn:
-    """Loss for ``make_step`` from a ``task`` (``eqxtl.tasks``): the task's loss of the
-    model's outputs on batches ``{"image": (B, C, H, W), "label", "mask": (B,) optional}``.
+def task_loss(task: Task | None = None, *, compute_dtype=None, features: bool = False) -> LossFn:
+    """Loss for ``make_step`` from a ``task`` (``eqxtl.tasks``; default
+    ``Classification()``, softmax cross-entropy): the task's loss of the model's outputs on
+    batches ``{"image": (B, C, H, W), "label", "mask": (B,) optional}``. Label smoothing:
+    ``task_loss(Classification(label_smoothing=0.1))``. The metrics are sums
+    (``loss_sum``, ``correct``, ``count``) that add up exactly over batches of any fill.
 
     ``features=True``: batches of cached backbone features ``{"features": (B, D), ...}``
     through ``model.logits`` (the head, after the projection and normalisation a zero-shot
@@ -96,6 +87,7 @@ def task_loss(task: Task, *, compute_dtype=None, features: bool = False) -> Loss
     weights on the fly, so gradients and optimizer state stay float32), while LayerNorm,
     BatchNorm, softmax, the head and the loss run in float32.
     """
+    task = Classification() if task is None else task
 
     def loss_fn(model, state, batch, key):
         if features:
@@ -112,20 +104,12 @@ def task_loss(task: Task, *, compute_dtype=None, features: bool = False) -> Loss
     return loss_fn
 
 
-def classification_loss(*, label_smoothing: float = 0.0, compute_dtype=None) -> LossFn:
-    """Loss for ``make_step`` on batches ``{"image": (B, C, H, W), "label": (B,),
-    "mask": (B,) optional}``: cross-entropy of ``model(image)`` logits (``task_loss`` with
-    ``Classification(label_smoothing)``; see there for ``compute_dtype``)."""
-    return task_loss(Classification(label_smoothing), compute_dtype=compute_dtype)
-
-
 def make_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     spec: Any,
     *,
     bn: str = "auto",
-    train_bn: bool = False,
     donate: bool | None = None,
     mesh=None,
     skip_nonfinite: bool = True,
@@ -134,9 +118,9 @@ def make_step(
 
     ``step(model, state, opt_state, batch, key) -> (model, state, opt_state, metrics)``.
     ``opt_state`` must come from ``optimizer.init(eqx.filter(model, spec))``. ``bn`` sets
-    the BatchNorm modes (``batchnorm_modes``: ``"auto"``, ``"frozen"``, ``"train"``;
-    ``train_bn=True`` is ``"train"``). With ``donate`` the trainable leaves and the optimizer
-    state passed in are consumed (updated in place): keep using the returned ones. The
+    the BatchNorm modes (``batchnorm_modes``: ``"auto"``, ``"frozen"``, ``"train"``). With
+    ``donate`` the trainable leaves and the optimizer state passed in are consumed (updated
+    in place): keep using the returned ones. The
     default, ``None``, donates when they hold at least 64 MiB, where the saved copy matters;
     for a small head donation saves nothing and costs ~3% of a CPU step. The BatchNorm state
     is never donated (it is small); when no BatchNorm trains it is returned as passed in.
@@ -149,7 +133,7 @@ def make_step(
     With a ``mesh`` (``eqxtl.data_mesh()``), each batch is split over its devices (data
     parallel); pass the model, state and optimizer state through ``eqxtl.replicate`` once.
     """
-    bn = _bn_mode(bn, train_bn)
+    bn = _bn_mode(bn)
 
     def _step(passthrough, trainable, opt_state):
         frozen, state, batch, key = passthrough
@@ -270,7 +254,7 @@ def _nbytes(*trees: Any) -> int:
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
     """Compiled ``eval_step(model, state, batch) -> metrics`` (the loss function's metric
     sums) in inference mode (with a ``mesh``, each batch is split over its devices)."""
-    loss_fn = loss_fn or classification_loss()
+    loss_fn = loss_fn or task_loss()
 
     @eqx.filter_jit
     def _eval_step(model, state, batch):

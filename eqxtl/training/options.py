@@ -1,0 +1,99 @@
+"""The two option objects of ``fit``: where the run is kept (``Checkpoint``, like Keras's
+``ModelCheckpoint``) and how it runs (``Runtime``, like Lightning's ``Trainer(precision=,
+devices=)``). Neither changes what is learned: the data pipeline belongs to the loader
+(``eqxtl.Loader``), what trains and for how long to ``Phase``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainingError
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """The run folder of a ``fit`` (``eqxtl.training.runs``): ``last/`` and ``best/``
+    checkpoints (``save_pretrained`` layout plus the training state), ``history.json``
+    (+ ``.jsonl``, ``.png``), ``run.json``; locked while the run uses it.
+
+    **Arguments:**
+
+    - `out_dir`: the folder.
+    - `resume`: continue from ``last`` (the default) after checking that the stored
+      configuration (model shapes, spec, optimizer state, seed, batch size, data length,
+      phases, task, BatchNorm modes) is this run's (``TrainingError`` naming the
+      differences otherwise); ``False`` starts over and deletes the folder's checkpoints.
+    - `every`: also write ``last`` every N steps between evaluations (``None``: at
+      evaluations only).
+    - `best`: the metric whose best value ``best/`` keeps (``"test_accuracy"``,
+      ``"test_loss"``, ``"train_loss"``, any ``test_``/``train_`` metric of the task);
+      ``"auto"``: ``test_accuracy`` (``test_loss`` for tasks without accuracy) with test
+      data, ``train_loss`` without.
+    - `mode`: ``"min"``, ``"max"`` or ``"auto"`` (min for losses and errors).
+
+    >>> eqxtl.fit(model, state, opt, spec, train, checkpoint=eqxtl.Checkpoint("runs/a"))
+    """
+
+    out_dir: str | os.PathLike
+    resume: bool = True
+    every: int | None = None
+    best: str = "auto"
+    mode: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "out_dir", Path(self.out_dir))
+        if self.every is not None and int(self.every) < 1:
+            raise TrainingError(f"Checkpoint(every=...) must be >= 1 or None, got {self.every}.")
+        if self.mode not in ("auto", "min", "max"):
+            raise TrainingError(
+                f"Checkpoint(mode=...) must be auto, min or max, got {self.mode!r}."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How ``fit`` runs. Only ``seed`` (recorded in the run folder: a resume must use the
+    same) and ``compute_dtype`` change what the steps compute.
+
+    **Arguments:**
+
+    - `seed`: the step keys (dropout, stochastic depth) and the shuffling of the ``Loader``
+      ``fit`` builds for a plain source (a ``Loader`` you pass keeps its own seed).
+    - `eval_every`: evaluate (and write ``last``) every N steps, and at the end of each
+      phase (``None``: at the end of each phase only).
+    - `compute_dtype`: e.g. ``jnp.bfloat16`` for mixed precision (see ``task_loss``);
+      weights and optimizer state stay float32.
+    - `mesh`: data parallelism (``eqxtl.data_mesh``); ``"auto"`` uses every local device
+      when there is more than one (the batch size must then be a multiple of their count),
+      ``None`` one device.
+    - `max_nonfinite`: a step whose loss or gradient is NaN/inf changes nothing (it is
+      skipped inside the compiled step); after more than ``max_nonfinite`` such steps ``fit``
+      raises ``TrainingError`` naming the first one and the last finite loss. The check
+      runs where the loop already waits for the device (progress refresh every 10 steps,
+      callbacks, evaluation, checkpoints, the end), so a few more steps may be skipped
+      before it fires. A model with non-finite weights is never written.
+    - `progress`: a tqdm progress bar.
+    - `cache_features`: when nothing in the backbone trains (and there is no augmentation
+      and BatchNorm is not ``"train"``), run the backbone once over the data
+      (``extract_features``) and train the head on the cached features: the same result,
+      epochs after the first cost only the head. ``True``: in memory; a directory: on disk,
+      reused across runs; ``False``: always run the backbone. From any loader (``Loader``,
+      ``GrainLoader``, ``ProcessShard``); one process only.
+    """
+
+    seed: int = 0
+    eval_every: int | None = None
+    compute_dtype: Any = None
+    mesh: Any = "auto"
+    max_nonfinite: int = 0
+    progress: bool = True
+    cache_features: bool | str | os.PathLike = True
+
+    def __post_init__(self):
+        if self.eval_every is not None and int(self.eval_every) < 1:
+            raise TrainingError(
+                f"Runtime(eval_every=...) must be >= 1 or None, got {self.eval_every}."
+            )

@@ -1,0 +1,323 @@
+"""The live part of a ``fit`` call: ``Run`` (what callbacks see) and the loop over the
+steps of each phase (train, count non-finite steps, evaluate, checkpoint), with metric sums
+kept on the device until the loop waits for it anyway."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..data.features import FeatureLoader, backbone_frozen, extract_features
+from ..data.loader import SourceBatches
+from ..errors import TrainingError
+from ..models.heads import Classifier
+from .callbacks import improved
+from .evaluation import eval_sums, summarise
+from .options import Runtime
+from .parallel import host, local, replicate
+from .phases import Phase
+from .runs import RunDir
+from .step import make_eval_step, make_step, task_loss
+from .tasks import Task
+
+_GUARD0 = {"nonfinite": 0.0, "first_bad": -1, "last_loss": float("nan")}
+
+
+@jax.jit
+def _accumulate(acc: dict, guard: dict, metrics: dict, step) -> tuple[dict, dict]:
+    """Add a step's metric sums (a non-finite step adds nothing) and track non-finite steps:
+    their count, the first one and the last finite loss before it. Stays on the device."""
+    bad = metrics["nonfinite"] > 0
+    acc = {k: acc[k] + jnp.where(bad, 0.0, metrics[k]) for k in acc}
+    before_first = guard["first_bad"] < 0
+    guard = {
+        "nonfinite": guard["nonfinite"] + metrics["nonfinite"],
+        "first_bad": jnp.where(bad & before_first, step, guard["first_bad"]),
+        "last_loss": jnp.where(~bad & before_first, metrics["loss"], guard["last_loss"]),
+    }
+    return acc, guard
+
+
+def _zero_sums(metrics: dict) -> dict:
+    return {k: jnp.zeros((), jnp.float32) for k in metrics if k not in ("loss", "nonfinite")}
+
+
+class Run:
+    """The live state of a ``fit`` call, as callbacks see it."""
+
+    def __init__(self, *, total_steps: int, steps_per_epoch: int, out_dir: Path | None):
+        self.step = 0
+        self.phase = 0
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.out_dir = out_dir
+        self.model = self.state = self.opt_state = None
+        self.history: list[dict] = []
+        self.step_losses: list[dict] = []  # {"step", "phase", "loss"} of every step so far
+        self.stopped: str | None = None
+        self._lr_scale: float | None = None
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def stop(self, reason: str = "stopped by a callback") -> None:
+        """End the run after the current evaluation (its checkpoints are written)."""
+        self.stopped = reason
+
+    @property
+    def lr_scale(self) -> float:
+        """A factor on every update (1.0 at the start); only with a callback that declares
+        ``scales_lr = True``."""
+        if self._lr_scale is None:
+            raise TrainingError(
+                "run.lr_scale needs a callback that declares scales_lr = True (fit then "
+                "adds the scale to the optimizer)."
+            )
+        return self._lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, value: float) -> None:
+        self.lr_scale  # noqa: B018  (raises without a scaling callback)
+        self._lr_scale = float(value)
+        inner, scale_state = self.opt_state
+        hyper = dict(scale_state.hyperparams)
+        old = hyper["step_size"]
+        hyper["step_size"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+        self.opt_state = (inner, scale_state._replace(hyperparams=hyper))
+
+
+def with_scale(optimizer):
+    """``optimizer`` followed by a scale that ``run.lr_scale`` sets."""
+    return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def call_hooks(callbacks, hook: str, *args) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
+
+
+@dataclasses.dataclass
+class Loop:
+    """The loop of one ``fit`` call, one phase at a time."""
+
+    run: Run
+    task: Task
+    train: Any
+    test: Any
+    folder: RunDir | None
+    callbacks: list
+    best: str
+    best_mode: str
+    best_value: float | None
+    checkpoint_every: int | None
+    runtime: Runtime
+    mesh: Any
+    scales_lr: bool
+    with_info: Any
+    bar: Any = None
+    guard: dict | None = None
+    pending: list = dataclasses.field(default_factory=list)
+
+    def phase(self, i: int, phase: Phase, optimizer, end: int, resumed: bool) -> None:
+        """Run phase ``i`` from ``run.step`` to step ``end`` (with the optimizer state of
+        the run when it ``resumed`` in this phase)."""
+        run, rt = self.run, self.runtime
+        run.phase = i
+        model, state = run.model, run.state
+        features = can_cache(model, phase, self.train, self.test, rt.cache_features)
+        train, test = self._feature_loaders() if features else (self.train, self.test)
+        loss = task_loss(self.task, compute_dtype=rt.compute_dtype, features=features)
+        step_fn = make_step(loss, optimizer, phase.spec, bn=phase.bn, mesh=self.mesh)
+        eval_step = make_eval_step(loss, mesh=self.mesh)
+        opt_state = run.opt_state if resumed else optimizer.init(eqx.filter(model, phase.spec))
+        if self.mesh is not None:
+            model, state, opt_state = replicate((model, state, opt_state), self.mesh)
+        run.model, run.state, run.opt_state = model, state, opt_state
+        if self.scales_lr:
+            run._lr_scale = float(opt_state[1].hyperparams["step_size"])
+        call_hooks(self.callbacks, "on_phase_begin", run)
+        if self.guard is None:
+            self.guard = {k: jnp.asarray(v) for k, v in _GUARD0.items()}
+            self.guard["first_bad"] = self.guard["first_bad"].astype(jnp.int32)
+        self.steps(train, test, step_fn, eval_step, end)
+
+    def _feature_loaders(self):
+        rt = self.runtime
+        cache_dir = None if rt.cache_features is True else rt.cache_features
+        return tuple(
+            None
+            if loader is None
+            else FeatureLoader(
+                extract_features(
+                    self.run.model,
+                    self.run.state,
+                    loader,
+                    cache_dir=cache_dir,
+                    batch_size=self.train.batch_size,
+                    progress=rt.progress,
+                ),
+                loader,
+            )
+            for loader in (self.train, self.test)
+        )
+
+    def steps(self, train, test, step_fn, eval_step, end: int) -> None:
+        """The steps of one phase, with evaluations and checkpoints, up to step ``end``."""
+        run, rt = self.run, self.runtime
+        model, state = run.model, run.state
+        base_key = jax.random.key(rt.seed)
+        per_step = any(getattr(cb, "on_step", None) is not None for cb in self.callbacks)
+        acc, since, images = None, time.perf_counter(), 0
+        while run.step < end:
+            epoch, start = divmod(run.step, run.steps_per_epoch)
+            for batch in train.epoch(epoch, start_step=start):
+                key = jax.random.fold_in(base_key, run.step)
+                model, state, opt_state, metrics = step_fn(model, state, run.opt_state, batch, key)
+                acc = _zero_sums(metrics) if acc is None else acc
+                run.step += 1
+                acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
+                self.pending.append((run.step, metrics["loss"]))
+                run.model, run.state, run.opt_state = model, state, opt_state
+                images += int(np.sum(batch["mask"])) if "mask" in batch else train.batch_size
+                if per_step:
+                    values = host(metrics)
+                    self.check()
+                    call_hooks(self.callbacks, "on_step", run, values)
+                if self.bar is not None:
+                    if run.step % 10 == 0 or run.step == end:
+                        self.check()
+                        self.bar.set_postfix(self._postfix(acc, images, since), refresh=False)
+                    self.bar.update(1)
+                if (rt.eval_every and run.step % rt.eval_every == 0) or run.step == end:
+                    record = self.evaluate(acc, images, since, eval_step, test)
+                    if self.bar is not None:
+                        self.bar.set_postfix(self._postfix(acc, images, since, record))
+                    acc, since, images = None, time.perf_counter(), 0
+                    if run.stopped:
+                        return
+                elif self.checkpoint_every and run.step % self.checkpoint_every == 0:
+                    if self.folder is not None:
+                        self.check()
+                        self.save(("last",))
+                if run.step >= end:
+                    break
+
+    def flush_losses(self) -> None:
+        """Fetch the per-step losses gathered since the last flush (the loop calls this
+        where it waits for the device anyway) into ``run.step_losses`` and the run folder."""
+        if not self.pending:
+            return
+        values = host([loss for _, loss in self.pending])
+        new = [
+            {"step": s, "phase": self.run.phase, "loss": float(v)}
+            for (s, _), v in zip(self.pending, values, strict=True)
+        ]
+        self.pending = []
+        self.run.step_losses.extend(new)
+        if self.folder is not None:
+            self.folder.append_steps(new)
+
+    def check(self) -> None:
+        """Raise ``TrainingError`` when more non-finite steps happened than allowed."""
+        self.flush_losses()
+        guard = host(self.guard)
+        if float(guard["nonfinite"]) <= self.runtime.max_nonfinite:
+            return
+        if self.folder is not None:
+            self.folder.write_history(self.run.history, steps=self.run.step_losses)
+        n, first = int(guard["nonfinite"]), int(guard["first_bad"])
+        last = float(guard["last_loss"])
+        raise TrainingError(
+            f"Training diverged: the loss or a gradient was NaN or infinite at step {first} "
+            f"({n} non-finite step{'s' if n > 1 else ''} so far, each skipped; the last finite "
+            f"loss was {last:.6g}). The model keeps the weights from before them; no "
+            "checkpoint holds non-finite weights. Lower the learning rate, check the data for "
+            "NaN, or allow some skipped steps with runtime=eqxtl.Runtime(max_nonfinite=N)."
+        )
+
+    def evaluate(self, acc, images, since, eval_step, test) -> dict:
+        run = self.run
+        self.check()
+        record: dict = {"step": run.step, "epoch": run.epoch, "phase": run.phase}
+        record.update(summarise(self.task, acc, "train"))
+        record["images_per_sec"] = images / max(time.perf_counter() - since, 1e-9)
+        nonfinite = int(host(self.guard["nonfinite"]))
+        if nonfinite:
+            record["nonfinite_steps"] = nonfinite
+        if test is not None:
+            sums = eval_sums(eval_step, run.model, run.state, test)
+            record.update(summarise(self.task, sums, "test"))
+        run.history.append(record)
+        call_hooks(self.callbacks, "on_eval", run, record)
+        value = record.get(self.best)
+        is_best = improved(value, self.best_value, self.best_mode)
+        if is_best:
+            self.best_value = value
+        if self.folder is not None:
+            self.save(("last", "best") if is_best else ("last",))
+            self.folder.write_history(run.history, [record], steps=run.step_losses)
+        return record
+
+    def save(self, links) -> None:
+        run = self.run
+        meta = {
+            "step": run.step,
+            "phase": run.phase,
+            "history": run.history,
+            "best": self.best_value,
+            "best_metric": self.best,
+            "seed": self.runtime.seed,
+            "stopped": run.stopped,
+            "callbacks": [
+                cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
+            ],
+        }
+        tree = local((run.model, run.state, run.opt_state))  # this process's replica
+        self.folder.save(links, *tree, meta, self.with_info)
+
+    def _postfix(self, acc, images, since, record=None) -> dict:
+        out = {}
+        summary = summarise(self.task, acc, "train")
+        for k, short in (("train_loss", "loss"), ("train_accuracy", "acc")):
+            if k in summary:
+                out[short] = f"{summary[k]:.3f}"
+        out["img/s"] = f"{images / max(time.perf_counter() - since, 1e-9):.1f}"
+        if record and self.best in record:
+            out[self.best] = f"{record[self.best]:.3f}"
+        return out
+
+
+def can_cache(model, phase: Phase, train, test, cache_features) -> bool:
+    """Whether ``phase`` can train on cached backbone features: nothing in the backbone
+    trains, BatchNorm is not in training mode, and the data are ``SourceBatches`` (any
+    loader of this package) without augmentation, in one process (with several, each would
+    run the backbone over all the data, on a model replicated over all of them)."""
+    return (
+        cache_features is not False
+        and jax.process_count() == 1
+        and phase.bn != "train"
+        and isinstance(train, SourceBatches)
+        and train.augment is None
+        and (test is None or isinstance(test, SourceBatches))
+        and isinstance(model, Classifier)
+        and backbone_frozen(model, phase.spec)
+    )
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
