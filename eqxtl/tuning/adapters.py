@@ -37,7 +37,8 @@ from jaxtyping import PRNGKeyArray
 from .._util.pytree_paths import closest, keypath_to_str, leaves_with_paths
 from ..errors import AdapterError, CheckpointError, RuleError
 from ..models.heads import Classifier
-from ..models.layers import Conv2d, LoRAConv2d, LoRALinear, _dora_scale
+from ..models.layers import Conv2d, LoRAConv2d, LoRALinear
+from ..models.layers.low_rank import dora_scale
 from ..models.registry import architecture_of
 from .filters import Rule, _compile, _describe, trainable
 
@@ -325,7 +326,7 @@ def _merged_weights(layers: list) -> list:
     for layer in layers:
         w = layer.weight.astype(jnp.float32) + layer.delta().astype(jnp.float32)
         if layer.lora_magnitude is not None:
-            w = _per_channel(_dora_scale(layer), w) * w
+            w = _per_channel(dora_scale(layer), w) * w
         out.append(w.astype(layer.weight.dtype))
     return out
 
@@ -336,7 +337,7 @@ def _unmerged_weights(layers: list, merged: list) -> list:
     for layer, w_merged in zip(layers, merged, strict=True):
         w = w_merged.astype(jnp.float32)
         if layer.lora_magnitude is not None:
-            w = w / _per_channel(_dora_scale(layer), w)
+            w = w / _per_channel(dora_scale(layer), w)
         out.append((w - layer.delta().astype(jnp.float32)).astype(w_merged.dtype))
     return out
 
