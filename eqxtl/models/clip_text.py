@@ -28,20 +28,20 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..errors import CheckpointError, DataError
-from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Lazy, Map
-from .blockwise import run_blocks
-from .clip import (
+from ._clip_model import (
     _ACTIVATIONS,
-    CLIP_VISION,
     Activation,
     CLIPVision,
     CLIPVisionConfig,
     Encoder,
     EncoderLayer,
-    LayerNorm,
-    _dense,
-    _linear,
 )
+from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Lazy, Map
+from .blockwise import run_blocks
+from .clip import CLIP_VISION
+from .layers import LayerNorm
+from .layers import dense as _dense
+from .layers import linear as _linear
 
 
 @dataclasses.dataclass(frozen=True)
