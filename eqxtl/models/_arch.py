@@ -139,6 +139,9 @@ class Layout:
     loader looks for in a folder or a hub repo)."""
     config_files: tuple[str, ...] = ("config.json",)
     """The config files this layout reads beside the weights (``meta``'s keys)."""
+    default_hints: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """``{field: example}`` said when a field of ``defaults`` is used, e.g. which value
+    which weights need."""
     check: Callable[[Mapping[str, Any]], None] = lambda tensors: None
     """Raises ``CheckpointError`` for a checkpoint (key -> tensor, read on demand) that this
     layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
@@ -176,8 +179,8 @@ def transformers_write(
     **fields: Any,
 ) -> dict[str, dict]:
     """``Layout.write_config`` body for transformers folders: a ``config.json`` with
-    ``model_type``, ``architectures: [architecture]`` (none for ``None``), every field of ``config`` but
-    ``skip`` (tuples as lists), ``num_labels`` when a head is saved (unless
+    ``model_type``, ``architectures: [architecture]`` (none for ``None``), every field of
+    ``config`` but ``skip`` (tuples as lists), ``num_labels`` when a head is saved (unless
     ``num_labels=False``: the transformers class of that name pools differently) and
     ``fields``."""
     out = {

@@ -78,6 +78,7 @@ PREPROCESSING = Preprocessing(
 )
 """OpenAI CLIP (``openai/clip-vit-*``): bicubic shortest side 224, center crop 224."""
 
+_ACT_HINT = {"hidden_act": "hidden_act='quick_gelu' for OpenAI-trained CLIP weights"}
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 """The weight files of an open_clip hub repo (the first is what eqxtl writes)."""
 
@@ -423,6 +424,7 @@ CLIP_VISION = Architecture(
             read_config=_transformers_config,
             write_config=_transformers_write,
             defaults={"hidden_act": "quick_gelu"},
+            default_hints=_ACT_HINT,
         ),
         Layout(
             "open_clip",
@@ -433,6 +435,7 @@ CLIP_VISION = Architecture(
             write_config=_open_clip_write,
             preprocessing=_open_clip_preprocessing,
             defaults={"hidden_act": "gelu"},
+            default_hints=_ACT_HINT,
             weights_file=OPEN_CLIP_FILES[0],
             files=OPEN_CLIP_FILES,
             config_files=("open_clip_config.json",),
@@ -446,6 +449,7 @@ CLIP_VISION = Architecture(
             write_config=_timm_write,
             preprocessing=timm_preprocessing,
             defaults={"hidden_act": "gelu"},
+            default_hints=_ACT_HINT,
             check=_timm_check,
         ),
     ),
