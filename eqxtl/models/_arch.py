@@ -430,6 +430,16 @@ class Architecture:
             raise KeyError(f"{lay.name} layout of {self.name} has no name for {canonical!r}")
         return hit[0]
 
+    def adapter_key(self, canonical: str, with_head: bool = False) -> str | None:
+        """The key of a canonical name in the layout whose names adapter files (PEFT) use:
+        transformers where the architecture has it, else its default layout; ``None`` when
+        that layout has no name for it."""
+        layout = "transformers" if any(lay.name == "transformers" for lay in self.layouts) else None
+        try:
+            return self.key_in(canonical, layout, with_head)
+        except KeyError:
+            return None
+
     def hf_name(self, canonical: str, with_head: bool = False) -> str:
         """The key of a canonical name in the default layout (transformers where it has one;
         see ``key_in``)."""
