@@ -183,7 +183,8 @@ def lora(
     - `alpha`: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with `rslora`);
       default ``alpha = r``.
     - `dropout`: on the adapters' input during training (when the model is called with a
-      key; only CLIP's encoder linears are).
+      key; only layers matching ``Architecture.keyed_layers`` are, e.g. CLIP's encoder
+      linears).
     - `dora`: DoRA (weight-decomposed LoRA): a trainable magnitude per output channel.
 
     ``A`` is drawn like PEFT's (uniform, bound ``1 / sqrt(fan_in)``), ``B`` is zero: the

@@ -69,8 +69,9 @@ def save_adapter(
     unnamed = [p for p, _ in adapted if _peft_module(model, p) is None]
     if unnamed:
         raise AdapterError(
-            f"save_adapter: the transformers layout has no name for {unnamed[:3]}; PEFT "
-            "files can only hold adapters of layers the transformers model has."
+            f"save_adapter: the checkpoint layout PEFT files name (Architecture.adapter_key) "
+            f"has no name for {unnamed[:3]}; PEFT files can only hold adapters of layers "
+            "that the base model's checkpoints have."
         )
     tensors, ranks, alphas = {}, {}, {}
     for path, layer in adapted:
@@ -122,7 +123,7 @@ def _modules_to_save(model: Any, modules: Sequence[str], tensors: dict) -> list[
         for p in under:
             key = _peft_key(model, p)
             if key is None:
-                raise AdapterError(f"modules_to_save: no transformers name for {p!r}.")
+                raise AdapterError(f"modules_to_save: no checkpoint name for {p!r}.")
             tensors[_PEFT_PREFIX + key] = np.asarray(leaves[p])
             saved.append(key.rsplit(".", 1)[0])
     return saved
