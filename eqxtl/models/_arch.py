@@ -146,6 +146,14 @@ class Layout:
     """Raises ``CheckpointError`` for a checkpoint (key -> tensor, read on demand) that this
     layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
 
+    @property
+    def writable(self) -> bool:
+        """Whether ``save_pretrained`` can write this layout (vit_jax / big_vision ``.npz``
+        layouts are read only)."""
+        from ._layout import Map
+
+        return any(isinstance(rule, Map) and rule.save for rule in self.keys.rules)
+
 
 HEAD_NAMES = ("head.weight", "head.bias")
 """The canonical names of a checkpoint's classification head (other ``head.*`` names belong
