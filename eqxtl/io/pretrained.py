@@ -302,8 +302,9 @@ def from_pretrained(
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
       for an open_clip file without its ``open_clip_config.json``. One that contradicts a
       config file beside the weights is an error.
-    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: CLIP's two towers
-      as one ``eqxtl.CLIP`` (from a transformers ``CLIPModel`` or a full open_clip
+    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: an image-text
+      model, i.e. the architectures whose ``Architecture.towers`` is ``"both"``: CLIP's two
+      towers as one ``eqxtl.CLIP`` (from a transformers ``CLIPModel`` or a full open_clip
       checkpoint; ``config`` is then a ``CLIPConfig``).
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
