@@ -17,17 +17,22 @@ from pathlib import Path
 from ..errors import SourceError
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
-WEIGHT_FILES = (
-    "model.safetensors",
-    "open_clip_model.safetensors",
-    "pytorch_model.bin",
-    "open_clip_pytorch_model.bin",
-    "model.pth",
-)
-"""The weight file names looked for in a folder or a hub repo, in this order."""
-CONFIG_FILES = ("config.json", "open_clip_config.json")
-"""The config files read beside the weights (transformers / timm, open_clip)."""
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def weight_files() -> tuple[str, ...]:
+    """The weight file names looked for in a folder or a hub repo, in this order (every
+    layout's ``files``)."""
+    from ..models.registry import weight_files
+
+    return weight_files()
+
+
+def config_files() -> tuple[str, ...]:
+    """The config files read beside the weights (every layout's ``config_files``)."""
+    from ..models.registry import config_files
+
+    return config_files()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Resolved:
 
     weights: Path
     configs: dict[str, Path]
-    """``{file name: path}`` of the ``CONFIG_FILES`` found beside the weights."""
+    """``{file name: path}`` of the ``config_files()`` found beside the weights."""
     description: str
 
 
@@ -103,18 +108,20 @@ def resolve_hub(
     repo: str,
     *,
     revision: str | None = None,
-    filenames: tuple[str, ...] = WEIGHT_FILES,
+    filenames: tuple[str, ...] | None = None,
     cache_dir=None,
 ) -> Resolved:
     """Fetch (or find in cache) the first of ``filenames`` that ``repo@revision`` holds, and
     the config files beside it. Files already in the local cache are preferred, so an
-    offline machine finds whichever of them was downloaded."""
+    offline machine finds whichever of them was downloaded. ``filenames``: default
+    ``weight_files()``."""
+    filenames = weight_files() if filenames is None else tuple(filenames)
     cached = [f for f in filenames if _cached(repo, f, revision, cache_dir)]
     for i, filename in enumerate(cached + [f for f in filenames if f not in cached]):
         weights = _download(repo, filename, revision, cache_dir, optional=i < len(filenames) - 1)
         if weights is not None:
             configs = {}
-            for name in CONFIG_FILES:
+            for name in config_files():
                 path = _download(repo, name, revision, cache_dir, optional=True)
                 if path is not None:
                     configs[name] = path
@@ -129,7 +136,7 @@ def resolve_local(path: str | os.PathLike) -> Resolved:
     """A local directory (config.json + weights) or a single weights file."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in WEIGHT_FILES:
+        for name in weight_files():
             if (path / name).is_file():
                 return Resolved(path / name, _configs_in(path), str(path))
         found = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
@@ -149,7 +156,7 @@ def resolve_local(path: str | os.PathLike) -> Resolved:
 
 
 def _configs_in(folder: Path) -> dict[str, Path]:
-    return {name: folder / name for name in CONFIG_FILES if (folder / name).is_file()}
+    return {name: folder / name for name in config_files() if (folder / name).is_file()}
 
 
 def looks_local(source: str | os.PathLike) -> bool:

@@ -21,10 +21,10 @@ import equinox as eqx
 import numpy as np
 
 from ..errors import AdapterError, CheckpointError, LayoutError
-from ..models._arch import Architecture, Layout
+from ..models._arch import HEAD_NAMES, Architecture, Layout, unclaimed_config
 from ..models._layout import RENAME, Lazy, Plan, Recipe, strip_wrappers, top_prefixes
 from ..models.heads import Classifier
-from ..models.layers import replace_static
+from ..models.layers import has_adapters, replace_static
 from ..models.registry import ARCHITECTURES, architecture_of, lookup_alias, preprocessing_for
 from . import checkpoint, hub, labels
 
@@ -143,22 +143,20 @@ def _matches_signature(layout: Layout, keys: list[str]) -> bool:
     return all(any(re.fullmatch(sig, k) for k in keys) for sig in layout.signature)
 
 
-def _choose(
-    meta: Mapping[str, Mapping],
-    keys: list[str],
-    architecture: str | None,
-    layout: str | None,
-    alias_arch: Architecture | None,
-    source: str,
-) -> tuple[Architecture, Layout, Plan]:
-    """The architecture and layout of a checkpoint: a config file beside the weights that
-    claims one, else the layouts whose signature keys occur; the one whose key map explains
-    the most keys wins."""
-    candidates = _all_layouts()
+def _candidates(
+    towers: str, architecture: str | None, layout: str | None, alias_arch: Architecture | None
+) -> list[tuple[Architecture, Layout]]:
+    """The (architecture, layout) pairs a checkpoint may be read as, given the arguments."""
+    candidates = [(a, lay) for a, lay in _all_layouts() if a.towers == towers]
     if architecture is not None:
         if architecture not in ARCHITECTURES:
             raise CheckpointError(
                 f"Unknown architecture {architecture!r}; eqxtl reads {sorted(ARCHITECTURES)}."
+            )
+        if ARCHITECTURES[architecture].towers != towers:
+            raise CheckpointError(
+                f"Architecture {architecture!r} is read with "
+                f"towers={ARCHITECTURES[architecture].towers!r}, not towers={towers!r}."
             )
         candidates = [(a, lay) for a, lay in candidates if a.name == architecture]
     elif alias_arch is not None:
@@ -170,14 +168,25 @@ def _choose(
                 f"No layout {layout!r}{' for ' + architecture if architecture else ''}; "
                 f"eqxtl reads {_describe_layouts()}."
             )
+    return candidates
 
+
+def _choose(
+    meta: Mapping[str, Mapping],
+    keys: list[str],
+    candidates: list[tuple[Architecture, Layout]],
+    layout: str | None,
+    source: str,
+) -> tuple[Architecture, Layout, Plan]:
+    """The architecture and layout of a checkpoint: a config file beside the weights that
+    claims one, else the layouts whose signature keys occur; the one whose key map explains
+    the most keys wins."""
     claimed = [(a, lay) for a, lay in candidates if lay.claims(meta)]
-    timm = meta.get("config.json", {})
-    if not claimed and layout is None and "architecture" in timm and "model_type" not in timm:
+    said = unclaimed_config(meta)
+    if not claimed and layout is None and said is not None:
         raise CheckpointError(
-            f"{source}: its timm config.json names architecture {timm['architecture']!r}, "
-            f"which eqxtl does not build. It reads timm resnet18-152 and vit_*_clip_* towers "
-            f"({_describe_layouts()}). Pass architecture= and layout= to force one."
+            f"{source}: {said}, which eqxtl does not build. eqxtl reads "
+            f"{_describe_layouts()}. Pass architecture= and layout= to force one."
         )
     pool = claimed or [(a, lay) for a, lay in candidates if _matches_signature(lay, keys)]
     if not pool:
@@ -188,24 +197,29 @@ def _choose(
             "shape, and ignore=[regex, ...] for keys to leave out."
         )
     plans = [(a, lay, lay.keys.plan(keys)) for a, lay in pool]
-    best = min(plans, key=lambda p: (len(p[2].unexplained), -len(p[2].recipes)))
-    arch, lay, plan = best
+    arch, lay, plan = min(plans, key=lambda p: (len(p[2].unexplained), -len(p[2].recipes)))
     if claimed and len(plan.recipes) < len(keys) // 2:
-        by_keys = [
-            (a, ly, ly.keys.plan(keys))
-            for a, ly in candidates
-            if _matches_signature(ly, keys) and (a, ly) != (arch, lay)
-        ]
-        if by_keys:
-            other = max(by_keys, key=lambda p: len(p[2].recipes))
-            raise CheckpointError(
-                f"{source}: its config file says {arch.name} ({lay.name} layout), but the "
-                f"weights look like {other[0].name} in the {other[1].name} layout "
-                f"({len(other[2].recipes)} of {len(keys)} keys fit it, {len(plan.recipes)} "
-                "fit the config's). Remove the wrong config file or pass architecture= / "
-                "config= to say which is right."
-            )
+        _check_claim(arch, lay, plan, keys, candidates, source)
     return arch, lay, plan
+
+
+def _check_claim(arch, lay, plan, keys, candidates, source: str) -> None:
+    """A config file's claim that explains few keys: an error when another layout's
+    signature occurs (the config file is probably wrong)."""
+    by_keys = [
+        (a, ly, ly.keys.plan(keys))
+        for a, ly in candidates
+        if _matches_signature(ly, keys) and (a, ly) != (arch, lay)
+    ]
+    if by_keys:
+        other = max(by_keys, key=lambda p: len(p[2].recipes))
+        raise CheckpointError(
+            f"{source}: its config file says {arch.name} ({lay.name} layout), but the "
+            f"weights look like {other[0].name} in the {other[1].name} layout "
+            f"({len(other[2].recipes)} of {len(keys)} keys fit it, {len(plan.recipes)} "
+            "fit the config's). Remove the wrong config file or pass architecture= / "
+            "config= to say which is right."
+        )
 
 
 def _ignore_filter(ignore: Iterable[str]) -> list[re.Pattern]:
@@ -288,8 +302,9 @@ def from_pretrained(
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
       for an open_clip file without its ``open_clip_config.json``. One that contradicts a
       config file beside the weights is an error.
-    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: CLIP's two towers
-      as one ``eqxtl.CLIP`` (from a transformers ``CLIPModel`` or a full open_clip
+    - `towers`: ``"vision"`` (default): the image backbone; ``"both"``: an image-text
+      model, i.e. the architectures whose ``Architecture.towers`` is ``"both"``: CLIP's two
+      towers as one ``eqxtl.CLIP`` (from a transformers ``CLIPModel`` or a full open_clip
       checkpoint; ``config`` is then a ``CLIPConfig``).
 
     **Returns:** ``(model, state)``: ``model(x, state) -> (features, state)`` for one image
@@ -298,68 +313,26 @@ def from_pretrained(
     Strict: any missing, unexpected or misshaped key raises one ``CheckpointError`` that
     lists them, with the layout the checkpoint was read as.
     """
+    _check_towers(towers)
     files, alias_arch, alias_config = _resolve(source, revision, cache_dir)
+    if alias_arch is not None and alias_arch.towers != towers:  # e.g. a vision alias, both
+        alias_arch, alias_config = None, None
     source_name = files.description
     meta = _read_meta(files.configs)
     raw = _read(files.weights, torch_limits)
     renamed = strip_wrappers(list(raw))
     tensors = Lazy(raw, {k: Recipe(orig, RENAME, 0) for k, orig in renamed.items()})
-    if towers != "vision":
-        if towers != "both":
-            raise ValueError(f"towers must be 'vision' or 'both', got {towers!r}.")
-        if keep_head or overrides or tuple(ignore):
-            raise ValueError("keep_head, ignore and config overrides apply to towers='vision'.")
-        from ..models.clip_text import load_clip
-
-        return load_clip(tensors, meta, config=config, source=source_name, dtype=dtype)
-    keys = list(tensors)
-    arch, lay, plan = _choose(meta, keys, architecture, layout, alias_arch, source_name)
+    candidates = _candidates(towers, architecture, layout, alias_arch)
+    arch, lay, plan = _choose(meta, list(tensors), candidates, layout, source_name)
     lay.check(tensors)
-
-    patterns = _ignore_filter(ignore)
-    keep = {
-        name: r
-        for name, r in plan.recipes.items()
-        if not any(p.fullmatch(name) or p.fullmatch(r.key) for p in patterns)
-    }
-    unexplained = [k for k in plan.unexplained if not any(p.fullmatch(k) for p in patterns)]
-    canonical = Lazy(tensors, keep)
-    shapes = canonical.shapes()
-    backbone_shapes = {k: v for k, v in shapes.items() if not _is_head(k)}
-
+    canonical, unexplained = _canonical(tensors, plan, ignore)
+    backbone_shapes = {k: v for k, v in canonical.shapes().items() if k not in HEAD_NAMES}
+    size = overrides.pop("image_size", None)
     stated = None
     if config is None:
-        if alias_config is not None:
-            config = arch.reconcile(alias_config, backbone_shapes)
-        else:
-            try:
-                stated = lay.read_config(meta, backbone_shapes)
-            except (TypeError, ValueError, KeyError) as e:
-                if isinstance(e, CheckpointError):
-                    raise
-                raise CheckpointError(
-                    f"{source_name}: the config beside the weights has an invalid field: "
-                    f"{e!r}. Fix the file or pass config=."
-                ) from None
-            config = None if stated is None else arch.reconcile(stated, backbone_shapes)
-            if config is None:
-                config = arch.infer_config(backbone_shapes)
-                for field, value in lay.defaults.items():
-                    if field in overrides:
-                        continue
-                    config = dataclasses.replace(config, **{field: value})
-                    warnings.warn(
-                        f"{source_name}: {field} is not stored in the weights and no config "
-                        f"file states it; using the {lay.name} layout's default {value!r}. "
-                        f"Pass {field}=... to from_pretrained to choose"
-                        + (
-                            " (e.g. hidden_act='quick_gelu' for OpenAI-trained CLIP weights)."
-                            if field == "hidden_act"
-                            else "."
-                        ),
-                        stacklevel=2,
-                    )
-    size = overrides.pop("image_size", None)
+        config, stated = _settle_config(
+            arch, lay, meta, backbone_shapes, alias_config, overrides, source_name
+        )
     if overrides:
         config = _apply_overrides(config, overrides, stated, source_name, arch.choices)
     if size is not None and size != _image_size(config):
@@ -373,27 +346,82 @@ def from_pretrained(
     where = f"{source_name} (read as {arch.name}, {lay.name} layout)"
     backbone, state = checkpoint.fill(
         checkpoint.skeleton(arch, config),
-        canonical.restrict(n for n in keep if not _is_head(n)),
+        canonical.restrict(n for n in canonical if n not in HEAD_NAMES),
         source=where,
         dtype=dtype,
         unexplained=unexplained,
         hint=f"eqxtl reads {_describe_layouts()}; pass layout= / architecture= to choose.",
     )
-    hf_config = meta.get("config.json")
-    if keep_head is None:
-        keep_head = labels.written_by_eqxtl(hf_config)
     stated_preprocessing = lay.preprocessing(meta)
     if stated_preprocessing is not None:
         backbone = replace_static(
             backbone, preprocessing=stated_preprocessing.at_size(_image_size(config))
         )
-    head_names = {n for n in keep if _is_head(n)}
+    if keep_head is None:
+        keep_head = labels.written_by_eqxtl(meta.get("config.json"))
     if not keep_head:
         return backbone, state
+    return _with_head(backbone, state, canonical, meta, where, source_name, dtype)
+
+
+def _check_towers(towers: str) -> None:
+    known = sorted({a.towers for a in ARCHITECTURES.values()})
+    if towers not in known:
+        raise ValueError(f"towers must be one of {known}, got {towers!r}.")
+
+
+def _canonical(tensors: Lazy, plan: Plan, ignore: Iterable[str]) -> tuple[Lazy, list[str]]:
+    """The checkpoint's tensors by canonical name (read on demand), without the keys that
+    ``ignore`` matches; and the keys no rule of the layout explains (``ignore`` aside)."""
+    patterns = _ignore_filter(ignore)
+    keep = {
+        name: r
+        for name, r in plan.recipes.items()
+        if not any(p.fullmatch(name) or p.fullmatch(r.key) for p in patterns)
+    }
+    unexplained = [k for k in plan.unexplained if not any(p.fullmatch(k) for p in patterns)]
+    return Lazy(tensors, keep), unexplained
+
+
+def _settle_config(arch, lay, meta, shapes, alias_config, overrides, source: str):
+    """``(config, stated)``: the alias's config, else the one the files beside the weights
+    state (``stated``), else the one inferred from the shapes with the layout's defaults for
+    what the weights cannot tell (each with a warning, unless ``overrides`` sets it)."""
+    if alias_config is not None:
+        return arch.reconcile(alias_config, shapes), None
+    try:
+        stated = lay.read_config(meta, shapes)
+    except (TypeError, ValueError, KeyError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{source}: the config beside the weights has an invalid field: {e!r}. Fix the "
+            "file or pass config=."
+        ) from None
+    if stated is not None:
+        return arch.reconcile(stated, shapes), stated
+    config = arch.infer_config(shapes)
+    for field, value in lay.defaults.items():
+        if field in overrides:
+            continue
+        config = dataclasses.replace(config, **{field: value})
+        hint = lay.default_hints.get(field)
+        warnings.warn(
+            f"{source}: {field} is not stored in the weights and no config file states it; "
+            f"using the {lay.name} layout's default {value!r}. Pass {field}=... to "
+            "from_pretrained to choose" + (f" (e.g. {hint})." if hint else "."),
+            stacklevel=4,
+        )
+    return config, None
+
+
+def _with_head(backbone, state, canonical: Lazy, meta, where: str, source: str, dtype):
+    """``Classifier(backbone, head=<the checkpoint's head>)``, with what an eqxtl-written
+    folder says about it (class names, training preprocessing, zero-shot flags)."""
+    head_names = [n for n in canonical if n in HEAD_NAMES]
     if not head_names:
         raise CheckpointError(
-            f"keep_head=True but {source_name} has no classification head "
-            f"(no classifier / fc weights)."
+            f"keep_head=True but {source} has no classification head (no classifier / fc weights)."
         )
     head_tensors = canonical.restrict(head_names)
     weight_shape = head_tensors.shapes()["head.weight"]
@@ -410,19 +438,14 @@ def from_pretrained(
         source=where,
         dtype=dtype,
     )
+    hf_config = meta.get("config.json")
     flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
     if labels.written_by_eqxtl(hf_config):  # class names, training preprocessing
-        flags = {**flags, **labels.training_info(hf_config, source_name)}
+        flags = {**flags, **labels.training_info(hf_config, source)}
     return Classifier(backbone, head=head, **flags), state  # flags: e.g. a zero-shot head's
 
 
 _HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normalize=)
-
-
-def _is_head(name: str) -> bool:
-    """A classification head's canonical name. Other ``head.*`` names belong to the
-    backbone (SigLIP's attention-pooling ``head.probe``, ``head.mlp.fc1.weight``...)."""
-    return name in ("head.weight", "head.bias")
 
 
 def _image_size(config) -> int | None:
@@ -504,41 +527,17 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
-    from ..models.clip_text import CLIP, clip_files
-    from ..tuning.adapters import has_adapters
-
     if has_adapters(model):
         raise AdapterError(
             "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
             "has names for. Save eqxtl.merge_lora(model) (a plain model, same outputs), or "
             "the adapters alone with eqxtl.save_adapter(model, dir)."
         )
-    if isinstance(model, CLIP):
-        weights_file, tensors, configs = clip_files(model, layout or "transformers")
-        _write_folder(Path(path), weights_file, tensors, configs)
-        return Path(path)
-    backbone = model.backbone if isinstance(model, Classifier) else model
+    with_head = isinstance(model, Classifier)
+    backbone = model.backbone if with_head else model
     arch: Architecture = architecture_of(backbone)
     lay = arch.layouts[0] if layout is None else arch.layout(layout)
-    with_head = isinstance(model, Classifier)
-    canonical = {
-        name: np.asarray(value) for name, value in checkpoint.state_dict(backbone, state).items()
-    }
-    if with_head:
-        for name, value in checkpoint.state_dict(model.head).items():
-            canonical[f"head.{name}"] = np.asarray(value)
-    try:
-        tensors = lay.keys.save(canonical, with_head)
-    except KeyError as e:
-        raise CheckpointError(
-            f"The {lay.name} layout of {arch.name} has no name for {e.args[0]!r}; save in "
-            f"another layout ({[x.name for x in arch.layouts]})."
-        ) from None
-    except ValueError as e:  # a layout eqxtl reads but does not write
-        raise CheckpointError(
-            f"eqxtl does not write the {lay.name} layout of {arch.name} ({e}); save in "
-            f"another layout ({[x.name for x in arch.layouts]})."
-        ) from None
+    tensors = _layout_tensors(model, state, arch, lay)
     extra = {
         "num_labels": model.num_classes if with_head else None,
         "preprocessing": preprocessing_for(backbone),
@@ -550,9 +549,32 @@ def save_pretrained(
         first = next(iter(configs))
         flags = {"project": model.project, "normalize": model.normalize}
         configs[first] = {**configs[first], _HEAD_FLAGS: flags}
-
     _write_folder(Path(path), lay.weights_file, tensors, configs)
     return Path(path)
+
+
+def _layout_tensors(model, state, arch: Architecture, lay: Layout) -> dict[str, np.ndarray]:
+    """Every tensor of ``model`` (a backbone or Classifier) under its key in ``lay``."""
+    with_head = isinstance(model, Classifier)
+    backbone = model.backbone if with_head else model
+    canonical = {
+        name: np.asarray(value) for name, value in checkpoint.state_dict(backbone, state).items()
+    }
+    if with_head:
+        for name, value in checkpoint.state_dict(model.head).items():
+            canonical[f"head.{name}"] = np.asarray(value)
+    try:
+        return lay.keys.save(canonical, with_head)
+    except KeyError as e:
+        raise CheckpointError(
+            f"The {lay.name} layout of {arch.name} has no name for {e.args[0]!r}; save in "
+            f"another layout ({[x.name for x in arch.layouts]})."
+        ) from None
+    except ValueError as e:  # a layout eqxtl reads but does not write
+        raise CheckpointError(
+            f"eqxtl does not write the {lay.name} layout of {arch.name} ({e}); save in "
+            f"another layout ({[x.name for x in arch.layouts]})."
+        ) from None
 
 
 def _write_folder(path: Path, weights_file: str, tensors: dict, configs: dict[str, dict]):
@@ -562,7 +584,7 @@ def _write_folder(path: Path, weights_file: str, tensors: dict, configs: dict[st
 
     from .._util.atomic import atomic_directory
 
-    replacing = {weights_file, *configs, *hub.WEIGHT_FILES, *hub.CONFIG_FILES}
+    replacing = {weights_file, *configs, *hub.weight_files(), *hub.config_files()}
     with atomic_directory(path, replacing=replacing) as tmp:
         save_file(tensors, os.path.join(tmp, weights_file), metadata={"format": "pt"})
         for name, content in configs.items():

@@ -31,12 +31,11 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Mapping
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import TorchFileError, UnsafeCheckpointError
+from ._torch_unpickler import LazyTensor, RestrictedUnpickler, Storage, StorageType
 
 __all__ = ["TorchFileError", "TorchLimits", "UnsafeCheckpointError", "load_torch_file"]
 
@@ -79,240 +78,15 @@ _MEMBER_SLACK = 4096
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _PROTOCOL_VERSION = 1001  # torch.serialization.PROTOCOL_VERSION
 
-# Legacy storage classes, as torch._utils / torch.storage name them. Each stands for a dtype.
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    "FloatStorage": np.dtype(np.float32),
-    "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "ComplexFloatStorage": np.dtype(np.complex64),
-    "ComplexDoubleStorage": np.dtype(np.complex128),
-    # Bytes; paired with a torch dtype by _rebuild_tensor_v3 (uint16, float8, ...).
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-# torch.<dtype> globals. They appear in _rebuild_tensor_v3 and as plain values.
-_TORCH_DTYPES: dict[str, np.dtype] = {
-    **{n: np.dtype(np.float32) for n in ("float32", "float")},
-    **{n: np.dtype(np.float64) for n in ("float64", "double")},
-    **{n: np.dtype(np.float16) for n in ("float16", "half")},
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    **{n: np.dtype(np.int64) for n in ("int64", "long")},
-    **{n: np.dtype(np.int32) for n in ("int32", "int")},
-    **{n: np.dtype(np.int16) for n in ("int16", "short")},
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "uint16": np.dtype(np.uint16),
-    "uint32": np.dtype(np.uint32),
-    "uint64": np.dtype(np.uint64),
-    "bool": np.dtype(np.bool_),
-    **{n: np.dtype(np.complex64) for n in ("complex64", "cfloat")},
-    **{n: np.dtype(np.complex128) for n in ("complex128", "cdouble")},
-    **{
-        n: np.dtype(getattr(ml_dtypes, n))
-        for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-    },
-}
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
-
-
-# --------------------------------------------------------------------------- inert stand-ins
-
-
-class _Inert:
-    """Base of every object the unpickler can create: immutable, uncallable, and refusing
-    the pickle ``BUILD`` opcode (which would otherwise overwrite validated fields)."""
-
-    __slots__ = ()
-
-    def __setattr__(self, name, value):
-        raise TorchFileError(f"{type(self).__name__} is read-only")
-
-    def __setstate__(self, state):
-        raise TorchFileError("malformed checkpoint: BUILD on a tensor placeholder")
-
-    def _set(self, **fields):
-        for k, v in fields.items():
-            object.__setattr__(self, k, v)
-
-
-class _StorageType(_Inert):
-    """Stand-in for ``torch.FloatStorage`` and friends: a dtype marker."""
-
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: np.dtype):
-        self._set(name=name, dtype=dtype)
-
-    def __repr__(self):
-        return f"torch.{self.name}"
-
-
-class _DType(_Inert):
-    """Stand-in for ``torch.float32`` and friends."""
-
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: np.dtype):
-        self._set(name=name, dtype=dtype)
-
-    def __repr__(self):
-        return f"torch.{self.name}"
-
-
-class _Storage(_Inert):
-    """A storage named by the pickle: ``numel`` elements of ``dtype``, bytes read later.
-
-    Views (legacy files only) share the root's bytes from ``start`` (in elements)."""
-
-    __slots__ = ("key", "dtype", "numel", "root", "start")
-
-    def __init__(self, key: str, dtype: np.dtype, numel: int, root=None, start: int = 0):
-        self._set(key=key, dtype=dtype, numel=numel, root=root, start=start)
-
-
-class _LazyTensor(_Inert):
-    """``torch._utils._rebuild_tensor_v2``'s arguments, checked; materialised later."""
-
-    __slots__ = ("storage", "offset", "shape", "stride", "dtype")
-
-    def __init__(self, storage, offset, shape, stride, dtype: np.dtype):
-        self._set(storage=storage, offset=offset, shape=shape, stride=stride, dtype=dtype)
-
-
-def _ints(x: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(x, (tuple, list)) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x
-    ):
-        raise TorchFileError(f"malformed tensor record: {what} {x!r}")
-    return tuple(x)
-
-
-def _tensor(storage, storage_offset, size, stride, dtype=None) -> _LazyTensor:
-    if not isinstance(storage, _Storage):
-        raise TorchFileError(f"malformed tensor record: storage {type(storage).__name__}")
-    if not isinstance(storage_offset, int) or storage_offset < 0:
-        raise TorchFileError(f"malformed tensor record: storage offset {storage_offset!r}")
-    shape, strides = _ints(size, "size"), _ints(stride, "stride")
-    if len(shape) != len(strides):
-        raise TorchFileError(f"malformed tensor record: size {shape} with stride {strides}")
-    return _LazyTensor(storage, storage_offset, shape, strides, dtype or storage.dtype)
-
-
-def _empty_hooks(hooks) -> None:
-    if hooks:  # non-empty hooks would be functions, refused earlier; be explicit anyway
-        raise UnsafeCheckpointError("tensor with backward hooks: refusing to load them")
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v2(
-    storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None
-):
-    _empty_hooks(backward_hooks)
-    return _tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(
-    storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
-):
-    # torch >= 2.1 writes dtypes without a legacy storage class (uint16, float8...) as an
-    # UntypedStorage (bytes) plus the dtype; the offset counts elements of that dtype.
-    _empty_hooks(backward_hooks)
-    if not isinstance(dtype, _DType):
-        raise TorchFileError(f"malformed tensor record: dtype {dtype!r}")
-    if isinstance(storage, _Storage) and storage.dtype.itemsize != 1:
-        raise TorchFileError("malformed tensor record: typed storage in _rebuild_tensor_v3")
-    return _tensor(storage, storage_offset, size, stride, dtype.dtype)
-
-
-def _rebuild_parameter(data, requires_grad, backward_hooks):
-    _empty_hooks(backward_hooks)
-    if not isinstance(data, _LazyTensor):
-        raise TorchFileError(f"malformed parameter record: {type(data).__name__}")
-    return data
-
-
-def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
-    if state:
-        raise UnsafeCheckpointError("parameter with Python attributes: refusing to load them")
-    return _rebuild_parameter(data, requires_grad, backward_hooks)
-
-
-_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
-    **{("torch", n): _StorageType(n, d) for n, d in _STORAGE_DTYPES.items()},
-    ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
-    **{("torch", n): _DType(n, d) for n, d in _TORCH_DTYPES.items()},
-}
-
-
-def _refusal(module: str, name: str, source: str) -> str:
-    what = f"{module}.{name}"
-    kind = (
-        "a TorchScript archive (torch.jit.save)"
-        if module.startswith("__torch__")
-        else "something other than tensors in dicts/lists (a pickled function, class "
-        "instance or whole nn.Module)"
-    )
-    return (
-        f"Refusing to load {source}: it names the Python global '{what}', and eqxtl never "
-        f"imports or calls what a checkpoint names. The file holds {kind}. If you trust it, "
-        "load it with torch and re-save the weights as safetensors "
-        "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors')) or as a "
-        "state dict of tensors (torch.save(model.state_dict(), 'model.pth'))."
-    )
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose globals are the whitelist above; ``storage_record`` turns torch's
-    persistent ids into ``_Storage`` placeholders (``None``: no storages allowed)."""
-
-    def __init__(self, file, source: str, storage_record=None):
-        super().__init__(file, encoding="utf-8")
-        self._source = source
-        self._storage_record = storage_record
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _GLOBALS[(module, name)]
-        except (KeyError, TypeError):
-            raise UnsafeCheckpointError(_refusal(str(module), str(name), self._source)) from None
-
-    def persistent_load(self, pid):
-        if self._storage_record is None:
-            raise TorchFileError(f"unexpected persistent id {pid!r}")
-        if not isinstance(pid, tuple) or not pid:
-            raise TorchFileError(f"malformed persistent id {pid!r}")
-        typename = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
-        if typename == "module":
-            raise UnsafeCheckpointError(
-                _refusal("torch.nn", "Module (pickled source)", self._source)
-            )
-        if typename != "storage":
-            raise TorchFileError(f"unknown persistent id type {typename!r}")
-        return self._storage_record(pid[1:])
 
 
 # --------------------------------------------------------------------------- the two layouts
 
 
 def _storage_type(x) -> np.dtype:
-    if not isinstance(x, _StorageType):
+    if not isinstance(x, StorageType):
         raise TorchFileError(f"malformed storage record: type {x!r}")
     return x.dtype
 
@@ -338,7 +112,7 @@ class _ZipReader:
                 f"{source} is a zip archive without data.pkl: not a torch.save checkpoint."
             )
         self.prefix = pkl[0][: -len("data.pkl")]
-        self.storages: dict[str, _Storage] = {}
+        self.storages: dict[str, Storage] = {}
         order = self.prefix + "byteorder"
         self.byteorder = "little"
         if order in names:
@@ -348,20 +122,20 @@ class _ZipReader:
             if self.byteorder not in ("little", "big"):
                 raise TorchFileError(f"{source}: unknown byte order {self.byteorder!r}")
 
-    def record(self, data: tuple) -> _Storage:
+    def record(self, data: tuple) -> Storage:
         if len(data) != 4:
             raise TorchFileError(f"malformed storage record {data!r}")
         storage_type, key, _location, numel = data
         dtype, numel, key = _storage_type(storage_type), _count(numel, "numel"), str(key)
         if key not in self.storages:
-            self.storages[key] = _Storage(key, dtype, numel)
+            self.storages[key] = Storage(key, dtype, numel)
         return self.storages[key]
 
     def load_object(self):
         info = self.zf.getinfo(self.prefix + "data.pkl")
         _check_pickle_size(info.file_size, self.source, self.limits)
         data = self.zf.read(info)  # bounded above; zipfile checks its CRC
-        return _RestrictedUnpickler(io.BytesIO(data), self.source, self.record).load()
+        return RestrictedUnpickler(io.BytesIO(data), self.source, self.record).load()
 
     def position(self, key: str) -> int:
         try:
@@ -369,7 +143,7 @@ class _ZipReader:
         except KeyError:
             return -1  # reported by read()
 
-    def read(self, storage: _Storage) -> memoryview:
+    def read(self, storage: Storage) -> memoryview:
         name = f"{self.prefix}data/{storage.key}"
         try:
             info = self.zf.getinfo(name)
@@ -424,28 +198,28 @@ class _LegacyReader:
         self.f, self.source = f, source
         # One stream of pickles and raw storages: the file's size bounds the pickle.
         _check_pickle_size(os.fstat(f.fileno()).st_size, source, limits)
-        self.storages: dict[str, _Storage] = {}
+        self.storages: dict[str, Storage] = {}
         self.byteorder = "little"
-        magic = _RestrictedUnpickler(f, source).load()
+        magic = RestrictedUnpickler(f, source).load()
         if magic != _MAGIC_NUMBER:
             raise TorchFileError(
                 f"{source} is neither a zip archive nor a legacy torch pickle (no magic "
                 "number): not a PyTorch checkpoint, or corrupt."
             )
-        protocol = _RestrictedUnpickler(f, source).load()
+        protocol = RestrictedUnpickler(f, source).load()
         if protocol != _PROTOCOL_VERSION:
             raise TorchFileError(f"{source}: unsupported legacy protocol version {protocol!r}")
-        sys_info = _RestrictedUnpickler(f, source).load()
+        sys_info = RestrictedUnpickler(f, source).load()
         if isinstance(sys_info, Mapping) and sys_info.get("little_endian") is False:
             self.byteorder = "big"
 
-    def record(self, data: tuple) -> _Storage:
+    def record(self, data: tuple) -> Storage:
         if len(data) != 5:
             raise TorchFileError(f"malformed storage record {data!r}")
         storage_type, root_key, _location, numel, view = data
         dtype, numel, root_key = _storage_type(storage_type), _count(numel, "numel"), str(root_key)
         if root_key not in self.storages:
-            self.storages[root_key] = _Storage(root_key, dtype, numel)
+            self.storages[root_key] = Storage(root_key, dtype, numel)
         root = self.storages[root_key]
         if view is None:
             return root
@@ -455,11 +229,11 @@ class _LegacyReader:
         view_key, start, size = str(view[0]), _count(view[1], "offset"), _count(view[2], "size")
         if start + size > root.numel:
             raise TorchFileError(f"{self.source}: storage view beyond its storage")
-        return self.storages.setdefault(view_key, _Storage(view_key, dtype, size, root, start))
+        return self.storages.setdefault(view_key, Storage(view_key, dtype, size, root, start))
 
     def load_object(self):
-        obj = _RestrictedUnpickler(self.f, self.source, self.record).load()
-        keys = _RestrictedUnpickler(self.f, self.source).load()
+        obj = RestrictedUnpickler(self.f, self.source, self.record).load()
+        keys = RestrictedUnpickler(self.f, self.source).load()
         if not isinstance(keys, list):
             raise TorchFileError(f"{self.source}: malformed storage key list")
         self.offsets: dict[str, int] = {}
@@ -477,7 +251,7 @@ class _LegacyReader:
     def position(self, key: str) -> int:
         return self.offsets.get(key, -1)
 
-    def read(self, storage: _Storage) -> bytearray:
+    def read(self, storage: Storage) -> bytearray:
         if storage.key not in self.offsets:
             raise TorchFileError(f"{self.source}: storage {storage.key!r} has no data")
         start = self.offsets[storage.key]
@@ -501,9 +275,9 @@ class _LegacyReader:
 
 
 def _lazy_tensors(
-    obj, prefix: str, out: dict[str, _LazyTensor], ancestors: set[int], budget: list[int]
+    obj, prefix: str, out: dict[str, LazyTensor], ancestors: set[int], budget: list[int]
 ) -> None:
-    if isinstance(obj, _LazyTensor):
+    if isinstance(obj, LazyTensor):
         if prefix in out:
             raise TorchFileError(f"two tensors flatten to the same key {prefix!r}")
         out[prefix] = obj
@@ -527,14 +301,14 @@ def _lazy_tensors(
         )
     ancestors.add(id(obj))
     for k, v in items:
-        if isinstance(v, (_LazyTensor, dict, list, tuple)):
+        if isinstance(v, (LazyTensor, dict, list, tuple)):
             _lazy_tensors(v, f"{prefix}.{k}" if prefix else str(k), out, ancestors, budget)
     ancestors.discard(id(obj))
 
 
 def _unwrap(obj):
     """The state dict inside a training checkpoint ``{"state_dict": {...}, "epoch": ...}``."""
-    if not isinstance(obj, Mapping) or any(isinstance(v, _LazyTensor) for v in obj.values()):
+    if not isinstance(obj, Mapping) or any(isinstance(v, LazyTensor) for v in obj.values()):
         return obj
     for key in _WRAPPER_KEYS:
         if isinstance(obj.get(key), Mapping):
@@ -554,11 +328,11 @@ def _is_contiguous(shape, stride) -> bool:
     return all(n == 1 or s == c for n, s, c in zip(shape, stride, _c_strides(shape), strict=True))
 
 
-def _root(t: _LazyTensor) -> _Storage:
+def _root(t: LazyTensor) -> Storage:
     return t.storage.root or t.storage
 
 
-def _array(t: _LazyTensor, raw: np.ndarray, sole: bool, byteorder: str, what: str):
+def _array(t: LazyTensor, raw: np.ndarray, sole: bool, byteorder: str, what: str):
     """One tensor from its root storage's bytes ``raw``, in native byte order."""
     storage, dtype = t.storage, t.dtype
     raw = raw[storage.start * storage.dtype.itemsize :][: storage.numel * storage.dtype.itemsize]
@@ -582,7 +356,7 @@ def _array(t: _LazyTensor, raw: np.ndarray, sole: bool, byteorder: str, what: st
     return np.array(view, order="C")
 
 
-def _check_expansion(unique: list[_LazyTensor], source: str, limits: TorchLimits) -> None:
+def _check_expansion(unique: list[LazyTensor], source: str, limits: TorchLimits) -> None:
     """Refuse tensors that would take far more memory than the storages they view."""
     roots = {id(_root(t)): _root(t) for t in unique}.values()
     stored = sum(r.numel * r.dtype.itemsize for r in roots)
@@ -598,7 +372,7 @@ def _check_expansion(unique: list[_LazyTensor], source: str, limits: TorchLimits
 
 
 def _materialize(
-    tensors: dict[str, _LazyTensor], reader, source: str, limits: TorchLimits
+    tensors: dict[str, LazyTensor], reader, source: str, limits: TorchLimits
 ) -> dict[str, np.ndarray]:
     """Read each storage once, in file order, and free it once its tensors are built."""
     names = {id(t): name for name, t in reversed(tensors.items())}
@@ -670,7 +444,7 @@ def load_torch_file(
                 f.seek(0)
                 reader = (_ZipReader if is_zip else _LegacyReader)(f, source, limits)
                 obj = reader.load_object()
-                tensors: dict[str, _LazyTensor] = {}
+                tensors: dict[str, LazyTensor] = {}
                 budget = [limits.max_objects, limits.max_objects]
                 _lazy_tensors(_unwrap(obj) if unwrap else obj, "", tensors, set(), budget)
                 return _materialize(tensors, reader, source, limits)

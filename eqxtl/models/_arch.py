@@ -134,9 +134,76 @@ class Layout:
     a warning) when no config file states them and no argument does."""
     weights_file: str = "model.safetensors"
     """The file name ``save_pretrained`` writes the weights to."""
+    files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")
+    """The weight file names checkpoints of this layout are published under (what the
+    loader looks for in a folder or a hub repo)."""
+    config_files: tuple[str, ...] = ("config.json",)
+    """The config files this layout reads beside the weights (``meta``'s keys)."""
+    default_hints: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """``{field: example}`` said when a field of ``defaults`` is used, e.g. which value
+    which weights need."""
     check: Callable[[Mapping[str, Any]], None] = lambda tensors: None
     """Raises ``CheckpointError`` for a checkpoint (key -> tensor, read on demand) that this
     layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
+
+    @property
+    def writable(self) -> bool:
+        """Whether ``save_pretrained`` can write this layout (vit_jax / big_vision ``.npz``
+        layouts are read only)."""
+        from ._layout import Map
+
+        return any(isinstance(rule, Map) and rule.save for rule in self.keys.rules)
+
+
+HEAD_NAMES = ("head.weight", "head.bias")
+"""The canonical names of a checkpoint's classification head (other ``head.*`` names belong
+to the backbone, e.g. SigLIP's attention-pooling ``head.probe``)."""
+
+
+def transformers_meta(meta: Meta, *model_types: str) -> Mapping[str, Any] | None:
+    """transformers' ``config.json``, if one sits beside the weights and its ``model_type``
+    is one of ``model_types``."""
+    cfg = meta.get("config.json")
+    return cfg if cfg is not None and cfg.get("model_type") in model_types else None
+
+
+def claims_transformers(*model_types: str) -> Callable[[Meta], bool]:
+    """``Layout.claims`` for folders whose ``config.json`` has one of ``model_types``."""
+    return lambda meta: transformers_meta(meta, *model_types) is not None
+
+
+def _json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def transformers_write(
+    model_type: str,
+    architecture: str | None,
+    config: Any,
+    extra: Mapping[str, Any],
+    *,
+    skip: tuple[str, ...] = (),
+    num_labels: bool = True,
+    **fields: Any,
+) -> dict[str, dict]:
+    """``Layout.write_config`` body for transformers folders: a ``config.json`` with
+    ``model_type``, ``architectures: [architecture]`` (none for ``None``), every field of
+    ``config`` but ``skip`` (tuples as lists), ``num_labels`` when a head is saved (unless
+    ``num_labels=False``: the transformers class of that name pools differently) and
+    ``fields``."""
+    out = {
+        "model_type": model_type,
+        **({} if architecture is None else {"architectures": [architecture]}),
+        **{
+            f.name: _json(getattr(config, f.name))
+            for f in dataclasses.fields(config)
+            if f.name not in skip
+        },
+        **fields,
+    }
+    if num_labels and extra["num_labels"] is not None:
+        out["num_labels"] = extra["num_labels"]
+    return {"config.json": out}
 
 
 def timm_meta(meta: Meta) -> Mapping[str, Any] | None:
@@ -168,6 +235,35 @@ def timm_preprocessing(meta: Meta) -> Preprocessing | None:
 
 def timm_write(
     architecture: str,
+    extra: Mapping[str, Any],
+    model_args: Mapping[str, Any],
+    *,
+    num_features: int,
+    global_pool: str,
+    num_classes: int | None = None,
+    **pretrained_cfg: Any,
+) -> dict[str, dict]:
+    """``Layout.write_config`` body for timm hub folders: the ``config.json`` timm's
+    ``save_for_hf`` writes (``architecture``, ``num_classes``, ``num_features``,
+    ``global_pool``, ``model_args``, ``pretrained_cfg``). ``num_classes``: of timm's head
+    (default: the saved head's, 0 without one); ``pretrained_cfg``: entries added to or
+    replacing the preprocessing's (``Preprocessing.to_timm``)."""
+    num_classes = (extra["num_labels"] or 0) if num_classes is None else num_classes
+    pre: Preprocessing = extra["preprocessing"]
+    return {
+        "config.json": {
+            "architecture": architecture,
+            "num_classes": num_classes,
+            "num_features": num_features,
+            "global_pool": global_pool,
+            "model_args": {**model_args, "num_classes": num_classes, "global_pool": global_pool},
+            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes, **pretrained_cfg},
+        }
+    }
+
+
+def timm_vit_write(
+    architecture: str,
     config: Any,
     extra: Mapping[str, Any],
     model_args: Mapping[str, Any],
@@ -175,32 +271,32 @@ def timm_write(
     global_pool: str,
     **pretrained_cfg: Any,
 ) -> dict[str, dict]:
-    """``Layout.write_config`` body for timm hub folders: the ``config.json`` timm's
-    ``save_for_hf`` writes (``architecture``, ``num_classes``, ``num_features``,
-    ``global_pool``, ``model_args``, ``pretrained_cfg``); ``config`` has ``hidden_size``,
-    ``hidden_act``, ``num_channels`` and ``image_size`` (int or ``(h, w)``)."""
-    num_classes = extra["num_labels"] or 0
+    """``timm_write`` for a timm ``VisionTransformer``-like model whose ``config`` has
+    ``hidden_size``, ``hidden_act``, ``num_channels`` and ``image_size`` (int or
+    ``(h, w)``): ``img_size``, ``in_chans`` and the activation join ``model_args``."""
     size = config.image_size
     h, w = (size, size) if isinstance(size, int) else size
     args = {**model_args, "img_size": [h, w], "in_chans": config.num_channels}
     if config.hidden_act != "gelu":  # timm builds nn.GELU (exact) unless told
         args["act_layer"] = "gelu_tanh"
-    pre: Preprocessing = extra["preprocessing"]
-    return {
-        "config.json": {
-            "architecture": architecture,
-            "num_classes": num_classes,
-            "num_features": config.hidden_size,
-            "global_pool": global_pool,
-            "model_args": {**args, "num_classes": num_classes, "global_pool": global_pool},
-            "pretrained_cfg": {
-                **pre.to_timm(),
-                "input_size": [config.num_channels, h, w],
-                "num_classes": num_classes,
-                **pretrained_cfg,
-            },
-        }
-    }
+    return timm_write(
+        architecture,
+        extra,
+        args,
+        num_features=config.hidden_size,
+        global_pool=global_pool,
+        input_size=[config.num_channels, h, w],
+        **pretrained_cfg,
+    )
+
+
+def unclaimed_config(meta: Meta) -> str | None:
+    """What a config file beside the weights says the checkpoint is, when it names a model
+    of a library whose layouts eqxtl reads (used when no layout claims it); else None."""
+    cfg = timm_meta(meta)
+    if cfg is None:
+        return None
+    return f"its timm config.json names architecture {cfg['architecture']!r}"
 
 
 def timm_act(meta_args: Mapping[str, Any]) -> str:
@@ -279,6 +375,26 @@ class Architecture:
     """``resize(config, canonical tensors, image_size) -> (config, replaced tensors)``: the
     same weights for another input size, position embeddings resampled (``None``: the
     architecture has a fixed input size, or needs none)."""
+    towers: str = "vision"
+    """What the model is: ``"vision"``, an image backbone (``model(x, state) -> (features,
+    state)``, what ``from_pretrained`` loads by default); ``"both"``, an image-text model
+    (``from_pretrained(..., towers="both")``)."""
+    supports_remat: bool = False
+    """Whether ``eqxtl.with_remat`` applies (a module of the model has a static ``remat``
+    flag, its blocks then run under ``eqx.filter_checkpoint``)."""
+    supports_scan: bool = False
+    """Whether ``eqxtl.with_scan`` applies (a module has a static ``scan`` flag)."""
+    keyed_layers: str | None = None
+    """Regex (full match, relative to the backbone) of the module paths the forward pass
+    calls with a key when it gets one (so that adapters there can drop out); ``None``:
+    none is."""
+
+    @property
+    def lora_types(self) -> tuple[type, ...]:
+        """The layer types of ``linear_types`` that ``eqxtl.lora`` adapts."""
+        from .layers.low_rank import ADAPTERS
+
+        return tuple(t for t in self.linear_types if t in ADAPTERS)
 
     # ---- the questions the rest of eqxtl asks, answered from the layouts
 
@@ -321,6 +437,16 @@ class Architecture:
         if hit is None:
             raise KeyError(f"{lay.name} layout of {self.name} has no name for {canonical!r}")
         return hit[0]
+
+    def adapter_key(self, canonical: str, with_head: bool = False) -> str | None:
+        """The key of a canonical name in the layout whose names adapter files (PEFT) use:
+        transformers where the architecture has it, else its default layout; ``None`` when
+        that layout has no name for it."""
+        layout = "transformers" if any(lay.name == "transformers" for lay in self.layouts) else None
+        try:
+            return self.key_in(canonical, layout, with_head)
+        except KeyError:
+            return None
 
     def hf_name(self, canonical: str, with_head: bool = False) -> str:
         """The key of a canonical name in the default layout (transformers where it has one;

@@ -3,11 +3,11 @@
 
 **Rematerialisation.** Opt-in rematerialisation (gradient checkpointing) for full fine-tuning.
 
-Backbones whose blocks can be recomputed carry a static ``remat`` flag on the module that
-runs them (CLIP: ``encoder``, each transformer layer; ResNet: ``encoder``, each residual
-block). With it set, each block runs under ``eqx.filter_checkpoint``: the backward pass
-keeps only the blocks' inputs and recomputes everything inside a block from them, trading
-one extra forward pass for activation memory. Values and gradients do not change.
+Backbones whose blocks can be recomputed (``Architecture.supports_remat``) carry a static
+``remat`` flag on the module that runs them (e.g. CLIP's or ResNet's ``encoder``). With it
+set, each block runs under ``eqx.filter_checkpoint``: the backward pass keeps only the
+blocks' inputs and recomputes everything inside a block from them, trading one extra
+forward pass for activation memory. Values and gradients do not change.
 
     model = eqxtl.with_remat(model)          # a Classifier or a bare backbone
     model = eqxtl.with_remat(model, False)   # back to storing every activation
@@ -78,24 +78,29 @@ def with_scan(model: T, enabled: bool = True) -> T:
     (or, with ``enabled=False``, unrolled again) in every module that supports it; the
     arrays are shared, not copied.
 
-    Raises ``EqxtlError`` if nothing in ``model`` supports it (ResNet, EfficientNet), so
-    that the option never silently does nothing.
+    Raises ``EqxtlError`` if nothing in ``model`` supports it (see
+    ``Architecture.supports_scan``), so that the option never silently does nothing.
     """
-    return with_static_flag(
-        model, SCAN_FIELD, enabled, "scanning blocks", "CLIP (both towers), SigLIP, ViT and DINOv2"
-    )
+    return with_static_flag(model, SCAN_FIELD, enabled, "scanning blocks", _supporting("scan"))
 
 
 def with_remat(model: T, enabled: bool = True) -> T:
     """A copy of ``model`` (any pytree) with rematerialisation switched on (or off) in every
     module that supports it; the arrays are shared, not copied.
 
-    Raises ``EqxtlError`` (a ``ValueError``) if nothing in ``model`` supports it (e.g.
-    EfficientNet), so that a memory-saving option never silently does nothing.
+    Raises ``EqxtlError`` (a ``ValueError``) if nothing in ``model`` supports it (see
+    ``Architecture.supports_remat``), so that a memory-saving option never silently does
+    nothing.
     """
-    return with_static_flag(
-        model, REMAT_FIELD, enabled, "rematerialisation", "CLIP and ResNet backbones"
-    )
+    return with_static_flag(model, REMAT_FIELD, enabled, "rematerialisation", _supporting("remat"))
+
+
+def _supporting(option: str) -> str:
+    """The architectures that support ``option`` (``"remat"`` / ``"scan"``), for messages."""
+    from .registry import ARCHITECTURES  # the registry imports every family, which import us
+
+    names = [a.name for a in ARCHITECTURES.values() if getattr(a, f"supports_{option}")]
+    return ", ".join(names) + " backbones"
 
 
 def _signature(block: Any) -> tuple:

@@ -6,7 +6,8 @@ prefix: its paths read ``embeddings.token_embedding.weight``,
 ``text_projection.weight``. ``CLIP`` holds both towers and the temperature; its paths are
 those of transformers' ``CLIPModel`` except that each projection sits inside its tower
 (``vision_model.visual_projection.weight``, ``text_model.text_projection.weight``), so
-loading a ``CLIPModel`` file is renaming (``load_clip``).
+loading a ``CLIPModel`` file is renaming. ``CLIP_MODEL`` is its ``Architecture``
+(``from_pretrained(..., towers="both")``), with transformers and open_clip layouts.
 
 Token ids come from ``eqxtl.Tokenizer``: ``(77,)`` per text, or a batch ``(B, 77)``. The
 blocks are the vision tower's (``eqxtl.models.clip.EncoderLayer``) with a causal mask; every
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -27,21 +28,23 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .._util.pytree_paths import keypath_to_str
 from ..errors import CheckpointError, DataError
-from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Lazy, Map
-from .blockwise import run_blocks
-from .clip import (
+from ._arch import Architecture, Layout, Meta, Shapes, claims_transformers, transformers_write
+from ._clip_model import (
     _ACTIVATIONS,
-    CLIP_VISION,
     Activation,
     CLIPVision,
     CLIPVisionConfig,
     Encoder,
     EncoderLayer,
-    LayerNorm,
-    _dense,
-    _linear,
 )
+from ._layout import SPLIT3, TRANSPOSE, Drop, KeyMap, Map
+from .blockwise import run_blocks
+from .clip import CLIP_VISION, OPEN_CLIP_FILES
+from .layers import LayerNorm
+from .layers import dense as _dense
+from .layers import linear as _linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,9 +329,6 @@ _OPEN_CLIP_KEYS = KeyMap(
         Drop("attn_mask"),
     )
 )
-LAYOUTS = {"transformers": _TRANSFORMERS_KEYS, "open_clip": _OPEN_CLIP_KEYS}
-"""Two-way key maps of the two-tower checkpoints ``load_clip`` reads and
-``clip_state_dict`` writes."""
 
 
 def _layers(shapes: Mapping[str, tuple], prefix: str) -> int:
@@ -446,104 +446,33 @@ def config_of(
     return CLIPConfig(vision, text, scale)
 
 
-def _which_layout(keys: list[str], meta: Mapping[str, Any]) -> str:
-    if "open_clip_config.json" in meta or any(k.startswith("visual.") for k in keys):
-        return "open_clip"
-    return "transformers"
-
-
-def load_clip(
-    tensors: Mapping[str, np.ndarray],
-    meta: Mapping[str, Mapping[str, Any]] | None = None,
-    *,
-    config: CLIPConfig | None = None,
-    source: str = "checkpoint",
-    dtype=None,
-) -> tuple[CLIP, eqx.nn.State]:
-    """A ``CLIP`` from the tensors of a two-tower checkpoint: transformers' ``CLIPModel``
-    or open_clip's ``CLIP`` (names strictly checked: one ``CheckpointError`` lists every
-    missing, unexpected or misshaped key).
-
-    ``meta``: the config files beside the weights, ``{file name: JSON}``
-    (``config.json`` with ``model_type="clip"``, or ``open_clip_config.json``); without
-    them the config is inferred from the shapes. ``config`` overrides both. Returns
-    ``(clip, state)`` in inference mode (``state`` is empty: CLIP has no BatchNorm).
-    """
-    from ..io import checkpoint  # the generic loader sits above models/ in the import graph
-
-    meta = meta or {}
-    keys = list(tensors)
-    layout = _which_layout(keys, meta)
-    plan = LAYOUTS[layout].plan(keys)
-    names = plan.recipes
-    where = f"{source} (read as two-tower CLIP, {layout} layout)"
-    if not any(n.startswith("text_model.") for n in names):
+def _transformers_config(meta: Meta, shapes: Shapes) -> CLIPConfig:
+    model_type = (meta.get("config.json") or {}).get("model_type")
+    if model_type not in (None, "clip"):
         raise CheckpointError(
-            f"{source} holds no text tower (no text weights): it is a vision-only "
-            "checkpoint. Load it with towers='vision', or use a full CLIP checkpoint "
-            "(transformers CLIPModel, e.g. openai/clip-vit-base-patch32, or open_clip)."
+            f"config.json model_type {model_type!r} is not a two-tower CLIP ('clip')."
         )
-    if "vision_model.visual_projection.weight" not in names or "logit_scale" not in names:
-        raise CheckpointError(
-            f"{where} has a text tower but no visual projection or logit_scale: "
-            "towers='both' needs a full CLIP checkpoint."
-        )
-    if layout == "transformers" and meta.get("config.json", {}).get("model_type") not in (
-        None,
+    return config_of("transformers", shapes, meta)
+
+
+def _transformers_write(config: CLIPConfig, extra: dict) -> dict[str, dict]:
+    vision = CLIP_VISION.layout("transformers").write_config(config.vision_config, extra)
+    return transformers_write(
         "clip",
-    ):
-        raise CheckpointError(
-            f"{source}: config.json model_type {meta['config.json']['model_type']!r} is not a "
-            "two-tower CLIP ('clip')."
-        )
-    canonical = Lazy(tensors, names)
-    if config is None:
-        config = config_of(layout, canonical.shapes(), meta)
-    skeleton = eqx.filter_eval_shape(CLIP, config, key=jax.random.key(0))
-    return checkpoint.fill(
-        skeleton, canonical, source=where, dtype=dtype, unexplained=plan.unexplained
+        "CLIPModel",
+        config,
+        extra,
+        skip=("vision_config", "text_config"),
+        num_labels=False,
+        projection_dim=config.projection_dim,
+        vision_config=vision["config.json"],
+        text_config={"model_type": "clip_text_model", **dataclasses.asdict(config.text_config)},
     )
 
 
-def clip_state_dict(clip: CLIP, layout: str = "transformers") -> dict[str, np.ndarray]:
-    """Every weight of ``clip`` under its key in ``layout``: transformers' ``CLIPModel``
-    (what ``CLIPModel.load_state_dict`` takes, ``position_ids`` aside) or open_clip's
-    ``CLIP`` (``attn_mask`` aside)."""
-    from ..io.checkpoint import state_dict
-
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}.")
-    tensors = {n: np.asarray(v) for n, v in state_dict(clip).items()}
-    return LAYOUTS[layout].save(tensors)
-
-
-def clip_files(clip: CLIP, layout: str = "transformers") -> tuple[str, dict, dict[str, dict]]:
-    """``(weights file name, tensors, {config file: JSON})`` of a two-tower CLIP in
-    ``layout``: transformers' ``CLIPModel`` folder (``model.safetensors`` + ``config.json``)
-    or open_clip's (``open_clip_model.safetensors`` + ``open_clip_config.json``);
-    ``from_pretrained(path, towers="both")`` reads either back."""
-    config = clip.config
-    vision, text = config.vision_config, config.text_config
-    tensors = clip_state_dict(clip, layout)
-    vision_layout = CLIP_VISION.layout(layout)
-    extra = {"num_labels": None, "preprocessing": CLIP_VISION.preprocessing(vision)}
-    written = vision_layout.write_config(vision, extra)
-    if layout == "transformers":
-        text_config = {"model_type": "clip_text_model", **dataclasses.asdict(text)}
-        return (
-            "model.safetensors",
-            tensors,
-            {
-                "config.json": {
-                    "model_type": "clip",
-                    "architectures": ["CLIPModel"],
-                    "projection_dim": config.projection_dim,
-                    "logit_scale_init_value": config.logit_scale_init_value,
-                    "vision_config": written["config.json"],
-                    "text_config": text_config,
-                }
-            },
-        )
+def _open_clip_write(config: CLIPConfig, extra: dict) -> dict[str, dict]:
+    text = config.text_config
+    written = CLIP_VISION.layout("open_clip").write_config(config.vision_config, extra)
     oc = written["open_clip_config.json"]
     text_cfg = {
         "context_length": text.max_position_embeddings,
@@ -556,4 +485,80 @@ def clip_files(clip: CLIP, layout: str = "transformers") -> tuple[str, dict, dic
     if text.eos_token_id != 2:
         text_cfg.update(pool_type="eos", eos_id=text.eos_token_id)
     oc["model_cfg"]["text_cfg"] = text_cfg
-    return vision_layout.weights_file, tensors, {"open_clip_config.json": oc}
+    return {"open_clip_config.json": oc}
+
+
+def _check_towers(keys: KeyMap) -> Callable[[Mapping[str, Any]], None]:
+    """``Layout.check``: both towers, the visual projection and the temperature present."""
+
+    def check(tensors: Mapping[str, Any]) -> None:
+        names = keys.plan(list(tensors)).recipes
+        if not any(n.startswith("text_model.") for n in names):
+            raise CheckpointError(
+                "This checkpoint holds no text tower (no text weights): it is a vision-only "
+                "checkpoint. Load it with towers='vision', or use a full CLIP checkpoint "
+                "(transformers CLIPModel, e.g. openai/clip-vit-base-patch32, or open_clip)."
+            )
+        if "vision_model.visual_projection.weight" not in names or "logit_scale" not in names:
+            raise CheckpointError(
+                "This checkpoint has a text tower but no visual projection or logit_scale: "
+                "towers='both' needs a full CLIP checkpoint."
+            )
+
+    return check
+
+
+def _infer_config(shapes: Shapes) -> CLIPConfig:
+    return config_of("transformers", shapes, {})
+
+
+CLIP_MODEL = Architecture(
+    name="clip",
+    config_cls=CLIPConfig,
+    build=lambda config, key: CLIP(config, key=key),
+    layouts=(
+        Layout(
+            "transformers",
+            _TRANSFORMERS_KEYS,
+            signature=(r"(vision_model\.)?embeddings\.class_embedding",),
+            claims=claims_transformers("clip"),
+            read_config=_transformers_config,
+            write_config=_transformers_write,
+            check=_check_towers(_TRANSFORMERS_KEYS),
+        ),
+        Layout(
+            "open_clip",
+            _OPEN_CLIP_KEYS,
+            signature=(r"visual\.class_embedding",),
+            claims=lambda meta: "open_clip_config.json" in meta,
+            read_config=lambda meta, shapes: config_of("open_clip", shapes, meta),
+            write_config=_open_clip_write,
+            check=_check_towers(_OPEN_CLIP_KEYS),
+            weights_file=OPEN_CLIP_FILES[0],
+            files=OPEN_CLIP_FILES,
+            config_files=("open_clip_config.json",),
+        ),
+    ),
+    infer_config=_infer_config,
+    feature_dim=lambda config: config.projection_dim,
+    preprocessing=lambda config: CLIP_VISION.preprocessing(config.vision_config),
+    # the vision tower's blocks: what last_blocks / layer-wise decay count (forward order)
+    blocks=r"vision_model\.encoder\.layers\.\d+",
+    norm_types=CLIP_VISION.norm_types,
+    linear_types=CLIP_VISION.linear_types,
+    towers="both",
+    supports_remat=True,
+    supports_scan=True,
+)
+"""Both CLIP towers (``from_pretrained(..., towers="both")``): transformers' ``CLIPModel``
+or open_clip's ``CLIP``. The text tower's config comes from the config file beside the
+weights, else from the shapes (``hidden_act`` as the vision tower's)."""
+
+
+def clip_state_dict(clip: CLIP, layout: str = "transformers") -> dict[str, np.ndarray]:
+    """Every weight of ``clip`` under its key in ``layout``: transformers' ``CLIPModel``
+    (what ``CLIPModel.load_state_dict`` takes, ``position_ids`` aside) or open_clip's
+    ``CLIP`` (``attn_mask`` aside)."""
+    flat = jax.tree_util.tree_flatten_with_path(clip)[0]
+    tensors = {keypath_to_str(kp): np.asarray(leaf) for kp, leaf in flat if eqx.is_array(leaf)}
+    return CLIP_MODEL.layout(layout).keys.save(tensors)

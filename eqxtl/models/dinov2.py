@@ -4,7 +4,7 @@ Field names equal the transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`
 without a model prefix: ``embeddings.cls_token``, ``embeddings.register_tokens``,
 ``encoder.layer.3.attention.attention.query.weight``, ``encoder.layer.3.layer_scale1.lambda1``,
 ``encoder.layer.3.mlp.fc1.weight``, ``layernorm.weight`` ... The embeddings and attention are
-ViT's (``vit.py``). Checkpoints load from transformers and timm (``vit_*_patch14_dinov2``,
+ViT's (``_vit_common.py``). Checkpoints load from transformers and timm (``vit_*_patch14_dinov2``,
 ``vit_*_patch14_reg4_dinov2``).
 
 Like transformers' model, any input whose sides are multiples of the patch size works: the
@@ -33,19 +33,21 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    claims_transformers,
     count_blocks,
     square_side,
     timm_meta,
     timm_preprocessing,
-    timm_write,
+    timm_vit_write,
+    transformers_meta,
+    transformers_write,
 )
 from ._layout import Drop, KeyMap, Map, Op
-from .layers import MLP, LayerNorm, PatchEmbedding, image_hw
-from .vit import (
+from ._vit_common import (
     ViTAttention,
     ViTEmbeddings,
     ViTEncoder,
-    _check_common,
+    check_common,
     hf_fields,
     resize_positions,
     runtime_attention_rules,
@@ -54,6 +56,7 @@ from .vit import (
     timm_model_args,
     timm_size_name,
 )
+from .layers import MLP, LayerNorm, PatchEmbedding, image_hw
 
 Pooling = Literal["cls", "cls+mean"]
 
@@ -89,7 +92,7 @@ class Dinov2Config:
     interpolate_antialias: bool = False
 
     def __post_init__(self):
-        _check_common(self)
+        check_common(self)
         if self.use_swiglu_ffn:
             raise ValueError(
                 "use_swiglu_ffn=True (the DINOv2 giant models' SwiGLU MLP) is not built by "
@@ -386,8 +389,8 @@ _HF_TYPES = ("dinov2", "dinov2_with_registers")
 
 
 def _transformers_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
-    hf = meta.get("config.json")
-    if hf is None or hf.get("model_type") not in _HF_TYPES:
+    hf = transformers_meta(meta, *_HF_TYPES)
+    if hf is None:
         return None
     if hf.get("use_swiglu_ffn"):
         raise CheckpointError(
@@ -411,23 +414,18 @@ def _transformers_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
 def _transformers_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
     registers = config.num_register_tokens > 0
     name = "Dinov2WithRegisters" if registers else "Dinov2"
-    num_labels = extra["num_labels"]
-    head = num_labels is not None and config.pooling == "cls+mean"
+    head = extra["num_labels"] is not None and config.pooling == "cls+mean"
     skip = ("pooling", "interpolate_antialias") + (() if registers else ("num_register_tokens",))
-    out = {
-        "model_type": "dinov2_with_registers" if registers else "dinov2",
-        "architectures": [f"{name}ForImageClassification" if head else f"{name}Model"],
-        **{
-            f.name: getattr(config, f.name)
-            for f in dataclasses.fields(config)
-            if f.name not in skip
-        },
-    }
-    if float(config.mlp_ratio).is_integer():  # transformers' config validates an int
-        out["mlp_ratio"] = int(config.mlp_ratio)
-    if num_labels is not None:
-        out["num_labels"] = num_labels
-    return {"config.json": out}
+    ratio = config.mlp_ratio
+    return transformers_write(
+        "dinov2_with_registers" if registers else "dinov2",
+        f"{name}ForImageClassification" if head else f"{name}Model",
+        config,
+        extra,
+        skip=skip,
+        # transformers' config validates an int
+        mlp_ratio=int(ratio) if float(ratio).is_integer() else ratio,
+    )
 
 
 _TIMM_DINOV2 = r"vit_\w+_patch\d+_(reg\d+_)?dinov2"
@@ -466,7 +464,7 @@ def _timm_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
     }
     if registers:
         args |= {"reg_tokens": registers, "no_embed_class": True}
-    return timm_write(name, config, extra, args, global_pool="token")
+    return timm_vit_write(name, config, extra, args, global_pool="token")
 
 
 DINOV2 = Architecture(
@@ -478,7 +476,7 @@ DINOV2 = Architecture(
             "transformers",
             _TRANSFORMERS_KEYS,
             signature=(_PREFIXES + r"encoder\.layer\.0\.layer_scale1\.lambda1",),
-            claims=lambda meta: (meta.get("config.json") or {}).get("model_type") in _HF_TYPES,
+            claims=claims_transformers(*_HF_TYPES),
             read_config=_transformers_config,
             write_config=_transformers_write,
         ),
@@ -520,4 +518,6 @@ DINOV2 = Architecture(
     reconcile=_reconcile,
     choices=("pooling", "interpolate_antialias"),
     resize=resize_positions,
+    supports_remat=True,
+    supports_scan=True,
 )

@@ -19,7 +19,6 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -27,7 +26,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError, SourceError
-from ._arch import Alias, Architecture, Layout, Meta, Preprocessing, Shapes
+from ._arch import (
+    Alias,
+    Architecture,
+    Layout,
+    Meta,
+    Preprocessing,
+    Shapes,
+    claims_transformers,
+    transformers_meta,
+    transformers_write,
+)
 from ._layout import Drop, KeyMap, Map
 from .layers import BatchNorm, Conv2d
 
@@ -378,16 +387,13 @@ def _config_write(config: EfficientNetLiteConfig, extra: dict) -> dict[str, dict
     """Our own ``config.json``: ``model_type`` ``"efficientnet_lite"`` and the config's
     fields by name. transformers has no EfficientNet-Lite class, so only eqxtl reads it
     (transformers' ``efficientnet`` is B0-B7, with squeeze-excitation and other names)."""
-    out: dict[str, Any] = {"model_type": "efficientnet_lite", **dataclasses.asdict(config)}
-    if extra["num_labels"] is not None:
-        out["num_labels"] = extra["num_labels"]
-    return {"config.json": out}
+    return transformers_write("efficientnet_lite", None, config, extra)
 
 
 def _config_read(meta: Meta, shapes: Shapes) -> EfficientNetLiteConfig | None:
     """Inverse of ``_config_write`` (unknown keys ignored, missing ones at lite0's values)."""
-    hf = meta.get("config.json")
-    if hf is None or hf.get("model_type") != "efficientnet_lite":
+    hf = transformers_meta(meta, "efficientnet_lite")
+    if hf is None:
         return None
     return EfficientNetLiteConfig(**{k: hf[k] for k in _FIELDS if k in hf})
 
@@ -401,9 +407,7 @@ EFFICIENTNET_LITE = Architecture(
             "lukemelas",
             _KEYS,
             signature=(r"_conv_stem\.weight", r"_blocks\.0\._depthwise_conv\.weight"),
-            claims=lambda meta: (
-                (meta.get("config.json") or {}).get("model_type") == "efficientnet_lite"
-            ),
+            claims=claims_transformers("efficientnet_lite"),
             read_config=_config_read,
             write_config=_config_write,
         ),

@@ -32,7 +32,7 @@ from ._arch import (
     timm_act,
     timm_meta,
     timm_preprocessing,
-    timm_write,
+    timm_vit_write,
 )
 from ._layout import CONV_HWIO, KeyMap, Map, flax_dense, flax_norm
 from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, checkpointed, image_hw
@@ -264,7 +264,7 @@ def _timm_write(config: MixerConfig, extra: dict) -> dict[str, dict]:
         ],
     }
     name = f"mixer_{size}{config.patch_size}_{image_hw(config.image_size)[0]}"
-    return timm_write(
+    return timm_vit_write(
         name, config, extra, args, global_pool="avg", fixed_input_size=True, classifier="head"
     )
 
@@ -294,6 +294,8 @@ MIXER = Architecture(
             signature=(r"MixerBlock_0/token_mixing/Dense_0/kernel",),
             # flax's nn.gelu is the tanh approximation
             defaults={"hidden_act": "gelu_pytorch_tanh"},
+            files=(),
+            config_files=(),
         ),
     ),
     infer_config=_infer_config,
@@ -311,5 +313,6 @@ MIXER = Architecture(
             ("mixer_l16_224.goog_in21k", MIXER_L16),
         )
     },
+    supports_remat=True,
 )
 """No ``resize``: a Mixer's input size is fixed."""

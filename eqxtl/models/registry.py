@@ -14,7 +14,7 @@ import jax.tree_util as jtu
 
 from .._util.pytree_paths import keypath_to_str
 from ..errors import SourceError
-from . import clip, dinov2, efficientnet, mixer, resnet, siglip, vit
+from . import clip, clip_text, dinov2, efficientnet, mixer, resnet, siglip, vit
 from ._arch import Alias, Architecture, Preprocessing
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -27,6 +27,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         dinov2.DINOV2,
         siglip.SIGLIP_VISION,
         mixer.MIXER,
+        clip_text.CLIP_MODEL,
     )
 }
 
@@ -34,6 +35,20 @@ REGISTRY: dict[str, tuple[Architecture, Alias]] = {
     alias: (arch, entry) for arch in ARCHITECTURES.values() for alias, entry in arch.aliases.items()
 }
 """Alias -> (architecture, published checkpoint)."""
+
+
+def weight_files() -> tuple[str, ...]:
+    """The weight file names of every layout (``Layout.files``), safetensors first, then
+    ``.bin``, then the rest: what the loader looks for in a folder or a hub repo, in order."""
+    names = dict.fromkeys(f for a in ARCHITECTURES.values() for lay in a.layouts for f in lay.files)
+    rank = {".safetensors": 0, ".bin": 1}
+    return tuple(sorted(names, key=lambda f: rank.get(f[f.rfind(".") :], 2)))
+
+
+def config_files() -> tuple[str, ...]:
+    """The config file names any layout reads beside the weights (``Layout.config_files``)."""
+    names = (f for a in ARCHITECTURES.values() for lay in a.layouts for f in lay.config_files)
+    return tuple(dict.fromkeys(names))
 
 
 def lookup_alias(name: str) -> tuple[Architecture, Alias]:

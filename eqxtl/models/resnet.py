@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -44,8 +44,12 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    claims_transformers,
     timm_meta,
     timm_preprocessing,
+    timm_write,
+    transformers_meta,
+    transformers_write,
 )
 from ._layout import Drop, KeyMap, Map
 from .layers import BatchNorm, Conv2d, checkpointed, max_pool
@@ -506,8 +510,8 @@ def _infer_config(shapes: Shapes) -> ResNetConfig:
 def _transformers_config(meta: Meta, shapes: Shapes) -> ResNetConfig | None:
     """From a transformers ``config.json`` (``model_type`` ``"resnet"``); missing fields take
     transformers' defaults (ResNet-50)."""
-    hf = meta.get("config.json")
-    if hf is None or hf.get("model_type") != "resnet":
+    hf = transformers_meta(meta, "resnet")
+    if hf is None:
         return None
     fields = {f.name for f in dataclasses.fields(ResNetConfig)}
     return ResNetConfig(**{k: v for k, v in hf.items() if k in fields})
@@ -517,17 +521,18 @@ def _transformers_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
     """transformers ``config.json``: ``ResNetModel``, or with ``num_labels``
     ``ResNetForImageClassification``."""
     num_labels = extra["num_labels"]
-    out: dict[str, Any] = {
-        "model_type": "resnet",
-        "architectures": ["ResNetModel" if num_labels is None else "ResNetForImageClassification"],
-        **dataclasses.asdict(config),
-    }
-    out["hidden_sizes"] = list(config.hidden_sizes)
-    out["depths"] = list(config.depths)
+    labels = {}
     if num_labels is not None:
-        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-        out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-    return {"config.json": out}
+        labels["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        labels["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    return transformers_write(
+        "resnet",
+        "ResNetModel" if num_labels is None else "ResNetForImageClassification",
+        config,
+        extra,
+        num_labels=False,  # transformers reads the count from id2label
+        **labels,
+    )
 
 
 _DEPTHS = {
@@ -547,23 +552,13 @@ def _timm_config(meta: Meta, shapes: Shapes) -> ResNetConfig | None:
 def _timm_write(config: ResNetConfig, extra: dict) -> dict[str, dict]:
     depth = _DEPTHS.get((config.depths, config.layer_type))
     expansion = _REDUCTION if config.layer_type == "bottleneck" else 1
-    num_classes = extra["num_labels"] or 0
-    pre: Preprocessing = extra["preprocessing"]
-    return {
-        "config.json": {
-            "architecture": f"resnet{depth}" if depth else "resnet50",
-            "num_classes": num_classes,
-            "num_features": config.hidden_sizes[-1],
-            "global_pool": "avg",
-            "model_args": {
-                "layers": list(config.depths),
-                "channels": [h // expansion for h in config.hidden_sizes],
-                "num_classes": num_classes,
-                "global_pool": "avg",
-            },
-            "pretrained_cfg": {**pre.to_timm(), "num_classes": num_classes},
-        }
-    }
+    return timm_write(
+        f"resnet{depth}" if depth else "resnet50",
+        extra,
+        {"layers": list(config.depths), "channels": [h // expansion for h in config.hidden_sizes]},
+        num_features=config.hidden_sizes[-1],
+        global_pool="avg",
+    )
 
 
 def _feature_dim(config: ResNetConfig) -> int:
@@ -581,11 +576,17 @@ RESNET = Architecture(
             "transformers",
             _TRANSFORMERS_KEYS,
             signature=(r"(resnet\.)?embedder\.embedder\.convolution\.weight",),
-            claims=lambda meta: (meta.get("config.json") or {}).get("model_type") == "resnet",
+            claims=claims_transformers("resnet"),
             read_config=_transformers_config,
             write_config=_transformers_write,
         ),
-        Layout("torchvision", _TORCHVISION_KEYS, signature=_SIGNATURE_TV),
+        Layout(
+            "torchvision",
+            _TORCHVISION_KEYS,
+            signature=_SIGNATURE_TV,
+            files=("model.pth",),
+            config_files=(),
+        ),
         Layout(
             "timm",
             _TORCHVISION_KEYS,
@@ -606,4 +607,5 @@ RESNET = Architecture(
         f"resnet{depth}": Alias(globals()[f"RESNET{depth}"], f"microsoft/resnet-{depth}")
         for depth in (18, 34, 50, 101, 152)
     },
+    supports_remat=True,
 )

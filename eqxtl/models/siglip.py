@@ -35,12 +35,15 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    claims_transformers,
     count_blocks,
     square_side,
     timm_act,
     timm_meta,
     timm_preprocessing,
-    timm_write,
+    timm_vit_write,
+    transformers_meta,
+    transformers_write,
 )
 from ._layout import (
     CONV_HWIO,
@@ -350,8 +353,8 @@ def _infer_config(shapes: Shapes) -> SiglipVisionConfig:
 def _transformers_config(meta: Meta, shapes: Shapes) -> SiglipVisionConfig | None:
     """From a ``siglip_vision_model`` config.json, or a ``siglip`` one (its
     ``vision_config``); missing fields take transformers' defaults, as transformers does."""
-    hf = meta.get("config.json")
-    if hf is None or hf.get("model_type") not in ("siglip", "siglip_vision_model"):
+    hf = transformers_meta(meta, "siglip", "siglip_vision_model")
+    if hf is None:
         return None
     vision = (hf.get("vision_config") or {}) if hf["model_type"] == "siglip" else hf
     if vision.get("vision_use_head") is False:
@@ -369,17 +372,14 @@ def _transformers_config(meta: Meta, shapes: Shapes) -> SiglipVisionConfig | Non
 def _transformers_write(config: SiglipVisionConfig, extra: dict) -> dict[str, dict]:
     # num_labels is not written: transformers' SiglipForImageClassification pools the mean
     # of the patch tokens, not the MAP output (see the `classifier` rule).
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    if isinstance(config.image_size, tuple):
-        values["image_size"] = list(config.image_size)
-    return {
-        "config.json": {
-            "model_type": "siglip_vision_model",
-            "architectures": ["SiglipVisionModel"],
-            "vision_use_head": True,
-            **values,
-        }
-    }
+    return transformers_write(
+        "siglip_vision_model",
+        "SiglipVisionModel",
+        config,
+        extra,
+        num_labels=False,
+        vision_use_head=True,
+    )
 
 
 def _timm_config(meta: Meta, shapes: Shapes) -> SiglipVisionConfig | None:
@@ -414,7 +414,7 @@ def _timm_write(config: SiglipVisionConfig, extra: dict) -> dict[str, dict]:
         "class_token": False,
     }
     name = f"vit_{size}_patch{config.patch_size}_siglip_{image_hw(config.image_size)[0]}"
-    return timm_write(name, config, extra, args, global_pool="map")
+    return timm_vit_write(name, config, extra, args, global_pool="map")
 
 
 def _resize(
@@ -449,10 +449,7 @@ SIGLIP_VISION = Architecture(
             "transformers",
             _TRANSFORMERS_KEYS,
             signature=(r"(vision_model\.)?head\.probe",),
-            claims=lambda meta: (
-                (meta.get("config.json") or {}).get("model_type")
-                in ("siglip", "siglip_vision_model")
-            ),
+            claims=claims_transformers("siglip", "siglip_vision_model"),
             read_config=_transformers_config,
             write_config=_transformers_write,
             defaults={"hidden_act": "gelu_pytorch_tanh"},
@@ -473,6 +470,8 @@ SIGLIP_VISION = Architecture(
             signature=(r"params/img/MAPHead_0/probe",),
             # flax's nn.gelu is the tanh approximation
             defaults={"hidden_act": "gelu_pytorch_tanh"},
+            files=(),
+            config_files=(),
         ),
     ),
     infer_config=_infer_config,
@@ -488,4 +487,6 @@ SIGLIP_VISION = Architecture(
         "siglip-so400m-patch14-224": _alias(224, SIGLIP_SO400M, "so400m-patch14"),
     },
     resize=_resize,
+    supports_remat=True,
+    supports_scan=True,
 )

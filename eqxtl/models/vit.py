@@ -8,7 +8,7 @@ Field names equal the transformers ``ViTModel`` names without a model prefix, so
 ``ViTForImageClassification``), timm (``vit_*_patch*_*.augreg*``) and Google's vit_jax
 ``.npz`` files (``ViT-B_16.npz``).
 
-The embeddings, attention and encoder here are shared with DINOv2 (``dinov2.py``), whose
+The embeddings, attention and encoder are shared with DINOv2 (``_vit_common.py``), whose
 transformers names are the same for them.
 
 One image ``(3, H, W)`` or a batch ``(B, 3, H, W)`` per call (``batch_native``). Matmuls run in
@@ -18,13 +18,11 @@ the input's dtype (weights are cast to it); LayerNorm and softmax run in float32
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
@@ -36,27 +34,38 @@ from ._arch import (
     Preprocessing,
     Shapes,
     claims_timm,
+    claims_transformers,
     count_blocks,
     square_side,
     timm_act,
     timm_meta,
     timm_preprocessing,
-    timm_write,
+    timm_vit_write,
+    transformers_meta,
+    transformers_write,
 )
-from ._layout import CONV_HWIO, TRANSPOSE, Drop, KeyMap, Map, merged_heads, packed
-from .blockwise import run_blocks
+from ._layout import CONV_HWIO, TRANSPOSE, Drop, KeyMap, Map, merged_heads
+from ._vit_common import (
+    ViTAttention,
+    ViTEmbeddings,
+    ViTEncoder,
+    check_common,
+    hf_fields,
+    resize_positions,
+    runtime_attention_rules,
+    square_preprocessing,
+    timm_block_rules,
+    timm_model_args,
+    timm_size_name,
+)
 from .layers import (
     ACTIVATIONS,
     LayerNorm,
     PatchEmbedding,
     activation,
-    checkpointed,
     dense,
     image_hw,
     linear,
-    multihead_attention,
-    resample_grid_traced,
-    resample_positions,
 )
 
 
@@ -90,7 +99,7 @@ class ViTConfig:
     interpolate_antialias: bool = False
 
     def __post_init__(self):
-        _check_common(self)
+        check_common(self)
         if self.pooler_act not in ("tanh", *ACTIVATIONS):
             raise ValueError(f"pooler_act {self.pooler_act!r} is not 'tanh' or in {ACTIVATIONS}.")
 
@@ -104,26 +113,6 @@ class ViTConfig:
     def num_positions(self) -> int:
         gh, gw = self.grid
         return gh * gw + 1
-
-
-def _check_common(config) -> None:
-    """Checks shared by the ViT and DINOv2 configs; normalises a list image_size."""
-    if isinstance(config.image_size, list):
-        object.__setattr__(config, "image_size", tuple(config.image_size))
-    if isinstance(config.image_size, tuple) and config.image_size[0] == config.image_size[1]:
-        object.__setattr__(config, "image_size", int(config.image_size[0]))
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {ACTIVATIONS}.")
-    if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
-            f"{config.num_attention_heads}."
-        )
-    h, w = image_hw(config.image_size)
-    if h % config.patch_size or w % config.patch_size:
-        raise ValueError(
-            f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}."
-        )
 
 
 VIT_B16 = ViTConfig()
@@ -141,138 +130,6 @@ VIT_S16_TIMM = dataclasses.replace(
 # --------------------------------------------------------------------------------------
 # Modules (shared with DINOv2)
 # --------------------------------------------------------------------------------------
-
-
-class PatchEmbeddings(eqx.Module):
-    """transformers' ``ViTPatchEmbeddings``: a biased ``projection`` conv, stride = size."""
-
-    projection: PatchEmbedding
-
-
-class ViTEmbeddings(eqx.Module):
-    """Class token, patch tokens plus learned positions, then register tokens (DINOv2 with
-    registers): ``(*b, C, H, W) -> (*b, 1 + registers + n, d)``.
-
-    ``position_embeddings (1, 1 + n, d)`` cover the class token and a ``grid`` of patches;
-    another input grid resamples the patch positions on the fly (``dynamic``, as
-    transformers' DINOv2 does on every call) or is an error (ViT: load the model for that
-    size with ``from_pretrained(..., image_size=...)``)."""
-
-    cls_token: Float[Array, "1 1 d"]
-    patch_embeddings: PatchEmbeddings
-    position_embeddings: Float[Array, "1 n d"]
-    register_tokens: Float[Array, "1 r d"] | None
-    grid: tuple[int, int] = eqx.field(static=True)
-    dynamic: bool = eqx.field(static=True)
-    antialias: bool = eqx.field(static=True)
-
-    def __init__(
-        self,
-        config,
-        key: PRNGKeyArray,
-        *,
-        registers: int = 0,
-        dynamic: bool = False,
-    ):
-        ckey, pkey, ekey, rkey = jax.random.split(key, 4)
-        d = config.hidden_size
-        self.cls_token = 0.02 * jax.random.normal(ckey, (1, 1, d))
-        projection = PatchEmbedding(config.num_channels, d, config.patch_size, pkey, use_bias=True)
-        self.patch_embeddings = PatchEmbeddings(projection)
-        self.position_embeddings = 0.02 * jax.random.normal(ekey, (1, config.num_positions, d))
-        self.register_tokens = (
-            0.02 * jax.random.normal(rkey, (1, registers, d)) if registers else None
-        )
-        self.grid = config.grid
-        self.dynamic = dynamic
-        self.antialias = config.interpolate_antialias
-
-    def positions(self, grid: tuple[int, int]) -> Float[Array, "n d"]:
-        """The position embeddings for a ``grid`` of patches (class position first)."""
-        pos = self.position_embeddings[0]
-        if grid == self.grid:
-            return pos
-        patches = pos[1:].reshape(*self.grid, pos.shape[-1])
-        patches = resample_grid_traced(patches, grid, antialias=self.antialias)
-        return jnp.concatenate([pos[:1], patches.reshape(-1, pos.shape[-1])])
-
-    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b t d"]:
-        p = self.patch_embeddings.projection.weight.shape[-1]
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        patches = self.patch_embeddings.projection(x)
-        lead, d = patches.shape[:-2], patches.shape[-1]
-        cls = jnp.broadcast_to(self.cls_token[0].astype(x.dtype), (*lead, 1, d))
-        tokens = jnp.concatenate([cls, patches], axis=-2) + self.positions(grid).astype(x.dtype)
-        if self.register_tokens is None:
-            return tokens
-        registers = self.register_tokens[0].astype(x.dtype)
-        registers = jnp.broadcast_to(registers, (*lead, *registers.shape))
-        return jnp.concatenate([tokens[..., :1, :], registers, tokens[..., 1:, :]], axis=-2)
-
-    def check_input(self, x: Array, name: str) -> None:
-        """A clear error for an input this model cannot take."""
-        c, p = self.patch_embeddings.projection.weight.shape[1:3]
-        ok = x.ndim in (3, 4) and x.shape[-3] == c
-        if ok and self.dynamic:
-            ok = x.shape[-2] % p == 0 and x.shape[-1] % p == 0 and x.shape[-1] >= p
-        elif ok:
-            ok = x.shape[-2:] == (self.grid[0] * p, self.grid[1] * p)
-        if not ok:
-            want = (
-                f"(C={c}, H, W) with H and W multiples of the patch size {p}"
-                if self.dynamic
-                else f"{(c, self.grid[0] * p, self.grid[1] * p)}"
-            )
-            raise ValueError(
-                f"{name} expects a channel-first image of shape {want} or a batch of them, "
-                f"got {x.shape}."
-                + (
-                    ""
-                    if self.dynamic
-                    else " Resize/crop to the model's image_size, or load it for another "
-                    "size with from_pretrained(..., image_size=N or (H, W))."
-                )
-            )
-
-
-class ViTSelfAttention(eqx.Module):
-    """The ``query`` / ``key`` / ``value`` projections and ``num_heads``."""
-
-    query: eqx.nn.Linear
-    key: eqx.nn.Linear
-    value: eqx.nn.Linear
-    num_heads: int = eqx.field(static=True)
-
-
-class ViTSelfOutput(eqx.Module):
-    dense: eqx.nn.Linear
-
-
-class ViTAttention(eqx.Module):
-    """Multi-head self-attention, transformers' layout (``attention.{query,key,value}``,
-    ``output.dense``): ``(*b, t, d) -> (*b, tq, d)``."""
-
-    attention: ViTSelfAttention
-    output: ViTSelfOutput
-
-    def __init__(self, dim: int, heads: int, qkv_bias: bool, key: PRNGKeyArray):
-        qkey, kkey, vkey, okey = jax.random.split(key, 4)
-        self.attention = ViTSelfAttention(
-            linear(dim, dim, qkey, qkv_bias),
-            linear(dim, dim, kkey, qkv_bias),
-            linear(dim, dim, vkey, qkv_bias),
-            heads,
-        )
-        self.output = ViTSelfOutput(linear(dim, dim, okey))
-
-    def __call__(
-        self, x: Float[Array, "*b t d"], queries: Float[Array, "*b tq d"] | None = None
-    ) -> Float[Array, "*b tq d"]:
-        """Attend from ``queries`` (default: every token of ``x``) to all tokens of ``x``."""
-        a = self.attention
-        queries = x if queries is None else queries
-        q, k, v = dense(a.query, queries), dense(a.key, x), dense(a.value, x)
-        return dense(self.output.dense, multihead_attention(q, k, v, a.num_heads))
 
 
 class ViTIntermediate(eqx.Module):
@@ -315,35 +172,6 @@ class ViTLayer(eqx.Module):
             x = x + self.attention(h)
         h = activation(self.hidden_act, dense(self.intermediate.dense, self.layernorm_after(x)))
         return x + dense(self.output.dense, h)
-
-
-class ViTEncoder(eqx.Module):
-    """The blocks, applied in order (a Python list: ``encoder.layer.N``).
-
-    ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each block
-    under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
-    activations from its input instead of keeping them. ``scan`` (static, off by default;
-    ``eqxtl.with_scan``): runs of interchangeable blocks under ``jax.lax.scan``."""
-
-    layer: list
-    remat: bool = eqx.field(static=True, default=False)
-    scan: bool = eqx.field(static=True, default=False)
-
-    def __call__(self, h: Float[Array, "*b t d"], *, class_only: bool = False) -> Array:
-        """Every block; with ``class_only`` the last computes the class token alone
-        ``(*b, 1, d)`` (the other tokens only feed it through keys and values)."""
-        if not (class_only and self.layer):
-            return run_blocks(_run_layer, self.layer, h, scan=self.scan, remat=self.remat)
-        h = run_blocks(_run_layer, self.layer[:-1], h, scan=self.scan, remat=self.remat)
-        return checkpointed(_run_class_only, self.remat)(self.layer[-1], h)
-
-
-def _run_layer(layer, h: Array) -> Array:
-    return layer(h)
-
-
-def _run_class_only(layer, h: Array) -> Array:
-    return layer(h, first_only=True)
 
 
 class ViTPooler(eqx.Module):
@@ -427,18 +255,6 @@ _QKV = tuple(f"{_LAYER}.attention.attention.{p}" for p in ("query", "key", "valu
 _TOP = ("embeddings", "encoder", "layernorm", "pooler")
 
 
-def runtime_attention_rules(theirs: str, ours: str) -> tuple[Map, ...]:
-    """Read-only rules for transformers 5's in-memory attention names (``q_proj`` ...
-    ``o_proj``, what ``model.state_dict()`` holds; its files keep the hub names) under the
-    layer paths ``theirs`` -> ``ours``."""
-    names = {"q_proj": "attention.query", "k_proj": "attention.key", "v_proj": "attention.value"}
-    names["o_proj"] = "output.dense"
-    return tuple(
-        Map(f"{theirs}.attention.{t}", f"{ours}.attention.{o}", save=False)
-        for t, o in names.items()
-    )
-
-
 # transformers 5 `ViTModel.state_dict()`: `layers.{i}` with q/k/v/o_proj and mlp.fc1/fc2.
 _RUNTIME = tuple(
     rule
@@ -459,18 +275,6 @@ _TRANSFORMERS_KEYS = KeyMap(
         Map("classifier", "head"),
     )
 )
-
-
-def timm_block_rules(layer: str, names: Mapping[str, str]) -> tuple[Map, ...]:
-    """timm ``blocks.{i}`` rules onto a transformers-named ``layer`` (``names``: timm
-    sub-module -> ours, besides the packed ``attn.qkv`` and ``attn.proj``)."""
-    qkv = ("query", "key", "value")
-    return (
-        packed("blocks.{i}.attn.qkv.weight", f"{layer}.attention.attention.*.weight", qkv),
-        packed("blocks.{i}.attn.qkv.bias", f"{layer}.attention.attention.*.bias", qkv),
-        Map("blocks.{i}.attn.proj", f"{layer}.attention.output.dense"),
-        *[Map(f"blocks.{{i}}.{theirs}", f"{layer}.{ours}") for theirs, ours in names.items()],
-    )
 
 
 # ---- timm `vit_*_patch*_*`: packed qkv, `(1, 1, D)` class token and `(1, 1+N, D)` positions
@@ -577,48 +381,23 @@ def _reconcile(config: ViTConfig, shapes: Shapes) -> ViTConfig:
     )
 
 
-def _patch(value: Any) -> int:
-    h, w = image_hw(value, "patch_size")
-    if h != w:
-        raise CheckpointError(f"eqxtl reads square patches only, got patch_size {value}.")
-    return h
-
-
-def hf_fields(cls: type, hf: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The fields of config class ``cls`` a transformers ``config.json`` dict states (its
-    defaults otherwise), ``image_size`` / ``patch_size`` normalised."""
-    default = cls()
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    values = {k: hf.get(k, getattr(default, k)) for k in names}
-    values["patch_size"] = _patch(values["patch_size"])
-    if isinstance(values["image_size"], list):
-        values["image_size"] = tuple(values["image_size"])
-    return values
-
-
 def _transformers_config(meta: Meta, shapes: Shapes) -> ViTConfig | None:
-    hf = meta.get("config.json")
-    if hf is None or hf.get("model_type") != "vit":
+    hf = transformers_meta(meta, "vit")
+    if hf is None:
         return None
     skip = ("add_pooling_layer", "interpolate_antialias")
     return ViTConfig(**hf_fields(ViTConfig, hf, skip))
 
 
 def _transformers_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
-    num_labels = extra["num_labels"]
-    head = num_labels is not None and not config.add_pooling_layer
-    out = {
-        "model_type": "vit",
-        "architectures": ["ViTForImageClassification" if head else "ViTModel"],
-        **{
-            f.name: getattr(config, f.name)
-            for f in dataclasses.fields(config)
-            if f.name not in ("add_pooling_layer", "interpolate_antialias")
-        },
-    }
-    if num_labels is not None:
-        out["num_labels"] = num_labels
-    return {"config.json": out}
+    head = extra["num_labels"] is not None and not config.add_pooling_layer
+    return transformers_write(
+        "vit",
+        "ViTForImageClassification" if head else "ViTModel",
+        config,
+        extra,
+        skip=("add_pooling_layer", "interpolate_antialias"),
+    )
 
 
 # timm ViT architectures eqxtl builds: plain class-token ViTs (not CLIP / DINOv2 / SigLIP
@@ -632,20 +411,6 @@ _TIMM_UNSUPPORTED = {
     "qk_norm": True,
     "dynamic_img_size": True,
 }
-
-
-def timm_model_args(cfg: Mapping[str, Any], unsupported: Mapping[str, Any]) -> dict[str, Any]:
-    """``model_args`` of a timm ``config.json``; ``CheckpointError`` for the ``unsupported``
-    values (``{arg: value eqxtl does not build}``) and pooling other than the class token."""
-    args = dict(cfg.get("model_args") or {})
-    bad = {k: args[k] for k, v in unsupported.items() if k in args and args[k] == v}
-    if args.get("global_pool", "token") not in ("token", None):
-        bad["global_pool"] = args["global_pool"]
-    if bad:
-        raise CheckpointError(
-            f"timm {cfg['architecture']} has model_args eqxtl does not build: {bad}."
-        )
-    return args
 
 
 def _timm_config(meta: Meta, shapes: Shapes) -> ViTConfig | None:
@@ -681,10 +446,6 @@ def _timm_image_size(value: Any) -> int | tuple[int, int]:
     return h if h == w else (h, w)
 
 
-def timm_size_name(hidden: int) -> str:
-    return {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}.get(hidden, "base")
-
-
 def _timm_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
     if config.hidden_act not in ("gelu", "gelu_pytorch_tanh"):
         raise CheckpointError(f"timm's ViT has no {config.hidden_act!r} activation.")
@@ -698,33 +459,7 @@ def _timm_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
         "patch_size": config.patch_size,
         "qkv_bias": config.qkv_bias,
     }
-    return timm_write(name, config, extra, args, global_pool="token")
-
-
-def resize_positions(config, tensors: Mapping[str, np.ndarray], image_size: Any):
-    """ViT / DINOv2 at another input size (an int or ``(H, W)``): the patch grid of the
-    position embeddings resampled bicubically (``config.interpolate_antialias``: timm's
-    antialiased filter, else transformers'), the class position kept."""
-    try:
-        h, w = image_hw(image_size)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    p = config.patch_size
-    if h % p or w % p or h < p or w < p:
-        raise CheckpointError(f"image_size {image_size} is not a multiple of the patch size {p}.")
-    name = "embeddings.position_embeddings"
-    pos = np.asarray(tensors[name])[0]
-    new = resample_positions(
-        pos, 1, config.grid, (h // p, w // p), antialias=config.interpolate_antialias
-    )
-    size = h if h == w else (h, w)
-    return dataclasses.replace(config, image_size=size), {name: new[None]}
-
-
-def square_preprocessing(default: Preprocessing, image_size: Any) -> Preprocessing:
-    """``default`` at the model's input size (the height for a non-square size, whose
-    pipeline must resize to ``(H, W)`` itself)."""
-    return default.at_size(image_hw(image_size)[0])
+    return timm_vit_write(name, config, extra, args, global_pool="token")
 
 
 VIT = Architecture(
@@ -736,7 +471,7 @@ VIT = Architecture(
             "transformers",
             _TRANSFORMERS_KEYS,
             signature=(r"(vit\.)?embeddings\.patch_embeddings\.projection\.weight",),
-            claims=lambda meta: (meta.get("config.json") or {}).get("model_type") == "vit",
+            claims=claims_transformers("vit"),
             read_config=_transformers_config,
             write_config=_transformers_write,
         ),
@@ -762,6 +497,8 @@ VIT = Architecture(
                 "interpolate_antialias": True,
             },
             weights_file="model.npz",
+            files=(),
+            config_files=(),
         ),
     ),
     infer_config=_infer_config,
@@ -789,4 +526,6 @@ VIT = Architecture(
     reconcile=_reconcile,
     choices=("interpolate_antialias",),
     resize=resize_positions,
+    supports_remat=True,
+    supports_scan=True,
 )

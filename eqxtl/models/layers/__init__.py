@@ -1,0 +1,59 @@
+"""Layers shared by the backbones, by kind: ``conv`` (``Conv2d``, ``max_pool``), ``norm``
+(``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
+(activations, ``PatchEmbedding``, ``MLP``, attention), ``resample`` (position embeddings)
+and ``static`` (static switches: remat / scan flags).
+
+Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
+loading a checkpoint is renaming only.
+"""
+
+from .conv import Conv2d, Padding, max_pool
+from .low_rank import (
+    ADAPTED_TYPES,
+    LoRAConv2d,
+    LoRALinear,
+    adapted_layers,
+    dense,
+    has_adapters,
+)
+from .norm import BatchNorm, LayerNorm, set_inference
+from .resample import image_hw, resample_grid, resample_grid_traced, resample_positions
+from .static import checkpointed, replace_static, with_static_flag
+from .transformer import (
+    ACTIVATIONS,
+    MLP,
+    PatchEmbedding,
+    activation,
+    linear,
+    multihead_attention,
+    split_key,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "ADAPTED_TYPES",
+    "MLP",
+    "BatchNorm",
+    "Conv2d",
+    "LayerNorm",
+    "LoRAConv2d",
+    "LoRALinear",
+    "Padding",
+    "PatchEmbedding",
+    "activation",
+    "adapted_layers",
+    "checkpointed",
+    "dense",
+    "has_adapters",
+    "image_hw",
+    "linear",
+    "max_pool",
+    "multihead_attention",
+    "replace_static",
+    "resample_grid",
+    "resample_grid_traced",
+    "resample_positions",
+    "set_inference",
+    "split_key",
+    "with_static_flag",
+]

@@ -1,0 +1,113 @@
+"""Transformer pieces (CLIP, ViT, DINOv2, SigLIP, Mixer): activations, ``PatchEmbedding``,
+``MLP``, ``multihead_attention``. They take any leading axes ``(*b, tokens, d)``: a
+batch-native forward runs every matmul as one 2-D GEMM over ``batch * tokens`` rows."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .low_rank import dense
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
+"""transformers' names: ``gelu`` is exact (erf); ``gelu_new`` / ``gelu_pytorch_tanh`` the tanh
+approximation (flax's ``nn.gelu``); ``quick_gelu`` openai CLIP's ``x * sigmoid(1.702 x)``."""
+
+
+def activation(name: str, x: Array) -> Array:
+    """The activation transformers calls ``name`` (one of ``ACTIVATIONS``)."""
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    if name == "silu":
+        return jax.nn.silu(x)
+    # jax.nn.gelu defaults to the tanh approximation; transformers' "gelu" is exact (erf).
+    return jax.nn.gelu(x, approximate=name != "gelu")
+
+
+def split_key(key: PRNGKeyArray | None, n: int) -> list:
+    """``n`` keys from ``key`` (``n`` times ``None`` without one): what a block hands its
+    layers for dropout (e.g. of LoRA adapters)."""
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def linear(in_features: int, out_features: int, key: PRNGKeyArray, use_bias: bool = True):
+    """``eqx.nn.Linear`` (weights ``(out, in)``, as torch)."""
+    return eqx.nn.Linear(in_features, out_features, use_bias=use_bias, key=key)
+
+
+class PatchEmbedding(eqx.Module):
+    """Non-overlapping patches -> tokens: ``(*b, C, H, W) -> (*b, H/p * W/p, hidden)``,
+    row-major over the ``(H/p, W/p)`` grid.
+
+    Same weights as torch's ``Conv2d(C, hidden, p, stride=p, bias=...)``, computed as one
+    matmul of the patches against the flattened kernel.
+    """
+
+    weight: Float[Array, "hidden c p p"]
+    bias: Float[Array, " hidden"] | None
+
+    def __init__(
+        self, channels: int, hidden: int, patch: int, key: PRNGKeyArray, use_bias: bool = False
+    ):
+        bound = 1.0 / math.sqrt(channels * patch * patch)
+        shape = (hidden, channels, patch, patch)
+        wkey, bkey = jax.random.split(key)
+        self.weight = jax.random.uniform(wkey, shape, minval=-bound, maxval=bound)
+        self.bias = (
+            jax.random.uniform(bkey, (hidden,), minval=-bound, maxval=bound) if use_bias else None
+        )
+
+    def __call__(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b n hidden"]:
+        hidden, c, p, _ = self.weight.shape
+        *lead, _, h, w = x.shape
+        gh, gw = h // p, w // p
+        patches = x.reshape(*lead, c, gh, p, gw, p)
+        patches = jnp.moveaxis(patches, (-5, -3, -1), (-3, -2, -1))  # (*b, gh, gw, c, p, p)
+        patches = patches.reshape(-1, c * p * p)
+        y = patches @ self.weight.reshape(hidden, -1).astype(x.dtype).T  # one 2-D GEMM
+        if self.bias is not None:
+            y = y + self.bias.astype(x.dtype)
+        return y.reshape(*lead, gh * gw, hidden)
+
+
+class MLP(eqx.Module):
+    """``fc2(act(fc1(x)))``: ``(*b, t, d) -> (*b, t, d)``."""
+
+    fc1: eqx.nn.Linear
+    fc2: eqx.nn.Linear
+    activation: str = eqx.field(static=True)
+
+    def __init__(self, dim: int, hidden: int, activation: str, key: PRNGKeyArray):
+        k1, k2 = jax.random.split(key)
+        self.fc1 = linear(dim, hidden, k1)
+        self.fc2 = linear(hidden, dim, k2)
+        self.activation = activation
+
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*b t d"]:
+        k1, k2 = split_key(key, 2)
+        return dense(self.fc2, activation(self.activation, dense(self.fc1, x, key=k1)), key=k2)
+
+
+def multihead_attention(
+    q: Float[Array, "*b tq d"],
+    k: Float[Array, "*b t d"],
+    v: Float[Array, "*b t d"],
+    heads: int,
+    *,
+    causal: bool = False,
+) -> Float[Array, "*b tq d"]:
+    """Scaled dot-product attention of projected queries, keys and values split into
+    ``heads`` heads (softmax in float32); heads merged back. ``causal``: each query attends
+    to its own position and those before it."""
+
+    def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
+        return y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
+
+    o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+    return o.reshape(q.shape)
