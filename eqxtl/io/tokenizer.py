@@ -88,7 +88,8 @@ class Tokenizer:
             ids[token] = backend.token_to_id(token)
             if ids[token] is None:
                 raise CheckpointError(
-                    f"The tokenizer's vocabulary has no {token!r}: not a CLIP vocabulary."
+                    f"The tokenizer's vocabulary has no {token!r}: it is not the byte-level "
+                    "BPE vocabulary of an image-text model's text tower."
                 )
         backend = backend.__class__.from_str(backend.to_str())  # a private copy
         # As transformers registers them: matched in the raw text, before lower-casing.

@@ -50,25 +50,26 @@ def _check_prompts(class_names, templates) -> tuple[list[str], list[str]]:
 
 
 def zero_shot_head(
-    clip,
+    model,
     class_names: Sequence[str],
     *,
     tokenizer,
     templates: Sequence[str] = IMAGENET_TEMPLATES,
     batch_size: int = 256,
 ) -> Classifier:
-    """CLIP's zero-shot classifier as a trainable ``Classifier`` on ``clip.vision_model``.
+    """CLIP's zero-shot classifier as a trainable ``Classifier`` on ``model.vision_model``.
 
     The head's row for each class is the L2-normalised mean over ``templates`` of the
     L2-normalised text embeddings of ``template.replace("{}", name)``, times
     ``exp(logit_scale)``; its bias is zero. The classifier projects and normalises the
     image features (``project=True, normalize=True``), so its logits equal
-    ``clip.logits(images, tokenizer(prompts))`` when each class has one prompt. It trains,
+    ``model.logits(images, tokenizer(prompts))`` when each class has one prompt. It trains,
     saves and loads like any ``Classifier``.
 
     **Arguments:**
 
-    - `clip`: an ``eqxtl.models.clip_text.CLIP`` (``from_pretrained(..., towers="both")``).
+    - `model`: a two-tower image-text model, ``eqxtl.models.clip_text.CLIP``
+      (``from_pretrained(..., towers="both")``).
     - `class_names`: one name per class, in label order.
     - `tokenizer`: an ``eqxtl.Tokenizer``, or a source for ``Tokenizer.from_pretrained``
       (the checkpoint's folder, hub repo or alias).
@@ -82,18 +83,18 @@ def zero_shot_head(
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     texts = [t.replace("{}", name) for name in class_names for t in templates]
     ids = tokenizer(texts)
-    encode = eqx.filter_jit(lambda model, x: model.encode_text(x))
+    encode = eqx.filter_jit(lambda m, x: m.encode_text(x))
     batch_size = min(batch_size, len(ids))  # one compiled shape; no padding of a short list
     chunks = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         padded = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk), 0)])
-        chunks.append(np.asarray(encode(clip, padded), np.float32)[: len(chunk)])
+        chunks.append(np.asarray(encode(model, padded), np.float32)[: len(chunk)])
     emb = np.concatenate(chunks).reshape(len(class_names), len(templates), -1)
     emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
     emb = emb.mean(axis=1)
     emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-    weight = jnp.asarray(emb) * jnp.exp(clip.logit_scale.astype(jnp.float32))
+    weight = jnp.asarray(emb) * jnp.exp(model.logit_scale.astype(jnp.float32))
     head = eqx.nn.Linear(weight.shape[1], weight.shape[0], key=jax.random.key(0))
     head = eqx.tree_at(lambda m: (m.weight, m.bias), head, (weight, jnp.zeros(weight.shape[0])))
-    return Classifier(clip.vision_model, head=head, project=True, normalize=True)
+    return Classifier(model.vision_model, head=head, project=True, normalize=True)
