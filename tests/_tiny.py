@@ -58,6 +58,7 @@ TINY_DINOV2 = dinov2.Dinov2Config(  # registers and cls+mean: every token reache
     patch_size=14,
     num_register_tokens=2,
     pooling="cls+mean",
+    interpolate_antialias=True,  # what transformers' and timm's register models do
 )
 TINY_EFFICIENTNET = efficientnet.EfficientNetLiteConfig(  # 7 blocks, one per stage
     width_coefficient=0.25,
