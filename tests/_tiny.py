@@ -43,7 +43,7 @@ TINY_MIXER = mixer.MixerConfig(
 )
 TINY_VIT = vit.ViTConfig(  # with the pooler (transformers' ViTModel default)
     hidden_size=32,
-    num_hidden_layers=2,
+    num_hidden_layers=3,  # the last block computes the class token alone: 2 to scan
     num_attention_heads=2,
     intermediate_size=64,
     image_size=16,
@@ -69,7 +69,9 @@ TINY_EFFICIENTNET = efficientnet.EfficientNetLiteConfig(  # 7 blocks, one per st
     head_size=32,
 )
 TINY_CONFIGS = {
-    clip.CLIP_VISION.name: TINY_CLIP,
+    clip.CLIP_VISION.name: dataclasses.replace(  # 3 blocks, as TINY_VIT
+        TINY_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+    ),
     resnet.RESNET.name: TINY_RESNET,
     siglip.SIGLIP_VISION.name: TINY_SIGLIP,
     mixer.MIXER.name: TINY_MIXER,

@@ -398,15 +398,3 @@ def test_classifier_head_round_trip(tiny, tmp_path):
     assert {"classifier.weight", "classifier.bias", "vision_model.pre_layrnorm.weight"} <= keys
     again, _ = eqxtl.from_pretrained(tmp_path, keep_head=True)
     assert jax.tree.all(jax.tree.map(jnp.array_equal, again, model))
-
-
-def test_batch_native_loss_and_gradients_equal_vmap(tiny):
-    """``eqxtl.batched`` calls CLIP once on the whole batch; the loss and every gradient
-    equal those of the per-example ``jax.vmap`` path."""
-    from tests._batching import assert_batch_native_matches_vmap
-
-    dirs, *_ = tiny
-    backbone, state = load(dirs["vision"])
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (5, 3, 32, 32))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-6))
