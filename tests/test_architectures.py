@@ -53,7 +53,10 @@ NAMES = [name for name in ARCHITECTURES if name in TINY_CONFIGS]
 LAYOUTS = [(name, lay.name) for name in NAMES for lay in ARCHITECTURES[name].layouts]
 NUM_CLASSES = 3
 BATCH = 3
-GRAD_TOL = 1e-4  # batched vs vmap: max |Δ| relative to each leaf's largest value
+# batched vs vmap: max |Δ| relative to each leaf's largest value; 1e-3 for BatchNorm models
+# (training mode: batch statistics reduced in another order, and divided by)
+GRAD_TOL = 1e-4
+GRAD_TOL_BATCHNORM = 1e-3
 SAME_TOL = 1e-5  # remat / scan / merged LoRA: the same computation, reordered at most
 # EfficientNet-Lite's default preprocessing is Lite0's (224) whatever image_size says.
 CROP_NOT_FROM_CONFIG = {"efficientnet_lite"}
@@ -268,16 +271,19 @@ def test_batched_equals_vmap(lab, name):
     and every gradient (BatchNorm models in training mode: statistics over the batch; and
     their inference-mode outputs)."""
     _, _, model, state, x = lab.model(name)
+    tol = GRAD_TOL_BATCHNORM if has_state(state) else GRAD_TOL
     loss, (out, new_state), grads = lab.result(name, "batched")
     want_loss, (want_out, want_state), want_grads = lab.result(name, "vmap")
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=name)
-    assert_trees_close(out, want_out, GRAD_TOL, f"{name} outputs")
-    assert_trees_close(new_state, want_state, GRAD_TOL, f"{name} state")
-    assert_trees_close(grads, want_grads, GRAD_TOL, f"{name} gradients")
+    assert_trees_close(out, want_out, tol, f"{name} outputs")
+    assert_trees_close(new_state, want_state, tol, f"{name} state")
+    assert_trees_close(grads, want_grads, tol, f"{name} gradients")
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
-    if has_state(state):
+    if has_state(state):  # the running statistics moved
+        before, after = jax.tree.leaves(state), jax.tree.leaves(new_state)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
         got, want = (_forward(model, state, x, how) for how in ("batched", "vmap"))
-        assert_trees_close(got, want, GRAD_TOL, f"{name} inference-mode outputs")
+        assert_trees_close(got, want, tol, f"{name} inference-mode outputs")
 
 
 # --------------------------------------------------------------------------- blocks
@@ -345,9 +351,9 @@ def test_remat_and_scan_change_nothing_or_are_refused(lab, name, option):
     assert eqxtl.paths(on) == eqxtl.paths(model)
     arrays = [jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (model, on)]
     assert all(a is b for a, b in zip(*arrays, strict=True))
-    assert flags(model, option) and not any(flags(model, option))
     assert all(flags(on, option)) and not any(flags(switch(on, False), option))
-    jaxpr = str(jax.make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(on))
+    assert flags(model, option) and not any(flags(model, option))  # the original untouched
+    jaxpr = str(eqx.filter_make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(on)[0])
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) if option == "remat" else "scan" in jaxpr
 
     loss, (out, new_state), grads = lab.result(name, "batched", option)
