@@ -3,9 +3,10 @@ configs of tests/_tiny.py (``TINY_CONFIGS``, keyed by ``Architecture.name``):
 
 - every architecture has a tiny config, and it builds;
 - each layout's key map saves what it loads, and ``save_pretrained`` / ``from_pretrained``
-  round trips are bit-identical (or the layout refuses to be written with a clear error);
+  round trips are bit-identical (or the layout refuses to be written, with a clear error);
 - ``eqxtl.batched`` (one call on the whole batch) equals ``jax.vmap`` over the examples:
-  loss, outputs, updated state and gradients, in inference and (BatchNorm) training mode;
+  loss, outputs, updated state and gradients (BatchNorm models in training mode, and their
+  inference-mode outputs);
 - ``blocks`` / ``last_blocks`` / ``layer_depths`` / ``layerwise_groups`` / ``param_groups``;
 - ``with_remat`` and ``with_scan``: the same values and gradients, or an ``EqxtlError``
   naming the option where the architecture does not support it;
@@ -41,7 +42,8 @@ SWITCHES = {"remat": eqxtl.with_remat, "scan": eqxtl.with_scan}
 
 def supports(arch, option: str) -> bool:
     """Whether ``arch`` supports ``option`` (``"remat"`` / ``"scan"``): today, whether the
-    switch accepts a model of it."""
+    switch accepts a model of it (the one place to change once ``Architecture`` states it,
+    e.g. ``getattr(arch, f"supports_{option}")``)."""
     try:
         SWITCHES[option](checkpoint.skeleton(arch, TINY_CONFIGS[arch.name]))
     except eqxtl.EqxtlError:
@@ -53,8 +55,8 @@ NAMES = [name for name in ARCHITECTURES if name in TINY_CONFIGS]
 LAYOUTS = [(name, lay.name) for name in NAMES for lay in ARCHITECTURES[name].layouts]
 NUM_CLASSES = 3
 BATCH = 3
-# batched vs vmap: max |Δ| relative to each leaf's largest value; 1e-3 for BatchNorm models
-# (training mode: batch statistics reduced in another order, and divided by)
+# batched vs vmap: max |Δ| relative to each leaf's largest value; BatchNorm models in training
+# mode reduce the batch statistics in another order, and that rounding reaches every gradient
 GRAD_TOL = 1e-4
 GRAD_TOL_BATCHNORM = 1e-3
 SAME_TOL = 1e-5  # remat / scan / merged LoRA: the same computation, reordered at most
@@ -189,7 +191,8 @@ def test_tiny_config_builds(lab, name):
     # in every field the weights hold
     shapes = {k: tuple(v.shape) for k, v in eqxtl.state_dict(model.backbone, state).items()}
     inferred = arch.infer_config(shapes)
-    assert checkpoint.array_shapes(checkpoint.skeleton(arch, inferred)).keys() == shapes.keys()
+    rebuilt = checkpoint.array_shapes(checkpoint.skeleton(arch, inferred))
+    assert {k: tuple(v.shape) for k, v in rebuilt.items()} == shapes
     assert arch.detect(shapes)
 
 
