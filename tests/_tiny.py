@@ -1,11 +1,16 @@
-"""Small real-architecture models for fast tests (same code paths as the full configs)."""
+"""Small real-architecture models for fast tests (same code paths as the full configs).
+
+``TINY_CONFIGS`` has one tiny config per registered architecture, keyed by
+``Architecture.name``: tests/test_architectures.py runs every generic check on each, and
+fails for an architecture that has none here."""
 
 import dataclasses
 
 import numpy as np
 
 from eqxtl.io import checkpoint
-from eqxtl.models import clip, mixer, resnet, siglip
+from eqxtl.models import clip, dinov2, efficientnet, mixer, resnet, siglip, vit
+from eqxtl.models.registry import ARCHITECTURES
 
 TINY_CLIP = dataclasses.replace(
     clip.CLIP_VIT_B32,
@@ -36,12 +41,56 @@ TINY_MIXER = mixer.MixerConfig(
     image_size=32,
     patch_size=8,
 )
+TINY_VIT = vit.ViTConfig(  # with the pooler (transformers' ViTModel default)
+    hidden_size=32,
+    num_hidden_layers=3,  # the last block computes the class token alone: 2 to scan
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=8,
+)
+TINY_DINOV2 = dinov2.Dinov2Config(  # registers and cls+mean: every token reaches the features
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    mlp_ratio=2.0,
+    image_size=28,
+    patch_size=14,
+    num_register_tokens=2,
+    pooling="cls+mean",
+    interpolate_antialias=True,  # what transformers' and timm's register models do
+)
+TINY_EFFICIENTNET = efficientnet.EfficientNetLiteConfig(  # 7 blocks, one per stage
+    width_coefficient=0.25,
+    depth_coefficient=0.1,
+    image_size=32,
+    dropout_rate=0.0,
+    drop_connect_rate=0.0,
+    head_size=32,
+)
+TINY_CONFIGS = {
+    clip.CLIP_VISION.name: dataclasses.replace(  # 3 blocks, as TINY_VIT
+        TINY_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+    ),
+    resnet.RESNET.name: TINY_RESNET,
+    siglip.SIGLIP_VISION.name: TINY_SIGLIP,
+    mixer.MIXER.name: TINY_MIXER,
+    vit.VIT.name: TINY_VIT,
+    dinov2.DINOV2.name: TINY_DINOV2,
+    efficientnet.EFFICIENTNET_LITE.name: TINY_EFFICIENTNET,
+}
+"""``Architecture.name`` -> a tiny config of it."""
+
 TINY = {
     "clip": (clip.CLIP_VISION, TINY_CLIP),
     "resnet": (resnet.RESNET, TINY_RESNET),
     "siglip": (siglip.SIGLIP_VISION, TINY_SIGLIP),
     "mixer": (mixer.MIXER, TINY_MIXER),
+    "vit": (vit.VIT, TINY_VIT),
+    "dinov2": (dinov2.DINOV2, TINY_DINOV2),
+    "efficientnet_lite": (efficientnet.EFFICIENTNET_LITE, TINY_EFFICIENTNET),
 }
+"""Short names (what older tests call ``tiny(...)`` with) -> (architecture, tiny config)."""
 
 
 def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -64,7 +113,11 @@ def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def tiny(arch_name: str, seed: int = 0):
-    """(backbone, state) of a tiny random backbone (a ``TINY`` key) in inference mode."""
-    arch, config = TINY[arch_name]
+def tiny(name: str, seed: int = 0):
+    """(backbone, state) of a tiny random backbone in inference mode; ``name``: a ``TINY``
+    short name or an ``Architecture.name`` (a ``TINY_CONFIGS`` key)."""
+    if name in TINY:
+        arch, config = TINY[name]
+    else:
+        arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
     return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))

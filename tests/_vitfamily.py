@@ -38,32 +38,6 @@ def same_tree(a, b) -> bool:
     return jax.tree.all(jax.tree.map(jnp.array_equal, a, b))
 
 
-def check_blocks(backbone, num_blocks: int) -> None:
-    """last_blocks and layer-wise decay see the backbone's blocks in order."""
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    rules = eqxtl.last_blocks(model, 2)
-    assert rules == [rf"backbone\.encoder\.layer\.{i}" for i in (num_blocks - 2, num_blocks - 1)]
-    spec = eqxtl.trainable(model, "head", *rules)
-    trained = [p for p, on in zip(eqxtl.paths(model), jax.tree.leaves(spec), strict=True) if on]
-    assert trained and all(
-        p.startswith(
-            (
-                "head",
-                f"backbone.encoder.layer.{num_blocks - 2}.",
-                f"backbone.encoder.layer.{num_blocks - 1}.",
-            )
-        )
-        for p in trained
-    )
-    depth_of, n = eqxtl.layer_depths(model)
-    assert n == num_blocks
-    assert depth_of("backbone.embeddings.cls_token") == 0
-    assert depth_of("backbone.encoder.layer.0.attention.attention.query.weight") == 1
-    assert depth_of("head.weight") == num_blocks + 1
-    groups = eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5)
-    assert len(groups) == num_blocks + 2
-
-
 def check_learns(backbone, state, tmp_path) -> float:
     """The quickstart recipe: frozen backbone + new head, ``eqxtl.fit`` on a separable
     colour task (tests/test_fit.py's); returns the test accuracy."""

@@ -385,28 +385,3 @@ def test_input_checks_and_bf16(tiny):
     # The class-token-only last block equals the full one.
     full = jax.jit(jax.vmap(lambda x: model.post_layernorm(model.hidden_states(x)[0])))(x)
     assert max_diff(full, f32) <= 1e-5
-
-
-def test_classifier_head_round_trip(tiny, tmp_path):
-    backbone, state = load(tiny[0]["vision"])
-    # zero_init, then random weights: Classifier(key=jax.random.key(0)) trips on `key or ...`.
-    model = eqxtl.Classifier(backbone, 3, zero_init=True)
-    head = eqx.nn.Linear(backbone.config.hidden_size, 3, key=jax.random.key(0))
-    model = eqx.tree_at(lambda m: m.head, model, head)
-    eqxtl.save_pretrained(model, state, tmp_path)
-    keys = safetensors.numpy.load_file(tmp_path / "model.safetensors").keys()
-    assert {"classifier.weight", "classifier.bias", "vision_model.pre_layrnorm.weight"} <= keys
-    again, _ = eqxtl.from_pretrained(tmp_path, keep_head=True)
-    assert jax.tree.all(jax.tree.map(jnp.array_equal, again, model))
-
-
-def test_batch_native_loss_and_gradients_equal_vmap(tiny):
-    """``eqxtl.batched`` calls CLIP once on the whole batch; the loss and every gradient
-    equal those of the per-example ``jax.vmap`` path."""
-    from tests._batching import assert_batch_native_matches_vmap
-
-    dirs, *_ = tiny
-    backbone, state = load(dirs["vision"])
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (5, 3, 32, 32))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-6))

@@ -11,7 +11,6 @@ from PIL import Image
 
 from eqxtl import (
     CLIP_PREPROCESSING,
-    IMAGENET_PREPROCESSING,
     LITE0_PREPROCESSING,
     ArraySource,
     Augment,
@@ -24,6 +23,7 @@ from eqxtl import (
     preprocess,
     split,
 )
+from eqxtl.models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING
 
 # An identity preprocessing on tiny images: a constant image of value v comes out as v, so a
 # batch tells which source examples it holds.

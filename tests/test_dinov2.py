@@ -1,7 +1,8 @@
 """DINOv2: parity with transformers 5 at DINOv2-S/14 with and without registers (input 224
 against the checkpoints' 518: positions resampled as transformers does), other input sizes,
-timm golden fixtures (plain and no_embed_class registers), save/load in every layout,
-batch-native == vmap, blocks, learnability."""
+timm golden fixtures (plain and no_embed_class registers), save/load in every layout read
+by transformers, learnability. (Batching, blocks, remat / scan, LoRA:
+tests/test_architectures.py.)"""
 
 import os
 
@@ -22,7 +23,7 @@ from eqxtl.errors import CheckpointError
 from eqxtl.io import checkpoint
 from eqxtl.models.dinov2 import DINOV2, DINOV2_S14, Dinov2, Dinov2Config
 from tests._tiny import random_tensors
-from tests._vitfamily import check_blocks, check_learns, perturb, rel_err, same_tree
+from tests._vitfamily import check_learns, perturb, rel_err, same_tree
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4  # transformers parity, relative to the output scale
@@ -141,36 +142,6 @@ def test_save_load_round_trips(tiny, tmp_path):
         assert rel_err(forward(model, state, x), want) <= TOL
         timm_model, _ = eqxtl.from_pretrained(tmp_path / f"timm{registers}")
         assert rel_err(forward(timm_model, state, x), want) <= TOL
-
-
-def test_batch_native_equals_vmap():
-    """With registers and the cls+mean pooling (every token reaches the features), on an
-    input grid other than the positions' (resampled inside the step)."""
-    from tests._batching import assert_batch_native_matches_vmap
-
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-        num_register_tokens=2,
-        pooling="cls+mean",
-    )
-    backbone, state = checkpoint.fill(
-        checkpoint.skeleton(DINOV2, config), random_tensors(DINOV2, config, seed=3)
-    )
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 3, 42, 28))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-6))
-
-
-def test_blocks_and_remat(tiny):
-    backbone, state = eqxtl.from_pretrained(tiny[0][0])
-    check_blocks(backbone, TINY["num_hidden_layers"])
-    x = np.random.default_rng(4).normal(size=(2, 3, 28, 28)).astype(np.float32)
-    remat = eqxtl.with_remat(backbone)
-    np.testing.assert_allclose(forward(remat, state, x), forward(backbone, state, x), atol=1e-6)
 
 
 def test_learns_with_frozen_backbone(tmp_path):

@@ -250,24 +250,3 @@ def test_from_pretrained_and_save_round_trip(loaded, tmp_path):
     again, state3 = eqxtl.from_pretrained(tmp_path, keep_head=True)
     roundtrip = checkpoint.state_dict(again, state3)
     assert all(np.array_equal(roundtrip[k], got[k]) for k in got)
-
-
-@pytest.mark.parametrize("training", [False, True])
-def test_batch_native_equals_vmap(training):
-    """``eqxtl.batched`` calls EfficientNet-Lite once on the whole batch; logits, updated
-    BatchNorm statistics and gradients equal the per-example ``jax.vmap`` path (dropout and
-    stochastic depth off, so that both paths compute the same function)."""
-    from tests._batching import assert_batch_native_matches_vmap
-
-    config = dataclasses.replace(
-        E.EFFICIENTNET_LITE0,
-        width_coefficient=0.25,
-        depth_coefficient=0.5,
-        dropout_rate=0.0,
-        drop_connect_rate=0.0,
-    )
-    backbone, state = eqxtl.from_config(config)
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    model = eqx.nn.inference_mode(model, not training)
-    x = jax.random.normal(jax.random.key(1), (4, 3, 48, 48))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(1e-4, 1e-5), grad_tol=(1e-3, 1e-5))

@@ -1,5 +1,6 @@
 """MLP-Mixer: the timm and vit_jax ``.npz`` golden fixtures (same weights), the fixed input
-size, saving in both layouts, batching, blocks and learnability."""
+size, saving in both layouts with the fixtures' keys, learnability. (Batching, blocks,
+remat, LoRA: tests/test_architectures.py.)"""
 
 import os
 
@@ -16,8 +17,6 @@ from safetensors.numpy import load_file
 
 import eqxtl
 from eqxtl.models.mixer import MixerConfig
-from tests._batching import assert_batch_native_matches_vmap
-from tests._blocks import assert_blocks_work
 from tests._tiny import TINY_MIXER, tiny
 from tests._vitfamily import check_learns, rel_err
 
@@ -107,24 +106,6 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
     np.savez(tmp_path / "pickled.npz", **tensors, meta=np.array([{"a": 1}], dtype=object))
     with pytest.raises(eqxtl.CheckpointError, match="pickled"):
         eqxtl.from_pretrained(tmp_path / "pickled.npz")
-
-
-def test_batch_native_equals_vmap():
-    backbone, state = tiny("mixer")
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-5))
-
-
-def test_blocks_last_blocks_layerwise_and_remat():
-    assert_blocks_work(
-        *tiny("mixer"),
-        jax.random.normal(jax.random.key(2), (2, 3, 32, 32)),
-        ["blocks.0", "blocks.1"],
-        inside="mlp_tokens.fc1.weight",
-        stem="stem.proj.weight",
-        top="norm.bias",
-    )
 
 
 def test_frozen_backbone_learns(tmp_path):

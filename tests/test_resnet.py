@@ -560,18 +560,3 @@ def test_presets_and_hf_configs():
     with pytest.raises(ValueError, match="same length"):
         R.ResNetConfig(depths=(1, 1))
     assert hash(R.ResNetConfig(hidden_sizes=[256, 512, 1024, 2048])) == hash(R.RESNET50)
-
-
-@pytest.mark.parametrize("training", [False, True])
-def test_batch_native_equals_vmap(training):
-    """``eqxtl.batched`` calls ResNet once on the whole batch (BatchNorm reduces over the
-    batch axis itself); outputs, updated BatchNorm statistics and gradients equal the
-    per-example ``jax.vmap`` path."""
-    from tests._batching import assert_batch_native_matches_vmap
-    from tests._tiny import tiny
-
-    backbone, state = tiny("resnet", 0)
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    model = eqx.nn.inference_mode(model, not training)
-    x = jax.random.normal(jax.random.key(1), (5, 3, 40, 40))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-5))

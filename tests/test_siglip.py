@@ -1,6 +1,6 @@
 """SigLIP vision tower: parity with transformers 5 at the real base config, interpolated
 position embeddings, the big_vision ``.npz`` golden fixture, full SiglipModel files, saving,
-batching, blocks and learnability."""
+learnability. (Batching, blocks, remat / scan, LoRA: tests/test_architectures.py.)"""
 
 import os
 
@@ -20,8 +20,6 @@ from skimage import data as skdata
 
 import eqxtl
 from eqxtl.models.siglip import PREPROCESSING, SIGLIP_B16, SiglipVisionConfig
-from tests._batching import assert_batch_native_matches_vmap
-from tests._blocks import assert_blocks_work
 from tests._tiny import tiny
 from tests._vitfamily import check_learns, perturb, rel_err
 
@@ -282,24 +280,6 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
 # --------------------------------------------------------------------------------------
 # Batching, blocks, remat, learnability (tiny random model)
 # --------------------------------------------------------------------------------------
-
-
-def test_batch_native_equals_vmap():
-    backbone, state = tiny("siglip")
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-5))
-
-
-def test_blocks_last_blocks_layerwise_and_remat():
-    assert_blocks_work(
-        *tiny("siglip"),
-        images(32),
-        ["encoder.layers.0", "encoder.layers.1"],
-        inside="self_attn.q_proj.weight",
-        stem="embeddings.position_embedding.weight",
-        top="head.probe",
-    )
 
 
 def test_frozen_backbone_learns(tmp_path):

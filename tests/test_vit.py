@@ -1,6 +1,7 @@
 """ViT: parity with transformers 5 at ViT-B/16, resized position embeddings against
 ``interpolate_pos_encoding=True``, timm and vit_jax (.npz) golden fixtures, save/load in
-every writable layout, batch-native == vmap, blocks, learnability."""
+every writable layout read by transformers, learnability. (Batching, blocks, remat / scan,
+LoRA, layout round trips of every architecture: tests/test_architectures.py.)"""
 
 import os
 
@@ -19,7 +20,7 @@ from eqxtl.errors import CheckpointError
 from eqxtl.io import checkpoint
 from eqxtl.models.vit import VIT, VIT_B16, ViT, ViTConfig
 from tests._tiny import random_tensors
-from tests._vitfamily import check_blocks, check_learns, perturb, rel_err, same_tree
+from tests._vitfamily import check_learns, perturb, rel_err, same_tree
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOL = 1e-4  # transformers parity, relative to the output scale
@@ -141,29 +142,6 @@ def test_save_load_round_trips(tiny, tmp_path):
                 np.testing.assert_array_equal(a, b)
     with pytest.raises(CheckpointError, match="vit_jax"):
         eqxtl.save_pretrained(classifier, state, tmp_path / "npz", layout="vit_jax")
-
-
-def test_batch_native_equals_vmap():
-    from tests._batching import assert_batch_native_matches_vmap
-
-    # the smallest ViT with a pooler (compiling both gradients dominates this test)
-    config = ViTConfig(**{**SMALL, "image_size": 16})
-    backbone, state = checkpoint.fill(
-        checkpoint.skeleton(VIT, config), random_tensors(VIT, config, seed=3)
-    )
-    assert backbone.pooler is not None
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (3, 3, 16, 16))
-    assert_batch_native_matches_vmap(model, state, x, state_tol=(0, 0), grad_tol=(1e-4, 1e-6))
-
-
-def test_blocks_and_remat(tiny):
-    backbone, state = eqxtl.from_pretrained(tiny[0] / "model")
-    check_blocks(backbone, TINY["num_hidden_layers"])
-    x = np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)
-    remat = eqxtl.with_remat(backbone)
-    assert remat.encoder.remat
-    np.testing.assert_allclose(forward(remat, state, x), forward(backbone, state, x), atol=1e-6)
 
 
 def test_learns_with_frozen_backbone(tmp_path):

@@ -1,0 +1,418 @@
+"""Generic checks of every registered architecture (``eqxtl.ARCHITECTURES``), on the tiny
+configs of tests/_tiny.py (``TINY_CONFIGS``, keyed by ``Architecture.name``):
+
+- every architecture has a tiny config, and it builds;
+- each layout's key map saves what it loads, and ``save_pretrained`` / ``from_pretrained``
+  round trips are bit-identical (or the layout refuses to be written, with a clear error);
+- ``eqxtl.batched`` (one call on the whole batch) equals ``jax.vmap`` over the examples:
+  loss, outputs, updated state and gradients (BatchNorm models in training mode, and their
+  inference-mode outputs);
+- ``blocks`` / ``last_blocks`` / ``layer_depths`` / ``layerwise_groups`` / ``param_groups``;
+- ``with_remat`` and ``with_scan``: the same values and gradients, or an ``EqxtlError``
+  naming the option where the architecture does not support it;
+- LoRA on the architecture's ``linear_types``: unchanged at init, merged == unmerged;
+- ``preprocessing_for``.
+
+Parity with the reference implementations (transformers, timm, open_clip, big_vision)
+stays in the per-family modules. Compile cost dominates on CPU: each architecture's model
+is built once per module, and each compiled computation (forward + gradient of one path)
+runs once and is shared by the tests that compare against it.
+"""
+
+import filecmp
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from eqxtl._util.pytree_paths import map_with_path
+from eqxtl.io import checkpoint
+from eqxtl.models.registry import ARCHITECTURES, architecture_of
+from eqxtl.tuning.adapters import _layers
+from eqxtl.tuning.filters import _zip_spec
+from tests._tiny import TINY_CONFIGS, tiny
+
+SWITCHES = {"remat": eqxtl.with_remat, "scan": eqxtl.with_scan}
+
+
+def supports(arch, option: str) -> bool:
+    """Whether ``arch`` supports ``option`` (``"remat"`` / ``"scan"``): today, whether the
+    switch accepts a model of it (the one place to change once ``Architecture`` states it,
+    e.g. ``getattr(arch, f"supports_{option}")``)."""
+    try:
+        SWITCHES[option](checkpoint.skeleton(arch, TINY_CONFIGS[arch.name]))
+    except eqxtl.EqxtlError:
+        return False
+    return True
+
+
+NAMES = [name for name in ARCHITECTURES if name in TINY_CONFIGS]
+LAYOUTS = [(name, lay.name) for name in NAMES for lay in ARCHITECTURES[name].layouts]
+NUM_CLASSES = 3
+BATCH = 3
+# batched vs vmap: max |Δ| relative to each leaf's largest value; BatchNorm models in training
+# mode reduce the batch statistics in another order, and that rounding reaches every gradient
+GRAD_TOL = 1e-4
+GRAD_TOL_BATCHNORM = 1e-3
+SAME_TOL = 1e-5  # remat / scan / merged LoRA: the same computation, reordered at most
+# EfficientNet-Lite's default preprocessing is Lite0's (224) whatever image_size says.
+CROP_NOT_FROM_CONFIG = {"efficientnet_lite"}
+
+
+def image_side(config) -> tuple[int, int] | None:
+    size = getattr(config, "image_size", None)
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def has_state(state) -> bool:
+    """Whether the model keeps state (BatchNorm running statistics)."""
+    return bool(jax.tree.leaves(state))
+
+
+def clone(state):  # eqx.nn.State is single-use: each call gets its own
+    return jax.tree.unflatten(*reversed(jax.tree.flatten(state)))
+
+
+def _loss(model, state, x, labels, how):
+    if how == "vmap":
+        fn = lambda xi: model(xi, state)  # noqa: E731
+        out, new_state = jax.vmap(fn, axis_name="batch", out_axes=(0, None))(x)
+    else:
+        out, new_state = eqxtl.batched(model)(x, state)
+    loss = -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(x.shape[0]), labels])
+    return loss, (out, new_state)
+
+
+# one compiled forward + gradient per (model structure, path), shared by every test
+_value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_loss, has_aux=True))
+
+
+@eqx.filter_jit
+def _forward(model, state, x, how="batched"):
+    return _loss(model, state, x, jnp.zeros(x.shape[0], int), how)[1][0]
+
+
+class Lab:
+    """Each architecture's tiny Classifier, input batch and gradient results, built once."""
+
+    def __init__(self):
+        self._models, self._results = {}, {}
+
+    def model(self, name):
+        """``(arch, config, classifier, state, x)``, in inference mode."""
+        if name not in self._models:
+            arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
+            backbone, state = tiny(name, seed=1)
+            model = eqxtl.Classifier(backbone, NUM_CLASSES, key=jax.random.key(0))
+            h, w = image_side(config) or (32, 32)
+            channels = getattr(config, "num_channels", 3)
+            x = np.random.default_rng(2).normal(size=(BATCH, channels, h, w))
+            self._models[name] = arch, config, model, state, jnp.asarray(x, jnp.float32)
+        return self._models[name]
+
+    def result(self, name, how="batched", option=None):
+        """``(loss, (outputs, new state), gradients)`` of the classification loss; models
+        with state (BatchNorm) in training mode."""
+        key = name, how, option
+        if key not in self._results:
+            _, _, model, state, x = self.model(name)
+            model = eqx.nn.inference_mode(model, not has_state(state))
+            if option is not None:
+                model = SWITCHES[option](model)
+            labels = jnp.arange(BATCH) % NUM_CLASSES
+            (loss, aux), grads = _value_and_grad(model, clone(state), x, labels, how)
+            self._results[key] = loss, aux, grads
+        return self._results[key]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    return Lab()
+
+
+def trained(model, spec) -> set[str]:
+    return {path for path, _, on in _zip_spec(model, spec) if on}
+
+
+def assert_trees_close(got, want, tol, what):
+    """Leaf by leaf: ``max |got - want| <= tol * max |want|``, with ``max |want|`` at least
+    1e-2 of the whole tree's (a gradient that is zero in exact arithmetic, e.g. of an
+    attention key bias, is float noise either way)."""
+    got_leaves = jax.tree.leaves_with_path(eqx.filter(got, eqx.is_array))
+    want_leaves = [
+        np.asarray(b, np.float64) for b in jax.tree.leaves(eqx.filter(want, eqx.is_array))
+    ]
+    assert len(got_leaves) == len(want_leaves), what
+    floor = 1e-2 * max((float(np.max(np.abs(b), initial=0.0)) for b in want_leaves), default=0)
+    for (path, a), b in zip(got_leaves, want_leaves, strict=True):
+        a = np.asarray(a, np.float64)
+        assert a.shape == b.shape, (what, jax.tree_util.keystr(path))
+        err = float(np.max(np.abs(a - b), initial=0.0))
+        scale = max(float(np.max(np.abs(b), initial=0.0)), floor)
+        assert err <= tol * scale, f"{what} {jax.tree_util.keystr(path)}: {err:.2e} / {scale:.2e}"
+
+
+def flags(model, option: str) -> list[bool]:
+    """The ``option`` flag of every module that has one."""
+    found = jax.tree.leaves(model, is_leaf=lambda x: hasattr(x, option))
+    return [getattr(m, option) for m in found if hasattr(m, option)]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_every_architecture_has_a_tiny_config():
+    missing = sorted(set(ARCHITECTURES) - set(TINY_CONFIGS))
+    assert not missing, (
+        f"architectures without a tiny config in tests/_tiny.py TINY_CONFIGS: {missing} "
+        "(add one: every generic check runs on it)"
+    )
+    stale = sorted(set(TINY_CONFIGS) - set(ARCHITECTURES))
+    assert not stale, f"TINY_CONFIGS names no registered architecture: {stale}"
+    for name, config in TINY_CONFIGS.items():
+        assert isinstance(config, ARCHITECTURES[name].config_cls), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_config_builds(lab, name):
+    arch, config, model, state, x = lab.model(name)
+    assert architecture_of(model.backbone) is arch
+    assert model.backbone.config == config
+    features = eqx.filter_eval_shape(lambda m: eqxtl.batched(m)(x, state)[0], model.backbone)
+    assert features.shape == (BATCH, arch.feature_dim(config))
+    # the shapes alone tell the config back (what a bare weights file relies on), at least
+    # in every field the weights hold
+    shapes = {k: tuple(v.shape) for k, v in eqxtl.state_dict(model.backbone, state).items()}
+    inferred = arch.infer_config(shapes)
+    rebuilt = checkpoint.array_shapes(checkpoint.skeleton(arch, inferred))
+    assert {k: tuple(v.shape) for k, v in rebuilt.items()} == shapes
+    assert arch.detect(shapes)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _canonical(model, state, with_head: bool) -> dict[str, np.ndarray]:
+    out = {k: np.asarray(v) for k, v in eqxtl.state_dict(model.backbone, state).items()}
+    if with_head:
+        out.update({f"head.{k}": np.asarray(v) for k, v in eqxtl.state_dict(model.head).items()})
+    return out
+
+
+def _identical(got: dict, want: dict, what: str) -> bool:
+    """Whether two tensor dicts are bit-identical (the same keys asserted)."""
+    assert got.keys() == want.keys(), what
+    return all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
+
+
+@pytest.mark.filterwarnings("ignore:.*is not stored in the weights")
+@pytest.mark.parametrize("name, layout", LAYOUTS)
+def test_layout_saves_what_it_loads(lab, name, layout, tmp_path):
+    """The layout's key map, with and without a head: ``load(save(x)) == x`` bit for bit
+    (or, for a layout that rewrites tensors on save, e.g. DINOv2's timm layout folding the
+    class position into ``cls_token``: ``save(load(f)) == f`` and the same outputs). The
+    default layout writes every architecture; another may refuse, with a CheckpointError
+    naming it. Then through the files: ``save_pretrained`` -> ``from_pretrained`` of a
+    Classifier, the layout recognised from the files alone."""
+    arch, config, model, state, x = lab.model(name)
+    lay = arch.layout(layout)
+    writes = {}
+    for with_head in (False, True):
+        tensors = _canonical(model, state, with_head)
+        try:
+            saved = lay.keys.save(tensors, with_head)
+        except (KeyError, ValueError):
+            assert lay is not arch.layouts[0], f"the default layout must write {name}"
+            writes[with_head] = False
+            out = tmp_path / f"refused{with_head}"
+            with pytest.raises(eqxtl.CheckpointError, match=layout):
+                eqxtl.save_pretrained(
+                    model if with_head else model.backbone, state, out, layout=layout
+                )
+            assert not out.exists()
+            continue
+        writes[with_head] = True
+        plan = lay.keys.plan(saved)
+        assert plan.unexplained == (), (layout, plan.unexplained)
+        loaded = {k: r.read(saved) for k, r in plan.recipes.items()}
+        if not _identical(loaded, tensors, layout):
+            assert _identical(lay.keys.save(loaded, with_head), saved, f"{layout} fixed point")
+        assert arch.detect({k: v.shape for k, v in saved.items()})
+
+    if not writes[True]:
+        return  # checked above: the layout refuses the Classifier
+    eqxtl.save_pretrained(model, state, tmp_path / "a", layout=layout)
+    # the user's choices (e.g. DINOv2's pooling) are arguments where a layout cannot state them
+    choices = {field: getattr(config, field) for field in arch.choices}
+    again, again_state = eqxtl.from_pretrained(tmp_path / "a", keep_head=True, **choices)
+    assert architecture_of(again.backbone) is arch
+    if not _identical(_canonical(again, again_state, True), _canonical(model, state, True), layout):
+        want = _forward(model, state, x)
+        assert_trees_close(_forward(again, again_state, x), want, SAME_TOL, layout)
+        eqxtl.save_pretrained(again, again_state, tmp_path / "b", layout=layout)
+        files = sorted(p.name for p in (tmp_path / "a").iterdir())
+        assert filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)[0] == files
+    if lay is arch.layouts[0]:  # the library's own files state the whole config
+        again, _ = eqxtl.from_pretrained(tmp_path / "a", keep_head=True)
+        assert again.backbone.config == config
+        assert eqxtl.preprocessing_for(again) == eqxtl.preprocessing_for(model)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_equals_vmap(lab, name):
+    """``eqxtl.batched`` against ``jax.vmap`` over the examples: loss, outputs, updated state
+    and every gradient (BatchNorm models in training mode: statistics over the batch; and
+    their inference-mode outputs)."""
+    _, _, model, state, x = lab.model(name)
+    tol = GRAD_TOL_BATCHNORM if has_state(state) else GRAD_TOL
+    loss, (out, new_state), grads = lab.result(name, "batched")
+    want_loss, (want_out, want_state), want_grads = lab.result(name, "vmap")
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=name)
+    assert_trees_close(out, want_out, tol, f"{name} outputs")
+    assert_trees_close(new_state, want_state, tol, f"{name} state")
+    assert_trees_close(grads, want_grads, tol, f"{name} gradients")
+    assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+    if has_state(state):  # the running statistics moved
+        before, after = jax.tree.leaves(state), jax.tree.leaves(new_state)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+        got, want = (_forward(model, state, x, how) for how in ("batched", "vmap"))
+        assert_trees_close(got, want, tol, f"{name} inference-mode outputs")
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_blocks_last_blocks_and_layerwise_groups(lab, name):
+    arch, _, model, _, _ = lab.model(name)
+    blocks = eqxtl.blocks(model)
+    assert len(blocks) >= 2 and len(set(blocks)) == len(blocks)
+    assert all(re.fullmatch(rf"backbone\.(?:{arch.blocks})", b) for b in blocks), blocks
+    paths = eqxtl.paths(model)
+
+    def block_index(path):
+        return next((i for i, b in enumerate(blocks) if path.startswith(b + ".")), None)
+
+    # blocks in forward order = the order their leaves appear; nothing between them
+    inside = [block_index(p) for p in paths]
+    first = next(i for i, b in enumerate(inside) if b is not None)
+    last = max(i for i, b in enumerate(inside) if b is not None)
+    assert inside[first : last + 1] == sorted(inside[first : last + 1])
+    assert None not in inside[first : last + 1]
+
+    rules = eqxtl.last_blocks(model, 1)
+    assert rules == [re.escape(blocks[-1])]
+    spec = eqxtl.trainable(model, "head", *rules)
+    assert trained(model, spec) == {p for p in paths if p.startswith(("head.", blocks[-1] + "."))}
+
+    depth_of, n = eqxtl.layer_depths(model)
+    assert n == len(blocks)
+    for i, path in enumerate(paths):
+        b = inside[i]
+        want = b + 1 if b is not None else (0 if i < first else n + 1)
+        assert depth_of(path) == want, path
+
+    # layer-wise decay: an SGD step of gradient 1 moves each leaf by its group's rate
+    groups = eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5)
+    assert len(groups) == n + 2
+    spec, optimizer = eqxtl.param_groups(model, groups)
+    params = eqx.filter(model, spec)
+    update = jax.jit(lambda p: optimizer.update(jax.tree.map(jnp.ones_like, p), optimizer.init(p)))
+    updates = jax.tree.leaves(update(params)[0])
+    on = [p for p, _, flag in _zip_spec(model, spec) if flag]
+    assert len(on) == len(updates)
+    for path, u in zip(on, updates, strict=True):
+        np.testing.assert_allclose(u, -(0.5 ** (n + 1 - depth_of(path))), err_msg=path)
+
+
+# --------------------------------------------------------------------------- remat, scan
+
+
+@pytest.mark.parametrize("option", ["remat", "scan"])
+@pytest.mark.parametrize("name", NAMES)
+def test_remat_and_scan_change_nothing_or_are_refused(lab, name, option):
+    """Values, outputs, state and gradients as the plain model's (BatchNorm models in
+    training mode); the same pytree, arrays shared; the option reaches the compiled code.
+    An architecture without the option: an EqxtlError naming it."""
+    arch, _, model, state, x = lab.model(name)
+    switch = SWITCHES[option]
+    if not supports(arch, option):
+        with pytest.raises(eqxtl.EqxtlError, match=option):
+            switch(model)
+        return
+    on = switch(model)
+    assert eqxtl.paths(on) == eqxtl.paths(model)
+    arrays = [jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (model, on)]
+    assert all(a is b for a, b in zip(*arrays, strict=True))
+    assert all(flags(on, option)) and not any(flags(switch(on, False), option))
+    assert flags(model, option) and not any(flags(model, option))  # the original untouched
+    jaxpr = str(eqx.filter_make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(on)[0])
+    assert ("checkpoint" in jaxpr or "remat" in jaxpr) if option == "remat" else "scan" in jaxpr
+
+    loss, (out, new_state), grads = lab.result(name, "batched", option)
+    want_loss, (want_out, want_state), want_grads = lab.result(name, "batched")
+    what = f"{name} {option}"
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=what)
+    assert_trees_close(out, want_out, SAME_TOL, f"{what} outputs")
+    assert_trees_close(new_state, want_state, SAME_TOL, f"{what} state")
+    assert_trees_close(grads, want_grads, SAME_TOL, f"{what} gradients")
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_on_the_linear_types(lab, name):
+    """LoRA on every layer of the architecture's ``linear_types``: outputs unchanged at init
+    (B = 0); with B perturbed, the merged plain model gives the adapted outputs."""
+    arch, _, model, state, x = lab.model(name)
+    targets = set(eqxtl.adapter_targets(model.backbone))
+    layers = [layer for p, layer in _layers(model.backbone) if p in targets]
+    types = [t for t in arch.linear_types if any(isinstance(layer, t) for layer in layers)]
+    adapted = eqxtl.lora(model, types, rank=2, key=jax.random.key(0))
+    paths = eqxtl.paths(adapted)
+    adapted_layers = {p.removesuffix(".lora_a") for p in paths if p.endswith(".lora_a")}
+    # the linear types cover every layer LoRA can adapt in the backbone
+    assert {f"backbone.{p}" for p in targets} <= adapted_layers
+    assert adapted_layers - {f"backbone.{p}" for p in targets} <= {"head"}
+    assert trained(adapted, eqxtl.lora_spec(adapted)) == {p for p in paths if ".lora_" in p}
+
+    plain = _forward(model, state, x)  # the adapted forward adds B (A x) = 0: rounding only
+    assert_trees_close(_forward(adapted, state, x), plain, 1e-6, f"{name} LoRA at init")
+
+    rng = np.random.default_rng(3)  # in numpy: eager jnp ops compile once per shape
+    adapted = map_with_path(
+        lambda p, v: (
+            jnp.asarray(0.1 * rng.normal(size=v.shape), v.dtype) if p.endswith("lora_b") else v
+        ),
+        adapted,
+    )
+    want = _forward(adapted, state, x)
+    assert float(jnp.max(jnp.abs(want - plain))) > 1e-3 * float(jnp.max(jnp.abs(plain)))
+    merged = eqxtl.merge_lora(adapted)
+    assert jax.tree.structure(merged) == jax.tree.structure(model)  # a plain model again
+    assert_trees_close(_forward(merged, state, x), want, SAME_TOL, f"{name} merged")
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_preprocessing_for(lab, name):
+    arch, config, model, _, _ = lab.model(name)
+    pre = eqxtl.preprocessing_for(model)
+    assert pre == eqxtl.preprocessing_for(model.backbone) == arch.preprocessing(config)
+    side = image_side(config)
+    if side is not None and name not in CROP_NOT_FROM_CONFIG:
+        assert pre.crop == side[0]
+    assert pre.resize >= pre.crop
