@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 
 from eqxtl.io import checkpoint
-from eqxtl.models import clip, dinov2, efficientnet, mixer, resnet, siglip, vit
+from eqxtl.models import clip, clip_text, dinov2, efficientnet, mixer, resnet, siglip, vit
 from eqxtl.models.registry import ARCHITECTURES
 
 TINY_CLIP = dataclasses.replace(
@@ -68,10 +68,27 @@ TINY_EFFICIENTNET = efficientnet.EfficientNetLiteConfig(  # 7 blocks, one per st
     drop_connect_rate=0.0,
     head_size=32,
 )
-TINY_CONFIGS = {
-    clip.CLIP_VISION.name: dataclasses.replace(  # 3 blocks, as TINY_VIT
-        TINY_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+TINY_CLIP_VISION = dataclasses.replace(  # 3 blocks, as TINY_VIT
+    TINY_CLIP, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2
+)
+TINY_CLIP_TWO_TOWERS = clip_text.CLIPConfig(
+    vision_config=dataclasses.replace(TINY_CLIP_VISION, projection_dim=16),
+    text_config=clip_text.CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        projection_dim=16,
+        pad_token_id=1,
+        bos_token_id=62,
+        eos_token_id=63,
     ),
+)
+TINY_CONFIGS = {
+    clip.CLIP_VISION.name: TINY_CLIP_VISION,
+    clip_text.CLIP_MODEL.name: TINY_CLIP_TWO_TOWERS,
     resnet.RESNET.name: TINY_RESNET,
     siglip.SIGLIP_VISION.name: TINY_SIGLIP,
     mixer.MIXER.name: TINY_MIXER,
@@ -115,9 +132,15 @@ def random_tensors(arch, config, seed: int = 0) -> dict[str, np.ndarray]:
 
 def tiny(name: str, seed: int = 0):
     """(backbone, state) of a tiny random backbone in inference mode; ``name``: a ``TINY``
-    short name or an ``Architecture.name`` (a ``TINY_CONFIGS`` key)."""
+    short name (``"clip"``: the vision tower) or else an ``Architecture.name``."""
     if name in TINY:
         arch, config = TINY[name]
     else:
         arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
+    return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))
+
+
+def tiny_architecture(name: str, seed: int = 0):
+    """(model, state) of ``ARCHITECTURES[name]`` at its ``TINY_CONFIGS`` config."""
+    arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
     return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))

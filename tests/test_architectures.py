@@ -33,26 +33,26 @@ import eqxtl
 from eqxtl._util.pytree_paths import map_with_path
 from eqxtl.io import checkpoint
 from eqxtl.models.registry import ARCHITECTURES, architecture_of
-from eqxtl.tuning.adapters import _layers
+from eqxtl.tuning.adapters.inject import adapter_targets, all_layers
 from eqxtl.tuning.filters import _zip_spec
-from tests._tiny import TINY_CONFIGS, tiny
+from tests._tiny import TINY_CONFIGS, tiny_architecture
 
 SWITCHES = {"remat": eqxtl.with_remat, "scan": eqxtl.with_scan}
 
 
 def supports(arch, option: str) -> bool:
-    """Whether ``arch`` supports ``option`` (``"remat"`` / ``"scan"``): today, whether the
-    switch accepts a model of it (the one place to change once ``Architecture`` states it,
-    e.g. ``getattr(arch, f"supports_{option}")``)."""
-    try:
-        SWITCHES[option](checkpoint.skeleton(arch, TINY_CONFIGS[arch.name]))
-    except eqxtl.EqxtlError:
-        return False
-    return True
+    """Whether ``arch`` states that it supports ``option`` (``"remat"`` / ``"scan"``)."""
+    return getattr(arch, f"supports_{option}")
 
 
-NAMES = [name for name in ARCHITECTURES if name in TINY_CONFIGS]
+def _named(towers: str) -> list[str]:
+    return [n for n, a in ARCHITECTURES.items() if a.towers == towers and n in TINY_CONFIGS]
+
+
+NAMES = _named("vision")  # backbones: (x, state) -> (features, state), under a Classifier
+TWO_TOWERS = _named("both")  # image-text models: (images, input_ids) -> logits
 LAYOUTS = [(name, lay.name) for name in NAMES for lay in ARCHITECTURES[name].layouts]
+TWO_TOWER_LAYOUTS = [(n, lay.name) for n in TWO_TOWERS for lay in ARCHITECTURES[n].layouts]
 NUM_CLASSES = 3
 BATCH = 3
 # batched vs vmap: max |Δ| relative to each leaf's largest value; BatchNorm models in training
@@ -109,7 +109,7 @@ class Lab:
         """``(arch, config, classifier, state, x)``, in inference mode."""
         if name not in self._models:
             arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
-            backbone, state = tiny(name, seed=1)
+            backbone, state = tiny_architecture(name, seed=1)
             model = eqxtl.Classifier(backbone, NUM_CLASSES, key=jax.random.key(0))
             h, w = image_side(config) or (32, 32)
             channels = getattr(config, "num_channels", 3)
@@ -295,9 +295,15 @@ def test_batched_equals_vmap(lab, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_blocks_last_blocks_and_layerwise_groups(lab, name):
     arch, _, model, _, _ = lab.model(name)
+    check_blocks(model, arch, prefix="backbone.", head=("head",))
+
+
+def check_blocks(model, arch, *, prefix: str, head: tuple[str, ...]):
+    """``blocks`` in forward order, ``last_blocks(model, 1)`` trains the last one (and
+    ``head``), ``layer_depths`` and the rates of ``layerwise_groups``."""
     blocks = eqxtl.blocks(model)
     assert len(blocks) >= 2 and len(set(blocks)) == len(blocks)
-    assert all(re.fullmatch(rf"backbone\.(?:{arch.blocks})", b) for b in blocks), blocks
+    assert all(re.fullmatch(rf"{re.escape(prefix)}(?:{arch.blocks})", b) for b in blocks), blocks
     paths = eqxtl.paths(model)
 
     def block_index(path):
@@ -312,8 +318,9 @@ def test_blocks_last_blocks_and_layerwise_groups(lab, name):
 
     rules = eqxtl.last_blocks(model, 1)
     assert rules == [re.escape(blocks[-1])]
-    spec = eqxtl.trainable(model, "head", *rules)
-    assert trained(model, spec) == {p for p in paths if p.startswith(("head.", blocks[-1] + "."))}
+    spec = eqxtl.trainable(model, *head, *rules)
+    starts = tuple(f"{h}." for h in head) + (blocks[-1] + ".",)
+    assert trained(model, spec) == {p for p in paths if p.startswith(starts)}
 
     depth_of, n = eqxtl.layer_depths(model)
     assert n == len(blocks)
@@ -376,8 +383,8 @@ def test_lora_on_the_linear_types(lab, name):
     """LoRA on every layer of the architecture's ``linear_types``: outputs unchanged at init
     (B = 0); with B perturbed, the merged plain model gives the adapted outputs."""
     arch, _, model, state, x = lab.model(name)
-    targets = set(eqxtl.adapter_targets(model.backbone))
-    layers = [layer for p, layer in _layers(model.backbone) if p in targets]
+    targets = set(adapter_targets(model.backbone))
+    layers = [layer for p, layer in all_layers(model.backbone) if p in targets]
     types = [t for t in arch.linear_types if any(isinstance(layer, t) for layer in layers)]
     adapted = eqxtl.lora(model, types, rank=2, key=jax.random.key(0))
     paths = eqxtl.paths(adapted)
@@ -416,3 +423,119 @@ def test_preprocessing_for(lab, name):
     if side is not None and name not in CROP_NOT_FROM_CONFIG:
         assert pre.crop == side[0]
     assert pre.resize >= pre.crop
+
+
+# --------------------------------------------------------------------------- two towers
+# Image-text models (``towers == "both"``): the same checks on the whole model, whose call is
+# ``(images (B, C, H, W), input_ids (T, n)) -> logits (B, T)``.
+
+
+@pytest.fixture(scope="module")
+def two_towers():
+    """``{name: (arch, config, model, images, input_ids)}``, built once."""
+    out = {}
+    for name in TWO_TOWERS:
+        arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
+        model, _ = tiny_architecture(name, seed=1)
+        h, w = image_side(config.vision_config)
+        rng = np.random.default_rng(2)
+        images = jnp.asarray(rng.normal(size=(BATCH, 3, h, w)), jnp.float32)
+        text = config.text_config
+        ids = rng.integers(3, text.vocab_size - 2, size=(2, text.max_position_embeddings))
+        ids[:, 0], ids[:, -1] = text.bos_token_id, text.eos_token_id
+        out[name] = arch, config, model, images, jnp.asarray(ids, jnp.int32)
+    return out
+
+
+@eqx.filter_jit
+def _logits_and_grads(model, images, ids):
+    def loss(m):
+        logits = m(images, ids)
+        return jnp.mean(jax.nn.log_softmax(logits)[:, 0]), logits
+
+    return eqx.filter_value_and_grad(loss, has_aux=True)(model)
+
+
+@pytest.mark.parametrize("name", TWO_TOWERS)
+def test_two_towers_build(two_towers, name):
+    arch, config, model, images, ids = two_towers[name]
+    assert architecture_of(model) is arch and model.config == config
+    logits = eqx.filter_eval_shape(lambda m: m(images, ids), model)
+    assert logits.shape == (BATCH, ids.shape[0])
+    assert arch.feature_dim(config) == config.projection_dim
+    shapes = {k: tuple(v.shape) for k, v in eqxtl.state_dict(model).items()}
+    rebuilt = checkpoint.array_shapes(checkpoint.skeleton(arch, arch.infer_config(shapes)))
+    assert {k: tuple(v.shape) for k, v in rebuilt.items()} == shapes
+    assert eqxtl.preprocessing_for(model) == arch.preprocessing(config)
+    assert eqxtl.preprocessing_for(model).crop == image_side(config.vision_config)[0]
+
+
+@pytest.mark.parametrize("name, layout", TWO_TOWER_LAYOUTS)
+def test_two_towers_layout_saves_what_it_loads(two_towers, name, layout, tmp_path):
+    """The key map gives back what it saved, bit for bit; ``save_pretrained`` ->
+    ``from_pretrained(towers="both")`` gives the same weights and config back."""
+    arch, config, model, _, _ = two_towers[name]
+    lay = arch.layout(layout)
+    tensors = {k: np.asarray(v) for k, v in eqxtl.state_dict(model).items()}
+    saved = lay.keys.save(tensors, False)
+    plan = lay.keys.plan(saved)
+    assert plan.unexplained == (), (layout, plan.unexplained)
+    assert _identical({k: r.read(saved) for k, r in plan.recipes.items()}, tensors, layout)
+    eqxtl.save_pretrained(model, eqx.nn.State(model), tmp_path / "a", layout=layout)
+    again, _ = eqxtl.from_pretrained(tmp_path / "a", towers="both")
+    assert architecture_of(again) is arch
+    got = {k: np.asarray(v) for k, v in eqxtl.state_dict(again).items()}
+    assert _identical(got, tensors, layout)
+    if lay is arch.layouts[0]:  # the library's own files state the whole config
+        assert again.config == config
+
+
+@pytest.mark.parametrize("name", TWO_TOWERS)
+def test_two_towers_blocks_and_layerwise_groups(two_towers, name):
+    arch, _, model, _, _ = two_towers[name]
+    check_blocks(model, arch, prefix="", head=())
+
+
+@pytest.mark.parametrize("option", ["remat", "scan"])
+@pytest.mark.parametrize("name", TWO_TOWERS)
+def test_two_towers_remat_and_scan(two_towers, name, option):
+    arch, _, model, images, ids = two_towers[name]
+    switch = SWITCHES[option]
+    if not supports(arch, option):
+        with pytest.raises(eqxtl.EqxtlError, match=option):
+            switch(model)
+        return
+    on = switch(model)
+    assert eqxtl.paths(on) == eqxtl.paths(model)
+    assert all(flags(on, option)) and not any(flags(model, option))
+    (loss, logits), grads = _logits_and_grads(model, images, ids)
+    (loss_on, logits_on), grads_on = _logits_and_grads(on, images, ids)
+    np.testing.assert_allclose(loss_on, loss, rtol=1e-6)
+    assert_trees_close(logits_on, logits, SAME_TOL, f"{name} {option} logits")
+    assert_trees_close(grads_on, grads, SAME_TOL, f"{name} {option} gradients")
+
+
+@pytest.mark.parametrize("name", TWO_TOWERS)
+def test_two_towers_lora(two_towers, name):
+    """LoRA on the architecture's ``lora_types``, in both towers: logits unchanged at init;
+    with B perturbed, the merged plain model gives the adapted logits."""
+    arch, _, model, images, ids = two_towers[name]
+    forward = eqx.filter_jit(lambda m: m(images, ids))
+    adapted = eqxtl.lora(model, arch.lora_types, rank=2, key=jax.random.key(0))
+    paths = eqxtl.paths(adapted)
+    towers = {p.split(".")[0] for p in paths if p.endswith(".lora_a")}
+    assert {"vision_model", "text_model"} <= towers
+    plain = forward(model)
+    assert_trees_close(forward(adapted), plain, 1e-6, f"{name} LoRA at init")
+    rng = np.random.default_rng(3)
+    adapted = map_with_path(
+        lambda p, v: (
+            jnp.asarray(0.1 * rng.normal(size=v.shape), v.dtype) if p.endswith("lora_b") else v
+        ),
+        adapted,
+    )
+    want = forward(adapted)
+    assert float(jnp.max(jnp.abs(want - plain))) > 1e-3 * float(jnp.max(jnp.abs(plain)))
+    merged = eqxtl.merge_lora(adapted)
+    assert jax.tree.structure(merged) == jax.tree.structure(model)
+    assert_trees_close(forward(merged), want, SAME_TOL, f"{name} merged")
