@@ -60,8 +60,6 @@ BATCH = 3
 GRAD_TOL = 1e-4
 GRAD_TOL_BATCHNORM = 1e-3
 SAME_TOL = 1e-5  # remat / scan / merged LoRA: the same computation, reordered at most
-# EfficientNet-Lite's default preprocessing is Lite0's (224) whatever image_size says.
-CROP_NOT_FROM_CONFIG = {"efficientnet_lite"}
 
 
 def image_side(config) -> tuple[int, int] | None:
@@ -420,7 +418,7 @@ def test_preprocessing_for(lab, name):
     pre = eqxtl.preprocessing_for(model)
     assert pre == eqxtl.preprocessing_for(model.backbone) == arch.preprocessing(config)
     side = image_side(config)
-    if side is not None and name not in CROP_NOT_FROM_CONFIG:
+    if side is not None:
         assert pre.crop == side[0]
     assert pre.resize >= pre.crop
 

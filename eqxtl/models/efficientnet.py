@@ -414,7 +414,7 @@ EFFICIENTNET_LITE = Architecture(
     ),
     infer_config=infer_config,
     feature_dim=lambda config: config.head_size,
-    preprocessing=lambda config: PREPROCESSING,
+    preprocessing=lambda config: PREPROCESSING.at_size(config.image_size),
     blocks=r"_blocks\.\d+",
     norm_types=(BatchNorm,),
     linear_types=(Conv2d,),
