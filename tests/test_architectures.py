@@ -247,6 +247,12 @@ def test_layout_saves_what_it_loads(lab, name, layout, tmp_path):
     if not writes[True]:
         return  # checked above: the layout refuses the Classifier
     eqxtl.save_pretrained(model, state, tmp_path / "a", layout=layout)
+    try:  # without the user's choices: a model that runs, or refused at load (never later)
+        bare, bare_state = eqxtl.from_pretrained(tmp_path / "a", keep_head=True)
+    except eqxtl.CheckpointError as e:
+        assert "head" in str(e)
+    else:
+        eqx.filter_eval_shape(lambda m: eqxtl.batched(m)(x, bare_state)[0], bare)
     # the user's choices (e.g. DINOv2's pooling) are arguments where a layout cannot state them
     choices = {field: getattr(config, field) for field in arch.choices}
     again, again_state = eqxtl.from_pretrained(tmp_path / "a", keep_head=True, **choices)

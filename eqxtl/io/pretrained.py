@@ -442,7 +442,10 @@ def _with_head(backbone, state, canonical: Lazy, meta, where: str, source: str, 
     flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
     if labels.written_by_eqxtl(hf_config):  # class names, training preprocessing
         flags = {**flags, **labels.training_info(hf_config, source)}
-    return Classifier(backbone, head=head, **flags), state  # flags: e.g. a zero-shot head's
+    try:  # flags: e.g. a zero-shot head's
+        return Classifier(backbone, head=head, **flags), state
+    except ValueError as e:  # a head that does not fit the backbone as built
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 _HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normalize=)

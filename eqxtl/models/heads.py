@@ -71,6 +71,7 @@ class Classifier(eqx.Module):
         self.preprocessing = preprocessing
         if head is not None:
             self.head = head
+            self._check_width(backbone, head, project)
             self._check_names()
             return
         if num_classes is None or num_classes < 1:
@@ -89,6 +90,17 @@ class Classifier(eqx.Module):
             )
         self.head = linear
         self._check_names()
+
+    @staticmethod
+    def _check_width(backbone, head, project: bool) -> None:
+        width = backbone.config.projection_dim if project else feature_dim(backbone)
+        if head.weight.shape[-1] != width:
+            what = "projected embedding" if project else "pooled features"
+            raise ValueError(
+                f"The head reads {head.weight.shape[-1]} features but the backbone's {what} "
+                f"have {width}: the backbone is not built the way the head was trained (e.g. "
+                "another pooling); pass the backbone options the checkpoint was trained with."
+            )
 
     def _check_names(self) -> None:
         if self.class_names is not None and len(self.class_names) != self.head.out_features:
