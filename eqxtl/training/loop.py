@@ -28,6 +28,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 
+from .._util.checks import count
 from ..data.loader import SourceBatches, for_this_process
 from ..data.sources import check_labels, check_same_classes
 from ..errors import DataError, TrainingError
@@ -214,7 +215,7 @@ def _phases(model, optimizer, spec, epochs, phases) -> list[Phase]:
     if phases is None:
         if optimizer is None or spec is None:
             raise TrainingError("fit needs an optimizer and a spec, or phases=[Phase(...)].")
-        phases = [Phase(spec, optimizer, epochs=epochs)]
+        phases = [Phase(spec, optimizer, epochs=count(epochs, "fit(epochs=...)", TrainingError))]
     elif optimizer is not None or spec is not None:
         raise TrainingError("Pass either optimizer and spec, or phases, not both.")
     elif epochs != 1:
@@ -223,6 +224,17 @@ def _phases(model, optimizer, spec, epochs, phases) -> list[Phase]:
             "its own epochs (Phase(spec, optimizer, epochs=...))."
         )
     phases = list(phases)
+    if not phases:
+        raise TrainingError(
+            "fit(phases=[]) has nothing to run: give at least one eqxtl.Phase(spec, optimizer, "
+            "epochs=...), or optimizer and spec without phases."
+        )
+    bad = [type(p).__name__ for p in phases if not isinstance(p, Phase)]
+    if bad:
+        raise TrainingError(
+            f"fit(phases=...) takes a list of eqxtl.Phase(spec, optimizer, epochs=...), got "
+            f"{', '.join(bad)} in it."
+        )
     check_phases(model, phases)
     return phases
 

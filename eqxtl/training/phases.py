@@ -11,6 +11,7 @@ import jax
 import jax.tree_util as jtu
 import optax
 
+from .._util.checks import count
 from ..errors import TrainingError
 
 
@@ -40,8 +41,8 @@ class Phase:
             raise TrainingError(f"Phase(bn=...): bn must be one of {BN_MODES}, got {self.bn!r}.")
         for what in ("epochs", "steps"):
             value = getattr(self, what)
-            if value is not None and int(value) < 0:
-                raise TrainingError(f"Phase({what}=...) must be >= 0, got {value}.")
+            if value is not None:
+                object.__setattr__(self, what, count(value, f"Phase({what}=...)", TrainingError))
 
     def num_steps(self, steps_per_epoch: int) -> int:
         """How many steps this phase runs."""
