@@ -248,6 +248,13 @@ def _data(model, task, train_data, test_data, seed: int):
     if test_data is not None:
         test = batches_of(test_data, model, batch_size=DEFAULT_BATCH_SIZE)
     if isinstance(task, Classification) and isinstance(model, Classifier):
+        if model.num_classes < 2:
+            raise TrainingError(
+                f"The model's head has {model.num_classes} class: a softmax over one class "
+                "is always 1, so the loss is 0 and nothing is learned. Classification needs "
+                "at least 2 classes (for one score per example use task=eqxtl.Regression(), "
+                "for yes/no labels eqxtl.MultiLabel())."
+            )
         for data in (train, test):  # labels in range, same classes: before any training
             if isinstance(data, SourceBatches):
                 check_labels(data, model.num_classes)

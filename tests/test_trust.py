@@ -1,0 +1,173 @@
+"""Issue 25 ("Trust on the new surface") in training, data and the CLI: bad hyperparameters
+refused where they are given, labels of the wrong shape refused, a single class refused,
+resumes that say what they resume, ties that go to the later checkpoint, interrupts that
+keep the run, image formats PIL reads."""
+
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from tests._tiny import tiny
+from tests.test_fit_faults import Batches
+
+IMAGE = 32
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny("resnet", 0)
+
+
+def batches(n, *, classes=2, size=4, seed=0, label=None):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.normal(size=(size, 3, IMAGE, IMAGE)).astype(np.float32)
+        y = rng.integers(0, classes, size).astype(np.int32) if label is None else label(rng)
+        out.append({"image": image, "label": y, "mask": np.ones(size, bool)})
+    return Batches(out)
+
+
+def head(parts, classes=2):
+    backbone, state = parts
+    model = eqxtl.Classifier(backbone, classes, key=jax.random.key(0))
+    return model, state, eqxtl.trainable(model, "head")
+
+
+# ---------------------------------------------------------------- 1. counts
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"epochs": -1},
+        {"epochs": 0},
+        {"steps": 0},
+        {"steps": -3},
+        {"epochs": 1.5},
+        {"steps": math.nan},
+        {"epochs": "2"},
+        {"steps": True},
+    ],  # fmt: skip
+)
+def test_phase_durations_must_be_positive_integers(parts, kwargs):
+    model, _, spec = head(parts)
+    name = next(iter(kwargs))
+    with pytest.raises(eqxtl.TrainingError, match=rf"Phase\({name}=\.\.\.\) must be an integer"):
+        eqxtl.Phase(spec, optax.adam(1e-3), **kwargs)
+
+
+def test_phase_durations_accept_numpy_and_integral_floats(parts):
+    model, _, spec = head(parts)
+    phase = eqxtl.Phase(spec, optax.adam(1e-3), epochs=np.int64(2), steps=3.0)
+    assert (phase.epochs, phase.steps) == (2, 3) and type(phase.steps) is int
+
+
+def test_fit_epochs_and_empty_phases_are_refused_by_name(parts):
+    model, state, spec = head(parts)
+    data = batches(1)
+    with pytest.raises(eqxtl.TrainingError, match=r"fit\(epochs=\.\.\.\)"):
+        eqxtl.fit(model, state, optax.adam(1e-3), spec, data, epochs=0)
+    with pytest.raises(eqxtl.TrainingError, match=r"phases=\[\]\) has nothing to run"):
+        eqxtl.fit(model, state, train_data=data, phases=[])
+    with pytest.raises(eqxtl.TrainingError, match=r"takes a list of eqxtl.Phase.*tuple"):
+        eqxtl.fit(model, state, train_data=data, phases=[(spec, optax.adam(1e-3))])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, math.nan])
+def test_batch_size_is_checked_where_it_is_given(parts, bad):
+    model, state, _ = head(parts)
+    source = eqxtl.ArraySource(np.zeros((3, 8, 8, 3), np.uint8), [0, 1, 0])
+    pre = eqxtl.preprocessing_for(model)
+    with pytest.raises(eqxtl.DataError, match=r"Loader\(batch_size=\.\.\.\)"):
+        eqxtl.Loader(source, pre, bad)
+    with pytest.raises(eqxtl.DataError, match=r"predict\(batch_size=\.\.\.\)"):
+        eqxtl.predict(model, state, np.zeros((2, 8, 8, 3), np.uint8), batch_size=bad)
+    with pytest.raises(eqxtl.DataError, match=r"evaluate\(batch_size=\.\.\.\)"):
+        eqxtl.evaluate(model, state, source, batch_size=bad)
+    with pytest.raises(eqxtl.EqxtlError, match=r"wise_ft\(batch_size=\.\.\.\)"):
+        eqxtl.wise_ft(model, model, [0.5], source, batch_size=bad, states=(state, state))
+    with pytest.raises(eqxtl.DataError, match=r"extract_features\(batch_size=\.\.\.\)"):
+        eqxtl.extract_features(model, state, source, batch_size=bad)
+
+
+def test_loader_and_grain_worker_counts(parts):
+    model, _, _ = head(parts)
+    source = eqxtl.ArraySource(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 0, 1])
+    pre = eqxtl.preprocessing_for(model)
+    with pytest.raises(eqxtl.DataError, match=r"Loader\(num_workers=\.\.\.\)"):
+        eqxtl.Loader(source, pre, 2, num_workers=-1)
+    with pytest.raises(eqxtl.DataError, match=r"Loader\(prefetch=\.\.\.\)"):
+        eqxtl.Loader(source, pre, 2, prefetch=0)
+    loader = eqxtl.Loader(source, pre, 2)
+    with pytest.raises(eqxtl.DataError, match=r"GrainLoader\(num_workers=\.\.\.\)"):
+        eqxtl.GrainLoader(loader, num_workers=-2)
+    with pytest.raises(eqxtl.DataError, match=r"GrainLoader\(index=1\) must be < count"):
+        eqxtl.GrainLoader(loader, index=1, count=1)
+    with pytest.raises(eqxtl.DataError, match=r"takes an eqxtl.Loader"):
+        eqxtl.GrainLoader(source)
+
+
+def test_wise_ft_alphas_are_finite_numbers(parts):
+    model, state, _ = head(parts)
+    source = eqxtl.ArraySource(np.zeros((2, 8, 8, 3), np.uint8), [0, 1])
+    for bad in (math.nan, "0.5", math.inf):
+        with pytest.raises(eqxtl.EqxtlError, match=r"wise_ft\(alphas=\.\.\.\): each alpha"):
+            eqxtl.wise_ft(model, model, [0.0, bad], source, states=(state, state))
+
+
+# ---------------------------------------------------------------- 2. label shapes
+
+
+def test_multilabel_refuses_integer_labels_even_when_the_batch_is_num_classes(parts):
+    # B == K == 4: integer labels (B,) would broadcast along the class axis
+    model, state, spec = head(parts, classes=4)
+    data = batches(1, size=4, classes=4)
+    with pytest.raises(eqxtl.DataError, match=r"MultiLabel needs labels of shape \(B, K\)"):
+        eqxtl.fit(model, state, optax.adam(1e-3), spec, data, task=eqxtl.MultiLabel(),
+                  runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+
+def test_regression_refuses_one_target_for_several_outputs(parts):
+    model, state, spec = head(parts, classes=3)
+    data = batches(1, label=lambda rng: rng.uniform(size=4).astype(np.float32))
+    with pytest.raises(eqxtl.DataError, match=r"Regression needs labels of shape"):
+        eqxtl.fit(model, state, optax.adam(1e-3), spec, data, task=eqxtl.Regression(),
+                  runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+
+def test_classification_refuses_float_or_multi_hot_labels(parts):
+    model, state, spec = head(parts, classes=2)
+    floats = batches(1, label=lambda rng: rng.uniform(size=4).astype(np.float32))
+    with pytest.raises(eqxtl.DataError, match=r"integer class indices"):
+        eqxtl.fit(model, state, optax.adam(1e-3), spec, floats,
+                  runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+    hot = batches(1, label=lambda rng: np.eye(2, dtype=np.int32)[rng.integers(0, 2, 4)])
+    with pytest.raises(eqxtl.DataError, match=r"Classification needs labels of shape \(B,\)"):
+        eqxtl.evaluate(model, state, hot)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: eqxtl.Classification(label_smoothing=1.0),
+        lambda: eqxtl.Classification(label_smoothing=math.nan),
+        lambda: eqxtl.MultiLabel(threshold=1.5),
+    ],  # fmt: skip
+)
+def test_task_hyperparameters_are_checked(make):
+    with pytest.raises(eqxtl.DataError, match=r"must be a finite number"):
+        make()
+
+
+# ---------------------------------------------------------------- 3. one class
+
+
+def test_fit_refuses_a_one_class_head(parts):
+    model, state, spec = head(parts, classes=1)
+    with pytest.raises(eqxtl.TrainingError, match=r"at least 2 classes"):
+        eqxtl.fit(model, state, optax.adam(1e-3), spec, batches(1, classes=1))
