@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from .evaluation import batches_of
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
-from .runs import RunDir, signature
+from .runs import HYPER, RunDir, optimizer_hyperparameters, signature
 from .session import Loop, Run, call_hooks, progress_bar, with_scale
 from .tasks import Classification, Task
 
@@ -60,6 +62,8 @@ class FitResult:
     """The training data's class names (also in the checkpoints' ``config.json``)."""
     preprocessing: Preprocessing | None = None
     """The training preprocessing (also in the checkpoints' ``config.json``)."""
+    resumed_from: int | None = None
+    """The step the run resumed from (``None``: it started from the model passed in)."""
 
     @property
     def final(self) -> dict:
@@ -150,6 +154,8 @@ def fit(
     with folder if folder is not None else contextlib.nullcontext():
         sig = _signature(model, phases, opt_init, train, task, runtime, bounds)
         meta, folder = _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init)
+        if meta is not None:
+            _say_resumed(out_dir, meta, run, phases, bounds, runtime.progress)
         if meta is None:
             # The step may donate what trains: work on a copy so that the caller's model
             # stays usable (e.g. for a second fit from the same pretrained weights).
@@ -199,6 +205,7 @@ def fit(
         run.stopped,
         names,
         preprocessing,
+        None if meta is None else int(meta["step"]),
     )
 
 
@@ -307,6 +314,10 @@ def _signature(model, phases, opt_init, train, task, runtime: Runtime, bounds) -
         batch_size=int(train.batch_size),
         train_length=_length(train),
         phase_steps=[int(n) for n in lengths[:-1]],  # the last phase may grow
+        **{
+            f"phase {i} {HYPER}": optimizer_hyperparameters(p.optimizer)
+            for i, p in enumerate(phases)
+        },
         task=repr(task),
         bn=[p.bn for p in phases],
     )
@@ -344,6 +355,20 @@ def _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init):
     run.step_losses = folder.read_steps(meta["step"] if meta else 0)
     folder.write_history(meta["history"] if meta else [], steps=run.step_losses, restart=True)
     return meta, folder
+
+
+def _say_resumed(out_dir, meta, run, phases, bounds, progress: bool) -> None:
+    """One line (stderr, with the progress bar; the ``eqxtl`` logger always): what resumes."""
+    step = int(meta["step"])
+    phase = _phase_at(bounds, step)
+    where = f" (phase {phase}{f', {phases[phase].name}' if phases[phase].name else ''})"
+    line = (
+        f"Resuming the run in {out_dir} from step {step} of {run.total_steps}"
+        f"{where if len(phases) > 1 else ''}."
+    )
+    logging.getLogger("eqxtl").info(line)
+    if progress:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _with_info(m, train):

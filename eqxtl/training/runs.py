@@ -19,12 +19,15 @@ and ``best`` share one directory when they are the same step (one copy, not two)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import numbers
 import os
 import shutil
 import socket
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from ..errors import TrainingError
 TRAIN_STATE = "train_state.eqx"
 META = "meta.json"
 LINKS = ("last", "best")
+HYPER = "optimizer hyperparameters"
 
 
 def strict_json(value: Any) -> Any:
@@ -109,6 +113,41 @@ def signature(model, phases: list[tuple[Any, Any]], **scalars) -> dict[str, Any]
     for k, v in scalars.items():
         out[k] = v
     return out
+
+
+def optimizer_hyperparameters(optimizer, _depth: int = 0, _seen=None) -> list[float]:
+    """The numbers an optax transformation was built with (learning rates, schedule
+    boundaries, betas, weight decay...), read from its functions' closures: optax keeps no
+    other record of them, and the optimizer state's shapes do not change with them. Two
+    optimizers built by the same code with the same numbers give the same list."""
+    seen = set() if _seen is None else _seen
+    x = optimizer
+    if _depth > 40 or x is None or isinstance(x, bool | str) or id(x) in seen:
+        return []
+    if isinstance(x, numbers.Number):
+        return [float(f"{float(x):.10g}")]
+    if isinstance(x, np.ndarray | jax.Array):
+        a = np.asarray(x)
+        small = a.size <= 16 and a.dtype.kind in "fiu"
+        return [float(f"{v:.10g}") for v in a.ravel().tolist()] if small else []
+    seen.add(id(x))
+    if isinstance(x, types.FunctionType):
+        cells = []
+        for cell in x.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+        parts = [*cells, *(x.__defaults__ or ())]
+    elif isinstance(x, functools.partial):
+        parts = [x.func, *x.args, *(x.keywords[k] for k in sorted(x.keywords))]
+    elif isinstance(x, tuple | list):  # chains, NamedTuple transformations
+        parts = list(x)
+    elif isinstance(x, dict):  # multi_transform's {label: transformation}
+        parts = [x[k] for k in sorted(x, key=str)]
+    else:
+        return []
+    return [v for part in parts for v in optimizer_hyperparameters(part, _depth + 1, seen)]
 
 
 def differences(stored: dict, current: dict, per_kind: int = 3) -> list[str]:
@@ -243,13 +282,17 @@ class RunDir:
             )
             return
         current = json.loads(dumps(current))
+        # run folders written before the hyperparameters were recorded: not compared
+        current = {k: v for k, v in current.items() if k in stored or HYPER not in k}
         diff = differences(stored, current)
         if diff:
             raise TrainingError(
                 f"Cannot resume the run in {self.path}: it was started with another "
-                f"configuration. Differences: {'; '.join(diff)}. Pass "
-                "checkpoint=eqxtl.Checkpoint(out_dir, resume=False) to start over (its "
-                "checkpoints are deleted), or use another out_dir. Nothing was written."
+                f"configuration. Differences: {'; '.join(diff)}. A resume continues the "
+                "same run (another learning rate or optimizer would not reach the weights "
+                "the stored run would have). Pass checkpoint=eqxtl.Checkpoint(out_dir, "
+                "resume=False) to start over (its checkpoints are deleted), or use another "
+                "out_dir (e.g. starting from out_dir/best). Nothing was written."
             )
 
     def write_signature(self, current: dict) -> None:

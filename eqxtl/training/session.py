@@ -261,7 +261,10 @@ class Loop:
         run.history.append(record)
         call_hooks(self.callbacks, "on_eval", run, record)
         value = record.get(self.best)
-        is_best = improved(value, self.best_value, self.best_mode)
+        # a tie goes to the later step: with a small validation set accuracy ties are
+        # common, and the later model has trained longer for the same value
+        tie = value is not None and value == self.best_value
+        is_best = tie or improved(value, self.best_value, self.best_mode)
         if is_best:
             self.best_value = value
         if self.folder is not None:
