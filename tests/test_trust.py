@@ -3,6 +3,7 @@ refused where they are given, labels of the wrong shape refused, a single class 
 resumes that say what they resume, ties that go to the later checkpoint, interrupts that
 keep the run, image formats PIL reads."""
 
+import json
 import math
 
 import jax
@@ -171,3 +172,107 @@ def test_fit_refuses_a_one_class_head(parts):
     model, state, spec = head(parts, classes=1)
     with pytest.raises(eqxtl.TrainingError, match=r"at least 2 classes"):
         eqxtl.fit(model, state, optax.adam(1e-3), spec, batches(1, classes=1))
+
+
+# ---------------------------------------------------------------- 4. resume
+
+
+def test_resume_with_another_learning_rate_is_refused_and_a_resume_says_its_step(
+    parts, tmp_path, capsys
+):
+    model, state, spec = head(parts)
+    data = batches(2)
+    out = tmp_path / "run"
+
+    def run(lr, epochs, progress=False):
+        return eqxtl.fit(model, state, optax.adam(lr), spec, data, epochs=epochs,
+                         checkpoint=eqxtl.Checkpoint(out),
+                         runtime=eqxtl.Runtime(progress=progress))  # fmt: skip
+
+    first = run(1e-3, 1)
+    assert first.resumed_from is None
+    with pytest.raises(
+        eqxtl.TrainingError, match=r"optimizer hyperparameters: \[.*-0\.001\] -> \[.*-0\.01\]"
+    ):
+        run(1e-2, 2)
+    capsys.readouterr()
+    resumed = run(1e-3, 2, progress=True)
+    assert resumed.resumed_from == 2 and resumed.step == 4
+    assert f"Resuming the run in {out} from step 2 of 4." in capsys.readouterr().err
+
+
+def test_another_schedule_peak_is_another_optimizer(parts, tmp_path):
+    model, state, spec = head(parts)
+    data = batches(2)
+
+    def run(peak, epochs):
+        schedule = eqxtl.warmup_cosine(peak, 10, warmup_steps=2)
+        return eqxtl.fit(model, state, optax.adam(schedule), spec, data, epochs=epochs,
+                         checkpoint=eqxtl.Checkpoint(tmp_path / "run"),
+                         runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+    run(1e-3, 1)
+    with pytest.raises(eqxtl.TrainingError, match=r"optimizer hyperparameters"):
+        run(2e-3, 2)
+
+
+# ---------------------------------------------------------------- 6. best ties
+
+
+def test_best_keeps_the_later_of_tied_checkpoints(parts, tmp_path):
+    model, state, spec = head(parts)
+    data = batches(1)
+    out = tmp_path / "run"
+    eqxtl.fit(model, state, optax.sgd(0.0), spec, data, test_data=data, epochs=3,
+              checkpoint=eqxtl.Checkpoint(out),
+              runtime=eqxtl.Runtime(eval_every=1, progress=False))  # fmt: skip
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    values = [r["test_accuracy"] for r in meta["history"]]
+    assert values == [values[0]] * 3  # nothing trains: every evaluation ties
+    assert meta["step"] == 3 and (out / "best").resolve() == (out / "last").resolve()
+
+
+# ---------------------------------------------------------------- 9. options
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: eqxtl.EarlyStopping(patience=0), r"EarlyStopping\(patience=\.\.\.\)"),
+        (lambda: eqxtl.EarlyStopping(patience=1.5), r"EarlyStopping\(patience=\.\.\.\)"),
+        (lambda: eqxtl.EarlyStopping(min_delta=math.nan), r"EarlyStopping\(min_delta=\.\.\.\)"),
+        (lambda: eqxtl.EarlyStopping(mode="lower"), r"mode must be"),
+        (lambda: eqxtl.ReduceLROnPlateau(factor=1.0), r"ReduceLROnPlateau\(factor=\.\.\.\)"),
+        (lambda: eqxtl.ReduceLROnPlateau(factor=0.0), r"ReduceLROnPlateau\(factor=\.\.\.\)"),
+        (lambda: eqxtl.ReduceLROnPlateau(factor=2), r"ReduceLROnPlateau\(factor=\.\.\.\)"),
+        (lambda: eqxtl.ReduceLROnPlateau(patience=0), r"ReduceLROnPlateau\(patience=\.\.\.\)"),
+        (lambda: eqxtl.ReduceLROnPlateau(min_scale=0), r"ReduceLROnPlateau\(min_scale=\.\.\.\)"),
+        (lambda: eqxtl.LRSchedule(0.5), r"LRSchedule\(schedule=\.\.\.\)"),
+        (lambda: eqxtl.Checkpoint("runs/a", every=0), r"Checkpoint\(every=\.\.\.\)"),
+        (lambda: eqxtl.Checkpoint("runs/a", every=math.nan), r"Checkpoint\(every=\.\.\.\)"),
+        (lambda: eqxtl.Checkpoint("runs/a", resume="no"), r"Checkpoint\(resume=\.\.\.\)"),
+        (lambda: eqxtl.Checkpoint(None), r"Checkpoint\(out_dir=\.\.\.\)"),
+        (lambda: eqxtl.Runtime(seed=-1), r"Runtime\(seed=\.\.\.\)"),
+        (lambda: eqxtl.Runtime(eval_every=2.5), r"Runtime\(eval_every=\.\.\.\)"),
+        (lambda: eqxtl.Runtime(max_nonfinite=-1), r"Runtime\(max_nonfinite=\.\.\.\)"),
+        (lambda: eqxtl.Runtime(compute_dtype="int8"), r"Runtime\(compute_dtype=\.\.\.\)"),
+        (lambda: eqxtl.Runtime(mesh="all"), r"Runtime\(mesh=\.\.\.\)"),
+        (lambda: eqxtl.Runtime(cache_features=1), r"Runtime\(cache_features=\.\.\.\)"),
+    ],
+)
+def test_options_are_checked_where_they_are_given(make, match):
+    with pytest.raises(eqxtl.TrainingError, match=match):
+        make()
+
+
+def test_a_schedule_returning_nan_is_named(parts):
+    model, state, spec = head(parts)
+    with pytest.raises(eqxtl.TrainingError, match=r"LRSchedule: schedule\(0\) returned nan"):
+        eqxtl.fit(model, state, optax.sgd(1e-3), spec, batches(1),
+                  callbacks=[eqxtl.LRSchedule(lambda step: math.nan)],
+                  runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+
+def test_augment_ratio_must_be_finite():
+    with pytest.raises(eqxtl.DataError, match=r"Augment.ratio"):
+        eqxtl.Augment(ratio=(0.5, math.inf))

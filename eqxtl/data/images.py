@@ -198,7 +198,7 @@ class Augment:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise DataError(f"Augment.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}.")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
+        if not 0 < self.ratio[0] <= self.ratio[1] < math.inf:
             raise DataError(f"Augment.ratio must satisfy 0 < lo <= hi, got {self.ratio}.")
         if not 0 <= self.flip <= 1:
             raise DataError(f"Augment.flip is a probability, got {self.flip}.")
