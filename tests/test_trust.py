@@ -5,17 +5,20 @@ keep the run, image formats PIL reads."""
 
 import json
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 
 import eqxtl
 from tests._tiny import tiny
 from tests.test_fit_faults import Batches
 
 IMAGE = 32
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +279,69 @@ def test_a_schedule_returning_nan_is_named(parts):
 def test_augment_ratio_must_be_finite():
     with pytest.raises(eqxtl.DataError, match=r"Augment.ratio"):
         eqxtl.Augment(ratio=(0.5, math.inf))
+
+
+# ---------------------------------------------------------------- 5. image formats
+
+
+def test_image_folder_reads_tiff_and_other_formats_pil_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (12, 10, 3)).astype(np.uint8)
+    for c, ext in enumerate([".tif", ".tiff", ".TIF", ".webp", ".bmp", ".ppm"]):
+        folder = tmp_path / f"class{c % 2}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image).save(
+            folder / f"{c}{ext}", **({"lossless": True} if ext == ".webp" else {})
+        )
+    gray16 = (np.arange(120, dtype=np.uint16).reshape(12, 10) * 500).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "class0" / "deep.tiff")
+    floats = np.linspace(0, 1, 120, dtype=np.float32).reshape(12, 10)
+    Image.fromarray(floats, mode="F").save(tmp_path / "class1" / "float.tif")
+    source = eqxtl.ImageFolder(tmp_path)
+    assert len(source) == 8 and not source.ignored and not source.skipped
+    for i, path in enumerate(source.paths):
+        decoded, _ = source[i]
+        if path.name == "deep.tiff":
+            np.testing.assert_array_equal(decoded[..., 1], np.round(gray16 * (255 / 65535)))
+        elif path.name == "float.tif":  # not clipped to 0/1 by convert("RGB")
+            np.testing.assert_array_equal(decoded[..., 0], np.round(floats * 255))
+        else:
+            np.testing.assert_array_equal(decoded, image)
+
+
+def test_a_float_image_outside_0_1_is_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((4, 4), 7.5, np.float32), mode="F").save(tmp_path / "a" / "x.tif")
+    with pytest.raises(eqxtl.DataError, match=r"float image with values in \[7.5, 7.5\]"):
+        eqxtl.ImageFolder(tmp_path)[0]
+
+
+# ---------------------------------------------------------------- 10. examples
+
+
+def test_finetune_rps_offline_says_why_it_reads_a_pr_branch(tmp_path, monkeypatch):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rps", ROOT / "examples/finetune_rps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(tmp_path)  # no weights/ folder here
+    args = argparse.Namespace(model="clip-vit-base-patch32", weights=None)
+    with pytest.raises(SystemExit) as exit_:
+        module.load_backbone(args)
+    message = str(exit_.value)
+    assert "refs/pr/32" in message and "pull-request branch" in message
+    assert "model.safetensors" in message and "eqxtl fetch clip-vit-base-patch32" in message
+
+
+def test_install_hints_name_the_clone_not_the_package_index():
+    for path in [
+        *(ROOT / "eqxtl").rglob("*.py"),
+        *(ROOT / "examples").rglob("*.py"),
+        ROOT / "README.md",
+    ]:
+        if path.parts[-2] in ("models", "io", "tuning"):
+            continue  # those packages are checked with their own issue items
+        text = path.read_text()
+        assert 'install "eqxtl[' not in text and "install eqxtl[" not in text, path

@@ -114,6 +114,15 @@ def _pil_rgb(im: Image.Image) -> np.ndarray:
             )
         gray = np.round(a.astype(np.float32) * (255 / 65535)).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=-1)
+    if im.mode == "F":  # 32-bit float (TIFF): convert("RGB") would clip it to 0..255
+        a = np.asarray(im)
+        if not (np.all(np.isfinite(a)) and a.min() >= 0 and a.max() <= 1):
+            raise DataError(
+                f"A float image with values in [{a.min()}, {a.max()}]: expected finite values "
+                "in [0, 1]. Save it as 8 or 16 bits."
+            )
+        gray = np.round(a * 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=-1)
     return np.asarray(im.convert("RGB"))
 
 

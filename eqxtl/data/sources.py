@@ -282,7 +282,10 @@ def split(source: Source, fraction: float, seed: int = 0) -> tuple[Subset, Subse
     return Subset(source, np.flatnonzero(~is_test)), Subset(source, np.flatnonzero(is_test))
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (
+    *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"),
+    *(".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2"),
+)
 
 
 class ImageFolder:
@@ -448,7 +451,8 @@ class TFDSSource:
             import tensorflow_datasets as tfds
         except ImportError as e:
             raise DataError(
-                f'Reading TFDS datasets needs tensorflow-datasets: pip install "eqxtl[tfds]" ({e}).'
+                "Reading TFDS datasets needs tensorflow-datasets: in the eqxtl clone, "
+                f'pip install -e ".[tfds]" ({e}).'
             ) from e
         self.name, self.split = name, split
         self.image_key, self.label_key = image_key, label_key
@@ -490,7 +494,7 @@ class TFDSSource:
 def _tfds_error(name: str, split: str, data_dir: str | None, builder, error: Exception) -> str:
     dir_arg = "" if data_dir is None else f", data_dir={data_dir!r}"
     prepare = (
-        f'  pip install "eqxtl[tfds-prepare]"\n'
+        f'  pip install -e ".[tfds-prepare]"   (in the eqxtl clone)\n'
         f'  python -c "import tensorflow_datasets as tfds; '
         f"tfds.data_source('{name}'{dir_arg})\"\n"
     )
