@@ -182,6 +182,7 @@ def fit(
             scales_lr=scales_lr,
             with_info=lambda m: _with_info(m, train),
         )
+        loop.saved_step = None if meta is None else int(meta["step"])
         loop.bar = progress_bar(int(bounds[-1]), run.step, runtime.progress)
         try:
             for i, phase in enumerate(phases):
@@ -189,6 +190,11 @@ def fit(
                     continue
                 resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
                 loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
+        except KeyboardInterrupt:
+            if loop.bar is not None:
+                loop.bar.close()
+                loop.bar = None
+            raise KeyboardInterrupt(loop.interrupted()) from None
         finally:
             if loop.bar is not None:
                 loop.bar.close()

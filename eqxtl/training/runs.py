@@ -19,13 +19,16 @@ and ``best`` share one directory when they are the same step (one copy, not two)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import numbers
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
 import types
 import warnings
@@ -163,6 +166,25 @@ def differences(stored: dict, current: dict, per_kind: int = 3) -> list[str]:
         more = f" (+{len(items) - per_kind} more)" if len(items) > per_kind else ""
         out.append(f"{kind}: {', '.join(items[:per_kind])}{more}")
     return out
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C (SIGINT) back while the block runs, then raise ``KeyboardInterrupt`` if
+    one came: a checkpoint is written whole, never cut by an interrupt in the middle of a
+    file or of a library call (main thread, default handler only)."""
+    default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if not default or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 class RunDir:
@@ -308,6 +330,10 @@ class RunDir:
     ) -> Path:
         """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it
         (``export(model)``: the model ``save_pretrained`` writes, e.g. with class names)."""
+        with sigint_deferred():
+            return self._save(links, model, state, opt_state, meta, export)
+
+    def _save(self, links, model, state, opt_state, meta: dict, export) -> Path:
         from ..io.pretrained import save_pretrained
         from ..tuning.adapters import has_adapters, merge_lora, save_adapter
 
