@@ -5,6 +5,11 @@ keep the run, image formats PIL reads."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -14,6 +19,7 @@ import pytest
 from PIL import Image
 
 import eqxtl
+from eqxtl import cli
 from tests._tiny import tiny
 from tests.test_fit_faults import Batches
 
@@ -345,3 +351,195 @@ def test_install_hints_name_the_clone_not_the_package_index():
             continue  # those packages are checked with their own issue items
         text = path.read_text()
         assert 'install "eqxtl[' not in text and "install eqxtl[" not in text, path
+
+
+# ---------------------------------------------------------------- 7. Ctrl-C
+
+
+def test_sigint_is_held_back_until_a_save_is_complete():
+    from eqxtl.training.runs import sigint_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append(True)  # still running: the interrupt waits for the block's end
+    assert done == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+FIT_SCRIPT = """
+import sys
+import jax, numpy as np, optax
+import eqxtl
+from tests._tiny import tiny
+from tests.test_trust import batches
+
+backbone, state = tiny("resnet")
+model = eqxtl.Classifier(backbone, 2, key=jax.random.key(0))
+try:
+    eqxtl.fit(model, state, optax.adam(1e-3), eqxtl.trainable(model, "head"), batches(2),
+              epochs=100000, callbacks=[eqxtl.Lambda(on_step=lambda run, m: print(
+                  f"step {run.step}", flush=True))],
+              checkpoint=eqxtl.Checkpoint(sys.argv[1]), runtime=eqxtl.Runtime(progress=False))
+except KeyboardInterrupt as e:
+    print(f"interrupted: {e}", flush=True)
+    sys.exit(7)
+"""
+
+
+def _interrupt_when(proc, ready, timeout=240):
+    """Send SIGINT to ``proc`` once ``ready()`` holds; ``(returncode, stdout, stderr)``."""
+    start = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - start < timeout, "the run did not start in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_ctrl_c_in_fit_saves_last_and_reraises_saying_how_to_resume(parts, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", FIT_SCRIPT, str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+
+    def ready():
+        lines.append(proc.stdout.readline())
+        return lines[-1].startswith("step 5")
+
+    code, rest, err = _interrupt_when(proc, ready)
+    assert code == 7, err
+    message = rest.strip().splitlines()[-1]
+    step = json.loads((out / "last" / "meta.json").read_text())["step"]
+    assert step >= 5
+    assert message == (
+        f"interrupted: Interrupted: the run is saved at step {step} of 200000 in {out / 'last'}. "
+        "Run the same call again to resume."
+    )
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / ".lock").exists()
+    model, state, spec = head(parts)
+    resumed = eqxtl.fit(model, state, optax.adam(1e-3), spec, batches(2),
+                        epochs=step // 2 + 1, checkpoint=eqxtl.Checkpoint(out),
+                        runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+    assert resumed.resumed_from == step and resumed.step == 2 * (step // 2 + 1)
+
+
+def test_ctrl_c_without_a_run_folder_says_nothing_was_saved(parts, monkeypatch):
+    model, state, spec = head(parts)
+
+    def interrupt(run, metrics):
+        if run.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt, match=r"Interrupted at step 2 of 6; nothing was saved"):
+        eqxtl.fit(model, state, optax.adam(1e-3), spec, batches(2), epochs=3,
+                  callbacks=[eqxtl.Lambda(on_step=interrupt)],
+                  runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+
+# ---------------------------------------------------------------- 3, 4, 7, 8. the CLI
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny-clip"
+    eqxtl.save_pretrained(*tiny("clip", 0), path)
+    return path
+
+
+def folder(root, classes=("blue", "red"), n=4):
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(0, 100, (40, 40, 3))
+            image[..., 2 - 2 * c] += 150
+            Image.fromarray(image.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_cli_refuses_a_single_class(tmp_path, weights, capsys):
+    one = folder(tmp_path / "one", classes=("cat",))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", str(weights), "--data", str(one), "--train", "head"])
+    assert exit_.value.code == 2
+    assert "has one class subfolder (cat)" in capsys.readouterr().err
+    (one / "dog").mkdir()  # a second class, but without images
+    (one / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", str(weights), "--data", str(one), "--train", "head",
+                  "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "images of 1 class (cat)" in err and "Traceback" not in err
+
+
+def test_cli_train_says_what_it_found_and_what_it_resumes_in_its_own_words(
+    tmp_path, weights, capsys
+):
+    data = folder(tmp_path / "photos")
+    (data / "red" / "readme.md").write_text("not an image")
+    (data / "blue" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "run"
+    base = ["train", "--model", str(weights), "--data", str(data), "--train", "head",
+            "--batch-size", "4", "--quiet", "--out", str(out)]  # fmt: skip
+    assert cli.main([*base, "--epochs", "1"]) == 0
+    captured = capsys.readouterr()
+    found = captured.err.strip().splitlines()[0]
+    assert (
+        found.startswith("--data: ImageFolder")
+        and "8 images in 2 classes (blue: 4, red: 4)" in found
+    )
+    assert "Skipped 1 unreadable files" in found and "Ignored 1 files" in found
+    assert json.loads(captured.out.strip().splitlines()[-1])["resumed_from"] is None
+
+    assert cli.main([*base, "--epochs", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*base, "--epochs", "3", "--lr", "1e-2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "optimizer hyperparameters" in err
+    assert "--restart" in err and "another --out" in err
+    assert "resume=False" not in err and "out_dir" not in err and "eqxtl.Checkpoint" not in err
+
+
+def test_cli_summary_shows_the_classifier_train_builds(weights, capsys):
+    assert cli.main(["summary", str(weights), "--train", "head"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Classifier with 2 classes, as `eqxtl train` builds it")
+    head_row = next(line for line in out.splitlines() if line.startswith("head "))
+    assert head_row.split()[1] == "yes"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["summary", str(weights), "--train", "heads"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "eqxtl.paths" not in err
+
+
+def test_cli_ctrl_c_saves_and_exits_130_with_one_line(tmp_path, weights):
+    data = folder(tmp_path / "photos")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = [sys.executable, "-m", "eqxtl", "train", "--model", str(weights), "--data", str(data),
+            "--train", "head", "--epochs", "100000", "--batch-size", "4", "--eval-every", "1",
+            "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def ready():
+        history = out / "history.jsonl"
+        return history.is_file() and len(history.read_text().splitlines()) >= 3
+
+    code, stdout, stderr = _interrupt_when(proc, ready)
+    step = json.loads((out / "last" / "meta.json").read_text())["step"]
+    lines = stderr.strip().splitlines()
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("--data: ImageFolder") and len(lines) == 2, stderr
+    assert lines[1] == (
+        f"eqxtl: Interrupted: the run is saved at step {step} of 200000 in {out / 'last'}. "
+        "Run the same command again (without --restart) to resume."
+    )
