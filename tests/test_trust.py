@@ -543,3 +543,57 @@ def test_cli_ctrl_c_saves_and_exits_130_with_one_line(tmp_path, weights):
         f"eqxtl: Interrupted: the run is saved at step {step} of 200000 in {out / 'last'}. "
         "Run the same command again (without --restart) to resume."
     )
+
+
+# ---------------------------------------------------------------- 10. the quickstart
+
+
+def _quickstart():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples/quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_never_writes_into_a_folder_that_is_not_its_own(tmp_path):
+    quickstart = _quickstart()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    with pytest.raises(SystemExit, match=r"holds files this script did not write \(notes.txt\)"):
+        quickstart.main(["--out", str(tmp_path / "mine")])  # refused before any work
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"is a file"):
+        quickstart.check_out(tmp_path / "file")
+    earlier = tmp_path / "earlier"  # a previous version's output: its own
+    for name in ("frozen", "scratch", "LoRA", "fine-tuned"):
+        (earlier / name).mkdir(parents=True)
+    (earlier / "summary.json").write_text("{}")
+    quickstart.check_out(earlier)
+    quickstart.check_out(tmp_path / "new")
+
+
+def test_quickstart_plot_colours_agree_and_no_legend_hides_a_bar_label():
+    quickstart = _quickstart()
+    results = {
+        name: {"test_accuracy": acc, "losses": [2.0, 1.0, 0.5]}
+        for name, acc in zip(quickstart.COLORS, [1.0, 0.99, 0.125, 0.97], strict=True)
+    }
+    fig = quickstart.figure(results)
+    bars, curves = fig.axes
+    from matplotlib.colors import to_rgba
+
+    bar_colours = [to_rgba(p.get_facecolor()) for p in bars.patches]
+    line_colours = {line.get_label(): to_rgba(line.get_color()) for line in curves.get_lines()}
+    assert bar_colours == [line_colours[name] for name in results]
+    assert bars.get_legend() is None
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in bars.texts if t.get_text().endswith("%")]
+    chance = [t for t in bars.texts if t.get_text() == "chance"]
+    assert len(labels) == 4 and len(chance) == 1
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    assert not any(b.overlaps(chance[0].get_window_extent(renderer)) for b in boxes)
+    assert all(b.y1 <= bars.get_window_extent(renderer).y1 for b in boxes)  # inside the axes
