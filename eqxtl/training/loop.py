@@ -182,22 +182,7 @@ def fit(
             scales_lr=scales_lr,
             with_info=lambda m: _with_info(m, train),
         )
-        loop.saved_step = None if meta is None else int(meta["step"])
-        loop.bar = progress_bar(int(bounds[-1]), run.step, runtime.progress)
-        try:
-            for i, phase in enumerate(phases):
-                if run.step >= bounds[i + 1] or run.stopped:
-                    continue
-                resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
-                loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
-        except KeyboardInterrupt:
-            if loop.bar is not None:
-                loop.bar.close()
-                loop.bar = None
-            raise KeyboardInterrupt(loop.interrupted()) from None
-        finally:
-            if loop.bar is not None:
-                loop.bar.close()
+        _run_phases(loop, phases, optimizers, bounds, meta)
         call_hooks(callbacks, "on_fit_end", run)
     names = _class_names(train, getattr(run.model, "num_classes", -1))
     preprocessing = train.preprocessing if isinstance(train, SourceBatches) else None
@@ -213,6 +198,28 @@ def fit(
         preprocessing,
         None if meta is None else int(meta["step"]),
     )
+
+
+def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
+    """Each phase from where the run stands; on Ctrl-C, ``last`` is written and
+    ``KeyboardInterrupt`` re-raised with one line saying how to resume."""
+    run = loop.run
+    loop.saved_step = None if meta is None else int(meta["step"])
+    loop.bar = progress_bar(int(bounds[-1]), run.step, loop.runtime.progress)
+    try:
+        for i, phase in enumerate(phases):
+            if run.step >= bounds[i + 1] or run.stopped:
+                continue
+            resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
+            loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
+    except KeyboardInterrupt:
+        if loop.bar is not None:
+            loop.bar.close()
+            loop.bar = None
+        raise KeyboardInterrupt(loop.interrupted()) from None
+    finally:
+        if loop.bar is not None:
+            loop.bar.close()
 
 
 def _option(value, kind, name: str):
