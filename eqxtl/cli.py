@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -122,6 +123,17 @@ _CLI_WORDS = (
         "Run the same call again to resume.",
         "Run the same command again (without --restart) to resume.",
     ),
+    (
+        "Lower the learning rate, check the data for NaN, or allow some skipped steps with "
+        "runtime=eqxtl.Runtime(max_nonfinite=N).",
+        "Lower the learning rate (--lr, --train RULE=LR) or check the data for NaN.",
+    ),
+    ("Phase(epochs=...)", "--epochs"),
+    ("Loader(batch_size=...)", "--batch-size"),
+    ("evaluate(batch_size=...)", "--batch-size"),
+    ("predict(batch_size=...)", "--batch-size"),
+    ("Runtime(eval_every=...) (or None)", "--eval-every"),
+    ("Runtime(seed=...)", "--seed"),
 )
 
 
@@ -139,10 +151,30 @@ def _rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
             out.append((item, default_lr))
             continue
         try:
-            out.append((rule, float(lr)))
+            value = float(lr)
         except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
             _fail(f"--train {item!r}: {lr!r} is not a learning rate (RULE=LR, e.g. head=1e-3).")
+        out.append((rule, value))
     return out
+
+
+def _check_numbers(args) -> None:
+    """The numbers of ``train``, checked before JAX is imported."""
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        _fail(f"--lr {args.lr}: a learning rate is a finite number > 0 (e.g. 1e-3).")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        _fail(f"--weight-decay {args.weight_decay}: must be a finite number >= 0.")
+    counts = (
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--eval-every", args.eval_every, 1),
+        ("--seed", args.seed, 0),
+    )
+    for flag, value, low in counts:
+        if value is not None and value < low:
+            _fail(f"{flag} must be an integer >= {low}, got {value}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         _image_folder_shape(args.data, "--data")
         if args.val is not None:
             _image_folder_shape(args.val, "--val")
+        _check_numbers(args)
         rules = _rules(args.train, args.lr)
     import eqxtl  # JAX from here on
 

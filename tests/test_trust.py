@@ -597,3 +597,45 @@ def test_quickstart_plot_colours_agree_and_no_legend_hides_a_bar_label():
     boxes = [t.get_window_extent(renderer) for t in labels]
     assert not any(b.overlaps(chance[0].get_window_extent(renderer)) for b in boxes)
     assert all(b.y1 <= bars.get_window_extent(renderer).y1 for b in boxes)  # inside the axes
+
+
+# ---------------------------------------------------------------- 9. more options
+
+
+def test_split_schedule_and_two_phases_numbers_are_checked(parts):
+    source = eqxtl.ArraySource(np.zeros((4, 8, 8, 3), np.uint8), [0, 1, 0, 1])
+    for bad in (math.nan, "0.2", 0, 1):
+        with pytest.raises(eqxtl.DataError, match=r"split\(fraction=\.\.\.\)"):
+            eqxtl.split(source, bad)
+    with pytest.raises(eqxtl.DataError, match=r"split\(seed=\.\.\.\)"):
+        eqxtl.split(source, 0.5, seed=-1)
+    with pytest.raises(eqxtl.TrainingError, match=r"warmup_cosine\(warmup_steps=\.\.\.\)"):
+        eqxtl.warmup_cosine(1e-3, 100, warmup_steps=-5)
+    with pytest.raises(eqxtl.TrainingError, match=r"warmup_cosine\(peak_lr=\.\.\.\)"):
+        eqxtl.warmup_cosine(math.nan, 100)
+    model, _, _ = head(parts)
+    with pytest.raises(eqxtl.TrainingError, match=r"two_phases\(lr=\.\.\.\)"):
+        eqxtl.two_phases(model, lr=-1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--lr", "nan"], "--lr nan"),
+        (["--lr", "-1"], "--lr -1.0"),
+        (["--weight-decay", "inf"], "--weight-decay inf"),
+        (["--train", "head=0"], "--train 'head=0'"),
+        (["--epochs", "0"], "--epochs must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--eval-every", "0"], "--eval-every must be an integer >= 1"),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
+    ],
+)
+def test_cli_numbers_are_refused_in_the_cli_words(tmp_path, weights, capsys, extra, words):
+    data = folder(tmp_path / "photos", n=1)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", str(weights), "--data", str(data), "--train", "head",
+                  "--quiet", "--out", str(tmp_path / "run"), *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err and "Traceback" not in err, err
+    assert "(...)" not in err  # no Python call in the message

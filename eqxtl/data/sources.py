@@ -16,6 +16,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from .._util import checks
+from .._util.checks import real
 from ..errors import CorruptImageError, DataError
 from .images import _pil_rgb, _pixel_problem
 
@@ -259,9 +261,10 @@ def split(source: Source, fraction: float, seed: int = 0) -> tuple[Subset, Subse
     one test example per class with two or more examples) when the source has ``labels``
     (``ArraySource``, ``ImageFolder``, ``Subset`` of those); a plain random split otherwise.
     """
-    if not 0 < fraction < 1:
-        raise DataError(f"split fraction must be in (0, 1), got {fraction}.")
-    rng = np.random.default_rng(seed)
+    fraction = real(
+        fraction, "split(fraction=...)", DataError, low=0, high=1, low_open=True, high_open=True
+    )
+    rng = np.random.default_rng(checks.count(seed, "split(seed=...)", DataError, minimum=0))
     labels = getattr(source, "labels", None)
     if labels is None:
         perm = rng.permutation(len(source))
