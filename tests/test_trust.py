@@ -639,3 +639,25 @@ def test_cli_numbers_are_refused_in_the_cli_words(tmp_path, weights, capsys, ext
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and words in err and "Traceback" not in err, err
     assert "(...)" not in err  # no Python call in the message
+
+
+def test_ctrl_c_stops_at_a_step_end_and_the_resumed_run_is_the_uninterrupted_one(parts, tmp_path):
+    model, state, spec = head(parts)
+    data = batches(2)
+
+    def interrupt(run, metrics):
+        if run.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: handled between bytecodes
+
+    def run(out, callbacks=()):
+        return eqxtl.fit(model, state, optax.adam(1e-2), spec, data, epochs=3,
+                         callbacks=list(callbacks), checkpoint=eqxtl.Checkpoint(out),
+                         runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+    with pytest.raises(KeyboardInterrupt, match=r"saved at step 3 of 6"):
+        run(tmp_path / "a", [eqxtl.Lambda(on_step=interrupt)])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = run(tmp_path / "a")
+    straight = run(tmp_path / "b")
+    assert resumed.resumed_from == 3
+    np.testing.assert_array_equal(resumed.model.head.weight, straight.model.head.weight)

@@ -41,7 +41,7 @@ from .evaluation import batches_of
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
-from .runs import HYPER, RunDir, optimizer_hyperparameters, signature
+from .runs import HYPER, RunDir, optimizer_hyperparameters, sigint_at_step_end, signature
 from .session import Loop, Run, call_hooks, progress_bar, with_scale
 from .tasks import Classification, Task
 
@@ -207,11 +207,14 @@ def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
     loop.saved_step = None if meta is None else int(meta["step"])
     loop.bar = progress_bar(int(bounds[-1]), run.step, loop.runtime.progress)
     try:
-        for i, phase in enumerate(phases):
-            if run.step >= bounds[i + 1] or run.stopped:
-                continue
-            resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
-            loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
+        with sigint_at_step_end(loop):
+            for i, phase in enumerate(phases):
+                if run.step >= bounds[i + 1] or run.stopped:
+                    continue
+                resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
+                loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
+            if loop.interrupt_requested:  # during the last evaluation: the run is complete
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         if loop.bar is not None:
             loop.bar.close()

@@ -170,11 +170,11 @@ def differences(stored: dict, current: dict, per_kind: int = 3) -> list[str]:
 
 @contextlib.contextmanager
 def sigint_deferred():
-    """Hold Ctrl-C (SIGINT) back while the block runs, then raise ``KeyboardInterrupt`` if
-    one came: a checkpoint is written whole, never cut by an interrupt in the middle of a
-    file or of a library call (main thread, default handler only)."""
-    default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if not default or threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C (SIGINT) back while the block runs, then hand it to the handler that was
+    in place (by default: raise ``KeyboardInterrupt``): a checkpoint is written whole, never
+    cut by an interrupt in the middle of a file or of a library call. Main thread only
+    (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
@@ -184,7 +184,32 @@ def sigint_deferred():
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        if previous is signal.default_int_handler or previous is None:
+            raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
+
+
+@contextlib.contextmanager
+def sigint_at_step_end(flag):
+    """While the block runs, a first Ctrl-C sets ``flag.interrupt_requested`` (the loop
+    stops at the end of the step, where model, state, optimizer state and step agree); a
+    second one raises ``KeyboardInterrupt`` at once. Main thread, default handler only."""
+    default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if not default or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.interrupt_requested:
+            raise KeyboardInterrupt
+        flag.interrupt_requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class RunDir:

@@ -126,6 +126,7 @@ class Loop:
     scales_lr: bool
     with_info: Any
     bar: Any = None
+    interrupt_requested: bool = False
     saved_step: int | None = None
     """The step of the newest checkpoint in the run folder (``None``: none)."""
     guard: dict | None = None
@@ -191,6 +192,8 @@ class Loop:
                 acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
                 self.pending.append((run.step, metrics["loss"]))
                 run.model, run.state, run.opt_state = model, state, opt_state
+                if self.interrupt_requested:  # Ctrl-C: stop where everything agrees
+                    raise KeyboardInterrupt
                 images += int(np.sum(batch["mask"])) if "mask" in batch else train.batch_size
                 if per_step:
                     values = host(metrics)
