@@ -24,9 +24,14 @@ class Checkpoint:
 
     - `out_dir`: the folder.
     - `resume`: continue from ``last`` (the default) after checking that the stored
-      configuration (model shapes, spec, optimizer state, seed, batch size, data length,
-      phases, task, BatchNorm modes) is this run's (``TrainingError`` naming the
-      differences otherwise); ``False`` starts over and deletes the folder's checkpoints.
+      configuration (model shapes, spec, optimizer state, the optimizer's hyperparameters
+      such as the learning rate or its schedule, seed, batch size, data length, phases,
+      task, BatchNorm modes) is this run's (``TrainingError`` naming the differences
+      otherwise: a resume reaches the weights the uninterrupted run would have, which
+      another learning rate would not); ``False`` starts over and deletes the folder's
+      checkpoints. A resume says the step it resumes from (stderr, with ``progress``; the
+      ``eqxtl`` logger) and ``FitResult.resumed_from``. On Ctrl-C ``fit`` finishes the
+      step, writes ``last`` and re-raises ``KeyboardInterrupt`` saying how to resume.
     - `every`: also write ``last`` every N steps between evaluations (``None``: at
       evaluations only).
     - `best`: the metric whose best value ``best/`` keeps (``"test_accuracy"``,

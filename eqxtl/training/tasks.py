@@ -10,7 +10,9 @@ A task is three pure functions of ``outputs (B, K)`` (float32) and the batch's `
 ``activation`` maps outputs to predictions (``predict``). ``Classification`` is the default of
 ``fit``; ``MultiLabel`` (sigmoid binary cross-entropy, multi-hot labels ``(B, K)``) and
 ``Regression`` (mean squared error, targets ``(B,)`` or ``(B, K)``) are the other built-ins.
-Write your own by subclassing ``Task``.
+Write your own by subclassing ``Task``. The built-ins check the labels' shape (and
+``Classification`` their integer dtype) when the step is traced: integer labels ``(B,)``
+given to ``MultiLabel`` are a ``DataError``, not a broadcast along the class axis.
 """
 
 from __future__ import annotations
