@@ -31,6 +31,11 @@ from ..errors import DataError
 def _labels_like(task: str, outputs, labels, want: str) -> None:
     """``DataError`` unless ``labels`` has the shape ``want`` describes (shapes are static:
     this runs once, when the step is traced, before any training)."""
+    if outputs.ndim != 2:
+        raise DataError(
+            f"{task} takes model outputs of shape (B, K), got {tuple(outputs.shape)}: the "
+            "model must return one row of K outputs per example."
+        )
     b, k = outputs.shape
     shapes = {"(B,)": (b,), "(B, K)": (b, k), "(B,) or (B, K)": (b,) if k == 1 else (b, k)}
     ok = labels.shape == shapes[want] or (want == "(B,) or (B, K)" and labels.shape == (b, k))
