@@ -7,8 +7,10 @@
     eqxtl summary resnet50 --train head
     eqxtl fetch resnet50 clip-vit-base-patch32
 
-Image folders are ``DIR/<class name>/<image>``. Arguments are parsed before JAX is imported
-(``--help`` is instant); rules are checked against the model before any image is read.
+Image folders are ``DIR/<class name>/<image>`` (at least 2 classes; any image format PIL
+reads). Arguments are parsed before JAX is imported (``--help`` is instant); rules are
+checked against the model before any image is read. ``train`` resumes the run in ``--out``
+(``--restart`` starts over) and says from which step; Ctrl-C saves it and exits with 130.
 """
 
 from __future__ import annotations
