@@ -661,3 +661,18 @@ def test_ctrl_c_stops_at_a_step_end_and_the_resumed_run_is_the_uninterrupted_one
     straight = run(tmp_path / "b")
     assert resumed.resumed_from == 3
     np.testing.assert_array_equal(resumed.model.head.weight, straight.model.head.weight)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scale": (0.5,)}, r"Augment\(scale=\.\.\.\) must be a pair"),
+        ({"scale": (0.2, math.nan)}, r"Augment\(scale=\.\.\.\) must be a finite number"),
+        ({"ratio": ("a", 1.0)}, r"Augment\(ratio=\.\.\.\) must be a real number"),
+        ({"flip": math.nan}, r"Augment\(flip=\.\.\.\)"),
+        ({"flip": 1.5}, r"Augment\(flip=\.\.\.\)"),
+    ],
+)
+def test_augment_options_are_checked(kwargs, match):
+    with pytest.raises(eqxtl.DataError, match=match):
+        eqxtl.Augment(**kwargs)

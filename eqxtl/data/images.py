@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .._util.checks import real
 from ..errors import DataError
 from ..models._arch import Preprocessing
 
@@ -204,6 +205,13 @@ class Augment:
     """Probability of a horizontal flip."""
 
     def __post_init__(self):
+        for what in ("scale", "ratio"):
+            pair = getattr(self, what)
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise DataError(f"Augment({what}=...) must be a pair (lo, hi), got {pair!r}.")
+            pair = tuple(real(v, f"Augment({what}=...)", DataError) for v in pair)
+            object.__setattr__(self, what, pair)
+        real(self.flip, "Augment(flip=...) (a probability)", DataError, low=0, high=1)
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise DataError(f"Augment.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}.")
