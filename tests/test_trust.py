@@ -676,3 +676,20 @@ def test_ctrl_c_stops_at_a_step_end_and_the_resumed_run_is_the_uninterrupted_one
 def test_augment_options_are_checked(kwargs, match):
     with pytest.raises(eqxtl.DataError, match=match):
         eqxtl.Augment(**kwargs)
+
+
+def test_a_run_folder_from_before_hyperparameters_were_recorded_still_resumes(parts, tmp_path):
+    model, state, spec = head(parts)
+    out = tmp_path / "run"
+
+    def run(epochs):
+        return eqxtl.fit(model, state, optax.adam(1e-3), spec, batches(2), epochs=epochs,
+                         checkpoint=eqxtl.Checkpoint(out),
+                         runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+
+    run(1)
+    stored = json.loads((out / "run.json").read_text())
+    assert any("optimizer hyperparameters" in k for k in stored)
+    old = {k: v for k, v in stored.items() if "optimizer hyperparameters" not in k}
+    (out / "run.json").write_text(json.dumps(old))
+    assert run(2).resumed_from == 2
