@@ -16,7 +16,9 @@ checked against the model before any image is read. ``train`` resumes the run in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -247,19 +249,42 @@ def _train(args, rules) -> int:
             (val, {}),
         )
     ]
-    result = eqxtl.fit(
-        model,
-        state,
-        train_data=loaders[0],
-        test_data=loaders[1],
-        phases=[eqxtl.Phase(spec, optimizer, epochs=args.epochs, bn=args.bn)],
-        callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
-        checkpoint=eqxtl.Checkpoint(out, resume=not args.restart),
-        runtime=eqxtl.Runtime(seed=args.seed, eval_every=args.eval_every, progress=not args.quiet),
-    )
+    with _resume_line(args.quiet):
+        result = eqxtl.fit(
+            model,
+            state,
+            train_data=loaders[0],
+            test_data=loaders[1],
+            phases=[eqxtl.Phase(spec, optimizer, epochs=args.epochs, bn=args.bn)],
+            callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
+            checkpoint=eqxtl.Checkpoint(out, resume=not args.restart),
+            runtime=eqxtl.Runtime(
+                seed=args.seed, eval_every=args.eval_every, progress=not args.quiet
+            ),
+        )
     summary = {"out": str(out), "best": str(out / "best"), "resumed_from": result.resumed_from}
     print(json.dumps({**summary, **result.final}))
     return 0
+
+
+@contextlib.contextmanager
+def _resume_line(quiet: bool):
+    """``fit`` says where it resumes beside its progress bar; with ``--quiet`` (no bar) the
+    same line comes through its logger."""
+    if not quiet:
+        yield
+        return
+    logger = logging.getLogger("eqxtl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _classifier(name, num_classes: int, seed: int):

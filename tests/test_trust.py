@@ -498,7 +498,9 @@ def test_cli_train_says_what_it_found_and_what_it_resumes_in_its_own_words(
     assert json.loads(captured.out.strip().splitlines()[-1])["resumed_from"] is None
 
     assert cli.main([*base, "--epochs", "2"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["resumed_from"] == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["resumed_from"] == 2
+    assert f"Resuming the run in {out} from step 2 of 4." in captured.err.splitlines()
 
     with pytest.raises(SystemExit) as exit_:
         cli.main([*base, "--epochs", "3", "--lr", "1e-2"])
