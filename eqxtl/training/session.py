@@ -299,6 +299,8 @@ class Loop:
         """After Ctrl-C: write ``last`` if the run went past it (the save itself cannot be
         interrupted), and say in one line where the run stands and how to resume."""
         run = self.run
+        if self.folder is None and run.out_dir is not None:  # another process writes it
+            return f"Interrupted at step {run.step}; process 0 writes the run in {run.out_dir}."
         if self.folder is None:
             return (
                 f"Interrupted at step {run.step} of {run.total_steps}; nothing was saved (no "
