@@ -7,14 +7,19 @@
     eqxtl summary resnet50 --train head
     eqxtl fetch resnet50 clip-vit-base-patch32
 
-Image folders are ``DIR/<class name>/<image>``. Arguments are parsed before JAX is imported
-(``--help`` is instant); rules are checked against the model before any image is read.
+Image folders are ``DIR/<class name>/<image>`` (at least 2 classes; any image format PIL
+reads). Arguments are parsed before JAX is imported (``--help`` is instant); rules are
+checked against the model before any image is read. ``train`` resumes the run in ``--out``
+(``--restart`` starts over) and says from which step; Ctrl-C saves it and exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -64,9 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("files", nargs="+", type=Path, metavar="FILES")
     pr.add_argument("--batch-size", type=int, default=32)
 
-    su = sub.add_parser("summary", help="what trains, per module")
+    su = sub.add_parser(
+        "summary", help="what trains, per module, in the model `train` builds (with its head)"
+    )
     su.add_argument("model", metavar="MODEL")
     su.add_argument("--train", action="append", default=[], metavar="RULE")
+    su.add_argument(
+        "--classes", type=int, default=2, help="classes of the head (default %(default)s)"
+    )
 
     fe = sub.add_parser("fetch", help="download models into weights/ (needs network)")
     fe.add_argument("names", nargs="+", metavar="NAME")
@@ -94,6 +104,47 @@ def _image_folder_shape(path: Path, what: str) -> None:
             f"{what} {str(path)!r} has no class subfolders: expected {path}/<class name>/<image> "
             "(one folder per class)."
         )
+    if what == "--data" and len(classes) < 2:
+        _fail(
+            f"{what} {str(path)!r} has one class subfolder ({classes[0].name}): a classifier "
+            "learns to tell classes apart, so it needs at least 2 (one folder per class)."
+        )
+
+
+# What the library's messages suggest in Python, in the command's own words.
+_CLI_WORDS = (
+    ("checkpoint=eqxtl.Checkpoint(out_dir, resume=False)", "--restart"),
+    ("eqxtl.Checkpoint(out_dir, resume=False)", "--restart"),
+    ("(e.g. starting from out_dir/best)", "(e.g. --model OUT/best)"),
+    ("another out_dir", "another --out"),
+    ("writable out_dir", "writable --out"),
+    ("List them with eqxtl.paths(model).", "List them with `eqxtl summary MODEL`."),
+    (
+        "eqxtl.summary(model, spec) shows what trains",
+        "`eqxtl summary MODEL --train RULE` shows what trains",
+    ),
+    (
+        "Run the same call again to resume.",
+        "Run the same command again (without --restart) to resume.",
+    ),
+    (
+        "Lower the learning rate, check the data for NaN, or allow some skipped steps with "
+        "runtime=eqxtl.Runtime(max_nonfinite=N).",
+        "Lower the learning rate (--lr, --train RULE=LR) or check the data for NaN.",
+    ),
+    ("Phase(epochs=...)", "--epochs"),
+    ("Loader(batch_size=...)", "--batch-size"),
+    ("evaluate(batch_size=...)", "--batch-size"),
+    ("predict(batch_size=...)", "--batch-size"),
+    ("Runtime(eval_every=...) (or None)", "--eval-every"),
+    ("Runtime(seed=...)", "--seed"),
+)
+
+
+def _cli_words(message: str) -> str:
+    for python, cli in _CLI_WORDS:
+        message = message.replace(python, cli)
+    return message
 
 
 def _rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
@@ -104,10 +155,30 @@ def _rules(items: list[str], default_lr: float) -> list[tuple[str, float]]:
             out.append((item, default_lr))
             continue
         try:
-            out.append((rule, float(lr)))
+            value = float(lr)
         except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
             _fail(f"--train {item!r}: {lr!r} is not a learning rate (RULE=LR, e.g. head=1e-3).")
+        out.append((rule, value))
     return out
+
+
+def _check_numbers(args) -> None:
+    """The numbers of ``train``, checked before JAX is imported."""
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        _fail(f"--lr {args.lr}: a learning rate is a finite number > 0 (e.g. 1e-3).")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        _fail(f"--weight-decay {args.weight_decay}: must be a finite number >= 0.")
+    counts = (
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--eval-every", args.eval_every, 1),
+        ("--seed", args.seed, 0),
+    )
+    for flag, value, low in counts:
+        if value is not None and value < low:
+            _fail(f"{flag} must be an integer >= {low}, got {value}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         _image_folder_shape(args.data, "--data")
         if args.val is not None:
             _image_folder_shape(args.val, "--val")
+        _check_numbers(args)
         rules = _rules(args.train, args.lr)
     import eqxtl  # JAX from here on
 
@@ -130,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             return _summary(args)
         return _fetch(args)
     except eqxtl.EqxtlError as e:
-        _fail(str(e))
+        _fail(_cli_words(str(e)))
+    except KeyboardInterrupt as e:  # fit has saved `last` and says so; no traceback
+        print(f"eqxtl: {_cli_words(str(e)) or 'interrupted.'}", file=sys.stderr)
+        raise SystemExit(130) from None
     return 0
 
 
@@ -145,23 +220,24 @@ def _optimizer(lr: float, weight_decay: float):
 
 
 def _train(args, rules) -> int:
-    import jax
-
     import eqxtl
 
-    model, state = eqxtl.from_pretrained(args.model)
-    n = len(_class_folders(args.data))
-    if not isinstance(model, eqxtl.Classifier) or model.num_classes != n:
-        backbone = getattr(model, "backbone", model)
-        model = eqxtl.Classifier(backbone, n, key=jax.random.key(args.seed))
+    model, state = _classifier(args.model, len(_class_folders(args.data)), args.seed)
     # the rules are checked against the model before any image is read
     groups = [(rule, _optimizer(lr, args.weight_decay)) for rule, lr in rules]
     spec, optimizer = eqxtl.param_groups(model, [*groups, (".*", None)])
-    train = eqxtl.ImageFolder(args.data)
-    val = eqxtl.ImageFolder(args.val) if args.val is not None else None
+    train = _found(args.data, "--data")
+    val = _found(args.val, "--val") if args.val is not None else None
     if val is not None and val.class_names != train.class_names:
         raise eqxtl.DataError(
             f"--val classes {val.class_names} differ from --data classes {train.class_names}."
+        )
+    present = [n for n in train.class_names if n not in train.empty_classes]
+    if len(present) < 2:
+        raise eqxtl.DataError(
+            f"--data {str(args.data)!r} has images of {len(present)} class"
+            f"{'' if len(present) == 1 else 'es'} ({', '.join(present) or 'none'}): a "
+            "classifier needs images of at least 2 classes."
         )
     out = args.out or RUNS / f"{args.data.resolve().name}-{Path(args.model).name}"
     preprocessing = eqxtl.preprocessing_for(model)
@@ -173,18 +249,70 @@ def _train(args, rules) -> int:
             (val, {}),
         )
     ]
-    result = eqxtl.fit(
-        model,
-        state,
-        train_data=loaders[0],
-        test_data=loaders[1],
-        phases=[eqxtl.Phase(spec, optimizer, epochs=args.epochs, bn=args.bn)],
-        callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
-        checkpoint=eqxtl.Checkpoint(out, resume=not args.restart),
-        runtime=eqxtl.Runtime(seed=args.seed, eval_every=args.eval_every, progress=not args.quiet),
-    )
-    print(json.dumps({"out": str(out), "best": str(out / "best"), **result.final}))
+    with _resume_line(args.quiet):
+        result = eqxtl.fit(
+            model,
+            state,
+            train_data=loaders[0],
+            test_data=loaders[1],
+            phases=[eqxtl.Phase(spec, optimizer, epochs=args.epochs, bn=args.bn)],
+            callbacks=[eqxtl.TensorBoard()] if args.tensorboard else [],
+            checkpoint=eqxtl.Checkpoint(out, resume=not args.restart),
+            runtime=eqxtl.Runtime(
+                seed=args.seed, eval_every=args.eval_every, progress=not args.quiet
+            ),
+        )
+    summary = {"out": str(out), "best": str(out / "best"), "resumed_from": result.resumed_from}
+    print(json.dumps({**summary, **result.final}))
     return 0
+
+
+@contextlib.contextmanager
+def _resume_line(quiet: bool):
+    """``fit`` says where it resumes beside its progress bar; with ``--quiet`` (no bar) the
+    same line comes through its logger."""
+    if not quiet:
+        yield
+        return
+    logger = logging.getLogger("eqxtl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _classifier(name, num_classes: int, seed: int):
+    """The model ``train`` fine-tunes: the checkpoint's ``Classifier`` when it has
+    ``num_classes``, else its backbone with a new head."""
+    import jax
+
+    import eqxtl
+
+    model, state = eqxtl.from_pretrained(name)
+    if not isinstance(model, eqxtl.Classifier) or model.num_classes != num_classes:
+        backbone = getattr(model, "backbone", model)
+        model = eqxtl.Classifier(backbone, num_classes, key=jax.random.key(seed))
+    return model, state
+
+
+def _found(path: Path, what: str):
+    """The ``ImageFolder`` at ``path``, with what was found printed (stderr) before any
+    compilation: classes, images per class, skipped and ignored files."""
+    import warnings
+
+    import eqxtl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same report is printed below, once
+        folder = eqxtl.ImageFolder(path)
+    print(f"{what}: {folder.report()}", file=sys.stderr, flush=True)
+    return folder
 
 
 def _load_classifier(path):
@@ -238,7 +366,13 @@ def _predict(args) -> int:
 def _summary(args) -> int:
     import eqxtl
 
-    model, _ = eqxtl.from_pretrained(args.model)
+    if args.classes < 2:
+        _fail(f"--classes {args.classes}: a classifier has at least 2 classes.")
+    model, _ = _classifier(args.model, args.classes, 0)
+    print(
+        f"{type(model).__name__} with {model.num_classes} classes, as `eqxtl train` builds "
+        "it (rules match paths such as head, backbone.encoder...):"
+    )
     spec = eqxtl.trainable(model, *args.train) if args.train else eqxtl.everything(model)
     eqxtl.summary(model, spec)
     return 0

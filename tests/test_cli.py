@@ -112,5 +112,6 @@ def test_fetch_goes_on_past_a_failure_and_reports_each_name(tmp_path, weights, c
 
 
 def test_summary_prints_what_trains(weights, capsys):
-    assert cli.main(["summary", str(weights), "--train", "encoder.layers.3"]) == 0
-    assert "encoder.layers.3" in capsys.readouterr().out
+    # the model `train` builds: the backbone under a head
+    assert cli.main(["summary", str(weights), "--train", "backbone.encoder.layers.3"]) == 0
+    assert "backbone.encoder.layers.3" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from eqxtl import (
     preprocess,
     split,
 )
-from eqxtl.models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING
+from eqxtl.models.resnet import PREPROCESSING as IMAGENET_PREPROCESSING  # removed from eqxtl
 
 # An identity preprocessing on tiny images: a constant image of value v comes out as v, so a
 # batch tells which source examples it holds.
@@ -367,4 +367,5 @@ def test_tfds_source_not_prepared_fails_fast(tmp_path, monkeypatch):
         TFDSSource("rock_paper_scissors", "train", data_dir=tmp_path)
     message = str(info.value)
     assert "not prepared" in message and str(tmp_path) in message
-    assert "eqxtl[tfds-prepare]" in message and "tfds.data_source('rock_paper_scissors'" in message
+    assert 'pip install -e ".[tfds-prepare]"' in message  # from the clone: not on PyPI
+    assert "tfds.data_source('rock_paper_scissors'" in message

@@ -186,9 +186,9 @@ def test_two_phases_continuous_history_and_resume_in_phase_two(tmp_path):
         np.testing.assert_array_equal(a, b)
 
     with pytest.raises(KeyboardInterrupt):
-        _two_phase_run(tmp_path / "killed", kill_at=7)  # last checkpoint: step 6, phase 1
+        _two_phase_run(tmp_path / "killed", kill_at=7)  # Ctrl-C writes last at step 7
     meta = json.loads((tmp_path / "killed" / "last" / "meta.json").read_text())
-    assert (meta["step"], meta["phase"]) == (6, 1)
+    assert (meta["step"], meta["phase"]) == (7, 1)
     _, _, resumed = _two_phase_run(tmp_path / "killed")
     assert resumed.step == 8
     assert [h["step"] for h in resumed.history] == [2, 4, 6, 8]

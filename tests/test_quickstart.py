@@ -38,5 +38,9 @@ def test_quickstart_small_run(tmp_path):
     assert accuracy["frozen"] >= 0.6, accuracy
     assert json.loads((tmp_path / "summary.json").read_text())["test_accuracy"] == accuracy
     assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+    # only what the user needs: no run folder per run
+    assert {p.name for p in tmp_path.iterdir()} == {"fine-tuned", "summary.json", "comparison.png"}
+    assert {p.name for p in (tmp_path / "fine-tuned").iterdir()} == {"best"}
     model, _ = eqxtl.from_pretrained(tmp_path / "fine-tuned" / "best", keep_head=True)
     assert model.num_classes == len(quickstart.CLASSES)
+    assert list(model.class_names) == list(quickstart.CLASSES)

@@ -24,6 +24,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from .._util import checks
+from ..errors import DataError
 from ..models._arch import Preprocessing
 from .loader import Loader, SourceBatches
 from .sources import fingerprint
@@ -71,6 +73,7 @@ def extract_features(
     """
     from ..models.registry import preprocessing_for
 
+    batch_size = checks.count(batch_size, "extract_features(batch_size=...)", DataError)
     backbone = getattr(backbone, "backbone", backbone)
     if isinstance(data, SourceBatches):
         source = data.source

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 
+from .._util import checks
 from ..errors import DataError
-from .loader import local_batch
+from .loader import Loader, local_batch
 
 
 class GrainLoader:
@@ -24,10 +25,24 @@ class GrainLoader:
     def __init__(
         self, loader, *, num_workers: int = 2, index: int | None = None, count: int | None = None
     ):
+        if not isinstance(loader, Loader):
+            raise DataError(
+                f"GrainLoader(loader=...) takes an eqxtl.Loader(source, preprocessing, "
+                f"batch_size), got {type(loader).__name__}."
+            )
         self.loader = loader
-        self.num_workers = num_workers
-        self.index = jax.process_index() if index is None else index
-        self.count = jax.process_count() if count is None else count
+        self.num_workers = checks.count(
+            num_workers, "GrainLoader(num_workers=...) (0: in this process)", DataError, minimum=0
+        )
+        count = jax.process_count() if count is None else count
+        self.count = checks.count(count, "GrainLoader(count=...)", DataError)
+        index = jax.process_index() if index is None else index
+        self.index = checks.count(index, "GrainLoader(index=...)", DataError, minimum=0)
+        if self.index >= self.count:
+            raise DataError(
+                f"GrainLoader(index={index}) must be < count ({self.count}): the index of this "
+                "process among the count that share each batch."
+            )
         if loader.batch_size % self.count:
             raise DataError(
                 f"A global batch of {loader.batch_size} cannot be split over {self.count} "

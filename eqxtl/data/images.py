@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .._util.checks import real
 from ..errors import DataError
 from ..models._arch import Preprocessing
 
@@ -114,6 +115,15 @@ def _pil_rgb(im: Image.Image) -> np.ndarray:
             )
         gray = np.round(a.astype(np.float32) * (255 / 65535)).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=-1)
+    if im.mode == "F":  # 32-bit float (TIFF): convert("RGB") would clip it to 0..255
+        a = np.asarray(im)
+        if not (np.all(np.isfinite(a)) and a.min() >= 0 and a.max() <= 1):
+            raise DataError(
+                f"A float image with values in [{a.min()}, {a.max()}]: expected finite values "
+                "in [0, 1]. Save it as 8 or 16 bits."
+            )
+        gray = np.round(a * 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=-1)
     return np.asarray(im.convert("RGB"))
 
 
@@ -195,10 +205,17 @@ class Augment:
     """Probability of a horizontal flip."""
 
     def __post_init__(self):
+        for what in ("scale", "ratio"):
+            pair = getattr(self, what)
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise DataError(f"Augment({what}=...) must be a pair (lo, hi), got {pair!r}.")
+            pair = tuple(real(v, f"Augment({what}=...)", DataError) for v in pair)
+            object.__setattr__(self, what, pair)
+        real(self.flip, "Augment(flip=...) (a probability)", DataError, low=0, high=1)
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise DataError(f"Augment.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}.")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
+        if not 0 < self.ratio[0] <= self.ratio[1] < math.inf:
             raise DataError(f"Augment.ratio must satisfy 0 < lo <= hi, got {self.ratio}.")
         if not 0 <= self.flip <= 1:
             raise DataError(f"Augment.flip is a probability, got {self.flip}.")

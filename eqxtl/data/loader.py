@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from .._util.checks import count
 from ..errors import CorruptImageError, DataError
 from ..models._arch import Preprocessing
 from .images import Augment, preprocess
@@ -103,10 +104,11 @@ class Loader:
         drop_last: bool = False,
         prefetch: int = 2,
     ):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}.")
-        if seed < 0:
-            raise DataError(f"seed must be >= 0 (it seeds numpy Generators), got {seed}.")
+        batch_size = count(batch_size, "Loader(batch_size=...)", DataError)
+        seed = count(seed, "Loader(seed=...) (it seeds numpy Generators)", DataError, minimum=0)
+        if num_workers is not None:
+            num_workers = count(num_workers, "Loader(num_workers=...)", DataError, minimum=0)
+        prefetch = count(prefetch, "Loader(prefetch=...)", DataError)
         self.source = source
         self.preprocessing = preprocessing
         self.batch_size = int(batch_size)

@@ -16,6 +16,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from .._util import checks
+from .._util.checks import real
 from ..errors import CorruptImageError, DataError
 from .images import _pil_rgb, _pixel_problem
 
@@ -259,9 +261,10 @@ def split(source: Source, fraction: float, seed: int = 0) -> tuple[Subset, Subse
     one test example per class with two or more examples) when the source has ``labels``
     (``ArraySource``, ``ImageFolder``, ``Subset`` of those); a plain random split otherwise.
     """
-    if not 0 < fraction < 1:
-        raise DataError(f"split fraction must be in (0, 1), got {fraction}.")
-    rng = np.random.default_rng(seed)
+    fraction = real(
+        fraction, "split(fraction=...)", DataError, low=0, high=1, low_open=True, high_open=True
+    )
+    rng = np.random.default_rng(checks.count(seed, "split(seed=...)", DataError, minimum=0))
     labels = getattr(source, "labels", None)
     if labels is None:
         perm = rng.permutation(len(source))
@@ -282,7 +285,10 @@ def split(source: Source, fraction: float, seed: int = 0) -> tuple[Subset, Subse
     return Subset(source, np.flatnonzero(~is_test)), Subset(source, np.flatnonzero(is_test))
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+IMAGE_EXTENSIONS = (
+    *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"),
+    *(".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".jp2"),
+)
 
 
 class ImageFolder:
@@ -448,7 +454,8 @@ class TFDSSource:
             import tensorflow_datasets as tfds
         except ImportError as e:
             raise DataError(
-                f'Reading TFDS datasets needs tensorflow-datasets: pip install "eqxtl[tfds]" ({e}).'
+                "Reading TFDS datasets needs tensorflow-datasets: in the eqxtl clone, "
+                f'pip install -e ".[tfds]" ({e}).'
             ) from e
         self.name, self.split = name, split
         self.image_key, self.label_key = image_key, label_key
@@ -490,7 +497,7 @@ class TFDSSource:
 def _tfds_error(name: str, split: str, data_dir: str | None, builder, error: Exception) -> str:
     dir_arg = "" if data_dir is None else f", data_dir={data_dir!r}"
     prepare = (
-        f'  pip install "eqxtl[tfds-prepare]"\n'
+        f'  pip install -e ".[tfds-prepare]"   (in the eqxtl clone)\n'
         f'  python -c "import tensorflow_datasets as tfds; '
         f"tfds.data_source('{name}'{dir_arg})\"\n"
     )

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from .._util.checks import count, real
 from ..errors import TrainingError
 
 
@@ -44,6 +45,15 @@ def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def _check_watch(self, what: str) -> None:
+    """The options ``EarlyStopping`` and ``ReduceLROnPlateau`` share."""
+    if not isinstance(self.metric, str):
+        raise TrainingError(f"{what}(metric=...) must be a metric name, got {self.metric!r}.")
+    metric_mode(self.metric, self.mode)  # checks mode
+    self.patience = count(self.patience, f"{what}(patience=...)", TrainingError)
+    self.min_delta = real(self.min_delta, f"{what}(min_delta=...)", TrainingError, low=0)
+
+
 def require_metric(name: str, record: dict, what: str) -> float:
     if name not in record:
         known = sorted(k for k, v in record.items() if isinstance(v, float) and k != "epoch")
@@ -64,6 +74,9 @@ class EarlyStopping:
     min_delta: float = 0.0
     best: float | None = None
     wait: int = 0
+
+    def __post_init__(self):
+        _check_watch(self, "EarlyStopping")
 
     def on_eval(self, run, record: dict) -> None:
         value = require_metric(self.metric, record, "EarlyStopping")
@@ -96,6 +109,22 @@ class ReduceLROnPlateau:
     wait: int = 0
     scales_lr = True
 
+    def __post_init__(self):
+        _check_watch(self, "ReduceLROnPlateau")
+        what = "ReduceLROnPlateau"
+        self.factor = real(
+            self.factor,
+            f"{what}(factor=...)",
+            TrainingError,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+        )
+        self.min_scale = real(
+            self.min_scale, f"{what}(min_scale=...)", TrainingError, low=0, high=1, low_open=True
+        )
+
     def on_eval(self, run, record: dict) -> None:
         value = require_metric(self.metric, record, "ReduceLROnPlateau")
         if improved(value, self.best, metric_mode(self.metric, self.mode), self.min_delta):
@@ -121,11 +150,27 @@ class LRSchedule:
     schedule: Callable[[int], float]
     scales_lr = True
 
+    def __post_init__(self):
+        if not callable(self.schedule):
+            raise TrainingError(
+                f"LRSchedule(schedule=...) must be a function of the step, got {self.schedule!r}."
+            )
+
+    def _scale(self, step: int) -> float:
+        value = self.schedule(step)
+        try:  # a Python number, or a 0-d array (optax schedules return jax arrays)
+            return real(float(value), "", TrainingError, low=0)
+        except (TrainingError, TypeError, ValueError):
+            raise TrainingError(
+                f"LRSchedule: schedule({step}) returned {value!r}; it must return a finite "
+                "scale >= 0."
+            ) from None
+
     def on_eval(self, run, record: dict) -> None:
-        run.lr_scale = float(self.schedule(run.step))
+        run.lr_scale = self._scale(run.step)
 
     def on_phase_begin(self, run) -> None:
-        run.lr_scale = float(self.schedule(run.step))
+        run.lr_scale = self._scale(run.step)
 
 
 @dataclasses.dataclass

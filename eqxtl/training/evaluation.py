@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._util.checks import count
 from ..data.loader import BatchSource, Loader
 from ..errors import DataError, EqxtlError
 from ..models._arch import Preprocessing
@@ -56,6 +57,7 @@ def evaluate(
     Returns, for classification (the default task), ``{"loss", "accuracy", "count"}``. No
     example is dropped: the last batch is padded and masked.
     """
+    batch_size = count(batch_size, "evaluate(batch_size=...)", DataError)
     task = task or Classification()
     loader = batches_of(data, model, preprocessing, batch_size, num_workers=num_workers)
     eval_step = eval_step or make_eval_step(task_loss(task))
@@ -106,6 +108,7 @@ def predict(
                 f"{'got ' + str(len(class_names)) if class_names else 'the model has none'}. "
                 "Pass class_names=..., or train with a source that has class_names."
             )
+    batch_size = count(batch_size, "predict(batch_size=...)", DataError)
     task = task or Classification()
     preprocessing = preprocessing or preprocessing_for(model)
     model = eqx.nn.inference_mode(model, True)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 
+from .._util.checks import count
 from ..data.loader import SourceBatches, for_this_process
 from ..data.sources import check_labels, check_same_classes
 from ..errors import DataError, TrainingError
@@ -38,7 +41,7 @@ from .evaluation import batches_of
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
-from .runs import RunDir, signature
+from .runs import HYPER, RunDir, optimizer_hyperparameters, sigint_at_step_end, signature
 from .session import Loop, Run, call_hooks, progress_bar, with_scale
 from .tasks import Classification, Task
 
@@ -59,6 +62,8 @@ class FitResult:
     """The training data's class names (also in the checkpoints' ``config.json``)."""
     preprocessing: Preprocessing | None = None
     """The training preprocessing (also in the checkpoints' ``config.json``)."""
+    resumed_from: int | None = None
+    """The step the run resumed from (``None``: it started from the model passed in)."""
 
     @property
     def final(self) -> dict:
@@ -149,6 +154,8 @@ def fit(
     with folder if folder is not None else contextlib.nullcontext():
         sig = _signature(model, phases, opt_init, train, task, runtime, bounds)
         meta, folder = _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init)
+        if meta is not None:
+            _say_resumed(out_dir, meta, run, phases, bounds, runtime.progress)
         if meta is None:
             # The step may donate what trains: work on a copy so that the caller's model
             # stays usable (e.g. for a second fit from the same pretrained weights).
@@ -175,16 +182,7 @@ def fit(
             scales_lr=scales_lr,
             with_info=lambda m: _with_info(m, train),
         )
-        loop.bar = progress_bar(int(bounds[-1]), run.step, runtime.progress)
-        try:
-            for i, phase in enumerate(phases):
-                if run.step >= bounds[i + 1] or run.stopped:
-                    continue
-                resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
-                loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
-        finally:
-            if loop.bar is not None:
-                loop.bar.close()
+        _run_phases(loop, phases, optimizers, bounds, meta)
         call_hooks(callbacks, "on_fit_end", run)
     names = _class_names(train, getattr(run.model, "num_classes", -1))
     preprocessing = train.preprocessing if isinstance(train, SourceBatches) else None
@@ -198,7 +196,33 @@ def fit(
         run.stopped,
         names,
         preprocessing,
+        None if meta is None else int(meta["step"]),
     )
+
+
+def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
+    """Each phase from where the run stands; on Ctrl-C, ``last`` is written and
+    ``KeyboardInterrupt`` re-raised with one line saying how to resume."""
+    run = loop.run
+    loop.saved_step = None if meta is None else int(meta["step"])
+    loop.bar = progress_bar(int(bounds[-1]), run.step, loop.runtime.progress)
+    try:
+        with sigint_at_step_end(loop):
+            for i, phase in enumerate(phases):
+                if run.step >= bounds[i + 1] or run.stopped:
+                    continue
+                resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
+                loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
+            if loop.interrupt_requested:  # during the last evaluation: the run is complete
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if loop.bar is not None:
+            loop.bar.close()
+            loop.bar = None
+        raise KeyboardInterrupt(loop.interrupted()) from None
+    finally:
+        if loop.bar is not None:
+            loop.bar.close()
 
 
 def _option(value, kind, name: str):
@@ -214,7 +238,7 @@ def _phases(model, optimizer, spec, epochs, phases) -> list[Phase]:
     if phases is None:
         if optimizer is None or spec is None:
             raise TrainingError("fit needs an optimizer and a spec, or phases=[Phase(...)].")
-        phases = [Phase(spec, optimizer, epochs=epochs)]
+        phases = [Phase(spec, optimizer, epochs=count(epochs, "fit(epochs=...)", TrainingError))]
     elif optimizer is not None or spec is not None:
         raise TrainingError("Pass either optimizer and spec, or phases, not both.")
     elif epochs != 1:
@@ -223,6 +247,17 @@ def _phases(model, optimizer, spec, epochs, phases) -> list[Phase]:
             "its own epochs (Phase(spec, optimizer, epochs=...))."
         )
     phases = list(phases)
+    if not phases:
+        raise TrainingError(
+            "fit(phases=[]) has nothing to run: give at least one eqxtl.Phase(spec, optimizer, "
+            "epochs=...), or optimizer and spec without phases."
+        )
+    bad = [type(p).__name__ for p in phases if not isinstance(p, Phase)]
+    if bad:
+        raise TrainingError(
+            f"fit(phases=...) takes a list of eqxtl.Phase(spec, optimizer, epochs=...), got "
+            f"{', '.join(bad)} in it."
+        )
     check_phases(model, phases)
     return phases
 
@@ -236,6 +271,13 @@ def _data(model, task, train_data, test_data, seed: int):
     if test_data is not None:
         test = batches_of(test_data, model, batch_size=DEFAULT_BATCH_SIZE)
     if isinstance(task, Classification) and isinstance(model, Classifier):
+        if model.num_classes < 2:
+            raise TrainingError(
+                f"The model's head has {model.num_classes} class: a softmax over one class "
+                "is always 1, so the loss is 0 and nothing is learned. Classification needs "
+                "at least 2 classes (for one score per example use task=eqxtl.Regression(), "
+                "for yes/no labels eqxtl.MultiLabel())."
+            )
         for data in (train, test):  # labels in range, same classes: before any training
             if isinstance(data, SourceBatches):
                 check_labels(data, model.num_classes)
@@ -288,6 +330,10 @@ def _signature(model, phases, opt_init, train, task, runtime: Runtime, bounds) -
         batch_size=int(train.batch_size),
         train_length=_length(train),
         phase_steps=[int(n) for n in lengths[:-1]],  # the last phase may grow
+        **{
+            f"phase {i} {HYPER}": optimizer_hyperparameters(p.optimizer)
+            for i, p in enumerate(phases)
+        },
         task=repr(task),
         bn=[p.bn for p in phases],
     )
@@ -325,6 +371,20 @@ def _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init):
     run.step_losses = folder.read_steps(meta["step"] if meta else 0)
     folder.write_history(meta["history"] if meta else [], steps=run.step_losses, restart=True)
     return meta, folder
+
+
+def _say_resumed(out_dir, meta, run, phases, bounds, progress: bool) -> None:
+    """One line (stderr, with the progress bar; the ``eqxtl`` logger always): what resumes."""
+    step = int(meta["step"])
+    phase = _phase_at(bounds, step)
+    where = f" (phase {phase}{f', {phases[phase].name}' if phases[phase].name else ''})"
+    line = (
+        f"Resuming the run in {out_dir} from step {step} of {run.total_steps}"
+        f"{where if len(phases) > 1 else ''}."
+    )
+    logging.getLogger("eqxtl").info(line)
+    if progress:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _with_info(m, train):

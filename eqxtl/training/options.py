@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._util.checks import count
 from ..errors import TrainingError
 
 
@@ -23,15 +24,22 @@ class Checkpoint:
 
     - `out_dir`: the folder.
     - `resume`: continue from ``last`` (the default) after checking that the stored
-      configuration (model shapes, spec, optimizer state, seed, batch size, data length,
-      phases, task, BatchNorm modes) is this run's (``TrainingError`` naming the
-      differences otherwise); ``False`` starts over and deletes the folder's checkpoints.
+      configuration (model shapes, spec, optimizer state, the optimizer's hyperparameters
+      such as the learning rate or its schedule, seed, batch size, data length, phases,
+      task, BatchNorm modes) is this run's (``TrainingError`` naming the differences
+      otherwise: a resume reaches the weights the uninterrupted run would have, which
+      another learning rate would not); ``False`` starts over and deletes the folder's
+      checkpoints. A resume says the step it resumes from (stderr, with ``progress``; the
+      ``eqxtl`` logger) and ``FitResult.resumed_from``. On Ctrl-C ``fit`` finishes the
+      step, writes ``last`` and re-raises ``KeyboardInterrupt`` saying how to resume.
     - `every`: also write ``last`` every N steps between evaluations (``None``: at
       evaluations only).
     - `best`: the metric whose best value ``best/`` keeps (``"test_accuracy"``,
       ``"test_loss"``, ``"train_loss"``, any ``test_``/``train_`` metric of the task);
       ``"auto"``: ``test_accuracy`` (``test_loss`` for tasks without accuracy) with test
-      data, ``train_loss`` without.
+      data, ``train_loss`` without. A tie goes to the later step (with a small validation
+      set accuracy ties are common, and the later model has trained longer for the same
+      value); a non-finite value is never best.
     - `mode`: ``"min"``, ``"max"`` or ``"auto"`` (min for losses and errors).
 
     >>> eqxtl.fit(model, state, opt, spec, train, checkpoint=eqxtl.Checkpoint("runs/a"))
@@ -44,9 +52,23 @@ class Checkpoint:
     mode: str = "auto"
 
     def __post_init__(self):
+        if not isinstance(self.out_dir, str | os.PathLike) or not str(self.out_dir):
+            raise TrainingError(
+                f"Checkpoint(out_dir=...) must be a folder path, got {self.out_dir!r}."
+            )
         object.__setattr__(self, "out_dir", Path(self.out_dir))
-        if self.every is not None and int(self.every) < 1:
-            raise TrainingError(f"Checkpoint(every=...) must be >= 1 or None, got {self.every}.")
+        if not isinstance(self.resume, bool):
+            raise TrainingError(
+                f"Checkpoint(resume=...) must be True or False, got {self.resume!r}."
+            )
+        if self.every is not None:
+            every = count(self.every, "Checkpoint(every=...) (or None)", TrainingError)
+            object.__setattr__(self, "every", every)
+        if not isinstance(self.best, str):
+            raise TrainingError(
+                f"Checkpoint(best=...) must be a metric name such as 'test_accuracy', got "
+                f"{self.best!r}."
+            )
         if self.mode not in ("auto", "min", "max"):
             raise TrainingError(
                 f"Checkpoint(mode=...) must be auto, min or max, got {self.mode!r}."
@@ -93,7 +115,38 @@ class Runtime:
     cache_features: bool | str | os.PathLike = True
 
     def __post_init__(self):
-        if self.eval_every is not None and int(self.eval_every) < 1:
+        seed = count(self.seed, "Runtime(seed=...)", TrainingError, minimum=0)
+        object.__setattr__(self, "seed", seed)
+        if self.eval_every is not None:
+            every = count(self.eval_every, "Runtime(eval_every=...) (or None)", TrainingError)
+            object.__setattr__(self, "eval_every", every)
+        nonfinite = count(
+            self.max_nonfinite, "Runtime(max_nonfinite=...)", TrainingError, minimum=0
+        )
+        object.__setattr__(self, "max_nonfinite", nonfinite)
+        if not isinstance(self.progress, bool):
             raise TrainingError(
-                f"Runtime(eval_every=...) must be >= 1 or None, got {self.eval_every}."
+                f"Runtime(progress=...) must be True or False, got {self.progress!r}."
+            )
+        if not isinstance(self.cache_features, bool | str | os.PathLike):
+            raise TrainingError(
+                "Runtime(cache_features=...) must be True (in memory), False or a directory, "
+                f"got {self.cache_features!r}."
+            )
+        if self.compute_dtype is not None:
+            import jax.numpy as jnp
+
+            try:
+                floating = jnp.issubdtype(jnp.dtype(self.compute_dtype), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise TrainingError(
+                    "Runtime(compute_dtype=...) must be a floating-point dtype such as "
+                    f"jnp.bfloat16 (or None), got {self.compute_dtype!r}."
+                )
+        if not (self.mesh is None or self.mesh == "auto" or hasattr(self.mesh, "devices")):
+            raise TrainingError(
+                "Runtime(mesh=...) must be 'auto', None or a jax.sharding.Mesh "
+                f"(eqxtl.data_mesh()), got {self.mesh!r}."
             )

@@ -11,6 +11,7 @@ import jax
 import jax.tree_util as jtu
 import optax
 
+from .._util.checks import count, real
 from ..errors import TrainingError
 
 
@@ -40,8 +41,8 @@ class Phase:
             raise TrainingError(f"Phase(bn=...): bn must be one of {BN_MODES}, got {self.bn!r}.")
         for what in ("epochs", "steps"):
             value = getattr(self, what)
-            if value is not None and int(value) < 0:
-                raise TrainingError(f"Phase({what}=...) must be >= 0, got {value}.")
+            if value is not None:
+                object.__setattr__(self, what, count(value, f"Phase({what}=...)", TrainingError))
 
     def num_steps(self, steps_per_epoch: int) -> int:
         """How many steps this phase runs."""
@@ -70,6 +71,8 @@ def two_phases(
     """
     from ..tuning.filters import everything, trainable
 
+    for what, value in (("head_lr", head_lr), ("lr", lr)):
+        real(value, f"two_phases({what}=...)", TrainingError, low=0, low_open=True)
     return [
         Phase(trainable(model, head), optax.adam(head_lr), epochs=head_epochs, name="head"),
         Phase(everything(model), optax.adam(lr), epochs=epochs, bn="frozen", name="fine-tune"),
@@ -78,8 +81,12 @@ def two_phases(
 
 def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0, end_lr=0.0):
     """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then cosine to ``end_lr``."""
+    peak_lr = real(peak_lr, "warmup_cosine(peak_lr=...)", TrainingError, low=0, low_open=True)
+    end_lr = real(end_lr, "warmup_cosine(end_lr=...)", TrainingError, low=0)
+    total_steps = count(total_steps, "warmup_cosine(total_steps=...)", TrainingError)
+    warmup_steps = count(warmup_steps, "warmup_cosine(warmup_steps=...)", TrainingError, minimum=0)
     return optax.warmup_cosine_decay_schedule(
-        0.0, peak_lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_lr
+        0.0, peak_lr, warmup_steps, max(total_steps, warmup_steps + 1), end_lr
     )
 
 

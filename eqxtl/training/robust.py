@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._util.checks import count, real
 from .._util.pytree_paths import keypath_to_str
 from ..errors import EqxtlError
 
@@ -148,7 +149,8 @@ def wise_ft(
     from .evaluation import evaluate
     from .step import make_eval_step
 
-    alphas = [float(a) for a in alphas]
+    batch_size = count(batch_size, "wise_ft(batch_size=...)", EqxtlError)
+    alphas = [real(a, "wise_ft(alphas=...): each alpha", EqxtlError) for a in alphas]
     if not alphas:
         raise EqxtlError("wise_ft needs at least one alpha, e.g. [0, 0.5, 1].")
     named = isinstance(data, Mapping)

@@ -19,12 +19,18 @@ and ``best`` share one directory when they are the same step (one copy, not two)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import numbers
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,7 @@ from ..errors import TrainingError
 TRAIN_STATE = "train_state.eqx"
 META = "meta.json"
 LINKS = ("last", "best")
+HYPER = "optimizer hyperparameters"
 
 
 def strict_json(value: Any) -> Any:
@@ -111,6 +118,41 @@ def signature(model, phases: list[tuple[Any, Any]], **scalars) -> dict[str, Any]
     return out
 
 
+def optimizer_hyperparameters(optimizer, _depth: int = 0, _seen=None) -> list[float]:
+    """The numbers an optax transformation was built with (learning rates, schedule
+    boundaries, betas, weight decay...), read from its functions' closures: optax keeps no
+    other record of them, and the optimizer state's shapes do not change with them. Two
+    optimizers built by the same code with the same numbers give the same list."""
+    seen = set() if _seen is None else _seen
+    x = optimizer
+    if _depth > 40 or x is None or isinstance(x, bool | str) or id(x) in seen:
+        return []
+    if isinstance(x, numbers.Number):
+        return [float(f"{float(x):.10g}")]
+    if isinstance(x, np.ndarray | jax.Array):
+        a = np.asarray(x)
+        small = a.size <= 16 and a.dtype.kind in "fiu"
+        return [float(f"{v:.10g}") for v in a.ravel().tolist()] if small else []
+    seen.add(id(x))
+    if isinstance(x, types.FunctionType):
+        cells = []
+        for cell in x.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                continue
+        parts = [*cells, *(x.__defaults__ or ())]
+    elif isinstance(x, functools.partial):
+        parts = [x.func, *x.args, *(x.keywords[k] for k in sorted(x.keywords))]
+    elif isinstance(x, tuple | list):  # chains, NamedTuple transformations
+        parts = list(x)
+    elif isinstance(x, dict):  # multi_transform's {label: transformation}
+        parts = [x[k] for k in sorted(x, key=str)]
+    else:
+        return []
+    return [v for part in parts for v in optimizer_hyperparameters(part, _depth + 1, seen)]
+
+
 def differences(stored: dict, current: dict, per_kind: int = 3) -> list[str]:
     """Readable differences between two run signatures, a few per kind of entry."""
     kinds: dict[str, list[str]] = {}
@@ -124,6 +166,50 @@ def differences(stored: dict, current: dict, per_kind: int = 3) -> list[str]:
         more = f" (+{len(items) - per_kind} more)" if len(items) > per_kind else ""
         out.append(f"{kind}: {', '.join(items[:per_kind])}{more}")
     return out
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C (SIGINT) back while the block runs, then hand it to the handler that was
+    in place (by default: raise ``KeyboardInterrupt``): a checkpoint is written whole, never
+    cut by an interrupt in the middle of a file or of a library call. Main thread only
+    (where Python runs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        if previous is signal.default_int_handler or previous is None:
+            raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
+
+
+@contextlib.contextmanager
+def sigint_at_step_end(flag):
+    """While the block runs, a first Ctrl-C sets ``flag.interrupt_requested`` (the loop
+    stops at the end of the step, where model, state, optimizer state and step agree); a
+    second one raises ``KeyboardInterrupt`` at once. Main thread, default handler only."""
+    default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if not default or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.interrupt_requested:
+            raise KeyboardInterrupt
+        flag.interrupt_requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class RunDir:
@@ -243,13 +329,17 @@ class RunDir:
             )
             return
         current = json.loads(dumps(current))
+        # run folders written before the hyperparameters were recorded: not compared
+        current = {k: v for k, v in current.items() if k in stored or HYPER not in k}
         diff = differences(stored, current)
         if diff:
             raise TrainingError(
                 f"Cannot resume the run in {self.path}: it was started with another "
-                f"configuration. Differences: {'; '.join(diff)}. Pass "
-                "checkpoint=eqxtl.Checkpoint(out_dir, resume=False) to start over (its "
-                "checkpoints are deleted), or use another out_dir. Nothing was written."
+                f"configuration. Differences: {'; '.join(diff)}. A resume continues the "
+                "same run (another learning rate or optimizer would not reach the weights "
+                "the stored run would have). Pass checkpoint=eqxtl.Checkpoint(out_dir, "
+                "resume=False) to start over (its checkpoints are deleted), or use another "
+                "out_dir (e.g. starting from out_dir/best). Nothing was written."
             )
 
     def write_signature(self, current: dict) -> None:
@@ -265,6 +355,10 @@ class RunDir:
     ) -> Path:
         """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it
         (``export(model)``: the model ``save_pretrained`` writes, e.g. with class names)."""
+        with sigint_deferred():
+            return self._save(links, model, state, opt_state, meta, export)
+
+    def _save(self, links, model, state, opt_state, meta: dict, export) -> Path:
         from ..io.pretrained import save_pretrained
         from ..tuning.adapters import has_adapters, merge_lora, save_adapter
 

@@ -24,7 +24,7 @@ from .evaluation import eval_sums, summarise
 from .options import Runtime
 from .parallel import host, local, replicate
 from .phases import Phase
-from .runs import RunDir
+from .runs import RunDir, sigint_deferred
 from .step import make_eval_step, make_step, task_loss
 from .tasks import Task
 
@@ -126,6 +126,9 @@ class Loop:
     scales_lr: bool
     with_info: Any
     bar: Any = None
+    interrupt_requested: bool = False
+    saved_step: int | None = None
+    """The step of the newest checkpoint in the run folder (``None``: none)."""
     guard: dict | None = None
     pending: list = dataclasses.field(default_factory=list)
 
@@ -189,6 +192,8 @@ class Loop:
                 acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
                 self.pending.append((run.step, metrics["loss"]))
                 run.model, run.state, run.opt_state = model, state, opt_state
+                if self.interrupt_requested:  # Ctrl-C: stop where everything agrees
+                    raise KeyboardInterrupt
                 images += int(np.sum(batch["mask"])) if "mask" in batch else train.batch_size
                 if per_step:
                     values = host(metrics)
@@ -261,7 +266,10 @@ class Loop:
         run.history.append(record)
         call_hooks(self.callbacks, "on_eval", run, record)
         value = record.get(self.best)
-        is_best = improved(value, self.best_value, self.best_mode)
+        # a tie goes to the later step: with a small validation set accuracy ties are
+        # common, and the later model has trained longer for the same value
+        tie = value is not None and value == self.best_value
+        is_best = tie or improved(value, self.best_value, self.best_mode)
         if is_best:
             self.best_value = value
         if self.folder is not None:
@@ -285,6 +293,35 @@ class Loop:
         }
         tree = local((run.model, run.state, run.opt_state))  # this process's replica
         self.folder.save(links, *tree, meta, self.with_info)
+        self.saved_step = run.step
+
+    def interrupted(self) -> str:
+        """After Ctrl-C: write ``last`` if the run went past it (the save itself cannot be
+        interrupted), and say in one line where the run stands and how to resume."""
+        run = self.run
+        if self.folder is None and run.out_dir is not None:  # another process writes it
+            return f"Interrupted at step {run.step}; process 0 writes the run in {run.out_dir}."
+        if self.folder is None:
+            return (
+                f"Interrupted at step {run.step} of {run.total_steps}; nothing was saved (no "
+                "run folder: pass checkpoint=eqxtl.Checkpoint(out_dir) to be able to resume)."
+            )
+        note = ""
+        if run.step != self.saved_step and run.model is not None:
+            try:
+                with sigint_deferred():
+                    self.flush_losses()
+                    self.save(("last",))
+            except KeyboardInterrupt:
+                pass  # a second Ctrl-C, held back until the save above was complete
+            except Exception as e:  # e.g. weights the step had donated: keep the old `last`
+                note = f" (the newest steps could not be saved: {type(e).__name__})"
+        if self.saved_step is None:
+            return f"Interrupted at step {run.step} before any checkpoint{note}; nothing to resume."
+        return (
+            f"Interrupted: the run is saved at step {self.saved_step} of {run.total_steps} in "
+            f"{self.folder.path / 'last'}{note}. Run the same call again to resume."
+        )
 
     def _postfix(self, acc, images, since, record=None) -> dict:
         out = {}

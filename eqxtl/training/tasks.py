@@ -10,7 +10,9 @@ A task is three pure functions of ``outputs (B, K)`` (float32) and the batch's `
 ``activation`` maps outputs to predictions (``predict``). ``Classification`` is the default of
 ``fit``; ``MultiLabel`` (sigmoid binary cross-entropy, multi-hot labels ``(B, K)``) and
 ``Regression`` (mean squared error, targets ``(B,)`` or ``(B, K)``) are the other built-ins.
-Write your own by subclassing ``Task``.
+Write your own by subclassing ``Task``. The built-ins check the labels' shape (and
+``Classification`` their integer dtype) when the step is traced: integer labels ``(B,)``
+given to ``MultiLabel`` are a ``DataError``, not a broadcast along the class axis.
 """
 
 from __future__ import annotations
@@ -21,6 +23,38 @@ import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
+
+from .._util.checks import real
+from ..errors import DataError
+
+
+def _labels_like(task: str, outputs, labels, want: str) -> None:
+    """``DataError`` unless ``labels`` has the shape ``want`` describes (shapes are static:
+    this runs once, when the step is traced, before any training)."""
+    if outputs.ndim != 2:
+        raise DataError(
+            f"{task} takes model outputs of shape (B, K), got {tuple(outputs.shape)}: the "
+            "model must return one row of K outputs per example."
+        )
+    b, k = outputs.shape
+    shapes = {"(B,)": (b,), "(B, K)": (b, k), "(B,) or (B, K)": (b,) if k == 1 else (b, k)}
+    ok = labels.shape == shapes[want] or (want == "(B,) or (B, K)" and labels.shape == (b, k))
+    if not ok:
+        raise DataError(
+            f"{task} needs labels of shape {want} = {shapes[want]} for outputs of shape "
+            f"{(b, k)} (B examples, K outputs), got labels of shape {tuple(labels.shape)} "
+            f"({labels.dtype})." + _LABEL_HINTS[task]
+        )
+
+
+_LABEL_HINTS = {
+    "Classification": " Classification takes one integer class index per example.",
+    "MultiLabel": " MultiLabel takes multi-hot rows, one 0/1 per class (e.g. "
+    "jax.nn.one_hot(labels, K) for one class each; for integer class indices use "
+    "Classification).",
+    "Regression": " Regression takes one target per output: (B,) only when the model has "
+    "one output (K = 1).",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +104,24 @@ class Classification(Task):
     label_smoothing: float = 0.0
     metrics: tuple[str, ...] = dataclasses.field(default=("loss", "accuracy"), init=False)
 
+    def __post_init__(self):
+        real(
+            self.label_smoothing,
+            "Classification(label_smoothing=...)",
+            DataError,
+            low=0,
+            high=1,
+            high_open=True,
+        )
+
     def per_example(self, outputs, labels):
+        _labels_like("Classification", outputs, labels, "(B,)")
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise DataError(
+                f"Classification needs integer class indices (B,), got {labels.dtype} labels"
+                ": float labels would be cast silently. For one target per example use "
+                "Regression; for soft or multi-hot targets MultiLabel."
+            )
         targets = jax.nn.one_hot(labels, outputs.shape[-1])
         if self.label_smoothing:
             targets = optax.smooth_labels(targets, self.label_smoothing)
@@ -96,7 +147,11 @@ class MultiLabel(Task):
     threshold: float = 0.5
     metrics: tuple[str, ...] = dataclasses.field(default=("loss", "accuracy"), init=False)
 
+    def __post_init__(self):
+        real(self.threshold, "MultiLabel(threshold=...)", DataError, low=0, high=1)
+
     def per_example(self, outputs, labels):
+        _labels_like("MultiLabel", outputs, labels, "(B, K)")
         return jnp.mean(optax.sigmoid_binary_cross_entropy(outputs, labels), axis=-1)
 
     def sums(self, outputs, labels, weights):
@@ -119,6 +174,7 @@ class Regression(Task):
     metrics: tuple[str, ...] = dataclasses.field(default=("loss", "mae"), init=False)
 
     def _error(self, outputs, labels):
+        _labels_like("Regression", outputs, labels, "(B,) or (B, K)")
         labels = labels.astype(jnp.float32)
         return outputs - (labels[:, None] if labels.ndim == 1 else labels)
 
