@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .layers import dense
-from .registry import architecture_of
+from .registry import architecture_of, is_backbone
 
 
 class Classifier(eqx.Module):
@@ -93,6 +93,8 @@ class Classifier(eqx.Module):
 
     @staticmethod
     def _check_width(backbone, head, project: bool) -> None:
+        if not is_backbone(backbone):  # a user's own module: its width is unknown here
+            return
         width = backbone.config.projection_dim if project else feature_dim(backbone)
         if head.weight.shape[-1] != width:
             what = "projected embedding" if project else "pooled features"
