@@ -527,6 +527,7 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
+    _check_folder_path(path, "save_pretrained")
     if has_adapters(model):
         raise AdapterError(
             "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
@@ -551,6 +552,15 @@ def save_pretrained(
         configs[first] = {**configs[first], _HEAD_FLAGS: flags}
     _write_folder(Path(path), lay.weights_file, tensors, configs)
     return Path(path)
+
+
+def _check_folder_path(path, what: str) -> None:
+    """``path`` may be a folder or nothing yet; an existing file is the user's: an error."""
+    if os.path.lexists(path) and not Path(path).is_dir():
+        raise FileExistsError(
+            f"{what}: path {str(path)!r} is an existing file, not a folder; {what} writes a "
+            "folder there and would destroy the file. Pass a folder path (new or existing)."
+        )
 
 
 def _layout_tensors(model, state, arch: Architecture, lay: Layout) -> dict[str, np.ndarray]:

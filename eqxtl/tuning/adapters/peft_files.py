@@ -25,7 +25,17 @@ from ...models.layers.low_rank import (
     adapted_layers,
 )
 from ...models.registry import architecture_of
-from .inject import adapter, all_layers, check_dropout, leaf, replace_layers, require_adapters
+from .inject import (
+    adapter,
+    all_layers,
+    check_alpha,
+    check_dropout,
+    check_flag,
+    check_rank,
+    leaf,
+    replace_layers,
+    require_adapters,
+)
 
 _PEFT_PREFIX = "base_model.model."
 _CONFIG_FILE = "adapter_config.json"
@@ -64,6 +74,11 @@ def save_adapter(
     """
     from safetensors.numpy import save_file
 
+    if os.path.lexists(directory) and not Path(directory).is_dir():
+        raise FileExistsError(
+            f"save_adapter: directory {str(directory)!r} is an existing file, not a folder; "
+            "saving would destroy it. Pass a folder path (new or existing)."
+        )
     adapted = require_adapters(model, "save an adapter of")
     _check_uniform(adapted)
     unnamed = [p for p, _ in adapted if _peft_module(model, p) is None]
@@ -246,7 +261,19 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"Not a PEFT adapter folder: missing {missing} (peft's save_pretrained writes "
             f"{_CONFIG_FILE} and {_WEIGHTS_FILE})."
         )
-    config = json.loads(files[0].read_text())
+    try:
+        config = json.loads(files[0].read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"{files[0]} is not valid JSON ({e}); it is corrupt or not PEFT's adapter config. "
+            "Save the adapter again (peft's save_pretrained or eqxtl.save_adapter)."
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{files[0]} holds a JSON {type(config).__name__}, but an adapter config is a JSON "
+            'object ({"peft_type": "LORA", "r": ..., ...}). Save the adapter again.'
+        )
+    _check_numbers(config, files[0])
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{files[0]}: peft_type {config.get('peft_type')!r}, not 'LORA'.")
     for field, value in _UNSUPPORTED.items():
@@ -255,6 +282,26 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                 f"{files[0]}: {field}={config[field]!r} is not supported (only {value!r})."
             )
     return config, load_file(str(files[1]))
+
+
+def _check_numbers(config: dict, file: Path) -> None:
+    """The file's ranks, alphas, dropout and flags, checked as ``lora`` checks its own."""
+    try:
+        check_rank(config.get("r", 8), "r")
+        check_alpha(config.get("lora_alpha", 8), "lora_alpha")
+        for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
+            patterns = config.get(field) or {}
+            if not isinstance(patterns, dict):
+                raise AdapterError(f"{field} must be a JSON object, got {patterns!r}.")
+            for name, value in patterns.items():
+                check(value, f"{field}[{name!r}]")
+        for flag in ("use_dora", "use_rslora"):
+            check_flag(config.get(flag, False), flag)
+        dropout = config.get("lora_dropout", 0.0)
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool):
+            raise AdapterError(f"lora_dropout must be a number in [0, 1), got {dropout!r}.")
+    except AdapterError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def _split_keys(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
