@@ -27,6 +27,7 @@ from ..models.heads import Classifier
 from ..models.layers import has_adapters, replace_static
 from ..models.registry import ARCHITECTURES, architecture_of, lookup_alias, preprocessing_for
 from . import checkpoint, hub, labels
+from .json_files import read_object
 
 
 class _SafetensorsFile(Mapping):
@@ -73,9 +74,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except ValueError as e:  # object arrays need pickle
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # object arrays need pickle
+            raise CheckpointError(
+                f"{path} holds pickled (object) arrays, which eqxtl refuses to load: {e}"
+            ) from None
         raise CheckpointError(
-            f"{path} holds pickled (object) arrays, which eqxtl refuses to load: {e}"
+            f"{path} is truncated or corrupt: a member ends early or does not parse ({e}). "
+            "Download or write it again."
         ) from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable .npz file: {e}") from None
@@ -85,18 +91,8 @@ def _read_meta(configs: Mapping[str, Path]) -> dict[str, dict]:
     """``{file name: JSON object}`` of the config files beside the weights."""
     meta = {}
     for name, path in configs.items():
-        try:
-            data = json.loads(Path(path).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(
-                f"{path} is not valid JSON ({e}). Fix or remove it, or pass config= to "
-                "from_pretrained."
-            ) from None
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"{path} holds a JSON {type(data).__name__}, not an object: it is not a model "
-                "config. Fix or remove it, or pass config= to from_pretrained."
-            )
+        fix = "Fix or remove it, or pass config= to from_pretrained."
+        data = read_object(path, "a model config", fix)
         meta[name] = data
     return meta
 

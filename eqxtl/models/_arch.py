@@ -172,17 +172,18 @@ _SIZES = (
     "max_position_embeddings",
 )
 _COUNTS = ("num_hidden_layers",)
+_OPTIONAL = ("projection_dim",)  # None: no projection
 
 
 def check_sizes(config: Any) -> None:
     """Every size field of a config that it has (``hidden_size``, ``image_size``,
-    ``patch_size``, ...) an integer >= 1 (``None`` allowed where the default is ``None``),
+    ``patch_size``, ...) an integer >= 1 (``projection_dim`` may be ``None``),
     layer counts >= 0: a ``ValueError`` naming the field, before any division by it."""
     for field in dataclasses.fields(config):
         if field.name not in _SIZES + _COUNTS:
             continue
         value = getattr(config, field.name)
-        if value is None and field.default is None:
+        if value is None and (field.default is None or field.name in _OPTIONAL):
             continue
         low = 1 if field.name in _SIZES else 0
         values = value if isinstance(value, (tuple, list)) else (value,)
@@ -421,6 +422,12 @@ class Architecture:
     """Regex (full match, relative to the backbone) of the module paths the forward pass
     calls with a key when it gets one (so that adapters there can drop out); ``None``:
     none is."""
+    adapter_prefix: str = ""
+    """A prefix of the adapter-file keys (``adapter_key``) that some classes of the same
+    model leave out: transformers 5.25's ``CLIPVisionModel`` / ``SiglipVisionModel`` name
+    ``encoder.layers.0...`` what ``CLIPVisionModelWithProjection`` and ``CLIPModel`` name
+    ``vision_model.encoder.layers.0...``. Adapter files are read in either naming and
+    written in both."""
 
     @property
     def lora_types(self) -> tuple[type, ...]:
