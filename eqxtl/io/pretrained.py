@@ -336,6 +336,7 @@ def from_pretrained(
             raise CheckpointError(
                 f"{arch.name} has a fixed input size: image_size={size!r} cannot be changed."
             )
+        dataclasses.replace(config, image_size=size)  # the config checks it (sizes, patches)
         config, resampled = arch.resize(config, canonical, size)
         canonical = canonical.replace(resampled)
 
@@ -434,10 +435,10 @@ def _with_head(backbone, state, canonical: Lazy, meta, where: str, source: str, 
         source=where,
         dtype=dtype,
     )
-    hf_config = meta.get("config.json")
     flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
-    if labels.written_by_eqxtl(hf_config):  # class names, training preprocessing
-        flags = {**flags, **labels.training_info(hf_config, source)}
+    written = [m for m in meta.values() if labels.written_by_eqxtl(m)]
+    if written:  # class names, training preprocessing
+        flags = {**flags, **labels.training_info(written[0], source)}
     return Classifier(backbone, head=head, **flags), state  # flags: e.g. a zero-shot head's
 
 
@@ -540,14 +541,30 @@ def save_pretrained(
         "preprocessing": preprocessing_for(backbone),
     }
     configs = lay.write_config(backbone.config, extra)
-    if with_head and "config.json" in configs:  # class names, training preprocessing
-        configs["config.json"] = {**configs["config.json"], **labels.head_config(model)}
+    if with_head:
+        _add_training_info(model, configs, lay.name)
     if with_head and (model.project or model.normalize) and configs:
         first = next(iter(configs))
         flags = {"project": model.project, "normalize": model.normalize}
         configs[first] = {**configs[first], _HEAD_FLAGS: flags}
     _write_folder(Path(path), lay.weights_file, tensors, configs)
     return Path(path)
+
+
+def _add_training_info(model: Classifier, configs: dict[str, dict], layout: str) -> None:
+    """A classifier's class names and training preprocessing, into ``config.json`` or else
+    the layout's first config file (``from_pretrained`` reads them from either)."""
+    if not configs:
+        if model.class_names is not None or model.preprocessing is not None:
+            warnings.warn(
+                f"save_pretrained: the {layout} layout has no config file, so the classifier's "
+                "class names and training preprocessing are not saved; save in the default "
+                "layout (layout=None) to keep them.",
+                stacklevel=3,
+            )
+        return
+    name = "config.json" if "config.json" in configs else next(iter(configs))
+    configs[name] = {**configs[name], **labels.head_config(model)}
 
 
 def _check_folder_path(path, what: str) -> None:
