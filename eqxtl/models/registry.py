@@ -61,7 +61,7 @@ def lookup_alias(name: str) -> tuple[Architecture, Alias]:
         guess = f" Did you mean {near[0]!r}?" if near else ""
         known = [f"{a} (offline)" if REGISTRY[a][1].local else a for a in sorted(REGISTRY)]
         raise SourceError(
-            f"{name!r} is not a known alias.{guess} Known aliases ('(offline)': packaged "
+            f"{name!r} is not a known alias.{guess} The known aliases ('(offline)': packaged "
             f"with eqxtl, the others download from the Hugging Face hub): {known}."
         )
     return REGISTRY[name]
