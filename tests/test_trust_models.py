@@ -330,3 +330,39 @@ def test_adapter_namings_that_disagree_are_refused(clip_folder, tmp_path):
 
 def test_clip_vision_architecture_names_its_optional_prefix():
     assert clip.CLIP_VISION.adapter_prefix == "vision_model."
+
+
+def test_siglip_adapters_both_ways_on_the_flattened_class(tmp_path):
+    """SiglipVisionModel is flattened like CLIPVisionModel (no ``vision_model.``)."""
+    torch.manual_seed(0)
+    config = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
+    transformers.SiglipVisionModel(config).eval().save_pretrained(tmp_path / "base")
+    backbone, state = eqxtl.from_pretrained(tmp_path / "base")
+    x = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    packed = eqxtl.lora(backbone, QV, rank=2, key=jax.random.key(0))  # + the MAP head's q, v
+    with pytest.raises(eqxtl.AdapterError, match="no module for.*head.attention.q_proj"):
+        eqxtl.save_adapter(packed, tmp_path / "packed")  # both were written as in_proj_weight
+    encoder_qv = r"encoder\..*\.(q_proj|v_proj)"
+    adapted = perturb(eqxtl.lora(backbone, encoder_qv, rank=2, key=jax.random.key(0)), 0)
+    eqxtl.save_adapter(adapted, tmp_path / "ours")
+    base = transformers.SiglipVisionModel.from_pretrained(tmp_path / "base").eval()
+    theirs = _pooled(peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval(), x)
+    ours = np.asarray(eqxtl.batched(adapted)(jnp.asarray(x), state)[0])
+    assert np.abs(ours - theirs).max() <= TOL
+
+    base = transformers.SiglipVisionModel.from_pretrained(tmp_path / "base").eval()
+    peft_model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    _torch_perturb(peft_model, 3)
+    peft_model.eval().save_pretrained(tmp_path / "theirs")
+    loaded = eqxtl.load_adapter(backbone, tmp_path / "theirs")
+    ours = np.asarray(eqxtl.batched(loaded)(jnp.asarray(x), state)[0])
+    plain = np.asarray(eqxtl.batched(backbone)(jnp.asarray(x), state)[0])
+    theirs = _pooled(peft_model, x)
+    assert np.abs(ours - plain).max() > 100 * TOL and np.abs(ours - theirs).max() <= TOL

@@ -56,8 +56,11 @@ def _peft_key(model: Any, path: str) -> str | None:
 
 
 def _peft_module(model: Any, module: str) -> str | None:
+    """The PEFT module name of a layer; ``None`` where the base model has no module of its
+    own for it (e.g. a query projection packed into ``nn.MultiheadAttention``'s
+    ``in_proj_weight``)."""
     key = _peft_key(model, leaf(module, "weight"))
-    return None if key is None else key.removesuffix(".weight")
+    return None if key is None or not key.endswith(".weight") else key.removesuffix(".weight")
 
 
 def _optional_prefix(model: Any) -> str:
@@ -112,9 +115,10 @@ def save_adapter(
     unnamed = [p for p, _ in adapted if _peft_module(model, p) is None]
     if unnamed:
         raise AdapterError(
-            f"save_adapter: the checkpoint layout PEFT files name (Architecture.adapter_key) "
-            f"has no name for {unnamed[:3]}; PEFT files can only hold adapters of layers "
-            "that the base model's checkpoints have."
+            f"save_adapter: the base model that PEFT files name (Architecture.adapter_key) "
+            f"has no module for {unnamed[:3]}; PEFT files can only hold adapters of layers "
+            "that are modules of the base model (not packed into another's weight). "
+            "Leave them out of lora's targets."
         )
     prefix = _optional_prefix(model)
     tensors, ranks, alphas = {}, {}, {}
