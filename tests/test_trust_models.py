@@ -84,6 +84,8 @@ def test_lora_options_are_checked():
             eqxtl.lora(model, QV, rank=2, dropout=dropout, key=key)
     with pytest.raises(eqxtl.AdapterError, match="dora must be True or False"):
         eqxtl.lora(model, QV, rank=2, dora="yes", key=key)
+    with pytest.raises(eqxtl.AdapterError, match=r"modules_to_save is a list.*\['head'\]"):
+        eqxtl.save_adapter(eqxtl.lora(model, QV, rank=2, key=key), "unused", modules_to_save="head")
     adapted = eqxtl.lora(model, QV, rank=np.int64(2), alpha=np.float32(4), key=key)
     q = adapted.encoder.layers[0].self_attn.q_proj
     assert q.rank == 2 and type(q.alpha) is float and q.alpha == 4.0

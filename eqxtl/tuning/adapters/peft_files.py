@@ -110,6 +110,11 @@ def save_adapter(
             f"save_adapter: directory {str(directory)!r} is an existing file, not a folder; "
             "saving would destroy it. Pass a folder path (new or existing)."
         )
+    if isinstance(modules_to_save, str):
+        raise AdapterError(
+            f"save_adapter: modules_to_save is a list of module paths; got the string "
+            f"{modules_to_save!r} (write [{modules_to_save!r}])."
+        )
     adapted = require_adapters(model, "save an adapter of")
     _check_uniform(adapted)
     unnamed = [p for p, _ in adapted if _peft_module(model, p) is None]
