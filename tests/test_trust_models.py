@@ -167,6 +167,17 @@ def test_bad_json_files_are_named(tmp_path):
         eqxtl.from_pretrained(tmp_path / "m")
 
 
+def test_nested_config_of_the_wrong_type_is_named(tmp_path):
+    model, state = tiny_model("clip")
+    eqxtl.save_pretrained(model, state, tmp_path, layout="open_clip")
+    config_file = tmp_path / "open_clip_config.json"
+    config = json.loads(config_file.read_text())
+    for bad in ({**config, "model_cfg": []}, {**config, "model_cfg": {"vision_cfg": 5}}):
+        config_file.write_text(json.dumps(bad))
+        with pytest.raises(eqxtl.CheckpointError, match="another JSON type than expected"):
+            eqxtl.from_pretrained(tmp_path)
+
+
 def test_tokenizer_config_that_is_no_object_is_named(vocab_dir, tmp_path):  # noqa: F811
     for name in ("vocab.json", "merges.txt"):
         (tmp_path / name).write_bytes((vocab_dir / name).read_bytes())

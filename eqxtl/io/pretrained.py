@@ -388,12 +388,18 @@ def _settle_config(arch, lay, meta, shapes, alias_config, overrides, source: str
         return arch.reconcile(alias_config, shapes), None
     try:
         stated = lay.read_config(meta, shapes)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
+        kind = (
+            " (a field holds another JSON type than expected, e.g. a list or number where an "
+            "object belongs)"
+            if isinstance(e, AttributeError)
+            else ""
+        )
         raise CheckpointError(
-            f"{source}: the config beside the weights has an invalid field: {e!r}. Fix the "
-            "file or pass config=."
+            f"{source}: the config beside the weights has an invalid field{kind}: {e!r}. Fix "
+            "the file or pass config=."
         ) from None
     if stated is not None:
         return arch.reconcile(stated, shapes), stated
