@@ -223,6 +223,13 @@ def test_classifier_keeps_class_names_in_every_layout_with_a_config(tmp_path):
         assert loaded.preprocessing == head.preprocessing, layout
 
 
+def test_classifier_in_a_layout_without_config_files_warns(tmp_path):
+    model, state = tiny_model("resnet")
+    head = eqxtl.Classifier(model, 2, key=jax.random.key(0), class_names=["no", "yes"])
+    with pytest.warns(UserWarning, match="class names and training preprocessing are not"):
+        eqxtl.save_pretrained(head, state, tmp_path, layout="torchvision")
+
+
 # --------------------------------------------------------------------------- 7. aliases
 
 

@@ -548,29 +548,13 @@ def save_pretrained(
     }
     configs = lay.write_config(backbone.config, extra)
     if with_head:
-        _add_training_info(model, configs, lay.name)
+        labels.add_training_info(model, configs, lay.name)
     if with_head and (model.project or model.normalize) and configs:
         first = next(iter(configs))
         flags = {"project": model.project, "normalize": model.normalize}
         configs[first] = {**configs[first], _HEAD_FLAGS: flags}
     _write_folder(Path(path), lay.weights_file, tensors, configs)
     return Path(path)
-
-
-def _add_training_info(model: Classifier, configs: dict[str, dict], layout: str) -> None:
-    """A classifier's class names and training preprocessing, into ``config.json`` or else
-    the layout's first config file (``from_pretrained`` reads them from either)."""
-    if not configs:
-        if model.class_names is not None or model.preprocessing is not None:
-            warnings.warn(
-                f"save_pretrained: the {layout} layout has no config file, so the classifier's "
-                "class names and training preprocessing are not saved; save in the default "
-                "layout (layout=None) to keep them.",
-                stacklevel=3,
-            )
-        return
-    name = "config.json" if "config.json" in configs else next(iter(configs))
-    configs[name] = {**configs[name], **labels.head_config(model)}
 
 
 def _check_folder_path(path, what: str) -> None:
