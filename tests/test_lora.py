@@ -287,7 +287,9 @@ def test_clip_b32_adapter_to_peft(b32, tmp_path):  # noqa: F811
     ours = adapted.project(outputs(adapted, state, jnp.asarray(images)))
     eqxtl.save_adapter(adapted, tmp_path, modules_to_save=["visual_projection"])
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["r"] == 8 and config["lora_alpha"] == 16 and len(config["target_modules"]) == 24
+    assert config["r"] == 8 and config["lora_alpha"] == 16
+    # a regex (PEFT full-matches a string): each of the 24 layers, with or without vision_model.
+    assert len(config["target_modules"].split("|")) == 24
 
     base = transformers.CLIPVisionModelWithProjection.from_pretrained(directory).eval()
     theirs_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()

@@ -177,6 +177,11 @@ def atomic_directory(
       listed names then (writing into a linked file would change the old copy too).
     """
     path = Path(path)
+    if os.path.lexists(path) and not path.is_dir():  # never replace a user's file
+        raise FileExistsError(
+            f"{path} exists and is not a directory; refusing to replace it with one. "
+            "Choose another path, or move the file away."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{_tmp_prefix(path)}{os.getpid()}-"))

@@ -6,6 +6,7 @@ preprocessing used in training (``"eqxtl": {"head": true, "preprocessing": {...}
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 from ..errors import CheckpointError
@@ -22,6 +23,22 @@ def head_config(model) -> dict[str, Any]:
     if getattr(model, "preprocessing", None) is not None:
         out["eqxtl"]["preprocessing"] = dataclasses.asdict(model.preprocessing)
     return out
+
+
+def add_training_info(model, configs: dict[str, dict], layout: str) -> None:
+    """A classifier's class names and training preprocessing, into ``config.json`` or else
+    the layout's first config file (``from_pretrained`` reads them from either)."""
+    if not configs:
+        if model.class_names is not None or model.preprocessing is not None:
+            warnings.warn(
+                f"save_pretrained: the {layout} layout has no config file, so the classifier's "
+                "class names and training preprocessing are not saved; save in the default "
+                "layout (layout=None) to keep them.",
+                stacklevel=4,
+            )
+        return
+    name = "config.json" if "config.json" in configs else next(iter(configs))
+    configs[name] = {**configs[name], **head_config(model)}
 
 
 def written_by_eqxtl(hf_config: dict | None) -> bool:

@@ -27,6 +27,7 @@ from ..models.heads import Classifier
 from ..models.layers import has_adapters, replace_static
 from ..models.registry import ARCHITECTURES, architecture_of, lookup_alias, preprocessing_for
 from . import checkpoint, hub, labels
+from .json_files import read_object
 
 
 class _SafetensorsFile(Mapping):
@@ -73,9 +74,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except ValueError as e:  # object arrays need pickle
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # object arrays need pickle
+            raise CheckpointError(
+                f"{path} holds pickled (object) arrays, which eqxtl refuses to load: {e}"
+            ) from None
         raise CheckpointError(
-            f"{path} holds pickled (object) arrays, which eqxtl refuses to load: {e}"
+            f"{path} is truncated or corrupt: a member ends early or does not parse ({e}). "
+            "Download or write it again."
         ) from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable .npz file: {e}") from None
@@ -85,18 +91,8 @@ def _read_meta(configs: Mapping[str, Path]) -> dict[str, dict]:
     """``{file name: JSON object}`` of the config files beside the weights."""
     meta = {}
     for name, path in configs.items():
-        try:
-            data = json.loads(Path(path).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(
-                f"{path} is not valid JSON ({e}). Fix or remove it, or pass config= to "
-                "from_pretrained."
-            ) from None
-        if not isinstance(data, dict):
-            raise CheckpointError(
-                f"{path} holds a JSON {type(data).__name__}, not an object: it is not a model "
-                "config. Fix or remove it, or pass config= to from_pretrained."
-            )
+        fix = "Fix or remove it, or pass config= to from_pretrained."
+        data = read_object(path, "a model config", fix)
         meta[name] = data
     return meta
 
@@ -340,6 +336,7 @@ def from_pretrained(
             raise CheckpointError(
                 f"{arch.name} has a fixed input size: image_size={size!r} cannot be changed."
             )
+        dataclasses.replace(config, image_size=size)  # the config checks it (sizes, patches)
         config, resampled = arch.resize(config, canonical, size)
         canonical = canonical.replace(resampled)
 
@@ -391,12 +388,18 @@ def _settle_config(arch, lay, meta, shapes, alias_config, overrides, source: str
         return arch.reconcile(alias_config, shapes), None
     try:
         stated = lay.read_config(meta, shapes)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         if isinstance(e, CheckpointError):
             raise
+        kind = (
+            " (a field holds another JSON type than expected, e.g. a list or number where an "
+            "object belongs)"
+            if isinstance(e, AttributeError)
+            else ""
+        )
         raise CheckpointError(
-            f"{source}: the config beside the weights has an invalid field: {e!r}. Fix the "
-            "file or pass config=."
+            f"{source}: the config beside the weights has an invalid field{kind}: {e!r}. Fix "
+            "the file or pass config=."
         ) from None
     if stated is not None:
         return arch.reconcile(stated, shapes), stated
@@ -438,10 +441,10 @@ def _with_head(backbone, state, canonical: Lazy, meta, where: str, source: str, 
         source=where,
         dtype=dtype,
     )
-    hf_config = meta.get("config.json")
     flags = next((m[_HEAD_FLAGS] for m in meta.values() if _HEAD_FLAGS in m), {})
-    if labels.written_by_eqxtl(hf_config):  # class names, training preprocessing
-        flags = {**flags, **labels.training_info(hf_config, source)}
+    written = [m for m in meta.values() if labels.written_by_eqxtl(m)]
+    if written:  # class names, training preprocessing
+        flags = {**flags, **labels.training_info(written[0], source)}
     try:  # flags: e.g. a zero-shot head's
         return Classifier(backbone, head=head, **flags), state
     except ValueError as e:  # a head that does not fit the backbone as built
@@ -530,6 +533,7 @@ def save_pretrained(
     into open_clip's ``CLIP`` with only the text tower missing) or ``"torchvision"``.
     ``from_pretrained(path)`` reads any of them back bit-identically.
     """
+    _check_folder_path(path, "save_pretrained")
     if has_adapters(model):
         raise AdapterError(
             "save_pretrained: this model holds LoRA/DoRA adapters, which no checkpoint layout "
@@ -546,14 +550,23 @@ def save_pretrained(
         "preprocessing": preprocessing_for(backbone),
     }
     configs = lay.write_config(backbone.config, extra)
-    if with_head and "config.json" in configs:  # class names, training preprocessing
-        configs["config.json"] = {**configs["config.json"], **labels.head_config(model)}
+    if with_head:
+        labels.add_training_info(model, configs, lay.name)
     if with_head and (model.project or model.normalize) and configs:
         first = next(iter(configs))
         flags = {"project": model.project, "normalize": model.normalize}
         configs[first] = {**configs[first], _HEAD_FLAGS: flags}
     _write_folder(Path(path), lay.weights_file, tensors, configs)
     return Path(path)
+
+
+def _check_folder_path(path, what: str) -> None:
+    """``path`` may be a folder or nothing yet; an existing file is the user's: an error."""
+    if os.path.lexists(path) and not Path(path).is_dir():
+        raise FileExistsError(
+            f"{what}: path {str(path)!r} is an existing file, not a folder; {what} writes a "
+            "folder there and would destroy the file. Pass a folder path (new or existing)."
+        )
 
 
 def _layout_tensors(model, state, arch: Architecture, lay: Layout) -> dict[str, np.ndarray]:

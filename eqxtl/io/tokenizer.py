@@ -11,7 +11,6 @@ to the context length (the end token is kept) and padding with the checkpoint's 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, DataError, SourceError
+from .json_files import read_object
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -174,7 +174,8 @@ class Tokenizer:
 def _pad_token(files: dict[str, Path]) -> str:
     for name in _CONFIGS:
         if name in files:
-            pad = json.loads(files[name].read_text()).get("pad_token")
+            fix = "Fix or remove it, or copy the checkpoint's tokenizer files again."
+            pad = read_object(files[name], "a tokenizer config", fix).get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
             if isinstance(pad, str):

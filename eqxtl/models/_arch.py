@@ -160,6 +160,40 @@ HEAD_NAMES = ("head.weight", "head.bias")
 to the backbone, e.g. SigLIP's attention-pooling ``head.probe``)."""
 
 
+_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_channels",
+    "image_size",
+    "patch_size",
+    "projection_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+_COUNTS = ("num_hidden_layers",)
+_OPTIONAL = ("projection_dim",)  # None: no projection
+
+
+def check_sizes(config: Any) -> None:
+    """Every size field of a config that it has (``hidden_size``, ``image_size``,
+    ``patch_size``, ...) an integer >= 1 (``projection_dim`` may be ``None``),
+    layer counts >= 0: a ``ValueError`` naming the field, before any division by it."""
+    for field in dataclasses.fields(config):
+        if field.name not in _SIZES + _COUNTS:
+            continue
+        value = getattr(config, field.name)
+        if value is None and (field.default is None or field.name in _OPTIONAL):
+            continue
+        low = 1 if field.name in _SIZES else 0
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+            raise ValueError(
+                f"{type(config).__name__}: {field.name} must be an integer >= {low} "
+                f"(or a pair of them for an image size), got {value!r}."
+            )
+
+
 def transformers_meta(meta: Meta, *model_types: str) -> Mapping[str, Any] | None:
     """transformers' ``config.json``, if one sits beside the weights and its ``model_type``
     is one of ``model_types``."""
@@ -388,6 +422,12 @@ class Architecture:
     """Regex (full match, relative to the backbone) of the module paths the forward pass
     calls with a key when it gets one (so that adapters there can drop out); ``None``:
     none is."""
+    adapter_prefix: str = ""
+    """A prefix of the adapter-file keys (``adapter_key``) that some classes of the same
+    model leave out: transformers 5.25's ``CLIPVisionModel`` / ``SiglipVisionModel`` name
+    ``encoder.layers.0...`` what ``CLIPVisionModelWithProjection`` and ``CLIPModel`` name
+    ``vision_model.encoder.layers.0...``. Adapter files are read in either naming and
+    written in both."""
 
     @property
     def lora_types(self) -> tuple[type, ...]:

@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._arch import (
     Preprocessing,
+    check_sizes,
 )
 from .blockwise import run_blocks
 from .layers import (
@@ -59,6 +60,7 @@ class CLIPVisionConfig:
     projection_dim: int | None = 512
 
     def __post_init__(self):
+        check_sizes(self)
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {_ACTIVATIONS}.")
         if self.hidden_size % self.num_attention_heads:

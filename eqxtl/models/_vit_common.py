@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..errors import CheckpointError
 from ._arch import (
     Preprocessing,
+    check_sizes,
 )
 from ._layout import Map, packed
 from .blockwise import run_blocks
@@ -40,6 +41,7 @@ def check_common(config) -> None:
         object.__setattr__(config, "image_size", tuple(config.image_size))
     if isinstance(config.image_size, tuple) and config.image_size[0] == config.image_size[1]:
         object.__setattr__(config, "image_size", int(config.image_size[0]))
+    check_sizes(config)
     if config.hidden_act not in ACTIVATIONS:
         raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {ACTIVATIONS}.")
     if config.hidden_size % config.num_attention_heads:

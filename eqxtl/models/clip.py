@@ -413,6 +413,7 @@ def _feature_dim(config: CLIPVisionConfig) -> int:
 
 CLIP_VISION = Architecture(
     name="clip_vision",
+    adapter_prefix="vision_model.",  # transformers 5.25 flattened the vision-only class
     config_cls=CLIPVisionConfig,
     build=_build,
     layouts=(

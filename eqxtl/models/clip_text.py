@@ -30,7 +30,15 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._util.pytree_paths import keypath_to_str
 from ..errors import CheckpointError, DataError
-from ._arch import Architecture, Layout, Meta, Shapes, claims_transformers, transformers_write
+from ._arch import (
+    Architecture,
+    Layout,
+    Meta,
+    Shapes,
+    check_sizes,
+    claims_transformers,
+    transformers_write,
+)
 from ._clip_model import (
     _ACTIVATIONS,
     Activation,
@@ -74,6 +82,7 @@ class CLIPTextConfig:
     eos_token_id: int = 49407
 
     def __post_init__(self):
+        check_sizes(self)
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {_ACTIVATIONS}.")
         if self.hidden_size % self.num_attention_heads:
@@ -185,6 +194,16 @@ class CLIPText(eqx.Module):
                 f"{shape[-1]} tokens per text; this text tower takes 1 to "
                 f"{c.max_position_embeddings} (tokenize with context_length="
                 f"{c.max_position_embeddings})."
+            )
+        if isinstance(input_ids, jax.core.Tracer):  # under jit: values unknown, see zero_shot_head
+            return
+        ids = np.asarray(input_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
+            bad = int(ids.max()) if ids.max() >= c.vocab_size else int(ids.min())
+            raise DataError(
+                f"input_ids holds token id {bad}, but this text tower has {c.vocab_size} token "
+                f"embeddings (ids 0..{c.vocab_size - 1}): the tokenizer is another model's. "
+                "Tokenize with the model's own (eqxtl.Tokenizer.from_pretrained(<its source>))."
             )
 
     def hidden_states(self, input_ids: Int[Array, "*b t"]) -> Float[Array, "*b t d"]:

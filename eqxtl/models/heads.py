@@ -112,7 +112,24 @@ class Classifier(eqx.Module):
             )
 
     def with_training_info(self, class_names=None, preprocessing=None) -> Classifier:
-        """This classifier with its class names and training preprocessing recorded."""
+        """This classifier with its class names and training preprocessing recorded.
+
+        Class names already recorded (a zero-shot head's, a reloaded checkpoint's) name the
+        head's rows: the same names in another order mean that the data's label ``i`` is
+        not the head's row ``i``, a ``ValueError``.
+        """
+        old = self.class_names
+        if class_names is not None and old is not None:
+            new = tuple(str(c) for c in class_names)
+            if new != old and sorted(new) == sorted(old):
+                at = next(i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b)
+                raise ValueError(
+                    f"The data's classes are this classifier's in another order (label {at} "
+                    f"is {new[at]!r} in the data but row {at} of the head is {old[at]!r}): "
+                    "training would teach each row another class. Order the data's classes "
+                    "as model.class_names (e.g. class_names= of the source), or build the "
+                    "head with the data's order."
+                )
         return Classifier(
             self.backbone,
             head=self.head,

@@ -54,7 +54,16 @@ def config_files() -> tuple[str, ...]:
 def lookup_alias(name: str) -> tuple[Architecture, Alias]:
     """The architecture and checkpoint of an alias; ``SourceError`` listing the known ones."""
     if name not in REGISTRY:
-        raise SourceError(f"{name!r} is not a known alias; known aliases: {sorted(REGISTRY)}.")
+        import difflib
+
+        near = difflib.get_close_matches(name, list(REGISTRY), n=3, cutoff=0.6)
+        near += [a for a in REGISTRY if a.replace("-", "_") == name.replace("-", "_")]
+        guess = f" Did you mean {near[0]!r}?" if near else ""
+        known = [f"{a} (offline)" if REGISTRY[a][1].local else a for a in sorted(REGISTRY)]
+        raise SourceError(
+            f"{name!r} is not a known alias.{guess} The known aliases ('(offline)': packaged "
+            f"with eqxtl, the others download from the Hugging Face hub): {known}."
+        )
     return REGISTRY[name]
 
 

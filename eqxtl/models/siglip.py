@@ -442,6 +442,7 @@ def _alias(size: int, config: SiglipVisionConfig = SIGLIP_B16, name: str = "base
 
 SIGLIP_VISION = Architecture(
     name="siglip_vision",
+    adapter_prefix="vision_model.",  # transformers 5.25 flattened the vision-only class
     config_cls=SiglipVisionConfig,
     build=_build,
     layouts=(

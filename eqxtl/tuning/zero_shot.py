@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -38,6 +39,13 @@ def _check_prompts(class_names, templates) -> tuple[list[str], list[str]]:
     bad = [c for c in class_names if not isinstance(c, str) or not c.strip()]
     if bad:
         raise DataError(f"Class names must be non-empty strings; got {bad[0]!r}.")
+    seen: set[str] = set()
+    repeated = [c for c in class_names if c in seen or seen.add(c)]
+    if repeated:
+        raise DataError(
+            f"class_names repeats {repeated[0]!r}: two identical rows, so one of them can "
+            "never be predicted. Give each class one distinct name."
+        )
     if not templates:
         raise DataError("zero_shot_head needs at least one template, e.g. ['a photo of a {}.'].")
     bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
@@ -79,10 +87,16 @@ def zero_shot_head(
     - `batch_size`: texts per text-tower call.
     """
     class_names, templates = _check_prompts(class_names, templates)
+    _check_model(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.from_pretrained(tokenizer)
     texts = [t.replace("{}", name) for name in class_names for t in templates]
     ids = tokenizer(texts)
+    _check_ids(ids, model)
     encode = eqx.filter_jit(lambda m, x: m.encode_text(x))
     batch_size = min(batch_size, len(ids))  # one compiled shape; no padding of a short list
     chunks = []
@@ -97,4 +111,30 @@ def zero_shot_head(
     weight = jnp.asarray(emb) * jnp.exp(model.logit_scale.astype(jnp.float32))
     head = eqx.nn.Linear(weight.shape[1], weight.shape[0], key=jax.random.key(0))
     head = eqx.tree_at(lambda m: (m.weight, m.bias), head, (weight, jnp.zeros(weight.shape[0])))
-    return Classifier(model.vision_model, head=head, project=True, normalize=True)
+    return Classifier(
+        model.vision_model, head=head, project=True, normalize=True, class_names=class_names
+    )
+
+
+def _check_model(model) -> None:
+    missing = [a for a in ("vision_model", "encode_text", "logit_scale") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"zero_shot_head: model is a {type(model).__name__}, which has no text tower "
+            f"(no {', '.join(missing)}). Load both towers: "
+            'eqxtl.from_pretrained(..., towers="both").'
+        )
+
+
+def _check_ids(ids, model) -> None:
+    """Token ids the text tower has rows for (a tokenizer of another model gives ids past
+    its table, which indexing would silently clamp to the last row)."""
+    vocab = model.text_model.config.vocab_size
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise DataError(
+            f"zero_shot_head: the tokenizer gives token id {int(ids.max())}, but the model's "
+            f"text tower has {vocab} token embeddings (ids 0..{vocab - 1}): the tokenizer is "
+            "another model's. Use the model's own, e.g. "
+            "tokenizer=<the folder or alias the model came from>."
+        )

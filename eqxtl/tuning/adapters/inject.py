@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -149,9 +150,37 @@ def _keyed(model: Any, path: str) -> bool:
     )
 
 
+def check_rank(rank: Any, what: str = "rank") -> int:
+    """``rank`` as an ``int``: any integer (NumPy's too) >= 1; bools and floats refused."""
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise AdapterError(f"{what} must be a positive integer (e.g. 8), got {rank!r}.")
+    return int(rank)
+
+
+def check_alpha(alpha: Any, what: str = "alpha") -> float:
+    """``alpha`` as a ``float``: a finite number > 0 (the update's scale)."""
+    ok = isinstance(alpha, numbers.Real) and not isinstance(alpha, (bool, np.bool_))
+    if not ok or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterError(
+            f"{what} must be a finite number > 0 (the update is scaled by alpha / rank; "
+            f"default alpha = rank), got {alpha!r}."
+        )
+    return float(alpha)
+
+
+def check_flag(value: Any, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise AdapterError(f"{what} must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_dropout(model: Any, paths: list[str], dropout: float) -> None:
-    if not 0.0 <= dropout < 1.0:
-        raise AdapterError(f"dropout must be in [0, 1), got {dropout}.")
+    ok = isinstance(dropout, numbers.Real) and not isinstance(dropout, (bool, np.bool_))
+    if not ok or not 0.0 <= dropout < 1.0:  # NaN fails the comparison too
+        raise AdapterError(
+            f"dropout must be a number in [0, 1) (the probability of dropping an adapter "
+            f"input), got {dropout!r}."
+        )
     unkeyed = [p for p in paths if not _keyed(model, p)]
     if dropout > 0 and unkeyed:
         keyed = [a.name for a in ARCHITECTURES.values() if a.keyed_layers]
@@ -196,8 +225,9 @@ def lora(
     rules = list(targets) if isinstance(targets, (list, tuple)) else [targets]
     if not rules:
         raise RuleError("lora() needs at least one target rule.")
-    if not isinstance(rank, int) or rank < 1:
-        raise AdapterError(f"rank must be a positive integer, got {rank!r}.")
+    rank = check_rank(rank)
+    alpha = check_alpha(rank if alpha is None else alpha)
+    dora, rslora = check_flag(dora, "dora"), check_flag(rslora, "rslora")
     chosen = _select(model, rules)
     too_big = [(p, _fan(layer)) for p, layer in chosen if rank > min(_fan(layer))]
     if too_big:
@@ -207,7 +237,6 @@ def lora(
             "low-rank update. Use a smaller rank or other targets."
         )
     check_dropout(model, [p for p, _ in chosen], dropout)
-    alpha = float(rank if alpha is None else alpha)
     # One draw for all A's, sliced in numpy: eager per-shape draws compile once per shape.
     sizes = [rank * _fan(layer)[0] for _, layer in chosen]
     flat = np.asarray(jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0))

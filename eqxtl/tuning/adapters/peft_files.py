@@ -18,6 +18,7 @@ import numpy as np
 
 from ..._util.pytree_paths import closest, keypath_to_str, leaves_with_paths
 from ...errors import AdapterError, CheckpointError, RuleError
+from ...io.json_files import read_object
 from ...models.heads import Classifier
 from ...models.layers import LoRAConv2d
 from ...models.layers.low_rank import (
@@ -25,7 +26,17 @@ from ...models.layers.low_rank import (
     adapted_layers,
 )
 from ...models.registry import architecture_of
-from .inject import adapter, all_layers, check_dropout, leaf, replace_layers, require_adapters
+from .inject import (
+    adapter,
+    all_layers,
+    check_alpha,
+    check_dropout,
+    check_flag,
+    check_rank,
+    leaf,
+    replace_layers,
+    require_adapters,
+)
 
 _PEFT_PREFIX = "base_model.model."
 _CONFIG_FILE = "adapter_config.json"
@@ -45,8 +56,38 @@ def _peft_key(model: Any, path: str) -> str | None:
 
 
 def _peft_module(model: Any, module: str) -> str | None:
+    """The PEFT module name of a layer; ``None`` where the base model has no module of its
+    own for it (e.g. a query projection packed into ``nn.MultiheadAttention``'s
+    ``in_proj_weight``)."""
     key = _peft_key(model, leaf(module, "weight"))
-    return None if key is None else key.removesuffix(".weight")
+    return None if key is None or not key.endswith(".weight") else key.removesuffix(".weight")
+
+
+def _optional_prefix(model: Any) -> str:
+    """``Architecture.adapter_prefix`` of the model's backbone (``"vision_model."`` for
+    CLIP and SigLIP vision towers: transformers 5.25's vision-only classes leave it out)."""
+    backbone = model.backbone if isinstance(model, Classifier) else model
+    return architecture_of(backbone).adapter_prefix
+
+
+def _namings(name: str, prefix: str) -> list[str]:
+    """Every name a key has in the transformers 5.x classes of one model."""
+    return [name, name[len(prefix) :]] if prefix and name.startswith(prefix) else [name]
+
+
+def _target_modules(names: Sequence[str], prefix: str) -> list[str] | str:
+    """PEFT's ``target_modules``: the module names, or where ``prefix`` is optional a regex
+    (PEFT full-matches a string) that names exactly these modules in every naming; a list
+    of names without the prefix would also match other towers' layers (``text_model.``)."""
+    if not prefix or not any(n.startswith(prefix) for n in names):
+        return sorted(names)
+    parts = [
+        f"(?:{re.escape(prefix)})?{re.escape(n[len(prefix) :])}"
+        if n.startswith(prefix)
+        else re.escape(n)
+        for n in sorted(names)
+    ]
+    return "|".join(parts)
 
 
 # --------------------------------------------------------------------------- save
@@ -64,22 +105,35 @@ def save_adapter(
     """
     from safetensors.numpy import save_file
 
+    if os.path.lexists(directory) and not Path(directory).is_dir():
+        raise FileExistsError(
+            f"save_adapter: directory {str(directory)!r} is an existing file, not a folder; "
+            "saving would destroy it. Pass a folder path (new or existing)."
+        )
+    if isinstance(modules_to_save, str):
+        raise AdapterError(
+            f"save_adapter: modules_to_save is a list of module paths; got the string "
+            f"{modules_to_save!r} (write [{modules_to_save!r}])."
+        )
     adapted = require_adapters(model, "save an adapter of")
     _check_uniform(adapted)
     unnamed = [p for p, _ in adapted if _peft_module(model, p) is None]
     if unnamed:
         raise AdapterError(
-            f"save_adapter: the checkpoint layout PEFT files name (Architecture.adapter_key) "
-            f"has no name for {unnamed[:3]}; PEFT files can only hold adapters of layers "
-            "that the base model's checkpoints have."
+            f"save_adapter: the base model that PEFT files name (Architecture.adapter_key) "
+            f"has no module for {unnamed[:3]}; PEFT files can only hold adapters of layers "
+            "that are modules of the base model (not packed into another's weight). "
+            "Leave them out of lora's targets."
         )
+    prefix = _optional_prefix(model)
     tensors, ranks, alphas = {}, {}, {}
     for path, layer in adapted:
         name = _peft_module(model, path)
-        tensors.update(_adapter_tensors(_PEFT_PREFIX + name, layer))
+        for naming in _namings(name, prefix):  # weights under every naming: PEFT loads one
+            tensors.update(_adapter_tensors(_PEFT_PREFIX + naming, layer))
         ranks[name], alphas[name] = layer.rank, layer.alpha
-    saved = _modules_to_save(model, modules_to_save, tensors)
-    config = _peft_config(adapted[0][1], ranks, alphas, saved)
+    saved = _modules_to_save(model, modules_to_save, tensors, prefix)
+    config = _peft_config(adapted[0][1], ranks, alphas, saved, prefix)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / _WEIGHTS_FILE), metadata={"format": "pt"})
@@ -110,7 +164,7 @@ def _adapter_tensors(prefix: str, layer: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _modules_to_save(model: Any, modules: Sequence[str], tensors: dict) -> list[str]:
+def _modules_to_save(model: Any, modules: Sequence[str], tensors: dict, prefix: str) -> list[str]:
     """Adds the leaves under each of ``modules`` to ``tensors``; returns their PEFT module
     names."""
     saved = []
@@ -124,15 +178,21 @@ def _modules_to_save(model: Any, modules: Sequence[str], tensors: dict) -> list[
             key = _peft_key(model, p)
             if key is None:
                 raise AdapterError(f"modules_to_save: no checkpoint name for {p!r}.")
-            tensors[_PEFT_PREFIX + key] = np.asarray(leaves[p])
-            saved.append(key.rsplit(".", 1)[0])
+            for naming in _namings(key, prefix):
+                tensors[_PEFT_PREFIX + naming] = np.asarray(leaves[p])
+            # PEFT matches modules_to_save by the end of the name: the shortest naming
+            saved.append(_namings(key, prefix)[-1].rsplit(".", 1)[0])
     return saved
 
 
-def _peft_config(first: Any, ranks: dict, alphas: dict, saved: list[str]) -> dict[str, Any]:
-    """``adapter_config.json``: the most common rank and alpha, the others as patterns."""
+def _peft_config(
+    first: Any, ranks: dict, alphas: dict, saved: list[str], prefix: str
+) -> dict[str, Any]:
+    """``adapter_config.json``: the most common rank and alpha, the others as patterns
+    (PEFT matches a pattern at the end of a name: written without the optional prefix)."""
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    short = {n: _namings(n, prefix)[-1] for n in ranks}
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -140,9 +200,9 @@ def _peft_config(first: Any, ranks: dict, alphas: dict, saved: list[str]) -> dic
         "inference_mode": True,
         "r": r,
         "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(n): k for n, k in ranks.items() if k != r},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != alpha},
+        "target_modules": _target_modules(list(ranks), prefix),
+        "rank_pattern": {re.escape(short[n]): k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {re.escape(short[n]): a for n, a in alphas.items() if a != alpha},
         "modules_to_save": sorted(set(saved)) or None,
         "use_rslora": first.rslora,
         "use_dora": first.lora_magnitude is not None,
@@ -246,7 +306,12 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"Not a PEFT adapter folder: missing {missing} (peft's save_pretrained writes "
             f"{_CONFIG_FILE} and {_WEIGHTS_FILE})."
         )
-    config = json.loads(files[0].read_text())
+    config = read_object(
+        files[0],
+        "PEFT's adapter config",
+        "Save the adapter again (peft's save_pretrained or eqxtl.save_adapter).",
+    )
+    _check_numbers(config, files[0])
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{files[0]}: peft_type {config.get('peft_type')!r}, not 'LORA'.")
     for field, value in _UNSUPPORTED.items():
@@ -255,6 +320,26 @@ def _read_peft(directory: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                 f"{files[0]}: {field}={config[field]!r} is not supported (only {value!r})."
             )
     return config, load_file(str(files[1]))
+
+
+def _check_numbers(config: dict, file: Path) -> None:
+    """The file's ranks, alphas, dropout and flags, checked as ``lora`` checks its own."""
+    try:
+        check_rank(config.get("r", 8), "r")
+        check_alpha(config.get("lora_alpha", 8), "lora_alpha")
+        for field, check in (("rank_pattern", check_rank), ("alpha_pattern", check_alpha)):
+            patterns = config.get(field) or {}
+            if not isinstance(patterns, dict):
+                raise AdapterError(f"{field} must be a JSON object, got {patterns!r}.")
+            for name, value in patterns.items():
+                check(value, f"{field}[{name!r}]")
+        for flag in ("use_dora", "use_rslora"):
+            check_flag(config.get(flag, False), flag)
+        dropout = config.get("lora_dropout", 0.0)
+        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool):
+            raise AdapterError(f"lora_dropout must be a number in [0, 1), got {dropout!r}.")
+    except AdapterError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def _split_keys(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
@@ -279,16 +364,26 @@ def _split_keys(tensors: dict[str, np.ndarray]) -> tuple[dict, dict, list[str]]:
 def _adapter_arrays(model: Any, adapters: dict, config: dict, mismatches: list[str]) -> dict:
     """``{module path: (layer, A, B, magnitude, alpha)}`` for each adapter of the file that
     fits a layer of ``model``; what does not fit goes to ``mismatches``."""
-    modules = {_peft_module(model, p): (p, layer) for p, layer in all_layers(model)}
-    modules.pop(None, None)
+    prefix = _optional_prefix(model)
+    modules = {}
+    for p, layer in all_layers(model):
+        name = _peft_module(model, p)
+        for naming in _namings(name, prefix) if name is not None else ():
+            modules[naming] = (p, layer)
     use_dora = bool(config.get("use_dora", False))
     new: dict[str, Any] = {}
+    raw: dict[str, dict] = {}  # module path -> the file's arrays for it
     for name, parts in sorted(adapters.items()):
         if name not in modules:
             hint = closest(name, modules)
             mismatches.append(f"{name}: no such linear/conv layer (closest: {hint})")
             continue
         path, layer = modules[name]
+        if path in raw:  # the same layer in another naming: must be the same adapter
+            if not _same(raw[path], parts):
+                mismatches.append(f"{name} ({path}): its namings in the file differ")
+            continue
+        raw[path] = parts
         if not adaptable(layer):
             mismatches.append(f"{name} ({path}): a {type(layer).__name__} LoRA cannot adapt")
             continue
@@ -315,17 +410,27 @@ def _adapter_arrays(model: Any, adapters: dict, config: dict, mismatches: list[s
     return new
 
 
+def _same(first: dict, parts: dict) -> bool:
+    return first.keys() == parts.keys() and all(np.array_equal(first[k], parts[k]) for k in first)
+
+
 def _replaced_leaves(model: Any, others: dict, mismatches: list[str]) -> dict[str, np.ndarray]:
     """``{leaf path: array}`` of the file's ``modules_to_save`` weights that fit ``model``;
     what does not fit goes to ``mismatches``."""
-    leaves = {_peft_key(model, p): (p, x) for p, x in leaves_with_paths(model)}
-    leaves.pop(None, None)
+    prefix = _optional_prefix(model)
+    leaves = {}
+    for p, x in leaves_with_paths(model):
+        key = _peft_key(model, p)
+        for naming in _namings(key, prefix) if key is not None else ():
+            leaves[naming] = (p, x)
     replaced = {}
-    for name, value in others.items():
+    for name, value in sorted(others.items()):
         if name not in leaves:
             mismatches.append(f"{name}: no such parameter (closest: {closest(name, leaves)})")
         elif tuple(value.shape) != tuple(leaves[name][1].shape):
             mismatches.append(f"{name}: shape {value.shape} != {tuple(leaves[name][1].shape)}")
+        elif leaves[name][0] in replaced and not np.array_equal(replaced[leaves[name][0]], value):
+            mismatches.append(f"{name}: two namings in the file hold different values")
         else:
             replaced[leaves[name][0]] = value
     return replaced
