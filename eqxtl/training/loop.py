@@ -127,10 +127,13 @@ def fit(
     - `runtime`: ``eqxtl.Runtime(seed, eval_every, compute_dtype, mesh, max_nonfinite,
       progress, cache_features)``.
 
-    The returned model is the model passed in, trained (its static fields unchanged); the
-    checkpoints also record the training class names and preprocessing
-    (``FitResult.class_names`` / ``.preprocessing``), so ``from_pretrained(out_dir/"best")``
-    reloads the whole ``Classifier``.
+    The returned model is the model passed in, trained (its static fields unchanged, so the
+    specs and optimizer state built for it still fit); the checkpoints also record the
+    training class names and preprocessing (``FitResult.class_names`` / ``.preprocessing``),
+    so ``from_pretrained(out_dir/"best")`` reloads the whole ``Classifier``. To save the
+    returned model on its own with them:
+    ``save_pretrained(result.model.with_training_info(result.class_names,
+    result.preprocessing), result.state, path)``.
     """
     task = task or Classification()
     runtime = _option(runtime, Runtime, "runtime") or Runtime()
