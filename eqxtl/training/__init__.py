@@ -1,0 +1,2 @@
+"""Training: ``fit`` and its phases and options, the compiled step, evaluation, tasks,
+callbacks, run folders, data parallelism, WiSE-FT."""
