@@ -115,13 +115,45 @@ def test_timm_clip_matches_timm(fixture, file):
     assert eqxtl.preprocessing_for(model).resize == int(32 / 0.9)  # timm crop_pct 0.9
 
 
-def test_timm_clip_with_a_classification_head_is_refused(tmp_path):
+def test_timm_clip_fine_tuned_on_imagenet_loads_with_its_classifier(tmp_path):
+    # timm's `*_clip_*.openai_ft_in1k`: `head` (with a bias) classifies; there is no projection.
+    g = golden("timm_vit_clip_in1k")
+    folder = FIXTURES / "timm_vit_clip_in1k"
+    model, state = eqxtl.from_pretrained(folder, keep_head=True)
+    assert isinstance(model, eqxtl.Classifier) and model.num_classes == 10
+    assert model.backbone.config.projection_dim is None
+    assert_close(pooled(model.backbone, state, g["input"]), g["pooled"], "pooled")
+    assert_close(pooled(model, state, g["input"]), g["logits"], "logits")
+    backbone, _ = eqxtl.from_pretrained(folder)  # default: the tower alone, head left out
+    assert not isinstance(backbone, eqxtl.Classifier)
+    assert backbone.config.projection_dim is None
+
+    # Saved back in timm's layout: the same keys and tensors, and timm's config for 10 classes
+    # (tests/fixtures/check_saved.py loads such a folder in timm itself).
+    eqxtl.save_pretrained(model, state, tmp_path, layout="timm")
+    saved, want = load_file(tmp_path / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert sorted(saved) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(saved[key], want[key], err_msg=key)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_classes"] == config["model_args"]["num_classes"] == 10
+    again, state = eqxtl.from_pretrained(tmp_path)  # an eqxtl folder: the Classifier comes back
+    assert_close(pooled(again, state, g["input"]), g["logits"], "logits after save")
+
+
+def test_timm_clip_head_with_a_bias_is_a_classifier_whatever_the_tag(tmp_path):
+    # The `.openai` tag's head is the projection (zero bias); a non-zero bias says classifier.
     tensors = load_file(FIXTURES / "timm_vit_clip" / "model.safetensors")
     tensors["head.bias"] = np.ones_like(tensors["head.bias"])
     save_file(tensors, tmp_path / "model.safetensors")
     shutil.copy(FIXTURES / "timm_vit_clip" / "config.json", tmp_path)
-    with pytest.raises(eqxtl.CheckpointError, match="classification head"):
-        eqxtl.from_pretrained(tmp_path)
+    model, _ = eqxtl.from_pretrained(tmp_path, keep_head=True)
+    assert model.backbone.config.projection_dim is None
+    np.testing.assert_array_equal(model.head.bias, tensors["head.bias"])
+    projection, _ = eqxtl.from_pretrained(FIXTURES / "timm_vit_clip")
+    assert projection.config.projection_dim == 24
+    with pytest.raises(eqxtl.CheckpointError, match="no classification head"):
+        eqxtl.from_pretrained(FIXTURES / "timm_vit_clip", keep_head=True)
 
 
 # --------------------------------------------------------------------------- timm ResNet

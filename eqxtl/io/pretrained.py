@@ -321,6 +321,8 @@ def from_pretrained(
     candidates = _candidates(towers, architecture, layout, alias_arch)
     arch, lay, plan = _choose(meta, list(tensors), candidates, layout, source_name)
     lay.check(tensors)
+    if lay.classifier_keys is not None and lay.has_classifier(meta, tensors):
+        plan = lay.classifier_keys.plan(list(tensors))
     canonical, unexplained = _canonical(tensors, plan, ignore)
     backbone_shapes = {k: v for k, v in canonical.shapes().items() if k not in HEAD_NAMES}
     size = overrides.pop("image_size", None)
@@ -580,6 +582,11 @@ def _layout_tensors(model, state, arch: Architecture, lay: Layout) -> dict[str, 
         for name, value in checkpoint.state_dict(model.head).items():
             canonical[f"head.{name}"] = np.asarray(value)
     try:
+        if with_head and lay.classifier_keys is not None:
+            try:  # e.g. a timm CLIP tower without projection: its head is timm's `head`
+                return lay.classifier_keys.save(canonical, with_head)
+            except KeyError:
+                pass
         return lay.keys.save(canonical, with_head)
     except KeyError as e:
         raise CheckpointError(

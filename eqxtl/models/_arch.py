@@ -145,6 +145,15 @@ class Layout:
     check: Callable[[Mapping[str, Any]], None] = lambda tensors: None
     """Raises ``CheckpointError`` for a checkpoint (key -> tensor, read on demand) that this
     layout's map would load wrongly (e.g. a non-zero bias the map drops)."""
+    classifier_keys: KeyMap | None = None
+    """For a layout whose ``keys`` read the checkpoint's ``head`` as part of the backbone
+    (timm's CLIP towers: there ``head`` is the image projection), the map for the
+    checkpoints whose ``head`` is a classifier instead (timm's ImageNet fine-tunes). Used on
+    load when ``has_classifier`` says so, and on save for a ``Classifier`` whose every tensor
+    it names (a tower without a projection)."""
+    has_classifier: Callable[[Meta, Mapping[str, Any]], bool] = lambda meta, tensors: False
+    """Whether a checkpoint (its config files, key -> tensor read on demand) holds a
+    classification head, to be read with ``classifier_keys``."""
 
     @property
     def writable(self) -> bool:

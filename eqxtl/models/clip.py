@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,14 +152,17 @@ TIMM_BLOCKS = (
 )
 """timm's ``blocks.N`` <-> these ``encoder.layers.N`` (also SigLIP's timm layout)."""
 
+_TIMM_TOWER = (
+    Map("cls_token", "embeddings.class_embedding", squeeze(2)),
+    Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
+    Map("patch_embed.proj", "embeddings.patch_embedding"),
+    Map("norm_pre", "pre_layrnorm"),
+    *TIMM_BLOCKS,
+    Map("norm", "post_layernorm"),
+)
 _TIMM_KEYS = KeyMap(
     (
-        Map("cls_token", "embeddings.class_embedding", squeeze(2)),
-        Map("pos_embed", "embeddings.position_embedding.weight", squeeze(1)),
-        Map("patch_embed.proj", "embeddings.patch_embedding"),
-        Map("norm_pre", "pre_layrnorm"),
-        *TIMM_BLOCKS,
-        Map("norm", "post_layernorm"),
+        *_TIMM_TOWER,
         Map("head.weight", "visual_projection.weight"),
         Drop(r"head\.bias"),
         Map("classifier", "head"),
@@ -169,15 +173,20 @@ _TIMM_KEYS = KeyMap(
         else {}
     ),
 )
+# timm's ImageNet fine-tunes of the CLIP towers (`openai_ft_in1k`, `laion2b_ft_in12k_in1k`,
+# ...) have no projection: their `head` (with a bias) classifies the pooled class token.
+_TIMM_CLASSIFIER_KEYS = KeyMap((*_TIMM_TOWER, Map("head", "head")))
+_FINE_TUNED_TAG = re.compile(r"(^|_)ft_in")
 
 
-def _timm_check(tensors) -> None:
-    if "head.bias" in tensors and np.any(np.asarray(tensors["head.bias"]) != 0):
-        raise CheckpointError(
-            "This timm CLIP checkpoint's head has a non-zero bias: it is a classification "
-            "head (e.g. an ft_in1k tag), not CLIP's projection, and eqxtl would load it as "
-            "the projection. Pass ignore=['head'] to load the tower without it."
-        )
+def _timm_has_classifier(meta: Meta, tensors: Mapping[str, Any]) -> bool:
+    """A classification head: the config's tag says ImageNet fine-tune, or ``head.bias``
+    (zero in a projection) is not zero."""
+    cfg = timm_meta(meta) or {}
+    tag = str((cfg.get("pretrained_cfg") or {}).get("tag") or "")
+    if _FINE_TUNED_TAG.search(tag):
+        return True
+    return "head.bias" in tensors and bool(np.any(np.asarray(tensors["head.bias"]) != 0))
 
 
 def _build(config: CLIPVisionConfig, key: PRNGKeyArray) -> CLIPVision:
@@ -383,7 +392,8 @@ def _timm_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
         model_args,
         num_features=config.hidden_size,
         global_pool="token",
-        num_classes=config.projection_dim or 0,  # timm's head is CLIP's projection
+        # timm's head: CLIP's projection, or in its ImageNet fine-tunes the classifier.
+        num_classes=config.projection_dim or extra["num_labels"] or 0,
     )
 
 
@@ -451,7 +461,8 @@ CLIP_VISION = Architecture(
             preprocessing=timm_preprocessing,
             defaults={"hidden_act": "gelu"},
             default_hints=_ACT_HINT,
-            check=_timm_check,
+            classifier_keys=_TIMM_CLASSIFIER_KEYS,
+            has_classifier=_timm_has_classifier,
         ),
     ),
     infer_config=_infer_config,
