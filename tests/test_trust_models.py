@@ -19,7 +19,7 @@ import eqxtl
 from eqxtl._util.atomic import atomic_directory
 from eqxtl.models import clip
 from eqxtl.models.clip_text import CLIPConfig, CLIPTextConfig
-from tests._tiny import TINY_CLIP
+from tests._tiny import TINY_CLIP, TINY_CONFIGS
 from tests._tiny import tiny as tiny_model
 from tests.test_clip_text import vocab_dir as vocab_dir  # noqa: F401  (fixture)
 from tests.test_lora import _torch_perturb, perturb
@@ -198,6 +198,30 @@ def test_config_sizes_are_checked(tmp_path):
     eqxtl.save_pretrained(model, state, tmp_path)
     with pytest.raises(ValueError, match="image_size must be an integer >= 1"):
         eqxtl.from_pretrained(tmp_path, image_size=0)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_every_size_field_of_every_config_is_checked(name):
+    # Registry-generated: a zero size or a negative layer count is named before any division.
+    from eqxtl.models._arch import _COUNTS, _SIZES
+
+    config = TINY_CONFIGS[name]
+    parts = [config] + [  # a two-tower config: each tower's own
+        getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if dataclasses.is_dataclass(getattr(config, f.name))
+    ]
+    checked = [
+        (c, f.name) for c in parts for f in dataclasses.fields(c) if f.name in _SIZES + _COUNTS
+    ]
+    assert checked, f"{type(config).__name__} has no checked size field"
+    for part, field in checked:
+        bad = -1 if field in _COUNTS else 0
+        value = getattr(part, field)
+        if isinstance(value, tuple):
+            bad = (bad, *value[1:])
+        with pytest.raises(ValueError, match=f"{field} must be an integer >= "):
+            dataclasses.replace(part, **{field: bad})
 
 
 def test_truncated_npz_is_called_truncated(tmp_path):

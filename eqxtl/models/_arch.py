@@ -179,8 +179,15 @@ _SIZES = (
     "projection_dim",
     "vocab_size",
     "max_position_embeddings",
+    "embedding_size",
+    "hidden_sizes",
+    "tokens_mlp_dim",
+    "channels_mlp_dim",
+    "stem_size",
+    "head_size",
+    "depth_divisor",
 )
-_COUNTS = ("num_hidden_layers",)
+_COUNTS = ("num_hidden_layers", "num_blocks")
 _OPTIONAL = ("projection_dim",)  # None: no projection
 
 

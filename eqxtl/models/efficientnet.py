@@ -33,6 +33,7 @@ from ._arch import (
     Meta,
     Preprocessing,
     Shapes,
+    check_sizes,
     claims_transformers,
     transformers_meta,
     transformers_write,
@@ -70,6 +71,13 @@ class EfficientNetLiteConfig:
     stem_size: int = 32
     head_size: int = 1280
     num_channels: int = 3
+
+    def __post_init__(self):
+        check_sizes(self)
+        for name in ("width_coefficient", "depth_coefficient"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                raise ValueError(f"EfficientNetLiteConfig: {name} must be > 0, got {value!r}.")
 
 
 EFFICIENTNET_LITE0 = EfficientNetLiteConfig()

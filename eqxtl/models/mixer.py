@@ -26,6 +26,7 @@ from ._arch import (
     Meta,
     Preprocessing,
     Shapes,
+    check_sizes,
     claims_timm,
     count_blocks,
     square_side,
@@ -58,6 +59,7 @@ class MixerConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
+        check_sizes(self)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {ACTIVATIONS}.")
         h, w = image_hw(self.image_size)

@@ -43,6 +43,7 @@ from ._arch import (
     Meta,
     Preprocessing,
     Shapes,
+    check_sizes,
     claims_timm,
     claims_transformers,
     timm_meta,
@@ -94,6 +95,7 @@ class ResNetConfig:
         # Lists (from JSON) become tuples: the config is a static, hashable field.
         object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        check_sizes(self)
         if self.layer_type not in ("basic", "bottleneck"):
             raise ValueError(f"layer_type {self.layer_type!r} is not 'basic' or 'bottleneck'.")
         if self.hidden_act not in _ACTIVATIONS:

@@ -34,6 +34,7 @@ from ._arch import (
     Meta,
     Preprocessing,
     Shapes,
+    check_sizes,
     claims_timm,
     claims_transformers,
     count_blocks,
@@ -79,6 +80,7 @@ class SiglipVisionConfig:
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
+        check_sizes(self)
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {ACTIVATIONS}.")
         if self.hidden_size % self.num_attention_heads:
