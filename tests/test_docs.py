@@ -1,9 +1,14 @@
-"""Every Python snippet in README.md runs, in order, in one namespace (so the README cannot
-drift from the API). Hub checkpoints and TFDS datasets are replaced by offline stand-ins of
-the same architecture: the golden fixtures in tests/fixtures (real timm / open_clip /
-big_vision files at tiny sizes) and random images. Bash blocks are not run here (the command
-line has its own tests)."""
+"""Every Python block of README.md and of every page of the documentation site (docs/) runs,
+in order, one namespace per page that starts empty (so no page can drift from the API or lean
+on names it never defines). Hub checkpoints and TFDS datasets are replaced by offline
+stand-ins of the same architecture: the golden fixtures in tests/fixtures (real timm /
+open_clip / big_vision files at tiny sizes) and random images; local files a page names
+(``photos/train``) are made in the page's working folder. Real offline weights (the packaged
+EfficientNet-Lite0) are used as they are. Bash blocks are not run here (the command line has
+its own tests); ``mkdocs build --strict`` runs in ``.ci/run``."""
 
+import importlib
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -13,7 +18,10 @@ import pytest
 
 import eqxtl
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = sorted(p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md"))
 FIXTURES = Path(__file__).parent / "fixtures"
 
 # source name in the README -> (stand-in path, keyword arguments forced for the tiny model)
@@ -85,8 +93,30 @@ def offline_world(tmp_path, monkeypatch):
     monkeypatch.setattr(eqxtl.Tokenizer, "from_pretrained", tokenizer_from_pretrained)
     monkeypatch.setattr(eqxtl, "TFDSSource", tfds_source)
     monkeypatch.chdir(tmp_path)
-    images = rng.integers(0, 256, size=(4, 40, 40, 3), dtype=np.uint8)
-    return {"images": images}
+    _photo_folders(tmp_path / "photos", rng)
+
+
+def _photo_folders(root: Path, rng) -> None:
+    """``photos/{train,val,test}/<class>/*.jpg``: small JPEGs, two classes."""
+    from PIL import Image
+
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for label, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(24, 24, 3), dtype=np.uint8)
+                pixels[..., label] = 255
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+
+
+def run_blocks(path: Path) -> None:
+    blocks = python_blocks(path.read_text())
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{path.name} python block {i + 1}", "exec"), namespace)
+        except Exception as e:  # say which snippet broke
+            raise AssertionError(f"{path} python block {i + 1} fails:\n{block}\n{e!r}") from e
 
 
 def test_readme_has_the_two_setup_commands():
@@ -101,12 +131,36 @@ def test_readme_has_the_two_setup_commands():
     assert "constraints.txt" in ci_test_command
 
 
-def test_every_python_snippet_runs(offline_world):
-    blocks = python_blocks(README.read_text())
-    assert len(blocks) >= 6
-    namespace = dict(offline_world)
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
-        except Exception as e:  # say which snippet broke
-            raise AssertionError(f"README python block {i + 1} fails:\n{block}\n{e!r}") from e
+def test_every_readme_snippet_runs(offline_world):
+    assert len(python_blocks(README.read_text())) >= 1
+    run_blocks(README)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_docs_snippet_runs(page, offline_world):
+    run_blocks(DOCS / page)
+
+
+def test_readme_stays_short_and_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    for target in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / target).is_file(), target
+
+
+def test_every_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert [p for p in PAGES if f": {p}" not in nav] == []
+
+
+def test_the_api_reference_has_every_public_name_and_only_those():
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    names = hooks.public_names()
+    assert sorted(names) == sorted(eqxtl.__all__)
+    for name, target in names.items():  # each points at the object eqxtl exports
+        module, attr = target.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), attr) is getattr(eqxtl, name), name
+    page = hooks.on_page_markdown((DOCS / "api.md").read_text(), None, None, None)
+    assert page.count("\n::: ") == len(names)
