@@ -58,8 +58,8 @@ from .training.callbacks import LRSchedule as LRSchedule
 from .training.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from .training.callbacks import TensorBoard as TensorBoard
 from .training.evaluation import evaluate as evaluate
-from .training.fewshot import FewShotEval as FewShotEval
 from .training.evaluation import predict as predict
+from .training.fewshot import FewShotEval as FewShotEval
 from .training.loop import FitResult as FitResult
 from .training.loop import fit as fit
 from .training.options import Checkpoint as Checkpoint

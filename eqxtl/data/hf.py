@@ -94,7 +94,7 @@ class HFDataset:
                 f"Cannot decode the {self.image!r} image of example {index} of {self!r}: {e}"
             ) from e
         if value is None:
-            raise CorruptImageError(f"Example {index} of {self!r} has no image (None).")
+            raise CorruptImageError(f"Example {index} of {self!r} has no image (None)")
         try:
             rgb = as_rgb(value)
         except DataError as e:
