@@ -106,7 +106,8 @@ def test_hf_dataset_bad_input(photos):
         eqxtl.HFDataset(ds, image="img")
     with pytest.raises(eqxtl.DataError, match=r"label='labels'.*no column 'labels'"):
         eqxtl.HFDataset(ds, label="labels")
-    with pytest.raises(eqxtl.DataError, match=r"'caption' holds Value\('string'\), not images"):
+    with pytest.raises(eqxtl.DataError, match=r"'caption' holds Value\('string'\), not images.*"
+                       r"file paths.*cast_column\('caption', datasets\.Image\(\)\)"):  # fmt: skip
         eqxtl.HFDataset(ds, image="caption")
     with pytest.raises(eqxtl.DataError, match=r"'label' holds ClassLabel"):
         eqxtl.HFDataset(ds, image="label")
@@ -122,6 +123,9 @@ def test_hf_dataset_bad_input(photos):
     unlabelled = ds.map(lambda x, i: {"label": -1 if i == 2 else x["label"]}, with_indices=True)
     with pytest.raises(eqxtl.DataError, match=r"label -1 of example 2 .*missing label"):
         eqxtl.HFDataset(unlabelled)
+    no_label = ds.map(lambda x, i: {"label": None if i == 3 else x["label"]}, with_indices=True)
+    with pytest.raises(eqxtl.DataError, match=r"1 examples have no label \(the first: example 3\)"):
+        eqxtl.HFDataset(no_label)
     # labels beyond the head: the same check as every source
     with pytest.raises(eqxtl.DataError, match="has 4 classes but the model predicts 3"):
         eqxtl.check_labels(eqxtl.HFDataset(ds), 3)

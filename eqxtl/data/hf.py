@@ -208,7 +208,7 @@ def _labels(dataset, column: str, features: dict, class_names, datasets):
     class_names = [str(n) for n in class_names]
     labels = np.asarray(dataset.select_columns([column]).with_format("numpy")[column])
     if not np.issubdtype(labels.dtype, np.integer):  # None (no label) reads as NaN
-        missing = np.flatnonzero(np.isnan(labels.astype(np.float64)))
+        missing = [i for i, v in enumerate(labels.tolist()) if v is None or v != v]
         raise DataError(
             f"HFDataset(label={column!r}): {len(missing)} examples have no label (the first: "
             f"example {missing[0] if len(missing) else '?'}): drop them first, "
