@@ -6,6 +6,7 @@ from .data.features import FeatureLoader as FeatureLoader
 from .data.features import Features as Features
 from .data.features import extract_features as extract_features
 from .data.grain import GrainLoader as GrainLoader
+from .data.hf import HFDataset as HFDataset
 from .data.images import Augment as Augment
 from .data.images import preprocess as preprocess
 from .data.loader import BatchSource as BatchSource
@@ -58,6 +59,7 @@ from .training.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from .training.callbacks import TensorBoard as TensorBoard
 from .training.evaluation import evaluate as evaluate
 from .training.evaluation import predict as predict
+from .training.fewshot import FewShotEval as FewShotEval
 from .training.loop import FitResult as FitResult
 from .training.loop import fit as fit
 from .training.options import Checkpoint as Checkpoint
