@@ -2,6 +2,9 @@
 first use, and by type checkers)."""
 
 from ._util.pytree_paths import paths as paths
+from .data.augment import RandAugment as RandAugment
+from .data.augment import RandomErasing as RandomErasing
+from .data.augment import TrivialAugment as TrivialAugment
 from .data.features import FeatureLoader as FeatureLoader
 from .data.features import Features as Features
 from .data.features import extract_features as extract_features

@@ -1,6 +1,6 @@
 """Preprocessing one image into the array a checkpoint expects (``preprocess``), and its
-training-time variant ``Augment`` (random resized crop, horizontal flip: a pure function of
-``(seed, epoch, index)``)."""
+training-time variant ``Augment`` (random resized crop, horizontal flip, then optionally a
+policy such as RandAugment and random erasing: a pure function of ``(seed, epoch, index)``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from .._util.checks import real
 from ..errors import DataError
 from ..models._arch import Preprocessing
+from .augment import RandAugment, RandomErasing, TrivialAugment
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -187,7 +188,9 @@ def preprocess(image: Any, p: Preprocessing) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Training-time augmentation: random resized crop, then horizontal flip.
+    """Training-time augmentation: random resized crop, horizontal flip, then ``policy``
+    (``RandAugment`` or ``TrivialAugment``) on the uint8 crop, normalisation, and
+    ``erasing`` (``RandomErasing``) on the normalised image: timm's training order.
 
     The crop takes a window of ``scale`` × the image area with aspect ratio in ``ratio``
     (log-uniform), resized straight to ``(crop, crop)`` with the preprocessing's filter
@@ -203,6 +206,10 @@ class Augment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
     """Probability of a horizontal flip."""
+    policy: RandAugment | TrivialAugment | None = None
+    """``eqxtl.RandAugment()`` or ``eqxtl.TrivialAugment()``, applied after the flip."""
+    erasing: RandomErasing | None = None
+    """``eqxtl.RandomErasing()``, applied after normalisation."""
 
     def __post_init__(self):
         for what in ("scale", "ratio"):
@@ -219,6 +226,15 @@ class Augment:
             raise DataError(f"Augment.ratio must satisfy 0 < lo <= hi, got {self.ratio}.")
         if not 0 <= self.flip <= 1:
             raise DataError(f"Augment.flip is a probability, got {self.flip}.")
+        if self.policy is not None and not isinstance(self.policy, RandAugment | TrivialAugment):
+            raise DataError(
+                "Augment(policy=...) takes eqxtl.RandAugment(...) or eqxtl.TrivialAugment(...), "
+                f"got {self.policy!r}."
+            )
+        if self.erasing is not None and not isinstance(self.erasing, RandomErasing):
+            raise DataError(
+                f"Augment(erasing=...) takes eqxtl.RandomErasing(...), got {self.erasing!r}."
+            )
 
     def window(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, ...]:
         """A random crop box ``(left, top, right, bottom)`` inside ``(height, width)``."""
@@ -253,4 +269,7 @@ class Augment:
         out = np.asarray(pil)
         if rng.uniform() < self.flip:
             out = out[:, ::-1]
-        return normalise(out, p)
+        if self.policy is not None:
+            out = self.policy(out, p, rng)
+        x = normalise(out, p)
+        return x if self.erasing is None else self.erasing(x, rng)
