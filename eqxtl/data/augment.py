@@ -359,13 +359,14 @@ class TrivialAugment:
     def __call__(self, image: Any, p, rng: np.random.Generator) -> np.ndarray:
         """One image (uint8 ``(H, W, 3)`` or PIL) → uint8 ``(H, W, 3)``; ``p`` (the
         ``Preprocessing``) is not used; randomness from ``rng``."""
+        im = _pil(image, "TrivialAugment")
         space = _ta_space(self.num_bins)
         name = list(space)[int(rng.integers(len(space)))]
         bins, signed = space[name]
         v = 0.0 if bins is None else float(bins[int(rng.integers(len(bins)))])
         if signed and rng.integers(2):
             v = -v
-        return np.asarray(self._apply(_pil(image, "TrivialAugment"), name, v))
+        return np.asarray(self._apply(im, name, v))
 
 
 _ERASE_MODES = ("pixel", "rand", "const")
