@@ -107,11 +107,18 @@ def extract_features(
     )
 
 
-def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress):
+@eqx.filter_jit
+def _forward(backbone, state, images):
+    """Pooled features of a batch; one module-level function, so that every extraction of
+    the same backbone and batch shape (train, then test; each phase) reuses one compile."""
     from ..models.batching import batched
 
+    return batched(backbone)(images, state)[0]
+
+
+def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress):
     backbone = eqx.nn.inference_mode(backbone, True)
-    forward = eqx.filter_jit(lambda m, s, x: batched(m)(x, s)[0])
+    forward = _forward
     n = len(loader.source)
     features = labels = valid = None
     bar = None
