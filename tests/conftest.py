@@ -1,11 +1,23 @@
 import gc
 import os
+import tempfile
 
 import jax
 import pytest
 
 # Tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Many tests compile the same programs (the same tiny models, steps and evaluations, in this
+# process and in the subprocesses of the CLI and multi-process tests): XLA's persistent
+# compilation cache, empty at the start of every session, serves the repeats. Environment
+# variables, so that subprocesses share it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eqxtl-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 os.environ.setdefault("TFDS_DATA_DIR", os.path.join(os.path.dirname(__file__), ".no-tfds-data"))
 
 
