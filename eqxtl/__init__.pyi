@@ -60,11 +60,13 @@ from .training.callbacks import Lambda as Lambda
 from .training.callbacks import LRSchedule as LRSchedule
 from .training.callbacks import ReduceLROnPlateau as ReduceLROnPlateau
 from .training.callbacks import TensorBoard as TensorBoard
+from .training.ema import EMA as EMA
 from .training.evaluation import evaluate as evaluate
 from .training.evaluation import predict as predict
 from .training.fewshot import FewShotEval as FewShotEval
 from .training.loop import FitResult as FitResult
 from .training.loop import fit as fit
+from .training.mixup import Mixup as Mixup
 from .training.options import Checkpoint as Checkpoint
 from .training.options import Runtime as Runtime
 from .training.parallel import data_mesh as data_mesh

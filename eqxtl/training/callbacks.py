@@ -7,7 +7,11 @@ A callback is any object with some of these methods (each optional):
   (this syncs with the device every step: keep it for logging and tests);
 - ``on_eval(run, record)``: after each evaluation, with its record (``train_loss``,
   ``test_accuracy``, ...);
-- ``on_fit_end(run)``.
+- ``on_fit_end(run)``;
+- ``wrap_optimizer(optimizer) -> optimizer``: each phase's optimizer as ``fit`` builds it
+  (``EMA`` chains its average last, so it lives in the optimizer state);
+- ``eval_model(model, opt_state) -> model``: the model evaluations score and checkpoints
+  export (``EMA``: the averaged weights; the training state keeps the raw ones).
 
 ``run`` is the live ``Run``: ``step``, ``epoch``, ``phase``, ``model``, ``state``,
 ``opt_state``, ``history``, ``stop()`` and ``lr_scale`` (a factor on every update, for

@@ -42,7 +42,7 @@ from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
 from .runs import HYPER, RunDir, optimizer_hyperparameters, sigint_at_step_end, signature
-from .session import Loop, Run, call_hooks, progress_bar, with_scale
+from .session import Loop, Run, call_hooks, progress_bar, training_optimizer
 from .tasks import Classification, Task
 
 
@@ -121,7 +121,8 @@ def fit(
       smoothing: ``Classification(label_smoothing=0.1)``).
     - `callbacks`: objects with ``on_step`` / ``on_eval`` / ``on_phase_begin`` /
       ``on_fit_end`` (``eqxtl.callbacks``: ``EarlyStopping``, ``ReduceLROnPlateau``,
-      ``LRSchedule``, ``TensorBoard``, ``Lambda`` for a function of each step).
+      ``LRSchedule``, ``TensorBoard``, ``Lambda`` for a function of each step; ``EMA``:
+      an average of the weights, evaluated and exported).
     - `checkpoint`: ``eqxtl.Checkpoint(out_dir, resume=True, every=None, best="auto",
       mode="auto")``: the run folder, resumed from; ``None``: nothing is written.
     - `runtime`: ``eqxtl.Runtime(seed, eval_every, compute_dtype, mesh, max_nonfinite,
@@ -145,7 +146,7 @@ def fit(
     bounds = np.cumsum([0, *(p.num_steps(steps_per_epoch) for p in phases)])
     best, best_mode = _best_metric(task, checkpoint, test is not None)
     scales_lr = any(getattr(cb, "scales_lr", False) for cb in callbacks)
-    optimizers = [with_scale(p.optimizer) if scales_lr else p.optimizer for p in phases]
+    optimizers = [training_optimizer(p.optimizer, callbacks, scales_lr) for p in phases]
 
     def opt_init(i, m):
         return optimizers[i].init(eqx.filter(m, phases[i].spec))

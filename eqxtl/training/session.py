@@ -88,16 +88,48 @@ class Run:
     def lr_scale(self, value: float) -> None:
         self.lr_scale  # noqa: B018  (raises without a scaling callback)
         self._lr_scale = float(value)
-        inner, scale_state = self.opt_state
-        hyper = dict(scale_state.hyperparams)
-        old = hyper["step_size"]
-        hyper["step_size"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
-        self.opt_state = (inner, scale_state._replace(hyperparams=hyper))
+
+        def set_scale(scaled):
+            inner, scale_state = scaled
+            hyper = dict(scale_state.hyperparams)
+            old = hyper["step_size"]
+            hyper["step_size"] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+            return (inner, scale_state._replace(hyperparams=hyper))
+
+        self.opt_state = _at_scale(self.opt_state, set_scale)
+
+
+def _at_scale(opt_state, fn):
+    """``fn`` applied to the state of ``with_scale``'s chain, which callbacks that wrap the
+    optimizer (``wrap_optimizer``: ``optax.chain(inner, ...)``) hold first in theirs."""
+    if opt_state[1] is not None and hasattr(opt_state[1], "hyperparams"):
+        return fn(opt_state)
+    return (_at_scale(opt_state[0], fn), *opt_state[1:])
+
+
+def scale_of(opt_state) -> float:
+    """The update scale ``run.lr_scale`` set, from the optimizer state."""
+    found = []
+    _at_scale(opt_state, lambda s: found.append(s) or s)
+    return float(found[0][1].hyperparams["step_size"])
 
 
 def with_scale(optimizer):
     """``optimizer`` followed by a scale that ``run.lr_scale`` sets."""
     return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def training_optimizer(optimizer, callbacks, scales_lr: bool):
+    """A phase's optimizer as ``fit`` runs it: followed by the scale ``run.lr_scale`` sets
+    (with a callback that ``scales_lr``), then wrapped by each callback that defines
+    ``wrap_optimizer(optimizer)`` (``EMA``: the average of the weights after the update)."""
+    if scales_lr:
+        optimizer = with_scale(optimizer)
+    for cb in callbacks:
+        wrap = getattr(cb, "wrap_optimizer", None)
+        if wrap is not None:
+            optimizer = wrap(optimizer)
+    return optimizer
 
 
 def call_hooks(callbacks, hook: str, *args) -> None:
@@ -139,6 +171,7 @@ class Loop:
         run.phase = i
         model, state = run.model, run.state
         features = can_cache(model, phase, self.train, self.test, rt.cache_features)
+        features = features and getattr(self.task, "mix_batch", None) is None  # mixes images
         train, test = self._feature_loaders() if features else (self.train, self.test)
         loss = task_loss(self.task, compute_dtype=rt.compute_dtype, features=features)
         step_fn = make_step(loss, optimizer, phase.spec, bn=phase.bn, mesh=self.mesh)
@@ -148,12 +181,22 @@ class Loop:
             model, state, opt_state = replicate((model, state, opt_state), self.mesh)
         run.model, run.state, run.opt_state = model, state, opt_state
         if self.scales_lr:
-            run._lr_scale = float(opt_state[1].hyperparams["step_size"])
+            run._lr_scale = scale_of(opt_state)
         call_hooks(self.callbacks, "on_phase_begin", run)
         if self.guard is None:
             self.guard = {k: jnp.asarray(v) for k, v in _GUARD0.items()}
             self.guard["first_bad"] = self.guard["first_bad"].astype(jnp.int32)
         self.steps(train, test, step_fn, eval_step, end)
+
+    def eval_model(self, model, opt_state):
+        """The model evaluations score and checkpoints export (``model.safetensors``; the
+        training state keeps ``model``): ``model`` unless a callback defines
+        ``eval_model(model, opt_state)`` (``EMA``: the averaged weights)."""
+        for cb in self.callbacks:
+            fn = getattr(cb, "eval_model", None)
+            if fn is not None:
+                model = fn(model, opt_state)
+        return model
 
     def _feature_loaders(self):
         rt = self.runtime
@@ -261,7 +304,8 @@ class Loop:
         if nonfinite:
             record["nonfinite_steps"] = nonfinite
         if test is not None:
-            sums = eval_sums(eval_step, run.model, run.state, test)
+            model = self.eval_model(run.model, run.opt_state)
+            sums = eval_sums(eval_step, model, run.state, test)
             record.update(summarise(self.task, sums, "test"))
         run.history.append(record)
         call_hooks(self.callbacks, "on_eval", run, record)
@@ -292,7 +336,9 @@ class Loop:
             ],
         }
         tree = local((run.model, run.state, run.opt_state))  # this process's replica
-        self.folder.save(links, *tree, meta, self.with_info)
+        opt_state = tree[2]
+        export = lambda m: self.with_info(self.eval_model(m, opt_state))  # noqa: E731
+        self.folder.save(links, *tree, meta, export)
         self.saved_step = run.step
 
     def interrupted(self) -> str:

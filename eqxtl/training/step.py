@@ -78,6 +78,10 @@ def task_loss(task: Task | None = None, *, compute_dtype=None, features: bool = 
     ``task_loss(Classification(label_smoothing=0.1))``. The metrics are sums
     (``loss_sum``, ``correct``, ``count``) that add up exactly over batches of any fill.
 
+    A task with ``mix_batch(images, labels, mask, key) -> (images, targets(K))``
+    (``Mixup``) mixes each batch first, with part of ``key`` (so only in training: the eval
+    step passes none).
+
     ``features=True``: batches of cached backbone features ``{"features": (B, D), ...}``
     through ``model.logits`` (the head, after the projection and normalisation a zero-shot
     head asks for) only (see ``extract_features``).
@@ -88,17 +92,30 @@ def task_loss(task: Task | None = None, *, compute_dtype=None, features: bool = 
     BatchNorm, softmax, the head and the loss run in float32.
     """
     task = Classification() if task is None else task
+    mix = getattr(task, "mix_batch", None)
+    if mix is not None and features:
+        raise EqxtlError(
+            f"{type(task).__name__} mixes images: it cannot train on cached features "
+            "(fit does not cache them with it)."
+        )
 
     def loss_fn(model, state, batch, key):
+        labels = batch["label"]
         if features:
             outputs = model.logits(batch["features"])  # the head (and projection) only
         else:
             x = batch["image"]
+            targets = None
+            if mix is not None and key is not None:  # training (evaluation has no key)
+                key, mix_key = jax.random.split(key)
+                x, targets = mix(x, labels, batch.get("mask"), mix_key)
             if compute_dtype is not None:
                 x = x.astype(compute_dtype)
             keys = None if key is None else jax.random.split(key, x.shape[0])
             outputs, state = batched(model)(x, state, keys)
-        loss, metrics = loss_and_metrics(task, outputs, batch["label"], batch.get("mask"))
+            if targets is not None:
+                labels = targets(outputs.shape[-1])
+        loss, metrics = loss_and_metrics(task, outputs, labels, batch.get("mask"))
         return loss, (state, metrics)
 
     return loss_fn

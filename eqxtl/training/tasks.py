@@ -48,7 +48,8 @@ def _labels_like(task: str, outputs, labels, want: str) -> None:
 
 
 _LABEL_HINTS = {
-    "Classification": " Classification takes one integer class index per example.",
+    "Classification": " Classification takes one integer class index per example (soft "
+    "targets (B, K) come from eqxtl.Mixup).",
     "MultiLabel": " MultiLabel takes multi-hot rows, one 0/1 per class (e.g. "
     "jax.nn.one_hot(labels, K) for one class each; for integer class indices use "
     "Classification).",
@@ -114,7 +115,20 @@ class Classification(Task):
             high_open=True,
         )
 
+    _soft_targets = False
+    """Whether float ``(B, K)`` labels are soft targets, used as given (``Mixup``'s mixed
+    and already smoothed ones); plain ``Classification`` refuses them (multi-hot rows of
+    multi-label data would train silently as a wrong distribution)."""
+
+    def _is_soft(self, labels) -> bool:
+        return (
+            self._soft_targets and labels.ndim == 2 and jnp.issubdtype(labels.dtype, jnp.floating)
+        )
+
     def per_example(self, outputs, labels):
+        if self._is_soft(labels):
+            _labels_like("Classification", outputs, labels, "(B, K)")
+            return optax.softmax_cross_entropy(outputs, labels)
         _labels_like("Classification", outputs, labels, "(B,)")
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise DataError(
@@ -128,6 +142,8 @@ class Classification(Task):
         return optax.softmax_cross_entropy(outputs, targets)
 
     def sums(self, outputs, labels, weights):
+        if self._is_soft(labels):
+            labels = jnp.argmax(labels, -1)
         return {"correct": jnp.sum((jnp.argmax(outputs, -1) == labels) * weights)}
 
     def summarise(self, sums):

@@ -17,6 +17,7 @@ import jax
 import jax.tree_util as jtu
 import optax
 
+from .._util.checks import real
 from .._util.pytree_paths import keypath_to_str, map_with_path
 from ..errors import OptimizerMismatchError
 from ..models.registry import backbones_in
@@ -54,6 +55,7 @@ def param_groups(
     groups: Sequence[tuple[Rule, optax.GradientTransformation | None]],
     *,
     strict: bool = False,
+    clip_global_norm: float | None = None,
 ) -> tuple[Any, optax.GradientTransformation]:
     """``(spec, optimizer)`` from ordered ``(rule, transform)`` pairs; first match wins.
 
@@ -62,6 +64,10 @@ def param_groups(
     ``(".*", tx)`` to train it. A group whose rule matches only leaves that an earlier
     group claims trains nothing: a warning, or a ``RuleError`` with ``strict=True``.
 
+    ``clip_global_norm=1.0``: gradient clipping by global norm (timm's ``--clip-grad``,
+    big_vision's ``grad_clip_norm``): ``optax.clip_by_global_norm`` over the gradients of
+    every trainable leaf together (frozen leaves have none), before the groups' transforms.
+
     >>> spec, opt = eqxtl.param_groups(model, [
     ...     ("head", optax.adam(1e-3)),
     ...     ("backbone.encoder.layers.1[01]", optax.adam(1e-5)),
@@ -69,6 +75,14 @@ def param_groups(
     ... ])
     >>> opt_state = opt.init(eqx.partition(model, spec)[0])
     """
+    if clip_global_norm is not None:
+        clip_global_norm = real(
+            clip_global_norm,
+            "param_groups(clip_global_norm=...) (or None)",
+            RuleError,
+            low=0,
+            low_open=True,
+        )
     rules = [rule for rule, _ in groups]
     transforms = [tx for _, tx in groups]
     for rule, tx in groups:
@@ -104,6 +118,8 @@ def param_groups(
     # A module-shaped label tree is callable (eqx.Module has __call__), and optax would take
     # it for a label *function*: always hand optax a function.
     optimizer = optax.partition(tx_by_label, lambda params: trainable_labels)
+    if clip_global_norm is not None:
+        optimizer = optax.chain(optax.clip_by_global_norm(clip_global_norm), optimizer)
     treedef = jax.tree.structure(eqx.filter(model, spec))
     return spec, _checked(optimizer, treedef, treedef.num_leaves)
 
