@@ -1,0 +1,293 @@
+"""Issue 23, training recipes: weight EMA (timm's ``ModelEmaV3``), Mixup/CutMix (timm's
+``Mixup``, batch mode) and gradient clipping by global norm in ``param_groups``. Parity with
+timm through the golden fixtures ``tests/fixtures/timm_ema`` and ``timm_mixup`` (made by
+``tests/fixtures/make_recipes.py``)."""
+
+import functools
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.stats
+
+import eqxtl
+from eqxtl.training.ema import EmaState
+from eqxtl.training.mixup import cutmix_box, mix_images, mix_targets
+from tests._tiny import tiny
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# ---------------------------------------------------------------- EMA
+
+
+def _golden(name):
+    folder = FIXTURES / name
+    return np.load(folder / "golden.npz"), json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("case", ["warmup", "plain"])
+def test_ema_matches_timm_model_ema_v3(case):
+    golden, manifest = _golden("timm_ema")
+    kw = manifest["cases"][case]["kwargs"]
+    names = manifest["cases"][case]["parameters"]
+    ema = eqxtl.EMA(
+        decay=kw["decay"],
+        warmup=kw["use_warmup"],
+        warmup_gamma=kw.get("warmup_gamma", 1.0),
+        warmup_power=kw.get("warmup_power", 2 / 3),
+        min_decay=kw.get("min_decay", 0.0),
+    )
+    tx = ema.transform()
+    params = {n: jnp.asarray(golden[f"{case}__init__{n}"]) for n in names}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    steps = manifest["steps"]
+    np.testing.assert_allclose(
+        [float(ema.decay_at(k)) for k in range(1, steps + 1)], golden[f"{case}__decay"], atol=1e-6
+    )
+    for k in range(steps):
+        weights = {n: jnp.asarray(golden[f"{case}__weights__{n}"][k]) for n in names}
+        zeros = jax.tree.map(jnp.zeros_like, weights)
+        updates, state = update(zeros, state, weights)  # the weights after step k + 1
+        for n in names:
+            np.testing.assert_allclose(state.ema[n], golden[f"{case}__ema__{n}"][k], atol=1e-6)
+    assert int(state.count) == steps
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5, float("nan")])
+def test_ema_decay_outside_0_1_is_refused(decay):
+    with pytest.raises(eqxtl.TrainingError, match=r"EMA\(decay=...\) must be a finite number"):
+        eqxtl.EMA(decay=decay)
+
+
+def test_ema_stores_no_frozen_leaf():
+    backbone, _ = tiny("vit", 0)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    spec = eqxtl.trainable(model, "head")
+    state = eqxtl.EMA().transform().init(eqx.filter(model, spec))
+    stored = jax.tree.leaves(state.ema)
+    assert len(stored) == len(jax.tree.leaves(eqx.filter(model.head, eqx.is_array)))
+
+
+# ---------------------------------------------------------------- Mixup
+
+
+MIX_CASES = ["mixup", "cutmix", "cutmix_uncorrected", "no_mix"]
+
+
+@pytest.mark.parametrize("case", MIX_CASES)
+def test_mixup_matches_timm_given_the_same_draws(case):
+    golden, manifest = _golden("timm_mixup")
+    info = manifest["cases"][case]
+    kw = info["kwargs"]
+    task = eqxtl.Mixup(**kw)  # timm's arguments are ours
+    images = jnp.asarray(golden["images"])
+    labels = jnp.asarray(golden["labels"], jnp.int32)
+    b, _, h, w = images.shape
+    flip = jnp.arange(b)[::-1]
+    lam = jnp.asarray(info["lam_drawn"] if info["mixes"] else 1.0, jnp.float32)
+    cy, cx = info["cy_cx"] or (0, 0)
+    box = cutmix_box((h, w), lam, cy, cx)
+    if info["cutmix"]:
+        assert [int(v) for v in box] == golden[f"{case}__box"].tolist()
+    mixed, lam_out = mix_images(
+        images, lam, jnp.asarray(info["cutmix"]), box, flip, correct_lam=task.correct_lam
+    )
+    np.testing.assert_allclose(float(lam_out), float(golden[f"{case}__lam"]), atol=1e-6)
+    np.testing.assert_allclose(mixed, golden[f"{case}__images"], atol=1e-6)
+    targets = mix_targets(labels, 5, lam_out, flip, task.label_smoothing)
+    np.testing.assert_allclose(targets, golden[f"{case}__targets"], atol=1e-6)
+
+
+def test_mixup_batch_draws_follow_the_options():
+    """Over many keys: CutMix about ``switch_prob`` of the time, images and targets mixed with
+    the same lambda, no mixing when ``prob`` is 0, and a padded partner leaves an example
+    unmixed."""
+    images = jax.random.normal(jax.random.key(0), (4, 3, 8, 8))
+    labels = jnp.array([0, 1, 2, 0])
+    task = eqxtl.Mixup(mixup_alpha=0.4, cutmix_alpha=1.0, switch_prob=0.25, label_smoothing=0.0)
+    draw = jax.jit(jax.vmap(lambda k: task.draw(k, (8, 8))))
+    lam, cutmix, _ = draw(jax.random.split(jax.random.key(1), 1000))
+    assert abs(float(jnp.mean(cutmix)) - 0.25) < 0.05
+    assert float(jnp.min(lam)) >= 0.0 and float(jnp.max(lam)) <= 1.0
+    for alpha, drawn in ((1.0, lam[cutmix]), (0.4, lam[~cutmix])):  # Beta(alpha, alpha)
+        assert scipy.stats.kstest(np.asarray(drawn), "beta", args=(alpha, alpha)).pvalue > 1e-3
+    mask = jnp.array([True, True, True, False])  # example 0's partner (3) is padding
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def mix(task, mask, key):
+        mixed, targets_of = task.mix_batch(images, labels, mask, key)
+        return mixed, targets_of(3)
+
+    for seed in range(3):
+        mixed, targets = mix(task, mask, jax.random.key(seed))
+        np.testing.assert_array_equal(mixed[0], images[0])
+        np.testing.assert_allclose(targets[0], jax.nn.one_hot(0, 3), atol=1e-6)
+        np.testing.assert_allclose(jnp.sum(targets, -1), 1.0, atol=1e-6)
+        assert not np.allclose(mixed[1], images[1])  # prob 1: the others are mixed
+    mixed, _ = mix(eqxtl.Mixup(prob=0.0), mask, jax.random.key(0))
+    np.testing.assert_array_equal(mixed, images)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mixup_alpha": -0.1}, r"Mixup\(mixup_alpha=...\)"),
+        ({"cutmix_alpha": -1.0}, r"Mixup\(cutmix_alpha=...\)"),
+        ({"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, r"mixes nothing"),
+        ({"prob": 1.5}, r"Mixup\(prob=...\)"),
+        ({"switch_prob": -0.1}, r"Mixup\(switch_prob=...\)"),
+        ({"label_smoothing": 1.0}, r"label_smoothing"),
+    ],
+)
+def test_mixup_bad_options_are_refused(kwargs, match):
+    with pytest.raises(eqxtl.DataError, match=match):
+        eqxtl.Mixup(**kwargs)
+
+
+def test_mixup_refuses_multi_label_and_regression_targets():
+    images = jnp.zeros((2, 3, 4, 4))
+    for labels in (jnp.ones((2, 3)), jnp.array([0.5, 1.5])):
+        with pytest.raises(eqxtl.DataError, match=r"Mixup mixes integer class indices"):
+            eqxtl.Mixup().mix_batch(images, labels, None, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return tiny("vit", 0)
+
+
+def _batches(n, size=4, classes=3, seed=0):
+    from tests.test_fit_faults import Batches
+
+    rng = np.random.default_rng(seed)
+    return Batches(
+        [
+            {
+                "image": rng.normal(size=(size, 3, 16, 16)).astype(np.float32),
+                "label": rng.integers(0, classes, size).astype(np.int32),
+                "mask": np.ones(size, bool),
+            }
+            for _ in range(n)
+        ]
+    )
+
+
+def test_mixup_checks_labels_against_the_head_and_needs_classes(vit):
+    backbone, state = vit
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    source = eqxtl.ArraySource(images, [0, 1, 2, 5])
+    run = dict(task=eqxtl.Mixup(), runtime=eqxtl.Runtime(progress=False))
+    with pytest.raises(eqxtl.DataError, match=r"6 classes but the model predicts 3"):
+        eqxtl.fit(model, state, optax.sgd(0.1), eqxtl.trainable(model, "head"), source, **run)
+    one = eqxtl.Classifier(backbone, 1, key=jax.random.key(0))
+    with pytest.raises(eqxtl.TrainingError, match=r"at least 2 classes"):
+        eqxtl.fit(one, state, optax.sgd(0.1), eqxtl.trainable(one, "head"), _batches(1), **run)
+
+
+# ---------------------------------------------------------------- gradient clipping
+
+
+def test_clip_global_norm_clips_every_trainable_gradient_together():
+    model = eqx.nn.MLP(4, 3, 8, 2, key=jax.random.key(0))
+    groups = [("layers.2", optax.sgd(1.0)), ("layers.1", optax.sgd(0.5)), (".*", None)]
+    spec, opt = eqxtl.param_groups(model, groups, clip_global_norm=1.0)
+    trainable, frozen = eqx.partition(model, spec)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 1e3), trainable)
+    updates, _ = opt.update(grads, opt.init(trainable), trainable)
+    # clipped to norm 1 together, then each group's learning rate
+    top, mid = optax.tree.norm(updates.layers[2]), optax.tree.norm(updates.layers[1])
+    np.testing.assert_allclose(float(jnp.sqrt(top**2 + (mid / 0.5) ** 2)), 1.0, rtol=1e-5)
+
+    def loss(m, s, batch, key):  # a huge gradient
+        return 1e6 * jnp.sum(jax.vmap(m)(batch["image"])), (s, {})
+
+    step = eqxtl.make_step(loss, opt, spec)
+    batch = {"image": jnp.ones((2, 4)), "label": jnp.zeros(2, jnp.int32)}
+    new, _, _, metrics = step(model, None, opt.init(trainable), batch, None)
+    assert float(metrics["nonfinite"]) == 0.0
+    moved = jax.tree.map(jnp.subtract, eqx.filter(new, spec), trainable)
+    assert 0.5 - 1e-4 <= float(optax.tree.norm(moved)) <= 1.0 + 1e-4
+    for a, b in zip(
+        jax.tree.leaves(eqx.partition(new, spec)[1]), jax.tree.leaves(frozen), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # frozen leaves: bit-identical
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_clip_global_norm_bad_values_are_refused(value):
+    model = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    with pytest.raises(eqxtl.RuleError, match=r"clip_global_norm"):
+        eqxtl.param_groups(model, [(".*", optax.sgd(0.1))], clip_global_norm=value)
+
+
+# ---------------------------------------------------------------- a fit with both
+
+
+def test_fit_with_ema_and_mixup_exports_the_average_and_resumes(vit, tmp_path):
+    """Two phases (head, then the last block and the head) with EMA and Mixup: training runs,
+    the average carries over the phase boundary (its update count is the run's), ``best/``
+    holds the averaged weights, and a run stopped early and resumed ends at the same average
+    as one run straight through."""
+    backbone, state = vit
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    head = eqxtl.trainable(model, "head")
+    top = eqxtl.trainable(model, "head", "backbone.encoder.layer.2")
+    data, test = _batches(3), _batches(1, seed=1)
+
+    def run(out, last_steps, test=None):
+        ema = eqxtl.EMA(decay=0.9, warmup=True)
+        phases = [
+            eqxtl.Phase(head, optax.adam(1e-2), steps=2),
+            eqxtl.Phase(top, optax.adam(1e-3), steps=last_steps),
+        ]
+        result = eqxtl.fit(
+            model, state, train_data=data, test_data=test, phases=phases,
+            task=eqxtl.Mixup(label_smoothing=0.1), callbacks=[ema],
+            checkpoint=eqxtl.Checkpoint(out, best="train_loss"),
+            runtime=eqxtl.Runtime(progress=False, cache_features=True),
+        )  # fmt: skip
+        return ema, result
+
+    ema, straight = run(tmp_path / "a", 3, test)  # the EMA evaluated on test data
+    assert all(np.isfinite(r["train_loss"]) for r in straight.history)
+    is_ema = lambda x: isinstance(x, EmaState)  # noqa: E731
+    ema_state = [x for x in jax.tree.leaves(straight.opt_state, is_leaf=is_ema) if is_ema(x)]
+    assert int(ema_state[0].count) == 5  # 2 + 3 updates: carried over the phase boundary
+    averaged = ema.averaged(straight.model, straight.opt_state)
+    assert not np.allclose(averaged.head.weight, straight.model.head.weight)
+    links = {
+        k: json.loads((tmp_path / "a" / k / "meta.json").read_text())["step"]
+        for k in ("last", "best")
+    }
+    assert links["last"] == 5
+    for link in [k for k, step in links.items() if step == 5]:  # best/: when it is the last
+        reloaded, _ = eqxtl.from_pretrained(tmp_path / "a" / link)
+        for a, b in zip(
+            jax.tree.leaves(eqx.filter(reloaded, top)),
+            jax.tree.leaves(eqx.filter(averaged, top)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+    run(tmp_path / "b", 1)
+    ema_b, resumed = run(tmp_path / "b", 3)
+    assert resumed.resumed_from == 3
+    again = ema_b.averaged(resumed.model, resumed.opt_state)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(averaged), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(eqxtl.TrainingError, match=r"Cannot resume with EMA"):
+        eqxtl.fit(
+            model, state, train_data=data, phases=[eqxtl.Phase(head, optax.adam(1e-2), steps=2),
+            eqxtl.Phase(top, optax.adam(1e-3), steps=4)],
+            task=eqxtl.Mixup(label_smoothing=0.1), callbacks=[eqxtl.EMA(decay=0.5)],
+            checkpoint=eqxtl.Checkpoint(tmp_path / "b", best="train_loss"),
+            runtime=eqxtl.Runtime(progress=False),
+        )  # fmt: skip
