@@ -67,30 +67,30 @@ def mix_targets(labels, num_classes: int, lam, partner, smoothing: float = 0.0):
     return y * lam + y[partner] * (1.0 - lam)
 
 
-def _log_gamma(key, a: float, tries: int = 8):
-    """``log`` of a ``Gamma(a, 1)`` draw: Marsaglia and Tsang's method with a fixed number of
-    candidates (the first accepted one; each is accepted with probability > 0.95, so all
-    fail with probability < 1e-10), boosted for ``a < 1`` (``G(a) = G(a + 1) U^(1/a)``, in
-    log space). Why not ``jax.random.beta``: its rejection loop takes ~5 s to compile on the
-    CPU, in every train step that mixes."""
-    k_x, k_u, k_boost = jax.random.split(key, 3)
+_TRIES = 8
+
+
+def _log_gamma(a: float, x, u, u_boost):
+    """``log`` of a ``Gamma(a, 1)`` draw from ``_TRIES`` standard normals ``x`` and uniforms
+    ``u`` (and one more uniform for ``a < 1``): Marsaglia and Tsang's method, the first
+    accepted candidate (each is accepted with probability > 0.95, so all fail with
+    probability < 1e-10), boosted for ``a < 1`` (``G(a) = G(a + 1) U^(1/a)``, in log
+    space). Why not ``jax.random.beta``: its rejection loop takes seconds to compile on the
+    CPU, in every train step that mixes; here the step draws two arrays once."""
     d = (a + 1.0 if a < 1 else a) - 1.0 / 3.0
-    c = 1.0 / jnp.sqrt(9.0 * d)
-    x = jax.random.normal(k_x, (tries,))
+    c = 1.0 / (9.0 * d) ** 0.5
     v = (1.0 + c * x) ** 3
-    u = jax.random.uniform(k_u, (tries,), minval=1e-12)
     safe_v = jnp.where(v > 0, v, 1.0)
     ok = (v > 0) & (jnp.log(u) < 0.5 * x**2 + d - d * safe_v + d * jnp.log(safe_v))
     out = jnp.log(d * safe_v[jnp.argmax(ok)])
-    if a < 1:
-        out = out + jnp.log(jax.random.uniform(k_boost, minval=1e-12)) / a
-    return out
+    return out + jnp.log(u_boost) / a if a < 1 else out
 
 
-def sample_beta(key, a: float):
-    """One ``Beta(a, a)`` draw (``a > 0``, a Python number), as ``G1 / (G1 + G2)``."""
-    k1, k2 = jax.random.split(key)
-    return jax.nn.sigmoid(_log_gamma(k1, a) - _log_gamma(k2, a))
+def _beta(a: float, x, u, u_boost):
+    """One ``Beta(a, a)`` draw, ``G1 / (G1 + G2)``, from two rows of ``_log_gamma``'s draws."""
+    return jax.nn.sigmoid(
+        _log_gamma(a, x[0], u[0], u_boost[0]) - _log_gamma(a, x[1], u[1], u_boost[1])
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,18 +142,26 @@ class Mixup(Classification):
     def draw(self, key, shape: tuple[int, int]):
         """``(lam, cutmix, (cy, cx))`` of one batch: timm's ``_params_per_batch`` and the
         centre of ``rand_bbox`` for images of ``shape`` ``(H, W)``."""
-        k_prob, k_switch, k_mix, k_cut, k_y, k_x = jax.random.split(key, 6)
-        mixes = jax.random.uniform(k_prob) < self.prob
+        k_u, k_x = jax.random.split(key)
+        u = jax.random.uniform(k_u, (8 + 4 * _TRIES,), minval=1e-12)  # one draw: see _beta
+        x = jax.random.normal(k_x, (4, _TRIES))
+        accept = u[8:].reshape(4, _TRIES)
+        mixes = u[0] < self.prob
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            cutmix = jax.random.uniform(k_switch) < self.switch_prob
+            cutmix = u[1] < self.switch_prob
         else:
             cutmix = jnp.asarray(self.cutmix_alpha > 0)
-        lam_mix = sample_beta(k_mix, self.mixup_alpha) if self.mixup_alpha > 0 else 1.0
-        lam_cut = sample_beta(k_cut, self.cutmix_alpha) if self.cutmix_alpha > 0 else 1.0
+        lam_mix = (
+            _beta(self.mixup_alpha, x[:2], accept[:2], u[4:6]) if self.mixup_alpha > 0 else 1.0
+        )
+        lam_cut = (
+            _beta(self.cutmix_alpha, x[2:], accept[2:], u[6:8]) if self.cutmix_alpha > 0 else 1.0
+        )
         lam = jnp.where(mixes, jnp.where(cutmix, lam_cut, lam_mix), 1.0).astype(jnp.float32)
+        h, w = shape
         centre = (
-            jax.random.randint(k_y, (), 0, shape[0]),
-            jax.random.randint(k_x, (), 0, shape[1]),
+            jnp.minimum(jnp.floor(u[2] * h), h - 1).astype(jnp.int32),
+            jnp.minimum(jnp.floor(u[3] * w), w - 1).astype(jnp.int32),
         )
         return lam, cutmix, centre
 
