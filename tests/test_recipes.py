@@ -3,7 +3,6 @@
 timm through the golden fixtures ``tests/fixtures/timm_ema`` and ``timm_mixup`` (made by
 ``tests/fixtures/make_recipes.py``)."""
 
-import functools
 import json
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 import scipy.stats
 
 import eqxtl
-from eqxtl.training.ema import EmaState
 from eqxtl.training.mixup import cutmix_box, mix_images, mix_targets
 from tests._tiny import tiny
 
@@ -106,33 +104,41 @@ def test_mixup_matches_timm_given_the_same_draws(case):
 
 
 def test_mixup_batch_draws_follow_the_options():
-    """Over many keys: CutMix about ``switch_prob`` of the time, images and targets mixed with
-    the same lambda, no mixing when ``prob`` is 0, and a padded partner leaves an example
-    unmixed."""
+    """Over many keys: a batch mixed with probability ``prob``, by CutMix ``switch_prob`` of
+    those times, lambda ~ Beta(alpha, alpha) of the method; in one batch, targets that sum to
+    1 and an example whose partner is padding left as it is."""
+    task = eqxtl.Mixup(
+        mixup_alpha=0.4, cutmix_alpha=1.0, prob=0.6, switch_prob=0.25, label_smoothing=0.0
+    )
+    lam, cutmix, (cy, cx) = jax.jit(jax.vmap(lambda k: task.draw(k, (8, 6))))(
+        jax.random.split(jax.random.key(1), 1500)
+    )
+    mixed = np.asarray(lam) < 1.0
+    cutmix = np.asarray(cutmix)
+    assert abs(mixed.mean() - 0.6) < 0.05
+    assert abs(cutmix[mixed].mean() - 0.25) < 0.05
+    assert set(np.asarray(cy).tolist()) == set(range(8))
+    assert set(np.asarray(cx).tolist()) == set(range(6))
+    for alpha, drawn in ((1.0, lam[mixed & cutmix]), (0.4, lam[mixed & ~cutmix])):
+        assert scipy.stats.kstest(np.asarray(drawn), "beta", args=(alpha, alpha)).pvalue > 1e-3
+
     images = jax.random.normal(jax.random.key(0), (4, 3, 8, 8))
     labels = jnp.array([0, 1, 2, 0])
-    task = eqxtl.Mixup(mixup_alpha=0.4, cutmix_alpha=1.0, switch_prob=0.25, label_smoothing=0.0)
-    draw = jax.jit(jax.vmap(lambda k: task.draw(k, (8, 8))))
-    lam, cutmix, _ = draw(jax.random.split(jax.random.key(1), 1000))
-    assert abs(float(jnp.mean(cutmix)) - 0.25) < 0.05
-    assert float(jnp.min(lam)) >= 0.0 and float(jnp.max(lam)) <= 1.0
-    for alpha, drawn in ((1.0, lam[cutmix]), (0.4, lam[~cutmix])):  # Beta(alpha, alpha)
-        assert scipy.stats.kstest(np.asarray(drawn), "beta", args=(alpha, alpha)).pvalue > 1e-3
     mask = jnp.array([True, True, True, False])  # example 0's partner (3) is padding
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def mix(task, mask, key):
-        mixed, targets_of = task.mix_batch(images, labels, mask, key)
-        return mixed, targets_of(3)
+    @jax.jit
+    def mix(key):
+        out, targets_of = eqxtl.Mixup(prob=1.0).mix_batch(images, labels, mask, key)
+        return out, targets_of(3)
 
     for seed in range(3):
-        mixed, targets = mix(task, mask, jax.random.key(seed))
-        np.testing.assert_array_equal(mixed[0], images[0])
-        np.testing.assert_allclose(targets[0], jax.nn.one_hot(0, 3), atol=1e-6)
+        out, targets = mix(jax.random.key(seed))
+        np.testing.assert_array_equal(out[0], images[0])
+        np.testing.assert_allclose(
+            targets[0], optax.smooth_labels(jax.nn.one_hot(0, 3), 0.1), atol=1e-6
+        )
         np.testing.assert_allclose(jnp.sum(targets, -1), 1.0, atol=1e-6)
-        assert not np.allclose(mixed[1], images[1])  # prob 1: the others are mixed
-    mixed, _ = mix(eqxtl.Mixup(prob=0.0), mask, jax.random.key(0))
-    np.testing.assert_array_equal(mixed, images)
+        assert not np.allclose(out[1], images[1])  # prob 1: the others are mixed
 
 
 @pytest.mark.parametrize(
@@ -231,63 +237,68 @@ def test_clip_global_norm_bad_values_are_refused(value):
 # ---------------------------------------------------------------- a fit with both
 
 
+def test_ema_carries_over_to_the_next_phase():
+    """At a phase start (a fresh optimizer state), the average of the leaves the last phase
+    trained and its update count carry over; a newly trained leaf starts at its weight."""
+    model = {"a": jnp.ones(2), "b": jnp.zeros(3)}
+    ema = eqxtl.EMA(decay=0.9)
+    first = ema.wrap_optimizer(optax.sgd(0.1))
+    only_a = {"a": model["a"], "b": None}
+    state = first.init(only_a)
+    for _ in range(3):
+        _, state = first.update({"a": jnp.ones(2), "b": None}, state, only_a)
+
+    class Run:
+        opt_state = state
+
+    ema.on_eval(Run, {})
+    Run.opt_state = ema.wrap_optimizer(optax.adam(0.1)).init(model)
+    ema.on_phase_begin(Run)
+    carried = Run.opt_state[1]
+    assert int(carried.count) == 3
+    np.testing.assert_array_equal(carried.ema["a"], state[1].ema["a"])
+    np.testing.assert_array_equal(carried.ema["b"], model["b"])
+    np.testing.assert_array_equal(ema.averaged(model, Run.opt_state)["a"], state[1].ema["a"])
+
+
 def test_fit_with_ema_and_mixup_exports_the_average_and_resumes(vit, tmp_path):
-    """Two phases (head, then the last block and the head) with EMA and Mixup: training runs,
-    the average carries over the phase boundary (its update count is the run's), ``best/``
-    holds the averaged weights, and a run stopped early and resumed ends at the same average
-    as one run straight through."""
+    """EMA and Mixup in a fit: training runs, evaluation and ``best/`` use the averaged
+    weights, the average counts every update, and a run stopped early and resumed ends at the
+    same average as one run straight through (the average is in ``last/``)."""
     backbone, state = vit
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
-    head = eqxtl.trainable(model, "head")
-    top = eqxtl.trainable(model, "head", "backbone.encoder.layer.2")
+    spec = eqxtl.trainable(model, "head")
     data, test = _batches(3), _batches(1, seed=1)
 
-    def run(out, last_steps, test=None):
-        ema = eqxtl.EMA(decay=0.9, warmup=True)
-        phases = [
-            eqxtl.Phase(head, optax.adam(1e-2), steps=2),
-            eqxtl.Phase(top, optax.adam(1e-3), steps=last_steps),
-        ]
+    def run(out, steps, test=None, decay=0.9):
+        ema = eqxtl.EMA(decay=decay)
         result = eqxtl.fit(
-            model, state, train_data=data, test_data=test, phases=phases,
+            model, state, train_data=data, test_data=test,
+            phases=[eqxtl.Phase(spec, optax.adam(1e-2), steps=steps)],
             task=eqxtl.Mixup(label_smoothing=0.1), callbacks=[ema],
             checkpoint=eqxtl.Checkpoint(out, best="train_loss"),
-            runtime=eqxtl.Runtime(progress=False, cache_features=True),
+            runtime=eqxtl.Runtime(progress=False),
         )  # fmt: skip
         return ema, result
 
-    ema, straight = run(tmp_path / "a", 3, test)  # the EMA evaluated on test data
-    assert all(np.isfinite(r["train_loss"]) for r in straight.history)
-    is_ema = lambda x: isinstance(x, EmaState)  # noqa: E731
-    ema_state = [x for x in jax.tree.leaves(straight.opt_state, is_leaf=is_ema) if is_ema(x)]
-    assert int(ema_state[0].count) == 5  # 2 + 3 updates: carried over the phase boundary
+    ema, straight = run(tmp_path / "a", 4, test)
+    assert np.isfinite(straight.final["test_loss"])
+    assert int(straight.opt_state[1].count) == 4
     averaged = ema.averaged(straight.model, straight.opt_state)
     assert not np.allclose(averaged.head.weight, straight.model.head.weight)
-    links = {
-        k: json.loads((tmp_path / "a" / k / "meta.json").read_text())["step"]
-        for k in ("last", "best")
-    }
-    assert links["last"] == 5
-    for link in [k for k, step in links.items() if step == 5]:  # best/: when it is the last
-        reloaded, _ = eqxtl.from_pretrained(tmp_path / "a" / link)
-        for a, b in zip(
-            jax.tree.leaves(eqx.filter(reloaded, top)),
-            jax.tree.leaves(eqx.filter(averaged, top)),
-            strict=True,
-        ):
-            np.testing.assert_allclose(a, b, atol=1e-6)
+    # one evaluation, at the end: best/ is it, and holds the average, which was evaluated
+    reloaded, _ = eqxtl.from_pretrained(tmp_path / "a" / "best")
+    np.testing.assert_allclose(reloaded.head.weight, averaged.head.weight, atol=1e-6)
+    np.testing.assert_allclose(reloaded.head.bias, averaged.head.bias, atol=1e-6)
+    assert straight.final["test_loss"] == pytest.approx(
+        float(eqxtl.evaluate(averaged, state, test, task=eqxtl.Mixup(label_smoothing=0.1))["loss"]),
+        rel=1e-5,
+    )
 
-    run(tmp_path / "b", 1)
-    ema_b, resumed = run(tmp_path / "b", 3)
-    assert resumed.resumed_from == 3
+    run(tmp_path / "b", 2)
+    ema_b, resumed = run(tmp_path / "b", 4)
+    assert resumed.resumed_from == 2
     again = ema_b.averaged(resumed.model, resumed.opt_state)
-    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(averaged), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(again.head.weight, averaged.head.weight, atol=1e-6)
     with pytest.raises(eqxtl.TrainingError, match=r"Cannot resume with EMA"):
-        eqxtl.fit(
-            model, state, train_data=data, phases=[eqxtl.Phase(head, optax.adam(1e-2), steps=2),
-            eqxtl.Phase(top, optax.adam(1e-3), steps=4)],
-            task=eqxtl.Mixup(label_smoothing=0.1), callbacks=[eqxtl.EMA(decay=0.5)],
-            checkpoint=eqxtl.Checkpoint(tmp_path / "b", best="train_loss"),
-            runtime=eqxtl.Runtime(progress=False),
-        )  # fmt: skip
+        run(tmp_path / "b", 6, decay=0.5)
