@@ -26,7 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def _golden(name):
     folder = FIXTURES / name
-    return np.load(folder / "golden.npz"), json.loads((folder / "manifest.json").read_text())
+    return np.load(folder / "golden.npz"), json.loads((folder / "cases.json").read_text())
 
 
 @pytest.mark.parametrize("case", ["warmup", "plain"])

@@ -28,10 +28,14 @@ def cutmix_box(shape: tuple[int, int], lam, cy, cx):
     ratio = jnp.sqrt(1.0 - lam)
     cut_h = jnp.floor(h * ratio).astype(jnp.int32)
     cut_w = jnp.floor(w * ratio).astype(jnp.int32)
-    yl = jnp.clip(cy - cut_h // 2, 0, h)
-    yh = jnp.clip(cy + (cut_h + 1) // 2, 0, h)
-    xl = jnp.clip(cx - cut_w // 2, 0, w)
-    xh = jnp.clip(cx + (cut_w + 1) // 2, 0, w)
+
+    def inside(v, top):
+        return jnp.minimum(jnp.maximum(v, 0), top)
+
+    yl = inside(cy - cut_h // 2, h)
+    yh = inside(cy + (cut_h + 1) // 2, h)
+    xl = inside(cx - cut_w // 2, w)
+    xh = inside(cx + (cut_w + 1) // 2, w)
     return yl, yh, xl, xh
 
 
