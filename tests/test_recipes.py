@@ -275,7 +275,8 @@ def test_fit_with_ema_and_mixup_exports_the_average_and_resumes(vit, tmp_path):
         result = eqxtl.fit(
             model, state, train_data=data, test_data=test,
             phases=[eqxtl.Phase(spec, optax.adam(1e-2), steps=steps)],
-            task=eqxtl.Mixup(label_smoothing=0.1), callbacks=[ema],
+            task=eqxtl.Mixup(label_smoothing=0.1),
+            callbacks=[ema, eqxtl.ReduceLROnPlateau("train_loss")],  # the scale, inside the EMA
             checkpoint=eqxtl.Checkpoint(out, best="train_loss"),
             runtime=eqxtl.Runtime(progress=False),
         )  # fmt: skip
@@ -283,7 +284,7 @@ def test_fit_with_ema_and_mixup_exports_the_average_and_resumes(vit, tmp_path):
 
     ema, straight = run(tmp_path / "a", 4, test)
     assert np.isfinite(straight.final["test_loss"])
-    assert int(straight.opt_state[1].count) == 4
+    assert int(straight.opt_state[1].count) == 4  # ((optimizer, scale), EMA)
     averaged = ema.averaged(straight.model, straight.opt_state)
     assert not np.allclose(averaged.head.weight, straight.model.head.weight)
     # one evaluation, at the end: best/ is it, and holds the average, which was evaluated
