@@ -69,8 +69,8 @@ from .training.loop import fit as fit
 from .training.mixup import Mixup as Mixup
 from .training.options import Checkpoint as Checkpoint
 from .training.options import Runtime as Runtime
-from .training.parallel import data_mesh as data_mesh
-from .training.parallel import replicate as replicate
+from .training.parallel import make_mesh as make_mesh
+from .training.parallel import shard as shard
 from .training.parallel import shard_batch as shard_batch
 from .training.phases import Phase as Phase
 from .training.phases import two_phases as two_phases

@@ -300,11 +300,11 @@ _PARALLEL = textwrap.dedent(
         for _ in range(3)
     ]
     out = {}
-    for name, mesh in (("single", None), ("sharded", eqxtl.data_mesh())):
+    for name, mesh in (("single", None), ("sharded", eqxtl.make_mesh())):
         m, s = model, state
         o = optimizer.init(eqx.filter(m, spec))
         if mesh is not None:
-            m, s, o = eqxtl.replicate((m, s, o), mesh)
+            m, s, o = eqxtl.shard((m, s, o), mesh)
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, mesh=mesh,
                                donate=False)
         losses = []

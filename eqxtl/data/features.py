@@ -55,6 +55,7 @@ def extract_features(
     cache_dir: str | os.PathLike | None = None,
     num_workers: int | None = None,
     progress: bool = False,
+    mesh=None,
 ) -> Features:
     """Features ``(N, D)`` of every example of ``data`` under ``backbone`` (inference mode).
 
@@ -70,6 +71,10 @@ def extract_features(
       sizes and modification times; labels; class names): a later call with the same key
       memory-maps them instead of recomputing (for datasets that do not fit in memory); a
       changed image, label or class list recomputes.
+    - `mesh`: a ``jax.sharding.Mesh`` from ``eqxtl.make_mesh`` (one process): each batch is
+      split over its ``"data"`` and ``"fsdp"`` axes (`batch_size` a multiple of their
+      size); backbone arrays not yet on the mesh are replicated on it (``eqxtl.shard`` it
+      first to split the large ones).
     """
     from ..models.registry import preprocessing_for
 
@@ -85,13 +90,13 @@ def extract_features(
     class_names = list(getattr(source, "class_names", []) or [])
 
     if cache_dir is None:
-        return _compute(backbone, state, loader, class_names, None, progress)
+        return _compute(backbone, state, loader, class_names, None, progress, mesh)
     target = Path(cache_dir) / _fingerprint(backbone, state, preprocessing, source)
     if not (target / "meta.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-new-"))
         try:
-            _compute(backbone, state, loader, class_names, tmp, progress)
+            _compute(backbone, state, loader, class_names, tmp, progress, mesh)
             try:
                 os.rename(tmp, target)
             except OSError:  # another process finished the same cache first
@@ -116,9 +121,12 @@ def _forward(backbone, state, images):
     return batched(backbone)(images, state)[0]
 
 
-def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress):
+def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress, mesh):
     backbone = eqx.nn.inference_mode(backbone, True)
     forward = _forward
+    put = lambda x: x  # noqa: E731
+    if mesh is not None:
+        backbone, state, put = _on_mesh(backbone, state, mesh)
     n = len(loader.source)
     features = labels = valid = None
     bar = None
@@ -128,7 +136,7 @@ def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None,
         bar = tqdm(total=len(loader), unit="batch", desc="features", dynamic_ncols=True)
     start = 0
     for batch in loader.epoch(0):
-        out = np.asarray(forward(backbone, state, batch["image"]))
+        out = np.asarray(forward(backbone, state, put(batch["image"])))
         if features is None:
             shape, dtype = (n, *out.shape[1:]), out.dtype
             if out_dir is None:
@@ -154,6 +162,29 @@ def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None,
         np.save(out_dir / "valid.npy", valid)
         (out_dir / "meta.json").write_text(json.dumps({"class_names": class_names, "n": n}))
     return Features(features, labels, valid, class_names)
+
+
+def _on_mesh(backbone, state, mesh):
+    """``backbone`` and ``state`` with their arrays on ``mesh`` (replicated unless already
+    there), and the function that splits a batch over its data axes."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp"))
+    if not axes:
+        raise DataError(
+            f"extract_features(mesh=...) needs a mesh with a 'data' or 'fsdp' axis "
+            f"(eqxtl.make_mesh()), got axes {tuple(mesh.axis_names)}."
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        if not eqx.is_array(x) or getattr(getattr(x, "sharding", None), "mesh", None) == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    backbone, state = jax.tree.map(place, (backbone, state))
+    split = NamedSharding(mesh, PartitionSpec(axes))
+    return backbone, state, lambda x: jax.device_put(x, split)
 
 
 def _fingerprint(backbone, state, preprocessing: Preprocessing, source) -> str:

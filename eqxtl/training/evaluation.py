@@ -17,7 +17,7 @@ from ..models._arch import Preprocessing
 from ..models.batching import batched
 from ..models.heads import Classifier
 from ..models.registry import preprocessing_for
-from .parallel import host
+from .parallel import host, on_mesh, shard_batch
 from .step import make_eval_step, task_loss
 from .tasks import Classification, Task
 
@@ -51,16 +51,23 @@ def evaluate(
     preprocessing: Preprocessing | None = None,
     eval_step: Callable | None = None,
     num_workers: int | None = None,
+    mesh=None,
 ) -> dict:
     """The task's metrics of ``model`` on every example of ``data`` (a source or a Loader).
 
     Returns, for classification (the default task), ``{"loss", "accuracy", "count"}``. No
     example is dropped: the last batch is padded and masked.
+
+    ``mesh`` (``eqxtl.make_mesh``): each batch is split over its devices (the batch size
+    must be a multiple of their number); arrays of ``model`` and ``state`` not yet on it are
+    placed as ``eqxtl.shard`` does by default.
     """
     batch_size = count(batch_size, "evaluate(batch_size=...)", DataError)
     task = task or Classification()
     loader = batches_of(data, model, preprocessing, batch_size, num_workers=num_workers)
-    eval_step = eval_step or make_eval_step(task_loss(task))
+    if mesh is not None:
+        model, state = on_mesh((model, state), mesh)
+    eval_step = eval_step or make_eval_step(task_loss(task), mesh=mesh)
     acc = host(eval_sums(eval_step, model, state, loader))
     out = {k: float(v) for k, v in task.summarise({k: float(v) for k, v in acc.items()}).items()}
     return {**out, "count": int(acc["count"])}
@@ -76,6 +83,7 @@ def predict(
     class_names: Sequence[str] | None = None,
     preprocessing=None,
     batch_size: int = 32,
+    mesh=None,
 ) -> np.ndarray | list[str]:
     """Predictions for a list (or ``(N, H, W, 3)`` array) of uint8 ``(H, W, 3)`` images:
     class probabilities ``(N, num_classes)`` (the task's ``activation`` of the outputs:
@@ -83,6 +91,9 @@ def predict(
 
     ``labels=True``: the names of the most likely classes, a list of ``N`` strings (from
     ``class_names``, or the model's own when it was loaded from a fine-tuned folder).
+
+    ``mesh`` (``eqxtl.make_mesh``, one process): each batch is split over its devices (the
+    batch size must be a multiple of their number), the model placed as in ``evaluate``.
     """
     from ..data.images import preprocess
 
@@ -113,12 +124,16 @@ def predict(
     preprocessing = preprocessing or preprocessing_for(model)
     model = eqx.nn.inference_mode(model, True)
     forward = eqx.filter_jit(lambda m, s, x: task.activation(batched(m)(x, s)[0]))
+    if mesh is not None:
+        model, state = on_mesh((model, state), mesh)
     out = []
     for start in range(0, len(images), batch_size):
         chunk = [
             preprocess(np.asarray(im), preprocessing) for im in images[start : start + batch_size]
         ]
         x = np.stack(chunk + [chunk[0]] * (batch_size - len(chunk)))  # fixed shape
+        if mesh is not None:
+            x = shard_batch({"x": x}, mesh)["x"]
         out.append(np.asarray(forward(model, state, x))[: len(chunk)])
     probs = np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
     if labels:

@@ -125,8 +125,8 @@ def fit(
       an average of the weights, evaluated and exported).
     - `checkpoint`: ``eqxtl.Checkpoint(out_dir, resume=True, every=None, best="auto",
       mode="auto")``: the run folder, resumed from; ``None``: nothing is written.
-    - `runtime`: ``eqxtl.Runtime(seed, eval_every, compute_dtype, mesh, max_nonfinite,
-      progress, cache_features)``.
+    - `runtime`: ``eqxtl.Runtime(seed, eval_every, compute_dtype, mesh, accumulate,
+      max_nonfinite, progress, cache_features)``.
 
     The returned model is the model passed in, trained (its static fields unchanged, so the
     specs and optimizer state built for it still fit); the checkpoints also record the

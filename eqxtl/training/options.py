@@ -78,7 +78,8 @@ class Checkpoint:
 @dataclasses.dataclass(frozen=True)
 class Runtime:
     """How ``fit`` runs. Only ``seed`` (recorded in the run folder: a resume must use the
-    same) and ``compute_dtype`` change what the steps compute.
+    same) and ``compute_dtype`` change what the steps compute (and ``accumulate`` where
+    BatchNorm statistics train).
 
     **Arguments:**
 
@@ -88,9 +89,16 @@ class Runtime:
       phase (``None``: at the end of each phase only).
     - `compute_dtype`: e.g. ``jnp.bfloat16`` for mixed precision (see ``task_loss``);
       weights and optimizer state stay float32.
-    - `mesh`: data parallelism (``eqxtl.data_mesh``); ``"auto"`` uses every local device
-      when there is more than one (the batch size must then be a multiple of their count),
-      ``None`` one device.
+    - `mesh`: a ``jax.sharding.Mesh`` from ``eqxtl.make_mesh(data=..., fsdp=...)``: each
+      batch is split over all its devices, the model, BatchNorm state and optimizer state are
+      placed with ``eqxtl.shard`` (split along ``"fsdp"``, replicated with ``fsdp=1``) and
+      stay so from step to step. ``"auto"``: ``make_mesh()`` (data parallel) over every
+      device when there is more than one; ``None``: one device. The batch size must be a
+      multiple of the number of devices.
+    - `accumulate`: gradient accumulation: each batch runs as ``accumulate`` micro-batches
+      with one optimizer update (``make_step(accumulate=...)``): the same updates with the
+      activation memory of a batch ``accumulate`` times smaller (BatchNorm statistics that
+      train are per micro-batch). The batch size must be a multiple of it.
     - `max_nonfinite`: a step whose loss or gradient is NaN/inf changes nothing (it is
       skipped inside the compiled step); after more than ``max_nonfinite`` such steps ``fit``
       raises ``TrainingError`` naming the first one and the last finite loss. The check
@@ -110,6 +118,7 @@ class Runtime:
     eval_every: int | None = None
     compute_dtype: Any = None
     mesh: Any = "auto"
+    accumulate: int = 1
     max_nonfinite: int = 0
     progress: bool = True
     cache_features: bool | str | os.PathLike = True
@@ -120,6 +129,8 @@ class Runtime:
         if self.eval_every is not None:
             every = count(self.eval_every, "Runtime(eval_every=...) (or None)", TrainingError)
             object.__setattr__(self, "eval_every", every)
+        accumulate = count(self.accumulate, "Runtime(accumulate=...)", TrainingError)
+        object.__setattr__(self, "accumulate", accumulate)
         nonfinite = count(
             self.max_nonfinite, "Runtime(max_nonfinite=...)", TrainingError, minimum=0
         )
@@ -148,5 +159,5 @@ class Runtime:
         if not (self.mesh is None or self.mesh == "auto" or hasattr(self.mesh, "devices")):
             raise TrainingError(
                 "Runtime(mesh=...) must be 'auto', None or a jax.sharding.Mesh "
-                f"(eqxtl.data_mesh()), got {self.mesh!r}."
+                f"(eqxtl.make_mesh()), got {self.mesh!r}."
             )

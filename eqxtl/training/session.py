@@ -22,7 +22,7 @@ from ..models.heads import Classifier
 from .callbacks import improved
 from .evaluation import eval_sums, summarise
 from .options import Runtime
-from .parallel import host, local, replicate
+from .parallel import host, local, shard
 from .phases import Phase
 from .runs import RunDir, sigint_deferred
 from .step import make_eval_step, make_step, task_loss
@@ -174,11 +174,13 @@ class Loop:
         features = features and getattr(self.task, "mix_batch", None) is None  # mixes images
         train, test = self._feature_loaders() if features else (self.train, self.test)
         loss = task_loss(self.task, compute_dtype=rt.compute_dtype, features=features)
-        step_fn = make_step(loss, optimizer, phase.spec, bn=phase.bn, mesh=self.mesh)
+        step_fn = make_step(
+            loss, optimizer, phase.spec, bn=phase.bn, mesh=self.mesh, accumulate=rt.accumulate
+        )
         eval_step = make_eval_step(loss, mesh=self.mesh)
         opt_state = run.opt_state if resumed else optimizer.init(eqx.filter(model, phase.spec))
         if self.mesh is not None:
-            model, state, opt_state = replicate((model, state, opt_state), self.mesh)
+            model, state, opt_state = shard((model, state, opt_state), self.mesh)
         run.model, run.state, run.opt_state = model, state, opt_state
         if self.scales_lr:
             run._lr_scale = scale_of(opt_state)
@@ -212,6 +214,7 @@ class Loop:
                     cache_dir=cache_dir,
                     batch_size=self.train.batch_size,
                     progress=rt.progress,
+                    mesh=self.mesh,
                 ),
                 loader,
             )

@@ -19,14 +19,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
+from .._util.checks import count
 from .._util.pytree_paths import first_difference
-from ..errors import EqxtlError, OptimizerMismatchError
+from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
 from ..models.batching import batched
 from ..models.layers import BatchNorm
 from ..tuning.filters import check_spec
-from .parallel import shard_batch
+from .parallel import batch_axes, shard_batch, shardings_of
 from .tasks import Classification, Task, loss_and_metrics
 
 LossFn = Callable[[Any, eqx.nn.State, dict, jax.Array], tuple[jax.Array, tuple[Any, dict]]]
@@ -129,6 +132,7 @@ def make_step(
     bn: str = "auto",
     donate: bool | None = None,
     mesh=None,
+    accumulate: int = 1,
     skip_nonfinite: bool = True,
 ) -> Callable:
     """A compiled train step that differentiates only the leaves ``spec`` marks ``True``.
@@ -147,23 +151,41 @@ def make_step(
     model, BatchNorm state and optimizer state come back as they went in (a select inside the
     compiled step; no host sync). ``fit`` counts these steps and stops (``TrainingError``).
 
-    With a ``mesh`` (``eqxtl.data_mesh()``), each batch is split over its devices (data
-    parallel); pass the model, state and optimizer state through ``eqxtl.replicate`` once.
+    With a ``mesh`` (``eqxtl.make_mesh``), each batch is split over its ``"data"`` and
+    ``"fsdp"`` axes together; place the model, state and optimizer state on it once with
+    ``eqxtl.shard``. Each step returns them with the shardings they came in with (FSDP:
+    parameters and optimizer state stay split; XLA gathers each parameter where it is used
+    and reduce-scatters its gradient).
+
+    ``accumulate=k``: gradient accumulation. The batch is cut into ``k`` micro-batches of
+    ``B / k`` examples (example ``i`` goes to micro-batch ``i % k``, so that with a mesh each
+    micro-batch is still spread over every device), run one after the other under
+    ``lax.scan``, and their gradients are averaged (weighted by their ``metrics["count"]``
+    when the loss reports one, so that padded examples count as in one step) before one
+    optimizer update: the same update as one step on the whole batch, with the activation
+    memory of one micro-batch. BatchNorm layers that train see each micro-batch on its own:
+    their batch statistics (and running averages, updated ``k`` times) are per micro-batch,
+    as in PyTorch with gradient accumulation. The batch size must be a multiple of ``k``.
     """
     bn = _bn_mode(bn)
+    accumulate = count(accumulate, "make_step(accumulate=...)", TrainingError)
 
-    def _step(passthrough, trainable, opt_state):
-        frozen, state, batch, key = passthrough
-        _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
-        state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
-
-        def loss_of(trainable):
+    def grads_of(trainable, frozen, state, batch, key):
+        def loss_of(trainable, state, batch, key):
             model = batchnorm_modes(eqx.combine(trainable, frozen), spec, bn=bn)
             return loss_fn(model, state, batch, key)
 
-        (loss, (new_state, metrics)), grads = eqx.filter_value_and_grad(loss_of, has_aux=True)(
-            trainable
-        )
+        if accumulate == 1:
+            value_and_grad = eqx.filter_value_and_grad(loss_of, has_aux=True)
+            (loss, (new_state, metrics)), grads = value_and_grad(trainable, state, batch, key)
+            return loss, new_state, metrics, grads
+        return _accumulated(loss_of, accumulate, trainable, state, batch, key, mesh)
+
+    def _step(passthrough, trainable, opt_state):
+        frozen, state, batch, key, shardings = passthrough
+        _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
+        state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
+        loss, new_state, metrics, grads = grads_of(trainable, frozen, state, batch, key)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = eqx.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss)
@@ -183,6 +205,10 @@ def make_step(
                 leaves, treedef = jtu.tree_flatten(new_state)
                 kept = [keep(a, b) for a, b in zip(leaves, state_leaves, strict=True)]
                 new_state = jtu.tree_unflatten(treedef, kept)
+        if shardings is not None:  # out shardings = in shardings (no drift between steps)
+            new_trainable, new_state, new_opt_state = _constrain(
+                (new_trainable, new_state, new_opt_state), shardings
+            )
         metrics = {"loss": loss, **metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
         return new_trainable, None if unchanged else new_state, new_opt_state, metrics
 
@@ -191,6 +217,8 @@ def make_step(
     plain = eqx.filter_jit(_step, compiler_options=options)
 
     def step(model, state, opt_state, batch, key=None):
+        _check_accumulate(batch, accumulate)
+        shardings = None
         if mesh is not None:
             batch = shard_batch(batch, mesh)
         try:
@@ -198,11 +226,13 @@ def make_step(
         except (ValueError, TypeError):
             check_spec(model, spec)  # a RuleError that says so, if that is the cause
             raise
+        if mesh is not None:
+            shardings = _Static(shardings_of((trainable, state, opt_state)))
         donates = donate
         if donates is None:
             donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
         trainable, new_state, opt_state, metrics = (donating if donates else plain)(
-            (frozen, state, batch, key), trainable, opt_state
+            (frozen, state, batch, key, shardings), trainable, opt_state
         )
         state = state if new_state is None else new_state
         return eqx.combine(trainable, frozen), state, opt_state, metrics
@@ -210,6 +240,90 @@ def make_step(
     # exposed for tests and benchmarks (tracing counts, cost analysis)
     step.compiled = plain if donate is False else donating
     return step
+
+
+class _Static:
+    """A tree of shardings handed to the compiled step as one static (hashable) value."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self._key = tuple(jax.tree.leaves(tree)), jax.tree.structure(tree)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and self._key == other._key
+
+
+def _constrain(tree, shardings: _Static):
+    """``tree`` (trainable, state, optimizer state; ``None`` for an unchanged state) held
+    to the shardings its inputs had."""
+    out = []
+    for part, where in zip(tree, shardings.tree, strict=True):
+        if part is None:
+            out.append(None)
+            continue
+        leaves, treedef = jax.tree.flatten(part)
+        specs = jax.tree.leaves(where)
+        if len(specs) != len(leaves):  # a state whose structure the step changed
+            out.append(part)
+            continue
+        fixed = [
+            jax.lax.with_sharding_constraint(x, s) if isinstance(s, NamedSharding) else x
+            for x, s in zip(leaves, specs, strict=True)
+        ]
+        out.append(jax.tree.unflatten(treedef, fixed))
+    return tuple(out)
+
+
+def _check_accumulate(batch: dict, k: int) -> None:
+    if k == 1:
+        return
+    for name, x in batch.items():
+        size = np.shape(x)[0]
+        if size % k:
+            raise TrainingError(
+                f"make_step(accumulate={k}) cannot cut a batch of {size} examples "
+                f"(batch[{name!r}]) into {k} equal micro-batches: use a batch size that "
+                f"is a multiple of {k}, or an accumulate that divides {size}."
+            )
+
+
+def _accumulated(loss_of, k: int, trainable, state, batch, key, mesh):
+    """``(loss, state, metrics, grads)`` of the whole batch from ``k`` micro-batches under
+    ``lax.scan``: metric sums added, loss and gradients averaged with the weights
+    ``count_i / sum(count)`` (``1 / k`` without a ``count`` metric)."""
+
+    def cut(x):  # example i -> micro-batch i % k: each one spread over every device
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is not None:
+            spec = PartitionSpec(None, batch_axes(mesh))
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        return x
+
+    micro = jax.tree.map(cut, batch)
+    value_and_grad = eqx.filter_value_and_grad(loss_of, has_aux=True)
+
+    def body(carry, xs):
+        state, sums, loss_sum, grad_sum = carry
+        i, mb = xs
+        mkey = None if key is None else jax.random.fold_in(key, i)
+        (loss, (state, metrics)), grads = value_and_grad(trainable, state, mb, mkey)
+        weight = metrics["count"] if "count" in metrics else jnp.float32(1.0)
+        grad_sum = jax.tree.map(lambda a, g: a + weight * g, grad_sum, grads)
+        sums = jax.tree.map(jnp.add, sums, metrics)
+        return (state, sums, loss_sum + weight * loss, grad_sum), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda mb: loss_of(trainable, state, mb, key)[1][1], first)
+    sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    grads = jax.tree.map(jnp.zeros_like, eqx.filter(trainable, eqx.is_inexact_array))
+    init = (state, sums, jnp.zeros((), jnp.float32), grads)
+    (state, sums, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
+    total = jnp.maximum(sums["count"] if "count" in sums else jnp.float32(k), 1.0)
+    grads = jax.tree.map(lambda g: (g / total).astype(g.dtype), grad_sum)
+    return loss_sum / total, state, sums, grads
 
 
 def _check_opt_state(optimizer, trainable, opt_state) -> None:
@@ -270,7 +384,8 @@ def _nbytes(*trees: Any) -> int:
 
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
     """Compiled ``eval_step(model, state, batch) -> metrics`` (the loss function's metric
-    sums) in inference mode (with a ``mesh``, each batch is split over its devices)."""
+    sums) in inference mode. With a ``mesh`` (``eqxtl.make_mesh``), each batch is split over
+    its ``"data"`` and ``"fsdp"`` axes; the model must be on it (``eqxtl.shard``)."""
     loss_fn = loss_fn or task_loss()
 
     @eqx.filter_jit
