@@ -172,7 +172,10 @@ def make_step(
 
     def grads_of(trainable, frozen, state, batch, key):
         def loss_of(trainable, state, batch, key):
-            model = batchnorm_modes(eqx.combine(trainable, frozen), spec, bn=bn)
+            model = eqx.combine(trainable, frozen)
+            if mesh is not None:
+                model = _gathered(model, mesh)
+            model = batchnorm_modes(model, spec, bn=bn)
             return loss_fn(model, state, batch, key)
 
         if accumulate == 1:
@@ -275,6 +278,19 @@ def _constrain(tree, shardings: _Static):
         ]
         out.append(jax.tree.unflatten(treedef, fixed))
     return tuple(out)
+
+
+def _gathered(model, mesh):
+    """``model`` with every array replicated where the forward pass uses it: FSDP gathers
+    each parameter before its layer, and the transpose reduce-scatters its gradient. Left to
+    itself, XLA's sharding propagation pushes a parameter's ``"fsdp"`` split into the
+    activations (a hidden axis split 8 ways), then must undo it for the batch split ("SPMD
+    involuntary full rematerialization": a replicated copy of the activation)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, replicated) if eqx.is_array(x) else x,
+        model,
+    )
 
 
 def _check_accumulate(batch: dict, k: int) -> None:
