@@ -185,7 +185,8 @@ def make_step(
         return _accumulated(loss_of, accumulate, trainable, state, batch, key, mesh)
 
     def _step(passthrough, trainable, opt_state):
-        frozen, state, batch, key, shardings = passthrough
+        frozen, state, batch, key, *shardings = passthrough  # shardings: with a mesh only
+        shardings = shardings[0] if shardings else None
         _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         loss, new_state, metrics, grads = grads_of(trainable, frozen, state, batch, key)
@@ -234,8 +235,9 @@ def make_step(
         donates = donate
         if donates is None:
             donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
+        passthrough = (frozen, state, batch, key) + (() if shardings is None else (shardings,))
         trainable, new_state, opt_state, metrics = (donating if donates else plain)(
-            (frozen, state, batch, key, shardings), trainable, opt_state
+            passthrough, trainable, opt_state
         )
         state = state if new_state is None else new_state
         return eqx.combine(trainable, frozen), state, opt_state, metrics
