@@ -46,9 +46,7 @@ FSDP_MIN_SIZE = 2**16
 ``fsdp`` rule uses the same bound): smaller ones cost more in gathers than they save."""
 
 
-def make_mesh(
-    data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``jax.sharding.Mesh`` with axes ``("data", "fsdp")`` of sizes ``(data, fsdp)``.
 
     **Arguments:**
@@ -311,9 +309,7 @@ def local(tree: Any) -> Any:
     A sharded array is gathered (a collective: every process must call this)."""
     leaves, treedef = jax.tree.flatten(tree)
     spread = [
-        i
-        for i, x in enumerate(leaves)
-        if isinstance(x, jax.Array) and not x.is_fully_addressable
+        i for i, x in enumerate(leaves) if isinstance(x, jax.Array) and not x.is_fully_addressable
     ]
     gather = [i for i in spread if not leaves[i].sharding.is_fully_replicated]
     gathered = set(gather)
