@@ -97,7 +97,8 @@ _WORKER = textwrap.dedent(
             train, eqxtl.preprocessing_for(model), 16, num_workers=0), runtime=rt)
         out[name] = {"params": [np.asarray(x).tolist() for x in arrays(r.model)],
                      "loss": r.history[-1]["train_loss"],
-                     "specs": sorted({str(getattr(x.sharding, "spec", None)) for x in arrays(r.opt_state)})}
+                     "specs": sorted({str(getattr(x.sharding, "spec", None))
+                                      for x in arrays(r.opt_state)})}
 
     mesh = eqxtl.make_mesh(data=2, fsdp=4)
     rules = [(r"backbone\\.encoder\\.layer\\.0\\.intermediate\\.dense\\.weight", P(None, "fsdp"))]
