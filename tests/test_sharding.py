@@ -266,3 +266,10 @@ def test_accumulate_that_does_not_divide_the_batch():
         eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, accumulate=0)
     with pytest.raises(eqxtl.TrainingError, match=r"Runtime\(accumulate=\.\.\.\)"):
         eqxtl.Runtime(accumulate=-1)
+    rng = np.random.default_rng(0)
+    source = eqxtl.ArraySource(
+        rng.integers(0, 255, (10, 16, 16, 3)).astype(np.uint8), rng.integers(0, 5, 10)
+    )
+    runtime = eqxtl.Runtime(accumulate=3, mesh=None, progress=False)
+    with pytest.raises(eqxtl.TrainingError, match=r"accumulate=3\) cannot cut batches of 32"):
+        eqxtl.fit(model, state, optimizer, spec, source, runtime=runtime)

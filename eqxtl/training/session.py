@@ -174,6 +174,12 @@ class Loop:
         features = features and getattr(self.task, "mix_batch", None) is None  # mixes images
         train, test = self._feature_loaders() if features else (self.train, self.test)
         loss = task_loss(self.task, compute_dtype=rt.compute_dtype, features=features)
+        if self.train.batch_size % rt.accumulate:
+            raise TrainingError(
+                f"Runtime(accumulate={rt.accumulate}) cannot cut batches of "
+                f"{self.train.batch_size} examples into {rt.accumulate} equal micro-batches: "
+                f"use a batch size that is a multiple of {rt.accumulate}."
+            )
         step_fn = make_step(
             loss, optimizer, phase.spec, bn=phase.bn, mesh=self.mesh, accumulate=rt.accumulate
         )

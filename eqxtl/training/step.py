@@ -221,10 +221,10 @@ def make_step(
     plain = eqx.filter_jit(_step, compiler_options=options)
 
     def step(model, state, opt_state, batch, key=None):
-        _check_accumulate(batch, accumulate)
         shardings = None
         if mesh is not None:
             batch = shard_batch(batch, mesh)
+        _check_accumulate(batch, accumulate)  # the global batch, across processes too
         try:
             trainable, frozen = eqx.partition(model, spec)
         except (ValueError, TypeError):
