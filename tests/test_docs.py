@@ -164,3 +164,8 @@ def test_the_api_reference_has_every_public_name_and_only_those():
         assert getattr(importlib.import_module(module), attr) is getattr(eqxtl, name), name
     page = hooks.on_page_markdown((DOCS / "api.md").read_text(), None, None, None)
     assert page.count("\n::: ") == len(names)
+
+
+def test_the_readme_table_names_every_public_name():
+    table = README.read_text().split("## What is in it", 1)[1].split("\n## ", 1)[0]
+    assert [name for name in eqxtl.__all__ if f"`{name}`" not in table] == []
