@@ -36,6 +36,10 @@ stacked along a new leading axis (one ``(n, ...)`` array per weight) and run by 
 ``jax.lax.scan``, so XLA compiles the block once instead of once per layer, and the
 backward pass is a scan too.
 
+Per-block data of the forward pass travel with the stacked weights: the keys, and drop
+path's rates (``drop_path_rate``; timm's rule gives every block its own), so blocks whose
+rates differ still share one compiled body.
+
 Blocks are interchangeable when they have the same structure, shapes and dtypes and, at
 trace time, every weight is traced the same way: a weight that is differentiated (it
 trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
