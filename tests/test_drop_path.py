@@ -128,32 +128,29 @@ def _jaxpr(model, state, x, key=None) -> str:
 @pytest.mark.parametrize("name", NAMES)
 def test_inference_unchanged_training_drops_scan_and_remat(name):
     """Without a key (evaluation) the model computes exactly what the rate-0 model does
-    (the same jaxpr, so bit-identical outputs); with a key, some examples change, and
-    ``with_scan`` (rates carried as data) drops the same paths;
-    ``with_remat`` traces with drop path inside its checkpoints. (One compiled program per
-    family: compiling dominates.)"""
+    (the same jaxpr, so bit-identical outputs); with a key, some examples change.
+    ``with_scan`` and ``with_remat`` trace with drop path inside their scan / checkpoints
+    (their values: ``test_gradients_through_scanned_and_rematerialised_rates``). One
+    compiled program per family: compiling dominates."""
     arch = ARCHITECTURES[name]
     plain, state = _model(name, 0.0)
     dropping, _ = _model(name, RATE)
-    x = _images(name, 4)
+    x, key = _images(name, 4), jax.random.key(3)
     want = _jaxpr(plain, state, x)
     assert _jaxpr(dropping, state, x) == want
-    scanned = eqxtl.with_scan(dropping) if arch.supports_scan else dropping
     if arch.supports_scan:
-        assert "scan" in _jaxpr(scanned, state, x, jax.random.key(3))
+        assert "scan" in _jaxpr(eqxtl.with_scan(dropping), state, x, key)
     if arch.supports_remat:
-        jaxpr = _jaxpr(eqxtl.with_remat(dropping), state, x, jax.random.key(3))
+        jaxpr = _jaxpr(eqxtl.with_remat(dropping), state, x, key)
         assert "checkpoint" in jaxpr or "remat" in jaxpr
 
     @functools.partial(eqx.filter_jit, compiler_options=FAST)
-    def outputs(model, scanned, key):
-        run = lambda m, k: _forward(m, state, x, k)  # noqa: E731
-        return run(model, None), run(model, key), run(scanned, key)
+    def outputs(model, key):
+        return _forward(model, state, x, None), _forward(model, state, x, key)
 
-    reference, trained, scan = outputs(dropping, scanned, jax.random.key(3))
+    reference, trained = outputs(dropping, key)
     changed = jnp.any(jnp.abs(trained - reference) > 1e-4, axis=-1)
     assert bool(jnp.any(changed)), f"{name}: no branch dropped"
-    np.testing.assert_allclose(scan, trained, rtol=1e-5, atol=1e-5, err_msg=f"{name} scan")
 
 
 def test_gradients_through_scanned_and_rematerialised_rates():
