@@ -189,6 +189,13 @@ _SIZES = (
 )
 _COUNTS = ("num_hidden_layers", "num_blocks")
 _OPTIONAL = ("projection_dim",)  # None: no projection
+_RATES = ("drop_path_rate",)
+
+TRAINING_FIELDS = ("drop_path_rate",)
+"""Config fields that are training choices, not the checkpoint's: the readers never take
+them from a file and ``transformers_write`` never writes them (the saved files of a model do
+not depend on them); ``from_pretrained(..., drop_path_rate=0.1)`` sets them (each
+architecture lists them in its ``choices``)."""
 
 
 def check_sizes(config: Any) -> None:
@@ -207,6 +214,22 @@ def check_sizes(config: Any) -> None:
             raise ValueError(
                 f"{type(config).__name__}: {field.name} must be an integer >= {low} "
                 f"(or a pair of them for an image size), got {value!r}."
+            )
+    check_rates(config)
+
+
+def check_rates(config: Any) -> None:
+    """Every rate field of a config that it has (``drop_path_rate``) a number in ``[0, 1)``:
+    a ``ValueError`` naming the field."""
+    for name in _RATES:
+        if not hasattr(config, name):
+            continue
+        value = getattr(config, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and 0 <= value < 1):
+            raise ValueError(
+                f"{type(config).__name__}: {name} must be a number in [0, 1) (the stochastic "
+                f"depth of the last block; 0 turns it off), got {value!r}."
             )
 
 
@@ -240,7 +263,8 @@ def transformers_write(
     ``model_type``, ``architectures: [architecture]`` (none for ``None``), every field of
     ``config`` but ``skip`` (tuples as lists), ``num_labels`` when a head is saved (unless
     ``num_labels=False``: the transformers class of that name pools differently) and
-    ``fields``."""
+    ``fields``. ``TRAINING_FIELDS`` are never written."""
+    skip = (*skip, *TRAINING_FIELDS)
     out = {
         "model_type": model_type,
         **({} if architecture is None else {"architectures": [architecture]}),

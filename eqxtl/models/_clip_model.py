@@ -30,7 +30,10 @@ from .layers import (
     MLP,
     LayerNorm,
     PatchEmbedding,
+    block_rates,
     checkpointed,
+    drop_keys,
+    drop_path,
     multihead_attention,
     split_key,
 )
@@ -46,6 +49,9 @@ class CLIPVisionConfig:
     """The fields of transformers' ``CLIPVisionConfig`` that shape the vision tower.
 
     ``projection_dim=None``: no ``visual_projection`` (a plain ``CLIPVisionModel``).
+    ``drop_path_rate``: stochastic depth of the last block (timm's linear rule over the
+    blocks; a training choice, not read from or written to files), in ``[0, 1)``; active
+    only when the forward pass gets a ``key`` (``fit``'s step passes one).
     """
 
     hidden_size: int = 768
@@ -58,6 +64,7 @@ class CLIPVisionConfig:
     hidden_act: Activation = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int | None = 512
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         check_sizes(self)
@@ -181,18 +188,21 @@ class EncoderLayer(eqx.Module):
         first_only: bool = False,
         causal: bool = False,
         key: PRNGKeyArray | None = None,
+        drop_rate: float | Array | None = None,
     ) -> Float[Array, "*b tq d"]:
         """All tokens ``(*b, t, d)``, or with ``first_only`` just the class token's
         ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``causal``:
         each token attends to itself and the tokens before it (CLIP's text tower). ``key``:
-        dropout of LoRA adapters, if any."""
-        akey, mkey = split_key(key, 2)
+        dropout of LoRA adapters, if any, and with ``drop_rate`` drop path on both residual
+        branches."""
+        (akey, mkey), (d1, d2) = drop_keys(key, 2, drop_rate)
         h = self.layer_norm1(x)
         if first_only:
-            x = x[..., :1, :] + self.self_attn(h, h[..., :1, :], key=akey)
+            y, x = self.self_attn(h, h[..., :1, :], key=akey), x[..., :1, :]
         else:
-            x = x + self.self_attn(h, causal=causal, key=akey)
-        return x + self.mlp(self.layer_norm2(x), key=mkey)
+            y = self.self_attn(h, causal=causal, key=akey)
+        x = x + drop_path(y, drop_rate, d1, example_dims=2)
+        return x + drop_path(self.mlp(self.layer_norm2(x), key=mkey), drop_rate, d2, example_dims=2)
 
 
 class Encoder(eqx.Module):
@@ -217,19 +227,21 @@ class Encoder(eqx.Module):
         return self.run(self.layers, h)
 
     def run(
-        self, layers: list[EncoderLayer], h: Float[Array, "*b t d"], keys=None
+        self, layers: list[EncoderLayer], h: Float[Array, "*b t d"], keys=None, rates=None
     ) -> Float[Array, "*b t d"]:
         """``h`` through ``layers`` (some of ``self.layers``; ``keys``: one per layer, for
-        LoRA dropout), as the flags say."""
-        return run_blocks(_run_layer, layers, h, keys, scan=self.scan, remat=self.remat)
+        LoRA dropout; ``rates``: one per layer, for drop path), as the flags say."""
+        return run_blocks(
+            _run_layer, layers, h, keys, rates=rates, scan=self.scan, remat=self.remat
+        )
 
 
-def _run_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
-    return layer(h, key=key)
+def _run_layer(layer: EncoderLayer, h: Array, key=None, rate=None) -> Array:
+    return layer(h, key=key, drop_rate=rate)
 
 
-def _run_last_layer(layer: EncoderLayer, h: Array, key: PRNGKeyArray | None = None) -> Array:
-    return layer(h, first_only=True, key=key)
+def _run_last_layer(layer: EncoderLayer, h: Array, key=None, rate=None) -> Array:
+    return layer(h, first_only=True, key=key, drop_rate=rate)
 
 
 class CLIPVision(eqx.Module):
@@ -294,15 +306,17 @@ class CLIPVision(eqx.Module):
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
         """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm).
-        ``key`` drives the dropout of LoRA adapters (``eqxtl.lora``), if any; CLIP itself
-        has no dropout."""
+        ``key`` drives the dropout of LoRA adapters (``eqxtl.lora``), if any, and drop path
+        (``config.drop_path_rate``); CLIP itself has no dropout."""
         layers = self.encoder.layers
         keys = split_key(key, len(layers))
-        h = self.encoder.run(layers[:-1], self._embed(x), keys[:-1])
+        rates = block_rates(self.config.drop_path_rate, len(layers), key) or [None] * len(layers)
+        h = self.encoder.run(layers[:-1], self._embed(x), keys[:-1], rates[:-1])
         if layers:
             # Only the class token is pooled: the last block computes queries, MLP and
             # residual for it alone (what the full block gives that token; ~6% faster).
-            h = checkpointed(_run_last_layer, self.encoder.remat)(layers[-1], h, keys[-1])
+            last = checkpointed(_run_last_layer, self.encoder.remat)
+            h = last(layers[-1], h, keys[-1], rates[-1])
         return self.post_layernorm(h[..., 0, :]), state
 
     def project(self, features: Float[Array, "*b d"]) -> Float[Array, "*b p"]:

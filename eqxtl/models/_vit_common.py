@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
 from ._arch import (
+    TRAINING_FIELDS,
     Preprocessing,
     check_sizes,
 )
@@ -200,21 +201,37 @@ class ViTEncoder(eqx.Module):
     remat: bool = eqx.field(static=True, default=False)
     scan: bool = eqx.field(static=True, default=False)
 
-    def __call__(self, h: Float[Array, "*b t d"], *, class_only: bool = False) -> Array:
+    def __call__(
+        self,
+        h: Float[Array, "*b t d"],
+        *,
+        class_only: bool = False,
+        key: PRNGKeyArray | None = None,
+        rates: list[float] | None = None,
+    ) -> Array:
         """Every block; with ``class_only`` the last computes the class token alone
-        ``(*b, 1, d)`` (the other tokens only feed it through keys and values)."""
+        ``(*b, 1, d)`` (the other tokens only feed it through keys and values). ``rates``
+        (one per block, with a ``key``): drop path (``block_rates``)."""
+        n = len(self.layer)
+        keys = None if rates is None else list(jax.random.split(key, n))
         if not (class_only and self.layer):
-            return run_blocks(_run_layer, self.layer, h, scan=self.scan, remat=self.remat)
-        h = run_blocks(_run_layer, self.layer[:-1], h, scan=self.scan, remat=self.remat)
-        return checkpointed(_run_class_only, self.remat)(self.layer[-1], h)
+            return run_blocks(
+                _run_layer, self.layer, h, keys, rates=rates, scan=self.scan, remat=self.remat
+            )
+        head = (None, None) if keys is None else (keys[:-1], rates[:-1])
+        h = run_blocks(
+            _run_layer, self.layer[:-1], h, head[0], rates=head[1], scan=self.scan, remat=self.remat
+        )
+        last = () if keys is None else (keys[-1], rates[-1])
+        return checkpointed(_run_class_only, self.remat)(self.layer[-1], h, *last)
 
 
-def _run_layer(layer, h: Array) -> Array:
-    return layer(h)
+def _run_layer(layer, h: Array, key=None, rate=None) -> Array:
+    return layer(h, key=key, drop_rate=rate)
 
 
-def _run_class_only(layer, h: Array) -> Array:
-    return layer(h, first_only=True)
+def _run_class_only(layer, h: Array, key=None, rate=None) -> Array:
+    return layer(h, first_only=True, key=key, drop_rate=rate)
 
 
 def runtime_attention_rules(theirs: str, ours: str) -> tuple[Map, ...]:
@@ -250,8 +267,10 @@ def _patch(value: Any) -> int:
 
 def hf_fields(cls: type, hf: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
     """The fields of config class ``cls`` a transformers ``config.json`` dict states (its
-    defaults otherwise), ``image_size`` / ``patch_size`` normalised."""
+    defaults otherwise; ``TRAINING_FIELDS`` and ``skip`` left out), ``image_size`` /
+    ``patch_size`` normalised."""
     default = cls()
+    skip = (*skip, *TRAINING_FIELDS)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
     values = {k: hf.get(k, getattr(default, k)) for k in names}
     values["patch_size"] = _patch(values["patch_size"])

@@ -36,6 +36,10 @@ stacked along a new leading axis (one ``(n, ...)`` array per weight) and run by 
 ``jax.lax.scan``, so XLA compiles the block once instead of once per layer, and the
 backward pass is a scan too.
 
+Per-block data of the forward pass travel with the stacked weights: the keys, and drop
+path's rates (``drop_path_rate``; timm's rule gives every block its own), so blocks whose
+rates differ still share one compiled body.
+
 Blocks are interchangeable when they have the same structure, shapes and dtypes and, at
 trace time, every weight is traced the same way: a weight that is differentiated (it
 trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
@@ -138,43 +142,51 @@ def run_blocks(
     h: H,
     keys: Sequence[Any] | None = None,
     *,
+    rates: Sequence[float] | None = None,
     scan: bool = False,
     remat: bool = False,
 ) -> H:
     """``h = call(block, h)`` for each block in order, or ``h = call(block, h, key)`` with
-    one of ``keys`` per block (``None`` entries: no key).
+    one of ``keys`` per block (``None`` entries: no key), or ``h = call(block, h, key,
+    rate)`` with one of ``rates`` per block too (drop path; given with keys only).
 
     ``scan``: each run of two or more interchangeable blocks (see the module docstring) is
-    stacked, with its keys, and run by one ``jax.lax.scan``; a block alone runs as is.
+    stacked, with its keys and rates, and run by one ``jax.lax.scan`` (a rate is then a
+    traced scalar: blocks whose rates differ share the body); a block alone runs as is.
     ``remat``: each block's call runs under ``eqx.filter_checkpoint`` (inside the scan body
     when scanned). ``call`` must return an ``h`` of the same shape and dtype (a scan carry).
     """
     run = checkpointed(call, remat)
     keys = [None] * len(blocks) if keys is None else list(keys)[: len(blocks)]
+    rates = [None] * len(blocks) if rates is None else list(rates)[: len(blocks)]
 
-    def apply(block, h, key):
-        return run(block, h) if key is None else run(block, h, key)
+    def apply(block, h, key, rate):
+        if key is None:
+            return run(block, h)
+        return run(block, h, key) if rate is None else run(block, h, key, rate)
 
     if not scan:
-        for block, key in zip(blocks, keys, strict=True):
-            h = apply(block, h, key)
+        for block, key, rate in zip(blocks, keys, rates, strict=True):
+            h = apply(block, h, key, rate)
         return h
     start = 0
     for group in _runs(blocks):
         group_keys = keys[start : start + len(group)]
+        group_rates = rates[start : start + len(group)]
         start += len(group)
         if len(group) == 1:
-            h = apply(group[0], h, group_keys[0])
+            h = apply(group[0], h, group_keys[0], group_rates[0])
             continue
         static = eqx.partition(group[0], eqx.is_array)[1]
         stacked = jax.tree.map(
             lambda *xs: jnp.stack(xs), *[eqx.filter(b, eqx.is_array) for b in group]
         )
         stacked_keys = None if group_keys[0] is None else jnp.stack(group_keys)
+        stacked_rates = None if group_rates[0] is None else jnp.asarray(group_rates, jnp.float32)
 
         def body(carry, xs, static=static):
-            weights, key = xs
-            return apply(eqx.combine(weights, static), carry, key), None
+            weights, key, rate = xs
+            return apply(eqx.combine(weights, static), carry, key, rate), None
 
-        h, _ = jax.lax.scan(body, h, (stacked, stacked_keys))
+        h, _ = jax.lax.scan(body, h, (stacked, stacked_keys, stacked_rates))
     return h

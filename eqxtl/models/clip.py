@@ -17,6 +17,7 @@ from jaxtyping import PRNGKeyArray
 from ..errors import CheckpointError
 from ._arch import (
     INTERPOLATIONS,
+    TRAINING_FIELDS,
     Alias,
     Architecture,
     Layout,
@@ -253,7 +254,10 @@ def _transformers_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
     else:
         vision = hf
     d = CLIPVisionConfig()
-    fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)} - {"projection_dim"}
+    fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)} - {
+        "projection_dim",
+        *TRAINING_FIELDS,
+    }
     values = {k: vision.get(k, getattr(d, k)) for k in fields}
     values["image_size"] = _square(values["image_size"], "image_size")
     values["patch_size"] = _square(values["patch_size"], "patch_size")
@@ -482,4 +486,5 @@ CLIP_VISION = Architecture(
     supports_remat=True,
     supports_scan=True,
     keyed_layers=r"encoder\.layers\.\d+\.(self_attn|mlp)\.\w+",
+    choices=("drop_path_rate",),
 )

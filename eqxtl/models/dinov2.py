@@ -56,7 +56,7 @@ from ._vit_common import (
     timm_model_args,
     timm_size_name,
 )
-from .layers import MLP, LayerNorm, PatchEmbedding, image_hw
+from .layers import MLP, LayerNorm, PatchEmbedding, block_rates, drop_keys, drop_path, image_hw
 
 Pooling = Literal["cls", "cls+mean"]
 
@@ -73,6 +73,8 @@ class Dinov2Config:
     - `interpolate_antialias`: the bicubic filter for another input size: transformers'
       ``Dinov2Model`` resamples without antialias, ``Dinov2WithRegistersModel`` and timm
       with it.
+    - `drop_path_rate`: stochastic depth, as ``ViTConfig``'s (timm's linear rule; the
+      ``drop_path_rate`` of a transformers config file is not read: a training choice).
     """
 
     hidden_size: int = 768
@@ -90,6 +92,7 @@ class Dinov2Config:
     num_register_tokens: int = 0
     pooling: Pooling = "cls"
     interpolate_antialias: bool = False
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         check_common(self)
@@ -165,15 +168,24 @@ class Dinov2Layer(eqx.Module):
         self.layer_scale2 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
 
     def __call__(
-        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+        self,
+        x: Float[Array, "*b t d"],
+        *,
+        first_only: bool = False,
+        key: PRNGKeyArray | None = None,
+        drop_rate: float | Array | None = None,
     ) -> Float[Array, "*b tq d"]:
-        """All tokens, or with ``first_only`` just the class token's ``(*b, 1, d)``."""
+        """All tokens, or with ``first_only`` just the class token's ``(*b, 1, d)``.
+        ``drop_rate`` (with ``key``): drop path on both residual branches."""
+        _, (k1, k2) = drop_keys(key, 0, drop_rate)
         h = self.norm1(x)
         if first_only:
-            x = x[..., :1, :] + self.layer_scale1(self.attention(h, h[..., :1, :]))
+            y, x = self.attention(h, h[..., :1, :]), x[..., :1, :]
         else:
-            x = x + self.layer_scale1(self.attention(h))
-        return x + self.layer_scale2(self.mlp(self.norm2(x)))
+            y = self.attention(h)
+        x = x + drop_path(self.layer_scale1(y), drop_rate, k1, example_dims=2)
+        y = self.layer_scale2(self.mlp(self.norm2(x)))
+        return x + drop_path(y, drop_rate, k2, example_dims=2)
 
 
 class Dinov2(eqx.Module):
@@ -217,13 +229,15 @@ class Dinov2(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b f"], eqx.nn.State]:
-        """``(features, state)``; ``state`` passes through (no BatchNorm)."""
-        del key  # no dropout, no stochastic depth
+        """``(features, state)``; ``state`` passes through (no BatchNorm). ``key``: drop
+        path (``config.drop_path_rate``), if any."""
         self.embeddings.check_input(x, "Dinov2")
         h = self.embeddings(x)
+        rates = block_rates(self.config.drop_path_rate, len(self.encoder.layer), key)
         if self.config.pooling == "cls":
-            return self.layernorm(self.encoder(h, class_only=True)[..., 0, :]), state
-        h = self.layernorm(self.encoder(h))
+            h = self.encoder(h, class_only=True, key=key, rates=rates)
+            return self.layernorm(h[..., 0, :]), state
+        h = self.layernorm(self.encoder(h, key=key, rates=rates))
         patches = h[..., 1 + self.config.num_register_tokens :, :]
         mean = jnp.mean(patches.astype(jnp.float32), axis=-2).astype(h.dtype)
         return jnp.concatenate([h[..., 0, :], mean], axis=-1), state
@@ -516,7 +530,7 @@ DINOV2 = Architecture(
         },
     },
     reconcile=_reconcile,
-    choices=("pooling", "interpolate_antialias"),
+    choices=("pooling", "interpolate_antialias", "drop_path_rate"),
     resize=resize_positions,
     supports_remat=True,
     supports_scan=True,

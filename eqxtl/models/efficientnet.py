@@ -39,7 +39,7 @@ from ._arch import (
     transformers_write,
 )
 from ._layout import Drop, KeyMap, Map
-from .layers import BatchNorm, Conv2d
+from .layers import BatchNorm, Conv2d, drop_path
 
 # Input normalisation of the TF-trained Lite weights: pixels in 0..255, ``(x - 127) / 128``.
 PIXEL_MEAN = (127.0, 127.0, 127.0)
@@ -209,10 +209,7 @@ class MBConvBlock(eqx.Module):
         if not self.inference and self.drop_rate > 0:
             if key is None:
                 raise RuntimeError("Stochastic depth needs a key outside inference mode.")
-            keep = 1.0 - self.drop_rate
-            # one draw per example: (n, 1, 1, 1) for a batch, a scalar for one image
-            shape = h.shape[:-3] + (1, 1, 1) if h.ndim == 4 else ()
-            h = jnp.where(jax.random.bernoulli(key, keep, shape), h / keep, jnp.zeros_like(h))
+            h = drop_path(h, self.drop_rate, key, example_dims=3)
         return h + x, state
 
 

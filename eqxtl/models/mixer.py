@@ -36,7 +36,17 @@ from ._arch import (
     timm_vit_write,
 )
 from ._layout import CONV_HWIO, KeyMap, Map, flax_dense, flax_norm
-from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, checkpointed, image_hw
+from .layers import (
+    ACTIVATIONS,
+    MLP,
+    LayerNorm,
+    PatchEmbedding,
+    block_rates,
+    checkpointed,
+    drop_keys,
+    drop_path,
+    image_hw,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +56,10 @@ class MixerConfig:
     ``image_size``: an int, or ``(height, width)``; fixed once built (the token-mixing MLP
     has one input per patch). ``hidden_act``: ``"gelu"`` (exact, timm) or
     ``"gelu_pytorch_tanh"`` (the tanh approximation of flax's ``nn.gelu``, vit_jax).
+    ``drop_path_rate``: stochastic depth of every block, in ``[0, 1)``: timm's Mixer drops
+    each block's two branches with this same rate (no linear rule); active only when the
+    forward pass gets a ``key`` (``fit``'s step passes one). A training choice, not read
+    from or written to files.
     """
 
     hidden_size: int = 768
@@ -57,6 +71,7 @@ class MixerConfig:
     patch_size: int = 16
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         check_sizes(self)
@@ -113,15 +128,28 @@ class MixerBlock(eqx.Module):
         self.norm2 = LayerNorm(d, eps)
         self.mlp_channels = MLP(d, config.channels_mlp_dim, act, ckey)
 
-    def __call__(self, x: Float[Array, "*b n d"]) -> Float[Array, "*b n d"]:
+    def __call__(
+        self,
+        x: Float[Array, "*b n d"],
+        *,
+        key: PRNGKeyArray | None = None,
+        drop_rate: float | None = None,
+    ) -> Float[Array, "*b n d"]:
+        """``drop_rate`` (with ``key``): drop path on both residual branches."""
+        _, (k1, k2) = drop_keys(key, 0, drop_rate)
         # token mixing: one GEMM over (batch * channels) rows of patches
         y = self.mlp_tokens(jnp.swapaxes(self.norm1(x), -1, -2))
-        x = x + jnp.swapaxes(y, -1, -2)
-        return x + self.mlp_channels(self.norm2(x))
+        x = x + drop_path(jnp.swapaxes(y, -1, -2), drop_rate, k1, example_dims=2)
+        return x + drop_path(self.mlp_channels(self.norm2(x)), drop_rate, k2, example_dims=2)
 
 
-def _run_block(block: MixerBlock, h: Array) -> Array:
-    return block(h)
+def _run_block(block: MixerBlock, h: Array, key=None, rate=None) -> Array:
+    return block(h, key=key, drop_rate=rate)
+
+
+def uniform_rates(rate: float, n: int) -> list[float]:
+    """timm's Mixer schedule: every block at ``rate``."""
+    return [rate] * n
 
 
 class MLPMixer(eqx.Module):
@@ -148,8 +176,11 @@ class MLPMixer(eqx.Module):
         self.norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.config = config
 
-    def tokens(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b n d"]:
-        """timm's ``forward_features``: every token after the final ``norm``."""
+    def tokens(
+        self, x: Float[Array, "*b c h w"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*b n d"]:
+        """timm's ``forward_features``: every token after the final ``norm``. ``key``: drop
+        path (``config.drop_path_rate``), if any."""
         c = self.config
         want = (c.num_channels, *image_hw(c.image_size))
         if x.ndim not in (3, 4) or x.shape[-3:] != want:
@@ -160,8 +191,14 @@ class MLPMixer(eqx.Module):
             )
         h = self.stem(x)
         run = checkpointed(_run_block, self.remat)
-        for block in self.blocks:
-            h = run(block, h)
+        n = len(self.blocks)
+        rates = block_rates(c.drop_path_rate, n, key, schedule=uniform_rates)
+        if rates is None:
+            for block in self.blocks:
+                h = run(block, h)
+        else:
+            for block, k, rate in zip(self.blocks, jax.random.split(key, n), rates, strict=True):
+                h = run(block, h, k, rate)
         return self.norm(h)
 
     def __call__(
@@ -171,9 +208,9 @@ class MLPMixer(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
-        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm)."""
-        del key  # no dropout
-        return jnp.mean(self.tokens(x), axis=-2), state
+        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm).
+        ``key``: drop path (``config.drop_path_rate``), if any."""
+        return jnp.mean(self.tokens(x, key=key), axis=-2), state
 
 
 # --------------------------------------------------------------------------------------
@@ -315,6 +352,7 @@ MIXER = Architecture(
             ("mixer_l16_224.goog_in21k", MIXER_L16),
         )
     },
+    choices=("drop_path_rate",),
     supports_remat=True,
 )
 """No ``resize``: a Mixer's input size is fixed."""

@@ -37,6 +37,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError
 from ._arch import (
+    TRAINING_FIELDS,
     Alias,
     Architecture,
     Layout,
@@ -53,7 +54,7 @@ from ._arch import (
     transformers_write,
 )
 from ._layout import Drop, KeyMap, Map
-from .layers import BatchNorm, Conv2d, checkpointed, max_pool
+from .layers import BatchNorm, Conv2d, block_rates, checkpointed, drop_path, max_pool
 
 LayerType = Literal["basic", "bottleneck"]
 
@@ -90,6 +91,10 @@ class ResNetConfig:
     """Stride 2 in the first block of the first stage (off for every microsoft/resnet-*)."""
     downsample_in_bottleneck: bool = False
     """Stride on the bottleneck's first 1x1 (ResNet v1) instead of its 3x3 (v1.5)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the last block, in [0, 1): timm's rule, block ``i`` of all ``n``
+    at ``rate * i / (n - 1)``, on the residual branch; only with a ``key`` (``fit``'s step
+    passes one). A training choice, not read from or written to files."""
 
     def __post_init__(self):
         # Lists (from JSON) become tuples: the config is a static, hashable field.
@@ -245,20 +250,16 @@ class ResidualBlock(eqx.Module):
         self.activation = activation
 
     def __call__(
-        self, x: Float[Array, "h w c"], state: eqx.nn.State
-    ) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
+        self, x: Float[Array, "*n h w c"], state: eqx.nn.State, key=None, drop_rate=None
+    ) -> tuple[Float[Array, "*n h2 w2 o"], eqx.nn.State]:
+        """``drop_rate`` (with ``key``): drop path on the residual branch, before the add."""
         h = x
         for conv in self.layer:
             h, state = conv(h, state)
         if self.shortcut is not None:
             x, state = self.shortcut(x, state)
+        h = drop_path(h, drop_rate, key, example_dims=3)
         return _ACTIVATIONS[self.activation](h + x), state
-
-
-def _run_block(
-    block: ResidualBlock, x: Float[Array, "h w c"], state: eqx.nn.State
-) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
-    return block(x, state)
 
 
 class Stage(eqx.Module):
@@ -338,10 +339,11 @@ class ResNet(eqx.Module):
         self.config = config
 
     def feature_map(
-        self, x: Float[Array, "*n c h w"], state: eqx.nn.State
+        self, x: Float[Array, "*n c h w"], state: eqx.nn.State, key: PRNGKeyArray | None = None
     ) -> tuple[Float[Array, "*n h2 w2 d"], eqx.nn.State]:
         """The last stage's output, channels-last ``(*n, H/32, W/32, hidden_sizes[-1])``
-        (transformers' ``last_hidden_state`` is its channel-first transpose)."""
+        (transformers' ``last_hidden_state`` is its channel-first transpose). ``key``: drop
+        path (``config.drop_path_rate``), if any."""
         if x.ndim not in (3, 4) or x.shape[-3] != self.config.num_channels:
             raise ValueError(
                 f"ResNet expects a channel-first image ({self.config.num_channels}, H, W) or a "
@@ -349,10 +351,15 @@ class ResNet(eqx.Module):
             )
         h = jnp.moveaxis(x, -3, -1)
         h, state = self.embedder(h, state)
-        run = checkpointed(_run_block, self.encoder.remat)
-        for stage in self.encoder.stages:
-            for block in stage.layers:
-                h, state = run(block, h, state)
+        run = checkpointed(ResidualBlock.__call__, self.encoder.remat)
+        blocks = [block for stage in self.encoder.stages for block in stage.layers]
+        rates = block_rates(self.config.drop_path_rate, len(blocks), key)
+        if rates is None:
+            keys, rates = [None] * len(blocks), [None] * len(blocks)
+        else:
+            keys = list(jax.random.split(key, len(blocks)))
+        for block, k, rate in zip(blocks, keys, rates, strict=True):
+            h, state = run(block, h, state, k, rate)
         return h, state
 
     def __call__(
@@ -362,9 +369,8 @@ class ResNet(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*n d"], eqx.nn.State]:
-        """``(features (*n, hidden_sizes[-1]), state)``; ``key`` is unused (no dropout)."""
-        del key
-        h, state = self.feature_map(x, state)
+        """``(features (*n, hidden_sizes[-1]), state)``; ``key``: drop path, if any."""
+        h, state = self.feature_map(x, state, key)
         return jnp.mean(h, axis=(-3, -2)), state
 
 
@@ -515,7 +521,7 @@ def _transformers_config(meta: Meta, shapes: Shapes) -> ResNetConfig | None:
     hf = transformers_meta(meta, "resnet")
     if hf is None:
         return None
-    fields = {f.name for f in dataclasses.fields(ResNetConfig)}
+    fields = {f.name for f in dataclasses.fields(ResNetConfig)} - set(TRAINING_FIELDS)
     return ResNetConfig(**{k: v for k, v in hf.items() if k in fields})
 
 
@@ -609,5 +615,6 @@ RESNET = Architecture(
         f"resnet{depth}": Alias(globals()[f"RESNET{depth}"], f"microsoft/resnet-{depth}")
         for depth in (18, 34, 50, 101, 152)
     },
+    choices=("drop_path_rate",),
     supports_remat=True,
 )

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..errors import CheckpointError, DataError
 from ._arch import (
+    TRAINING_FIELDS,
     Alias,
     Architecture,
     Layout,
@@ -58,7 +59,15 @@ from ._layout import (
     squeeze,
 )
 from .clip import TIMM_BLOCKS, Attention, Encoder
-from .layers import ACTIVATIONS, MLP, LayerNorm, PatchEmbedding, image_hw, resample_positions
+from .layers import (
+    ACTIVATIONS,
+    MLP,
+    LayerNorm,
+    PatchEmbedding,
+    block_rates,
+    image_hw,
+    resample_positions,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +76,9 @@ class SiglipVisionConfig:
 
     ``image_size``: an int, or ``(height, width)``. As transformers' "valid" patch
     convolution, pixels past the last whole patch are dropped (so400m: 384 // 14 = 27).
+    ``drop_path_rate``: stochastic depth of the encoder's last block (timm's linear rule;
+    a training choice, not read from or written to files), in ``[0, 1)``; active only when
+    the forward pass gets a ``key`` (``fit``'s step passes one).
     """
 
     hidden_size: int = 768
@@ -78,6 +90,7 @@ class SiglipVisionConfig:
     patch_size: int = 16
     hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         check_sizes(self)
@@ -190,6 +203,9 @@ class SiglipVision(eqx.Module):
     def hidden_states(self, x: Float[Array, "*b c h w"]) -> Float[Array, "*b n d"]:
         """transformers' ``last_hidden_state`` (timm's ``forward_features``): every patch
         token after ``post_layernorm``, ``n = (H / patch) * (W / patch)``."""
+        return self._tokens(x, None)
+
+    def _tokens(self, x: Float[Array, "*b c h w"], key: PRNGKeyArray | None) -> Array:
         c = self.config
         want = (c.num_channels, *image_hw(c.image_size))
         if x.ndim not in (3, 4) or x.shape[-3:] != want:
@@ -198,7 +214,10 @@ class SiglipVision(eqx.Module):
                 f"them (B, *{want}), got {x.shape}: resize to the model's image_size, or load "
                 "it for another size with from_pretrained(..., image_size=N)."
             )
-        return self.post_layernorm(self.encoder(self.embeddings(x)))
+        layers = self.encoder.layers
+        rates = block_rates(c.drop_path_rate, len(layers), key)
+        keys = None if rates is None else list(jax.random.split(key, len(layers)))
+        return self.post_layernorm(self.encoder.run(layers, self.embeddings(x), keys, rates))
 
     def __call__(
         self,
@@ -207,9 +226,9 @@ class SiglipVision(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
-        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm)."""
-        del key  # no dropout
-        return self.head(self.hidden_states(x)), state
+        """``(features (*b, hidden), state)``; ``state`` passes through (no BatchNorm).
+        ``key``: drop path (``config.drop_path_rate``), if any."""
+        return self.head(self._tokens(x, key)), state
 
 
 # --------------------------------------------------------------------------------------
@@ -365,7 +384,11 @@ def _transformers_config(meta: Meta, shapes: Shapes) -> SiglipVisionConfig | Non
             "eqxtl's SigLIP backbone pools with the MAP head."
         )
     d = SiglipVisionConfig()
-    values = {f.name: vision.get(f.name, getattr(d, f.name)) for f in dataclasses.fields(d)}
+    values = {
+        f.name: vision.get(f.name, getattr(d, f.name))
+        for f in dataclasses.fields(d)
+        if f.name not in TRAINING_FIELDS
+    }
     if isinstance(values["image_size"], list):
         values["image_size"] = tuple(values["image_size"])
     return SiglipVisionConfig(**values)
@@ -490,6 +513,7 @@ SIGLIP_VISION = Architecture(
         "siglip-so400m-patch14-224": _alias(224, SIGLIP_SO400M, "so400m-patch14"),
     },
     resize=_resize,
+    choices=("drop_path_rate",),
     supports_remat=True,
     supports_scan=True,
 )

@@ -63,7 +63,10 @@ from .layers import (
     LayerNorm,
     PatchEmbedding,
     activation,
+    block_rates,
     dense,
+    drop_keys,
+    drop_path,
     image_hw,
     linear,
 )
@@ -79,6 +82,10 @@ class ViTConfig:
     - `interpolate_antialias`: how ``resize`` resamples the position embeddings:
       ``False`` as transformers' ``interpolate_pos_encoding``, ``True`` as timm's
       ``resample_abs_pos_embed``.
+    - `drop_path_rate`: stochastic depth of the last block (timm's ``drop_path_rate``),
+      in ``[0, 1)``; block ``i`` of ``n`` drops its branches with ``rate * i / (n - 1)``.
+      Active only when the forward pass gets a ``key`` (``fit``'s step passes one), so
+      evaluation is unchanged. A training choice: not read from or written to files.
 
     ``image_size`` is an int or ``(height, width)``; ``patch_size`` an int.
     """
@@ -97,6 +104,7 @@ class ViTConfig:
     pooler_output_size: int | None = None
     pooler_act: str = "tanh"
     interpolate_antialias: bool = False
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         check_common(self)
@@ -162,16 +170,24 @@ class ViTLayer(eqx.Module):
         self.hidden_act = config.hidden_act
 
     def __call__(
-        self, x: Float[Array, "*b t d"], *, first_only: bool = False
+        self,
+        x: Float[Array, "*b t d"],
+        *,
+        first_only: bool = False,
+        key: PRNGKeyArray | None = None,
+        drop_rate: float | Array | None = None,
     ) -> Float[Array, "*b tq d"]:
-        """All tokens, or with ``first_only`` just the class token's ``(*b, 1, d)``."""
+        """All tokens, or with ``first_only`` just the class token's ``(*b, 1, d)``.
+        ``drop_rate`` (with ``key``): drop path on both residual branches."""
+        _, (k1, k2) = drop_keys(key, 0, drop_rate)
         h = self.layernorm_before(x)
         if first_only:
-            x = x[..., :1, :] + self.attention(h, h[..., :1, :])
+            y, x = self.attention(h, h[..., :1, :]), x[..., :1, :]
         else:
-            x = x + self.attention(h)
+            y = self.attention(h)
+        x = x + drop_path(y, drop_rate, k1, example_dims=2)
         h = activation(self.hidden_act, dense(self.intermediate.dense, self.layernorm_after(x)))
-        return x + dense(self.output.dense, h)
+        return x + drop_path(dense(self.output.dense, h), drop_rate, k2, example_dims=2)
 
 
 class ViTPooler(eqx.Module):
@@ -233,10 +249,11 @@ class ViT(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "*b d"], eqx.nn.State]:
-        """``(features (*b, hidden or pooler size), state)``; ``state`` passes through."""
-        del key  # no dropout
+        """``(features (*b, hidden or pooler size), state)``; ``state`` passes through.
+        ``key``: drop path (``config.drop_path_rate``), if any."""
         self.embeddings.check_input(x, "ViT")
-        h = self.encoder(self.embeddings(x), class_only=True)
+        rates = block_rates(self.config.drop_path_rate, len(self.encoder.layer), key)
+        h = self.encoder(self.embeddings(x), class_only=True, key=key, rates=rates)
         cls = self.layernorm(h[..., 0, :])
         return (cls if self.pooler is None else self.pooler(cls)), state
 
@@ -524,7 +541,7 @@ VIT = Architecture(
         },
     },
     reconcile=_reconcile,
-    choices=("interpolate_antialias",),
+    choices=("interpolate_antialias", "drop_path_rate"),
     resize=resize_positions,
     supports_remat=True,
     supports_scan=True,

@@ -1,13 +1,14 @@
 """Layers shared by the backbones, by kind: ``conv`` (``Conv2d``, ``max_pool``), ``norm``
 (``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
-(activations, ``PatchEmbedding``, ``MLP``, attention), ``resample`` (position embeddings)
-and ``static`` (static switches: remat / scan flags).
+(activations, ``PatchEmbedding``, ``MLP``, attention), ``resample`` (position embeddings),
+``drop`` (stochastic depth) and ``static`` (static switches: remat / scan flags).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
 loading a checkpoint is renaming only.
 """
 
 from .conv import Conv2d, Padding, max_pool
+from .drop import block_rates, drop_keys, drop_path, linear_rates
 from .low_rank import (
     ADAPTED_TYPES,
     LoRAConv2d,
@@ -42,11 +43,15 @@ __all__ = [
     "PatchEmbedding",
     "activation",
     "adapted_layers",
+    "block_rates",
     "checkpointed",
     "dense",
+    "drop_keys",
+    "drop_path",
     "has_adapters",
     "image_hw",
     "linear",
+    "linear_rates",
     "max_pool",
     "multihead_attention",
     "replace_static",
