@@ -55,7 +55,8 @@ def test_runs_without_eqxtl_for_any_batch_size(tmp_path):
         import jax, numpy as np
         folder = {str(folder)!r}
         meta = json.load(open(folder + "/metadata.json"))
-        program = jax.export.deserialize(bytearray(open(folder + "/" + meta["program"], "rb").read()))
+        data = open(folder + "/" + meta["program"], "rb").read()
+        program = jax.export.deserialize(bytearray(data))
         x5 = np.load({str(tmp_path / "x5.npy")!r})
         np.save({str(tmp_path / "y5.npy")!r}, np.asarray(program.call(x5)))
         np.save({str(tmp_path / "y2.npy")!r}, np.asarray(program.call(x5[:2])))
