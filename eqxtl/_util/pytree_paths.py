@@ -50,8 +50,10 @@ def leaves_with_paths(tree: Any, *, is_leaf=None) -> list[tuple[str, Any]]:
 def paths(tree: Any) -> list[str]:
     """The dotted paths of every array leaf of ``tree``, in flattening order.
 
-    >>> eqxtl.paths(model)[:2]
-    ['backbone.embeddings.class_embedding', 'backbone.embeddings.patch_embedding.weight']
+    ```python
+    eqxtl.paths(model)[:2]
+    # ['backbone.embeddings.class_embedding', 'backbone.embeddings.patch_embedding.weight']
+    ```
     """
     return [p for p, _ in leaves_with_paths(tree)]
 
