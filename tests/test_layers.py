@@ -126,3 +126,17 @@ def test_max_pool_matches_torch(size):
     )
     np.testing.assert_array_equal(np.asarray(got), tx.grad.permute(0, 2, 3, 1).numpy())
     assert max_pool(jnp.asarray(x[0]), 3, 2, 1).shape == y.shape[1:]  # one image
+
+
+@pytest.mark.parametrize("kernel, groups", [(1, 1), (3, 1), (3, 8)])
+def test_off_the_cpu_convolutions_are_xlas_own(kernel, groups, monkeypatch):
+    # The dot / shifted-view paths are XLA:CPU choices; on a GPU (where XLA:GPU's Triton
+    # GEMM fusion aborted on them) Conv2d lowers to XLA's convolution, with the same values.
+    conv = eqxtl.Conv2d(8, 8, kernel, stride=2, padding=1, groups=groups, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (9, 9, 8))
+    on_cpu = conv(x)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    jaxpr = str(jax.make_jaxpr(conv)(x))
+    assert "conv_general_dilated" in jaxpr and "dot_general" not in jaxpr
+    close(conv(x), on_cpu)
+    close(conv(x), reference(conv, x))
