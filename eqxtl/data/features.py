@@ -113,9 +113,10 @@ def extract_features(
 
 
 @eqx.filter_jit
-def _forward(backbone, state, images):
-    """Pooled features of a batch; one module-level function, so that every extraction of
-    the same backbone and batch shape (train, then test; each phase) reuses one compile."""
+def pooled_batch(backbone, state, images):
+    """Pooled features ``(B, D)`` of a batch ``(B, C, H, W)``; one module-level function, so
+    that every extraction of the same backbone and batch shape (train, then test; each
+    phase; few-shot evaluations) reuses one compile."""
     from ..models.batching import batched
 
     return batched(backbone)(images, state)[0]
@@ -123,7 +124,7 @@ def _forward(backbone, state, images):
 
 def _compute(backbone, state, loader: Loader, class_names, out_dir: Path | None, progress, mesh):
     backbone = eqx.nn.inference_mode(backbone, True)
-    forward = _forward
+    forward = pooled_batch
     put = lambda x: x  # noqa: E731
     if mesh is not None:
         backbone, state, put = _on_mesh(backbone, state, mesh)

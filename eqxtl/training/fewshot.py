@@ -13,6 +13,7 @@ import equinox as eqx
 import numpy as np
 
 from .._util.checks import count, real
+from ..data.features import pooled_batch
 from ..data.loader import Loader, SourceBatches
 from ..data.sources import Subset, check_same_classes
 from ..errors import DataError, TrainingError
@@ -54,13 +55,6 @@ def ridge_scores(fitted, features: np.ndarray) -> np.ndarray:
 
 def _with_bias(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x, np.full((len(x), 1), BIAS_CONSTANT)], axis=1)
-
-
-@eqx.filter_jit
-def _pooled(backbone, state, images):
-    from ..models.batching import batched
-
-    return batched(backbone)(images, state)[0]
 
 
 @dataclasses.dataclass
@@ -212,7 +206,7 @@ class FewShotEval:
         backbone = eqx.nn.inference_mode(backbone, True)
         features, labels, valid = [], [], []
         for batch in loader.epoch(0):
-            features.append(np.asarray(_pooled(backbone, state, batch["image"])))
+            features.append(np.asarray(pooled_batch(backbone, state, batch["image"])))
             labels.append(batch["label"])
             valid.append(batch["mask"])
         n = len(source)

@@ -87,24 +87,15 @@ def _convolve(
 ) -> Float[Array, "n h2 w2 o"]:
     """The convolution behind ``Conv2d`` (groups = ``c / i``), on the fastest path for it."""
     groups = x.shape[-1] // weight.shape[1]
-    if jax.default_backend() != "cpu":
-        # The paths below were chosen by measurement on XLA:CPU. On a GPU, XLA's own
-        # convolutions are cuDNN's, and XLA:GPU's Triton GEMM fusion aborts on ResNet-50's
-        # training step written with them (jaxlib 0.11.2, H200: "triton_tiling_propagation
-        # Check failed: subdim_size_accumulator == dim_size").
-        return jax.lax.conv_general_dilated(
-            x,
-            weight,
-            window_strides=stride,
-            padding=padding,
-            rhs_dilation=dilation,
-            dimension_numbers=_DIMENSIONS,
-            feature_group_count=groups,
-        )
+    # The depthwise, pointwise and kernel-gradient paths were chosen by measurement on
+    # XLA:CPU. On a GPU, XLA's own convolutions are cuDNN's, and XLA:GPU's Triton GEMM fusion
+    # aborts on ResNet-50's training step written with those paths (jaxlib 0.11.2, H200:
+    # "triton_tiling_propagation Check failed: subdim_size_accumulator == dim_size").
+    on_cpu = jax.default_backend() == "cpu"
     depthwise = groups > 1 and groups == x.shape[-1] == weight.shape[0]
-    if depthwise and dilation == (1, 1):
+    if on_cpu and depthwise and dilation == (1, 1):
         return _depthwise(x, weight, stride, padding)
-    elif groups == 1:
+    if on_cpu and groups == 1:
         if isinstance(padding, str):
             kernel = weight.shape[2:]
             dilated = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True))
