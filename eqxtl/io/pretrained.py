@@ -323,6 +323,8 @@ def from_pretrained(
     lay.check(tensors)
     if lay.classifier_keys is not None and lay.has_classifier(meta, tensors):
         plan = lay.classifier_keys.plan(list(tensors))
+    elif (variant := lay.variant(tensors)) is not None:
+        plan = variant.plan(list(tensors))
     canonical, unexplained = _canonical(tensors, plan, ignore)
     backbone_shapes = {k: v for k, v in canonical.shapes().items() if k not in HEAD_NAMES}
     size = overrides.pop("image_size", None)

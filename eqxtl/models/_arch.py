@@ -154,6 +154,11 @@ class Layout:
     has_classifier: Callable[[Meta, Mapping[str, Any]], bool] = lambda meta, tensors: False
     """Whether a checkpoint (its config files, key -> tensor read on demand) holds a
     classification head, to be read with ``classifier_keys``."""
+    variant: Callable[[Mapping[str, Any]], KeyMap | None] = lambda tensors: None
+    """For a layout whose keys alone do not tell how to read a checkpoint (timm names the
+    packed SwiGLU MLP of DINOv2-giant ``mlp.fc1``, as the plain MLP), the key map that reads
+    this one, from its tensors (key -> tensor, read on demand); ``None``: ``keys``. ``keys``
+    still saves every canonical name a variant reads."""
 
     @property
     def writable(self) -> bool:

@@ -7,14 +7,20 @@ without a model prefix: ``embeddings.cls_token``, ``embeddings.register_tokens``
 ViT's (``_vit_common.py``). Checkpoints load from transformers and timm (``vit_*_patch14_dinov2``,
 ``vit_*_patch14_reg4_dinov2``).
 
+The giant models' SwiGLU MLP (``use_swiglu_ffn``) has transformers 5's module names,
+``mlp.gate_proj`` / ``mlp.up_proj`` / ``mlp.down_proj``; transformers' files
+(``mlp.weights_in`` / ``mlp.weights_out``) and timm (``vit_giant_patch14_dinov2``: ``mlp.fc1``
+/ ``mlp.fc2``) pack the gate over the up projection in one tensor.
+
 Like transformers' model, any input whose sides are multiples of the patch size works: the
 position embeddings are resampled on the fly for another grid (``from_pretrained(...,
-image_size=N)`` resamples them once instead). The SwiGLU MLP of the giant models is not built.
+image_size=N)`` resamples them once instead).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -42,7 +48,7 @@ from ._arch import (
     transformers_meta,
     transformers_write,
 )
-from ._layout import Drop, KeyMap, Map, Op
+from ._layout import Drop, KeyMap, Map, Op, packed, split
 from ._vit_common import (
     ViTAttention,
     ViTEmbeddings,
@@ -56,7 +62,16 @@ from ._vit_common import (
     timm_model_args,
     timm_size_name,
 )
-from .layers import MLP, LayerNorm, PatchEmbedding, block_rates, drop_keys, drop_path, image_hw
+from .layers import (
+    MLP,
+    LayerNorm,
+    PatchEmbedding,
+    SwiGLU,
+    block_rates,
+    drop_keys,
+    drop_path,
+    image_hw,
+)
 
 Pooling = Literal["cls", "cls+mean"]
 
@@ -75,6 +90,10 @@ class Dinov2Config:
       with it.
     - `drop_path_rate`: stochastic depth, as ``ViTConfig``'s (timm's linear rule; the
       ``drop_path_rate`` of a transformers config file is not read: a training choice).
+
+    ``use_swiglu_ffn`` (the giant models): the MLP is ``SwiGLU`` (its ``hidden_act`` unused:
+    SiLU, as transformers), two thirds of ``hidden_size * mlp_ratio`` wide rounded up to a
+    multiple of 8 (``intermediate_size``).
     """
 
     hidden_size: int = 768
@@ -96,16 +115,14 @@ class Dinov2Config:
 
     def __post_init__(self):
         check_common(self)
-        if self.use_swiglu_ffn:
-            raise ValueError(
-                "use_swiglu_ffn=True (the DINOv2 giant models' SwiGLU MLP) is not built by "
-                "eqxtl; use dinov2-small, -base or -large."
-            )
         if self.pooling not in ("cls", "cls+mean"):
             raise ValueError(f"pooling must be 'cls' or 'cls+mean', got {self.pooling!r}.")
 
     @property
     def intermediate_size(self) -> int:
+        """The MLP's hidden width (of each of the SwiGLU's gate and up projections)."""
+        if self.use_swiglu_ffn:
+            return _swiglu_width(self.hidden_size, self.mlp_ratio)
         return int(self.hidden_size * self.mlp_ratio)
 
     @property
@@ -117,6 +134,11 @@ class Dinov2Config:
     def num_positions(self) -> int:
         gh, gw = self.grid
         return gh * gw + 1
+
+
+def _swiglu_width(hidden: int, mlp_ratio: float) -> int:
+    width = int(hidden * mlp_ratio)  # transformers' Dinov2SwiGLUFFN, to the letter
+    return (int(width * 2 / 3) + 7) // 8 * 8
 
 
 def _sized(hidden: int, layers: int, heads: int, registers: int = 0) -> Dinov2Config:
@@ -135,6 +157,8 @@ DINOV2_B14 = _sized(768, 12, 12)
 """facebook/dinov2-base."""
 DINOV2_L14 = _sized(1024, 24, 16)
 """facebook/dinov2-large."""
+DINOV2_G14 = dataclasses.replace(_sized(1536, 40, 24), use_swiglu_ffn=True)
+"""facebook/dinov2-giant: SwiGLU MLP 4096 wide, 1.14 B parameters."""
 
 
 class Dinov2LayerScale(eqx.Module):
@@ -154,7 +178,7 @@ class Dinov2Layer(eqx.Module):
     attention: ViTAttention
     layer_scale1: Dinov2LayerScale
     norm2: LayerNorm
-    mlp: MLP
+    mlp: MLP | SwiGLU
     layer_scale2: Dinov2LayerScale
 
     def __init__(self, config: Dinov2Config, key: PRNGKeyArray):
@@ -164,7 +188,10 @@ class Dinov2Layer(eqx.Module):
         self.attention = ViTAttention(d, config.num_attention_heads, config.qkv_bias, akey)
         self.layer_scale1 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
         self.norm2 = LayerNorm(d, eps)
-        self.mlp = MLP(d, config.intermediate_size, config.hidden_act, mkey)
+        if config.use_swiglu_ffn:
+            self.mlp = SwiGLU(d, config.intermediate_size, mkey)
+        else:
+            self.mlp = MLP(d, config.intermediate_size, config.hidden_act, mkey)
         self.layer_scale2 = Dinov2LayerScale(jnp.full((d,), config.layerscale_value, jnp.float32))
 
     def __call__(
@@ -264,13 +291,39 @@ _LAYER = "encoder.layer.{i}"
 # for masked-image pretraining) is not loaded; a save writes a zero one.
 _TOP = ("embeddings", "encoder", "layernorm")
 _PREFIXES = r"(dinov2\.|dinov2_with_registers\.)?"
+_SAVES: dict[str, bool | str] = {"dinov2.": "head", "dinov2_with_registers.": False, "": "backbone"}
+_MLP = _LAYER + ".mlp"
+
+
+def _swiglu_file_rules(prefix: str) -> tuple[Map, ...]:
+    """transformers' files name the SwiGLU MLP as its 4.x module did: ``weights_in`` packs
+    ``gate_proj`` over ``up_proj``, ``weights_out`` is ``down_proj`` (its 5.x loader splits
+    them the same way)."""
+    save = _SAVES[prefix]
+    return (
+        *[
+            Map(
+                f"{prefix}{_MLP}.weights_in.{p}",
+                (f"{_MLP}.gate_proj.{p}", f"{_MLP}.up_proj.{p}"),
+                split(2),
+                save=save,
+            )
+            for p in ("weight", "bias")
+        ],
+        Map(f"{prefix}{_MLP}.weights_out", f"{_MLP}.down_proj", save=save),
+    )
+
+
 _TRANSFORMERS_KEYS = KeyMap(
     (
         Drop(_PREFIXES + r"embeddings\.mask_token"),
         *[
             rule
-            for prefix in ("dinov2.", "dinov2_with_registers.", "")
-            for rule in runtime_attention_rules(prefix + _LAYER, _LAYER)
+            for prefix in _SAVES
+            for rule in (
+                *runtime_attention_rules(prefix + _LAYER, _LAYER),
+                *_swiglu_file_rules(prefix),
+            )
         ],
         *[Map("dinov2." + top, top, save="head") for top in _TOP],
         *[Map("dinov2_with_registers." + top, top, save=False) for top in _TOP],
@@ -319,28 +372,45 @@ def _timm_fold(saved: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"cls_token": saved["cls_token"] + pos[:, :1], "pos_embed": pos[:, 1:]}
 
 
-_TIMM_KEYS = KeyMap(
-    (
-        Map("cls_token", "embeddings.cls_token"),
-        Map("reg_token", "embeddings.register_tokens"),
-        Map("pos_embed", "embeddings.position_embeddings", _POS_EMBED),
-        Map("patch_embed.proj", "embeddings.patch_embeddings.projection"),
-        *timm_block_rules(
-            _LAYER,
-            {
-                "norm1": "norm1",
-                "norm2": "norm2",
-                "ls1.gamma": "layer_scale1.lambda1",
-                "ls2.gamma": "layer_scale2.lambda1",
-                "mlp.fc1": "mlp.fc1",
-                "mlp.fc2": "mlp.fc2",
-            },
-        ),
-        Map("norm", "layernorm"),
-        Map("head", "head"),
-    ),
-    constants=_timm_fold,
+_TIMM_SWIGLU = (  # SwiGLUPacked: act(fc1's first half) * its second half
+    packed("blocks.{i}.mlp.fc1.weight", _MLP + ".*_proj.weight", ("gate", "up")),
+    packed("blocks.{i}.mlp.fc1.bias", _MLP + ".*_proj.bias", ("gate", "up")),
+    Map("blocks.{i}.mlp.fc2", _MLP + ".down_proj"),
 )
+_TIMM_RULES = (
+    Map("cls_token", "embeddings.cls_token"),
+    Map("reg_token", "embeddings.register_tokens"),
+    Map("pos_embed", "embeddings.position_embeddings", _POS_EMBED),
+    Map("patch_embed.proj", "embeddings.patch_embeddings.projection"),
+    *timm_block_rules(
+        _LAYER,
+        {
+            "norm1": "norm1",
+            "norm2": "norm2",
+            "ls1.gamma": "layer_scale1.lambda1",
+            "ls2.gamma": "layer_scale2.lambda1",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
+    ),
+    Map("norm", "layernorm"),
+    Map("head", "head"),
+)
+# timm names both MLPs `mlp.fc1` / `mlp.fc2`: the plain one is read unless `_timm_variant`
+# sees the packed SwiGLU; both are saved
+_TIMM_KEYS = KeyMap((*_TIMM_RULES, *_TIMM_SWIGLU), constants=_timm_fold)
+_TIMM_SWIGLU_KEYS = KeyMap((*_TIMM_SWIGLU, *_TIMM_RULES), constants=_timm_fold)
+
+
+def _timm_variant(tensors: Mapping[str, Any]) -> KeyMap | None:
+    """The SwiGLU key map when ``mlp.fc1`` is twice as wide as ``mlp.fc2`` reads (the plain
+    MLP's are equal)."""
+    fc1, fc2 = "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"
+    if fc1 not in tensors or fc2 not in tensors:
+        return None
+    shape = getattr(tensors, "shape", None)
+    shape = shape if callable(shape) else (lambda key: np.shape(tensors[key]))
+    return _TIMM_SWIGLU_KEYS if shape(fc1)[0] == 2 * shape(fc2)[-1] else None
 
 
 def _timm_check(tensors) -> None:
@@ -362,19 +432,16 @@ def _build(config: Dinov2Config, key: PRNGKeyArray) -> Dinov2:
 
 def _infer_config(shapes: Shapes) -> Dinov2Config:
     """Config from canonical shapes alone: ``num_attention_heads = hidden_size // 64``
-    (dinov2-small 6, base 12, large 16), a square image, antialiased resizing with
+    (dinov2-small 6, base 12, large 16, giant 24), a square image, antialiased resizing with
     registers (as transformers)."""
+    swiglu = "encoder.layer.0.mlp.gate_proj.weight" in shapes
     try:
         hidden = shapes["embeddings.cls_token"][-1]
         _, channels, patch, _ = shapes["embeddings.patch_embeddings.projection.weight"]
         positions = shapes["embeddings.position_embeddings"][1]
-        intermediate = shapes["encoder.layer.0.mlp.fc1.weight"][0]
+        mlp = "gate_proj" if swiglu else "fc1"
+        intermediate = shapes[f"encoder.layer.0.mlp.{mlp}.weight"][0]
     except KeyError as e:
-        if any(".mlp.weights_in." in k or ".mlp.gate_proj." in k for k in shapes):
-            raise CheckpointError(
-                "This DINOv2 checkpoint has the SwiGLU MLP (giant models), which eqxtl does "
-                "not build; use dinov2-small, -base or -large."
-            ) from None
         raise CheckpointError(
             f"Cannot infer a DINOv2 config: no {e.args[0]!r} in the checkpoint."
         ) from None
@@ -383,7 +450,8 @@ def _infer_config(shapes: Shapes) -> Dinov2Config:
         hidden_size=hidden,
         num_hidden_layers=count_blocks(shapes, "encoder.layer."),
         num_attention_heads=max(1, hidden // 64),
-        mlp_ratio=intermediate / hidden,
+        use_swiglu_ffn=swiglu,
+        mlp_ratio=_swiglu_ratio(intermediate, hidden) if swiglu else intermediate / hidden,
         image_size=square_side(positions - 1) * patch,
         patch_size=patch,
         num_channels=channels,
@@ -391,6 +459,18 @@ def _infer_config(shapes: Shapes) -> Dinov2Config:
         num_register_tokens=registers,
         interpolate_antialias=registers > 0,
     )
+
+
+def _swiglu_ratio(width: int, hidden: int) -> float:
+    """The ``mlp_ratio`` whose SwiGLU is ``width`` wide (1.5 width / hidden: dinov2-giant's 4)."""
+    ratio = 1.5 * width / hidden
+    if _swiglu_width(hidden, ratio) != width:
+        raise CheckpointError(
+            f"A SwiGLU MLP {width} wide (hidden size {hidden}) is not one transformers' "
+            "Dinov2Config builds (two thirds of hidden_size * mlp_ratio, rounded up to a "
+            "multiple of 8); pass config= for it."
+        )
+    return ratio
 
 
 def _reconcile(config: Dinov2Config, shapes: Shapes) -> Dinov2Config:
@@ -406,11 +486,6 @@ def _transformers_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
     hf = transformers_meta(meta, *_HF_TYPES)
     if hf is None:
         return None
-    if hf.get("use_swiglu_ffn"):
-        raise CheckpointError(
-            "This DINOv2 config has use_swiglu_ffn=True (the giant models' SwiGLU MLP), "
-            "which eqxtl does not build; use dinov2-small, -base or -large."
-        )
     registers = hf["model_type"] == "dinov2_with_registers"
     values = hf_fields(Dinov2Config, hf, ("pooling", "interpolate_antialias"))
     if not registers:
@@ -449,10 +524,6 @@ def _timm_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
     cfg = timm_meta(meta)
     if cfg is None:
         return None
-    if "giant" in cfg["architecture"]:
-        raise CheckpointError(
-            f"timm {cfg['architecture']} has the SwiGLU MLP, which eqxtl does not build."
-        )
     args = timm_model_args(cfg, {"class_token": False, "pre_norm": True, "fc_norm": True})
     config = dataclasses.replace(_infer_config(shapes), interpolate_antialias=True)
     if "num_heads" in args:
@@ -466,7 +537,9 @@ def _timm_config(meta: Meta, shapes: Shapes) -> Dinov2Config | None:
 def _timm_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
     registers = config.num_register_tokens
     reg = f"reg{registers}_" if registers else ""
-    name = f"vit_{timm_size_name(config.hidden_size)}_patch{config.patch_size}_{reg}dinov2"
+    # timm builds the SwiGLU (SwiGLUPacked, SiLU) in its giant entry point only
+    size = "giant" if config.use_swiglu_ffn else timm_size_name(config.hidden_size)
+    name = f"vit_{size}_patch{config.patch_size}_{reg}dinov2"
     args: dict[str, Any] = {
         "embed_dim": config.hidden_size,
         "depth": config.num_hidden_layers,
@@ -476,10 +549,23 @@ def _timm_write(config: Dinov2Config, extra: dict) -> dict[str, dict]:
         "qkv_bias": config.qkv_bias,
         "init_values": config.layerscale_value,
     }
+    if config.use_swiglu_ffn:  # timm's fc1 is int(embed_dim * mlp_ratio) wide: both halves
+        args["mlp_ratio"] = _timm_packed_ratio(2 * config.intermediate_size, config.hidden_size)
+        config = dataclasses.replace(config, hidden_act="gelu")  # no act_layer: SiLU stays
     if registers:
         args |= {"reg_tokens": registers, "no_embed_class": True}
     return timm_vit_write(name, config, extra, args, global_pool="token")
 
+
+def _timm_packed_ratio(width: int, hidden: int) -> float:
+    """The smallest float ``r`` with ``int(hidden * r) == width``."""
+    ratio = width / hidden
+    while int(hidden * ratio) < width:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+_SIZES = (("small", DINOV2_S14), ("base", DINOV2_B14), ("large", DINOV2_L14), ("giant", DINOV2_G14))
 
 DINOV2 = Architecture(
     name="dinov2",
@@ -504,6 +590,7 @@ DINOV2 = Architecture(
             preprocessing=timm_preprocessing,
             defaults={"interpolate_antialias": True},
             check=_timm_check,
+            variant=_timm_variant,
         ),
     ),
     infer_config=_infer_config,
@@ -517,16 +604,13 @@ DINOV2 = Architecture(
     norm_types=(LayerNorm,),
     linear_types=(eqx.nn.Linear, PatchEmbedding),
     aliases={
-        **{
-            f"dinov2-{size}": Alias(config, f"facebook/dinov2-{size}")
-            for size, config in (("small", DINOV2_S14), ("base", DINOV2_B14), ("large", DINOV2_L14))
-        },
+        **{f"dinov2-{size}": Alias(config, f"facebook/dinov2-{size}") for size, config in _SIZES},
         **{
             f"dinov2-with-registers-{size}": Alias(
                 dataclasses.replace(config, num_register_tokens=4, interpolate_antialias=True),
                 f"facebook/dinov2-with-registers-{size}",
             )
-            for size, config in (("small", DINOV2_S14), ("base", DINOV2_B14), ("large", DINOV2_L14))
+            for size, config in _SIZES
         },
     },
     reconcile=_reconcile,

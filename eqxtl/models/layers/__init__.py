@@ -1,7 +1,7 @@
 """Layers shared by the backbones, by kind: ``conv`` (``Conv2d``, ``max_pool``), ``norm``
 (``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
-(activations, ``PatchEmbedding``, ``MLP``, attention), ``resample`` (position embeddings),
-``drop`` (stochastic depth) and ``static`` (static switches: remat / scan flags).
+(activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``resample`` (position
+embeddings), ``drop`` (stochastic depth) and ``static`` (static switches: remat / scan flags).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
 loading a checkpoint is renaming only.
@@ -24,6 +24,7 @@ from .transformer import (
     ACTIVATIONS,
     MLP,
     PatchEmbedding,
+    SwiGLU,
     activation,
     linear,
     multihead_attention,
@@ -41,6 +42,7 @@ __all__ = [
     "LoRALinear",
     "Padding",
     "PatchEmbedding",
+    "SwiGLU",
     "activation",
     "adapted_layers",
     "block_rates",

@@ -1,5 +1,5 @@
 """Transformer pieces (CLIP, ViT, DINOv2, SigLIP, Mixer): activations, ``PatchEmbedding``,
-``MLP``, ``multihead_attention``. They take any leading axes ``(*b, tokens, d)``: a
+``MLP``, ``SwiGLU``, ``multihead_attention``. They take any leading axes ``(*b, tokens, d)``: a
 batch-native forward runs every matmul as one 2-D GEMM over ``batch * tokens`` rows."""
 
 from __future__ import annotations
@@ -92,6 +92,29 @@ class MLP(eqx.Module):
     ) -> Float[Array, "*b t d"]:
         k1, k2 = split_key(key, 2)
         return dense(self.fc2, activation(self.activation, dense(self.fc1, x, key=k1)), key=k2)
+
+
+class SwiGLU(eqx.Module):
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` (transformers' ``Dinov2SwiGLUFFN``
+    names; its files and timm pack ``gate_proj`` over ``up_proj`` in one tensor):
+    ``(*b, t, d) -> (*b, t, d)``."""
+
+    gate_proj: eqx.nn.Linear
+    up_proj: eqx.nn.Linear
+    down_proj: eqx.nn.Linear
+
+    def __init__(self, dim: int, hidden: int, key: PRNGKeyArray):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.gate_proj = linear(dim, hidden, k1)
+        self.up_proj = linear(dim, hidden, k2)
+        self.down_proj = linear(hidden, dim, k3)
+
+    def __call__(
+        self, x: Float[Array, "*b t d"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*b t d"]:
+        k1, k2, k3 = split_key(key, 3)
+        gate = jax.nn.silu(dense(self.gate_proj, x, key=k1))
+        return dense(self.down_proj, gate * dense(self.up_proj, x, key=k2), key=k3)
 
 
 def multihead_attention(
