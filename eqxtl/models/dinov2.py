@@ -48,7 +48,7 @@ from ._arch import (
     transformers_meta,
     transformers_write,
 )
-from ._layout import Drop, KeyMap, Map, Op, packed, split
+from ._layout import Drop, KeyMap, Map, Op, packed
 from ._vit_common import (
     ViTAttention,
     ViTEmbeddings,
@@ -292,7 +292,7 @@ _LAYER = "encoder.layer.{i}"
 _TOP = ("embeddings", "encoder", "layernorm")
 _PREFIXES = r"(dinov2\.|dinov2_with_registers\.)?"
 _SAVES: dict[str, bool | str] = {"dinov2.": "head", "dinov2_with_registers.": False, "": "backbone"}
-_MLP = _LAYER + ".mlp"
+_MLP, _WB = _LAYER + ".mlp", ("weight", "bias")
 
 
 def _swiglu_file_rules(prefix: str) -> tuple[Map, ...]:
@@ -300,16 +300,10 @@ def _swiglu_file_rules(prefix: str) -> tuple[Map, ...]:
     ``gate_proj`` over ``up_proj``, ``weights_out`` is ``down_proj`` (its 5.x loader splits
     them the same way)."""
     save = _SAVES[prefix]
+    names = ("gate", "up")
+    pack = [packed(f"{prefix}{_MLP}.weights_in.{p}", f"{_MLP}.*_proj.{p}", names) for p in _WB]
     return (
-        *[
-            Map(
-                f"{prefix}{_MLP}.weights_in.{p}",
-                (f"{_MLP}.gate_proj.{p}", f"{_MLP}.up_proj.{p}"),
-                split(2),
-                save=save,
-            )
-            for p in ("weight", "bias")
-        ],
+        *[dataclasses.replace(rule, save=save) for rule in pack],
         Map(f"{prefix}{_MLP}.weights_out", f"{_MLP}.down_proj", save=save),
     )
 
@@ -403,8 +397,7 @@ _TIMM_SWIGLU_KEYS = KeyMap((*_TIMM_SWIGLU, *_TIMM_RULES), constants=_timm_fold)
 
 
 def _timm_variant(tensors: Mapping[str, Any]) -> KeyMap | None:
-    """The SwiGLU key map when ``mlp.fc1`` is twice as wide as ``mlp.fc2`` reads (the plain
-    MLP's are equal)."""
+    """The SwiGLU key map when ``mlp.fc1`` is twice as wide as ``mlp.fc2``'s input."""
     fc1, fc2 = "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight"
     if fc1 not in tensors or fc2 not in tensors:
         return None
