@@ -98,6 +98,16 @@ TINY_CONFIGS = {
 }
 """``Architecture.name`` -> a tiny config of it."""
 
+TINY_VARIANTS = {
+    "dinov2+swiglu": (  # DINOv2-giant's MLP: 48 wide (two thirds of 64, rounded up to 8s)
+        dinov2.DINOV2.name,
+        dataclasses.replace(TINY_DINOV2, use_swiglu_ffn=True),
+    ),
+}
+"""A name -> (``Architecture.name``, a second tiny config of it), for a structure its
+``TINY_CONFIGS`` one does not have: tests/test_architectures.py checks its build, layouts
+and LoRA."""
+
 TINY = {
     "clip": (clip.CLIP_VISION, TINY_CLIP),
     "resnet": (resnet.RESNET, TINY_RESNET),
@@ -140,7 +150,17 @@ def tiny(name: str, seed: int = 0):
     return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))
 
 
+def tiny_config(name: str):
+    """(architecture, config) of an ``Architecture.name`` (its ``TINY_CONFIGS`` config) or
+    of a ``TINY_VARIANTS`` name."""
+    if name in TINY_VARIANTS:
+        arch, config = TINY_VARIANTS[name]
+        return ARCHITECTURES[arch], config
+    return ARCHITECTURES[name], TINY_CONFIGS[name]
+
+
 def tiny_architecture(name: str, seed: int = 0):
-    """(model, state) of ``ARCHITECTURES[name]`` at its ``TINY_CONFIGS`` config."""
-    arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
+    """(model, state) of an architecture at its ``TINY_CONFIGS`` config, or of a
+    ``TINY_VARIANTS`` name."""
+    arch, config = tiny_config(name)
     return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config, seed))

@@ -1,5 +1,6 @@
 """Generic checks of every registered architecture (``eqxtl.ARCHITECTURES``), on the tiny
-configs of tests/_tiny.py (``TINY_CONFIGS``, keyed by ``Architecture.name``):
+configs of tests/_tiny.py (``TINY_CONFIGS``, keyed by ``Architecture.name``; the build,
+layout and LoRA checks also on the second configs of ``TINY_VARIANTS``):
 
 - every architecture has a tiny config, and it builds;
 - each layout's key map saves what it loads, and ``save_pretrained`` / ``from_pretrained``
@@ -35,7 +36,7 @@ from eqxtl.io import checkpoint
 from eqxtl.models.registry import ARCHITECTURES, architecture_of
 from eqxtl.tuning.adapters.inject import adapter_targets, all_layers
 from eqxtl.tuning.filters import _zip_spec
-from tests._tiny import TINY_CONFIGS, tiny_architecture
+from tests._tiny import TINY_CONFIGS, TINY_VARIANTS, tiny_architecture, tiny_config
 
 SWITCHES = {"remat": eqxtl.with_remat, "scan": eqxtl.with_scan}
 
@@ -51,7 +52,9 @@ def _named(towers: str) -> list[str]:
 
 NAMES = _named("vision")  # backbones: (x, state) -> (features, state), under a Classifier
 TWO_TOWERS = _named("both")  # image-text models: (images, input_ids) -> logits
-LAYOUTS = [(name, lay.name) for name in NAMES for lay in ARCHITECTURES[name].layouts]
+# second tiny configs of a structure (DINOv2's SwiGLU): build, layouts and LoRA only
+VARIANTS = [n for n, (arch, _) in TINY_VARIANTS.items() if ARCHITECTURES[arch].towers == "vision"]
+LAYOUTS = [(n, lay.name) for n in NAMES + VARIANTS for lay in tiny_config(n)[0].layouts]
 TWO_TOWER_LAYOUTS = [(n, lay.name) for n in TWO_TOWERS for lay in ARCHITECTURES[n].layouts]
 NUM_CLASSES = 3
 BATCH = 3
@@ -106,7 +109,7 @@ class Lab:
     def model(self, name):
         """``(arch, config, classifier, state, x)``, in inference mode."""
         if name not in self._models:
-            arch, config = ARCHITECTURES[name], TINY_CONFIGS[name]
+            arch, config = tiny_config(name)
             backbone, state = tiny_architecture(name, seed=1)
             model = eqxtl.Classifier(backbone, NUM_CLASSES, key=jax.random.key(0))
             h, w = image_side(config) or (32, 32)
@@ -178,7 +181,7 @@ def test_every_architecture_has_a_tiny_config():
         assert isinstance(config, ARCHITECTURES[name].config_cls), name
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + VARIANTS)
 def test_tiny_config_builds(lab, name):
     arch, config, model, state, x = lab.model(name)
     assert architecture_of(model.backbone) is arch
@@ -237,7 +240,7 @@ def test_layout_saves_what_it_loads(lab, name, layout, tmp_path):
             assert not out.exists()
             continue
         writes[with_head] = True
-        plan = lay.keys.plan(saved)
+        plan = (lay.variant(saved) or lay.keys).plan(saved)
         assert plan.unexplained == (), (layout, plan.unexplained)
         loaded = {k: r.read(saved) for k, r in plan.recipes.items()}
         if not _identical(loaded, tensors, layout):
@@ -382,7 +385,7 @@ def test_remat_and_scan_change_nothing_or_are_refused(lab, name, option):
 # --------------------------------------------------------------------------- LoRA
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + VARIANTS)
 def test_lora_on_the_linear_types(lab, name):
     """LoRA on every layer of the architecture's ``linear_types``: outputs unchanged at init
     (B = 0); with B perturbed, the merged plain model gives the adapted outputs."""

@@ -98,6 +98,8 @@ CLIP_VIT_L14 = CLIPVisionConfig(
     projection_dim=768,
 )
 """openai/clip-vit-large-patch14."""
+CLIP_VIT_L14_336 = dataclasses.replace(CLIP_VIT_L14, image_size=336)
+"""openai/clip-vit-large-patch14-336."""
 
 
 class Embeddings(eqx.Module):

@@ -133,6 +133,22 @@ VIT_S16_TIMM = dataclasses.replace(
     VIT_B16_TIMM, hidden_size=384, intermediate_size=1536, num_attention_heads=6
 )
 """timm vit_small_patch16_224.augreg*."""
+VIT_L16 = ViTConfig(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+)
+"""google/vit-large-patch16-224-in21k (with the pooler)."""
+VIT_L16_TIMM = dataclasses.replace(
+    VIT_L16, layer_norm_eps=1e-6, add_pooling_layer=False, interpolate_antialias=True
+)
+"""timm vit_large_patch16_224.augreg*."""
+VIT_H14 = ViTConfig(
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    intermediate_size=5120,
+    patch_size=14,
+)
+"""google/vit-huge-patch14-224-in21k (with the pooler)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -531,13 +547,22 @@ VIT = Architecture(
     aliases={
         "vit-base-patch16-224-in21k": Alias(VIT_B16, "google/vit-base-patch16-224-in21k"),
         "vit-base-patch16-224": Alias(VIT_B16_FT, "google/vit-base-patch16-224"),
+        "vit-large-patch16-224-in21k": Alias(VIT_L16, "google/vit-large-patch16-224-in21k"),
+        "vit-large-patch16-224": Alias(
+            dataclasses.replace(VIT_L16, add_pooling_layer=False), "google/vit-large-patch16-224"
+        ),
+        "vit-huge-patch14-224-in21k": Alias(VIT_H14, "google/vit-huge-patch14-224-in21k"),
         **{
             f"vit_{size}_patch16_224.{tag}": Alias(
                 config, f"timm/vit_{size}_patch16_224.{tag}", filenames=("model.safetensors",)
             )
-            for size, config in (("base", VIT_B16_TIMM), ("small", VIT_S16_TIMM))
+            for size, config in (
+                ("base", VIT_B16_TIMM),
+                ("small", VIT_S16_TIMM),
+                ("large", VIT_L16_TIMM),
+            )
             for tag in ("augreg2_in21k_ft_in1k", "augreg_in21k_ft_in1k", "augreg_in21k")
-            if not (size == "small" and tag == "augreg2_in21k_ft_in1k")
+            if not (size != "base" and tag == "augreg2_in21k_ft_in1k")
         },
     },
     reconcile=_reconcile,
