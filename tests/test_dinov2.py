@@ -1,14 +1,17 @@
 """DINOv2: parity with transformers 5 at DINOv2-S/14 with and without registers (input 224
 against the checkpoints' 518: positions resampled as transformers does), other input sizes,
-timm golden fixtures (plain and no_embed_class registers), save/load in every layout read
-by transformers, learnability. (Batching, blocks, remat / scan, LoRA:
-tests/test_architectures.py.)"""
+the giant models' SwiGLU MLP at a tiny size (transformers, and a timm golden fixture), timm
+golden fixtures (plain and no_embed_class registers), save/load in every layout read by
+transformers, learnability. (Batching, blocks, remat / scan, LoRA:
+tests/test_architectures.py; the real DINOv2-g against transformers, once:
+benchmarks/dinov2_giant_parity.py.)"""
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import jax
@@ -21,7 +24,8 @@ import transformers
 import eqxtl
 from eqxtl.errors import CheckpointError
 from eqxtl.io import checkpoint
-from eqxtl.models.dinov2 import DINOV2, DINOV2_S14, Dinov2, Dinov2Config
+from eqxtl.models.dinov2 import DINOV2, DINOV2_G14, DINOV2_S14, Dinov2, Dinov2Config
+from eqxtl.models.layers import SwiGLU
 from tests._tiny import random_tensors
 from tests._vitfamily import check_learns, perturb, rel_err, same_tree
 
@@ -157,12 +161,15 @@ def test_learns_with_frozen_backbone(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["timm_dinov2", "timm_dinov2_reg"])
+@pytest.mark.parametrize("name", ["timm_dinov2", "timm_dinov2_reg", "timm_dinov2_giant"])
 def test_timm_golden(name, tmp_path):
     golden = np.load(FIXTURES / name / "golden.npz")
     model, state = eqxtl.from_pretrained(FIXTURES / name)
     x = golden["input"]
     assert model.config.num_register_tokens == (4 if name.endswith("reg") else 0)
+    giant = name.endswith("giant")  # timm's SwiGLUPacked: fc1 (128, 32) = [gate; up]
+    assert model.config.use_swiglu_ffn == giant
+    assert model.config.intermediate_size == (64 if giant else 128)
     assert rel_err(forward(model, state, x), golden["pooled"]) <= GOLDEN_TOL
     assert rel_err(model.hidden_states(x), golden["features"]) <= GOLDEN_TOL
     probe, state = eqxtl.from_pretrained(FIXTURES / name, pooling="cls+mean")
@@ -187,13 +194,70 @@ def test_timm_golden(name, tmp_path):
     assert rel_err(out.last_hidden_state, golden["features"]) <= GOLDEN_TOL
 
 
-def test_swiglu_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="SwiGLU"):
-        Dinov2Config(use_swiglu_ffn=True)
-    cfg = transformers.Dinov2Config(**TINY, use_swiglu_ffn=True)
-    transformers.Dinov2Model(cfg).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="SwiGLU"):
-        eqxtl.from_pretrained(tmp_path)
+# --------------------------------------------------------------------------------------
+# The giant models' SwiGLU MLP, at a tiny size
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_swiglu_matches_transformers(registers, tmp_path):
+    """transformers' files (``weights_in`` = [gate; up]) and its in-memory names
+    (``gate_proj`` ...) load to the same model, which matches transformers' outputs; saved
+    back, transformers reads it with every key and the same outputs."""
+    import safetensors.torch
+
+    torch.manual_seed(3)
+    reference_model = reference(registers, seed=30 + registers, **TINY, use_swiglu_ffn=True)
+    reference_model.save_pretrained(tmp_path / "hf")
+    x = np.random.default_rng(4).normal(size=(2, 3, 42, 28)).astype(np.float32)
+    with torch.no_grad():
+        want = reference_model(pixel_values=torch.from_numpy(x))
+    model, state = eqxtl.from_pretrained(tmp_path / "hf")
+    # 64 * 4 = 256 -> two thirds, 170, rounded up to a multiple of 8
+    assert model.config.use_swiglu_ffn and model.config.intermediate_size == 176
+    assert isinstance(model.encoder.layer[0].mlp, SwiGLU)
+    assert rel_err(model.hidden_states(x), want.last_hidden_state) <= TOL
+    assert rel_err(forward(model, state, x), want.pooler_output) <= TOL
+
+    runtime = {k: v.contiguous() for k, v in reference_model.state_dict().items()}
+    assert "encoder.layer.0.mlp.gate_proj.weight" in runtime
+    (tmp_path / "runtime").mkdir()
+    safetensors.torch.save_file(runtime, tmp_path / "runtime" / "model.safetensors")
+    shutil.copy(tmp_path / "hf" / "config.json", tmp_path / "runtime")
+    raw, _ = eqxtl.from_pretrained(tmp_path / "runtime")
+    assert same_tree(raw, model)
+
+    eqxtl.save_pretrained(model, state, tmp_path / "ours")
+    ours = safetensors.numpy.load_file(tmp_path / "ours" / "model.safetensors")
+    theirs = safetensors.numpy.load_file(tmp_path / "hf" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+    reread, info = type(reference_model).from_pretrained(
+        tmp_path / "ours", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        again = reread.eval()(pixel_values=torch.from_numpy(x)).last_hidden_state
+    assert rel_err(again, want.last_hidden_state) <= 1e-6
+
+
+def test_swiglu_config():
+    assert DINOV2_G14.intermediate_size == 4096  # facebook/dinov2-giant's weights_out: 4096
+    assert eqxtl.REGISTRY["dinov2-giant"][1].config == DINOV2_G14
+    giant_registers = eqxtl.REGISTRY["dinov2-with-registers-giant"][1]
+    assert giant_registers.config.use_swiglu_ffn and giant_registers.config.num_register_tokens
+    shapes = {
+        k: tuple(v.shape)
+        for k, v in checkpoint.array_shapes(checkpoint.skeleton(DINOV2, DINOV2_G14)).items()
+    }
+    assert DINOV2.infer_config(shapes) == DINOV2_G14
+    config = DINOV2.config_from_hf(DINOV2.config_to_hf(DINOV2_G14))
+    assert config == DINOV2_G14
+    # a width transformers' rounding cannot give
+    shapes["encoder.layer.0.mlp.gate_proj.weight"] = (4100, 1536)
+    with pytest.raises(CheckpointError, match="multiple of 8"):
+        DINOV2.infer_config(shapes)
 
 
 def test_input_checks_and_aliases():
@@ -209,8 +273,6 @@ def test_input_checks_and_aliases():
 
 def test_transformers5_state_dict_names(tiny, tmp_path):
     """transformers 5's in-memory names (``attention.q_proj`` ...) load like its files'."""
-    import shutil
-
     import safetensors.torch
 
     directory, reference_model = tiny[2]
