@@ -14,6 +14,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -199,15 +200,15 @@ def test_timm_golden(name, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("registers", [0, 2])
-def test_swiglu_matches_transformers(registers, tmp_path):
-    """transformers' files (``weights_in`` = [gate; up]) and its in-memory names
-    (``gate_proj`` ...) load to the same model, which matches transformers' outputs; saved
-    back, transformers reads it with every key and the same outputs."""
+def test_swiglu_matches_transformers(tmp_path):
+    """dinov2-giant's structure, tiny: transformers' files (``weights_in`` = [gate; up]) and
+    its in-memory names (``gate_proj`` ...) load to the same model, which matches
+    transformers' outputs; saved back, transformers reads it with every key and the same
+    outputs. (With registers: the layout round trips of tests/test_architectures.py.)"""
     import safetensors.torch
 
     torch.manual_seed(3)
-    reference_model = reference(registers, seed=30 + registers, **TINY, use_swiglu_ffn=True)
+    reference_model = reference(0, seed=30, **TINY, use_swiglu_ffn=True)
     reference_model.save_pretrained(tmp_path / "hf")
     x = np.random.default_rng(4).normal(size=(2, 3, 42, 28)).astype(np.float32)
     with torch.no_grad():
@@ -216,8 +217,9 @@ def test_swiglu_matches_transformers(registers, tmp_path):
     # 64 * 4 = 256 -> two thirds, 170, rounded up to a multiple of 8
     assert model.config.use_swiglu_ffn and model.config.intermediate_size == 176
     assert isinstance(model.encoder.layer[0].mlp, SwiGLU)
-    assert rel_err(model.hidden_states(x), want.last_hidden_state) <= TOL
-    assert rel_err(forward(model, state, x), want.pooler_output) <= TOL
+    hidden, pooled = eqx.filter_jit(lambda m, x: (m.hidden_states(x), m(x, state)[0]))(model, x)
+    assert rel_err(hidden, want.last_hidden_state) <= TOL
+    assert rel_err(pooled, want.pooler_output) <= TOL
 
     runtime = {k: v.contiguous() for k, v in reference_model.state_dict().items()}
     assert "encoder.layer.0.mlp.gate_proj.weight" in runtime
