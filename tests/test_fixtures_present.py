@@ -52,6 +52,7 @@ def test_fixture_set():
         "timm_vit_augreg",
         "timm_dinov2",
         "timm_dinov2_reg",
+        "timm_dinov2_giant",
         "timm_mixer",
         "vit_jax_vit",
         "vit_jax_mixer",
