@@ -1,6 +1,7 @@
 """eqxtl.export: a StableHLO program that runs without eqxtl (checked in a fresh interpreter
 that imports only jax and numpy) and equals the model, for every registered image
-architecture; the metadata a server needs; bad input."""
+architecture; an ONNX graph that onnxruntime runs, equal to the model, for a convolutional
+and a transformer family, at two batch sizes; the metadata a server needs; bad input."""
 
 import json
 import subprocess
@@ -85,13 +86,42 @@ def test_runs_without_eqxtl_for_any_batch_size(tmp_path):
     )
 
 
-def test_bad_input_is_named(tmp_path):
+@pytest.mark.parametrize("name", ["resnet", "vit"])  # convolutions + BatchNorm; attention
+def test_the_onnx_graph_equals_the_model_in_onnxruntime(name, tmp_path):
+    import onnxruntime
+
+    backbone, state = tiny_architecture(name)
+    model = eqxtl.Classifier(backbone, num_classes=3, key=jax.random.key(1))
+    pre = eqxtl.preprocessing_for(model)
+    model = model.with_training_info(["cat", "dog", "owl"], pre.at_size(min(pre.crop, 32)))
+    folder = eqxtl.export(model, state, tmp_path / "served", format="onnx")
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert (meta["format"], meta["program"]) == ("onnx", "model.onnx")
+    assert meta["class_names"] == ["cat", "dog", "owl"]
+    assert not (folder / "model.stablehlo").exists()
+    session = onnxruntime.InferenceSession(str(folder / meta["program"]))
+    x = _inputs(model, 3, seed=2)
+    want = eqx.filter_jit(lambda m, s, x: eqxtl.batched(m)(x, s)[0])(model, state, x)
+    for n in (1, 3):  # one graph, a symbolic batch dimension
+        (got,) = session.run(None, {meta["input"]["name"]: x[:n]})
+        np.testing.assert_allclose(got, want[:n], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_is_named(tmp_path, monkeypatch):
     backbone, state = tiny_architecture("vit")
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
         eqxtl.export(backbone, state, tmp_path / "notes.txt")
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="format must be one of"):
-        eqxtl.export(backbone, state, tmp_path / "out", format="onnx")
+        eqxtl.export(backbone, state, tmp_path / "out", format="tflite")
     with pytest.raises(TypeError, match="not an eqxtl backbone"):
         eqxtl.export(jnp.ones(3), None, tmp_path / "out")
+    adapted = eqxtl.lora(backbone, r".*\.query", rank=2, key=jax.random.key(0))
+    for format in ("stablehlo", "onnx"):
+        with pytest.raises(eqxtl.AdapterError, match=r"eqxtl\.merge_lora\(model\)"):
+            eqxtl.export(adapted, state, tmp_path / "out", format=format)
+    monkeypatch.setitem(sys.modules, "jax2onnx", None)  # the converter not installed
+    with pytest.raises(ImportError, match=r"pip install \"eqxtl\[onnx\]\""):
+        eqxtl.export(backbone, state, tmp_path / "out", format="onnx")
+    assert not (tmp_path / "out").exists()
