@@ -2,6 +2,7 @@
 
     eqxtl train --model resnet50 --data photos/train --val photos/val --train head=1e-3 \\
         --train "backbone.encoder.stages.3=1e-5" --epochs 3 --batch-size 32
+    eqxtl train ... --push-to-hub user/pets-resnet50   # then publish best/ with a model card
     eqxtl eval --model runs/train-resnet50/best --data photos/test
     eqxtl predict --model runs/train-resnet50/best cat.jpg dog.png
     eqxtl summary resnet50 --train head
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument(
         "--tensorboard", action="store_true", help="event files in <out>/tensorboard"
+    )
+    train.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="after training, publish the best checkpoint (else the last) to the Hugging "
+        "Face Hub repo user/name, with a model card (needs network and a write token)",
     )
 
     ev = sub.add_parser("eval", help="loss and accuracy of a fine-tuned model on a folder")
@@ -181,6 +188,19 @@ def _check_numbers(args) -> None:
             _fail(f"{flag} must be an integer >= {low}, got {value}.")
 
 
+def _check_hub(repo: str) -> None:
+    """``--push-to-hub``, checked before training (not after an hour of it)."""
+    from .io.hub import _REPO_ID, _offline
+
+    if not _REPO_ID.match(repo):
+        _fail(f"--push-to-hub {repo!r}: a Hub repo is 'user/name'.")
+    if _offline():
+        _fail(
+            "--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be published; unset it, or "
+            "train without --push-to-hub (`eqxtl.push_to_hub` publishes the run's best/ later)."
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
@@ -189,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             _image_folder_shape(args.val, "--val")
         _check_numbers(args)
         rules = _rules(args.train, args.lr)
+        if args.push_to_hub is not None:
+            _check_hub(args.push_to_hub)
     import eqxtl  # JAX from here on
 
     try:
@@ -263,8 +285,27 @@ def _train(args, rules) -> int:
             ),
         )
     summary = {"out": str(out), "best": str(out / "best"), "resumed_from": result.resumed_from}
+    if args.push_to_hub is not None:
+        summary["hub"] = _push(args, out)
     print(json.dumps({**summary, **result.final}))
     return 0
+
+
+def _push(args, out: Path) -> str:
+    """The run's best checkpoint (else its last), with the evaluation it was chosen on."""
+    import eqxtl
+
+    folder = out / "best" if (out / "best").exists() else out / "last"
+    model, state = eqxtl.from_pretrained(folder)
+    history = json.loads((folder / "meta.json").read_text()).get("history", [])
+    evals = [h for h in history if any(k.startswith("test_") for k in h)]
+    return eqxtl.push_to_hub(
+        model,
+        state,
+        args.push_to_hub,
+        base_model=None if Path(args.model).exists() else args.model,  # a hub id, not a path
+        metrics=evals[-1] if evals else None,
+    )
 
 
 @contextlib.contextmanager
