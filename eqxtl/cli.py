@@ -303,9 +303,19 @@ def _push(args, out: Path) -> str:
         model,
         state,
         args.push_to_hub,
-        base_model=None if Path(args.model).exists() else args.model,  # a hub id, not a path
+        base_model=_hub_id(args.model),
         metrics=evals[-1] if evals else None,
     )
+
+
+def _hub_id(model: str) -> str | None:
+    """The Hub repo ``--model`` names: an alias's repo, a repo id itself; ``None`` for a
+    local folder or file."""
+    from .models.registry import REGISTRY
+
+    if model in REGISTRY:
+        return REGISTRY[model][1].repo
+    return None if Path(model).exists() else model
 
 
 @contextlib.contextmanager

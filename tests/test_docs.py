@@ -3,7 +3,9 @@ in order, one namespace per page that starts empty (so no page can drift from th
 on names it never defines). Hub checkpoints and TFDS datasets are replaced by offline
 stand-ins of the same architecture: the golden fixtures in tests/fixtures (real timm /
 open_clip / big_vision files at tiny sizes) and random images; local files a page names
-(``photos/train``) are made in the page's working folder. Real offline weights (the packaged
+(``photos/train``) are made in the page's working folder; the two Hub calls that upload
+(``HfApi.create_repo`` / ``upload_folder``) copy the folder to ``hub/<repo id>`` there
+instead, with the Hub switched on. Real offline weights (the packaged
 EfficientNet-Lite0) are used as they are. Bash blocks are not run here (the command line has
 its own tests); ``mkdocs build --strict`` runs in ``.ci/run``."""
 
@@ -91,9 +93,28 @@ def offline_world(tmp_path, monkeypatch):
 
     monkeypatch.setattr(eqxtl, "from_pretrained", from_pretrained)
     monkeypatch.setattr(eqxtl.Tokenizer, "from_pretrained", tokenizer_from_pretrained)
+    _hub_uploads_to(tmp_path / "hub", monkeypatch)
     monkeypatch.setattr(eqxtl, "TFDSSource", tfds_source)
     monkeypatch.chdir(tmp_path)
     _photo_folders(tmp_path / "photos", rng)
+
+
+def _hub_uploads_to(root: Path, monkeypatch) -> None:
+    """``push_to_hub`` with only its two Hub calls replaced: the upload lands in ``root``."""
+    import shutil
+
+    import huggingface_hub
+
+    def create_repo(self, repo_id, **kwargs):
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, root / repo_id, dirs_exist_ok=True)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 def _photo_folders(root: Path, rng) -> None:
