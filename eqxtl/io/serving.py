@@ -46,14 +46,16 @@ def export(
     - or ``model.onnx`` (``format="onnx"``, through ``jax2onnx``: ``pip install
       "eqxtl[onnx]"``): the same forward pass as an ONNX graph (opset 23) with a symbolic
       batch dimension ``N``, input ``"images"``, output ``"logits"`` / ``"features"``; run it
-      with ``onnxruntime.InferenceSession(path).run(None, {"images": images})[0]``.
+      with ``onnxruntime.InferenceSession(path).run(None, {"images": images})[0]``. One
+      file holds at most 2 GB (protobuf's limit): models above ~500 M float32 parameters
+      export to StableHLO only.
     - ``metadata.json``: the input layout and size, the preprocessing that turns uint8
       ``(H, W, 3)`` images into that input (``eqxtl.preprocess`` does it), the output, the
       class names (a classifier trained by ``fit`` and given ``with_training_info``), and
       the versions that wrote it.
 
     The folder is written atomically (an existing file at ``path`` is an error, other
-    files in an existing folder are kept). A model with LoRA/DoRA adapters is refused:
+    files in an existing folder are kept, except a program of the other format). A model with LoRA/DoRA adapters is refused:
     export ``eqxtl.merge_lora(model)`` (the same outputs, without the adapters' extra
     matrix products).
 
