@@ -55,9 +55,9 @@ def export(
       the versions that wrote it.
 
     The folder is written atomically (an existing file at ``path`` is an error, other
-    files in an existing folder are kept, except a program of the other format). A model with LoRA/DoRA adapters is refused:
-    export ``eqxtl.merge_lora(model)`` (the same outputs, without the adapters' extra
-    matrix products).
+    files in an existing folder are kept, except a program of the other format). A model
+    with LoRA/DoRA adapters is refused: export ``eqxtl.merge_lora(model)`` (the same
+    outputs, without the adapters' extra matrix products).
 
     **Arguments:**
 
