@@ -65,7 +65,7 @@ TINY_EFFICIENTNET = efficientnet.EfficientNetLiteConfig(  # 7 blocks, one per st
     depth_coefficient=0.1,
     image_size=32,
     dropout_rate=0.0,
-    drop_connect_rate=0.0,
+    drop_path_rate=0.0,
     head_size=32,
 )
 TINY_CLIP_VISION = dataclasses.replace(  # 3 blocks, as TINY_VIT

@@ -2,7 +2,8 @@
 on the tiny configs of tests/_tiny.py.
 
 - each block's rate is timm's (``torch.linspace(0, rate, depth)`` for its ViTs, the
-  ``block_index / (num_blocks - 1)`` rule of its ResNet, one rate for every Mixer block);
+  ``block_index / (num_blocks - 1)`` rule of its ResNet, one rate for every Mixer block,
+  ``block_index / num_blocks`` for its EfficientNet, on the blocks with a residual branch);
 - without a key (evaluation) the output is bit-identical to the rate-0 model's;
 - with a key some examples' branches are dropped, each example's branch is either zero or
   scaled by ``1 / (1 - rate)``, and the mean over many keys of a block's output is its
@@ -26,14 +27,14 @@ import torch
 
 import eqxtl
 from eqxtl.io import checkpoint
-from eqxtl.models import _clip_model, dinov2, mixer, resnet, vit
+from eqxtl.models import _clip_model, dinov2, efficientnet, mixer, resnet, vit
 from eqxtl.models.blockwise import run_blocks
 from eqxtl.models.layers import block_rates, drop_path
 from eqxtl.models.registry import ARCHITECTURES
 from eqxtl.training.step import task_loss
 from tests._tiny import TINY_CONFIGS, random_tensors
 
-FAMILIES = {"vit", "dinov2", "clip_vision", "siglip_vision", "mixer", "resnet"}
+FAMILIES = {"vit", "dinov2", "clip_vision", "siglip_vision", "mixer", "resnet", "efficientnet_lite"}
 NAMES = [
     name
     for name, arch in ARCHITECTURES.items()
@@ -54,6 +55,8 @@ def test_every_family_has_drop_path():
 def _model(name: str, rate: float):
     arch = ARCHITECTURES[name]
     config = dataclasses.replace(TINY_CONFIGS[name], drop_path_rate=rate)
+    if name == "efficientnet_lite":  # 9 blocks, 3 with a residual branch (the tiny one: 0)
+        config = dataclasses.replace(config, depth_coefficient=0.5)
     return checkpoint.fill(checkpoint.skeleton(arch, config), random_tensors(arch, config))
 
 
@@ -78,6 +81,10 @@ def _timm_rates(name: str, rate: float, config) -> list[float]:
         return [rate * i / (n - 1) for i in range(n)]
     if name == "mixer":  # timm mlp_mixer.py: drop_path=drop_path_rate for every block
         return [rate] * config.num_blocks
+    if name == "efficientnet_lite":  # timm _efficientnet_builder.py: rate * index / count
+        blocks = efficientnet._block_specs(config)
+        residual = [s.stride == 1 and s.in_channels == s.out_channels for s in blocks]
+        return [rate * i / len(blocks) for i, r in enumerate(residual) if r]  # only these add
     # timm vision_transformer.py: calculate_drop_path_rates(drop_path_rate, depth)
     return [x.item() for x in torch.linspace(0, rate, config.num_hidden_layers)]
 
@@ -92,13 +99,13 @@ def test_rate_per_block_is_timms(name, monkeypatch):
         seen.append((rate, key is not None))
         return drop_path(x, rate, key, example_dims=example_dims)
 
-    for module in (vit, dinov2, _clip_model, mixer, resnet):
+    for module in (vit, dinov2, _clip_model, mixer, resnet, efficientnet):
         monkeypatch.setattr(module, "drop_path", record)
     model, state = _model(name, 0.3)
     x = _images(name, 2)
     eqx.filter_eval_shape(lambda m: m(x, state, key=jax.random.key(0)), model)
     assert all(keyed for _, keyed in seen)
-    branches = 1 if name == "resnet" else 2  # a transformer block: attention and MLP
+    branches = 1 if name in ("resnet", "efficientnet_lite") else 2  # transformer: 2
     rates = [rate for rate, _ in seen]
     for i in range(branches):
         assert rates[i::branches] == rates[::branches]  # both branches of a block: its rate

@@ -11,8 +11,9 @@ def plot_history(
 ) -> Path:
     """``fit``'s history as a PNG, written atomically: on the left the training loss of
     every step (``steps``: ``{"step", "loss"}`` records) and the train/test loss of each
-    evaluation; on the right every other metric per evaluation (accuracy, MAE...). Phase
-    changes are marked with dashed vertical lines."""
+    evaluation; on the right every other metric per evaluation (accuracy, MAE..., and
+    those callbacks add, such as ``fewshot_5shot_accuracy``). Phase changes are marked with
+    dashed vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,14 +32,24 @@ def plot_history(
             if k.startswith(("train_", "test_")) and not k.endswith("_loss")
         }
     )
-    for split, style in (("train", "-o"), ("test", "-s")):
-        for ax, what in [(ax_loss, "loss")] + [(ax_metric, m) for m in metrics]:
-            key = f"{split}_{what}"
-            pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=key, markersize=3)
+    added = sorted(  # by callbacks (FewShotEval)
+        {
+            k
+            for h in history
+            for k, v in h.items()
+            if isinstance(v, float) and not k.startswith(("train_", "test_"))
+            and k not in ("epoch", "images_per_sec")
+        }
+    )  # fmt: skip
+    series = [(ax_loss, f"{split}_loss", style) for split, style in _SPLITS]
+    series += [(ax_metric, f"{split}_{m}", style) for split, style in _SPLITS for m in metrics]
+    series += [(ax_metric, key, "-^") for key in added]
+    for ax, key, style in series:
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=key, markersize=3)
     phase_starts = _phase_starts(history, steps)
-    for ax, what in ((ax_loss, "loss"), (ax_metric, ", ".join(metrics) or "metric")):
+    for ax, what in ((ax_loss, "loss"), (ax_metric, ", ".join(metrics + added) or "metric")):
         for step, phase in phase_starts:
             ax.axvline(step, color="grey", ls="--", lw=0.8)
             ax.text(step, 1.0, f" phase {phase}", transform=ax.get_xaxis_transform(),
@@ -55,6 +66,9 @@ def plot_history(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+_SPLITS = (("train", "-o"), ("test", "-s"))
 
 
 def _phase_starts(history: list[dict], steps: list[dict]) -> list[tuple[int, int]]:

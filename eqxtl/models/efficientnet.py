@@ -62,8 +62,11 @@ class EfficientNetLiteConfig:
     """Resolution the weights were trained at (the network itself takes any size)."""
     dropout_rate: float = 0.2
     """Dropout on the pooled features (active only outside inference mode)."""
-    drop_connect_rate: float = 0.2
-    """Stochastic depth of the last block; block ``i`` of ``n`` drops with rate ``r * i / n``."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth (drop path, TF's ``drop_connect_rate``; 0: off), as for the other
+    families a training choice: block ``i`` of ``n`` drops its residual branch with rate
+    ``r * i / n`` (timm's EfficientNet rule; TF trained Lite0 at 0.2) when the forward pass
+    gets a key (``fit``'s train step), never written to or read from checkpoint files."""
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
     """PyTorch convention (weight of the new batch); TF's ``0.99`` decay."""
@@ -140,7 +143,7 @@ def _block_specs(config: EfficientNetLiteConfig) -> list[_BlockSpec]:
     # Keras layers infer their input width, and the skip test never holds for block 0.
     for k, s, e, out, repeats in stages:
         for j in range(repeats):
-            rate = config.drop_connect_rate * len(specs) / total
+            rate = config.drop_path_rate * len(specs) / total
             specs.append(
                 _BlockSpec(k, s if j == 0 else 1, channels, channels * e, out, e != 1, rate)
             )
@@ -162,7 +165,6 @@ class MBConvBlock(eqx.Module):
     _bn2: BatchNorm
     drop_rate: float = eqx.field(static=True)
     residual: bool = eqx.field(static=True)
-    inference: bool
 
     def __init__(self, spec: _BlockSpec, config: EfficientNetLiteConfig, *, key: PRNGKeyArray):
         k1, k2, k3 = jax.random.split(key, 3)
@@ -188,7 +190,6 @@ class MBConvBlock(eqx.Module):
         self._bn2 = BatchNorm(spec.out_channels, **bn)
         self.drop_rate = spec.drop_rate
         self.residual = spec.stride == 1 and spec.in_channels == spec.out_channels
-        self.inference = True
 
     def __call__(
         self,
@@ -206,11 +207,9 @@ class MBConvBlock(eqx.Module):
         h, state = self._bn2(self._project_conv(h), state)
         if not self.residual:
             return h, state
-        if not self.inference and self.drop_rate > 0:
-            if key is None:
-                raise RuntimeError("Stochastic depth needs a key outside inference mode.")
-            h = drop_path(h, self.drop_rate, key, example_dims=3)
-        return h + x, state
+        # as in every family, a key turns drop path on (evaluation passes none), so fit's
+        # step applies it while the blocks stay in inference mode (BatchNorm's switch)
+        return drop_path(h, self.drop_rate, key, example_dims=3) + x, state
 
 
 class EfficientNetLite(eqx.Module):
@@ -226,10 +225,11 @@ class EfficientNetLite(eqx.Module):
     axis_name="batch", in_axes=(0, None), out_axes=(0, None))``. Activations are
     channels-last inside (one transpose at the input).
 
-    Built and loaded in inference mode. ``eqx.nn.inference_mode(model, False)`` turns on
-    dropout on the features and stochastic depth (both then need ``key``) and batch
-    statistics in BatchNorm (which need that vmap axis); ``eqxtl.make_step`` only switches
-    BatchNorm, per filter spec.
+    Built and loaded in inference mode. Stochastic depth (``config.drop_path_rate``) acts
+    whenever the call gets a ``key``, as in the other families. ``eqx.nn.inference_mode(model,
+    False)`` turns on dropout on the features (then needs ``key``) and batch statistics in
+    BatchNorm (which need that vmap axis); ``eqxtl.make_step`` only switches BatchNorm, per
+    filter spec, so ``fit`` trains without the feature dropout (``dropout_rate``).
     """
 
     batch_native = True  # a class attribute, not a field
@@ -424,6 +424,7 @@ EFFICIENTNET_LITE = Architecture(
     norm_types=(BatchNorm,),
     linear_types=(Conv2d,),
     aliases={"efficientnet-lite0": Alias(EFFICIENTNET_LITE0, local=lambda: packaged_lite0_path())},
+    choices=("drop_path_rate",),
 )
 
 # --------------------------------------------------------------------------- packaged weights

@@ -5,8 +5,12 @@ A callback is any object with some of these methods (each optional):
 - ``on_phase_begin(run)``: a phase starts (``run.phase``);
 - ``on_step(run, metrics)``: after each step, with that step's metrics as host values
   (this syncs with the device every step: keep it for logging and tests);
+- ``eval_metrics(run, model) -> dict``: at each evaluation, before any ``on_eval``, metrics
+  to add to its record (``FewShotEval``), computed on ``model``, the model the evaluation
+  scores; with ``metric_names``, the names it adds (so that ``Checkpoint(best=...)``
+  can choose ``best/`` by one of them, checked before training);
 - ``on_eval(run, record)``: after each evaluation, with its record (``train_loss``,
-  ``test_accuracy``, ...);
+  ``test_accuracy``, ``fewshot_5shot_accuracy``...);
 - ``on_fit_end(run)``;
 - ``wrap_optimizer(optimizer) -> optimizer``: each phase's optimizer as ``fit`` builds it
   (``EMA`` chains its average last, so it lives in the optimizer state);
@@ -56,6 +60,25 @@ def _check_watch(self, what: str) -> None:
     metric_mode(self.metric, self.mode)  # checks mode
     self.patience = count(self.patience, f"{what}(patience=...)", TrainingError)
     self.min_delta = real(self.min_delta, f"{what}(min_delta=...)", TrainingError, low=0)
+
+
+def callback_metrics(callbacks, run, model, record: dict) -> dict:
+    """What the callbacks' ``eval_metrics(run, model)`` add to an evaluation's ``record``
+    (a name the record already has, or that another callback adds, is an error)."""
+    added: dict = {}
+    for cb in callbacks:
+        fn = getattr(cb, "eval_metrics", None)
+        if fn is None:
+            continue
+        metrics = fn(run, model)
+        clash = sorted(set(metrics) & (set(record) | set(added)))
+        if clash:
+            raise TrainingError(
+                f"{type(cb).__name__} reports {clash}, which the evaluation already has: "
+                "give each callback its own metric names (FewShotEval(name=...))."
+            )
+        added.update(metrics)
+    return added
 
 
 def require_metric(name: str, record: dict, what: str) -> float:
@@ -191,7 +214,8 @@ class Lambda:
 class TensorBoard:
     """TensorBoard event files (needs the ``tensorboard`` extra: ``tensorboardX``): the
     training loss of every step (``train/step_loss``) and each evaluation's metrics
-    (``train/loss``, ``test/accuracy``, ``images_per_sec``...). ``log_dir`` defaults to
+    (``train/loss``, ``test/accuracy``, ``images/per_sec``, callbacks' metrics such as
+    ``fewshot/5shot_accuracy``: the first ``_`` becomes ``/``). ``log_dir`` defaults to
     ``<out_dir>/tensorboard``. Written at each evaluation, where the loop syncs anyway."""
 
     log_dir: str | None = None
@@ -218,7 +242,7 @@ class TensorBoard:
             self._writer.add_scalar("train/step_loss", s["loss"], s["step"])
         self._written = len(run.step_losses)
         for key, value in record.items():
-            if key.startswith(("train_", "test_")) or key == "images_per_sec":
+            if key != "epoch":  # step and phase are integers
                 if isinstance(value, float) and math.isfinite(value):
                     self._writer.add_scalar(key.replace("_", "/", 1), value, record["step"])
         self._writer.flush()

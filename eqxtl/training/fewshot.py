@@ -59,10 +59,12 @@ def _with_bias(x: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class FewShotEval:
-    """A callback: at each evaluation, few-shot linear-probe accuracy of the model's
-    backbone, added to the evaluation record as ``{name}_{k}shot_accuracy`` for each ``k``
-    in `shots` (``fewshot_5shot_accuracy``; in the history and the run folder with the other
-    metrics).
+    """A callback: at each evaluation, few-shot linear-probe accuracy of the backbone of the
+    model the evaluation scores (``EMA``'s average when it evaluates with it), added to the
+    evaluation record as ``{name}_{k}shot_accuracy`` for each ``k`` in `shots`
+    (``fewshot_5shot_accuracy``): in the history, ``history.png`` and TensorBoard with the
+    other metrics, before any callback's ``on_eval`` (``EarlyStopping(metric=...)`` can
+    watch it), and a choice of ``Checkpoint(best=...)``.
 
     >>> fit(..., callbacks=[eqxtl.FewShotEval(probe_train, probe_test, shots=(1, 5, 10))])
 
@@ -76,9 +78,6 @@ class FewShotEval:
     default ``l2_reg = 2**10``, per-class draw), with one draw (big_vision averages seeds).
     The backbone runs over ``max(shots) * num_classes`` training examples and the test set
     at every evaluation: keep them small.
-
-    A callback that watches one of these metrics (``EarlyStopping(metric=...)``) must come
-    after this one in ``callbacks``.
 
     **Arguments:**
 
@@ -167,15 +166,13 @@ class FewShotEval:
     def on_phase_begin(self, run) -> None:
         _backbone_of(run.model)  # fail before training, not at the first evaluation
 
-    def on_eval(self, run, record: dict) -> None:
-        metrics = self.evaluate(run.model, run.state)
-        clash = sorted(set(metrics) & set(record))
-        if clash:
-            raise TrainingError(
-                f"FewShotEval(name={self.name!r}) reports {clash}, which the evaluation "
-                "already has: give each FewShotEval its own name=."
-            )
-        record.update(metrics)
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names this callback adds to each evaluation record."""
+        return tuple(f"{self.name}_{k}shot_accuracy" for k in self.shots)
+
+    def eval_metrics(self, run, model) -> dict[str, float]:
+        return self.evaluate(model, run.state)
 
     def evaluate(self, model, state) -> dict[str, float]:
         """``{"{name}_{k}shot_accuracy": accuracy}`` of ``model``'s backbone (a

@@ -144,7 +144,7 @@ def fit(
     train, test = _data(model, task, train_data, test_data, runtime.seed)
     steps_per_epoch = len(train)
     bounds = np.cumsum([0, *(p.num_steps(steps_per_epoch) for p in phases)])
-    best, best_mode = _best_metric(task, checkpoint, test is not None)
+    best, best_mode = _best_metric(task, checkpoint, test is not None, callbacks)
     scales_lr = any(getattr(cb, "scales_lr", False) for cb in callbacks)
     optimizers = [training_optimizer(p.optimizer, callbacks, scales_lr) for p in phases]
 
@@ -302,7 +302,7 @@ def _length(batches) -> int:
     return len(batches.source) if isinstance(batches, SourceBatches) else len(batches)
 
 
-def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool):
+def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool, callbacks):
     best = "auto" if checkpoint is None else checkpoint.best
     if best == "auto":
         if has_test:
@@ -312,6 +312,7 @@ def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool):
     mode = metric_mode(best, "auto" if checkpoint is None else checkpoint.mode)
     known = [f"train_{m}" for m in task.metrics]
     known += [f"test_{m}" for m in task.metrics] if has_test else []
+    known += [m for cb in callbacks for m in getattr(cb, "metric_names", ())]  # FewShotEval
     if best not in known:
         raise TrainingError(
             f"Checkpoint(best=...): {best!r} is not a metric this run reports; it reports {known}"

@@ -35,7 +35,8 @@ class Checkpoint:
     - `every`: also write ``last`` every N steps between evaluations (``None``: at
       evaluations only).
     - `best`: the metric whose best value ``best/`` keeps (``"test_accuracy"``,
-      ``"test_loss"``, ``"train_loss"``, any ``test_``/``train_`` metric of the task);
+      ``"test_loss"``, ``"train_loss"``, any ``test_``/``train_`` metric of the task, or
+      one a callback adds, such as ``FewShotEval``'s ``"fewshot_5shot_accuracy"``);
       ``"auto"``: ``test_accuracy`` (``test_loss`` for tasks without accuracy) with test
       data, ``train_loss`` without. A tie goes to the later step (with a small validation
       set accuracy ties are common, and the later model has trained longer for the same

@@ -19,7 +19,7 @@ from ..data.features import FeatureLoader, backbone_frozen, extract_features
 from ..data.loader import SourceBatches
 from ..errors import TrainingError
 from ..models.heads import Classifier
-from .callbacks import improved
+from .callbacks import callback_metrics, improved
 from .evaluation import eval_sums, summarise
 from .options import Runtime
 from .parallel import host, local, shard
@@ -312,10 +312,11 @@ class Loop:
         nonfinite = int(host(self.guard["nonfinite"]))
         if nonfinite:
             record["nonfinite_steps"] = nonfinite
+        model = self.eval_model(run.model, run.opt_state)
         if test is not None:
-            model = self.eval_model(run.model, run.opt_state)
             sums = eval_sums(eval_step, model, run.state, test)
             record.update(summarise(self.task, sums, "test"))
+        record.update(callback_metrics(self.callbacks, run, model, record))
         run.history.append(record)
         call_hooks(self.callbacks, "on_eval", run, record)
         value = record.get(self.best)
