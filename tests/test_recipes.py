@@ -3,6 +3,8 @@
 timm through the golden fixtures ``tests/fixtures/timm_ema`` and ``timm_mixup`` (made by
 ``tests/fixtures/make_recipes.py``)."""
 
+import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,10 +17,13 @@ import pytest
 import scipy.stats
 
 import eqxtl
+from eqxtl.io import checkpoint
+from eqxtl.models.registry import ARCHITECTURES
 from eqxtl.training.mixup import cutmix_box, mix_images, mix_targets
-from tests._tiny import tiny
+from tests._tiny import TINY_CONFIGS, random_tensors, tiny
 
 FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- EMA
@@ -300,3 +305,112 @@ def test_fit_with_ema_and_mixup_exports_the_average_and_resumes(vit, tmp_path):
     np.testing.assert_allclose(again.head.weight, averaged.head.weight, atol=1e-6)
     with pytest.raises(eqxtl.TrainingError, match=r"Cannot resume with EMA"):
         run(tmp_path / "b", 6, decay=0.5)
+
+
+class _Scripted:
+    """A callback that adds the metric ``probe_score`` (``values`` in turn) to each
+    evaluation and records the model it was given."""
+
+    metric_names = ("probe_score",)
+
+    def __init__(self, values):
+        self.values, self.seen = list(values), []
+
+    def eval_metrics(self, run, model):
+        self.seen.append(np.asarray(model.head.weight))
+        return {"probe_score": self.values[len(self.seen) - 1]}
+
+
+def _ema_by_hand(ema, weights, start):
+    """timm's update over ``weights`` (one per update), updates ``start + 1, ...``."""
+    avg = None
+    for k, w in enumerate(weights, start=start + 1):
+        d = float(ema.decay_at(k))
+        avg = w if avg is None else d * avg + (1 - d) * w
+    return avg
+
+
+def test_two_phase_fit_with_ema_and_a_callback_metric_for_best(vit, tmp_path):
+    """Two phases (the head, then the head and the final LayerNorm): the average goes on
+    through the phase change (the update count and every head weight since step 1; the
+    LayerNorm from its weight at the phase start); the callbacks' metrics and ``best/`` use
+    the average; ``Checkpoint(best=...)`` takes a callback's metric (one
+    it does not report is refused before training) and ``best/`` is the step it chose."""
+    backbone, state = vit
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    data = _batches(2)
+    head = eqxtl.trainable(model, "head")
+    both = eqxtl.trainable(model, "head", r"backbone\.layernorm")
+    ema = eqxtl.EMA(decay=0.9)
+    scripted = _Scripted([0.9, 0.5])  # the first evaluation (end of phase 0) is best
+    weights = []  # (head weight, head bias, LayerNorm weight) after each step
+    record = eqxtl.Lambda(
+        on_step=lambda run, m: weights.append(
+            [np.asarray(x) for x in (run.model.head.weight, run.model.head.bias,
+                                     run.model.backbone.layernorm.weight)]
+        )
+    )  # fmt: skip
+    fit = dict(
+        train_data=data, callbacks=[record, ema, scripted],
+        phases=[eqxtl.Phase(head, optax.adam(1e-2), steps=2),
+                eqxtl.Phase(both, optax.adam(1e-2), steps=2)],
+        runtime=eqxtl.Runtime(progress=False),
+    )  # fmt: skip
+    with pytest.raises(eqxtl.TrainingError, match=r"'probe_scor'.*'probe_score'"):
+        eqxtl.fit(model, state, checkpoint=eqxtl.Checkpoint(tmp_path, best="probe_scor"), **fit)
+    checkpoint = eqxtl.Checkpoint(tmp_path, best="probe_score")
+    result = eqxtl.fit(model, state, checkpoint=checkpoint, **fit)
+    assert [h["step"] for h in result.history] == [2, 4]
+    assert [h["probe_score"] for h in result.history] == [0.9, 0.5]
+    assert int(result.opt_state[1].count) == 4  # (optimizer, EMA): every update counted
+    by_hand = [_ema_by_hand(ema, [w[i] for w in weights], 0) for i in (0, 1)]
+    norm0 = np.asarray(model.backbone.layernorm.weight)  # its weight when it starts training
+    averaged = ema.averaged(result.model, result.opt_state)
+    np.testing.assert_allclose(averaged.head.weight, by_hand[0], atol=1e-6)
+    np.testing.assert_allclose(averaged.head.bias, by_hand[1], atol=1e-6)
+    want_norm = _ema_by_hand(ema, [norm0, *[w[2] for w in weights[2:]]], 1)
+    np.testing.assert_allclose(averaged.backbone.layernorm.weight, want_norm, atol=1e-6)
+    # each evaluation gave the callbacks the average of its time (the model it scores:
+    # test_fit_with_ema_and_mixup_exports_the_average_and_resumes)
+    at_2 = [_ema_by_hand(ema, [w[i] for w in weights[:2]], 0) for i in (0, 1)]
+    np.testing.assert_allclose(scripted.seen[0], at_2[0], atol=1e-6)
+    np.testing.assert_allclose(scripted.seen[1], by_hand[0], atol=1e-6)
+    # best/ is step 2 (the callback's metric), with the average of step 2
+    assert json.loads((tmp_path / "best" / "meta.json").read_text())["step"] == 2
+    best, _ = eqxtl.from_pretrained(tmp_path / "best")
+    np.testing.assert_allclose(best.head.weight, at_2[0], atol=1e-6)
+    np.testing.assert_allclose(best.head.bias, at_2[1], atol=1e-6)
+    np.testing.assert_array_equal(best.backbone.layernorm.weight, norm0)  # not trained yet
+
+
+# ---------------------------------------------------------------- examples/recipe.py
+
+
+def test_recipe_example_writes_both_accuracies(tmp_path):
+    """examples/recipe.py at a tiny size, on a tiny random EfficientNet-Lite with its head
+    and final convolution trained (its own run, on the packaged weights, is in
+    docs/guides/recipes.md): the recipe's backbone gets its drop path, the plain one none,
+    and the JSON holds both accuracies. (Above chance is not asserted: 2 steps from a random
+    backbone.)"""
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "examples" / "recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    arch, rates = ARCHITECTURES["efficientnet_lite"], []
+
+    def load(rate):
+        rates.append(rate)
+        c = dataclasses.replace(TINY_CONFIGS["efficientnet_lite"], drop_path_rate=rate)
+        return checkpoint.fill(checkpoint.skeleton(arch, c), random_tensors(arch, c))
+
+    out = tmp_path / "recipe.json"
+    argv = ["--shots", "2", "--test-per-class", "2", "--size", "32", "--steps", "2",
+            "--batch-size", "8", "--blocks", "0", "--drop-path", "0.2", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    summary = recipe.main(argv, load=load)
+    assert rates == [0.0, 0.2]
+    stored = json.loads(out.read_text())
+    assert stored == summary
+    assert set(stored["test_accuracy"]) == {"plain", "recipe"}
+    assert all(0.0 <= a <= 1.0 for a in stored["test_accuracy"].values())
+    assert stored["chance"] == 1 / 8 and stored["args"]["steps"] == 2
+    assert stored["recipe"]["drop_path_rate"] == 0.2
