@@ -206,13 +206,20 @@ def test_resume_false_starts_over(clip_model, base_run, tmp_path):
     assert strict_load(tmp_path / "run.json")["seed"] == 5
 
 
+def truncate(train_state, keep):
+    """Cut every file of a checkpoint's training state (orbax's folder) to ``keep(size)``."""
+    for p in train_state.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            p.write_bytes(data[: keep(len(data))])
+
+
 def test_a_corrupt_last_falls_back_to_best(clip_model, base_run, tmp_path):
     first = copy_of(base_run, tmp_path)
     target = (tmp_path / "last").resolve()
     corrupt = target.with_name(target.name + "-corrupt")
     shutil.copytree(target, corrupt)
-    data = (corrupt / runs.TRAIN_STATE).read_bytes()
-    (corrupt / runs.TRAIN_STATE).write_bytes(data[: len(data) // 2])  # truncated
+    truncate(corrupt / runs.TRAIN_STATE, lambda n: n // 2)
     (tmp_path / "last").unlink()
     os.symlink(os.path.relpath(corrupt, tmp_path), tmp_path / "last")
     with pytest.warns(UserWarning, match="last/ is unreadable"):
@@ -224,8 +231,7 @@ def test_a_corrupt_last_falls_back_to_best(clip_model, base_run, tmp_path):
 
 def test_every_checkpoint_corrupt_fails_clearly(clip_model, base_run, tmp_path):
     copy_of(base_run, tmp_path)
-    state_file = tmp_path / "last" / runs.TRAIN_STATE  # best is the same directory
-    state_file.write_bytes(state_file.read_bytes()[:100])
+    truncate(tmp_path / "last" / runs.TRAIN_STATE, lambda n: min(n, 100))  # best: the same
     with pytest.raises(eqxtl.TrainingError, match="best/ is unreadable"):
         run_fit(clip_model, tmp_path, steps=2)
 

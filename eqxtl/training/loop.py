@@ -41,7 +41,7 @@ from .evaluation import batches_of
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
-from .runs import HYPER, RunDir, optimizer_hyperparameters, sigint_at_step_end, signature
+from .runs import HYPER, RunDir, barrier, optimizer_hyperparameters, sigint_at_step_end, signature
 from .session import Loop, Run, call_hooks, progress_bar, training_optimizer
 from .tasks import Classification, Task
 
@@ -157,7 +157,8 @@ def fit(
     folder = RunDir(out_dir, is_writer=writer) if out_dir is not None else None
     with folder if folder is not None else contextlib.nullcontext():
         sig = _signature(model, phases, opt_init, train, task, runtime, bounds)
-        meta, folder = _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init)
+        mesh = auto_mesh() if runtime.mesh == "auto" else runtime.mesh
+        meta, folder = _resume(folder, checkpoint, sig, run, bounds, (model, state, opt_init), mesh)
         if meta is not None:
             _say_resumed(out_dir, meta, run, phases, bounds, runtime.progress)
         if meta is None:
@@ -182,7 +183,7 @@ def fit(
             best_value=meta.get("best") if meta else None,
             checkpoint_every=None if checkpoint is None else checkpoint.every,
             runtime=runtime,
-            mesh=auto_mesh() if runtime.mesh == "auto" else runtime.mesh,
+            mesh=mesh,
             scales_lr=scales_lr,
             with_info=lambda m: _with_info(m, train),
         )
@@ -344,9 +345,10 @@ def _signature(model, phases, opt_init, train, task, runtime: Runtime, bounds) -
     )
 
 
-def _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init):
+def _resume(folder, checkpoint, sig, run, bounds, start, mesh):
     """Open the run folder: recover what a kill left, check the signature, start over or
-    load ``last`` into ``run``. Returns ``(meta of last or None, the folder this process
+    load ``last`` into ``run`` (onto ``mesh``; ``start``: the model, state and optimizer
+    initialisation the run starts from). Returns ``(meta of last or None, the folder this process
     writes or None)``."""
     if folder is None:
         return None, None
@@ -357,19 +359,21 @@ def _resume(folder, checkpoint, sig, run, bounds, model, state, opt_init):
     folder.check_signature(sig, resume=resume)
     if not resume and writer:
         folder.reset()
-    _barrier("eqxtl-fit-start")  # the others read the folder once it is consistent
+    barrier("eqxtl-fit-start")  # the others read the folder once it is consistent
     meta = None
     if resume and folder.has_checkpoint():
+        model, state, opt_init = start
 
         def like(meta):
-            return model, state, opt_init(_phase_at(bounds, meta["step"]), model)
+            i = _phase_at(bounds, meta["step"])
+            return model, state, eqx.filter_eval_shape(opt_init, i, model)
 
-        found = folder.load(like)
+        found = folder.load(like, mesh)
         if found is not None:
             (run.model, run.state, run.opt_state), meta, _ = found
             run.step, run.history = meta["step"], list(meta["history"])
             run.stopped = meta.get("stopped")
-    _barrier("eqxtl-fit-loaded")
+    barrier("eqxtl-fit-loaded")
     if not writer:
         return meta, None  # process 0 writes
     folder.write_signature(sig)
@@ -406,13 +410,6 @@ def _class_names(batches, num_classes: int) -> list[str] | None:
         return None
     names = getattr(batches.source, "class_names", None)
     return list(names) if names is not None and len(names) == num_classes else None
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _phase_at(bounds, step: int) -> int:

@@ -4,15 +4,17 @@
 out_dir/
   .lock                    {"pid", "host"} while a run uses the folder
   run.json                 what the run is (model shapes, spec, optimizer state, seed, ...)
-  checkpoints/step-N-*/    model.safetensors + config.json (save_pretrained layout),
-                           train_state.eqx (model, BatchNorm state, optimizer state), meta.json
+  checkpoints/step-N-*/    model.safetensors + config.json (save_pretrained layout: gathered),
+                           train_state/ (model, BatchNorm state, optimizer state: orbax, each
+                           process its own shards; ``train_state``), meta.json
   last -> checkpoints/...  symbolic links, each replaced in one atomic rename: a kill at any
   best -> checkpoints/...  moment leaves both pointing at complete checkpoints
   history.json             every record so far (strict JSON: a non-finite number is null)
   history.jsonl            one JSON line per record, appended as the run goes
 ```
 
-A checkpoint directory is written whole under a temporary name, synced, renamed into
+A checkpoint directory is written whole under a temporary name (``stage``: every process
+writes its shards of the training state there, then process 0 the rest), synced, renamed into
 ``checkpoints/`` and only then linked; directories no link points to are deleted. ``last``
 and ``best`` share one directory when they are the same step (one copy, not two).
 """
@@ -43,8 +45,10 @@ import numpy as np
 
 from .._util.pytree_paths import keypath_to_str, leaves_with_paths
 from ..errors import TrainingError
+from . import train_state
 
-TRAIN_STATE = "train_state.eqx"
+TRAIN_STATE = "train_state"
+OLD_TRAIN_STATE = "train_state.eqx"  # one file, written by process 0 (run folders before 0.2)
 META = "meta.json"
 LINKS = ("last", "best")
 HYPER = "optimizer hyperparameters"
@@ -85,6 +89,8 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+        elif p.is_dir() and not p.is_symlink():
+            _fsync_tree(p)
     _fsync_dir(path)
 
 
@@ -210,6 +216,26 @@ def sigint_at_step_end(flag):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def stage(out_dir: str | os.PathLike, step: int) -> Path:
+    """The empty folder ``checkpoints/.tmp-step-N`` in ``out_dir`` that the checkpoint of
+    step ``step`` is written into (process 0 makes it; every process returns once it
+    exists). ``RunDir.recover`` deletes what a kill leaves of it."""
+    staged = Path(out_dir) / "checkpoints" / f".tmp-step-{step}"
+    if jax.process_index() == 0:
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+    barrier("eqxtl-checkpoint-staged")
+    return staged
+
+
+def barrier(name: str) -> None:
+    """Wait for every process (nothing with one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class RunDir:
@@ -350,45 +376,34 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return any((self.path / link / META).is_file() for link in LINKS)
 
-    def save(
-        self, links: tuple[str, ...], model, state, opt_state, meta: dict, export=None
-    ) -> Path:
-        """Write one checkpoint and point ``links`` (``"last"``, ``"best"``) at it
-        (``export(model)``: the model ``save_pretrained`` writes, e.g. with class names)."""
+    def save(self, links: tuple[str, ...], staged: Path, model, state, meta: dict) -> Path:
+        """Complete the checkpoint ``staged`` (from ``stage``, holding the training state)
+        with ``model`` and ``state`` gathered (``save_pretrained``'s files; with adapters,
+        the merged model and PEFT's files beside it) and ``meta``, rename it into
+        ``checkpoints/`` and point ``links`` (``"last"``, ``"best"``) at it."""
         with sigint_deferred():
-            return self._save(links, model, state, opt_state, meta, export)
+            return self._save(links, staged, model, state, meta)
 
-    def _save(self, links, model, state, opt_state, meta: dict, export) -> Path:
+    def _save(self, links, staged: Path, model, state, meta: dict) -> Path:
         from ..io.pretrained import save_pretrained
         from ..tuning.adapters import has_adapters, merge_lora, save_adapter
 
-        if not all_finite((model, state)):
-            raise TrainingError(
-                f"The model at step {meta.get('step')} has non-finite weights or statistics; "
-                f"it is not written as {' or '.join(links)} (the previous checkpoints stay)."
-            )
         ckpts = self.path / "checkpoints"
-        ckpts.mkdir(parents=True, exist_ok=True)
         name = f"step-{meta['step']}-{time.time_ns():x}"
-        tmp = ckpts / f".tmp-{name}"
-        tmp.mkdir()
         try:
-            with open(tmp / TRAIN_STATE, "wb") as f:
-                eqx.tree_serialise_leaves(f, (model, state, opt_state))
-            exported = model if export is None else export(model)
-            if has_adapters(exported):
+            if has_adapters(model):
                 # the merged model (what from_pretrained reads), the adapters beside it as
                 # PEFT's files; resuming reads the adapted model from the training state
-                save_pretrained(merge_lora(exported), state, tmp)
-                heads = ["head"] if hasattr(exported, "head") else []
-                save_adapter(exported, tmp, modules_to_save=heads)
+                save_pretrained(merge_lora(model), state, staged)
+                heads = ["head"] if hasattr(model, "head") else []
+                save_adapter(model, staged, modules_to_save=heads)
             else:
-                save_pretrained(exported, state, tmp)
-            (tmp / META).write_text(dumps(meta, indent=1))
-            _fsync_tree(tmp)
-            os.rename(tmp, ckpts / name)
+                save_pretrained(model, state, staged)
+            (staged / META).write_text(dumps(meta, indent=1))
+            _fsync_tree(staged)
+            os.rename(staged, ckpts / name)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(staged, ignore_errors=True)
             raise
         _fsync_dir(ckpts)
         for link in links:
@@ -412,10 +427,12 @@ class RunDir:
             if not p.name.startswith(".") and p.resolve() not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def load(self, like_for_meta) -> tuple[Any, dict, str] | None:
+    def load(self, like_for_meta, mesh=None) -> tuple[Any, dict, str] | None:
         """The newest readable checkpoint: ``last``, or ``best`` when ``last`` is corrupt
-        (with a warning). ``like_for_meta(meta)`` gives the pytree to read into.
-        ``None`` when there is none; ``TrainingError`` when every one is unreadable."""
+        (with a warning). ``like_for_meta(meta)`` gives the pytree to read into; its arrays
+        are placed on ``mesh`` (``train_state.read``). ``None`` when there is none;
+        ``TrainingError`` when every one is unreadable or the mesh cannot hold the state.
+        Every process calls it."""
         errors = []
         for link in LINKS:
             path = self.path / link
@@ -423,8 +440,13 @@ class RunDir:
                 continue
             try:
                 meta = json.loads((path / META).read_text())
-                with open(path / TRAIN_STATE, "rb") as f:
-                    tree = eqx.tree_deserialise_leaves(f, like_for_meta(meta))
+                if (path / OLD_TRAIN_STATE).is_file():
+                    with open(path / OLD_TRAIN_STATE, "rb") as f:
+                        tree = eqx.tree_deserialise_leaves(f, like_for_meta(meta))
+                else:
+                    tree = train_state.read(
+                        path / TRAIN_STATE, like_for_meta(meta), mesh, self.path
+                    )
                 if link != "last":
                     why = "; ".join(errors) or "last/ is missing"
                     warnings.warn(

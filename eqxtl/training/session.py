@@ -19,12 +19,13 @@ from ..data.features import FeatureLoader, backbone_frozen, extract_features
 from ..data.loader import SourceBatches
 from ..errors import TrainingError
 from ..models.heads import Classifier
+from . import train_state
 from .callbacks import callback_metrics, improved
 from .evaluation import eval_sums, summarise
 from .options import Runtime
 from .parallel import host, local, shard
 from .phases import Phase
-from .runs import RunDir, sigint_deferred
+from .runs import TRAIN_STATE, RunDir, all_finite, barrier, sigint_deferred, stage
 from .step import make_eval_step, make_step, task_loss
 from .tasks import Task
 
@@ -264,7 +265,7 @@ class Loop:
                     if run.stopped:
                         return
                 elif self.checkpoint_every and run.step % self.checkpoint_every == 0:
-                    if self.folder is not None:
+                    if run.out_dir is not None:
                         self.check()
                         self.save(("last",))
                 if run.step >= end:
@@ -326,13 +327,21 @@ class Loop:
         is_best = tie or improved(value, self.best_value, self.best_mode)
         if is_best:
             self.best_value = value
-        if self.folder is not None:
+        if run.out_dir is not None:
             self.save(("last", "best") if is_best else ("last",))
+        if self.folder is not None:
             self.folder.write_history(run.history, [record], steps=run.step_losses)
         return record
 
     def save(self, links) -> None:
+        """Write a checkpoint (every process: each writes its shards of the training state
+        into it; process 0, which holds ``folder``, the rest) and point ``links`` at it."""
         run = self.run
+        if not all_finite((run.model, run.state)):
+            raise TrainingError(
+                f"The model at step {run.step} has non-finite weights or statistics; it is "
+                f"not written as {' or '.join(links)} (the previous checkpoints stay)."
+            )
         meta = {
             "step": run.step,
             "phase": run.phase,
@@ -345,10 +354,15 @@ class Loop:
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
         }
-        tree = local((run.model, run.state, run.opt_state))  # this process's replica
-        opt_state = tree[2]
-        export = lambda m: self.with_info(self.eval_model(m, opt_state))  # noqa: E731
-        self.folder.save(links, *tree, meta, export)
+        with sigint_deferred():
+            # what from_pretrained reads, gathered (a collective across processes)
+            exported = self.with_info(self.eval_model(run.model, run.opt_state))
+            exported, state = local((exported, run.state))
+            staged = stage(run.out_dir, run.step)
+            train_state.write(staged / TRAIN_STATE, (run.model, run.state, run.opt_state))
+            if self.folder is not None:
+                self.folder.save(links, staged, exported, state, meta)
+            barrier("eqxtl-checkpoint-saved")
         self.saved_step = run.step
 
     def interrupted(self) -> str:
@@ -363,7 +377,8 @@ class Loop:
                 "run folder: pass checkpoint=eqxtl.Checkpoint(out_dir) to be able to resume)."
             )
         note = ""
-        if run.step != self.saved_step and run.model is not None:
+        # with several processes a save is a collective that the others are not in
+        if run.step != self.saved_step and run.model is not None and jax.process_count() == 1:
             try:
                 with sigint_deferred():
                     self.flush_losses()
