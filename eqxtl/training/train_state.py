@@ -96,11 +96,14 @@ def check_fits(target: dict[str, jax.ShapeDtypeStruct], mesh: Mesh | None, where
         return
     total = sum(math.prod(x.shape) * x.dtype.itemsize for x in target.values())
     shape = "one device (no mesh)" if mesh is None else f"the mesh {dict(mesh.shape)}"
-    gib = 2.0**30
     raise TrainingError(
         f"Cannot resume the run in {where} onto {shape}: its training state (model, "
-        f"BatchNorm and optimizer state: {total / gib:.2f} GiB in all) needs "
-        f"{needed / gib:.2f} GiB on each device there, but a device ({device.device_kind}) "
-        f"holds {limit / gib:.2f} GiB. Resume onto a mesh that splits it further "
-        "(Runtime(mesh=eqxtl.make_mesh(fsdp=N)) with a larger N, or more devices)."
+        f"BatchNorm and optimizer state: {_size(total)} in all) needs {_size(needed)} on "
+        f"each device there, but a device ({device.device_kind}) holds {_size(limit)}. "
+        "Resume onto a mesh that splits it further (Runtime(mesh=eqxtl.make_mesh(fsdp=N)) "
+        "with a larger N, or more devices)."
     )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
