@@ -38,6 +38,12 @@ from eqxtl.training import parallel, runs, train_state  # noqa: E402
 from tests._tiny import TINY_VIT, random_tensors  # noqa: E402
 
 work = Path(sys.argv[-1])
+# the fits of one mesh compile the same programs: compiled once (per process)
+jax.config.update(
+    "jax_compilation_cache_dir", str(work / f"xla-cache-{mode}-{jax.process_index()}")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 assert jax.device_count() == 8
 # hidden size 256: the attention and MLP weights have at least 2**16 elements, split 8 ways
 cfg = dataclasses.replace(

@@ -18,6 +18,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
@@ -30,7 +31,12 @@ from .parallel import _spec
 def _checkpointer():
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    # Replica-parallel writing (the default off GPU) cuts replicated shards into slices
+    # with a jax op per array shape, each compiled: seconds for a small model. Every
+    # shard is written once without it as well (by the process holding replica 0).
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
 
 def _arrays(tree: Any) -> dict[str, Any]:
@@ -44,7 +50,10 @@ def write(path: Path, tree: Any) -> None:
     shards. A collective: every process calls it with its part of the same global arrays."""
     import orbax.checkpoint as ocp
 
-    _checkpointer().save(Path(path).absolute(), args=ocp.args.StandardSave(_arrays(tree)))
+    arrays = {
+        p: x if isinstance(x, jax.Array) else jnp.asarray(x) for p, x in _arrays(tree).items()
+    }
+    _checkpointer().save(Path(path).absolute(), args=ocp.args.PyTreeSave(arrays))
 
 
 def read(path: Path, like: Any, mesh: Mesh | None, where: str) -> Any:
@@ -65,7 +74,10 @@ def read(path: Path, like: Any, mesh: Mesh | None, where: str) -> Any:
                 sharding = NamedSharding(mesh, _spec(p, x, mesh, []))
             target[p] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
     check_fits(target, mesh, where)
-    arrays = _checkpointer().restore(Path(path).absolute(), args=ocp.args.StandardRestore(target))
+    args = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+    )
+    arrays = _checkpointer().restore(Path(path).absolute(), args=args)
     leaves = [arrays.get(keypath_to_str(kp), x) for kp, x in flat]
     return jtu.tree_unflatten(treedef, leaves)
 
