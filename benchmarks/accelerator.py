@@ -16,6 +16,11 @@ not in ``PEAK_TFLOPS`` gets achieved TFLOP/s only.
     python benchmarks/accelerator.py --dry-run       # the plan, nothing run
     python benchmarks/accelerator.py --cpu-smoke --out /tmp/smoke.jsonl   # tiny, on CPU
     python benchmarks/accelerator.py --summarize benchmarks/results/nvidia-h100.jsonl
+
+With more than one GPU visible it then runs ``sharding.py --all-devices`` (multi-device: the
+same full fine-tuning step on a data-parallel and on an FSDP mesh over every GPU; XLA's
+per-device memory analysis of CLIP ViT-B/16 and ViT-L/14, and the step time of ViT-B/16),
+appending its rows to the same file; with one GPU (or on the CPU) it prints why it skips it.
 """
 
 from __future__ import annotations
@@ -90,6 +95,51 @@ def gpu_name() -> str | None:
         return None
     lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
     return lines[0] if out.returncode == 0 and lines else None
+
+
+def visible_gpus() -> int:
+    """How many GPUs a child process would see: ``nvidia-smi``'s, narrowed by
+    ``CUDA_VISIBLE_DEVICES`` when that is set."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    n = len([line for line in out.stdout.splitlines() if line.strip()])
+    narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if narrowed is not None:
+        n = min(n, len([d for d in narrowed.split(",") if d.strip()]))
+    return n if out.returncode == 0 else 0
+
+
+def multi_device_plan(n: int, out: str, batch_size: int, cpu_smoke: bool = False):
+    """``(command, None)`` for the multi-device run over ``n`` GPUs, or ``(None, why)``
+    when it is skipped (one GPU or none, or the CPU smoke run)."""
+    if cpu_smoke or n < 2:
+        seen = "the CPU smoke run" if cpu_smoke else f"{n} GPU{'' if n == 1 else 's'} visible"
+        return None, f"multi-device run (data and fsdp meshes) skipped: {seen}; it needs 2 or more"
+    command = [
+        sys.executable,
+        os.path.join(HERE, "sharding.py"),
+        "--all-devices",
+        "--batch-size",
+        str(batch_size),
+        "--time-model",
+        "clip-vit-base-patch16",
+        "--time-batch",
+        str(batch_size),
+        "--steps",
+        "10",
+        "--out",
+        out,
+    ]
+    return command, None
 
 
 def slug(name: str) -> str:
@@ -233,6 +283,8 @@ def main(argv=None) -> None:
                 + " ".join(os.path.relpath(c, HERE) if c.startswith("/") else c for c in cmd[1:])
             )
         print(f"writes: {args.out}")
+        multi, why = multi_device_plan(visible_gpus(), args.out, batch, args.cpu_smoke)
+        print(why or "multi-device: " + " ".join(multi[1:]))
         return
     if not args.cpu_smoke and device == "no GPU found":
         raise SystemExit("accelerator.py: nvidia-smi finds no GPU (use --cpu-smoke on a CPU).")
@@ -241,6 +293,17 @@ def main(argv=None) -> None:
     records = run_all.run(parsed)
     print()
     print(summarize(records, None if args.cpu_smoke else device))
+    batch = args.batch_size or plan["batch_size"]
+    multi, why = multi_device_plan(visible_gpus(), args.out, batch, args.cpu_smoke)
+    if multi is None:
+        print(f"\n{why}")
+    else:
+        left = args.budget_s - (time.monotonic() - start)
+        print(f"\nmulti-device: {' '.join(multi[1:])}", flush=True)
+        try:
+            subprocess.run(multi, timeout=max(left, 60.0), check=False)
+        except subprocess.TimeoutExpired:
+            print(f"multi-device run stopped: the budget of {args.budget_s:.0f} s ran out")
     print(f"\nTotal {time.monotonic() - start:.0f} s; records in {args.out}")
 
 

@@ -3,7 +3,13 @@ FSDP (``make_mesh(fsdp=8)``), from XLA's memory analysis of the compiled step, p
 step time of both on 8 virtual CPU devices (issue 21).
 
     python benchmarks/sharding.py                       # CLIP ViT-B/16 and ViT-L/14
-    python benchmarks/sharding.py --models clip-vit-base-patch16 --time-model small
+    python benchmarks/sharding.py --models clip-vit-base-patch16 --no-time
+    python benchmarks/sharding.py --all-devices --time-model clip-vit-base-patch16 \
+        --time-batch 128 --out results/gpus.jsonl       # real accelerators (accelerator.sh)
+
+With ``--all-devices`` the meshes span every device JAX sees (``data=n`` and ``fsdp=n``)
+instead of 8 virtual CPU devices: ``accelerator.sh`` runs it so when more than one
+accelerator is visible.
 
 Memory: the very step ``make_step(..., mesh=mesh)`` compiles (its function, the shardings
 ``eqxtl.shard`` gives, donation of the trainable leaves and the optimizer state), lowered
@@ -13,11 +19,11 @@ with AdamW and a global batch of ``--batch-size`` 224x224 images. Per device: ar
 (activations, gathered parameters, gradients), and the estimated peak ``arguments + outputs
 - aliased + temporaries``.
 
-Step time: a smaller ViT (``--time-model``; a ViT-S/16-sized CLIP tower by default, so that
-8 replicated copies of its Adam state fit in the memory of a small machine) trained for
-real, batch ``--time-batch``, median of ``--steps`` steps after one warm-up step. Virtual
-CPU devices share the host's cores: this measures the cost of the collectives and of the
-partitioned program, not a speed-up.
+Step time: a smaller ViT (``--time-model``: ``small``, a ViT-S/16-sized CLIP tower, by
+default, so that 8 replicated copies of its Adam state fit in the memory of a small
+machine) trained for real, batch ``--time-batch``, median of ``--steps`` steps after one
+warm-up step. Virtual CPU devices share the host's cores: this measures the cost of the
+collectives and of the partitioned program, not a speed-up.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ from eqxtl.training import parallel  # noqa: E402
 from eqxtl.training import step as step_module  # noqa: E402
 
 MESHES = {"replicated": {"data": 8, "fsdp": 1}, "fsdp=8": {"data": 1, "fsdp": 8}}
+
+
+def meshes(n: int) -> dict[str, dict[str, int]]:
+    """The two meshes over ``n`` devices: replicated (data parallel) and fully sharded."""
+    return {"replicated": {"data": n, "fsdp": 1}, f"fsdp={n}": {"data": 1, "fsdp": n}}
+
+
 SMALL = dataclasses.replace(
     clip.CLIP_VIT_B16,
     hidden_size=384,
@@ -87,6 +100,7 @@ def setup(name_or_config, batch: int, image: int):
 def memory(name: str, mode: str, batch_size: int) -> dict:
     model, state, spec, optimizer, batch = setup(name, batch_size, 224)
     mesh = eqxtl.make_mesh(**MESHES[mode])
+    devices = mesh.devices.size
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, mesh=mesh, donate=True)
     trainable, frozen = eqx.partition(model, spec)
     opt_state = jax.eval_shape(optimizer.init, eqx.filter(trainable, eqx.is_array))
@@ -118,8 +132,11 @@ def memory(name: str, mode: str, batch_size: int) -> dict:
         + m.temp_size_in_bytes
     )
     return {
+        "kind": "memory",
         "model": name,
         "mesh": mode,
+        "devices": devices,
+        "device": jax.devices()[0].device_kind,
         "params_m": params / 1e6,
         "batch": batch_size,
         "arguments_gb": m.argument_size_in_bytes / 1e9,
@@ -129,8 +146,10 @@ def memory(name: str, mode: str, batch_size: int) -> dict:
     }
 
 
-def step_time(mode: str, batch_size: int, steps: int) -> dict:
-    model, state, spec, optimizer, batch = setup(SMALL, batch_size, 224)
+def step_time(mode: str, batch_size: int, steps: int, config="small") -> dict:
+    model, state, spec, optimizer, batch = setup(
+        SMALL if config == "small" else config, batch_size, 224
+    )
     mesh = eqxtl.make_mesh(**MESHES[mode])
     opt_state = optimizer.init(eqx.filter(model, spec))
     model, state, opt_state = eqxtl.shard((model, state, opt_state), mesh)
@@ -150,7 +169,16 @@ def step_time(mode: str, batch_size: int, steps: int) -> dict:
         model, state, opt_state, metrics = step(model, state, opt_state, data)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return {"mesh": mode, "batch": batch_size, "first_step_s": first, "step_s": np.median(times)}
+    return {
+        "kind": "step",
+        "model": config,
+        "mesh": mode,
+        "devices": mesh.devices.size,
+        "device": jax.devices()[0].device_kind,
+        "batch": batch_size,
+        "first_step_s": first,
+        "step_s": float(np.median(times)),
+    }
 
 
 def machine() -> str:
@@ -175,13 +203,23 @@ def main() -> None:
     parser.add_argument("--time-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-time", action="store_true")
+    parser.add_argument("--time-model", default="small", help="small, or a from_config name")
+    parser.add_argument("--all-devices", action="store_true", help="meshes over every device")
+    parser.add_argument("--out", default=None, help="also append the rows here (JSON lines)")
     args = parser.parse_args()
-    print(f"machine: {machine()}; {jax.device_count()} virtual devices")
+    if args.all_devices:
+        MESHES.clear()
+        MESHES.update(meshes(jax.device_count()))
+    kind = "" if args.all_devices else "virtual "
+    print(f"machine: {machine()}; {jax.device_count()} {kind}devices")
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115
     rows = []
     for name in args.models:
         for mode in MESHES:
             row = memory(name, mode, args.batch_size)
             print(json.dumps(row), flush=True)
+            if out:
+                out.write(json.dumps(row) + "\n")
             rows.append(row)
     print("\n| model | params | mesh | arguments GB/device | temp GB/device | peak GB/device |")
     print("|---|---|---|---|---|---|")
@@ -194,10 +232,13 @@ def main() -> None:
         return
     times = []
     for mode in MESHES:
-        row = step_time(mode, args.time_batch, args.steps)
+        row = step_time(mode, args.time_batch, args.steps, args.time_model)
         print(json.dumps(row), flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
         times.append(row)
-    print(f"\nstep time, ViT-S/16-sized CLIP tower (22 M), AdamW, batch {args.time_batch}:")
+    what = "ViT-S/16-sized CLIP tower (22 M)" if args.time_model == "small" else args.time_model
+    print(f"\nstep time, {what}, AdamW, batch {args.time_batch}:")
     print("| mesh | first step (compile + run) s | step s |")
     print("|---|---|---|")
     for r in times:

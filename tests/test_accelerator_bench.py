@@ -55,6 +55,8 @@ def test_dry_run_prints_the_plan_and_installs_nothing(tmp_path):
     assert sum("--compile" in c for c in children) == 2
     assert all("--batch-size 128" in c for c in children)
     assert not venv.exists()
+    # no GPU here: the multi-device run says why it is skipped
+    assert "multi-device run (data and fsdp meshes) skipped: 0 GPUs visible" in text
 
 
 def test_cpu_smoke_writes_the_records(tmp_path):
@@ -75,6 +77,17 @@ def test_cpu_smoke_writes_the_records(tmp_path):
             assert r["compile_s"] is not None and r["compile_s"] >= 0
     assert steps["torch-compile", "f32"]["compile_backend"] == "aot_eager"
     assert "| model | workload | dtype |" in out.stdout
+
+
+def test_multi_device_plan_needs_two_gpus():
+    for n in (0, 1):
+        command, why = accelerator.multi_device_plan(n, "out.jsonl", 128)
+        assert command is None and f"{n} GPU" in why and "2 or more" in why
+    command, why = accelerator.multi_device_plan(4, "out.jsonl", 128)
+    assert why is None and command[1].endswith("sharding.py") and "--all-devices" in command
+    assert command[command.index("--out") + 1] == "out.jsonl"
+    _, why = accelerator.multi_device_plan(4, "out.jsonl", 2, cpu_smoke=True)
+    assert "CPU smoke run" in why
 
 
 def test_peaks_and_mfu():
