@@ -229,6 +229,21 @@ def test_a_corrupt_last_falls_back_to_best(clip_model, base_run, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_checkpoint_of_the_one_file_layout_resumes(clip_model, base_run, tmp_path):
+    """Run folders written before the training state was sharded: one train_state.eqx."""
+    first = copy_of(base_run, tmp_path)
+    last = (tmp_path / "last").resolve()
+    shutil.rmtree(last / runs.TRAIN_STATE)
+    with open(last / runs.OLD_TRAIN_STATE, "wb") as f:
+        eqx.tree_serialise_leaves(f, (first.model, first.state, first.opt_state))
+    again = run_fit(clip_model, tmp_path, steps=2)  # resumed at its end: nothing to train
+    assert again.resumed_from == 2
+    trees = [(r.model, r.state, r.opt_state) for r in (first, again)]
+    assert len(arrays(trees[0])) > 10
+    for a, b in zip(arrays(trees[0]), arrays(trees[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_every_checkpoint_corrupt_fails_clearly(clip_model, base_run, tmp_path):
     copy_of(base_run, tmp_path)
     truncate(tmp_path / "last" / runs.TRAIN_STATE, lambda n: min(n, 100))  # best: the same
