@@ -70,7 +70,7 @@ class EMA:
     - `warmup_gamma`, `warmup_power`, `min_decay`: timm's warmup constants.
     - `evaluate_with_ema`: evaluations score the averaged weights, ``best/`` is chosen by
       them, and the checkpoints' exported ``model.safetensors`` hold them (the training state
-      in ``train_state.eqx`` keeps the raw weights, to resume). ``False``: the average is
+      in ``train_state/`` keeps the raw weights, to resume). ``False``: the average is
       only kept (``averaged``).
 
     ``fit`` returns the raw weights; the averaged model is

@@ -48,7 +48,7 @@ from ..errors import TrainingError
 from . import train_state
 
 TRAIN_STATE = "train_state"
-OLD_TRAIN_STATE = "train_state.eqx"  # one file, written by process 0 (run folders before 0.2)
+OLD_TRAIN_STATE = "train_state.eqx"  # one file by process 0: run folders of the old layout
 META = "meta.json"
 LINKS = ("last", "best")
 HYPER = "optimizer hyperparameters"
