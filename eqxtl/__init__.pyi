@@ -106,6 +106,7 @@ from .tuning.groups import last_blocks as last_blocks
 from .tuning.groups import layer_depths as layer_depths
 from .tuning.groups import layerwise_groups as layerwise_groups
 from .tuning.groups import param_groups as param_groups
+from .tuning.quantization import quantize as quantize
 from .tuning.zero_shot import IMAGENET_TEMPLATES as IMAGENET_TEMPLATES
 from .tuning.zero_shot import IMAGENET_TEMPLATES_7 as IMAGENET_TEMPLATES_7
 from .tuning.zero_shot import zero_shot_head as zero_shot_head

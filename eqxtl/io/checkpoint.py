@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 from ..models._arch import Architecture
 from ..models._layout import strip_wrappers
 from ..models.layers import set_inference
+from ..models.layers.quantized import Int8Weight
 
 
 def _group(names: Iterable[str]) -> list[str]:
@@ -181,12 +182,17 @@ def state_dict(model, state: eqx.nn.State | None = None) -> dict[str, jax.Array]
     """Every parameter and BatchNorm statistic of ``model`` by canonical path.
 
     The inverse of ``fill``: ``fill(skeleton, state_dict(model, state))`` rebuilds both.
+    A weight stored as int8 (``eqxtl.quantize``) comes out dequantized, float32 under its
+    float weight's name (the layout PyTorch libraries read; quantize again after loading).
     """
     out = {}
     is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
-    for kp, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_index)[0]:
+    is_node = lambda x: is_index(x) or isinstance(x, Int8Weight)  # noqa: E731
+    for kp, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_node)[0]:
         name = keypath_to_str(kp)
-        if is_index(leaf):
+        if isinstance(leaf, Int8Weight):
+            out[name] = leaf.dequantize()
+        elif is_index(leaf):
             if state is None:
                 raise ValueError(f"{name} is a state entry: pass the model's state too.")
             out[name] = state.get(leaf)

@@ -36,12 +36,17 @@ from .._util.pytree_paths import (
     map_with_path,
 )
 from ..errors import RuleError
+from ..models.layers.quantized import is_quantized
 
 Rule = str | type | Callable[[str, Any], bool] | tuple[Any, bool]
 
 
 def _trainable_leaf(leaf: Any) -> bool:
     return eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+def _int8(leaf: Any) -> bool:
+    return eqx.is_array(leaf) and leaf.dtype == jnp.int8
 
 
 def _layer_kinds() -> tuple[type, ...]:
@@ -161,7 +166,28 @@ def _spec(model: Any, rules: tuple[Rule, ...], default: bool, strict: bool) -> A
         i = match(path, leaf)
         return default if i is None else pairs[i][1]
 
-    return map_with_path(decide, model)
+    spec = map_with_path(decide, model)
+    refuse_quantized(model, spec, "eqxtl.trainable" if not default else "eqxtl.frozen")
+    return spec
+
+
+def refuse_quantized(model: Any, spec: Any, what: str) -> None:
+    """``RuleError`` naming the weights stored as int8 (``eqxtl.quantize``) that ``spec``
+    (a filter spec for ``model``, or a prefix of one) trains: a quantized weight is frozen."""
+    flat = jtu.tree_flatten_with_path(model, is_leaf=is_quantized)
+    quantized = [(keypath_to_str(kp), i) for i, (kp, x) in enumerate(flat[0]) if is_quantized(x)]
+    if not quantized:
+        return
+    full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
+    nodes = flat[1].flatten_up_to(full)
+    trains = [path for path, i in quantized if any(jax.tree.leaves(nodes[i]))]
+    if trains:
+        raise RuleError(
+            f"{what}: the spec trains {len(trains)} weight(s) stored as int8 by eqxtl.quantize, "
+            f"e.g. {trains[:3]}; a quantized weight is frozen and cannot train. Leave these "
+            "layers out of the trainable rules, or choose what trains first and quantize "
+            "after: eqxtl.quantize(model, spec) stores only the leaves spec freezes."
+        )
 
 
 def trainable(model: Any, *rules: Rule, strict: bool = False) -> Any:
@@ -185,7 +211,9 @@ def frozen(model: Any, *rules: Rule, strict: bool = False) -> Any:
 
 def everything(model: Any) -> Any:
     """Filter spec in which every floating-point leaf trains (full fine-tuning)."""
-    return jax.tree.map(_trainable_leaf, model)
+    spec = jax.tree.map(_trainable_leaf, model)
+    refuse_quantized(model, spec, "eqxtl.everything")
+    return spec
 
 
 def check_spec(model: Any, spec: Any) -> None:
@@ -219,7 +247,8 @@ def require_trainable(model: Any, spec: Any) -> int:
 
 def count(model: Any, spec: Any | None = None) -> int:
     """Number of scalar parameters of ``model`` (those marked ``True`` in ``spec``)."""
-    spec = everything(model) if spec is None else spec
+    if spec is None:  # every parameter: floating-point, or int8 values of a quantized weight
+        spec = jax.tree.map(lambda x: _trainable_leaf(x) or _int8(x), model)
     return sum(leaf.size for _, leaf, on in _zip_spec(model, spec) if on)
 
 

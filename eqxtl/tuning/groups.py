@@ -21,7 +21,7 @@ from .._util.checks import real
 from .._util.pytree_paths import keypath_to_str, map_with_path
 from ..errors import OptimizerMismatchError
 from ..models.registry import backbones_in
-from .filters import Rule, RuleError, _trainable_leaf, rule_matcher
+from .filters import Rule, RuleError, _trainable_leaf, refuse_quantized, rule_matcher
 
 FROZEN = "frozen"
 
@@ -110,6 +110,7 @@ def param_groups(
             '(".*", None) group to freeze them or (".*", transform) to train them.'
         )
     spec = jax.tree.map(lambda lab: lab != FROZEN, labels)
+    refuse_quantized(model, spec, "eqxtl.param_groups")
     trainable_labels, _ = eqx.partition(labels, spec)
     used = {lab for lab in jax.tree.leaves(trainable_labels)}
     tx_by_label = {f"group{i}": tx for i, tx in enumerate(transforms) if f"group{i}" in used}

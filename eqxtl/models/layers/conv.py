@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .quantized import Int8Weight, apply_weight
+
 Padding = str | Sequence[tuple[int, int]]
 
 
@@ -29,7 +31,7 @@ class Conv2d(eqx.Module):
     extra pixel at the end, a one-pixel shift against torch).
     """
 
-    weight: Float[Array, "out in_per_group kh kw"]
+    weight: Float[Array, "out in_per_group kh kw"] | Int8Weight  # int8: eqxtl.quantize
     bias: Float[Array, " out"] | None
     stride: tuple[int, int] = eqx.field(static=True)
     padding: Padding = eqx.field(static=True)
@@ -72,7 +74,9 @@ class Conv2d(eqx.Module):
         """One image ``(H, W, C)`` or a batch ``(N, H, W, C)``."""
         batched = x.ndim == 4
         x = x if batched else x[None]
-        y = _convolve(x, self.weight.astype(x.dtype), self.stride, self.padding, self.dilation)
+        y = apply_weight(
+            lambda v, w: _convolve(v, w, self.stride, self.padding, self.dilation), x, self.weight
+        )
         if self.bias is not None:
             y = y + self.bias.astype(y.dtype)
         return y if batched else y[0]

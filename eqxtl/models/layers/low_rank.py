@@ -15,6 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..._util.pytree_paths import keypath_to_str
 from .conv import Conv2d, Padding, _convolve
+from .quantized import Int8Weight, apply_weight, as_float
 
 
 class LoRALinear(eqx.Module):
@@ -31,7 +32,7 @@ class LoRALinear(eqx.Module):
     Dropout (rate ``dropout``) applies to the adapter's input when a ``key`` is given.
     """
 
-    weight: Float[Array, "out in"]
+    weight: Float[Array, "out in"] | Int8Weight
     bias: Float[Array, " out"] | None
     lora_a: Float[Array, "rank in"]
     lora_b: Float[Array, "out rank"]
@@ -67,7 +68,7 @@ class LoRAConv2d(eqx.Module):
     back to ``out`` channels (for a 1x1 base both are matrices). Paths and DoRA as in
     ``LoRALinear``; ``lora_a`` ``(r, in, kh, kw)``, ``lora_b`` ``(out, r, 1, 1)``."""
 
-    weight: Float[Array, "out in kh kw"]
+    weight: Float[Array, "out in kh kw"] | Int8Weight
     bias: Float[Array, " out"] | None
     lora_a: Float[Array, "rank in kh kw"]
     lora_b: Float[Array, "out rank 1 1"]
@@ -102,8 +103,10 @@ class LoRAConv2d(eqx.Module):
         x = x if batched else x[None]
 
         def base(inputs):
-            return _convolve(
-                inputs, self.weight.astype(x.dtype), self.stride, self.padding, self.dilation
+            return apply_weight(
+                lambda v, w: _convolve(v, w, self.stride, self.padding, self.dilation),
+                inputs,
+                self.weight,
             )
 
         def low_rank(inputs):
@@ -126,7 +129,7 @@ def _lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 def dora_scale(layer) -> Array:
     """``m / ||W + s B A||`` per output channel, a constant for the backward pass (PEFT,
     DoRA paper 4.3), computed in float32."""
-    weight = layer.weight.astype(jnp.float32) + layer.delta().astype(jnp.float32)
+    weight = as_float(layer.weight, jnp.float32) + layer.delta().astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(weight.reshape(weight.shape[0], -1)), axis=1))
     return layer.lora_magnitude.astype(jnp.float32) / jax.lax.stop_gradient(norm)
 
@@ -165,16 +168,19 @@ def dense(
     XLA:CPU contracts them through a full transpose of the incoming gradient, 2.5x slower.
     """
     rows = x.reshape(-1, x.shape[-1])
-    weight = layer.weight.astype(x.dtype)
-    y = rows @ weight.T
+
+    def base(inputs):  # a quantized weight: int8 values times a scale (``apply_weight``)
+        return apply_weight(lambda v, w: v @ w.T, inputs, layer.weight)
+
+    y = base(rows)
     if isinstance(layer, LoRALinear):
 
         def low_rank(inputs):
             a, b = layer.lora_a.astype(x.dtype), layer.lora_b.astype(x.dtype)
             return ((inputs @ a.T) * layer.scale) @ b.T
 
-        y = _adapted(layer, rows, y, lambda inputs: inputs @ weight.T, low_rank, key)
-    y = y.reshape(*x.shape[:-1], weight.shape[0])
+        y = _adapted(layer, rows, y, base, low_rank, key)
+    y = y.reshape(*x.shape[:-1], layer.weight.shape[0])
     return y if layer.bias is None else y + layer.bias.astype(x.dtype)
 
 

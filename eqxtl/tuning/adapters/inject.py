@@ -20,6 +20,7 @@ from ..._util.pytree_paths import closest, keypath_to_str
 from ...errors import AdapterError, RuleError
 from ...models.heads import Classifier
 from ...models.layers import LoRAConv2d, LoRALinear
+from ...models.layers.quantized import as_float
 from ...models.layers.low_rank import (
     ADAPTED_TYPES,
     ADAPTERS,
@@ -249,7 +250,7 @@ def lora(
         b = np.zeros((out, rank, *(1,) * (w.ndim - 2)))
         magnitude = None
         if dora:
-            w64 = np.asarray(w, np.float64).reshape(out, -1)
+            w64 = np.asarray(as_float(w, jnp.float32), np.float64).reshape(out, -1)
             magnitude = jnp.asarray(np.sqrt(np.sum(w64 * w64, axis=1)), w.dtype)
         a, b = jnp.asarray(a, w.dtype), jnp.asarray(b, w.dtype)
         new[path] = adapter(layer, a, b, magnitude, alpha=alpha, rslora=rslora, dropout=dropout)

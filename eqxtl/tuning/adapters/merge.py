@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from ...errors import AdapterError
 from ...models.layers import Conv2d, LoRALinear
+from ...models.layers.quantized import as_float
 from ...models.layers.low_rank import (
     ADAPTED_TYPES,
     dora_scale,
@@ -55,7 +56,7 @@ def _per_channel(g, weight):
 def _merged_weights(layers: list) -> list:
     out = []
     for layer in layers:
-        w = layer.weight.astype(jnp.float32) + layer.delta().astype(jnp.float32)
+        w = as_float(layer.weight, jnp.float32) + layer.delta().astype(jnp.float32)
         if layer.lora_magnitude is not None:
             w = _per_channel(dora_scale(layer), w) * w
         out.append(w.astype(layer.weight.dtype))
@@ -78,7 +79,9 @@ def merge_lora(model: Any) -> Any:
     ``m * (W + s B A) / ||W + s B A||`` per output channel). Same outputs as the adapted
     model (up to float rounding); ``save_pretrained`` writes it like any plain model.
 
-    Refuses a model without adapters (merging twice)."""
+    Refuses a model without adapters (merging twice). A base stored as int8
+    (``eqxtl.quantize``) is dequantized: the merged weights are float32,
+    ``values * scale + s B A``, the base's quantization error included."""
     layers = require_adapters(model, "merge")
     weights = _merged_weights([layer for _, layer in layers])
     new = {p: _plain(layer, w, layer.bias) for (p, layer), w in zip(layers, weights, strict=True)}

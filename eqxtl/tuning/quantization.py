@@ -1,0 +1,108 @@
+"""Frozen weights stored small: ``quantize(model, spec, dtype)``.
+
+Only what ``spec`` freezes is stored small, so the training step is the usual one: the
+trainable half stays float32 (gradients and optimizer state too), the frozen half costs a
+quarter (int8) or half (bfloat16) of its float32 bytes. The int8 weights are
+``eqxtl.models.layers.quantized.Int8Weight`` modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from .._util.pytree_paths import keypath_to_str
+from ..errors import EqxtlError
+from ..models.layers.quantized import int8_weight, is_quantized
+from .adapters.inject import all_layers, replace_layers
+from .filters import check_spec, refuse_quantized
+
+_DTYPES = ("int8", "bfloat16")
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise EqxtlError(
+            f"quantize: dtype must be 'int8' (frozen linear and convolution weights, one scale "
+            f"per output channel) or 'bfloat16' (every frozen floating-point leaf), got "
+            f"{dtype!r}."
+        )
+    return name
+
+
+def _frozen_paths(model: Any, spec: Any) -> dict[str, bool]:
+    """``{leaf path: trains}`` for every leaf of ``model`` (``spec`` may be a prefix)."""
+    full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
+    return {keypath_to_str(kp): on for kp, on in jtu.tree_flatten_with_path(full)[0]}
+
+
+def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
+    """``model`` with the leaves that ``spec`` freezes stored small.
+
+    - `spec`: the filter spec you train with (``True`` = trains; ``eqxtl.lora_spec``,
+      ``eqxtl.trainable``, ``eqxtl.param_groups``' first output), or ``False`` to store
+      everything small (inference). The same spec fits the quantized model: train with it.
+    - `dtype`: ``"int8"``: every frozen weight of a linear or convolution layer (plain,
+      LoRA-adapted, depthwise too) as int8 with one float32 scale per output channel
+      (``max |W[o]| / 127``; each element within ``scale / 2`` of the original), other
+      leaves as they are. The layers multiply by the int8 values and scale their output,
+      converting one layer's weight at a time (the float weight is never kept).
+      ``"bfloat16"``: every frozen floating-point leaf in bfloat16.
+
+    Layers compute in their input's dtype as always: float32 by default, bfloat16 with
+    ``compute_dtype=jnp.bfloat16`` (``eqxtl.Runtime``, ``task_loss``).
+
+    A weight that ``spec`` trains is never stored small; a spec (or a later
+    ``eqxtl.trainable`` / ``param_groups``) that trains an int8 weight is a ``RuleError``
+    naming it. A frozen weight int8 cannot hold (no element, NaN or infinity) is an
+    ``EqxtlError`` naming it. ``save_pretrained`` writes int8 weights dequantized (float32,
+    the usual layout); ``from_pretrained`` reads them back as float32: quantize again.
+    ``merge_lora`` on an int8 base gives float32 merged weights.
+
+    >>> model = eqxtl.lora(model, r".*\\.(q_proj|v_proj)", rank=8, key=key)
+    >>> spec = eqxtl.lora_spec(model, "head")
+    >>> model = eqxtl.quantize(model, spec, "int8")
+    """
+    check_spec(model, spec)
+    name = _dtype_name(dtype)
+    refuse_quantized(model, spec, "eqxtl.quantize")
+    trains = _frozen_paths(model, spec)
+    if name == "bfloat16":
+        full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
+
+        def cast(leaf, on):
+            floating = eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+            return leaf.astype(jnp.bfloat16) if floating and not on else leaf
+
+        def visit(node, node_spec):  # an int8 weight keeps its float32 scale
+            return node if is_quantized(node) else jtu.tree_map(cast, node, node_spec)
+
+        return jtu.tree_map(visit, model, full, is_leaf=is_quantized)
+    new = {}
+    for path, layer in all_layers(model):
+        w = layer.weight
+        weight_path = f"{path}.weight" if path else "weight"
+        if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating) or trains[weight_path]:
+            continue
+        q, why = int8_weight(w)
+        if q is None:
+            raise EqxtlError(
+                f"quantize: cannot store {weight_path} as int8 (one scale per output channel): "
+                f"{why}. Keep it in float (mark it trainable in spec, or use "
+                "dtype='bfloat16')."
+            )
+        new[path] = eqx.tree_at(lambda m: m.weight, layer, q)
+    if not new:
+        raise EqxtlError(
+            f"quantize: spec freezes no float linear or convolution weight of "
+            f"{type(model).__name__} (already quantized, or everything trains): nothing to "
+            "store as int8."
+        )
+    return replace_layers(model, new)
