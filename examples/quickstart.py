@@ -87,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--bf16", action="store_true", help="bfloat16 compute, float32 weights (mixed precision)"
     )
+    parser.add_argument(
+        "--int8-base",
+        action="store_true",
+        help="(d) on a frozen base stored as int8 (eqxtl.quantize)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -135,14 +140,19 @@ def textures(shots: int, test_per_class: int, seed: int):
 
 
 def run(
-    name, backbone, state, groups, train, test, args, *, steps, adapt=None, augment=None, bn="auto"
+    name, backbone, state, groups, train, test, args, *, steps, adapt=None, augment=None, bn="auto",
+    int8=False,
 ) -> dict:
     """Fit a zero-initialised head on ``backbone`` with the per-group optimizers ``groups``
-    for ``steps`` steps (after ``adapt(model)``, e.g. adding LoRA adapters, when given)."""
+    for ``steps`` steps (after ``adapt(model)``, e.g. adding LoRA adapters, when given; with
+    ``int8``, what the groups freeze stored as int8)."""
     model = eqxtl.Classifier(backbone, len(train.class_names), zero_init=True)
     if adapt is not None:
         model = adapt(model)
     spec, optimizer = eqxtl.param_groups(model, groups)
+    if int8:  # the frozen weights as int8; the groups again, for the quantized model
+        model = eqxtl.quantize(model, spec, "int8")
+        spec, optimizer = eqxtl.param_groups(model, groups)
     trainable, total = eqxtl.count(model, spec), eqxtl.count(model)
     print(f"\n({name}) training {trainable:,} of {total:,} parameters")
     losses = []
@@ -337,6 +347,7 @@ def main(argv=None) -> dict:
         adapt=lambda m: eqxtl.lora(m, one_by_one, rank=args.lora_rank, key=jax.random.key(0)),
         steps=args.steps,
         augment=augment,
+        int8=args.int8_base,
     )
     total = time.perf_counter() - start
 
@@ -352,7 +363,7 @@ def main(argv=None) -> dict:
         "losses": {n: r["losses"] for n, r in results.items()},
         "total_seconds": round(total, 1),
         "args": {
-            k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16", "lora_rank")
+            k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16", "lora_rank", "int8_base")
         },
     }
     tmp = args.out / "summary.json.tmp"

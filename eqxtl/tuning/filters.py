@@ -226,7 +226,7 @@ def check_spec(model: Any, spec: Any) -> None:
             f"This filter spec was not built for this {type(model).__name__}: "
             f"{first_difference(spec, model)}. Build the spec from the model you train, "
             "e.g. eqxtl.trainable(model, ...) or eqxtl.param_groups(model, ...), after any "
-            "change to it (a new head, LoRA, another checkpoint)."
+            "change to it (a new head, LoRA, eqxtl.quantize, another checkpoint)."
         ) from None
 
 

@@ -48,11 +48,16 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
 
     - `spec`: the filter spec you train with (``True`` = trains; ``eqxtl.lora_spec``,
       ``eqxtl.trainable``, ``eqxtl.param_groups``' first output), or ``False`` to store
-      everything small (inference). The same spec fits the quantized model: train with it.
-    - `dtype`: ``"int8"``: every frozen weight of a linear or convolution layer (plain,
-      LoRA-adapted, depthwise too) as int8 with one float32 scale per output channel
+      everything small (inference). An int8 weight is a module where the array was: build
+      the spec (and optimizer) you train with again from the quantized model, with the
+      same rules.
+    - `dtype`: ``"int8"``: every frozen weight of a linear or ungrouped convolution layer
+      (plain or LoRA-adapted) as int8 with one float32 scale per output channel
       (``max |W[o]| / 127``; each element within ``scale / 2`` of the original), other
-      leaves as they are. The layers multiply by the int8 values and scale their output,
+      leaves as they are. Grouped (depthwise) convolutions stay float: with a few weights
+      per output channel their scales save little (13 bytes instead of 36 for a 3x3
+      kernel), and their small kernels, many of which nearly sum to zero, carry most of the
+      error (EfficientNet-Lite0's features: 10.6% relative error with them, 7.5% without). The layers multiply by the int8 values and scale their output,
       converting one layer's weight at a time (the float weight is never kept).
       ``"bfloat16"``: every frozen floating-point leaf in bfloat16.
 
@@ -69,6 +74,7 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
     >>> model = eqxtl.lora(model, r".*\\.(q_proj|v_proj)", rank=8, key=key)
     >>> spec = eqxtl.lora_spec(model, "head")
     >>> model = eqxtl.quantize(model, spec, "int8")
+    >>> spec = eqxtl.lora_spec(model, "head")  # the same split, for the quantized model
     """
     check_spec(model, spec)
     name = _dtype_name(dtype)
@@ -89,7 +95,10 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
     for path, layer in all_layers(model):
         w = layer.weight
         weight_path = f"{path}.weight" if path else "weight"
+        grouped = getattr(layer, "groups", 1) != 1
         if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating) or trains[weight_path]:
+            continue
+        if grouped:  # depthwise: stays float (see the docstring)
             continue
         q, why = int8_weight(w)
         if q is None:

@@ -10,11 +10,13 @@ weight (``state_dict`` dequantizes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int8
 
 _LEVELS = 127  # symmetric: -127..127 (-128 unused, so that negating a weight is exact)
@@ -85,22 +87,58 @@ def as_float(weight: Array | Int8Weight, dtype) -> Array:
 def apply_weight(
     op: Callable[[Array, Array], Array], x: Array, weight: Array | Int8Weight
 ) -> Array:
-    """``op(x, W)`` in ``x``'s dtype, for ``op`` linear in ``W`` with its output channels on
-    the last axis (a matmul by ``W^T``, a channels-last convolution).
+    """``op(x, W)`` in ``x``'s dtype, for ``op`` linear in each argument with its output
+    channels on the last axis (a matmul by ``W^T``, a channels-last convolution).
 
-    Quantized: ``op(x, values) * scale``, the scale applied to the output (one multiply that
-    fuses with the bias add), under ``jax.checkpoint``: without it, reverse mode keeps the
-    float copy of every weight that the forward pass made as a residual for the input
-    gradient (the whole base in float32 again, alive until the backward pass); with it, the
-    backward pass converts the int8 values again, one layer at a time.
+    Quantized: ``op(x, values) * scale``, the scale applied to the output (one multiply
+    that fuses with the bias add); differentiable in ``x`` only (``_int8_product``).
     """
     if not isinstance(weight, Int8Weight):
         return op(x, weight.astype(x.dtype))
+    like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return _int8_product(op, like, x, weight.values, weight.scale)
 
-    def product(x, values, scale):
-        return op(x, values.astype(x.dtype)) * scale.astype(x.dtype)
 
-    return jax.checkpoint(product)(x, weight.values, weight.scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _int8_product(op, like, x, values, scale):
+    """``op(x, values) * scale`` with a backward pass that keeps only the int8 values.
+
+    Under plain reverse mode the float copy of each weight made in the forward pass is a
+    residual of the input gradient, so every layer's float weight is alive from its
+    forward use to its backward one: the whole base in float32 again (XLA merges a
+    recomputed copy with the forward one too, ``jax.checkpoint`` or not: +90% temporary
+    memory on a CLIP-B/32 LoRA step; an optimization barrier does not stop it either).
+    Here the backward pass converts ``values + 0 * g[0]`` (as int8): the same numbers, but
+    an operand no forward instruction has, which exists only once the incoming gradient
+    does, so the float copy is made in the backward pass and dies with the input gradient.
+    """
+    return op(x, values.astype(x.dtype)) * scale.astype(x.dtype)
+
+
+def _int8_fwd(op, like, x, values, scale):
+    if scale.perturbed:
+        raise TypeError(
+            "The scale of an int8 weight (eqxtl.quantize) is being differentiated: quantized "
+            "weights are frozen. Build the filter spec from the quantized model (e.g. "
+            "eqxtl.lora_spec) so that they stay out of the trainable half."
+        )
+    x, values, scale = x.value, values.value, scale.value
+    return _int8_product(op, like, x, values, scale), (values, scale)
+
+
+def _int8_bwd(op, like, residuals, g):
+    values, scale = residuals
+    if isinstance(g, SymbolicZero):
+        return jnp.zeros(like.shape, like.dtype), None, None
+    if g.size:  # the values plus a zero that XLA cannot fold: 0 * g is NaN for a NaN g
+        values = values + (jnp.ravel(g)[0] * 0).astype(values.dtype)
+    weight = values.astype(g.dtype)
+    _, transpose = jax.vjp(lambda t: op(t, weight), jnp.zeros(like.shape, like.dtype))
+    (dx,) = transpose(g * scale.astype(g.dtype))
+    return dx, None, None
+
+
+_int8_product.defvjp(_int8_fwd, _int8_bwd, symbolic_zeros=True)
 
 
 def is_quantized(x) -> bool:

@@ -1,0 +1,130 @@
+"""LoRA on a quantized base: CLIP ViT-B/32 (random init of the real config), r=8 adapters on
+q_proj and v_proj plus a 3-class head, batch 32, 224x224, ``optax.adam``; the frozen base
+stored as float32 (``f32``), as int8 (``int8``: ``eqxtl.quantize(model, spec)``) or as
+bfloat16 (``bf16``).
+
+Each base runs in a fresh subprocess (its own peak RSS) and prints one JSON line: seconds
+per step, peak RSS, the bytes of the base's weights, and XLA's ``memory_analysis()`` of the
+compiled step (arguments, outputs, temporaries: independent of what else the machine runs).
+
+    python benchmarks/quantized.py                    # f32, int8 and bf16 bases, full size
+    python benchmarks/quantized.py --bases f32 int8 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _common, steps, and eqxtl from this checkout
+
+import _common as C  # noqa: E402
+
+BASES = ("f32", "int8", "bf16")
+
+
+def _memory(compiled) -> dict[str, float]:
+    """XLA's memory analysis of a compiled step, in MiB."""
+    m = getattr(compiled, "compiled", compiled).memory_analysis()
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    return {f"xla_{f}_mb": round(getattr(m, f"{f}_size_in_bytes") / 2**20, 1) for f in fields}
+
+
+def run_one(base: str, args) -> dict:
+    import equinox as eqx
+    import jax
+    import optax
+
+    import eqxtl
+    import steps
+
+    model, state, image = steps.build("clip", args.quick)
+    model = steps.lora_model(model, "clip")
+    spec = eqxtl.lora_spec(model, "head")
+    if base != "f32":
+        model = eqxtl.quantize(model, spec, {"int8": "int8", "bf16": "bfloat16"}[base])
+        gc.collect()  # the float32 base is gone: only the quantized one is referenced
+        spec = eqxtl.lora_spec(model, "head")
+    frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.partition(model, spec)[1]))
+    batch = steps.make_batch(C.batch_size(args), image)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    key = jax.random.key(2)
+    trainable, frozen = eqx.partition(model, spec)
+    start = time.perf_counter()
+    compiled = step.compiled.lower((frozen, state, batch, key), trainable, opt_state).compile()
+    compile_s = time.perf_counter() - start
+    del trainable, frozen
+    carry = [model, state, opt_state]
+
+    def call():
+        m, s, o, metrics = step(*carry, batch, key)
+        carry[:] = [m, s, o]
+        return metrics
+
+    timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=1)
+    return C.result(
+        "eqxtl",
+        "clip",
+        "lora",
+        C.batch_size(args),
+        timing,
+        compile_s=compile_s,
+        flops=C.cost_flops(compiled),
+        base=base,
+        frozen_mb=round(frozen_bytes / 2**20, 1),
+        quick=args.quick,
+        **_memory(compiled),
+        **C.jax_device(),
+    )
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="tiny config: a smoke run")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (4 --quick)")
+    parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        C.emit(run_one(args.child, args))
+        return
+    records = []
+    for base in args.bases:  # one fresh process each: its own peak RSS
+        argv = [a for a in sys.argv[1:] if a not in args.bases and a != "--bases"]
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", base]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            print(f"{base}: failed ({out.returncode})\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        records.append(json.loads(lines[-1]))
+        print(lines[-1], flush=True)
+    by_base = {r["base"]: r for r in records}
+    if "f32" in by_base:
+        ref = by_base["f32"]
+        for r in records[1:] if records[0] is ref else records:
+            if r is ref:
+                continue
+            print(
+                f"{r['base']} / f32: peak RSS {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x, "
+                f"XLA args+temp {(r['xla_argument_mb'] + r['xla_temp_mb']) / (ref['xla_argument_mb'] + ref['xla_temp_mb']):.2f}x, "  # noqa: E501
+                f"s/step {r['sec_per_step'] / ref['sec_per_step']:.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()
