@@ -91,54 +91,67 @@ def apply_weight(
     channels on the last axis (a matmul by ``W^T``, a channels-last convolution).
 
     Quantized: ``op(x, values) * scale``, the scale applied to the output (one multiply
-    that fuses with the bias add); differentiable in ``x`` only (``_int8_product``).
+    that fuses with the bias add). A quantized weight, or one stored in fewer bits than
+    ``x`` (bfloat16 under float32 compute), goes through ``_small_product``.
     """
-    if not isinstance(weight, Int8Weight):
+    if isinstance(weight, Int8Weight):
+        values, scale = weight.values, weight.scale
+    elif jnp.finfo(weight.dtype).bits < jnp.finfo(x.dtype).bits:
+        values, scale = weight, None
+    else:
         return op(x, weight.astype(x.dtype))
-    like = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return _int8_product(op, like, x, weight.values, weight.scale)
+    return _small_product(op, jax.ShapeDtypeStruct(x.shape, x.dtype), x, values, scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _int8_product(op, like, x, values, scale):
-    """``op(x, values) * scale`` with a backward pass that keeps only the int8 values.
+def _small_product(op, like, x, values, scale):
+    """``op(x, values) (* scale)`` whose backward pass keeps only the stored weight.
 
     Under plain reverse mode the float copy of each weight made in the forward pass is a
     residual of the input gradient, so every layer's float weight is alive from its
     forward use to its backward one: the whole base in float32 again (XLA merges a
     recomputed copy with the forward one too, ``jax.checkpoint`` or not: +90% temporary
     memory on a CLIP-B/32 LoRA step; an optimization barrier does not stop it either).
-    Here the backward pass converts ``values + 0 * g[0]`` (as int8): the same numbers, but
-    an operand no forward instruction has, which exists only once the incoming gradient
+    Here the backward pass converts ``values + 0 * g[0]``: the same numbers, but an
+    operand no forward instruction has, which exists only once the incoming gradient
     does, so the float copy is made in the backward pass and dies with the input gradient.
+    A stored weight that trains (bfloat16) gets its gradient too; a scale never does.
     """
-    return op(x, values.astype(x.dtype)) * scale.astype(x.dtype)
+    y = op(x, values.astype(x.dtype))
+    return y if scale is None else y * scale.astype(x.dtype)
 
 
-def _int8_fwd(op, like, x, values, scale):
-    if scale.perturbed:
+def _small_fwd(op, like, x, values, scale):
+    if scale is not None and scale.perturbed:
         raise TypeError(
             "The scale of an int8 weight (eqxtl.quantize) is being differentiated: quantized "
             "weights are frozen. Build the filter spec from the quantized model (e.g. "
             "eqxtl.lora_spec) so that they stay out of the trainable half."
         )
-    x, values, scale = x.value, values.value, scale.value
-    return _int8_product(op, like, x, values, scale), (values, scale)
+    keep_x = values.perturbed  # a stored weight that trains: its gradient needs x
+    x, values = x.value, values.value
+    scale = None if scale is None else scale.value
+    return _small_product(op, like, x, values, scale), (values, scale, x if keep_x else None)
 
 
-def _int8_bwd(op, like, residuals, g):
-    values, scale = residuals
+def _small_bwd(op, like, residuals, g):
+    values, scale, x = residuals
     if isinstance(g, SymbolicZero):
         return jnp.zeros(like.shape, like.dtype), None, None
-    if g.size:  # the values plus a zero that XLA cannot fold: 0 * g is NaN for a NaN g
+    if scale is not None:
+        g = g * scale.astype(g.dtype)
+    if g.size:  # a zero that XLA cannot fold: 0 * g is NaN for a NaN g
         values = values + (jnp.ravel(g)[0] * 0).astype(values.dtype)
     weight = values.astype(g.dtype)
-    _, transpose = jax.vjp(lambda t: op(t, weight), jnp.zeros(like.shape, like.dtype))
-    (dx,) = transpose(g * scale.astype(g.dtype))
-    return dx, None, None
+    if x is None:
+        _, transpose = jax.vjp(lambda t: op(t, weight), jnp.zeros(like.shape, like.dtype))
+        return transpose(g)[0], None, None
+    _, transpose = jax.vjp(op, x, weight)
+    dx, dweight = transpose(g)
+    return dx, dweight.astype(values.dtype), None
 
 
-_int8_product.defvjp(_int8_fwd, _int8_bwd, symbolic_zeros=True)
+_small_product.defvjp(_small_fwd, _small_bwd, symbolic_zeros=True)
 
 
 def is_quantized(x) -> bool:

@@ -79,9 +79,10 @@ def merge_lora(model: Any) -> Any:
     ``m * (W + s B A) / ||W + s B A||`` per output channel). Same outputs as the adapted
     model (up to float rounding); ``save_pretrained`` writes it like any plain model.
 
-    Refuses a model without adapters (merging twice). A base stored as int8
-    (``eqxtl.quantize``) is dequantized: the merged weights are float32,
-    ``values * scale + s B A``, the base's quantization error included."""
+    Refuses a model without adapters (merging twice). An adapted layer whose base is stored
+    as int8 (``eqxtl.quantize``) is dequantized: its merged weight is float32,
+    ``values * scale + s B A`` (the base's quantization error included); quantize again to
+    store it small."""
     layers = require_adapters(model, "merge")
     weights = _merged_weights([layer for _, layer in layers])
     new = {p: _plain(layer, w, layer.bias) for (p, layer), w in zip(layers, weights, strict=True)}

@@ -1,0 +1,251 @@
+"""eqxtl.quantize: frozen weights stored as int8 (one scale per output channel) or bfloat16;
+LoRA on an int8 base; saving, merging, remat and scan; bad input; the int8 forward of the
+real EfficientNet-Lite0 on photographs."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from eqxtl._util.pytree_paths import map_with_path
+from eqxtl.io.checkpoint import state_dict
+from eqxtl.models.layers import Conv2d, dense
+from eqxtl.models.layers.quantized import Int8Weight
+from tests._tiny import tiny
+from tests.test_efficientnet import canonical as canonical  # noqa: F401  (fixtures)
+from tests.test_efficientnet import images as images  # noqa: F401
+from tests.test_efficientnet import jax_logits as jax_logits  # noqa: F401
+from tests.test_efficientnet import loaded as loaded  # noqa: F401
+from tests.test_train import batch
+
+QV = r".*\.(q_proj|v_proj)"
+INT8_TINY_RTOL = 0.04  # int8 vs float32 outputs of the tiny random CLIP (measured ~0.006)
+# EfficientNet-Lite0 (real weights), chelsea + coffee at 224: relative error of the pooled
+# features with every ungrouped convolution in int8 (measured 0.061 and 0.093 with the
+# depthwise ones too; see eqxtl.quantize)
+LITE0_FEATURES_RTOL = 0.10
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def int8_weights(model) -> list[Int8Weight]:
+    is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    return [x for x in jax.tree.leaves(model, is_leaf=is_q) if is_q(x)]
+
+
+def dequantized(model):
+    """``model`` with every int8 weight replaced by its float32 value."""
+    is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    return jax.tree.map(lambda x: x.dequantize() if is_q(x) else x, model, is_leaf=is_q)
+
+
+def perturb(model, seed: int):
+    """Non-zero ``lora_b`` (``B = 0`` at init would hide the adapters' part of every check)."""
+    rng = np.random.default_rng(seed)
+
+    def change(path, x):
+        if eqx.is_array(x) and path.endswith("lora_b"):
+            return jnp.asarray(0.05 * rng.normal(size=x.shape), x.dtype)
+        return x
+
+    return map_with_path(change, model)
+
+
+@eqx.filter_jit
+def forward(model, state, x):
+    return eqxtl.batched(model)(x, state)[0]
+
+
+@pytest.fixture(scope="module")
+def lora_int8():
+    """A tiny CLIP classifier with non-zero q/v adapters; ``(float model, int8 model, state)``
+    (the base frozen and stored as int8)."""
+    backbone, state = tiny("clip")
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    model = perturb(eqxtl.lora(model, QV, rank=4, key=jax.random.key(2)), 1)
+    return model, eqxtl.quantize(model, eqxtl.lora_spec(model, "head")), state
+
+
+def build(cls, *args, seed: int = 0, **kwargs):
+    """``cls(*args, **kwargs)`` with N(0, 1) weights drawn in numpy (eager JAX init compiles
+    once per shape)."""
+    skeleton = eqx.filter_eval_shape(cls, *args, **kwargs, key=jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype),
+        skeleton,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+
+
+def test_int8_layers_compute_with_their_dequantized_weights():
+    linear = build(eqx.nn.Linear, 24, 16)
+    convs = [build(Conv2d, 8, 12, 3, stride=2, padding=1), build(Conv2d, 8, 12, 1, seed=1)]
+    q = eqxtl.quantize({"fc": linear, "convs": convs}, False)
+    for layer, plain in zip([q["fc"], *q["convs"]], [linear, *convs], strict=True):
+        w, scale = layer.weight, layer.weight.scale
+        assert w.values.dtype == jnp.int8 and scale.shape == (plain.weight.shape[0],)
+        error = np.abs(np.asarray(w.dequantize()) - np.asarray(plain.weight))
+        bound = np.asarray(scale).reshape(-1, *(1,) * (plain.weight.ndim - 1)) / 2
+        assert np.all(error <= bound * (1 + 1e-5))  # each element within half a step
+        assert np.abs(np.asarray(w.values)).max() == 127  # absmax: the largest is +-127
+    rng = np.random.default_rng(2)
+    x, image = jnp.asarray(rng.normal(size=(5, 24))), jnp.asarray(rng.normal(size=(9, 9, 8)))
+
+    @eqx.filter_jit
+    def pairs(q):  # (int8 layer's output, float layer's with the dequantized weight)
+        plain = dequantized(q)
+        out = [(dense(q["fc"], x), dense(plain["fc"], x))]
+        return out + [(a(image), b(image)) for a, b in zip(q["convs"], plain["convs"])]
+
+    for got, want in pairs(q):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_an_int8_base(lora_int8):
+    model, q, state = lora_int8
+    # every frozen linear weight (the adapted q/v bases too) is int8; adapters and head float
+    assert len(int8_weights(q)) == 6 * 4  # tiny CLIP: 4 blocks of q, k, v, out, fc1, fc2
+    spec = eqxtl.lora_spec(q, "head")
+    trains = [p for p, on in zip(eqxtl.paths(q), jax.tree.leaves(spec), strict=True) if on]
+    assert trains and all(".lora_" in p or p.startswith("head.") for p in trains)
+    def frozen_bytes(m):
+        return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(m, eqxtl.lora_spec(m), True)))
+
+    assert frozen_bytes(q) < 0.35 * frozen_bytes(model)
+
+    b = batch(0, size=4)
+    x = jnp.asarray(b["image"])
+    y, y_float = forward(q, state, x), forward(model, state, x)
+    np.testing.assert_allclose(y, forward(dequantized(q), state, x), rtol=1e-5, atol=1e-5)
+    assert rel(y, y_float) <= INT8_TINY_RTOL
+
+    # the adapters' gradients are those of the float model with the dequantized base
+    loss = eqxtl.task_loss()
+
+    def grads(m):
+        trainable, frozen = eqx.partition(m, eqxtl.lora_spec(m, "head"))
+        g = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), state, b, None)[0])
+        return jax.tree.leaves(eqx.filter_jit(g)(trainable))
+
+    for got, want in zip(grads(q), grads(dequantized(q)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+    # a training step moves the adapters and the head, never the int8 base
+    optimizer = optax.adam(1e-2)
+    step = eqxtl.make_step(loss, optimizer, spec)
+    new, _, _, metrics = step(q, state, optimizer.init(eqx.filter(q, spec)), b, jax.random.key(0))
+    assert np.isfinite(metrics["loss"])
+    for before, after in zip(int8_weights(q), int8_weights(new), strict=True):
+        assert np.array_equal(before.values, after.values)
+        assert np.array_equal(before.scale, after.scale)
+    moved = [p for p, a, c in zip(eqxtl.paths(q), jax.tree.leaves(q), jax.tree.leaves(new),
+                                  strict=True) if not np.array_equal(a, c)]  # fmt: skip
+    assert moved and set(moved) <= set(trains)
+
+
+def test_quantize_then_lora_is_lora_then_quantize(lora_int8):
+    model, q, state = lora_int8
+    backbone, _ = tiny("clip")
+    plain = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    first = eqxtl.quantize(plain, eqxtl.trainable(plain, "head"))
+    adapted = perturb(eqxtl.lora(first, QV, rank=4, key=jax.random.key(2)), 1)
+    assert jax.tree.structure(adapted) == jax.tree.structure(q)
+    for a, b in zip(jax.tree.leaves(adapted), jax.tree.leaves(q), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # DoRA's magnitudes come from the dequantized weights (what the layer computes with)
+    dora = eqxtl.lora(first, QV, rank=4, dora=True, key=jax.random.key(2))
+    x = jnp.asarray(batch(1, size=2)["image"])
+    np.testing.assert_allclose(forward(dora, state, x), forward(first, state, x), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_merge_save_load_remat_scan(lora_int8, tmp_path):
+    model, q, state = lora_int8
+    x = jnp.asarray(batch(2, size=2)["image"])
+    want = forward(q, state, x)
+    # merge_lora dequantizes the adapted layers: float32 weights (the other int8 weights stay),
+    # same outputs as the adapted int8 model
+    merged = eqxtl.merge_lora(q)
+    assert len(int8_weights(merged)) == len(int8_weights(q)) - 2 * 4
+    assert merged.backbone.encoder.layers[0].self_attn.q_proj.weight.dtype == jnp.float32
+    np.testing.assert_allclose(forward(merged, state, x), want, rtol=1e-5, atol=1e-5)
+
+    # saving writes the dequantized float32 weights in the usual layout; quantize again
+    plain = eqxtl.quantize(merged, eqxtl.trainable(merged, "head"))
+    eqxtl.save_pretrained(plain, state, tmp_path)
+    again, again_state = eqxtl.from_pretrained(tmp_path, keep_head=True)
+    saved = state_dict(again.backbone, again_state)
+    for name, value in state_dict(dequantized(plain).backbone, state).items():
+        np.testing.assert_array_equal(saved[name], value, err_msg=name)
+    requantized = eqxtl.quantize(again, eqxtl.trainable(again, "head"))
+    for a, b in zip(int8_weights(requantized), int8_weights(plain), strict=True):
+        np.testing.assert_array_equal(a.values, b.values)
+        np.testing.assert_allclose(a.scale, b.scale, rtol=1e-6)
+
+    # blocks recomputed in the backward pass, or run under lax.scan: the same outputs
+    for variant in (eqxtl.with_remat(q), eqxtl.with_scan(q)):
+        np.testing.assert_allclose(forward(variant, state, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_storage_of_frozen_leaves():
+    backbone, state = tiny("clip")
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    small = eqxtl.quantize(model, eqxtl.trainable(model, "head"), "bfloat16")
+    dtypes = {p: x.dtype for p, x in zip(eqxtl.paths(small), jax.tree.leaves(small), strict=True)}
+    assert {d for p, d in dtypes.items() if p.startswith("head.")} == {jnp.dtype(jnp.float32)}
+    assert {d for p, d in dtypes.items() if p.startswith("backbone.")} == {jnp.dtype(jnp.bfloat16)}
+    x = jnp.asarray(batch(3, size=2)["image"])
+    y = forward(small, state, x)
+    assert y.dtype == jnp.float32  # float32 compute by default: the weights are cast up
+    assert rel(y, forward(model, state, x)) <= 0.02
+    assert eqxtl.count(small) == eqxtl.count(model)
+
+
+def test_bad_input(lora_int8):
+    model, q, state = lora_int8
+    x = jnp.ones((2, 64))
+    # training an int8 weight: refused by every spec builder, naming the leaf
+    layer = "backbone.encoder.layers.0.mlp.fc1.weight"
+    with pytest.raises(eqxtl.RuleError, match=layer.replace(".", r"\.")):
+        eqxtl.trainable(q, "backbone.encoder.layers.0.mlp")
+    with pytest.raises(eqxtl.RuleError, match="stored as int8"):
+        eqxtl.everything(q)
+    with pytest.raises(eqxtl.RuleError, match="stored as int8"):
+        eqxtl.param_groups(q, [(".*", optax.adam(1e-3))])
+    with pytest.raises(eqxtl.RuleError, match="stored as int8"):
+        eqxtl.quantize(q, eqxtl.frozen(model, "head"), "bfloat16")  # a spec of the float model
+    # ... and differentiating a scale directly, at trace time
+    fc = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 64, 64), int8_weights(q)[0])
+    with pytest.raises(TypeError, match="frozen"):
+        jax.grad(lambda s: dense(eqx.tree_at(lambda m: m.weight.scale, fc, s), x).sum())(
+            fc.weight.scale
+        )
+    with pytest.raises(eqxtl.EqxtlError, match="dtype must be 'int8'"):
+        eqxtl.quantize(model, False, "float16")
+    with pytest.raises(eqxtl.EqxtlError, match="nothing to store"):
+        eqxtl.quantize(q, eqxtl.lora_spec(q, "head"))  # already int8
+    # weights int8 cannot hold: named
+    empty = {"fc": build(eqx.nn.Linear, 4, 0)}
+    with pytest.raises(eqxtl.EqxtlError, match=r"fc\.weight as int8.*no element"):
+        eqxtl.quantize(empty, False)
+    broken = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 4, 3), jnp.full((3, 4), jnp.nan))
+    with pytest.raises(eqxtl.EqxtlError, match="NaN or infinite"):
+        eqxtl.quantize([broken], False)
+
+
+def test_lite0_int8_on_photographs(loaded, images, jax_logits):  # noqa: F811
+    backbone, head, state = loaded
+    features, logits = jax_logits
+    q = eqxtl.quantize(backbone, False)
+    assert len(int8_weights(q)) == 1 + 2 * 16 - 1 + 1  # stem, expand + project, head conv
+    got = forward(q, state, jnp.asarray(images))
+    for i in range(len(images)):
+        assert rel(got[i], features[i]) <= LITE0_FEATURES_RTOL
+    np.testing.assert_array_equal(jax.vmap(head)(got).argmax(-1), logits.argmax(-1))
