@@ -14,7 +14,7 @@ from eqxtl._util.pytree_paths import map_with_path
 from eqxtl.io.checkpoint import state_dict
 from eqxtl.models.layers import Conv2d, dense
 from eqxtl.models.layers.quantized import Int8Weight
-from tests._tiny import tiny
+from tests._tiny import tiny_architecture
 from tests.test_efficientnet import canonical as canonical  # noqa: F401  (fixtures)
 from tests.test_efficientnet import images as images  # noqa: F401
 from tests.test_efficientnet import jax_logits as jax_logits  # noqa: F401
@@ -66,7 +66,7 @@ def forward(model, state, x):
 def lora_int8():
     """A tiny CLIP classifier with non-zero q/v adapters; ``(float model, int8 model, state)``
     (the base frozen and stored as int8)."""
-    backbone, state = tiny("clip")
+    backbone, state = tiny_architecture("clip_vision")
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     model = perturb(eqxtl.lora(model, QV, rank=4, key=jax.random.key(2)), 1)
     return model, eqxtl.quantize(model, eqxtl.lora_spec(model, "head")), state
@@ -111,7 +111,7 @@ def test_int8_layers_compute_with_their_dequantized_weights():
 def test_lora_on_an_int8_base(lora_int8):
     model, q, state = lora_int8
     # every frozen linear weight (the adapted q/v bases too) is int8; adapters and head float
-    assert len(int8_weights(q)) == 6 * 4  # tiny CLIP: 4 blocks of q, k, v, out, fc1, fc2
+    assert len(int8_weights(q)) == 6 * 3  # tiny CLIP: 3 blocks of q, k, v, out, fc1, fc2
     spec = eqxtl.lora_spec(q, "head")
     trains = [p for p, on in zip(eqxtl.paths(q), jax.tree.leaves(spec), strict=True) if on]
     assert trains and all(".lora_" in p or p.startswith("head.") for p in trains)
@@ -152,7 +152,7 @@ def test_lora_on_an_int8_base(lora_int8):
 
 def test_quantize_then_lora_is_lora_then_quantize(lora_int8):
     model, q, state = lora_int8
-    backbone, _ = tiny("clip")
+    backbone, _ = tiny_architecture("clip_vision")
     plain = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     first = eqxtl.quantize(plain, eqxtl.trainable(plain, "head"))
     adapted = perturb(eqxtl.lora(first, QV, rank=4, key=jax.random.key(2)), 1)
@@ -173,7 +173,7 @@ def test_merge_save_load_remat_scan(lora_int8, tmp_path):
     # merge_lora dequantizes the adapted layers: float32 weights (the other int8 weights stay),
     # same outputs as the adapted int8 model
     merged = eqxtl.merge_lora(q)
-    assert len(int8_weights(merged)) == len(int8_weights(q)) - 2 * 4
+    assert len(int8_weights(merged)) == len(int8_weights(q)) - 2 * 3
     assert merged.backbone.encoder.layers[0].self_attn.q_proj.weight.dtype == jnp.float32
     np.testing.assert_allclose(forward(merged, state, x), want, rtol=1e-5, atol=1e-5)
 
@@ -195,7 +195,7 @@ def test_merge_save_load_remat_scan(lora_int8, tmp_path):
 
 
 def test_bfloat16_storage_of_frozen_leaves():
-    backbone, state = tiny("clip")
+    backbone, state = tiny_architecture("clip_vision")
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     small = eqxtl.quantize(model, eqxtl.trainable(model, "head"), "bfloat16")
     dtypes = {p: x.dtype for p, x in zip(eqxtl.paths(small), jax.tree.leaves(small), strict=True)}
@@ -210,7 +210,7 @@ def test_bfloat16_storage_of_frozen_leaves():
 
 def test_bad_input(lora_int8):
     model, q, state = lora_int8
-    x = jnp.ones((2, 64))
+    x = jnp.ones((2, 32))
     # training an int8 weight: refused by every spec builder, naming the leaf
     layer = "backbone.encoder.layers.0.mlp.fc1.weight"
     with pytest.raises(eqxtl.RuleError, match=layer.replace(".", r"\.")):
@@ -222,7 +222,7 @@ def test_bad_input(lora_int8):
     with pytest.raises(eqxtl.RuleError, match="stored as int8"):
         eqxtl.quantize(q, eqxtl.frozen(model, "head"), "bfloat16")  # a spec of the float model
     # ... and differentiating a scale directly, at trace time
-    fc = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 64, 64), int8_weights(q)[0])
+    fc = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 32, 32), int8_weights(q)[0])
     with pytest.raises(TypeError, match="frozen"):
         jax.grad(lambda s: dense(eqx.tree_at(lambda m: m.weight.scale, fc, s), x).sum())(
             fc.weight.scale
