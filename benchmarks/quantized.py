@@ -40,9 +40,9 @@ def run_one(base: str, args) -> dict:
     import equinox as eqx
     import jax
     import optax
+    import steps
 
     import eqxtl
-    import steps
 
     model, state, image = steps.build("clip", args.quick)
     model = steps.lora_model(model, "clip")

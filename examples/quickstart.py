@@ -140,7 +140,18 @@ def textures(shots: int, test_per_class: int, seed: int):
 
 
 def run(
-    name, backbone, state, groups, train, test, args, *, steps, adapt=None, augment=None, bn="auto",
+    name,
+    backbone,
+    state,
+    groups,
+    train,
+    test,
+    args,
+    *,
+    steps,
+    adapt=None,
+    augment=None,
+    bn="auto",
     int8=False,
 ) -> dict:
     """Fit a zero-initialised head on ``backbone`` with the per-group optimizers ``groups``
@@ -363,7 +374,8 @@ def main(argv=None) -> dict:
         "losses": {n: r["losses"] for n, r in results.items()},
         "total_seconds": round(total, 1),
         "args": {
-            k: getattr(args, k) for k in ("shots", "size", "steps", "seed", "bf16", "lora_rank", "int8_base")
+            k: getattr(args, k)
+            for k in ("shots", "size", "steps", "seed", "bf16", "lora_rank", "int8_base")
         },
     }
     tmp = args.out / "summary.json.tmp"

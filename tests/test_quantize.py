@@ -102,7 +102,7 @@ def test_int8_layers_compute_with_their_dequantized_weights():
     def pairs(q):  # (int8 layer's output, float layer's with the dequantized weight)
         plain = dequantized(q)
         out = [(dense(q["fc"], x), dense(plain["fc"], x))]
-        return out + [(a(image), b(image)) for a, b in zip(q["convs"], plain["convs"])]
+        return out + [(a(image), b(image)) for a, b in zip(q["convs"], plain["convs"], strict=True)]
 
     for got, want in pairs(q):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -115,6 +115,7 @@ def test_lora_on_an_int8_base(lora_int8):
     spec = eqxtl.lora_spec(q, "head")
     trains = [p for p, on in zip(eqxtl.paths(q), jax.tree.leaves(spec), strict=True) if on]
     assert trains and all(".lora_" in p or p.startswith("head.") for p in trains)
+
     def frozen_bytes(m):
         return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(m, eqxtl.lora_spec(m), True)))
 

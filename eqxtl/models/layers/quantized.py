@@ -33,7 +33,7 @@ class Int8Weight(eqx.Module):
     reads a plain one; ``dequantize()`` gives the float weight.
     """
 
-    values: Int8[Array, "out *rest"]
+    values: Int8[Array, " out *rest"]
     scale: Float[Array, " out"]
 
     @property
@@ -48,7 +48,7 @@ class Int8Weight(eqx.Module):
     def dtype(self):
         return self.scale.dtype
 
-    def dequantize(self, dtype=None) -> Float[Array, "out *rest"]:
+    def dequantize(self, dtype=None) -> Float[Array, " out *rest"]:
         """The float weight ``values * scale`` (in ``dtype``, default float32)."""
         dtype = self.scale.dtype if dtype is None else dtype
         scale = self.scale.reshape(-1, *(1,) * (self.ndim - 1))

@@ -20,7 +20,6 @@ from ..._util.pytree_paths import closest, keypath_to_str
 from ...errors import AdapterError, RuleError
 from ...models.heads import Classifier
 from ...models.layers import LoRAConv2d, LoRALinear
-from ...models.layers.quantized import as_float
 from ...models.layers.low_rank import (
     ADAPTED_TYPES,
     ADAPTERS,
@@ -28,6 +27,7 @@ from ...models.layers.low_rank import (
     adapted_layers,
     layers_of,
 )
+from ...models.layers.quantized import as_float
 from ...models.registry import ARCHITECTURES, architecture_of
 from ..filters import Rule, _compile, _describe, trainable
 

@@ -11,11 +11,11 @@ import jax.numpy as jnp
 
 from ...errors import AdapterError
 from ...models.layers import Conv2d, LoRALinear
-from ...models.layers.quantized import as_float
 from ...models.layers.low_rank import (
     ADAPTED_TYPES,
     dora_scale,
 )
+from ...models.layers.quantized import as_float
 from .inject import all_layers, replace_layers, require_adapters
 
 
