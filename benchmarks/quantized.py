@@ -36,6 +36,13 @@ def _memory(compiled) -> dict[str, float]:
     return {f"xla_{f}_mb": round(getattr(m, f"{f}_size_in_bytes") / 2**20, 1) for f in fields}
 
 
+def _rss_mb() -> float:
+    """Resident set size now (Linux), in MiB."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    return round(kib / 1024, 1)
+
+
 def run_one(base: str, args) -> dict:
     import equinox as eqx
     import jax
@@ -69,6 +76,7 @@ def run_one(base: str, args) -> dict:
         carry[:] = [m, s, o]
         return metrics
 
+    before = _rss_mb()  # the base, the compiled step and what the allocator kept so far
     timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=1)
     return C.result(
         "eqxtl",
@@ -79,6 +87,8 @@ def run_one(base: str, args) -> dict:
         compile_s=compile_s,
         flops=C.cost_flops(compiled),
         base=base,
+        rss_before_steps_mb=before,
+        peak_rss_growth_in_steps_mb=round(C.peak_rss_mb() - before, 1),
         frozen_mb=round(frozen_bytes / 2**20, 1),
         quick=args.quick,
         **_memory(compiled),
