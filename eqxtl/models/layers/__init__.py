@@ -1,7 +1,8 @@
 """Layers shared by the backbones, by kind: ``conv`` (``Conv2d``, ``max_pool``), ``norm``
 (``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
 (activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``resample`` (position
-embeddings), ``drop`` (stochastic depth) and ``static`` (static switches: remat / scan flags).
+embeddings), ``drop`` (stochastic depth), ``static`` (static switches: remat / scan flags) and
+``quantized`` (``Int8Weight``: a frozen weight stored as int8, ``eqxtl.quantize``).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
 loading a checkpoint is renaming only.
