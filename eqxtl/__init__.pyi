@@ -68,6 +68,7 @@ from .training.evaluation import predict as predict
 from .training.fewshot import FewShotEval as FewShotEval
 from .training.loop import FitResult as FitResult
 from .training.loop import fit as fit
+from .training.memory import memory_report as memory_report
 from .training.mixup import Mixup as Mixup
 from .training.options import Checkpoint as Checkpoint
 from .training.options import Runtime as Runtime

@@ -220,7 +220,9 @@ def make_step(
     donating = eqx.filter_jit(_step, donate="all-except-first", compiler_options=options)
     plain = eqx.filter_jit(_step, compiler_options=options)
 
-    def step(model, state, opt_state, batch, key=None):
+    def arguments(model, state, opt_state, batch, key):
+        """``(donates, frozen, (passthrough, trainable, opt_state))``: what the compiled
+        step takes."""
         shardings = None
         if mesh is not None:
             batch = shard_batch(batch, mesh)
@@ -236,14 +238,35 @@ def make_step(
         if donates is None:
             donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
         passthrough = (frozen, state, batch, key) + (() if shardings is None else (shardings,))
-        trainable, new_state, opt_state, metrics = (donating if donates else plain)(
-            passthrough, trainable, opt_state
-        )
+        return donates, frozen, (passthrough, trainable, opt_state)
+
+    def step(model, state, opt_state, batch, key=None):
+        donates, frozen, args = arguments(model, state, opt_state, batch, key)
+        trainable, new_state, opt_state, metrics = (donating if donates else plain)(*args)
         state = state if new_state is None else new_state
         return eqx.combine(trainable, frozen), state, opt_state, metrics
 
-    # exposed for tests and benchmarks (tracing counts, cost analysis)
+    def lower(model, state, opt_state, batch, key=None) -> jax.stages.Lowered:
+        """The step lowered for these arguments, as ``step`` would compile it (same
+        donation); leaves may be ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``): nothing
+        is allocated or run."""
+        donates, _, (passthrough, trainable, opt_state) = arguments(
+            model, state, opt_state, batch, key
+        )
+        dynamic, static = eqx.partition((passthrough, (trainable, opt_state)), _is_leaf_value)
+
+        def run(passthrough, donated):
+            (passthrough, (trainable, opt_state)) = eqx.combine((passthrough, donated), static)
+            return eqx.filter(_step(passthrough, trainable, opt_state), eqx.is_array)
+
+        jitted = jax.jit(run, donate_argnums=(1,) if donates else (), compiler_options=options)
+        return jitted.lower(*dynamic)
+
+    # exposed for tests and benchmarks (tracing counts, cost analysis); `lower` and `spec`
+    # for memory_report
     step.compiled = plain if donate is False else donating
+    step.lower = lower
+    step.spec = spec
     return step
 
 
@@ -396,8 +419,15 @@ DONATE_MIN_BYTES = 64 * 2**20
 state on."""
 
 
+def _is_leaf_value(x: Any) -> bool:
+    """An array, or the shape and dtype of one (``jax.ShapeDtypeStruct``)."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def _nbytes(*trees: Any) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(trees, eqx.is_array)))
+    """Bytes of the arrays (or ``ShapeDtypeStruct``) in ``trees``."""
+    leaves = jax.tree.leaves(eqx.filter(trees, _is_leaf_value))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
 
 
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
