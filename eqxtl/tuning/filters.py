@@ -42,7 +42,9 @@ Rule = str | type | Callable[[str, Any], bool] | tuple[Any, bool]
 
 
 def _trainable_leaf(leaf: Any) -> bool:
-    return eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact)
+    # ShapeDtypeStruct: specs of shape-only models (eqx.filter_eval_shape), for memory_report
+    is_array = eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+    return is_array and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
 def _int8(leaf: Any) -> bool:

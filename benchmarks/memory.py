@@ -1,0 +1,112 @@
+"""Where a train step's memory goes: ``eqxtl.memory_report`` of the compiled step (XLA's
+buffer assignment: arguments, outputs, donated aliases, temporaries), for each model and
+variant of ``make_step``, from shapes alone (no weights, no batch, nothing run), so the
+figures do not depend on the machine's load. Batch 32, 224x224, Adam, everything trains
+(``full``) unless ``--workloads`` says otherwise.
+
+Variants (``--variants``): ``default`` (``make_step`` as ``fit`` builds it),
+``no-donate`` (``donate=False``), ``no-skip`` (``skip_nonfinite=False``), ``remat``
+(``eqxtl.with_remat``: blocks recomputed in the backward pass). Each (model, workload,
+variant) compiles in a fresh process (``--in-process`` for one process) and prints one JSON
+line in MiB, plus the process's peak RSS (the compiler's own memory: nothing runs).
+
+    python benchmarks/memory.py --models clip resnet50
+    python benchmarks/memory.py --models resnet50 --variants default no-skip --dump /tmp/hlo
+
+``--dump DIR``: XLA's dump of each compiled step (``--xla_dump_to``, with the buffer
+assignment: ``*buffer-assignment.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+
+import _common as C  # noqa: E402
+
+VARIANTS = ("default", "no-donate", "no-skip", "remat")
+
+
+def report(model_name: str, workload: str, variant: str, batch_size: int, quick: bool):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import steps
+
+    import eqxtl
+
+    holder = {}
+
+    def build():
+        model, state, image = steps.build(model_name, quick)
+        holder["image"] = image
+        return model, state
+
+    model, state = eqx.filter_eval_shape(build)  # shapes only: nothing is initialised
+    if variant == "remat":
+        model = eqxtl.with_remat(model)
+    if workload == "lora":
+        model = eqx.filter_eval_shape(steps.lora_model, model, model_name)
+    spec = steps.spec_for(model, workload)
+    optimizer = optax.adam(1e-3)
+    opt_state = jax.eval_shape(optimizer.init, eqx.filter(model, spec))
+    options = {"donate": False} if variant == "no-donate" else {}
+    options |= {"skip_nonfinite": False} if variant == "no-skip" else {}
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, **options)
+    image = holder["image"]
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_size, 3, image, image), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+    }
+    result = eqxtl.memory_report(step, model, state, opt_state, batch)
+    mib = {k: round(v / 2**20, 1) for k, v in vars(result).items() if not isinstance(v, bool)}
+    record = {"model": model_name, "workload": workload, "variant": variant}
+    record |= {"batch": batch_size, **mib, "donated": result.donated}
+    record |= {"compile_peak_rss_mb": round(C.peak_rss_mb(), 1), "load": os.getloadavg()[0]}
+    C.emit(record)
+    print(result, file=sys.stderr)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["clip", "resnet50"])
+    parser.add_argument("--workloads", nargs="+", default=["full"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--batch-size", type=int, default=C.BATCH)
+    parser.add_argument("--quick", action="store_true", help="tiny configs, 32x32")
+    parser.add_argument("--in-process", action="store_true")
+    parser.add_argument("--dump", help="XLA dump folder (buffer assignment, HLO)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        report(*args.child[:3], args.batch_size, args.quick)
+        return
+    for model in args.models:
+        for workload in args.workloads:
+            for variant in args.variants:
+                if args.in_process:
+                    report(model, workload, variant, args.batch_size, args.quick)
+                    continue
+                env = dict(os.environ)
+                if args.dump:
+                    where = os.path.join(args.dump, f"{model}-{workload}-{variant}")
+                    flags = f"--xla_dump_to={where} --xla_dump_hlo_as_text"
+                    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
+                cmd = [sys.executable, __file__, "--child", model, workload, variant]
+                cmd += ["--batch-size", str(args.batch_size)] + (["--quick"] if args.quick else [])
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                sys.stdout.write(done.stdout)
+                if done.returncode:
+                    sys.stderr.write(done.stderr[-3000:])
+                    print(json.dumps({"model": model, "variant": variant, "error": True}))
+
+
+if __name__ == "__main__":
+    main()
