@@ -190,12 +190,11 @@ def make_step(
         _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         loss, new_state, metrics, grads = grads_of(trainable, frozen, state, batch, key)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = eqx.apply_updates(trainable, updates)
         finite = jnp.isfinite(loss)
         for g in jax.tree.leaves(grads):
             finite = finite & jnp.all(jnp.isfinite(g))
-        new_trainable, new_opt_state = _updated(
-            optimizer, grads, trainable, opt_state, finite if skip_nonfinite else None
-        )
         # With every BatchNorm frozen the state passes through untouched: returning it would
         # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).
         new_leaves = jax.tree.leaves(new_state)
@@ -203,8 +202,10 @@ def make_step(
             a is b for a, b in zip(state_leaves, new_leaves, strict=True)
         )
         if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            new_trainable = jtu.tree_map(keep, new_trainable, trainable)
+            new_opt_state = jtu.tree_map(keep, new_opt_state, opt_state)
             if not unchanged:
-                keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
                 leaves, treedef = jtu.tree_flatten(new_state)
                 kept = [keep(a, b) for a, b in zip(leaves, state_leaves, strict=True)]
                 new_state = jtu.tree_unflatten(treedef, kept)
@@ -216,6 +217,7 @@ def make_step(
         return new_trainable, None if unchanged else new_state, new_opt_state, metrics
 
     options = _step_compiler_options()
+    _release_compiler_memory()
     donating = eqx.filter_jit(_step, donate="all-except-first", compiler_options=options)
     plain = eqx.filter_jit(_step, compiler_options=options)
 
@@ -267,37 +269,6 @@ def make_step(
     step.lower = lower
     step.spec = spec
     return step
-
-
-def _updated(optimizer, grads, trainable, opt_state, finite):
-    """``(new trainable leaves, new optimizer state)``; with ``finite`` (a boolean scalar),
-    the ones passed in unless it is true.
-
-    A ``lax.cond``, not a select (``jnp.where(finite, new, old)``) of each leaf: with the
-    select, XLA must hold every new value (Adam's moments and the updates) in temporaries
-    until the select overwrites the donated inputs: one extra copy of the trainable leaves
-    and the optimizer state (+1.0 GB for CLIP-B/32's full step; ``memory_report``). Under
-    the cond the update writes in place, as without the check."""
-
-    def apply(grads, trainable, opt_state):
-        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
-        return eqx.apply_updates(trainable, updates), new_opt_state
-
-    if finite is None:
-        return apply(grads, trainable, opt_state)
-    dynamic, static = eqx.partition((grads, trainable, opt_state), eqx.is_array)
-    run = lambda dynamic: apply(*eqx.combine(dynamic, static))  # noqa: E731
-    out_dynamic, out_static = eqx.partition(eqx.filter_eval_shape(run, dynamic), _is_leaf_value)
-
-    def keep(dynamic):  # the values passed in, with the types the update gives
-        _, trainable, opt_state = eqx.combine(dynamic, static)
-        old = eqx.filter((trainable, opt_state), eqx.is_array)
-        return jtu.tree_map(lambda o, s: o.astype(s.dtype), old, out_dynamic)
-
-    def new(dynamic):
-        return eqx.filter(run(dynamic), eqx.is_array)
-
-    return eqx.combine(jax.lax.cond(finite, new, keep, dynamic), out_static)
 
 
 class _Static:
@@ -442,6 +413,38 @@ def _step_compiler_options() -> dict | None:
     except Exception:  # an older or newer jaxlib without this option: its default
         return None
     return dict(_CPU_STEP_OPTIONS)
+
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_TRIM_AFTER_S = 1.0
+_trim_enabled = True  # False: leave the heap alone (benchmarks/memory.py compares both)
+
+
+@functools.cache
+def _release_compiler_memory() -> None:
+    """On the CPU with glibc: after each XLA compilation longer than a second, hand the
+    memory the compiler freed back to the system (``malloc_trim``).
+
+    Why: XLA:CPU compiles a train step with several threads, each on its own malloc arena;
+    what they free stays in the process, fragmented, and the step's temporaries (one block
+    of ``memory_report(...).temp`` bytes, too big for the arenas: a fresh ``mmap``) come on
+    top of it. ResNet-50's full step (batch 32) left ~2 GB behind, CLIP-B/32's ~1.5 GB
+    (``docs/guides/memory.md``). Trimming costs milliseconds, once per compilation; results
+    do not change."""
+    if jax.default_backend() != "cpu":
+        return
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return
+
+    def listener(event: str, duration: float, **_) -> None:
+        if _trim_enabled and event == _BACKEND_COMPILE_EVENT and duration >= _TRIM_AFTER_S:
+            trim(0)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
 
 
 DONATE_MIN_BYTES = 64 * 2**20
