@@ -13,6 +13,10 @@ line in MiB, plus the process's peak RSS (the compiler's own memory: nothing run
     python benchmarks/memory.py --models clip resnet50
     python benchmarks/memory.py --models resnet50 --variants default no-skip --dump /tmp/hlo
 
+``--rss``: instead, the process's resident memory along a real step's life (built with
+random weights, compiled, two steps run), with and without ``make_step``'s trim of the
+compiler's freed memory, one fresh process each.
+
 ``--dump DIR``: XLA's dump of each compiled step (``--xla_dump_to``, with the buffer
 assignment: ``*buffer-assignment.txt``).
 """
@@ -74,6 +78,43 @@ def report(model_name: str, workload: str, variant: str, batch_size: int, quick:
     print(result, file=sys.stderr)
 
 
+def rss(model_name: str, trim: str, batch_size: int, quick: bool) -> None:
+    import equinox as eqx
+    import jax
+    import optax
+    import steps
+
+    import eqxtl
+    import eqxtl.training.step as step_module
+
+    step_module._trim_enabled = trim == "trim"
+
+    def current_mb():
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+
+    record = {"model": model_name, "workload": "full", "trim": trim == "trim"}
+    model, state, image = steps.build(model_name, quick)
+    batch = steps.make_batch(batch_size, image)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    record |= {"built_mb": current_mb()}
+    trainable, frozen = eqx.partition(model, spec)
+    args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
+    step.compiled.lower(*args).compile()  # the compilation the first call then reuses
+    del trainable, frozen, args
+    record |= {"compiled_mb": current_mb(), "compile_peak_rss_mb": round(C.peak_rss_mb())}
+    carry = [model, state, opt_state]
+    del model, opt_state
+    for _ in range(2):
+        *carry, metrics = step(*carry, batch, jax.random.key(2))
+        jax.block_until_ready(metrics)
+    record |= {"peak_rss_mb": round(C.peak_rss_mb()), "load": os.getloadavg()[0]}
+    C.emit(record)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["clip", "resnet50"])
@@ -83,11 +124,17 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny configs, 32x32")
     parser.add_argument("--in-process", action="store_true")
     parser.add_argument("--dump", help="XLA dump folder (buffer assignment, HLO)")
+    parser.add_argument("--rss", action="store_true", help="peak RSS, trim vs no trim")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        report(*args.child[:3], args.batch_size, args.quick)
+        if args.child[1] == "rss":
+            rss(args.child[0], args.child[2], args.batch_size, args.quick)
+        else:
+            report(*args.child[:3], args.batch_size, args.quick)
         return
+    if args.rss:
+        args.workloads, args.variants = ["rss"], ["trim", "no-trim"]
     for model in args.models:
         for workload in args.workloads:
             for variant in args.variants:
