@@ -222,24 +222,7 @@ def make_step(
     plain = eqx.filter_jit(_step, compiler_options=options)
 
     def arguments(model, state, opt_state, batch, key):
-        """``(donates, frozen, (passthrough, trainable, opt_state))``: what the compiled
-        step takes."""
-        shardings = None
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
-        _check_accumulate(batch, accumulate)  # the global batch, across processes too
-        try:
-            trainable, frozen = eqx.partition(model, spec)
-        except (ValueError, TypeError):
-            check_spec(model, spec)  # a RuleError that says so, if that is the cause
-            raise
-        if mesh is not None:
-            shardings = _Static(shardings_of((trainable, state, opt_state)))
-        donates = donate
-        if donates is None:
-            donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
-        passthrough = (frozen, state, batch, key) + (() if shardings is None else (shardings,))
-        return donates, frozen, (passthrough, trainable, opt_state)
+        return _arguments(spec, mesh, accumulate, donate, model, state, opt_state, batch, key)
 
     def step(model, state, opt_state, batch, key=None):
         donates, frozen, args = arguments(model, state, opt_state, batch, key)
@@ -249,19 +232,9 @@ def make_step(
 
     def lower(model, state, opt_state, batch, key=None) -> jax.stages.Lowered:
         """The step lowered for these arguments, as ``step`` would compile it (same
-        donation); leaves may be ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``): nothing
-        is allocated or run."""
-        donates, _, (passthrough, trainable, opt_state) = arguments(
-            model, state, opt_state, batch, key
-        )
-        dynamic, static = eqx.partition((passthrough, (trainable, opt_state)), _is_leaf_value)
-
-        def run(passthrough, donated):
-            (passthrough, (trainable, opt_state)) = eqx.combine((passthrough, donated), static)
-            return eqx.filter(_step(passthrough, trainable, opt_state), eqx.is_array)
-
-        jitted = jax.jit(run, donate_argnums=(1,) if donates else (), compiler_options=options)
-        return jitted.lower(*dynamic)
+        donation); leaves may be ``jax.ShapeDtypeStruct``: nothing is allocated or run."""
+        donates, _, args = arguments(model, state, opt_state, batch, key)
+        return _lowered(_step, options, donates, *args)
 
     # exposed for tests and benchmarks (tracing counts, cost analysis); `lower` and `spec`
     # for memory_report
@@ -269,6 +242,41 @@ def make_step(
     step.lower = lower
     step.spec = spec
     return step
+
+
+def _arguments(spec, mesh, accumulate, donate, model, state, opt_state, batch, key):
+    """``(donates, frozen, (passthrough, trainable, opt_state))``: what the compiled step
+    takes."""
+    shardings = None
+    if mesh is not None:
+        batch = shard_batch(batch, mesh)
+    _check_accumulate(batch, accumulate)  # the global batch, across processes too
+    try:
+        trainable, frozen = eqx.partition(model, spec)
+    except (ValueError, TypeError):
+        check_spec(model, spec)  # a RuleError that says so, if that is the cause
+        raise
+    if mesh is not None:
+        shardings = _Static(shardings_of((trainable, state, opt_state)))
+    donates = donate
+    if donates is None:
+        donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
+    passthrough = (frozen, state, batch, key) + (() if shardings is None else (shardings,))
+    return donates, frozen, (passthrough, trainable, opt_state)
+
+
+def _lowered(step_fn, options, donates, passthrough, trainable, opt_state):
+    """``step_fn`` lowered as ``eqx.filter_jit(step_fn, donate="all-except-first")`` (or
+    without donation) lowers it, with ``jax.ShapeDtypeStruct`` leaves taken as arguments
+    (``filter_jit`` would take them for static values)."""
+    dynamic, static = eqx.partition((passthrough, (trainable, opt_state)), _is_leaf_value)
+
+    def run(passthrough, donated):
+        (passthrough, (trainable, opt_state)) = eqx.combine((passthrough, donated), static)
+        return eqx.filter(step_fn(passthrough, trainable, opt_state), eqx.is_array)
+
+    jitted = jax.jit(run, donate_argnums=(1,) if donates else (), compiler_options=options)
+    return jitted.lower(*dynamic)
 
 
 class _Static:
@@ -429,8 +437,8 @@ def _release_compiler_memory() -> None:
     what they free stays in the process, fragmented, and the step's temporaries (one block
     of ``memory_report(...).temp`` bytes, too big for the arenas: a fresh ``mmap``) come on
     top of it. Trimming lowered the peak RSS of ResNet-50's full step (batch 32) by 1.0 GB,
-    CLIP-B/32's by 0.38 GB (``docs/guides/memory.md``). Trimming costs milliseconds, once per compilation; results
-    do not change."""
+    CLIP-B/32's by 0.38 GB (``docs/guides/memory.md``). It costs milliseconds, once per
+    compilation; results do not change."""
     if jax.default_backend() != "cpu":
         return
     try:
