@@ -1,0 +1,283 @@
+"""The headline of issue 22: a LoRA step of DINOv2-g/14 (40 blocks, width 1536, SwiGLU MLP,
+1.14 B parameters, random init) at batch 8, 224x224, on a CPU machine: eqxtl on an int8 base
+beside PEFT's float32 LoRA step on transformers' ``Dinov2Model``.
+
+Both sides: r=8 adapters (alpha 8) on the query and value projections of every block, a
+linear 3-class head on the pooled class token, cross-entropy, AdamW over adapters + head.
+eqxtl builds the float32 backbone with ``eqxtl.from_config`` (NumPy init, no compilation),
+adds the adapters, quantizes every frozen linear weight to int8 (``eqxtl.quantize``) and
+drops the float32 model, so its 4.4 GB are held once, briefly. PEFT keeps the float32 base.
+
+Each side runs in a fresh process (its own peak RSS, ``getrusage`` ``ru_maxrss``) and
+appends one JSON line to ``benchmarks/results/giant_lora.jsonl``: seconds per step (the
+median of the steps after the first, which compiles / warms up), peak RSS, the machine
+(AVX flags, load average before and after, versions) and, for eqxtl, XLA's
+``memory_analysis()`` of the compiled step.
+
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python benchmarks/giant_lora.py [--side eqxtl peft] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE)]  # eqxtl from this checkout
+RESULTS = os.path.join(_HERE, "results", "giant_lora.jsonl")
+SIDES = ("eqxtl", "peft")
+BATCH, IMAGE, CLASSES, RANK = 8, 224, 3, 8
+MIN_AVAILABLE_GB_FOR_PEFT = 14.0
+
+
+def _peak_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    return round(kib / 1024, 1)
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+    return round(kib / 2**20, 1)
+
+
+def _machine() -> dict:
+    flags = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln), ""
+        )
+        flags = next((ln for ln in out.splitlines() if ln.startswith("Flags")), "")
+    except OSError:
+        model = platform.processor()
+    avx = sorted({f for f in flags.split() if f.startswith(("avx", "amx", "fma"))})
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "avx_flags": avx,
+        "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+    }
+
+
+def _steps_timing(call, steps: int) -> dict:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return {
+        "first_step_s": round(times[0], 2),
+        "step_times_s": [round(t, 2) for t in times],
+        "sec_per_step": round(statistics.median(times[1:]), 2) if len(times) > 1 else None,
+    }
+
+
+def run_eqxtl(steps: int) -> dict:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import eqxtl
+    from eqxtl.models import dinov2
+
+    config = dataclasses.replace(dinov2.DINOV2_G14, image_size=IMAGE)
+    start = time.perf_counter()
+    backbone, state = eqxtl.from_config(config)
+    model = eqxtl.Classifier(backbone, CLASSES, key=jax.random.key(1))
+    del backbone
+    model = eqxtl.lora(model, r".*\.(query|value)", rank=RANK, key=jax.random.key(3))
+    spec = eqxtl.lora_spec(model, "head")
+    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    trained = sum(x.size for x in jax.tree.leaves(eqx.filter(model, spec)))
+    rss_f32_model = _rss_mb()
+    model = eqxtl.quantize(model, spec, "int8")
+    gc.collect()  # the float32 base is gone: only the int8 one is referenced
+    spec = eqxtl.lora_spec(model, "head")
+    build_s = time.perf_counter() - start
+    trainable, frozen = eqx.partition(model, spec)
+    frozen_mb = sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**20
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": jnp.asarray(rng.normal(size=(BATCH, 3, IMAGE, IMAGE)).astype(np.float32)),
+        "label": jnp.asarray(rng.integers(0, CLASSES, BATCH).astype(np.int32)),
+    }
+    optimizer = optax.adamw(1e-3)
+    opt_state = optimizer.init(trainable)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    key = jax.random.key(2)
+    start = time.perf_counter()
+    compiled = step.compiled.lower((frozen, state, batch, key), trainable, opt_state).compile()
+    compile_s = time.perf_counter() - start
+    m = getattr(compiled, "compiled", compiled).memory_analysis()
+    xla = {
+        f"xla_{f}_mb": round(getattr(m, f"{f}_size_in_bytes") / 2**20, 1)
+        for f in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    del trainable, frozen, compiled
+    carry = [model, state, opt_state]
+    del model, opt_state
+
+    def call():
+        new_model, new_state, new_opt, metrics = step(*carry, batch, key)
+        carry[:] = [new_model, new_state, new_opt]
+        jax.block_until_ready(metrics)
+
+    rss_before = _rss_mb()
+    timing = _steps_timing(call, steps)
+    return {
+        "parameters": int(parameters),
+        "trained_parameters": int(trained),
+        "build_s": round(build_s, 1),
+        "build": "from_config (NumPy init, f32) + lora, then quantize int8 and drop the f32 model",
+        "rss_with_f32_model_mb": rss_f32_model,
+        "frozen_base_mb": round(frozen_mb, 1),
+        "compile_s": round(compile_s, 1),
+        "rss_before_steps_mb": rss_before,
+        **timing,
+        **xla,
+        "versions": {
+            "jax": jax.__version__,
+            "equinox": eqx.__version__,
+            "optax": optax.__version__,
+        },
+    }
+
+
+def run_peft(steps: int) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    config = transformers.Dinov2Config(
+        hidden_size=1536,
+        num_hidden_layers=40,
+        num_attention_heads=24,
+        mlp_ratio=4,
+        use_swiglu_ffn=True,
+        image_size=IMAGE,
+        patch_size=14,
+    )
+    backbone = transformers.Dinov2Model(config)
+    parameters = sum(p.numel() for p in backbone.parameters())
+    lora_config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["query", "value"])
+    backbone = peft.get_peft_model(backbone, lora_config)
+    head = torch.nn.Linear(config.hidden_size, CLASSES)
+    build_s = time.perf_counter() - start
+    params = [p for p in backbone.parameters() if p.requires_grad] + list(head.parameters())
+    trained = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g)
+    labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
+    backbone.train()
+
+    def call():
+        optimizer.zero_grad(set_to_none=True)
+        pooled = backbone(pixel_values=images).pooler_output  # the normed class token
+        loss = torch.nn.functional.cross_entropy(head(pooled), labels)
+        loss.backward()
+        optimizer.step()
+
+    rss_before = _rss_mb()
+    timing = _steps_timing(call, steps)
+    return {
+        "parameters": int(parameters + sum(p.numel() for p in head.parameters())),
+        "trained_parameters": int(trained),
+        "build_s": round(build_s, 1),
+        "rss_before_steps_mb": rss_before,
+        "torch_threads": torch.get_num_threads(),
+        **timing,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+
+
+def child(side: str, steps: int) -> dict:
+    base = {
+        "benchmark": "giant_lora",
+        "side": side,
+        "model": "dinov2-giant (DINOv2-g/14, SwiGLU), random init",
+        "base": "int8" if side == "eqxtl" else "float32",
+        "lora": "q,v r=8 alpha=8 + linear head on CLS, AdamW, cross-entropy",
+        "batch": BATCH,
+        "image": IMAGE,
+        "steps": steps,
+        "loadavg_before": list(os.getloadavg()),
+        "available_gb_before": _available_gb(),
+        **_machine(),
+    }
+    out = (run_eqxtl if side == "eqxtl" else run_peft)(steps)
+    return {**base, **out, "peak_rss_mb": _peak_mb(), "loadavg_after": list(os.getloadavg())}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--steps", type=int, default=3, help="the first compiles / warms up")
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first one compiles / warms up")
+    if args.child:
+        print(json.dumps(child(args.child, args.steps)), flush=True)
+        return
+    for side in args.side:  # one fresh process each: its own peak RSS
+        available = _available_gb()
+        if side == "peft" and available < MIN_AVAILABLE_GB_FOR_PEFT:
+            record = {
+                "benchmark": "giant_lora",
+                "side": side,
+                "not_run": f"only {available} GB available (< {MIN_AVAILABLE_GB_FOR_PEFT} GB): "
+                "the float32 step would risk the shared machine",
+                "loadavg_before": list(os.getloadavg()),
+                **_machine(),
+            }
+        else:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", side]
+            out = subprocess.run(
+                [*cmd, "--steps", str(args.steps)], capture_output=True, text=True, check=False
+            )
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+            if out.returncode != 0 or not lines:
+                oom = out.returncode in (-9, 137) or "MemoryError" in out.stderr
+                record = {
+                    "benchmark": "giant_lora",
+                    "side": side,
+                    "failed": "out of memory" if oom else f"exit {out.returncode}",
+                    "stderr_tail": out.stderr[-1500:],
+                    "loadavg_after": list(os.getloadavg()),
+                    **_machine(),
+                }
+            else:
+                record = json.loads(lines[-1])
+        print(json.dumps(record), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
