@@ -48,6 +48,15 @@ QUICK_IMAGE = 32
 
 # CLIP ViT-B/32's vision tower as ``transformers.CLIPVisionConfig`` keyword arguments (the
 # references build their models from these), and the tiny variant of ``--quick`` runs.
+# DINOv2-g/14 in transformers' terms (SwiGLU MLP); the giant benchmarks add image_size.
+DINOV2_G14_HF = dict(
+    hidden_size=1536,
+    num_hidden_layers=40,
+    num_attention_heads=24,
+    mlp_ratio=4,
+    use_swiglu_ffn=True,
+    patch_size=14,
+)
 CLIP_B32_HF = dict(
     hidden_size=768,
     intermediate_size=3072,

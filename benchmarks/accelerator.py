@@ -79,9 +79,8 @@ def peak_tflops(device: str, dtype: str, tf32: bool = True) -> float | None:
     return None
 
 
-def gpu_name() -> str | None:
-    """The first GPU's name from ``nvidia-smi`` (no framework is imported here: a JAX
-    backend in this process would hold the GPU's memory while the children run)."""
+def _gpu_names() -> list[str] | None:
+    """``nvidia-smi``'s GPU names, or ``None`` where it is missing or fails."""
     if shutil.which("nvidia-smi") is None:
         return None
     try:
@@ -93,29 +92,26 @@ def gpu_name() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
-    return lines[0] if out.returncode == 0 and lines else None
+    if out.returncode != 0:
+        return None
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name from ``nvidia-smi`` (no framework is imported here: a JAX
+    backend in this process would hold the GPU's memory while the children run)."""
+    names = _gpu_names()
+    return names[0] if names else None
 
 
 def visible_gpus() -> int:
     """How many GPUs a child process would see: ``nvidia-smi``'s, narrowed by
     ``CUDA_VISIBLE_DEVICES`` when that is set."""
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    n = len([line for line in out.stdout.splitlines() if line.strip()])
+    n = len(_gpu_names() or [])
     narrowed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if narrowed is not None:
         n = min(n, len([d for d in narrowed.split(",") if d.strip()]))
-    return n if out.returncode == 0 else 0
+    return n
 
 
 def multi_device_plan(n: int, out: str, batch_size: int, cpu_smoke: bool = False):

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as C  # the scripts run from benchmarks/ (python benchmarks/NAME.py)
 import numpy as np
 
 
@@ -36,15 +37,7 @@ def torch_side(folder: Path, x: np.ndarray, seed: int) -> tuple[dict, dict]:
     torch.manual_seed(seed)
     times = {}
     start = time.perf_counter()
-    config = transformers.Dinov2Config(
-        hidden_size=1536,
-        num_hidden_layers=40,
-        num_attention_heads=24,
-        mlp_ratio=4,
-        use_swiglu_ffn=True,
-        image_size=518,
-        patch_size=14,
-    )
+    config = transformers.Dinov2Config(**C.DINOV2_G14_HF, image_size=518)
     model = transformers.Dinov2Model(config).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

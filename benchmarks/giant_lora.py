@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+import _common as C  # the scripts run from benchmarks/ (python benchmarks/NAME.py)
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE)]  # eqxtl from this checkout
 RESULTS = os.path.join(_HERE, "results", "giant_lora.jsonl")
@@ -168,15 +170,7 @@ def run_peft(steps: int) -> dict:
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    config = transformers.Dinov2Config(
-        hidden_size=1536,
-        num_hidden_layers=40,
-        num_attention_heads=24,
-        mlp_ratio=4,
-        use_swiglu_ffn=True,
-        image_size=IMAGE,
-        patch_size=14,
-    )
+    config = transformers.Dinov2Config(**C.DINOV2_G14_HF, image_size=IMAGE)
     backbone = transformers.Dinov2Model(config)
     parameters = sum(p.numel() for p in backbone.parameters())
     lora_config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["query", "value"])

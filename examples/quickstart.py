@@ -117,6 +117,17 @@ def _crops(image: np.ndarray, part: tuple[float, float], count: int, rng) -> lis
     return crops
 
 
+def preprocessing(size: int) -> eqxtl.Preprocessing:
+    """EfficientNet-Lite0's normalisation at ``size`` x ``size`` pixels (resize = crop)."""
+    return eqxtl.Preprocessing(
+        resize=size,
+        crop=size,
+        mean=eqxtl.LITE0_PREPROCESSING.mean,
+        std=eqxtl.LITE0_PREPROCESSING.std,
+        interpolation=eqxtl.LITE0_PREPROCESSING.interpolation,
+    )
+
+
 def textures(shots: int, test_per_class: int, seed: int):
     """``(train, test)`` ``ArraySource``s: ``shots`` and ``test_per_class`` crops per class,
     from disjoint regions of each photograph."""
@@ -285,13 +296,7 @@ def main(argv=None) -> dict:
         pretrained, pretrained_state = eqxtl.from_pretrained("efficientnet-lite0")
     except eqxtl.SourceError as e:
         raise SystemExit(f"error: {e}") from None
-    args.preprocessing = eqxtl.Preprocessing(
-        resize=args.size,
-        crop=args.size,
-        mean=eqxtl.LITE0_PREPROCESSING.mean,
-        std=eqxtl.LITE0_PREPROCESSING.std,
-        interpolation=eqxtl.LITE0_PREPROCESSING.interpolation,
-    )
+    args.preprocessing = preprocessing(args.size)
     train, test = textures(args.shots, args.test_per_class, args.seed)
     print(
         f"{len(CLASSES)} classes, {len(train)} training images ({args.shots} per class), "

@@ -35,7 +35,7 @@ import optax
 import eqxtl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quickstart import CLASSES, textures  # noqa: E402  (the same data as the quickstart)
+from quickstart import CLASSES, preprocessing, textures  # noqa: E402  (the same data as the quickstart)
 
 
 def lite0(drop_path_rate: float):
@@ -122,13 +122,7 @@ def main(argv=None, *, load=lite0) -> dict:
     """The two runs; ``load(drop_path_rate) -> (backbone, state)`` gives the pretrained
     EfficientNet-Lite backbone (the test passes a tiny one)."""
     args = parse_args(argv)
-    args.preprocessing = eqxtl.Preprocessing(
-        resize=args.size,
-        crop=args.size,
-        mean=eqxtl.LITE0_PREPROCESSING.mean,
-        std=eqxtl.LITE0_PREPROCESSING.std,
-        interpolation=eqxtl.LITE0_PREPROCESSING.interpolation,
-    )
+    args.preprocessing = preprocessing(args.size)
     train, test = textures(args.shots, args.test_per_class, args.seed)
     print(
         f"{len(CLASSES)} classes, {len(train)} training images ({args.shots} per class), "
