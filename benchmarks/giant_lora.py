@@ -4,24 +4,31 @@ beside PEFT's float32 LoRA step on transformers' ``Dinov2Model``.
 
 Both sides: r=8 adapters (alpha 8) on the query and value projections of every block, a
 linear 3-class head on the pooled class token, cross-entropy, AdamW over adapters + head.
-eqxtl builds the float32 backbone with ``eqxtl.from_config`` (NumPy init, no compilation),
-adds the adapters, quantizes every frozen linear weight to int8 (``eqxtl.quantize``) and
-drops the float32 model, so its 4.4 GB are held once, briefly. PEFT keeps the float32 base.
+eqxtl builds the backbone with ``eqxtl.from_config(config, quantize="int8")``: NumPy init,
+each linear weight stored as int8 as soon as it is drawn, so the float32 model never exists
+(side ``eqxtl-f32``: the same step on a float32 base). The 40 blocks run under one
+``jax.lax.scan`` (``eqxtl.with_scan``) and are recomputed in the backward pass
+(``eqxtl.with_remat``), without which the activations alone would not fit this machine
+(``eqxtl.memory_report`` of the unrolled step; benchmarks/README.md). PEFT keeps the float32
+base: side ``peft`` as it comes, side ``peft-ckpt`` with transformers' gradient
+checkpointing (``gradient_checkpointing_enable``), what a PEFT user turns on for a giant.
 
-Each side runs in a fresh process (its own peak RSS, ``getrusage`` ``ru_maxrss``) and
-appends one JSON line to ``benchmarks/results/giant_lora.jsonl``: seconds per step (the
-median of the steps after the first, which compiles / warms up), peak RSS, the machine
-(AVX flags, load average before and after, versions) and, for eqxtl, XLA's
-``memory_analysis()`` of the compiled step.
+Each side runs in a fresh process (its own peak RSS, ``getrusage`` ``ru_maxrss``; the
+eqxtl child prints what it knows before its first step too, so a kill still leaves the
+build's RSS and XLA's memory analysis in the record) and appends one JSON line to
+``benchmarks/results/giant_lora.jsonl``: seconds per step (the median of the steps after
+the first, which compiles / warms up), peak RSS, the machine (AVX flags, load average
+before and after, versions) and, for eqxtl, XLA's memory analysis of the compiled step
+(``eqxtl.memory_report``).
 
-    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python benchmarks/giant_lora.py [--side eqxtl peft] [--steps 3]
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python benchmarks/giant_lora.py \
+        [--side eqxtl eqxtl-f32 peft peft-ckpt] [--steps 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -36,7 +43,7 @@ import _common as C  # the scripts run from benchmarks/ (python benchmarks/NAME.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE)]  # eqxtl from this checkout
 RESULTS = os.path.join(_HERE, "results", "giant_lora.jsonl")
-SIDES = ("eqxtl", "peft")
+SIDES = ("eqxtl", "eqxtl-f32", "peft", "peft-ckpt")
 BATCH, IMAGE, CLASSES, RANK = 8, 224, 3, 8
 MIN_AVAILABLE_GB_FOR_PEFT = 14.0
 
@@ -90,7 +97,7 @@ def _steps_timing(call, steps: int) -> dict:
     }
 
 
-def run_eqxtl(steps: int) -> dict:
+def run_eqxtl(steps: int, base: str) -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -99,20 +106,23 @@ def run_eqxtl(steps: int) -> dict:
 
     import eqxtl
     from eqxtl.models import dinov2
+    from eqxtl.models.layers.quantized import Int8Weight
 
     config = dataclasses.replace(dinov2.DINOV2_G14, image_size=IMAGE)
     start = time.perf_counter()
-    backbone, state = eqxtl.from_config(config)
+    # int8: each weight is drawn and stored as int8 before the next, never the f32 model
+    backbone, state = eqxtl.from_config(config, quantize="int8" if base == "int8" else None)
+    rss_built = _rss_mb()
     model = eqxtl.Classifier(backbone, CLASSES, key=jax.random.key(1))
     del backbone
     model = eqxtl.lora(model, r".*\.(query|value)", rank=RANK, key=jax.random.key(3))
+    model = eqxtl.with_remat(eqxtl.with_scan(model))
     spec = eqxtl.lora_spec(model, "head")
-    parameters = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
+    int8 = [x for x in jax.tree.leaves(model, is_leaf=is_q) if is_q(x)]
+    arrays = jax.tree.leaves(eqx.filter(model, eqx.is_array))
+    parameters = sum(x.size for x in arrays) - sum(w.scale.size for w in int8)  # not scales
     trained = sum(x.size for x in jax.tree.leaves(eqx.filter(model, spec)))
-    rss_f32_model = _rss_mb()
-    model = eqxtl.quantize(model, spec, "int8")
-    gc.collect()  # the float32 base is gone: only the int8 one is referenced
-    spec = eqxtl.lora_spec(model, "head")
     build_s = time.perf_counter() - start
     trainable, frozen = eqx.partition(model, spec)
     frozen_mb = sum(x.nbytes for x in jax.tree.leaves(frozen)) / 2**20
@@ -126,14 +136,25 @@ def run_eqxtl(steps: int) -> dict:
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     key = jax.random.key(2)
     start = time.perf_counter()
-    compiled = step.compiled.lower((frozen, state, batch, key), trainable, opt_state).compile()
+    report = eqxtl.memory_report(step, model, state, opt_state, batch, key)
     compile_s = time.perf_counter() - start
-    m = getattr(compiled, "compiled", compiled).memory_analysis()
     xla = {
-        f"xla_{f}_mb": round(getattr(m, f"{f}_size_in_bytes") / 2**20, 1)
-        for f in ("argument", "output", "alias", "temp", "generated_code")
+        f"xla_{f}_mb": round(getattr(report, f) / 2**20, 1)
+        for f in ("argument", "output", "alias", "temp", "peak")
     }
-    del trainable, frozen, compiled
+    known = {
+        "parameters": int(parameters),
+        "trained_parameters": int(trained),
+        "build_s": round(build_s, 1),
+        "build": f"from_config(quantize={'int8' if base == 'int8' else None}) + lora; "
+        "with_scan + with_remat",
+        "rss_after_build_mb": rss_built,
+        "frozen_base_mb": round(frozen_mb, 1),
+        "compile_s": round(compile_s, 1),
+        **xla,
+    }
+    print(json.dumps({"partial": known, "peak_rss_mb": _peak_mb()}), flush=True)
+    del trainable, frozen
     carry = [model, state, opt_state]
     del model, opt_state
 
@@ -145,16 +166,9 @@ def run_eqxtl(steps: int) -> dict:
     rss_before = _rss_mb()
     timing = _steps_timing(call, steps)
     return {
-        "parameters": int(parameters),
-        "trained_parameters": int(trained),
-        "build_s": round(build_s, 1),
-        "build": "from_config (NumPy init, f32) + lora, then quantize int8 and drop the f32 model",
-        "rss_with_f32_model_mb": rss_f32_model,
-        "frozen_base_mb": round(frozen_mb, 1),
-        "compile_s": round(compile_s, 1),
+        **known,
         "rss_before_steps_mb": rss_before,
         **timing,
-        **xla,
         "versions": {
             "jax": jax.__version__,
             "equinox": eqx.__version__,
@@ -163,7 +177,7 @@ def run_eqxtl(steps: int) -> dict:
     }
 
 
-def run_peft(steps: int) -> dict:
+def run_peft(steps: int, checkpointing: bool = False) -> dict:
     import peft
     import torch
     import transformers
@@ -172,8 +186,12 @@ def run_peft(steps: int) -> dict:
     start = time.perf_counter()
     config = transformers.Dinov2Config(**C.DINOV2_G14_HF, image_size=IMAGE)
     backbone = transformers.Dinov2Model(config)
+    if checkpointing:
+        # non-reentrant: with the reentrant default, frozen inputs would leave the adapters
+        # inside each checkpointed block without gradients
+        backbone.gradient_checkpointing_enable({"use_reentrant": False})
     parameters = sum(p.numel() for p in backbone.parameters())
-    lora_config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["query", "value"])
+    lora_config = peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["q_proj", "v_proj"])
     backbone = peft.get_peft_model(backbone, lora_config)
     head = torch.nn.Linear(config.hidden_size, CLASSES)
     build_s = time.perf_counter() - start
@@ -184,12 +202,14 @@ def run_peft(steps: int) -> dict:
     images = torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g)
     labels = torch.randint(0, CLASSES, (BATCH,), generator=g)
     backbone.train()
+    got_grads = []
 
     def call():
         optimizer.zero_grad(set_to_none=True)
         pooled = backbone(pixel_values=images).pooler_output  # the normed class token
         loss = torch.nn.functional.cross_entropy(head(pooled), labels)
         loss.backward()
+        got_grads.append(all(p.grad is not None for p in params))
         optimizer.step()
 
     rss_before = _rss_mb()
@@ -200,6 +220,8 @@ def run_peft(steps: int) -> dict:
         "build_s": round(build_s, 1),
         "rss_before_steps_mb": rss_before,
         "torch_threads": torch.get_num_threads(),
+        "gradient_checkpointing": checkpointing,
+        "every_trained_parameter_got_a_gradient": all(got_grads),
         **timing,
         "versions": {
             "torch": torch.__version__,
@@ -223,7 +245,10 @@ def child(side: str, steps: int) -> dict:
         "available_gb_before": _available_gb(),
         **_machine(),
     }
-    out = (run_eqxtl if side == "eqxtl" else run_peft)(steps)
+    if side.startswith("eqxtl"):
+        out = run_eqxtl(steps, "f32" if side == "eqxtl-f32" else "int8")
+    else:
+        out = run_peft(steps, checkpointing=side == "peft-ckpt")
     return {**base, **out, "peak_rss_mb": _peak_mb(), "loadavg_after": list(os.getloadavg())}
 
 
@@ -241,7 +266,7 @@ def main(argv=None) -> None:
         return
     for side in args.side:  # one fresh process each: its own peak RSS
         available = _available_gb()
-        if side == "peft" and available < MIN_AVAILABLE_GB_FOR_PEFT:
+        if side != "eqxtl" and available < MIN_AVAILABLE_GB_FOR_PEFT:
             record = {
                 "benchmark": "giant_lora",
                 "side": side,
@@ -256,13 +281,14 @@ def main(argv=None) -> None:
                 [*cmd, "--steps", str(args.steps)], capture_output=True, text=True, check=False
             )
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-            if out.returncode != 0 or not lines:
+            if out.returncode != 0 or not lines or "partial" in json.loads(lines[-1]):
                 oom = out.returncode in (-9, 137) or "MemoryError" in out.stderr
                 record = {
                     "benchmark": "giant_lora",
                     "side": side,
                     "failed": "out of memory" if oom else f"exit {out.returncode}",
                     "stderr_tail": out.stderr[-1500:],
+                    **(json.loads(lines[-1]) if lines else {}),
                     "loadavg_after": list(os.getloadavg()),
                     **_machine(),
                 }

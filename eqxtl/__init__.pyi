@@ -35,7 +35,7 @@ from .errors import TorchFileError as TorchFileError
 from .errors import TrainingError as TrainingError
 from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .io.checkpoint import state_dict as state_dict
-from .io.pretrained import from_config as from_config
+from .io.random_init import from_config as from_config
 from .io.pretrained import from_pretrained as from_pretrained
 from .io.pretrained import save_pretrained as save_pretrained
 from .io.publish import push_to_hub as push_to_hub

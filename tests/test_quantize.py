@@ -249,3 +249,45 @@ def test_lite0_int8_on_photographs(loaded, images, jax_logits):  # noqa: F811
     for i in range(len(images)):
         assert rel(got[i], features[i]) <= LITE0_FEATURES_RTOL
     np.testing.assert_array_equal(jax.vmap(head)(got).argmax(-1), logits.argmax(-1))
+
+
+def test_quantize_while_loading(tmp_path):
+    """``from_pretrained`` / ``from_config(quantize="int8")``: ``eqxtl.quantize(model,
+    False)``'s model, weight by weight, without the float model (depthwise convolutions
+    stay float); a bad value or a weight int8 cannot hold is named."""
+    from eqxtl.models import efficientnet
+    from tests._tiny import TINY_EFFICIENTNET
+
+    backbone, state = tiny_architecture(efficientnet.EFFICIENTNET_LITE.name)
+    eqxtl.save_pretrained(backbone, state, tmp_path / "lite")
+    built = {
+        "from_pretrained": (
+            eqxtl.from_pretrained(tmp_path / "lite")[0],
+            eqxtl.from_pretrained(tmp_path / "lite", quantize="int8")[0],
+        ),
+        "from_config": (
+            eqxtl.from_config(TINY_EFFICIENTNET, seed=3)[0],
+            eqxtl.from_config(TINY_EFFICIENTNET, seed=3, quantize="int8")[0],
+        ),
+    }
+    for how, (plain, loaded_int8) in built.items():
+        expected = eqxtl.quantize(plain, False, "int8")
+        a, b = (jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (loaded_int8, expected))
+        assert jax.tree.structure(loaded_int8) == jax.tree.structure(expected), how
+        assert all(
+            x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b, strict=True)
+        ), how
+        kernels = [w for w in jax.tree.leaves(eqx.filter(plain, eqx.is_array)) if w.ndim == 4]
+        assert 0 < len(int8_weights(loaded_int8)) < len(kernels)  # depthwise ones stay float
+    with pytest.raises(eqxtl.EqxtlError, match="quantize must be None or 'int8'.*bfloat16"):
+        eqxtl.from_pretrained(tmp_path / "lite", quantize="bfloat16")
+    tensors = dict(state_dict(backbone, state))
+    name = next(n for n in tensors if n.endswith("weight") and tensors[n].ndim == 4)
+    tensors[name] = np.full(tensors[name].shape, np.nan, np.float32)
+    from safetensors.numpy import save_file
+
+    save_file({k: np.asarray(v) for k, v in tensors.items()}, tmp_path / "nan.safetensors")
+    with pytest.raises(eqxtl.CheckpointError, match=rf"{name.replace('.', '[.]')} as int8"):
+        eqxtl.from_pretrained(
+            tmp_path / "nan.safetensors", config=TINY_EFFICIENTNET, quantize="int8"
+        )

@@ -5,6 +5,7 @@ grow with depth."""
 import dataclasses
 import filecmp
 import os
+import warnings
 
 import equinox as eqx
 import jax
@@ -236,3 +237,34 @@ def test_lora_dropout_keys_go_with_their_layers(model_state):
     key = jax.random.key(1)
     np.testing.assert_allclose(features(scanned, key), features(adapted, key), rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(features(scanned, key) - features(scanned, None))) > 1e-3
+
+
+def test_unequal_blocks_and_an_int8_base(model_state):
+    """Blocks that cannot share a scan run unrolled (a warning when none can), never a wrong
+    result; an int8 base (``eqxtl.quantize``) scans and rematerialises with the unrolled
+    gradients (the giant-backbone recipe: benchmarks/giant_lora.py)."""
+    model, state = model_state
+    key = jax.random.key(0)
+    # Adapters on layers 0 and 2 only: no two neighbours of layers 0-2 share a structure.
+    odd = eqxtl.lora(model, r".*layers\.[02]\.self_attn\.(q_proj|v_proj)", rank=4, key=key)
+    spec = eqxtl.lora_spec(odd, "head")
+    odd = eqxtl.quantize(odd, spec, "int8")
+    # Adapters on every layer: layers 0-2 share one scan, forward and backward.
+    every = eqxtl.lora(model, r".*\.(q_proj|v_proj)", rank=4, key=key)
+    every = eqxtl.quantize(every, eqxtl.lora_spec(every, "head"), "int8")
+    for adapted, scans in ((odd, []), (every, [3, 3])):
+        scanned = eqxtl.with_remat(eqxtl.with_scan(adapted))
+        spec = eqxtl.lora_spec(scanned, "head")
+        trainable, frozen = eqx.partition(scanned, spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jaxpr = jax.make_jaxpr(grad_fn(spec))(trainable, frozen, state, batch())
+        assert sorted(scans_in(jaxpr)) == scans
+        said = [str(w.message) for w in caught if "with_scan" in str(w.message)]
+        assert bool(said) == (not scans), said
+        if not scans:  # every block ran through the unrolled path
+            continue
+        loss, grads = loss_and_grads(adapted, state, eqxtl.lora_spec(adapted, "head"))
+        loss_s, grads_s = loss_and_grads(scanned, state, spec)
+        np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
+        assert_trees_close(grads_s, grads)

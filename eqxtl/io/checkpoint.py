@@ -18,11 +18,12 @@ import jax.tree_util as jtu
 import numpy as np
 
 from .._util.pytree_paths import keypath_to_str
-from ..errors import CheckpointError
+from ..errors import CheckpointError, EqxtlError
 from ..models._arch import Architecture
 from ..models._layout import strip_wrappers
 from ..models.layers import set_inference
-from ..models.layers.quantized import Int8Weight
+from ..models.layers.low_rank import int8_layers
+from ..models.layers.quantized import Int8Weight, int8_weight
 
 
 def _group(names: Iterable[str]) -> list[str]:
@@ -132,18 +133,25 @@ def fill(
     dtype=None,
     unexplained: Iterable[str] = (),
     hint: str = "",
+    quantize: str | None = None,
 ):
     """Replace every array leaf of ``model_skeleton`` by the tensor of the same path.
 
     Floating-point tensors keep their stored dtype (float16 / bfloat16 files load as such)
-    unless ``dtype`` is given. Raises one ``CheckpointError`` listing every missing,
-    unexpected (including the checkpoint keys in ``unexplained``, which no rule of the
-    layout maps), misshaped and non-floating key; ``hint`` ends the message.
+    unless ``dtype`` is given. ``quantize="int8"``: the weights of linear and ungrouped
+    convolution layers become ``Int8Weight``s one by one as they are read (what
+    ``eqxtl.quantize(model, False, "int8")`` gives, without the float model ever being
+    whole); ``tensors`` may compute its values on demand.
+
+    Raises one ``CheckpointError`` listing every missing, unexpected (including the
+    checkpoint keys in ``unexplained``, which no rule of the layout maps), misshaped and
+    non-floating key; ``hint`` ends the message.
     Leaves matching ``allow_missing`` may be absent: they are taken from ``init_missing``
     (a real, initialised model of the same structure). Returns ``(model, state)`` in
     inference mode, with BatchNorm statistics moved into ``state``.
     """
     allow_missing = tuple(allow_missing)
+    int8_names = _int8_names(model_skeleton, quantize)
     flat, treedef = jtu.tree_flatten_with_path(model_skeleton)
     init_leaves = jtu.tree_leaves(init_missing) if init_missing is not None else None
     used, missing, misshaped, leaves = set(), [], [], []
@@ -169,13 +177,38 @@ def fill(
             misshaped.append((name, f"dtype {np.asarray(value).dtype}", f"dtype {leaf.dtype}"))
             leaves.append(leaf)
             continue
-        leaves.append(jnp.asarray(value, dtype=dtype))
+        value = jnp.asarray(value, dtype=dtype)
+        leaves.append(_as_int8(value, name, source) if name in int8_names else value)
     unexpected = sorted(set(tensors) - used) + sorted(unexplained)
     if missing or unexpected or misshaped:
         raise CheckpointError(_report(missing, unexpected, misshaped, source, hint))
     model = jtu.tree_unflatten(treedef, leaves)
     model, state = eqx.nn.make_with_state(lambda: model)()
     return set_inference(model, True), state
+
+
+def _int8_names(model_skeleton, quantize: str | None) -> frozenset[str]:
+    """The weight names ``fill(quantize=...)`` stores as int8 (none without ``quantize``)."""
+    if quantize is None:
+        return frozenset()
+    if quantize != "int8":
+        raise EqxtlError(
+            f"quantize must be None or 'int8' (linear and convolution weights as int8, one "
+            f"scale per output channel), got {quantize!r}; for bfloat16 weights pass "
+            "dtype=jnp.bfloat16."
+        )
+    layers = int8_layers(model_skeleton)
+    return frozenset(f"{path}.weight" if path else "weight" for path, _ in layers)
+
+
+def _as_int8(value: jax.Array, name: str, source: str) -> Int8Weight:
+    q, why = int8_weight(value)
+    if q is None:
+        raise CheckpointError(
+            f"{source}: cannot store {name} as int8 (one scale per output channel): {why}. "
+            "Load it without quantize= (and check the file)."
+        )
+    return q
 
 
 def state_dict(model, state: eqx.nn.State | None = None) -> dict[str, jax.Array]:

@@ -268,6 +268,7 @@ def from_pretrained(
     cache_dir: str | os.PathLike | None = None,
     torch_limits=None,
     towers: str = "vision",
+    quantize: str | None = None,
     **overrides: Any,
 ) -> tuple[eqx.Module, eqx.nn.State]:
     """Load a pretrained backbone by name, in inference mode.
@@ -293,6 +294,13 @@ def from_pretrained(
       for a folder that ``save_pretrained`` wrote from a ``Classifier``, which comes back
       whole (head, class names, training preprocessing).
     - `dtype`: cast floating weights (default: as stored).
+    - `quantize`: ``"int8"`` stores the weight of every linear and ungrouped convolution
+      layer of the backbone as int8 with one float32 scale per output channel (an
+      ``Int8Weight``; see ``eqxtl.quantize``), converting each as it is read: the float
+      backbone is never whole in memory. The result is ``eqxtl.quantize(backbone, False,
+      "int8")``'s: a frozen base for LoRA (``eqxtl.lora`` adapts it; a spec that trains one
+      of its int8 weights is an error). ``eqxtl.quantize(model, spec)`` instead chooses by
+      spec after loading.
     - `torch_limits`: an ``eqxtl.TorchLimits`` for PyTorch files (bounds on pickle objects,
       tensor expansion and zip members; the defaults admit real checkpoints up to 10 GB).
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``
@@ -350,6 +358,7 @@ def from_pretrained(
         canonical.restrict(n for n in canonical if n not in HEAD_NAMES),
         source=where,
         dtype=dtype,
+        quantize=quantize,
         unexplained=unexplained,
         hint=f"eqxtl reads {_describe_layouts()}; pass layout= / architecture= to choose.",
     )
@@ -460,55 +469,6 @@ _HEAD_FLAGS = "eqxtl_classifier"  # config entry for Classifier(project=, normal
 
 def _image_size(config) -> int | None:
     return getattr(config, "image_size", None)
-
-
-def from_config(
-    model: str | Any,
-    *,
-    architecture: str | None = None,
-    seed: int = 0,
-    dtype=np.float32,
-) -> tuple[eqx.Module, eqx.nn.State]:
-    """A randomly initialised backbone (for training from scratch), in inference mode.
-
-    ``model``: a registry alias (``"efficientnet-lite0"``, ``"resnet50"``, ...) or a config
-    (``ResNetConfig(...)``, ``CLIPVisionConfig(...)``...). Nothing is downloaded. ``dtype``:
-    of every floating-point leaf (e.g. ``jnp.bfloat16``).
-
-    Initialisation (drawn with NumPy from ``seed``, so building a large model costs no
-    compilation): convolution and linear weights He-normal over their fan-in, biases zero,
-    normalisation scales one, BatchNorm running statistics mean 0 / variance 1, class and
-    position embeddings N(0, 0.02).
-    """
-    if isinstance(model, str):
-        arch, entry = lookup_alias(model)
-        config = entry.config
-    else:
-        config = model
-        matches = [a for a in ARCHITECTURES.values() if isinstance(config, a.config_cls)]
-        if architecture is not None:
-            matches = [ARCHITECTURES[architecture]]
-        if len(matches) != 1:
-            raise TypeError(f"{type(config).__name__} is not the config of a known architecture.")
-        arch = matches[0]
-    skeleton = checkpoint.skeleton(arch, config)
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, leaf in checkpoint.array_shapes(skeleton).items():
-        tensors[name] = _initial_value(name, leaf.shape, rng).astype(dtype)
-    return checkpoint.fill(skeleton, tensors, source="random init")
-
-
-def _initial_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "running_var":
-        return np.ones(shape)
-    if leaf in ("running_mean", "bias") or (leaf == "weight" and len(shape) == 1):
-        return np.ones(shape) if leaf == "weight" else np.zeros(shape)
-    if len(shape) < 2 or "embedding" in name:
-        return 0.02 * rng.standard_normal(shape)
-    fan_in = int(np.prod(shape[1:]))
-    return rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
 
 
 def _key0():

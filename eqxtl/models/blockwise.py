@@ -40,7 +40,10 @@ Per-block data of the forward pass travel with the stacked weights: the keys, an
 path's rates (``drop_path_rate``; timm's rule gives every block its own), so blocks whose
 rates differ still share one compiled body.
 
-Blocks are interchangeable when they have the same structure, shapes and dtypes and, at
+Blocks that are not interchangeable run as they are, unscanned: the results never change,
+only the compile time (when no two neighbours are interchangeable, a warning says that
+``with_scan`` bought nothing). Blocks are interchangeable when they have the same
+structure, shapes and dtypes and, at
 trace time, every weight is traced the same way: a weight that is differentiated (it
 trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
 2)`` spec therefore gives a forward-only scan over the frozen blocks and the two trained
@@ -60,6 +63,7 @@ The flag is static, like ``with_remat``'s: it is not saved, and changing it reco
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -169,8 +173,17 @@ def run_blocks(
         for block, key, rate in zip(blocks, keys, rates, strict=True):
             h = apply(block, h, key, rate)
         return h
+    runs = _runs(blocks)
+    if len(runs) == len(blocks) > 1:
+        warnings.warn(
+            f"with_scan: none of these {len(blocks)} consecutive {type(blocks[0]).__name__} "
+            "blocks can share a scan with its neighbour (their structures, shapes or dtypes "
+            "differ, or trained and frozen blocks alternate), so they run unrolled, as "
+            "without with_scan: the same results, without the shorter compile.",
+            stacklevel=2,
+        )
     start = 0
-    for group in _runs(blocks):
+    for group in runs:
         group_keys = keys[start : start + len(group)]
         group_rates = rates[start : start + len(group)]
         start += len(group)

@@ -16,8 +16,9 @@ import jax.tree_util as jtu
 
 from .._util.pytree_paths import keypath_to_str
 from ..errors import EqxtlError
+from ..models.layers.low_rank import int8_layers
 from ..models.layers.quantized import int8_weight, is_quantized
-from .adapters.inject import all_layers, replace_layers
+from .adapters.inject import replace_layers
 from .filters import check_spec, refuse_quantized
 
 _DTYPES = ("int8", "bfloat16")
@@ -94,13 +95,10 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
 
         return jtu.tree_map(visit, model, full, is_leaf=is_quantized)
     new = {}
-    for path, layer in all_layers(model):
+    for path, layer in int8_layers(model):  # depthwise convolutions stay float
         w = layer.weight
         weight_path = f"{path}.weight" if path else "weight"
-        grouped = getattr(layer, "groups", 1) != 1
         if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating) or trains[weight_path]:
-            continue
-        if grouped:  # depthwise: stays float (see the docstring)
             continue
         q, why = int8_weight(w)
         if q is None:

@@ -201,6 +201,16 @@ def adaptable(layer: Any) -> bool:
     return False
 
 
+def int8_layers(model: Any) -> list[tuple[str, Any]]:
+    """``(module path, layer)`` of every layer whose weight ``eqxtl.quantize`` (or
+    ``from_pretrained(quantize="int8")``) can store as int8: linear and ungrouped
+    convolution layers, plain or adapted. Grouped (depthwise) convolutions stay float: with
+    a few weights per output channel their scales save little, and their small kernels
+    carry most of a network's quantization error (docs/guides/small-frozen-weights.md)."""
+    layers = layers_of(model, (*ADAPTERS, *ADAPTED_TYPES))
+    return [(path, layer) for path, layer in layers if getattr(layer, "groups", 1) == 1]
+
+
 def layers_of(model: Any, types: tuple[type, ...]) -> list[tuple[str, Any]]:
     """``(module path, layer)`` of every module of ``model`` that is one of ``types``."""
 
