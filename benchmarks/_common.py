@@ -28,12 +28,16 @@ WORKLOADS = ("eval", "head", "last2", "full", "lora")
 """eval forward, head-only step, head + last-two-blocks step, full fine-tune step, and a
 LoRA step (r=8 adapters + head; ``LORA_TARGETS``), all with Adam."""
 MODELS = ("clip", "resnet50", "vit_b16", "dinov2_s14")
+"""What the step scripts run by default."""
+ALL_MODELS = (*MODELS, "clip_l14")
+"""What they can run: also CLIP ViT-L/14's vision tower (the accelerator's scanned row)."""
 FLAX_MODELS = ("clip", "resnet50")
 """The models benchmarks/flax_reference.py builds."""
 LORA_RANK = 8
 LORA_TARGETS = {
     # PEFT's ViT guide: query and value of every block
     "clip": ("q_proj", "v_proj"),
+    "clip_l14": ("q_proj", "v_proj"),
     # every convolution inside the residual blocks (1x1 and 3x3)
     "resnet50": ("layer.0.convolution", "layer.1.convolution", "layer.2.convolution"),
 }
@@ -66,6 +70,14 @@ CLIP_B32_HF = dict(
     patch_size=32,
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
+)
+CLIP_L14_HF = dict(  # openai/clip-vit-large-patch14's vision tower
+    CLIP_B32_HF,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
 )
 CLIP_QUICK_HF = dict(
     hidden_size=64,
@@ -104,9 +116,23 @@ def vit_family_hf_kwargs(model_name: str, quick: bool) -> dict[str, Any]:
     return DINOV2_QUICK_HF if quick else DINOV2_S14_HF
 
 
-def clip_hf_kwargs(quick: bool) -> dict[str, Any]:
-    """``CLIPVisionConfig`` keyword arguments for the benchmarked CLIP (tiny if ``quick``)."""
-    return {**CLIP_B32_HF, **(CLIP_QUICK_HF if quick else {})}
+def clip_hf_kwargs(quick: bool, model_name: str = "clip") -> dict[str, Any]:
+    """``CLIPVisionConfig`` keyword arguments for the benchmarked CLIP (``"clip"``: ViT-B/32,
+    ``"clip_l14"``: ViT-L/14; tiny if ``quick``)."""
+    full = CLIP_L14_HF if model_name == "clip_l14" else CLIP_B32_HF
+    return {**full, **(CLIP_QUICK_HF if quick else {})}
+
+
+VARIANTS = ("scan", "int8-base")
+"""eqxtl-only variants of a step (``steps.py --variant``): ``scan``: the blocks under one
+``jax.lax.scan`` (``eqxtl.with_scan``); ``int8-base``: the frozen linear weights stored as
+int8 (``eqxtl.quantize``; the ``lora`` and ``head`` workloads)."""
+
+
+def workload_label(record: dict[str, Any]) -> str:
+    """A step record's workload with its variant, e.g. ``"lora+int8-base"``."""
+    variant = record.get("variant")
+    return f"{record['workload']}+{variant}" if variant else record["workload"]
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -362,7 +388,7 @@ def batch_size(args) -> int:
 
 def add_common_args(parser) -> None:
     """The options every benchmark script shares."""
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=ALL_MODELS)
     parser.add_argument(
         "--batch-size",
         type=int,

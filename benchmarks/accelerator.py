@@ -62,11 +62,30 @@ GPU_PLAN = dict(
     rounds=3,
     steps=10,
     warmup=2,
+    # Issue 22's rows, float32, after the main runs: CLIP ViT-L/14's full step unrolled,
+    # scanned (eqxtl.with_scan) and PyTorch's; the CLIP-B/32 LoRA step on a float32 base,
+    # on an int8 base (eqxtl.quantize) and PEFT's.
+    extras=[
+        dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl", "torch"]),
+        dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl"], variant="scan"),
+        dict(models=["clip"], workloads=["lora"], frameworks=["eqxtl", "torch"]),
+        dict(models=["clip"], workloads=["lora"], frameworks=["eqxtl"], variant="int8-base"),
+    ],
 )
 # The smoke run (CI, < 1 min on 2 cores): the same processes, records and table, on a tiny
 # CLIP's head-only train step (a full step's compile would double the time).
 SMOKE_PLAN = dict(
-    GPU_PLAN, models=["clip"], workloads=["head"], batch_size=2, rounds=1, steps=1, warmup=1
+    GPU_PLAN,
+    models=["clip"],
+    workloads=["head"],
+    batch_size=2,
+    rounds=1,
+    steps=1,
+    warmup=1,
+    extras=[  # the variants' code paths, on the cheap head-only step
+        dict(models=["clip_l14"], workloads=["head"], frameworks=["eqxtl"], variant="scan"),
+        dict(models=["clip"], workloads=["head"], frameworks=["eqxtl"], variant="int8-base"),
+    ],
 )
 
 
@@ -142,10 +161,16 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
 
 
-def run_all_argv(args, plan: dict) -> list[str]:
-    """``run_all.py`` arguments for this plan."""
-    argv = ["--models", *plan["models"], "--workloads", *args.workloads]
-    argv += ["--frameworks", *plan["frameworks"], "--dtype", "bf16"]
+def run_all_argv(args, plan: dict, extra: dict | None = None) -> list[str]:
+    """``run_all.py`` arguments for this plan, or for one of its ``extras`` (float32 only,
+    appended to the same records)."""
+    if extra is None:
+        argv = ["--models", *plan["models"], "--workloads", *args.workloads]
+        argv += ["--frameworks", *plan["frameworks"], "--dtype", "bf16"]
+    else:
+        argv = ["--models", *extra["models"], "--workloads", *extra["workloads"]]
+        argv += ["--frameworks", *extra["frameworks"], "--append", "--no-peak"]
+        argv += ["--variant", extra["variant"]] if extra.get("variant") else []
     argv += ["--batch-size", str(args.batch_size or plan["batch_size"])]
     argv += ["--rounds", str(plan["rounds"]), "--steps", str(plan["steps"])]
     argv += ["--warmup", str(plan["warmup"]), "--process-per", "framework", "--no-load"]
@@ -163,7 +188,9 @@ def _steps(records: list[dict]) -> dict[tuple, dict]:
     out = {}
     for r in records:
         if "sec_per_step" in r and "workload" in r:
-            out[(r["framework"], r["model"], r["workload"], r.get("dtype", "f32"))] = r
+            out[
+                (r["framework"], r["model"], run_all.C.workload_label(r), r.get("dtype", "f32"))
+            ] = r
     return out
 
 
@@ -199,8 +226,9 @@ def summarize(records: list[dict], device: str | None = None) -> str:
     lines += ["", head, sep]
     keys = sorted({k[1:] for k in steps}, key=lambda k: (k[0], k[1], k[2]))
     for model, workload, dtype in keys:
-        ref = steps.get(("torch", model, workload, "f32")) or steps.get(
-            ("torch-compile", model, workload, "f32")
+        plain = workload.split("+")[0]  # a variant (e.g. "lora+int8-base") vs the plain step
+        ref = steps.get(("torch", model, plain, "f32")) or steps.get(
+            ("torch-compile", model, plain, "f32")
         )
         eq = steps.get(("eqxtl", model, workload, dtype))
         row = f"| {model} | {workload} | {dtype} | {(eq or ref or {}).get('batch', '?')} |"
@@ -217,7 +245,7 @@ def summarize(records: list[dict], device: str | None = None) -> str:
             row += f" {_f(r['sec_per_step'])} | {_f(r.get('compile_s'))} | {_f(tflops)} |"
             row += f" {mfu_s} |"
         for fw in ("torch", "torch-compile"):
-            r = steps.get((fw, model, workload, dtype))
+            r = steps.get((fw, model, plain, dtype))
             ratio = None if eq is None or r is None else eq["sec_per_step"] / r["sec_per_step"]
             row += f" {_f(ratio)} |"
         lines.append(row)
@@ -235,6 +263,22 @@ def summarize(records: list[dict], device: str | None = None) -> str:
             tail = (r.get("stderr_tail") or "").strip().splitlines()[-1:] or [""]
             lines.append(f"- {r.get('command')}: {why} {tail[0]}".rstrip())
     return "\n".join(lines)
+
+
+def _shown(cmd: list[str]) -> str:
+    return " ".join(os.path.relpath(c, HERE) if c.startswith("/") else c for c in cmd[1:])
+
+
+def run_extras(args, plan: dict, start: float) -> list[dict]:
+    """The plan's ``extras``, appended to the main run's records, in what is left of the
+    budget (a spent budget skips them and says so in the records)."""
+    records: list[dict] = []
+    for extra in plan["extras"]:
+        argv = run_all_argv(args, plan, extra)
+        left = args.budget_s - (time.monotonic() - start)
+        argv[argv.index("--deadline-s") + 1] = str(max(left, 0.0))
+        records += [r for r in run_all.run(run_all.parse_args(argv)) if r.get("kind") != "run"]
+    return records
 
 
 def main(argv=None) -> None:
@@ -274,10 +318,11 @@ def main(argv=None) -> None:
         )
         print(f"command: {sys.executable} {os.path.join(HERE, 'run_all.py')} {' '.join(forwarded)}")
         for cmd in children:
-            print(
-                "  child: "
-                + " ".join(os.path.relpath(c, HERE) if c.startswith("/") else c for c in cmd[1:])
-            )
+            print("  child: " + _shown(cmd))
+        for extra in plan["extras"]:
+            parsed = run_all.parse_args(run_all_argv(args, plan, extra))
+            for cmd in run_all.step_commands(parsed, parsed.frameworks):
+                print("  extra child: " + _shown(cmd))
         print(f"writes: {args.out}")
         multi, why = multi_device_plan(visible_gpus(), args.out, batch, args.cpu_smoke)
         print(why or "multi-device: " + " ".join(multi[1:]))
@@ -287,6 +332,7 @@ def main(argv=None) -> None:
     start = time.monotonic()
     parsed = run_all.parse_args(forwarded)
     records = run_all.run(parsed)
+    records += run_extras(args, plan, start)
     print()
     print(summarize(records, None if args.cpu_smoke else device))
     batch = args.batch_size or plan["batch_size"]

@@ -86,7 +86,8 @@ def _command(framework: str, args, model, workload, dtype: str = "f32") -> list[
     if len(models) * len(workloads) > 1:
         argv.append("--in-process")
     if framework == "eqxtl":
-        return [sys.executable, *argv, "--dtype", dtype, "--platform", _jax_platform(args.device)]
+        argv += ["--dtype", dtype, "--platform", _jax_platform(args.device)]
+        return [sys.executable, *argv, *(["--variant", args.variant] if args.variant else [])]
     if framework.startswith("torch"):
         argv += ["--dtype", dtype, "--device", _torch_device(args.device)]
         if framework == "torch-compile":
@@ -140,7 +141,7 @@ def step_commands(args, frameworks: list[str]) -> list[list[str]]:
 
 def run(args) -> list[dict]:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    out = open(args.out, "w")
+    out = open(args.out, "a" if args.append else "w")
     records: list[dict] = []
 
     def keep(record: dict) -> None:
@@ -168,7 +169,8 @@ def run(args) -> list[dict]:
     quick = ["--quick"] if args.quick else []
     peak_cmd = [sys.executable, os.path.join(HERE, "steps.py"), "--peak", *quick]
     peak_cmd += ["--platform", _jax_platform(args.device)]
-    C.run_children([peak_cmd], on_line=lambda r: keep({**r, "when": "start"}))
+    if not args.no_peak:
+        C.run_children([peak_cmd], on_line=lambda r: keep({**r, "when": "start"}))
     deadline = None if args.deadline_s is None else time.monotonic() + args.deadline_s
 
     def run_in_time(commands: list[list[str]]) -> None:
@@ -195,7 +197,8 @@ def run(args) -> list[dict]:
 
     run_in_time(step_commands(args, frameworks))
 
-    C.run_children([peak_cmd], on_line=lambda r: keep({**r, "when": "end"}))
+    if not args.no_peak:
+        C.run_children([peak_cmd], on_line=lambda r: keep({**r, "when": "end"}))
     if not args.no_load:
         rounds = ["--rounds", str(max(args.rounds, 2))]
         C.run_children(
@@ -226,7 +229,7 @@ def summarize(records: list[dict]) -> str:
     steps: dict[tuple, dict] = {}
     for r in records:
         if "workload" in r and "sec_per_step" in r:
-            key = (r["framework"], r["model"], r["workload"], r.get("dtype", "f32"))
+            key = (r["framework"], r["model"], C.workload_label(r), r.get("dtype", "f32"))
             steps[key] = r  # the last one wins
     peaks = [r for r in records if r.get("kind") == "peak" and r.get("framework") == "jax"]
     load = next((r for r in reversed(records) if r.get("kind") == "load_summary"), None)
@@ -392,7 +395,7 @@ def summarize(records: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(C.MODELS), choices=C.MODELS)
+    parser.add_argument("--models", nargs="+", default=list(C.MODELS), choices=C.ALL_MODELS)
     parser.add_argument("--workloads", nargs="+", default=list(C.WORKLOADS), choices=C.WORKLOADS)
     parser.add_argument(
         "--frameworks", nargs="+", default=list(DEFAULT_FRAMEWORKS), choices=FRAMEWORKS
@@ -418,7 +421,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--process-per", choices=("workload", "framework"), default="workload")
     parser.add_argument("--deadline-s", type=float, default=None, help="total time budget")
     parser.add_argument("--no-load", action="store_true", help="skip load.py")
+    parser.add_argument("--no-peak", action="store_true", help="skip the jnp.dot peak runs")
     parser.add_argument("--out", default=DEFAULT_OUT, help="JSON-lines file to write")
+    parser.add_argument("--append", action="store_true", help="add to --out, not replace it")
+    parser.add_argument(
+        "--variant", choices=C.VARIANTS, default=None, help="eqxtl's runs only (steps.py)"
+    )
     parser.add_argument("--summarize", metavar="JSONL", help="only summarise an earlier run")
     return parser.parse_args(argv)
 

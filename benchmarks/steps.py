@@ -50,10 +50,11 @@ def build(model_name: str, quick: bool):
     import eqxtl
     from eqxtl.models import clip
 
-    if model_name == "clip":
+    if model_name in ("clip", "clip_l14"):
         arch = clip.CLIP_VISION
         # A plain CLIPVisionModel (no visual projection), as the references build it.
-        config = dataclasses.replace(clip.CLIP_VIT_B32, projection_dim=None)
+        base = clip.CLIP_VIT_L14 if model_name == "clip_l14" else clip.CLIP_VIT_B32
+        config = dataclasses.replace(base, projection_dim=None, image_size=C.IMAGE)
         if quick:
             config = dataclasses.replace(
                 config,
@@ -148,6 +149,10 @@ def run_one(model_name: str, workload: str, args) -> None:
     if args.remat:
         model = eqxtl.with_remat(model)
         extra["remat"] = True
+    if args.variant == "scan":
+        model = eqxtl.with_scan(model)
+    if args.variant:
+        extra["variant"] = args.variant
 
     if workload == "eval":
         eval_step = eqxtl.make_eval_step(loss_fn)
@@ -177,6 +182,9 @@ def run_one(model_name: str, workload: str, args) -> None:
         if workload == "lora":
             model = lora_model(model, model_name)
         spec = spec_for(model, workload)
+        if args.variant == "int8-base":
+            model = eqxtl.quantize(model, spec, "int8")
+            spec = spec_for(model, workload)
         optimizer = optax.adam(1e-3)
         opt_state = optimizer.init(eqx.filter(model, spec))
         extra["opt_state_bytes"] = sum(
@@ -258,7 +266,10 @@ def main(argv=None) -> None:
         action="store_true",
         help="rematerialise each block in the backward pass (eqxtl.with_remat)",
     )
+    parser.add_argument("--variant", choices=C.VARIANTS, default=None, help="see _common.VARIANTS")
     args = parser.parse_args(argv)
+    if args.variant == "int8-base" and not set(args.workloads) <= {"lora", "head", "last2"}:
+        parser.error("--variant int8-base needs a frozen base: workloads lora, head, last2")
     if args.platform != "auto":
         os.environ["JAX_PLATFORMS"] = args.platform  # before jax is imported (lazily)
     if args.peak:
@@ -269,7 +280,8 @@ def main(argv=None) -> None:
         args,
         lambda m, w: run_one(m, w, args),
         extra=["--dtype", args.dtype, "--platform", args.platform]
-        + (["--remat"] if args.remat else []),
+        + (["--remat"] if args.remat else [])
+        + (["--variant", args.variant] if args.variant else []),
     )
 
 

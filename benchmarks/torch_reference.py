@@ -43,10 +43,10 @@ def build(model_name: str, quick: bool):
     from torch import nn
 
     torch.manual_seed(0)
-    if model_name == "clip":
+    if model_name in ("clip", "clip_l14"):
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        kwargs = C.clip_hf_kwargs(quick)
+        kwargs = C.clip_hf_kwargs(quick, model_name)
         backbone = CLIPVisionModel(CLIPVisionConfig(**kwargs))
         tower = getattr(backbone, "vision_model", backbone)  # transformers 4 nests it
         blocks = list(tower.encoder.layers)

@@ -54,6 +54,12 @@ def test_dry_run_prints_the_plan_and_installs_nothing(tmp_path):
     assert len(children) == 6  # 3 frameworks x 2 dtypes
     assert sum("--compile" in c for c in children) == 2
     assert all("--batch-size 128" in c for c in children)
+    # issue 22's rows: ViT-L/14 unrolled, scanned and PyTorch's; LoRA f32, int8 base and PEFT's
+    extras = [line for line in text.splitlines() if line.strip().startswith("extra child:")]
+    assert len(extras) == 6
+    assert sum("clip_l14 --workloads full" in c and "--variant scan" in c for c in extras) == 1
+    assert sum("--workloads lora" in c and "--variant int8-base" in c for c in extras) == 1
+    assert sum("torch_reference.py" in c for c in extras) == 2
     assert not venv.exists()
     # no GPU here: the multi-device run says why it is skipped
     assert "multi-device run (data and fsdp meshes) skipped: 0 GPUs visible" in text
@@ -67,7 +73,11 @@ def test_cpu_smoke_writes_the_records(tmp_path):
     assert not [r for r in records if "error" in r or "skipped" in r]
     assert records[0]["kind"] == "run"
     assert [r["when"] for r in records if r.get("kind") == "peak"] == ["start", "end"]
-    steps = {(r["framework"], r["dtype"]): r for r in records if "sec_per_step" in r}
+    timed = [r for r in records if "sec_per_step" in r]
+    steps = {(r["framework"], r["dtype"]): r for r in timed if "variant" not in r}
+    variants = {(r["model"], r["variant"]) for r in timed if "variant" in r}
+    assert variants == {("clip_l14", "scan"), ("clip", "int8-base")}
+    assert "head+scan" in out.stdout and "head+int8-base" in out.stdout
     assert set(steps) == {(f, d) for f in FRAMEWORKS for d in ("f32", "bf16")}
     for (framework, dtype), r in steps.items():
         assert STEP_FIELDS <= set(r), (framework, dtype, STEP_FIELDS - set(r))
