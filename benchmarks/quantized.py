@@ -9,6 +9,7 @@ compiled step (arguments, outputs, temporaries: independent of what else the mac
 
     python benchmarks/quantized.py                    # f32, int8 and bf16 bases, full size
     python benchmarks/quantized.py --bases f32 int8 --quick
+    python benchmarks/quantized.py --bases f32 int8 --build load --remat   # QLoRA's way
 """
 
 from __future__ import annotations
@@ -51,10 +52,20 @@ def run_one(base: str, args) -> dict:
 
     import eqxtl
 
-    model, state, image = steps.build("clip", args.quick)
+    if args.build == "quantize":
+        model, state, image = steps.build("clip", args.quick)
+    else:  # NumPy init; int8: each weight stored as int8 as it is drawn (no float model)
+        _, config, image = steps.config_of("clip", args.quick)
+        quantized = "int8" if base == "int8" else None
+        dtype = jax.numpy.bfloat16 if base == "bf16" else jax.numpy.float32
+        backbone, state = eqxtl.from_config(config, quantize=quantized, dtype=dtype)
+        model = eqxtl.Classifier(backbone, C.NUM_CLASSES, key=jax.random.key(1))
+        del backbone
     model = steps.lora_model(model, "clip")
+    if args.remat:
+        model = eqxtl.with_remat(eqxtl.with_scan(model))
     spec = eqxtl.lora_spec(model, "head")
-    if base != "f32":
+    if base != "f32" and args.build == "quantize":
         model = eqxtl.quantize(model, spec, {"int8": "int8", "bf16": "bfloat16"}[base])
         gc.collect()  # the float32 base is gone: only the quantized one is referenced
         spec = eqxtl.lora_spec(model, "head")
@@ -64,11 +75,9 @@ def run_one(base: str, args) -> dict:
     opt_state = optimizer.init(eqx.filter(model, spec))
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     key = jax.random.key(2)
-    trainable, frozen = eqx.partition(model, spec)
-    start = time.perf_counter()
-    compiled = step.compiled.lower((frozen, state, batch, key), trainable, opt_state).compile()
+    start = time.perf_counter()  # step.lower: the compilation the first call then reuses
+    compiled = step.lower(model, state, opt_state, batch, key).compile()
     compile_s = time.perf_counter() - start
-    del trainable, frozen
     carry = [model, state, opt_state]
 
     def call():
@@ -87,6 +96,8 @@ def run_one(base: str, args) -> dict:
         compile_s=compile_s,
         flops=C.cost_flops(compiled),
         base=base,
+        build=args.build,
+        remat=args.remat,
         rss_before_steps_mb=before,
         peak_rss_growth_in_steps_mb=round(C.peak_rss_mb() - before, 1),
         frozen_mb=round(frozen_bytes / 2**20, 1),
@@ -103,6 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny config: a smoke run")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 (4 --quick)")
+    parser.add_argument(
+        "--build",
+        choices=("quantize", "load"),
+        default="quantize",
+        help="quantize: build float32, then eqxtl.quantize; load: from_config(quantize=...)",
+    )
+    parser.add_argument("--remat", action="store_true", help="with_scan + with_remat (both bases)")
     parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

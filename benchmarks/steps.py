@@ -42,12 +42,8 @@ def _tiny_resnet(resnet):
     return dataclasses.replace(base, **{k: v for k, v in changes.items() if k in fields})
 
 
-def build(model_name: str, quick: bool):
-    """``(classifier, state, image_size)`` with random weights, in inference mode."""
-    import equinox as eqx
-    import jax
-
-    import eqxtl
+def config_of(model_name: str, quick: bool):
+    """``(architecture, backbone config, image_size)`` of a benchmarked model."""
     from eqxtl.models import clip
 
     if model_name in ("clip", "clip_l14"):
@@ -86,6 +82,17 @@ def build(model_name: str, quick: bool):
         image = config.image_size
     else:
         raise ValueError(model_name)
+    return arch, config, image
+
+
+def build(model_name: str, quick: bool):
+    """``(classifier, state, image_size)`` with random weights, in inference mode."""
+    import equinox as eqx
+    import jax
+
+    import eqxtl
+
+    arch, config, image = config_of(model_name, quick)
     backbone, state = eqx.nn.make_with_state(arch.build)(config, jax.random.key(0))
     backbone = eqx.nn.inference_mode(backbone, True)
     model = eqxtl.Classifier(backbone, C.NUM_CLASSES, key=jax.random.key(1))
@@ -192,18 +199,11 @@ def run_one(model_name: str, workload: str, args) -> None:
         )
         step = eqxtl.make_step(loss_fn, optimizer, spec)
         key = jax.random.key(2)
-        compile_s = flops = None
-        inner = getattr(step, "compiled", None)
-        if inner is not None and hasattr(inner, "lower"):
-            # The arguments make_step's wrapper hands its compiled function (train.py).
-            trainable, frozen = eqx.partition(model, spec)
-            try:
-                start = time.perf_counter()
-                compiled = inner.lower((frozen, state, batch, key), trainable, opt_state).compile()
-                compile_s = time.perf_counter() - start
-                flops = C.cost_flops(compiled)
-            except Exception as e:  # the wrapper's signature changed: time the first call
-                extra["aot_error"] = f"{type(e).__name__}: {e}"[:200]
+        # step.lower: the compilation the first call then reuses (same donation choice)
+        start = time.perf_counter()
+        compiled = step.lower(model, state, opt_state, batch, key).compile()
+        compile_s = time.perf_counter() - start
+        flops = C.cost_flops(compiled)
         carry = [model, state, opt_state]
 
         def call():

@@ -109,7 +109,7 @@ def memory_report(
             f"memory_report takes a step built by eqxtl.make_step, got {type(step).__name__}."
         )
     if key is None:
-        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.random.key(0)
     if not isinstance(batch, dict):
         raise EqxtlError(
             f"memory_report: batch must be a dict of arrays or jax.ShapeDtypeStruct "

@@ -232,8 +232,13 @@ def make_step(
 
     def lower(model, state, opt_state, batch, key=None) -> jax.stages.Lowered:
         """The step lowered for these arguments, as ``step`` would compile it (same
-        donation); leaves may be ``jax.ShapeDtypeStruct``: nothing is allocated or run."""
+        donation); leaves may be ``jax.ShapeDtypeStruct``: nothing is allocated or run.
+        With arrays only, compiling it compiles the step's first call too."""
         donates, _, args = arguments(model, state, opt_state, batch, key)
+        if all(eqx.is_array(x) for x in jax.tree.leaves(args) if _is_leaf_value(x)):
+            # real arrays: the step's own jit, so that compiling this lowering is the
+            # compilation the first call would make (cached: not done twice)
+            return (donating if donates else plain).lower(*args).lowered
         return _lowered(_step, options, donates, *args)
 
     # exposed for tests and benchmarks (tracing counts, cost analysis); `lower` and `spec`
