@@ -203,6 +203,12 @@ not depend on them); ``from_pretrained(..., drop_path_rate=0.1)`` sets them (eac
 architecture lists them in its ``choices``)."""
 
 
+def check_activation(config: Any, allowed: tuple[str, ...]) -> None:
+    """A ``ValueError`` naming ``config.hidden_act`` unless it is one of ``allowed``."""
+    if config.hidden_act not in allowed:
+        raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {allowed}.")
+
+
 def check_sizes(config: Any) -> None:
     """Every size field of a config that it has (``hidden_size``, ``image_size``,
     ``patch_size``, ...) an integer >= 1 (``projection_dim`` may be ``None``),

@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._arch import (
     Preprocessing,
+    check_activation,
     check_sizes,
 )
 from .blockwise import run_blocks
@@ -68,8 +69,7 @@ class CLIPVisionConfig:
 
     def __post_init__(self):
         check_sizes(self)
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {_ACTIVATIONS}.")
+        check_activation(self, _ACTIVATIONS)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of "

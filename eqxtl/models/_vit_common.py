@@ -19,6 +19,7 @@ from ..errors import CheckpointError
 from ._arch import (
     TRAINING_FIELDS,
     Preprocessing,
+    check_activation,
     check_sizes,
 )
 from ._layout import Map, packed
@@ -43,8 +44,7 @@ def check_common(config) -> None:
     if isinstance(config.image_size, tuple) and config.image_size[0] == config.image_size[1]:
         object.__setattr__(config, "image_size", int(config.image_size[0]))
     check_sizes(config)
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {ACTIVATIONS}.")
+    check_activation(config, ACTIVATIONS)
     if config.hidden_size % config.num_attention_heads:
         raise ValueError(
             f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "

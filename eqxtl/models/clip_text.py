@@ -35,6 +35,7 @@ from ._arch import (
     Layout,
     Meta,
     Shapes,
+    check_activation,
     check_sizes,
     claims_transformers,
     transformers_write,
@@ -83,8 +84,7 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         check_sizes(self)
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {_ACTIVATIONS}.")
+        check_activation(self, _ACTIVATIONS)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of "

@@ -26,6 +26,7 @@ from ._arch import (
     Meta,
     Preprocessing,
     Shapes,
+    check_activation,
     check_sizes,
     claims_timm,
     count_blocks,
@@ -75,8 +76,7 @@ class MixerConfig:
 
     def __post_init__(self):
         check_sizes(self)
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {ACTIVATIONS}.")
+        check_activation(self, ACTIVATIONS)
         h, w = image_hw(self.image_size)
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(

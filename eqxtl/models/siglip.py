@@ -35,6 +35,7 @@ from ._arch import (
     Meta,
     Preprocessing,
     Shapes,
+    check_activation,
     check_sizes,
     claims_timm,
     claims_transformers,
@@ -94,8 +95,7 @@ class SiglipVisionConfig:
 
     def __post_init__(self):
         check_sizes(self)
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {ACTIVATIONS}.")
+        check_activation(self, ACTIVATIONS)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
