@@ -97,7 +97,7 @@ def _steps_timing(call, steps: int) -> dict:
     }
 
 
-def run_eqxtl(steps: int, base: str) -> dict:
+def run_eqxtl(steps: int, base: str, unrolled: bool = False) -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -116,7 +116,7 @@ def run_eqxtl(steps: int, base: str) -> dict:
     model = eqxtl.Classifier(backbone, CLASSES, key=jax.random.key(1))
     del backbone
     model = eqxtl.lora(model, r".*\.(query|value)", rank=RANK, key=jax.random.key(3))
-    model = eqxtl.with_remat(eqxtl.with_scan(model))
+    model = eqxtl.with_remat(model if unrolled else eqxtl.with_scan(model))
     spec = eqxtl.lora_spec(model, "head")
     is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
     int8 = [x for x in jax.tree.leaves(model, is_leaf=is_q) if is_q(x)]
@@ -147,7 +147,7 @@ def run_eqxtl(steps: int, base: str) -> dict:
         "trained_parameters": int(trained),
         "build_s": round(build_s, 1),
         "build": f"from_config(quantize={'int8' if base == 'int8' else None}) + lora; "
-        "with_scan + with_remat",
+        + ("with_remat, unrolled" if unrolled else "with_scan + with_remat"),
         "rss_after_build_mb": rss_built,
         "frozen_base_mb": round(frozen_mb, 1),
         "compile_s": round(compile_s, 1),
@@ -231,7 +231,7 @@ def run_peft(steps: int, checkpointing: bool = False) -> dict:
     }
 
 
-def child(side: str, steps: int) -> dict:
+def child(side: str, steps: int, unrolled: bool = False) -> dict:
     base = {
         "benchmark": "giant_lora",
         "side": side,
@@ -246,7 +246,7 @@ def child(side: str, steps: int) -> dict:
         **_machine(),
     }
     if side.startswith("eqxtl"):
-        out = run_eqxtl(steps, "f32" if side == "eqxtl-f32" else "int8")
+        out = run_eqxtl(steps, "f32" if side == "eqxtl-f32" else "int8", unrolled)
     else:
         out = run_peft(steps, checkpointing=side == "peft-ckpt")
     return {**base, **out, "peak_rss_mb": _peak_mb(), "loadavg_after": list(os.getloadavg())}
@@ -258,11 +258,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="the first compiles / warms up")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--unrolled", action="store_true", help="eqxtl sides: with_remat only, no with_scan"
+    )
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error("--steps must be at least 2: the first one compiles / warms up")
     if args.child:
-        print(json.dumps(child(args.child, args.steps)), flush=True)
+        print(json.dumps(child(args.child, args.steps, args.unrolled)), flush=True)
         return
     for side in args.side:  # one fresh process each: its own peak RSS
         available = _available_gb()
@@ -278,7 +281,10 @@ def main(argv=None) -> None:
         else:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", side]
             out = subprocess.run(
-                [*cmd, "--steps", str(args.steps)], capture_output=True, text=True, check=False
+                [*cmd, "--steps", str(args.steps), *(["--unrolled"] if args.unrolled else [])],
+                capture_output=True,
+                text=True,
+                check=False,
             )
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             if out.returncode != 0 or not lines or "partial" in json.loads(lines[-1]):
