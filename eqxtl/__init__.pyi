@@ -35,10 +35,10 @@ from .errors import TorchFileError as TorchFileError
 from .errors import TrainingError as TrainingError
 from .errors import UnsafeCheckpointError as UnsafeCheckpointError
 from .io.checkpoint import state_dict as state_dict
-from .io.random_init import from_config as from_config
 from .io.pretrained import from_pretrained as from_pretrained
 from .io.pretrained import save_pretrained as save_pretrained
 from .io.publish import push_to_hub as push_to_hub
+from .io.random_init import from_config as from_config
 from .io.serving import export as export
 from .io.tokenizer import Tokenizer as Tokenizer
 from .io.torch_pickle import TorchLimits as TorchLimits
