@@ -1,6 +1,7 @@
 """Where one compiled training step spends its time, per XLA instruction.
 
-Compiles eqxtl's full fine-tuning step (``--workload eval``: ``make_eval_step``'s forward) (as ``steps.py`` builds it, random weights, batch 32)
+Compiles eqxtl's full fine-tuning step (as ``steps.py`` builds it, random weights, batch 32;
+``--workload eval``: the forward and loss that ``make_eval_step`` compiles)
 with ``xla_cpu_enable_xprof_traceme`` so that XLA:CPU records one trace event per thunk,
 runs it under ``jax.profiler.trace(..., create_perfetto_trace=True)``, and joins the events
 with the optimised HLO (``compiled.as_text()``): total milliseconds per kind of work
@@ -11,7 +12,7 @@ Independent thunks run concurrently, so events overlap: totals add up to more th
 step, and one event's length includes time shared with others. Compare totals between
 variants of the same step, not single events.
 
-    python benchmarks/profile_step.py --model resnet50 [--workload eval] [--top 30] [--out /tmp/prof]
+    python benchmarks/profile_step.py --model dinov2_s14 [--workload eval] [--top 30] [--out DIR]
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ def _kind(name: str, instructions: dict, computations: dict) -> str | None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet50", choices=("resnet50", "clip", "vit_b16", "dinov2_s14"))
+    parser.add_argument(
+        "--model", default="resnet50", choices=("resnet50", "clip", "vit_b16", "dinov2_s14")
+    )
     parser.add_argument("--workload", default="full", choices=("full", "eval"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)

@@ -153,7 +153,15 @@ def _attention_core(q, k, v):
     """``(..., tq, n, h)`` queries, ``(..., t, n, h)`` keys and values -> ``(..., tq, n, h)``,
     as ``jax.nn.dot_product_attention``'s XLA implementation computes it."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("...tnh,...snh->...nts", q, k, preferred_element_type=jnp.float32)
+    # jax's choice: a half-precision product with float32 logits needs this preset for a
+    # consistent backward pass (jax-ml/jax#24047)
+    precision = {
+        jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+        jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32,
+    }.get(jnp.dtype(q.dtype))
+    logits = jnp.einsum(
+        "...tnh,...snh->...nts", q, k, precision=precision, preferred_element_type=jnp.float32
+    )
     probs = jax.nn.softmax(logits * scale, axis=-1).astype(k.dtype)
     return jnp.einsum("...nts,...snh->...tnh", probs, v)
 
