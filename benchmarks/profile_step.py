@@ -1,6 +1,7 @@
 """Where one compiled training step spends its time, per XLA instruction.
 
-Compiles eqxtl's full fine-tuning step (as ``steps.py`` builds it, random weights, batch 32)
+Compiles eqxtl's full fine-tuning step (as ``steps.py`` builds it, random weights, batch 32;
+``--workload eval``: the forward and loss that ``make_eval_step`` compiles)
 with ``xla_cpu_enable_xprof_traceme`` so that XLA:CPU records one trace event per thunk,
 runs it under ``jax.profiler.trace(..., create_perfetto_trace=True)``, and joins the events
 with the optimised HLO (``compiled.as_text()``): total milliseconds per kind of work
@@ -11,7 +12,7 @@ Independent thunks run concurrently, so events overlap: totals add up to more th
 step, and one event's length includes time shared with others. Compare totals between
 variants of the same step, not single events.
 
-    python benchmarks/profile_step.py --model resnet50 [--top 30] [--out /tmp/prof]
+    python benchmarks/profile_step.py --model dinov2_s14 [--workload eval] [--top 30] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 
-def _trace(model_name: str, batch_size: int, out: str) -> tuple[float, str]:
+def _trace(model_name: str, batch_size: int, out: str, workload: str) -> tuple[float, str]:
     import equinox as eqx
     import jax
     import optax
@@ -41,15 +42,21 @@ def _trace(model_name: str, batch_size: int, out: str) -> tuple[float, str]:
 
     model, state, image = steps.build(model_name, False)
     batch = steps.make_batch(batch_size, image)
-    spec = eqxtl.everything(model)
-    optimizer = optax.adam(1e-3)
-    opt_state = optimizer.init(eqx.filter(model, spec))
-    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
-    trainable, frozen = eqx.partition(model, spec)
-    args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
     options = {"xla_cpu_enable_xprof_traceme": True}
-    options |= eqxtl.training.step._step_compiler_options() or {}
-    compiled = step.compiled.lower(*args).compile(compiler_options=options)
+    if workload == "eval":
+        loss_fn = eqxtl.task_loss()  # what make_eval_step compiles (it exposes no .lower)
+        step = eqx.filter_jit(lambda m, s, b: loss_fn(m, s, b, None)[1][1])
+        args = (model, state, batch)
+    else:
+        spec = eqxtl.everything(model)
+        optimizer = optax.adam(1e-3)
+        opt_state = optimizer.init(eqx.filter(model, spec))
+        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
+        trainable, frozen = eqx.partition(model, spec)
+        args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
+        options |= eqxtl.training.step._step_compiler_options() or {}
+    step = step if workload == "eval" else step.compiled
+    compiled = step.lower(*args).compile(compiler_options=options)
     jax.block_until_ready(compiled(*args))
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
@@ -94,13 +101,18 @@ def _kind(name: str, instructions: dict, computations: dict) -> str | None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet50", choices=("resnet50", "clip"))
+    parser.add_argument(
+        "--model", default="resnet50", choices=("resnet50", "clip", "vit_b16", "dinov2_s14")
+    )
+    parser.add_argument("--workload", default="full", choices=("full", "eval"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None, help="trace folder (default: a temporary one)")
     args = parser.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="eqxtl-profile-")
-    seconds, hlo = _trace(args.model, args.batch_size, out)
+    seconds, hlo = _trace(args.model, args.batch_size, out, args.workload)
+    with open(os.path.join(out, "optimised.hlo.txt"), "w") as f:
+        f.write(hlo)
     trace = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))[0]
     events = [e for e in json.load(gzip.open(trace))["traceEvents"] if e.get("ph") == "X"]
     instructions, computations = _instructions(hlo)
@@ -111,7 +123,10 @@ def main(argv=None) -> None:
             per_kind[kind] += event["dur"] / 1e3
             per_name[event["name"]] += event["dur"] / 1e3
             calls[kind] += 1
-    print(f"{args.model}, batch {args.batch_size}: step {seconds:.2f} s (untraced); trace in {out}")
+    print(
+        f"{args.model} {args.workload}, batch {args.batch_size}: step {seconds:.2f} s "
+        f"(untraced); trace and optimised HLO in {out}"
+    )
     print("\nms (summed over concurrent thunks) per kind of instruction:")
     for kind, ms in per_kind.most_common():
         print(f"{ms:9.1f}  {calls[kind]:5d}  {kind}")

@@ -132,5 +132,49 @@ def multihead_attention(
     def split(y):  # (*b, t, d) -> (*b, t, heads, d / heads)
         return y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
 
-    o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
-    return o.reshape(q.shape)
+    if causal or q.ndim < 3 or q.shape[-2] < _CHUNKED_MIN_TOKENS or jax.default_backend() != "cpu":
+        o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
+        return o.reshape(q.shape)
+    return _chunked_attention(split(q), split(k), split(v)).reshape(q.shape)
+
+
+# XLA:CPU runs the (batch, heads) attention as whole-batch dots and softmax over
+# (batch, heads, tq, t) arrays, tens of MB that leave the caches between one op and the
+# next (DINOv2-S/14 at 224 px, batch 32: ~50 MB per layer; its scores dot ran at a third of
+# the GEMMs' FLOP rate, attention took 30% of the eval step for 11% of the FLOPs). A loop
+# over a few images at a time keeps each chunk's scores in cache, as PyTorch's CPU
+# flash-attention kernel does: 1.7-3x faster forward, ~1.5x forward + backward
+# (benchmarks/README.md). Same arithmetic as jax.nn.dot_product_attention's XLA path.
+_CHUNKED_MIN_TOKENS = 64
+_CHUNK_HEADS = 32  # (image, head) pairs per loop step
+
+
+def _attention_core(q, k, v):
+    """``(..., tq, n, h)`` queries, ``(..., t, n, h)`` keys and values -> ``(..., tq, n, h)``,
+    as ``jax.nn.dot_product_attention``'s XLA implementation computes it."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    # jax's choice: a half-precision product with float32 logits needs this preset for a
+    # consistent backward pass (jax-ml/jax#24047)
+    precision = {
+        jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+        jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32,
+    }.get(jnp.dtype(q.dtype))
+    logits = jnp.einsum(
+        "...tnh,...snh->...nts", q, k, precision=precision, preferred_element_type=jnp.float32
+    )
+    probs = jax.nn.softmax(logits * scale, axis=-1).astype(k.dtype)
+    return jnp.einsum("...nts,...snh->...tnh", probs, v)
+
+
+def _chunked_attention(q, k, v):
+    """``_attention_core`` over the leading axes flattened, a few images per loop step."""
+    lead = q.shape[:-3]
+    groups = math.prod(lead)
+    heads = q.shape[-2]
+    chunk = max(d for d in range(1, max(1, _CHUNK_HEADS // heads) + 1) if groups % d == 0)
+
+    def chunks(y):
+        return y.reshape(groups // chunk, chunk, *y.shape[-3:])
+
+    o = jax.lax.map(lambda qkv: _attention_core(*qkv), (chunks(q), chunks(k), chunks(v)))
+    return o.reshape(*lead, *o.shape[-3:])
