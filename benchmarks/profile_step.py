@@ -1,7 +1,8 @@
 """Where one compiled training step spends its time, per XLA instruction.
 
 Compiles eqxtl's full fine-tuning step (as ``steps.py`` builds it, random weights, batch 32;
-``--workload eval``: the forward and loss that ``make_eval_step`` compiles)
+``--workload lora``: r=8 adapters + head, as ``steps.py`` builds them; ``--workload eval``:
+the forward and loss that ``make_eval_step`` compiles)
 with ``xla_cpu_enable_xprof_traceme`` so that XLA:CPU records one trace event per thunk,
 runs it under ``jax.profiler.trace(..., create_perfetto_trace=True)``, and joins the events
 with the optimised HLO (``compiled.as_text()``): total milliseconds per kind of work
@@ -48,7 +49,9 @@ def _trace(model_name: str, batch_size: int, out: str, workload: str) -> tuple[f
         step = eqx.filter_jit(lambda m, s, b: loss_fn(m, s, b, None)[1][1])
         args = (model, state, batch)
     else:
-        spec = eqxtl.everything(model)
+        if workload == "lora":
+            model = steps.lora_model(model, model_name)
+        spec = steps.spec_for(model, workload)
         optimizer = optax.adam(1e-3)
         opt_state = optimizer.init(eqx.filter(model, spec))
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
@@ -104,7 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--model", default="resnet50", choices=("resnet50", "clip", "vit_b16", "dinov2_s14")
     )
-    parser.add_argument("--workload", default="full", choices=("full", "eval"))
+    parser.add_argument("--workload", default="full", choices=("full", "lora", "eval"))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None, help="trace folder (default: a temporary one)")
