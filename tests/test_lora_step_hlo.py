@@ -1,0 +1,67 @@
+"""Structural facts of a compiled LoRA train step (issue 22): what XLA computes, not how fast.
+
+- no weight gradient of a frozen layer: no dot produces a frozen weight's shape;
+- the backward pass of the residual stream does not grow with depth: the largest
+  elementwise fusion of an 8-block model is no larger than a 4-block one's (unbroken, the
+  fusion ``l`` blocks from the top recomputes the whole gradient chain above it:
+  ``eqxtl.models.blockwise.stored_gradient``).
+"""
+
+import dataclasses
+import re
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+
+import eqxtl
+from eqxtl.models import clip
+from tests._tiny import TINY_CLIP
+
+WIDTH, HIDDEN = 48, 80  # shapes no activation has (rows: batch 2 x 5 tokens)
+
+
+def _compiled_lora_step(layers: int) -> str:
+    config = dataclasses.replace(
+        TINY_CLIP,
+        hidden_size=WIDTH,
+        intermediate_size=HIDDEN,
+        num_hidden_layers=layers,
+        image_size=32,
+        patch_size=16,
+    )
+    backbone, state = eqx.nn.make_with_state(clip.CLIP_VISION.build)(config, jax.random.key(0))
+    backbone = eqx.nn.inference_mode(backbone, True)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    model = eqxtl.lora(model, r".*\.(q_proj|v_proj)", rank=4, key=jax.random.key(2))
+    spec = eqxtl.lora_spec(model, "head")
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(2, 3, 32, 32)).astype(np.float32),
+        "label": np.array([0, 2], np.int32),
+    }
+    return step.lower(model, state, opt_state, batch).compile().as_text()
+
+
+def _largest_loop_fusion(hlo: str) -> int:
+    bodies = {
+        m.group(1).lstrip("%"): m.group(2)
+        for m in re.finditer(r"^(%?[\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M)
+    }
+    called = re.findall(r"fusion\(.*kind=k(?:Loop|Input), calls=%?([\w.\-]+)", hlo)
+    assert called, "no loop fusion found: the HLO text format changed"
+    return max(bodies[c].count("\n") + 1 for c in called)
+
+
+def test_lora_step_structure():
+    hlo4, hlo8 = _compiled_lora_step(4), _compiled_lora_step(8)
+    frozen = {(WIDTH, WIDTH), (HIDDEN, WIDTH), (WIDTH, HIDDEN)}
+    dots = re.findall(r"= f32\[([\d,]*)\]\{[\d,]*\} dot\(", hlo8)
+    assert dots
+    shapes = {tuple(int(d) for d in s.split(",")) for s in dots}
+    assert not shapes & frozen, f"a frozen weight's gradient is computed: {shapes & frozen}"
+    assert _largest_loop_fusion(hlo8) <= _largest_loop_fusion(hlo4)
