@@ -123,10 +123,12 @@ class Lab:
         with state (BatchNorm) in training mode."""
         key = name, how, option
         if key not in self._results:
-            _, _, model, state, x = self.model(name)
+            arch, _, model, state, x = self.model(name)
             model = eqx.nn.inference_mode(model, not has_state(state))
             if option is not None:
                 model = SWITCHES[option](model)
+            elif supports(arch, "scan"):  # the reference: one unrolled copy per block
+                model = eqxtl.with_scan(model, False)
             labels = jnp.arange(BATCH) % NUM_CLASSES
             (loss, aux), grads = _value_and_grad(model, clone(state), x, labels, how)
             self._results[key] = loss, aux, grads
@@ -372,6 +374,9 @@ def test_remat_and_scan_change_nothing_or_are_refused(lab, name, option):
     assert flags(model, option) and not any(flags(model, option))  # the original untouched
     jaxpr = str(eqx.filter_make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(on)[0])
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) if option == "remat" else "scan" in jaxpr
+    if option == "scan":  # scanned by default: ``None`` (quiet) in every flag, a scan traced
+        assert all(flag is None for flag in flags(model, option))
+        assert jaxpr == str(eqx.filter_make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(model)[0])
 
     loss, (out, new_state), grads = lab.result(name, "batched", option)
     want_loss, (want_out, want_state), want_grads = lab.result(name, "batched")
@@ -515,6 +520,8 @@ def test_two_towers_remat_and_scan(two_towers, name, option):
     on = switch(model)
     assert eqxtl.paths(on) == eqxtl.paths(model)
     assert all(flags(on, option)) and not any(flags(model, option))
+    if option == "scan":  # scanned by default: the reference unrolls
+        model = switch(model, False)
     (loss, logits), grads = _logits_and_grads(model, images, ids)
     (loss_on, logits_on), grads_on = _logits_and_grads(on, images, ids)
     np.testing.assert_allclose(loss_on, loss, rtol=1e-6)

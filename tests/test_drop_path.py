@@ -102,6 +102,8 @@ def test_rate_per_block_is_timms(name, monkeypatch):
     for module in (vit, dinov2, _clip_model, mixer, resnet, efficientnet):
         monkeypatch.setattr(module, "drop_path", record)
     model, state = _model(name, 0.3)
+    if ARCHITECTURES[name].supports_scan:  # unrolled: each block traced with its own rate
+        model = eqxtl.with_scan(model, False)
     x = _images(name, 2)
     eqx.filter_eval_shape(lambda m: m(x, state, key=jax.random.key(0)), model)
     assert all(keyed for _, keyed in seen)
@@ -266,6 +268,7 @@ def test_train_loss_drops_paths_with_lora(monkeypatch):
 
     def classifier(rate):
         backbone, state = _model("clip_vision", rate)
+        backbone = eqxtl.with_scan(backbone, False)  # each block traced with its own rate
         model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
         return eqxtl.lora(model, r".*\.(q_proj|v_proj)", rank=2, key=jax.random.key(1)), state
 

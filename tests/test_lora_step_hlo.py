@@ -1,7 +1,7 @@
 """Structural facts of compiled train steps (issue 22): what XLA computes, not how fast.
 
 - no weight gradient of a frozen layer: no dot produces a frozen weight's shape;
-- the backward pass of the residual stream does not grow with depth: the largest
+- the backward pass of the residual stream does not grow with depth: unrolled, the largest
   elementwise fusion of an 8-block model is no larger than a 4-block one's (unbroken, the
   fusion ``l`` blocks from the top recomputes the whole gradient chain above it:
   ``eqxtl.models.blockwise.stored_gradient``);
@@ -25,7 +25,9 @@ from tests._tiny import TINY_CLIP
 WIDTH, HIDDEN = 48, 80  # shapes no activation has (rows: batch 2 x 5 tokens)
 
 
-def _compiled_step(layers: int, *, lora: bool = True, skip_nonfinite: bool = True) -> str:
+def _compiled_step(
+    layers: int, *, lora: bool = True, skip_nonfinite: bool = True, scan: bool = False
+) -> str:
     config = dataclasses.replace(
         TINY_CLIP,
         hidden_size=WIDTH,
@@ -35,7 +37,7 @@ def _compiled_step(layers: int, *, lora: bool = True, skip_nonfinite: bool = Tru
         patch_size=16,
     )
     backbone, state = eqx.nn.make_with_state(clip.CLIP_VISION.build)(config, jax.random.key(0))
-    backbone = eqx.nn.inference_mode(backbone, True)
+    backbone = eqxtl.with_scan(eqx.nn.inference_mode(backbone, True), scan)
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     if lora:
         model = eqxtl.lora(model, r".*\.(q_proj|v_proj)", rank=4, key=jax.random.key(2))
@@ -76,6 +78,6 @@ def _instructions(hlo: str) -> int:
 
 
 def test_skipping_nonfinite_steps_does_not_grow_the_program():
-    guarded = _instructions(_compiled_step(4, lora=False))
-    plain = _instructions(_compiled_step(4, lora=False, skip_nonfinite=False))
+    guarded = _instructions(_compiled_step(4, lora=False, scan=True))
+    plain = _instructions(_compiled_step(4, lora=False, skip_nonfinite=False, scan=True))
     assert guarded <= 1.2 * plain, (guarded, plain)

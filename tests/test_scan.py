@@ -1,5 +1,5 @@
-"""Scanned blocks (``eqxtl.with_scan``): the same values, gradients, names and files as the
-unrolled model; frozen blocks stay out of the backward pass; the compiled step does not
+"""Scanned blocks (the default; ``eqxtl.with_scan``): the same values, gradients, names and
+files as the unrolled model (``with_scan(model, False)``); frozen blocks stay out of the backward pass; the compiled step does not
 grow with depth."""
 
 import dataclasses
@@ -105,7 +105,7 @@ def count_dots(jaxpr) -> int:
 def test_flag_names_and_files_unchanged(model_state, tmp_path):
     model, state = model_state
     scanned = eqxtl.with_scan(model)
-    assert scanned.backbone.encoder.scan and not model.backbone.encoder.scan
+    assert scanned.backbone.encoder.scan and model.backbone.encoder.scan is None  # default
     assert not eqxtl.with_scan(scanned, False).backbone.encoder.scan
     # The same pytree: per-layer names everywhere, arrays shared.
     assert eqxtl.paths(scanned) == eqxtl.paths(model)
@@ -134,7 +134,7 @@ def test_remat_inside_the_scan_body(model_state):
     """Scan and remat together (each block checkpointed inside the scan body): the unrolled
     gradients. (Each option alone: tests/test_architectures.py, every architecture.)"""
     model, state = model_state
-    loss, grads = loss_and_grads(model, state)
+    loss, grads = loss_and_grads(eqxtl.with_scan(model, False), state)
     loss_r, grads_r = loss_and_grads(eqxtl.with_remat(eqxtl.with_scan(model)), state)
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     assert_trees_close(grads_r, grads)
@@ -172,7 +172,7 @@ def test_last_blocks_trains_those_layers_only(model_state):
     frozen_rules = [r"backbone\.(embeddings|pre_layrnorm)", r"backbone\.encoder\.layers\.[01]"]
     groups = eqxtl.layerwise_groups(scanned, optax.adam, 1e-2, 0.5, frozen=frozen_rules)
     results = []
-    for m in (model, scanned):
+    for m in (eqxtl.with_scan(model, False), scanned):
         spec_m, optimizer = eqxtl.param_groups(m, groups)
         opt_state = optimizer.init(eqx.filter(m, spec_m))
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec_m)
@@ -210,7 +210,7 @@ def test_text_tower_scans_too():
     assert scans_in(jaxpr) == [3]  # causal blocks scanned
     np.testing.assert_allclose(
         eqx.filter_jit(lambda m: m.hidden_states(ids))(scanned),
-        eqx.filter_jit(lambda m: m.hidden_states(ids))(text),
+        eqx.filter_jit(lambda m: m.hidden_states(ids))(eqxtl.with_scan(text, False)),
         rtol=1e-5,
         atol=1e-5,
     )
@@ -235,7 +235,8 @@ def test_lora_dropout_keys_go_with_their_layers(model_state):
 
     scanned = eqxtl.with_scan(adapted)
     key = jax.random.key(1)
-    np.testing.assert_allclose(features(scanned, key), features(adapted, key), rtol=1e-5, atol=1e-5)
+    unrolled = eqxtl.with_scan(adapted, False)
+    np.testing.assert_allclose(features(scanned, key), features(unrolled, key), rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(features(scanned, key) - features(scanned, None))) > 1e-3
 
 
@@ -264,7 +265,8 @@ def test_unequal_blocks_and_an_int8_base(model_state):
         assert bool(said) == (not scans), said
         if not scans:  # every block ran through the unrolled path
             continue
-        loss, grads = loss_and_grads(adapted, state, eqxtl.lora_spec(adapted, "head"))
+        unrolled = eqxtl.with_scan(adapted, False)
+        loss, grads = loss_and_grads(unrolled, state, eqxtl.lora_spec(unrolled, "head"))
         loss_s, grads_s = loss_and_grads(scanned, state, spec)
         np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
         assert_trees_close(grads_s, grads)

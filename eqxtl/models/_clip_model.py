@@ -212,13 +212,14 @@ class Encoder(eqx.Module):
 
     ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each block
     under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
-    activations from its input instead of keeping them. ``scan`` (static, off by default;
-    ``eqxtl.with_scan``): run runs of interchangeable blocks under ``jax.lax.scan`` (one
-    compiled block instead of one per layer; ``eqxtl.scan``)."""
+    activations from its input instead of keeping them. ``scan`` (static; ``None``, the
+    default, and ``True`` scan, ``False`` unrolls: ``eqxtl.with_scan``): run runs of
+    interchangeable blocks under ``jax.lax.scan`` (one compiled block instead of one per
+    layer)."""
 
     layers: list[EncoderLayer]
     remat: bool = eqx.field(static=True, default=False)
-    scan: bool = eqx.field(static=True, default=False)
+    scan: bool | None = eqx.field(static=True, default=None)
 
     def __init__(self, config: CLIPVisionConfig, key: PRNGKeyArray):
         keys = jax.random.split(key, config.num_hidden_layers)

@@ -194,12 +194,13 @@ class ViTEncoder(eqx.Module):
 
     ``remat`` (static, off by default; set it with ``eqxtl.with_remat``): run each block
     under ``eqx.filter_checkpoint``, so that the backward pass recomputes a block's
-    activations from its input instead of keeping them. ``scan`` (static, off by default;
-    ``eqxtl.with_scan``): runs of interchangeable blocks under ``jax.lax.scan``."""
+    activations from its input instead of keeping them. ``scan`` (static; ``None``, the
+    default, and ``True`` scan, ``False`` unrolls: ``eqxtl.with_scan``): runs of
+    interchangeable blocks under ``jax.lax.scan``."""
 
     layer: list
     remat: bool = eqx.field(static=True, default=False)
-    scan: bool = eqx.field(static=True, default=False)
+    scan: bool | None = eqx.field(static=True, default=None)
 
     def __call__(
         self,

@@ -22,41 +22,41 @@ schedule, no slower on these models). With it, a CLIP ViT-B/32 full fine-tuning 
 (batch 32) needs 381 MiB of XLA temporaries instead of 1257 (peak RSS 2.2 GB instead of
 3.1 GB) for ~20% more time; without it, remat changes nothing but the time.
 
-**Scan.** Opt-in ``jax.lax.scan`` over a backbone's repeated blocks: compile time that does not
-grow with depth.
+**Scan.** The transformer families run their repeated blocks under ``jax.lax.scan`` by
+default: XLA compiles one block instead of one per layer, and the step keeps less memory.
 
-    model = eqxtl.with_scan(model)          # a Classifier or a bare transformer backbone
-    model = eqxtl.with_scan(model, False)   # back to one unrolled copy per block
+    model = eqxtl.with_scan(model, False)   # one unrolled copy per block
+    model = eqxtl.with_scan(model)          # scanned again (and warned if nothing can be)
 
 The model keeps its blocks as a Python list (``encoder.layers.N``): its pytree, paths,
 filter specs, optimizer groups (``last_blocks``, layer-wise decay), ``state_dict`` and
 ``save_pretrained`` files are exactly those of the unscanned model. Only the forward pass
 changes: inside the traced function, each run of consecutive interchangeable blocks is
 stacked along a new leading axis (one ``(n, ...)`` array per weight) and run by one
-``jax.lax.scan``, so XLA compiles the block once instead of once per layer, and the
-backward pass is a scan too.
+``jax.lax.scan``, and the backward pass is a scan too.
+
+The scan body saves, for the backward pass, only the outputs of the products with weights;
+everything else (normalisation, activation functions, softmax, attention's products
+between activations) is recomputed from them, as XLA does with the unrolled blocks. Saving
+every residual JAX names instead writes each into an ``(n, ...)`` array the unrolled program
+never materialises: more memory and a slower step (benchmarks/README.md). Values do not
+change; gradients agree to float rounding.
 
 Per-block data of the forward pass travel with the stacked weights: the keys, and drop
 path's rates (``drop_path_rate``; timm's rule gives every block its own), so blocks whose
 rates differ still share one compiled body.
 
-Blocks that are not interchangeable run as they are, unscanned: the results never change,
-only the compile time (when no two neighbours are interchangeable, a warning says that
-``with_scan`` bought nothing). Blocks are interchangeable when they have the same
-structure, shapes and dtypes and, at
+Blocks that are not interchangeable run as they are, unscanned: the results never change.
+Blocks are interchangeable when they have the same structure, shapes and dtypes and, at
 trace time, every weight is traced the same way: a weight that is differentiated (it
 trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
 2)`` spec therefore gives a forward-only scan over the frozen blocks and the two trained
-blocks on their own, and XLA builds no backward pass below them, as unscanned.
+blocks on their own, and XLA builds no backward pass below them, as unscanned. When the
+scan was asked for (``with_scan(model)``) and no two neighbours are interchangeable, a
+warning says so; the default stays quiet.
 
-What it buys, and costs (``benchmarks/compile.py``; benchmarks/README.md has the figures):
-the forward and backward passes compile once per run of blocks instead of once per block.
-The optimizer update is not scanned: it still runs on the per-layer weights, one set of
-XLA kernels per weight of each layer, and on XLA:CPU compiling those kernels is as costly
-as the passes themselves, so the full train step's compile time still grows with depth.
-Stacking copies the blocks' weights every step and the weight gradients are sliced back
-out, which costs step time (most at small batches, where weights dominate the traffic).
-Hence opt-in, not the default.
+The optimizer update is not scanned: it runs on the per-layer weights, so the full train
+step's compile time still grows with depth, more slowly than the unrolled passes'.
 
 The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
 """
@@ -78,13 +78,15 @@ B = TypeVar("B")
 H = TypeVar("H")
 
 SCAN_FIELD = "scan"
+_SCAN_SAVES = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 REMAT_FIELD = "remat"
 
 
 def with_scan(model: T, enabled: bool = True) -> T:
-    """A copy of ``model`` (any pytree) whose repeated blocks run under ``jax.lax.scan``
-    (or, with ``enabled=False``, unrolled again) in every module that supports it; the
-    arrays are shared, not copied.
+    """A copy of ``model`` (any pytree) whose repeated blocks run unrolled
+    (``enabled=False``) or under ``jax.lax.scan`` (the models' default; set explicitly, a
+    warning says when no two neighbouring blocks can share a scan) in every module that
+    supports it; the arrays are shared, not copied.
 
     Raises ``EqxtlError`` if nothing in ``model`` supports it (see
     ``Architecture.supports_scan``), so that the option never silently does nothing.
@@ -179,41 +181,47 @@ def run_blocks(
     keys: Sequence[Any] | None = None,
     *,
     rates: Sequence[float] | None = None,
-    scan: bool = False,
+    scan: bool | None = False,
     remat: bool = False,
 ) -> H:
     """``h = call(block, h)`` for each block in order, or ``h = call(block, h, key)`` with
     one of ``keys`` per block (``None`` entries: no key), or ``h = call(block, h, key,
     rate)`` with one of ``rates`` per block too (drop path; given with keys only).
 
-    ``scan``: each run of two or more interchangeable blocks (see the module docstring) is
+    ``scan`` (``True``, or ``None``: the same without the warning when nothing can be
+    stacked): each run of two or more interchangeable blocks (see the module docstring) is
     stacked, with its keys and rates, and run by one ``jax.lax.scan`` (a rate is then a
     traced scalar: blocks whose rates differ share the body); a block alone runs as is.
     ``remat``: each block's call runs under ``eqx.filter_checkpoint`` (inside the scan body
     when scanned). ``call`` must return an ``h`` of the same shape and dtype (a scan carry).
     """
-    run = checkpointed(call, remat)
     keys = [None] * len(blocks) if keys is None else list(keys)[: len(blocks)]
     rates = [None] * len(blocks) if rates is None else list(rates)[: len(blocks)]
 
-    def apply(block, h, key, rate):
+    def apply(block, h, key, rate, run=checkpointed(call, remat)):
         if key is None:
             return run(block, h)
         return run(block, h, key) if rate is None else run(block, h, key, rate)
 
-    if not scan:
+    if scan is False:
         for block, key, rate in zip(blocks, keys, rates, strict=True):
             h = apply(block, stored_gradient(h), key, rate)
         return h
     runs = _runs(blocks)
-    if len(runs) == len(blocks) > 1:
+    if scan is True and len(runs) == len(blocks) > 1:
         warnings.warn(
             f"with_scan: none of these {len(blocks)} consecutive {type(blocks[0]).__name__} "
             "blocks can share a scan with its neighbour (their structures, shapes or dtypes "
             "differ, or trained and frozen blocks alternate), so they run unrolled, as "
-            "without with_scan: the same results, without the shorter compile.",
+            "with with_scan(model, False): the same results, without the shorter compile.",
             stacklevel=2,
         )
+    # A scan's body saves what JAX's autodiff names as residuals, each written into an
+    # (n, ...) array by the forward loop; unrolled, XLA fuses the cheap elementwise ones
+    # into the backward pass instead. Saving only the weight products' outputs and
+    # recomputing the rest (softmax, GELU, LayerNorm, attention's batched products) does
+    # what XLA does unrolled, so the scan is no slower than the unrolled blocks.
+    scanned = checkpointed(call, remat, policy=None if remat else _SCAN_SAVES)
     start = 0
     for group in runs:
         group_keys = keys[start : start + len(group)]
@@ -231,7 +239,7 @@ def run_blocks(
 
         def body(carry, xs, static=static):
             weights, key, rate = xs
-            return apply(eqx.combine(weights, static), carry, key, rate), None
+            return apply(eqx.combine(weights, static), carry, key, rate, scanned), None
 
         h, _ = jax.lax.scan(body, h, (stacked, stacked_keys, stacked_rates))
     return h

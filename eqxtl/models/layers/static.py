@@ -9,9 +9,12 @@ import equinox as eqx
 import jax
 
 
-def checkpointed(fn, enabled: bool):
+def checkpointed(fn, enabled: bool, policy=None):
     """``eqx.filter_checkpoint(fn)`` if ``enabled``, else ``fn`` (for the models' block loops;
-    ``eqxtl.with_remat`` sets the flag)."""
+    ``eqxtl.with_remat`` sets the flag); with a ``policy`` (``jax.checkpoint_policies``),
+    checkpointed with it whether or not ``enabled``."""
+    if policy is not None:
+        return eqx.filter_checkpoint(fn, policy=policy)
     return eqx.filter_checkpoint(fn) if enabled else fn
 
 
