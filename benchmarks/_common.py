@@ -123,10 +123,12 @@ def clip_hf_kwargs(quick: bool, model_name: str = "clip") -> dict[str, Any]:
     return {**full, **(CLIP_QUICK_HF if quick else {})}
 
 
-VARIANTS = ("scan", "int8-base")
-"""eqxtl-only variants of a step (``steps.py --variant``): ``scan``: the blocks under one
-``jax.lax.scan`` (``eqxtl.with_scan``); ``int8-base``: the frozen linear weights stored as
-int8 (``eqxtl.quantize``; the ``lora`` and ``head`` workloads)."""
+VARIANTS = ("scan", "unrolled", "int8-base")
+"""eqxtl-only variants of a step (``steps.py --variant``): ``scan`` / ``unrolled``: the
+blocks under ``jax.lax.scan`` (the default; ``eqxtl.with_scan``, which also warns when
+nothing can be stacked) / one copy per block (``eqxtl.with_scan(model, False)``);
+``int8-base``: the frozen linear weights stored as int8 (``eqxtl.quantize``; the ``lora``
+and ``head`` workloads)."""
 
 
 def workload_label(record: dict[str, Any]) -> str:

@@ -62,12 +62,12 @@ GPU_PLAN = dict(
     rounds=3,
     steps=10,
     warmup=2,
-    # Issue 22's rows, float32, after the main runs: CLIP ViT-L/14's full step unrolled,
-    # scanned (eqxtl.with_scan) and PyTorch's; the CLIP-B/32 LoRA step on a float32 base,
-    # on an int8 base (eqxtl.quantize) and PEFT's.
+    # Issue 22's rows, float32, after the main runs: CLIP ViT-L/14's full step scanned (the
+    # default), unrolled (eqxtl.with_scan(model, False)) and PyTorch's; the CLIP-B/32 LoRA
+    # step on a float32 base, on an int8 base (eqxtl.quantize) and PEFT's.
     extras=[
         dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl", "torch"]),
-        dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl"], variant="scan"),
+        dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl"], variant="unrolled"),
         dict(models=["clip"], workloads=["lora"], frameworks=["eqxtl", "torch"]),
         dict(models=["clip"], workloads=["lora"], frameworks=["eqxtl"], variant="int8-base"),
     ],
@@ -83,7 +83,7 @@ SMOKE_PLAN = dict(
     steps=1,
     warmup=1,
     extras=[  # the variants' code paths, on the cheap head-only step
-        dict(models=["clip_l14"], workloads=["head"], frameworks=["eqxtl"], variant="scan"),
+        dict(models=["clip_l14"], workloads=["head"], frameworks=["eqxtl"], variant="unrolled"),
         dict(models=["clip"], workloads=["head"], frameworks=["eqxtl"], variant="int8-base"),
     ],
 )

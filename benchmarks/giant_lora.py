@@ -116,7 +116,7 @@ def run_eqxtl(steps: int, base: str, unrolled: bool = False) -> dict:
     model = eqxtl.Classifier(backbone, CLASSES, key=jax.random.key(1))
     del backbone
     model = eqxtl.lora(model, r".*\.(query|value)", rank=RANK, key=jax.random.key(3))
-    model = eqxtl.with_remat(model if unrolled else eqxtl.with_scan(model))
+    model = eqxtl.with_remat(eqxtl.with_scan(model, not unrolled))
     spec = eqxtl.lora_spec(model, "head")
     is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
     int8 = [x for x in jax.tree.leaves(model, is_leaf=is_q) if is_q(x)]

@@ -156,8 +156,8 @@ def run_one(model_name: str, workload: str, args) -> None:
     if args.remat:
         model = eqxtl.with_remat(model)
         extra["remat"] = True
-    if args.variant == "scan":
-        model = eqxtl.with_scan(model)
+    if args.variant in ("scan", "unrolled"):
+        model = eqxtl.with_scan(model, args.variant == "scan")
     if args.variant:
         extra["variant"] = args.variant
 

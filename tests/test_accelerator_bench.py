@@ -57,7 +57,7 @@ def test_dry_run_prints_the_plan_and_installs_nothing(tmp_path):
     # issue 22's rows: ViT-L/14 unrolled, scanned and PyTorch's; LoRA f32, int8 base and PEFT's
     extras = [line for line in text.splitlines() if line.strip().startswith("extra child:")]
     assert len(extras) == 6
-    assert sum("clip_l14 --workloads full" in c and "--variant scan" in c for c in extras) == 1
+    assert sum("clip_l14 --workloads full" in c and "--variant unrolled" in c for c in extras) == 1
     assert sum("--workloads lora" in c and "--variant int8-base" in c for c in extras) == 1
     assert sum("torch_reference.py" in c for c in extras) == 2
     assert not venv.exists()
@@ -76,7 +76,7 @@ def test_cpu_smoke_writes_the_records(tmp_path):
     timed = [r for r in records if "sec_per_step" in r]
     steps = {(r["framework"], r["dtype"]): r for r in timed if "variant" not in r}
     variants = {(r["model"], r["variant"]) for r in timed if "variant" in r}
-    assert variants == {("clip_l14", "scan"), ("clip", "int8-base")}
+    assert variants == {("clip_l14", "unrolled"), ("clip", "int8-base")}
     assert "head+scan" in out.stdout and "head+int8-base" in out.stdout
     assert set(steps) == {(f, d) for f in FRAMEWORKS for d in ("f32", "bf16")}
     for (framework, dtype), r in steps.items():

@@ -376,7 +376,8 @@ def test_remat_and_scan_change_nothing_or_are_refused(lab, name, option):
     assert ("checkpoint" in jaxpr or "remat" in jaxpr) if option == "remat" else "scan" in jaxpr
     if option == "scan":  # scanned by default: ``None`` (quiet) in every flag, a scan traced
         assert all(flag is None for flag in flags(model, option))
-        assert jaxpr == str(eqx.filter_make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(model)[0])
+        default = eqx.filter_make_jaxpr(lambda m: eqxtl.batched(m)(x, state)[0])(model)[0]
+        assert jaxpr == str(default)
 
     loss, (out, new_state), grads = lab.result(name, "batched", option)
     want_loss, (want_out, want_state), want_grads = lab.result(name, "batched")

@@ -1,6 +1,6 @@
 """Scanned blocks (the default; ``eqxtl.with_scan``): the same values, gradients, names and
-files as the unrolled model (``with_scan(model, False)``); frozen blocks stay out of the backward pass; the compiled step does not
-grow with depth."""
+files as the unrolled model (``with_scan(model, False)``); frozen blocks stay out of the
+backward pass; the compiled step does not grow with depth."""
 
 import dataclasses
 import filecmp
@@ -236,7 +236,9 @@ def test_lora_dropout_keys_go_with_their_layers(model_state):
     scanned = eqxtl.with_scan(adapted)
     key = jax.random.key(1)
     unrolled = eqxtl.with_scan(adapted, False)
-    np.testing.assert_allclose(features(scanned, key), features(unrolled, key), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        features(scanned, key), features(unrolled, key), rtol=1e-5, atol=1e-5
+    )
     assert np.max(np.abs(features(scanned, key) - features(scanned, None))) > 1e-3
 
 

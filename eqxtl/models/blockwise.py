@@ -198,7 +198,10 @@ def run_blocks(
     keys = [None] * len(blocks) if keys is None else list(keys)[: len(blocks)]
     rates = [None] * len(blocks) if rates is None else list(rates)[: len(blocks)]
 
-    def apply(block, h, key, rate, run=checkpointed(call, remat)):
+    plain = checkpointed(call, remat)
+
+    def apply(block, h, key, rate, run=None):
+        run = plain if run is None else run
         if key is None:
             return run(block, h)
         return run(block, h, key) if rate is None else run(block, h, key, rate)

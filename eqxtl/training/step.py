@@ -130,6 +130,24 @@ def _updated(optimizer: optax.GradientTransformation, grads, opt_state, trainabl
     return eqx.apply_updates(trainable, updates), new_opt_state
 
 
+def _update(optimizer, grads, opt_state, trainable, finite):
+    """One optimizer update, or, when ``finite`` (a traced bool; ``None``: always update) is
+    false, the trainable leaves and optimizer state as they came in."""
+    if finite is None:
+        return _updated(optimizer, grads, opt_state, trainable)
+    # A conditional, not a select per leaf: selecting on ``finite`` (a reduction over every
+    # gradient) let XLA copy each gradient's producers into the selects and the update, and
+    # the compiled step grew ~10x (tests/test_lora_step_hlo.py).
+    return jax.lax.cond(
+        finite,
+        functools.partial(_updated, optimizer),
+        lambda grads, opt_state, trainable: (trainable, opt_state),
+        grads,
+        opt_state,
+        trainable,
+    )
+
+
 def make_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -205,26 +223,13 @@ def make_step(
         unchanged = len(state_leaves) == len(new_leaves) and all(
             a is b for a, b in zip(state_leaves, new_leaves, strict=True)
         )
-        if not skip_nonfinite:
-            new_trainable, new_opt_state = _updated(optimizer, grads, opt_state, trainable)
-        else:
-            # A conditional, not a select per leaf: selecting on ``finite`` (a reduction
-            # over every gradient) let XLA fuse each gradient's producers into the selects
-            # and the update, and the compiled step grew ~10x (CLIP-B/32's full step: 18 s
-            # to compile instead of 3).
-            new_trainable, new_opt_state = jax.lax.cond(
-                finite,
-                functools.partial(_updated, optimizer),
-                lambda grads, opt_state, trainable: (trainable, opt_state),
-                grads,
-                opt_state,
-                trainable,
-            )
-            if not unchanged:
-                keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-                leaves, treedef = jtu.tree_flatten(new_state)
-                kept = [keep(a, b) for a, b in zip(leaves, state_leaves, strict=True)]
-                new_state = jtu.tree_unflatten(treedef, kept)
+        new_trainable, new_opt_state = _update(
+            optimizer, grads, opt_state, trainable, finite if skip_nonfinite else None
+        )
+        if skip_nonfinite and not unchanged:
+            leaves, treedef = jtu.tree_flatten(new_state)
+            kept = [jnp.where(finite, a, b) for a, b in zip(leaves, state_leaves, strict=True)]
+            new_state = jtu.tree_unflatten(treedef, kept)
         if shardings is not None:  # out shardings = in shardings (no drift between steps)
             new_trainable, new_state, new_opt_state = _constrain(
                 (new_trainable, new_state, new_opt_state), shardings
