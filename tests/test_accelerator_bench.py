@@ -77,7 +77,7 @@ def test_cpu_smoke_writes_the_records(tmp_path):
     steps = {(r["framework"], r["dtype"]): r for r in timed if "variant" not in r}
     variants = {(r["model"], r["variant"]) for r in timed if "variant" in r}
     assert variants == {("clip_l14", "unrolled"), ("clip", "int8-base")}
-    assert "head+scan" in out.stdout and "head+int8-base" in out.stdout
+    assert "head+unrolled" in out.stdout and "head+int8-base" in out.stdout
     assert set(steps) == {(f, d) for f in FRAMEWORKS for d in ("f32", "bf16")}
     for (framework, dtype), r in steps.items():
         assert STEP_FIELDS <= set(r), (framework, dtype, STEP_FIELDS - set(r))

@@ -159,6 +159,8 @@ def _flops(compiled) -> float:
 @pytest.mark.parametrize("arch", ["clip", "resnet"])
 def test_step_flops_follow_what_trains(arch):
     model, state = classifier(arch)
+    if arch == "clip":  # XLA's cost analysis counts a scanned loop's body once
+        model = eqxtl.with_scan(model, False)
     b = batch(0, size=8)
     key = jax.random.key(0)
 
