@@ -136,17 +136,15 @@ def spec_for(model, workload: str):
     raise ValueError(workload)
 
 
-def unrolled_flops(lower, model, *args) -> float | None:
-    """FLOPs of ``lower(model, *args)`` (a ``jax.stages.Lowered``) with the model's blocks
-    unrolled: XLA's cost analysis counts a scanned loop's body once. From the lowered
-    (unoptimised) program: nothing is compiled."""
+def unrolled(model):
+    """``model`` with its blocks unrolled, for FLOP counts: XLA's cost analysis counts a
+    scanned loop's body once."""
     import eqxtl
 
     try:
-        model = eqxtl.with_scan(model, False)
+        return eqxtl.with_scan(model, False)
     except eqxtl.EqxtlError:  # nothing to unroll (ResNet)
-        pass
-    return C.cost_flops(lower(model, *args))
+        return model
 
 
 def run_one(model_name: str, workload: str, args) -> None:
@@ -183,11 +181,11 @@ def run_one(model_name: str, workload: str, args) -> None:
             start = time.perf_counter()
             inner.lower(model, state, batch).compile()
             compile_s = time.perf_counter() - start
-            flops = unrolled_flops(inner.lower, model, state, batch)
+            flops = C.cost_flops(inner.lower(unrolled(model), state, batch).compile())
         else:
             # make_eval_step exposes no compiled function: cost analysis through a separate
             # jax.jit (its own compile); compile_s from the first call below.
-            flops, _ = C.jit_cost_flops(eval_step, model, state, batch)
+            flops, _ = C.jit_cost_flops(eval_step, unrolled(model), state, batch)
             extra["flops_via"] = "jax.jit closure"
         timing = C.measure(
             lambda: eval_step(model, state, batch),
@@ -217,14 +215,11 @@ def run_one(model_name: str, workload: str, args) -> None:
         step.lower(model, state, opt_state, batch, key).compile()
         compile_s = time.perf_counter() - start
 
-        def lower_unrolled(model, *args):  # the spec and optimizer state of that model
-            spec = spec_for(model, workload)
-            shapes = jax.eval_shape(optimizer.init, eqx.filter(model, spec))
-            return eqxtl.make_step(loss_fn, optimizer, spec).lower(
-                model, *args[:1], shapes, *args[1:]
-            )
-
-        flops = unrolled_flops(lower_unrolled, model, state, batch, key)
+        flat = unrolled(model)  # its own spec and optimizer state (a static field differs)
+        flat_spec = spec_for(flat, workload)
+        shapes = jax.eval_shape(optimizer.init, eqx.filter(flat, flat_spec))
+        flat_step = eqxtl.make_step(loss_fn, optimizer, flat_spec)
+        flops = C.cost_flops(flat_step.lower(flat, state, shapes, batch, key).compile())
         carry = [model, state, opt_state]
 
         def call():
