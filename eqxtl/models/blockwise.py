@@ -55,8 +55,11 @@ blocks on their own, and XLA builds no backward pass below them, as unscanned. W
 scan was asked for (``with_scan(model)``) and no two neighbours are interchangeable, a
 warning says so; the default stays quiet.
 
-The optimizer update is not scanned: it runs on the per-layer weights, so the full train
-step's compile time still grows with depth, more slowly than the unrolled passes'.
+The blocks' weights are stacked (copied) inside every step and their gradients sliced back
+out: at very small batches, where the weights outweigh the activations, unrolled blocks
+are faster and need less memory (``with_scan(model, False)``). The optimizer update is not
+scanned: it runs on the per-layer weights, so the full train step's compile time still
+grows with depth, more slowly than the unrolled passes'.
 
 The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
 """
