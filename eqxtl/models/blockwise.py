@@ -15,12 +15,9 @@ forward pass for activation memory. Values and gradients do not change.
 The flag is static: it is not a weight, is not saved (``save_pretrained`` writes the same
 files), and changing it recompiles the train step.
 
-On CPU, XLA's default (concurrency-optimised) scheduler computes the recomputation early
-and keeps it alive, which undoes the saving; run with
-``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` (a memory-minimising
-schedule, no slower on these models). With it, a CLIP ViT-B/32 full fine-tuning step
-(batch 32) needs 381 MiB of XLA temporaries instead of 1257 (peak RSS 2.2 GB instead of
-3.1 GB) for ~20% more time; without it, remat changes nothing but the time.
+On the CPU, ``make_step`` compiles with XLA's memory-minimising scheduler: the default
+(concurrency-optimised) one computes the recomputation early and keeps it alive, which
+undoes the saving.
 
 **Scan.** The transformer families run their repeated blocks under ``jax.lax.scan`` by
 default: XLA compiles one block instead of one per layer, and the step keeps less memory.
@@ -81,8 +78,8 @@ B = TypeVar("B")
 H = TypeVar("H")
 
 SCAN_FIELD = "scan"
-_SCAN_SAVES = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 REMAT_FIELD = "remat"
+_SCAN_SAVES = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
 def with_scan(model: T, enabled: bool = True) -> T:
