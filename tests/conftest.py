@@ -1,5 +1,7 @@
+import atexit
 import gc
 import os
+import shutil
 import tempfile
 
 import jax
@@ -11,8 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Many tests compile the same programs (the same tiny models, steps and evaluations, in this
 # process and in the subprocesses of the CLI and multi-process tests): XLA's persistent
 # compilation cache, empty at the start of every session, serves the repeats. Environment
-# variables, so that subprocesses share it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="eqxtl-xla-cache-"))
+# variables, so that subprocesses share it. The process that makes the folder removes it when
+# it exits (it grows past a gigabyte per run: left behind, runs fill the disk).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="eqxtl-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
