@@ -2,6 +2,7 @@ import atexit
 import gc
 import os
 import shutil
+import signal
 import tempfile
 
 import jax
@@ -9,6 +10,10 @@ import pytest
 
 # Tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# The Ctrl-C tests need Python's own SIGINT handling, here and in the subprocesses they
+# start; a shell starts background jobs with SIGINT ignored, and children inherit that.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Many tests compile the same programs (the same tiny models, steps and evaluations, in this
 # process and in the subprocesses of the CLI and multi-process tests): XLA's persistent
