@@ -87,14 +87,16 @@ def scans_in(jaxpr) -> list[int]:
     return found
 
 
-def count_dots(jaxpr) -> int:
-    """``dot_general`` equations in a closed jaxpr, each sub-jaxpr (a scan body) once."""
+def count_dots(jaxpr, batched: bool = False) -> int:
+    """``dot_general`` equations in a closed jaxpr, each sub-jaxpr (a scan body) once;
+    ``batched``: only those with batch dimensions (attention's, not the weights')."""
     n = 0
 
     def visit(jp):
         nonlocal n
         for eqn in jp.eqns:
-            n += eqn.primitive.name == "dot_general"
+            if eqn.primitive.name == "dot_general":
+                n += not batched or bool(eqn.params["dimension_numbers"][1][0])
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 visit(sub)
 
@@ -272,3 +274,23 @@ def test_unequal_blocks_and_an_int8_base(model_state):
         loss_s, grads_s = loss_and_grads(scanned, state, spec)
         np.testing.assert_allclose(loss_s, loss, rtol=1e-6)
         assert_trees_close(grads_s, grads)
+
+
+def test_the_scan_keeps_the_attention_output():
+    """With 64+ tokens the CPU attention is chunked (``multihead_attention``); the scan's
+    checkpoint saves its output, so the backward pass recomputes only the scores (one
+    batched product per block, not the attention's two)."""
+    config = dataclasses.replace(TINY_CLIP, patch_size=4)  # 8 x 8 patches + class token
+    model, state = classifier(config)
+    counts = {}
+    for scan in (False, True):
+        m = eqxtl.with_scan(model, scan)
+        spec = eqxtl.everything(m)
+        trainable, frozen = eqx.partition(m, spec)
+        jaxpr = jax.make_jaxpr(grad_fn(spec))(trainable, frozen, state, batch())
+        counts[scan] = count_dots(jaxpr, batched=True)
+    per_block_unrolled = counts[False] / config.num_hidden_layers
+    assert per_block_unrolled == 6  # forward 2, backward 4
+    # scanned: one body for the last layer's forward + backward (6), one shared for the other
+    # layers' forward (2) and their backward (4) plus the recomputed scores (1)
+    assert counts[True] == 6 + 2 + 4 + 1

@@ -32,9 +32,10 @@ changes: inside the traced function, each run of consecutive interchangeable blo
 stacked along a new leading axis (one ``(n, ...)`` array per weight) and run by one
 ``jax.lax.scan``, and the backward pass is a scan too.
 
-The scan body saves, for the backward pass, only the outputs of the products with weights;
-everything else (normalisation, activation functions, softmax, attention's products
-between activations) is recomputed from them, as XLA does with the unrolled blocks. Saving
+The scan body saves, for the backward pass, only the outputs of the products with weights
+and the attention's merged heads (``layers.transformer.ATTENTION_OUTPUT``); everything else
+(normalisation, activation functions, the attention's scores and softmax) is recomputed
+from them, as XLA does with the unrolled blocks. Saving
 every residual JAX names instead writes each into an ``(n, ...)`` array the unrolled program
 never materialises: more memory and a slower step (benchmarks/README.md). Values do not
 change; gradients agree to float rounding.
@@ -72,6 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from .layers import checkpointed, with_static_flag
+from .layers.transformer import ATTENTION_OUTPUT
 
 T = TypeVar("T")
 B = TypeVar("B")
@@ -79,7 +81,10 @@ H = TypeVar("H")
 
 SCAN_FIELD = "scan"
 REMAT_FIELD = "remat"
-_SCAN_SAVES = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+_SCAN_SAVES = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names(ATTENTION_OUTPUT),
+)
 
 
 def with_scan(model: T, enabled: bool = True) -> T:
@@ -222,8 +227,9 @@ def run_blocks(
     # A scan's body saves what JAX's autodiff names as residuals, each written into an
     # (n, ...) array by the forward loop; unrolled, XLA fuses the cheap elementwise ones
     # into the backward pass instead. Saving only the weight products' outputs and
-    # recomputing the rest (softmax, GELU, LayerNorm, attention's batched products) does
-    # what XLA does unrolled, so the scan is no slower than the unrolled blocks.
+    # recomputing the rest (softmax, GELU, LayerNorm, attention's scores) does what XLA does
+    # unrolled, so the scan is no slower than the unrolled blocks. The attention's output is
+    # saved too: recomputing it reran the attention forward (benchmarks/README.md).
     scanned = checkpointed(call, remat, policy=None if remat else _SCAN_SAVES)
     start = 0
     for group in runs:

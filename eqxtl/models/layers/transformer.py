@@ -9,6 +9,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .low_rank import dense
@@ -135,7 +136,15 @@ def multihead_attention(
     if causal or q.ndim < 3 or q.shape[-2] < _CHUNKED_MIN_TOKENS or jax.default_backend() != "cpu":
         o = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=causal)
         return o.reshape(q.shape)
-    return _chunked_attention(split(q), split(k), split(v)).reshape(q.shape)
+    o = _chunked_attention(split(q), split(k), split(v)).reshape(q.shape)
+    return checkpoint_name(o, ATTENTION_OUTPUT)
+
+
+ATTENTION_OUTPUT = "eqxtl.attention_output"
+"""``jax.ad_checkpoint.checkpoint_name`` of the CPU attention's merged heads ``(*b, tq, d)``.
+The scan over blocks saves it (``blockwise``): the output projection's weight gradient needs
+it, and without it the backward pass would run the whole attention forward again (the scores
+it recomputes for the attention's own gradient are kept out: they are ``t / d`` times larger)."""
 
 
 # XLA:CPU runs the (batch, heads) attention as whole-batch dots and softmax over
