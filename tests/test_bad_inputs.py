@@ -297,7 +297,11 @@ def test_a_spec_from_another_model_is_a_rule_error():
 
     model, other = _toy(2), _toy(3)
     spec = eqxtl.trainable(other, "head")
-    with pytest.raises(eqxtl.RuleError, match="not built for this Classifier: the same 3 leaf"):
+    with pytest.raises(
+        eqxtl.RuleError,
+        match="not built for this Classifier: the same 3 leaf paths, but the static field "
+        "head.out_features is 3 in one and 2",
+    ):
         eqxtl.count(model, spec)
     optimizer = optax.sgd(0.1)
     opt_state = optimizer.init(eqx.filter(model, eqxtl.trainable(model, "head")))
@@ -307,6 +311,42 @@ def test_a_spec_from_another_model_is_a_rule_error():
     frozen_backbone = eqxtl.trainable(model.backbone, "weight")  # another structure
     with pytest.raises(eqxtl.RuleError, match="leaf 0 is 'weight' in one and 'backbone.weight'"):
         eqxtl.tuning.filters.require_trainable(model, frozen_backbone)
+
+
+def test_a_spec_built_before_with_scan_or_with_remat_says_which_call_to_repeat():
+    import optax
+
+    backbone, state = tiny("clip")
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    spec = eqxtl.trainable(model, "head", "backbone.encoder.layers.3")
+    unrolled = eqxtl.with_scan(model, False)
+    with pytest.raises(eqxtl.RuleError) as caught:
+        eqxtl.count(unrolled, spec)
+    message = str(caught.value)
+    assert "backbone.encoder.scan is None in the spec, False in the model" in message
+    assert "spec = eqxtl.with_scan(spec, False)" in message
+    # the advice works: the same call on the spec fits the model, and the step runs
+    fitted = eqxtl.with_scan(spec, False)
+    assert eqxtl.count(unrolled, fitted) == eqxtl.count(model, spec)
+    remat = eqxtl.with_remat(unrolled)
+    with pytest.raises(eqxtl.RuleError, match=r"spec = eqxtl.with_remat\(spec, True\)"):
+        eqxtl.tuning.filters.require_trainable(remat, fitted)
+    fitted = eqxtl.with_remat(fitted)
+    optimizer = optax.sgd(0.1)
+    opt_state = optimizer.init(eqx.filter(remat, fitted))
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)  # the stale spec: refused
+    image = np.zeros((2, 3, 32, 32), np.float32)
+    batch = {"image": image, "label": np.zeros(2, np.int32)}
+    with pytest.raises(eqxtl.RuleError, match=r"eqxtl.with_(scan|remat) changed one of them"):
+        step(remat, state, opt_state, batch)
+    _, _, _, metrics = eqxtl.make_step(eqxtl.task_loss(), optimizer, fitted)(
+        remat, state, opt_state, batch
+    )
+    assert np.isfinite(float(metrics["loss"]))
+    # a spec built on the unrolled model, used on the default one: rebuilding is the advice
+    # (with_scan cannot set the default, None, back)
+    with pytest.raises(eqxtl.RuleError, match="To train the model as it is, build the spec"):
+        eqxtl.count(model, eqxtl.trainable(unrolled, "head"))
 
 
 def test_an_opt_state_from_another_model_is_an_optimizer_mismatch():

@@ -9,6 +9,7 @@ exactly as in a PyTorch state dict.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 from collections.abc import Iterable
@@ -88,4 +89,47 @@ def first_difference(a: Any, b: Any) -> str:
                 f"leaf {i} is {x!r} in one and {y!r} in the other "
                 f"({len(pa)} leaves against {len(pb)})"
             )
-    return f"the same {len(pa)} leaf paths, but a static field (a layer size, say) differs"
+    static = static_difference(a, b)
+    if static is None:
+        return f"the same {len(pa)} leaf paths, but a static field (a layer size, say) differs"
+    where, x, y = static
+    return (
+        f"the same {len(pa)} leaf paths, but the static field {where} is {x!r} in one and "
+        f"{y!r} in the other"
+    )
+
+
+def static_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """The first static field of an Equinox module (or a node's type) where two pytrees
+    differ, as ``(dotted path, value in a, value in b)``; ``None`` if none is found."""
+    nodes = (eqx.Module, list, tuple, dict)
+    if not (isinstance(a, nodes) or isinstance(b, nodes)):
+        return None  # two leaves (a spec's bool against an array, say)
+    if type(a) is not type(b):
+        return path or "(the root)", type(a).__name__, type(b).__name__
+    if isinstance(a, eqx.Module):
+        pairs = [
+            (f.name, getattr(a, f.name, None), getattr(b, f.name, None), f.metadata.get("static"))
+            for f in dataclasses.fields(a)
+        ]
+    elif isinstance(a, (list, tuple)) and len(a) == len(b):
+        pairs = [(str(i), x, y, False) for i, (x, y) in enumerate(zip(a, b, strict=True))]
+    elif isinstance(a, dict) and a.keys() == b.keys():
+        pairs = [(str(k), a[k], b[k], False) for k in a]
+    else:
+        return None
+    for name, x, y, is_static in pairs:
+        where = f"{path}.{name}" if path else name
+        if is_static and not _same(x, y):
+            return where, x, y
+        found = None if is_static else static_difference(x, y, where)
+        if found is not None:
+            return found
+    return None
+
+
+def _same(x: Any, y: Any) -> bool:
+    try:
+        return bool(x == y)
+    except Exception:  # e.g. an array's ambiguous truth value
+        return x is y

@@ -34,6 +34,7 @@ from .._util.pytree_paths import (
     keypath_to_str,
     leaves_with_paths,
     map_with_path,
+    static_difference,
 )
 from ..errors import RuleError
 from ..models.layers.quantized import is_quantized
@@ -224,12 +225,38 @@ def check_spec(model: Any, spec: Any) -> None:
     try:
         jtu.tree_structure(spec).flatten_up_to(model)
     except (ValueError, TypeError):
+        flag = _changed_flag(spec, model)
+        if flag is not None:
+            function, where, in_spec, in_model = flag
+            same_call = (  # a flag's default (None) cannot be set back by the function
+                ""
+                if in_model is None
+                else f"make the same call on the spec, "
+                f"spec = eqxtl.{function}(spec, {in_model!r}), or "
+            )
+            raise RuleError(
+                f"This filter spec and the model differ in how their blocks run "
+                f"({where} is {in_spec!r} in the spec, {in_model!r} in the model): "
+                f"eqxtl.{function} changed one of them after the spec was built. To train "
+                f"the model as it is, {same_call}build the spec again from it."
+            ) from None
         raise RuleError(
             f"This filter spec was not built for this {type(model).__name__}: "
             f"{first_difference(spec, model)}. Build the spec from the model you train, "
             "e.g. eqxtl.trainable(model, ...) or eqxtl.param_groups(model, ...), after any "
             "change to it (a new head, LoRA, eqxtl.quantize, another checkpoint)."
         ) from None
+
+
+def _changed_flag(spec: Any, model: Any) -> tuple[str, str, Any, Any] | None:
+    """``(function, path, in spec, in model)`` when the first static difference between
+    ``spec`` and ``model`` is a flag that ``with_scan`` / ``with_remat`` sets."""
+    found = static_difference(spec, model)
+    if found is None:
+        return None
+    where, in_spec, in_model = found
+    function = {"scan": "with_scan", "remat": "with_remat"}.get(where.rsplit(".", 1)[-1])
+    return None if function is None else (function, where, in_spec, in_model)
 
 
 def require_trainable(model: Any, spec: Any) -> int:
