@@ -1,6 +1,7 @@
-"""eqxtl.quantize: frozen weights stored as int8 (one scale per output channel) or bfloat16;
-LoRA on an int8 base; saving, merging, remat and scan; bad input; the int8 forward of the
-real EfficientNet-Lite0 on photographs."""
+"""eqxtl.quantize: frozen weights stored as int8 (one scale per output channel), NF4 (4-bit
+NormalFloat, one absmax per 64 weights) or bfloat16; LoRA on an int8 or NF4 base; saving,
+merging, remat and scan; bad input; the int8 forward of the real EfficientNet-Lite0 on
+photographs."""
 
 import equinox as eqx
 import jax
@@ -13,7 +14,7 @@ import eqxtl
 from eqxtl._util.pytree_paths import map_with_path
 from eqxtl.io.checkpoint import state_dict
 from eqxtl.models.layers import Conv2d, dense
-from eqxtl.models.layers.quantized import Int8Weight
+from eqxtl.models.layers.quantized import NF4_BLOCK, NF4_LEVELS, Int8Weight, NF4Weight, is_quantized
 from tests._tiny import tiny_architecture
 from tests.test_efficientnet import canonical as canonical  # noqa: F401  (fixtures)
 from tests.test_efficientnet import images as images  # noqa: F401
@@ -40,9 +41,15 @@ def int8_weights(model) -> list[Int8Weight]:
 
 
 def dequantized(model):
-    """``model`` with every int8 weight replaced by its float32 value."""
-    is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
-    return jax.tree.map(lambda x: x.dequantize() if is_q(x) else x, model, is_leaf=is_q)
+    """``model`` with every quantized (int8, NF4) weight replaced by its float32 value."""
+    return jax.tree.map(
+        lambda x: x.dequantize() if is_quantized(x) else x, model, is_leaf=is_quantized
+    )
+
+
+def nf4_weights(model) -> list[NF4Weight]:
+    is_q = lambda x: isinstance(x, NF4Weight)  # noqa: E731
+    return [x for x in jax.tree.leaves(model, is_leaf=is_q) if is_q(x)]
 
 
 def perturb(model, seed: int):
@@ -215,11 +222,11 @@ def test_bad_input(lora_int8):
     layer = "backbone.encoder.layers.0.mlp.fc1.weight"
     with pytest.raises(eqxtl.RuleError, match=layer.replace(".", r"\.")):
         eqxtl.trainable(q, "backbone.encoder.layers.0.mlp")
-    with pytest.raises(eqxtl.RuleError, match="stored as int8"):
+    with pytest.raises(eqxtl.RuleError, match="stored quantized"):
         eqxtl.everything(q)
-    with pytest.raises(eqxtl.RuleError, match="stored as int8"):
+    with pytest.raises(eqxtl.RuleError, match="stored quantized"):
         eqxtl.param_groups(q, [(".*", optax.adam(1e-3))])
-    with pytest.raises(eqxtl.RuleError, match="stored as int8"):
+    with pytest.raises(eqxtl.RuleError, match="stored quantized"):
         eqxtl.quantize(q, eqxtl.frozen(model, "head"), "bfloat16")  # a spec of the float model
     # ... and differentiating a scale directly, at trace time
     fc = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 32, 32), int8_weights(q)[0])
@@ -279,7 +286,9 @@ def test_quantize_while_loading(tmp_path):
         ), how
         kernels = [w for w in jax.tree.leaves(eqx.filter(plain, eqx.is_array)) if w.ndim == 4]
         assert 0 < len(int8_weights(loaded_int8)) < len(kernels)  # depthwise ones stay float
-    with pytest.raises(eqxtl.EqxtlError, match="quantize must be None or 'int8'.*bfloat16"):
+    with pytest.raises(
+        eqxtl.EqxtlError, match="quantize must be None, 'int8' .* or 'nf4' .*bfloat16"
+    ):
         eqxtl.from_pretrained(tmp_path / "lite", quantize="bfloat16")
     tensors = dict(state_dict(backbone, state))
     name = next(n for n in tensors if n.endswith("weight") and tensors[n].ndim == 4)
@@ -291,3 +300,129 @@ def test_quantize_while_loading(tmp_path):
         eqxtl.from_pretrained(
             tmp_path / "nan.safetensors", config=TINY_EFFICIENTNET, quantize="int8"
         )
+
+
+NF4_TINY_RTOL = 0.1  # NF4 vs float32 outputs of the tiny random CLIP (measured ~0.05)
+
+
+def test_nf4_codes_are_the_nearest_levels():
+    linear = build(eqx.nn.Linear, 70, 5)  # 350 weights: 6 blocks, the last one padded
+    zeroed = linear.weight.reshape(-1).at[NF4_BLOCK : 2 * NF4_BLOCK].set(0.0).reshape(5, 70)
+    linear = eqx.tree_at(lambda m: m.weight, linear, zeroed)
+    conv = build(Conv2d, 8, 12, 3, padding=1)
+    q = eqxtl.quantize({"fc": linear, "conv": conv}, False, "nf4")
+    assert q["conv"].weight is conv.weight  # convolutions stay float (QLoRA: linear layers)
+    w = q["fc"].weight
+    assert isinstance(w, NF4Weight) and w.shape == (5, 70) and w.dtype == jnp.float32
+    assert w.codes.dtype == jnp.uint8 and w.codes.shape == (6 * NF4_BLOCK // 2,)
+    assert w.absmax.shape == (6,)
+    assert w.codes.nbytes + w.absmax.nbytes == 6 * NF4_BLOCK // 2 + 6 * 4  # half a byte each
+
+    # brute force: each block over its absmax, the nearest level, times the absmax
+    flat = np.concatenate([np.asarray(zeroed).reshape(-1), np.zeros(6 * NF4_BLOCK - 350)])
+    blocks = flat.reshape(6, NF4_BLOCK)
+    absmax = np.abs(blocks).max(axis=1)
+    np.testing.assert_allclose(w.absmax, absmax, rtol=1e-7)
+    levels = np.asarray(NF4_LEVELS)
+    scaled = blocks / np.where(absmax > 0, absmax, 1.0)[:, None]
+    nearest = levels[np.abs(scaled[..., None] - levels).argmin(axis=-1)]
+    want = (nearest * absmax[:, None]).reshape(-1)[:350].reshape(5, 70)
+    np.testing.assert_allclose(w.dequantize(), want, rtol=1e-6, atol=1e-7)
+    assert not np.any(np.asarray(w.dequantize()).reshape(-1)[NF4_BLOCK : 2 * NF4_BLOCK])
+    # the largest of each block is stored exactly (+-1 times the absmax)
+    assert np.allclose(np.abs(np.asarray(w.dequantize())).max(), absmax.max())
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 70)))
+    np.testing.assert_allclose(
+        dense(q["fc"], x), x @ w.dequantize().T + linear.bias, rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_nf4(lora_int8):
+    model, _, state = lora_int8
+    return model, eqxtl.quantize(model, eqxtl.lora_spec(model, "head"), "nf4"), state
+
+
+def test_lora_on_an_nf4_base(lora_nf4, tmp_path):
+    model, q, state = lora_nf4
+    assert len(nf4_weights(q)) == 6 * 3 and not int8_weights(q)  # every frozen linear weight
+    assert eqxtl.count(q) == eqxtl.count(model)  # an NF4 weight counts as the weights it holds
+    stored = sum(w.codes.nbytes + w.absmax.nbytes for w in nf4_weights(q))
+    assert stored <= 0.16 * sum(4 * np.prod(w.shape) for w in nf4_weights(q))  # ~1/8 + pads
+    spec = eqxtl.lora_spec(q, "head")
+    with pytest.raises(eqxtl.RuleError, match="stored quantized"):
+        eqxtl.everything(q)
+
+    b = batch(0, size=4)
+    x = jnp.asarray(b["image"])
+    y, y_float = forward(q, state, x), forward(model, state, x)
+    np.testing.assert_allclose(y, forward(dequantized(q), state, x), rtol=1e-5, atol=1e-5)
+    assert rel(y, y_float) <= NF4_TINY_RTOL
+
+    loss = eqxtl.task_loss()
+
+    def grads(m):
+        trainable, frozen = eqx.partition(m, eqxtl.lora_spec(m, "head"))
+        g = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), state, b, None)[0])
+        return jax.tree.leaves(eqx.filter_jit(g)(trainable))
+
+    for got, want in zip(grads(q), grads(dequantized(q)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+    optimizer = optax.adam(1e-2)
+    step = eqxtl.make_step(loss, optimizer, spec)
+    new, _, _, metrics = step(q, state, optimizer.init(eqx.filter(q, spec)), b, jax.random.key(0))
+    assert np.isfinite(metrics["loss"])
+    for before, after in zip(nf4_weights(q), nf4_weights(new), strict=True):
+        assert np.array_equal(before.codes, after.codes)
+        assert np.array_equal(before.absmax, after.absmax)
+
+    # merged: float32 weights, the same outputs; saved: the dequantized weights
+    merged = eqxtl.merge_lora(q)
+    assert len(nf4_weights(merged)) == len(nf4_weights(q)) - 2 * 3
+    np.testing.assert_allclose(forward(merged, state, x), y, rtol=1e-5, atol=1e-5)
+    eqxtl.save_pretrained(merged, state, tmp_path)
+    again, again_state = eqxtl.from_pretrained(tmp_path, keep_head=True)
+    saved = state_dict(again.backbone, again_state)
+    for name, value in state_dict(dequantized(merged).backbone, state).items():
+        np.testing.assert_array_equal(saved[name], value, err_msg=name)
+    for variant in (eqxtl.with_remat(q), eqxtl.with_scan(q, False)):
+        np.testing.assert_allclose(forward(variant, state, x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_bad_input():
+    conv_only = {"conv": build(Conv2d, 8, 12, 3)}
+    with pytest.raises(eqxtl.EqxtlError, match="no float linear weight .* nothing to store as nf4"):
+        eqxtl.quantize(conv_only, False, "nf4")
+    broken = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 4, 3), jnp.full((3, 4), jnp.inf))
+    with pytest.raises(eqxtl.EqxtlError, match=r"0\.weight as nf4.*NaN or infinite"):
+        eqxtl.quantize([broken], False, "nf4")
+    with pytest.raises(eqxtl.EqxtlError, match="'nf4' \\(frozen linear weights"):
+        eqxtl.quantize(conv_only, False, "nf3")
+
+
+def test_nf4_while_loading(tmp_path):
+    """``from_pretrained`` / ``from_config(quantize="nf4")``: ``eqxtl.quantize(model, False,
+    "nf4")``'s model, weight by weight (convolutions, here the patch embedding, stay float)."""
+    from tests._tiny import TINY_CONFIGS
+
+    config = TINY_CONFIGS["clip_vision"]
+    backbone, state = tiny_architecture("clip_vision")
+    eqxtl.save_pretrained(backbone, state, tmp_path / "clip")
+    built = {
+        "from_pretrained": (backbone, eqxtl.from_pretrained(tmp_path / "clip", quantize="nf4")[0]),
+        "from_config": (
+            eqxtl.from_config(config, seed=3)[0],
+            eqxtl.from_config(config, seed=3, quantize="nf4")[0],
+        ),
+    }
+    for how, (plain, loaded_nf4) in built.items():
+        expected = eqxtl.quantize(plain, False, "nf4")
+        assert jax.tree.structure(loaded_nf4) == jax.tree.structure(expected), how
+        a, b = (jax.tree.leaves(eqx.filter(m, eqx.is_array)) for m in (loaded_nf4, expected))
+        assert all(
+            x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b, strict=True)
+        ), how
+        assert len(nf4_weights(loaded_nf4)) == 6 * config.num_hidden_layers, how
+        assert not any(np.ndim(w) == 4 and w.dtype != jnp.float32 for w in a), how

@@ -23,7 +23,13 @@ from ..models._arch import Architecture
 from ..models._layout import strip_wrappers
 from ..models.layers import set_inference
 from ..models.layers.low_rank import int8_layers
-from ..models.layers.quantized import Int8Weight, int8_weight
+from ..models.layers.quantized import (
+    Int8Weight,
+    NF4Weight,
+    int8_weight,
+    is_quantized,
+    nf4_weight,
+)
 
 
 def _group(names: Iterable[str]) -> list[str]:
@@ -141,7 +147,8 @@ def fill(
     unless ``dtype`` is given. ``quantize="int8"``: the weights of linear and ungrouped
     convolution layers become ``Int8Weight``s one by one as they are read (what
     ``eqxtl.quantize(model, False, "int8")`` gives, without the float model ever being
-    whole); ``tensors`` may compute its values on demand.
+    whole); ``quantize="nf4"``: the weights of linear layers become ``NF4Weight``s (as
+    ``eqxtl.quantize(model, False, "nf4")``); ``tensors`` may compute its values on demand.
 
     Raises one ``CheckpointError`` listing every missing, unexpected (including the
     checkpoint keys in ``unexplained``, which no rule of the layout maps), misshaped and
@@ -151,7 +158,7 @@ def fill(
     inference mode, with BatchNorm statistics moved into ``state``.
     """
     allow_missing = tuple(allow_missing)
-    int8_names = _int8_names(model_skeleton, quantize)
+    quantized_names = _quantized_names(model_skeleton, quantize)
     flat, treedef = jtu.tree_flatten_with_path(model_skeleton)
     init_leaves = jtu.tree_leaves(init_missing) if init_missing is not None else None
     used, missing, misshaped, leaves = set(), [], [], []
@@ -178,7 +185,9 @@ def fill(
             leaves.append(leaf)
             continue
         value = jnp.asarray(value, dtype=dtype)
-        leaves.append(_as_int8(value, name, source) if name in int8_names else value)
+        if name in quantized_names:
+            value = _quantized(value, name, source, quantize)
+        leaves.append(value)
     unexpected = sorted(set(tensors) - used) + sorted(unexplained)
     if missing or unexpected or misshaped:
         raise CheckpointError(_report(missing, unexpected, misshaped, source, hint))
@@ -187,26 +196,33 @@ def fill(
     return set_inference(model, True), state
 
 
-def _int8_names(model_skeleton, quantize: str | None) -> frozenset[str]:
-    """The weight names ``fill(quantize=...)`` stores as int8 (none without ``quantize``)."""
+_ENCODERS = {"int8": int8_weight, "nf4": nf4_weight}
+
+
+def _quantized_names(model_skeleton, quantize: str | None) -> frozenset[str]:
+    """The weight names ``fill(quantize=...)`` stores quantized (none without ``quantize``):
+    int8, those of linear and ungrouped convolution layers; NF4, those of linear layers."""
     if quantize is None:
         return frozenset()
-    if quantize != "int8":
+    if quantize not in _ENCODERS:
         raise EqxtlError(
-            f"quantize must be None or 'int8' (linear and convolution weights as int8, one "
-            f"scale per output channel), got {quantize!r}; for bfloat16 weights pass "
+            f"quantize must be None, 'int8' (linear and convolution weights as int8, one "
+            f"scale per output channel) or 'nf4' (linear weights as 4-bit NormalFloat, one "
+            f"absmax per 64 weights), got {quantize!r}; for bfloat16 weights pass "
             "dtype=jnp.bfloat16."
         )
     layers = int8_layers(model_skeleton)
+    if quantize == "nf4":
+        layers = [(path, layer) for path, layer in layers if len(layer.weight.shape) == 2]
     return frozenset(f"{path}.weight" if path else "weight" for path, _ in layers)
 
 
-def _as_int8(value: jax.Array, name: str, source: str) -> Int8Weight:
-    q, why = int8_weight(value)
+def _quantized(value: jax.Array, name: str, source: str, quantize: str) -> Int8Weight | NF4Weight:
+    q, why = _ENCODERS[quantize](value)
     if q is None:
         raise CheckpointError(
-            f"{source}: cannot store {name} as int8 (one scale per output channel): {why}. "
-            "Load it without quantize= (and check the file)."
+            f"{source}: cannot store {name} as {quantize}: {why}. Load it without quantize= "
+            "(and check the file)."
         )
     return q
 
@@ -215,15 +231,16 @@ def state_dict(model, state: eqx.nn.State | None = None) -> dict[str, jax.Array]
     """Every parameter and BatchNorm statistic of ``model`` by canonical path.
 
     The inverse of ``fill``: ``fill(skeleton, state_dict(model, state))`` rebuilds both.
-    A weight stored as int8 (``eqxtl.quantize``) comes out dequantized, float32 under its
-    float weight's name (the layout PyTorch libraries read; quantize again after loading).
+    A weight stored quantized (int8 or NF4, ``eqxtl.quantize``) comes out dequantized,
+    float32 under its float weight's name (the layout PyTorch libraries read; quantize
+    again after loading).
     """
     out = {}
     is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
-    is_node = lambda x: is_index(x) or isinstance(x, Int8Weight)  # noqa: E731
+    is_node = lambda x: is_index(x) or is_quantized(x)  # noqa: E731
     for kp, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_node)[0]:
         name = keypath_to_str(kp)
-        if isinstance(leaf, Int8Weight):
+        if is_quantized(leaf):
             out[name] = leaf.dequantize()
         elif is_index(leaf):
             if state is None:

@@ -299,8 +299,9 @@ def from_pretrained(
       ``Int8Weight``; see ``eqxtl.quantize``), converting each as it is read: the float
       backbone is never whole in memory. The result is ``eqxtl.quantize(backbone, False,
       "int8")``'s: a frozen base for LoRA (``eqxtl.lora`` adapts it; a spec that trains one
-      of its int8 weights is an error). ``eqxtl.quantize(model, spec)`` instead chooses by
-      spec after loading.
+      of its int8 weights is an error). ``"nf4"`` stores the weight of every linear layer
+      as QLoRA's 4-bit NormalFloat (``NF4Weight``), the same way. ``eqxtl.quantize(model,
+      spec)`` instead chooses by spec after loading.
     - `torch_limits`: an ``eqxtl.TorchLimits`` for PyTorch files (bounds on pickle objects,
       tensor expansion and zip members; the defaults admit real checkpoints up to 10 GB).
     - `**overrides`: config fields the weights cannot tell, e.g. ``hidden_act="quick_gelu"``

@@ -25,8 +25,9 @@ def from_config(
 
     ``model``: a registry alias (``"efficientnet-lite0"``, ``"resnet50"``, ...) or a config
     (``ResNetConfig(...)``, ``CLIPVisionConfig(...)``...). Nothing is downloaded. ``dtype``:
-    of every floating-point leaf (e.g. ``jnp.bfloat16``). ``quantize="int8"``: as in
-    ``from_pretrained``; each weight is drawn and stored as int8 before the next is drawn.
+    of every floating-point leaf (e.g. ``jnp.bfloat16``). ``quantize="int8"`` / ``"nf4"``:
+    as in ``from_pretrained``; each weight is drawn and stored quantized before the next is
+    drawn.
 
     Initialisation (drawn with NumPy from ``seed``, so building a large model costs no
     compilation): convolution and linear weights He-normal over their fan-in, biases zero,

@@ -18,6 +18,7 @@ never in the model, so they never train either.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -175,7 +176,7 @@ def _spec(model: Any, rules: tuple[Rule, ...], default: bool, strict: bool) -> A
 
 
 def refuse_quantized(model: Any, spec: Any, what: str) -> None:
-    """``RuleError`` naming the weights stored as int8 (``eqxtl.quantize``) that ``spec``
+    """``RuleError`` naming the weights stored quantized (``eqxtl.quantize``) that ``spec``
     (a filter spec for ``model``, or a prefix of one) trains: a quantized weight is frozen."""
     flat = jtu.tree_flatten_with_path(model, is_leaf=is_quantized)
     quantized = [(keypath_to_str(kp), i) for i, (kp, x) in enumerate(flat[0]) if is_quantized(x)]
@@ -186,7 +187,8 @@ def refuse_quantized(model: Any, spec: Any, what: str) -> None:
     trains = [path for path, i in quantized if any(jax.tree.leaves(nodes[i]))]
     if trains:
         raise RuleError(
-            f"{what}: the spec trains {len(trains)} weight(s) stored as int8 by eqxtl.quantize, "
+            f"{what}: the spec trains {len(trains)} weight(s) stored quantized (int8 or NF4) "
+            "by eqxtl.quantize, "
             f"e.g. {trains[:3]}; a quantized weight is frozen and cannot train. Leave these "
             "layers out of the trainable rules, or choose what trains first and quantize "
             "after: eqxtl.quantize(model, spec) stores only the leaves spec freezes."
@@ -276,8 +278,13 @@ def require_trainable(model: Any, spec: Any) -> int:
 
 def count(model: Any, spec: Any | None = None) -> int:
     """Number of scalar parameters of ``model`` (those marked ``True`` in ``spec``)."""
-    if spec is None:  # every parameter: floating-point, or int8 values of a quantized weight
-        spec = jax.tree.map(lambda x: _trainable_leaf(x) or _int8(x), model)
+    if spec is None:  # every parameter; a quantized weight counts as the weights it stores
+        nodes = jax.tree.leaves(model, is_leaf=is_quantized)
+        return sum(
+            math.prod(x.shape) if is_quantized(x) else x.size
+            for x in nodes
+            if is_quantized(x) or _trainable_leaf(x) or _int8(x)
+        )
     return sum(leaf.size for _, leaf, on in _zip_spec(model, spec) if on)
 
 

@@ -2,8 +2,8 @@
 
 Only what ``spec`` freezes is stored small, so the training step is the usual one: the
 trainable half stays float32 (gradients and optimizer state too), the frozen half costs a
-quarter (int8) or half (bfloat16) of its float32 bytes. The int8 weights are
-``eqxtl.models.layers.quantized.Int8Weight`` modules.
+quarter (int8), an eighth (NF4) or half (bfloat16) of its float32 bytes. The quantized
+weights are ``eqxtl.models.layers.quantized.Int8Weight`` / ``NF4Weight`` modules.
 """
 
 from __future__ import annotations
@@ -17,23 +17,23 @@ import jax.tree_util as jtu
 from .._util.pytree_paths import keypath_to_str
 from ..errors import EqxtlError
 from ..models.layers.low_rank import int8_layers
-from ..models.layers.quantized import int8_weight, is_quantized
+from ..models.layers.quantized import int8_weight, is_quantized, nf4_weight
 from .adapters.inject import replace_layers
 from .filters import check_spec, refuse_quantized
 
-_DTYPES = ("int8", "bfloat16")
+_DTYPES = ("int8", "nf4", "bfloat16")
 
 
 def _dtype_name(dtype: Any) -> str:
     try:
-        name = jnp.dtype(dtype).name
+        name = "nf4" if dtype == "nf4" else jnp.dtype(dtype).name
     except TypeError:
         name = None
     if name not in _DTYPES:
         raise EqxtlError(
             f"quantize: dtype must be 'int8' (frozen linear and convolution weights, one scale "
-            f"per output channel) or 'bfloat16' (every frozen floating-point leaf), got "
-            f"{dtype!r}."
+            f"per output channel), 'nf4' (frozen linear weights, 4-bit NormalFloat) or "
+            f"'bfloat16' (every frozen floating-point leaf), got {dtype!r}."
         )
     return name
 
@@ -49,7 +49,7 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
 
     - `spec`: the filter spec you train with (``True`` = trains; ``eqxtl.lora_spec``,
       ``eqxtl.trainable``, ``eqxtl.param_groups``' first output), or ``False`` to store
-      everything small (inference). An int8 weight is a module where the array was: build
+      everything small (inference). A quantized weight is a module where the array was: build
       the spec (and optimizer) you train with again from the quantized model, with the
       same rules.
     - `dtype`: ``"int8"``: every frozen weight of a linear or ungrouped convolution layer
@@ -62,16 +62,21 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
       without; docs/guides/small-frozen-weights.md). The layers multiply by the int8
       values and scale their output, converting one layer's weight at a time (the float
       weight is never kept).
+      ``"nf4"``: every frozen weight of a linear layer (plain or LoRA-adapted) as QLoRA's
+      4-bit NormalFloat, one float32 absmax per block of 64 weights (``NF4Weight``: half
+      a byte per weight plus 4 bytes per 64); convolutions stay float. The layers decode one
+      layer's weight at a time, in the forward and again in the backward pass.
       ``"bfloat16"``: every frozen floating-point leaf in bfloat16.
 
     Layers compute in their input's dtype as always: float32 by default, bfloat16 with
     ``compute_dtype=jnp.bfloat16`` (``eqxtl.Runtime``, ``task_loss``).
 
     A weight that ``spec`` trains is never stored small; a spec (or a later
-    ``eqxtl.trainable`` / ``param_groups``) that trains an int8 weight is a ``RuleError``
-    naming it. A frozen weight int8 cannot hold (no element, NaN or infinity) is an
-    ``EqxtlError`` naming it. ``save_pretrained`` writes int8 weights dequantized (float32,
-    the usual layout); ``from_pretrained`` reads them back as float32: quantize again.
+    ``eqxtl.trainable`` / ``param_groups``) that trains a quantized weight is a
+    ``RuleError`` naming it. A frozen weight the scheme cannot hold (no element, NaN or
+    infinity) is an ``EqxtlError`` naming it. ``save_pretrained`` writes quantized weights
+    dequantized (float32, the usual layout); ``from_pretrained`` reads them back as
+    float32: quantize again.
     ``merge_lora`` on an int8 base gives float32 merged weights.
 
     >>> model = eqxtl.lora(model, r".*\\.(q_proj|v_proj)", rank=8, key=key)
@@ -95,23 +100,27 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
 
         return jtu.tree_map(visit, model, full, is_leaf=is_quantized)
     new = {}
+    encode, scheme, kinds = {
+        "int8": (int8_weight, "one scale per output channel", "linear or convolution"),
+        "nf4": (nf4_weight, "4-bit NormalFloat, one absmax per 64 weights", "linear"),
+    }[name]
     for path, layer in int8_layers(model):  # depthwise convolutions stay float
         w = layer.weight
         weight_path = f"{path}.weight" if path else "weight"
         if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating) or trains[weight_path]:
             continue
-        q, why = int8_weight(w)
+        if name == "nf4" and w.ndim != 2:  # convolutions: QLoRA quantizes linear layers
+            continue
+        q, why = encode(w)
         if q is None:
             raise EqxtlError(
-                f"quantize: cannot store {weight_path} as int8 (one scale per output channel): "
-                f"{why}. Keep it in float (mark it trainable in spec, or use "
-                "dtype='bfloat16')."
+                f"quantize: cannot store {weight_path} as {name} ({scheme}): {why}. Keep it "
+                "in float (mark it trainable in spec, or use dtype='bfloat16')."
             )
         new[path] = eqx.tree_at(lambda m: m.weight, layer, q)
     if not new:
         raise EqxtlError(
-            f"quantize: spec freezes no float linear or convolution weight of "
-            f"{type(model).__name__} (already quantized, or everything trains): nothing to "
-            "store as int8."
+            f"quantize: spec freezes no float {kinds} weight of {type(model).__name__} "
+            f"(already quantized, or everything trains): nothing to store as {name}."
         )
     return replace_layers(model, new)

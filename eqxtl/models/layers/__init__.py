@@ -2,7 +2,8 @@
 (``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
 (activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``resample`` (position
 embeddings), ``drop`` (stochastic depth), ``static`` (static switches: remat / scan flags) and
-``quantized`` (``Int8Weight``: a frozen weight stored as int8, ``eqxtl.quantize``).
+``quantized`` (``Int8Weight``, ``NF4Weight``: a frozen weight stored as int8 or 4-bit
+NormalFloat, ``eqxtl.quantize``).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
 loading a checkpoint is renaming only.

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..._util.pytree_paths import keypath_to_str
 from .conv import Conv2d, Padding, _convolve
-from .quantized import Int8Weight, apply_weight, as_float
+from .quantized import Int8Weight, NF4Weight, apply_weight, as_float
 
 
 class LoRALinear(eqx.Module):
@@ -32,7 +32,7 @@ class LoRALinear(eqx.Module):
     Dropout (rate ``dropout``) applies to the adapter's input when a ``key`` is given.
     """
 
-    weight: Float[Array, "out in"] | Int8Weight
+    weight: Float[Array, "out in"] | Int8Weight | NF4Weight
     bias: Float[Array, " out"] | None
     lora_a: Float[Array, "rank in"]
     lora_b: Float[Array, "out rank"]

@@ -1,6 +1,7 @@
 """Frozen weights stored small: ``Int8Weight``, a linear or convolution weight kept as int8
-with one float32 scale per output channel (absmax), and ``apply_weight``, the product of an
-input with a plain or quantized weight.
+with one float32 scale per output channel (absmax); ``NF4Weight``, a linear weight kept as
+4-bit NormalFloat codes (QLoRA's data type) with one float32 absmax per block of 64; and
+``apply_weight``, the product of an input with a plain or quantized weight.
 
 Built by ``eqxtl.quantize`` (``eqxtl/tuning/quantization.py``). An ``Int8Weight`` sits where
 the float weight was (``q_proj.weight`` holds ``values`` and ``scale``), so the layers,
@@ -11,13 +12,14 @@ weight (``state_dict`` dequantizes).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
-from jaxtyping import Array, Float, Int8
+from jaxtyping import Array, Float, Int8, UInt8
 
 _LEVELS = 127  # symmetric: -127..127 (-128 unused, so that negating a weight is exact)
 
@@ -77,35 +79,131 @@ def int8_weight(weight: Array) -> tuple[Int8Weight | None, str]:
     return Int8Weight(values, scale), ""
 
 
-def as_float(weight: Array | Int8Weight, dtype) -> Array:
+# QLoRA's NormalFloat4 levels (Dettmers et al. 2023), as bitsandbytes' kernels.cu lists them:
+# quantiles of N(0, 1) scaled to [-1, 1], with an exact 0.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+NF4_BLOCK = 64  # weights per absmax, as in QLoRA
+
+
+class NF4Weight(eqx.Module):
+    """A frozen linear weight ``(out, in)`` as 4-bit NormalFloat codes: the weight read in
+    row-major order, cut into blocks of ``NF4_BLOCK`` (the last one zero-padded); each block
+    is divided by its absmax and each element rounded to the nearest of the 16
+    ``NF4_LEVELS``. ``codes`` holds two 4-bit level indices per byte (the first in the low
+    nibble); ``absmax`` one float32 per block. Each element is within half the gap between
+    its two nearest levels, times its block's absmax, of the float weight.
+
+    ``shape``, ``ndim`` and ``dtype`` describe the float weight it stands for, as for
+    ``Int8Weight``; ``dequantize()`` gives it.
+    """
+
+    codes: UInt8[Array, " half_padded"]
+    absmax: Float[Array, " blocks"]
+    weight_shape: tuple[int, ...] = eqx.field(static=True)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight_shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.weight_shape)
+
+    @property
+    def dtype(self):
+        return self.absmax.dtype
+
+    def dequantize(self, dtype=None) -> Float[Array, "out in"]:
+        """The float weight ``level[code] * absmax`` (in ``dtype``, default float32)."""
+        dtype = self.absmax.dtype if dtype is None else dtype
+        return _nf4_decode(self.codes, self.absmax, self.weight_shape, dtype)
+
+
+def _nf4_decode(codes: Array, absmax: Array, shape: tuple[int, ...], dtype) -> Array:
+    levels = jnp.asarray(NF4_LEVELS, dtype)
+    index = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(-1)
+    blocks = levels[index].reshape(-1, NF4_BLOCK) * absmax.astype(dtype)[:, None]
+    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+@jax.jit
+def _nf4_encode(weight: Array) -> tuple[Array, Array, Array]:
+    """``(codes, absmax, finite)`` of a float weight (one compilation per shape)."""
+    w = weight.astype(jnp.float32).reshape(-1)
+    finite = jnp.all(jnp.isfinite(w))
+    blocks = jnp.pad(w, (0, -w.size % NF4_BLOCK)).reshape(-1, NF4_BLOCK)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    safe = jnp.where(absmax > 0, absmax, 1.0)[:, None]  # an all-zero block: level 0.0
+    levels = jnp.asarray(NF4_LEVELS, jnp.float32)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    index = jnp.searchsorted(midpoints, blocks / safe).astype(jnp.uint8).reshape(-1, 2)
+    return index[:, 0] | (index[:, 1] << 4), absmax, finite
+
+
+def nf4_weight(weight: Array) -> tuple[NF4Weight | None, str]:
+    """``(NF4Weight, "")``, or ``(None, why)`` when ``weight`` does not fit the scheme (not a
+    matrix, no element, or not finite)."""
+    if weight.ndim != 2:
+        return None, f"NF4 stores linear (2-D) weights, this one has shape {tuple(weight.shape)}"
+    if weight.size == 0:
+        return None, f"it has no element (shape {tuple(weight.shape)}), so no absmax"
+    codes, absmax, finite = _nf4_encode(weight)
+    if not bool(finite):
+        return None, "it holds NaN or infinite values, which NF4 with an absmax cannot store"
+    return NF4Weight(codes, absmax, tuple(weight.shape)), ""
+
+
+def as_float(weight: Array | Int8Weight | NF4Weight, dtype) -> Array:
     """A plain or quantized weight as a float array in ``dtype``."""
-    if isinstance(weight, Int8Weight):
+    if is_quantized(weight):
         return weight.dequantize(dtype)
     return weight.astype(dtype)
 
 
 def apply_weight(
-    op: Callable[[Array, Array], Array], x: Array, weight: Array | Int8Weight
+    op: Callable[[Array, Array], Array], x: Array, weight: Array | Int8Weight | NF4Weight
 ) -> Array:
     """``op(x, W)`` in ``x``'s dtype, for ``op`` linear in each argument with its output
     channels on the last axis (a matmul by ``W^T``, a channels-last convolution).
 
-    Quantized: ``op(x, values) * scale``, the scale applied to the output (one multiply
-    that fuses with the bias add). A quantized weight, or one stored in fewer bits than
-    ``x`` (bfloat16 under float32 compute), goes through ``_small_product``.
+    int8: ``op(x, values) * scale``, the scale applied to the output (one multiply that
+    fuses with the bias add). NF4: ``op(x, W)`` with ``W`` decoded from the codes. A
+    quantized weight, or one stored in fewer bits than ``x`` (bfloat16 under float32
+    compute), goes through ``_small_product``.
     """
+    decode = _scaled_output
     if isinstance(weight, Int8Weight):
         values, scale = weight.values, weight.scale
+    elif isinstance(weight, NF4Weight):
+        values, scale = weight.codes, weight.absmax
+        decode = functools.partial(_nf4_weight, shape=weight.weight_shape)
     elif jnp.finfo(weight.dtype).bits < jnp.finfo(x.dtype).bits:
         values, scale = weight, None
     else:
         return op(x, weight.astype(x.dtype))
-    return _small_product(op, jax.ShapeDtypeStruct(x.shape, x.dtype), x, values, scale)
+    like = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return _small_product(op, like, decode, x, values, scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _small_product(op, like, x, values, scale):
-    """``op(x, values) (* scale)`` whose backward pass keeps only the stored weight.
+def _scaled_output(values, scale, dtype):
+    """``(weight, output scale)``: int8 values and per-output-channel scales, or a plain
+    low-precision weight (no scale)."""
+    return values.astype(dtype), None if scale is None else scale.astype(dtype)
+
+
+def _nf4_weight(codes, absmax, dtype, *, shape):
+    return _nf4_decode(codes, absmax, shape, dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _small_product(op, like, decode, x, values, scale):
+    """``op(x, weight) (* output scale)``, ``(weight, output scale) = decode(values, scale,
+    x.dtype)``, whose backward pass keeps only the stored weight.
 
     Under plain reverse mode the float copy of each weight made in the forward pass is a
     residual of the input gradient, so every layer's float weight is alive from its
@@ -117,32 +215,34 @@ def _small_product(op, like, x, values, scale):
     does, so the float copy is made in the backward pass and dies with the input gradient.
     A stored weight that trains (bfloat16) gets its gradient too; a scale never does.
     """
-    y = op(x, values.astype(x.dtype))
-    return y if scale is None else y * scale.astype(x.dtype)
+    weight, out_scale = decode(values, scale, x.dtype)
+    y = op(x, weight)
+    return y if out_scale is None else y * out_scale
 
 
-def _small_fwd(op, like, x, values, scale):
+def _small_fwd(op, like, decode, x, values, scale):
     if scale is not None and scale.perturbed:
         raise TypeError(
-            "The scale of an int8 weight (eqxtl.quantize) is being differentiated: quantized "
-            "weights are frozen. Build the filter spec from the quantized model (e.g. "
-            "eqxtl.lora_spec) so that they stay out of the trainable half."
+            "The scale of a quantized weight (eqxtl.quantize) is being differentiated: "
+            "quantized weights are frozen. Build the filter spec from the quantized model "
+            "(e.g. eqxtl.lora_spec) so that they stay out of the trainable half."
         )
     keep_x = values.perturbed  # a stored weight that trains: its gradient needs x
     x, values = x.value, values.value
     scale = None if scale is None else scale.value
-    return _small_product(op, like, x, values, scale), (values, scale, x if keep_x else None)
+    y = _small_product(op, like, decode, x, values, scale)
+    return y, (values, scale, x if keep_x else None)
 
 
-def _small_bwd(op, like, residuals, g):
+def _small_bwd(op, like, decode, residuals, g):
     values, scale, x = residuals
     if isinstance(g, SymbolicZero):
         return jnp.zeros(like.shape, like.dtype), None, None
-    if scale is not None:
-        g = g * scale.astype(g.dtype)
     if g.size:  # a zero that XLA cannot fold: 0 * g is NaN for a NaN g
         values = values + (jnp.ravel(g)[0] * 0).astype(values.dtype)
-    weight = values.astype(g.dtype)
+    weight, out_scale = decode(values, scale, g.dtype)
+    if out_scale is not None:
+        g = g * out_scale
     if x is None:
         _, transpose = jax.vjp(lambda t: op(t, weight), jnp.zeros(like.shape, like.dtype))
         return transpose(g)[0], None, None
@@ -155,4 +255,5 @@ _small_product.defvjp(_small_fwd, _small_bwd, symbolic_zeros=True)
 
 
 def is_quantized(x) -> bool:
-    return isinstance(x, Int8Weight)
+    """Whether ``x`` is a weight stored quantized (``Int8Weight``, ``NF4Weight``)."""
+    return isinstance(x, (Int8Weight, NF4Weight))

@@ -80,9 +80,9 @@ def merge_lora(model: Any) -> Any:
     model (up to float rounding); ``save_pretrained`` writes it like any plain model.
 
     Refuses a model without adapters (merging twice). An adapted layer whose base is stored
-    as int8 (``eqxtl.quantize``) is dequantized: its merged weight is float32,
-    ``values * scale + s B A`` (the base's quantization error included); quantize again to
-    store it small."""
+    quantized (int8 or NF4, ``eqxtl.quantize``) is dequantized: its merged weight is
+    float32, the dequantized base plus ``s B A`` (the base's quantization error included);
+    quantize again to store it small."""
     layers = require_adapters(model, "merge")
     weights = _merged_weights([layer for _, layer in layers])
     new = {p: _plain(layer, w, layer.bias) for (p, layer), w in zip(layers, weights, strict=True)}
