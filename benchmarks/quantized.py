@@ -1,13 +1,14 @@
 """LoRA on a quantized base: CLIP ViT-B/32 (random init of the real config), r=8 adapters on
 q_proj and v_proj plus a 3-class head, batch 32, 224x224, ``optax.adam``; the frozen base
-stored as float32 (``f32``), as int8 (``int8``: ``eqxtl.quantize(model, spec)``) or as
-bfloat16 (``bf16``).
+stored as float32 (``f32``), as int8 (``int8``: ``eqxtl.quantize(model, spec)``), as 4-bit
+NormalFloat (``nf4``: its linear weights; the patch embedding stays float32) or as bfloat16
+(``bf16``).
 
 Each base runs in a fresh subprocess (its own peak RSS) and prints one JSON line: seconds
 per step, peak RSS, the bytes of the base's weights, and XLA's ``memory_analysis()`` of the
 compiled step (arguments, outputs, temporaries: independent of what else the machine runs).
 
-    python benchmarks/quantized.py                    # f32, int8 and bf16 bases, full size
+    python benchmarks/quantized.py                    # f32, int8, nf4 and bf16 bases
     python benchmarks/quantized.py --bases f32 int8 --quick
     python benchmarks/quantized.py --bases f32 int8 --build load --remat   # QLoRA's way
 """
@@ -27,7 +28,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # _common, steps, and eqxtl from
 
 import _common as C  # noqa: E402
 
-BASES = ("f32", "int8", "bf16")
+BASES = ("f32", "int8", "nf4", "bf16")
 
 
 def _memory(compiled) -> dict[str, float]:
@@ -56,7 +57,7 @@ def run_one(base: str, args) -> dict:
         model, state, image = steps.build("clip", args.quick)
     else:  # NumPy init; int8: each weight stored as int8 as it is drawn (no float model)
         _, config, image = steps.config_of("clip", args.quick)
-        quantized = "int8" if base == "int8" else None
+        quantized = base if base in ("int8", "nf4") else None
         dtype = jax.numpy.bfloat16 if base == "bf16" else jax.numpy.float32
         backbone, state = eqxtl.from_config(config, quantize=quantized, dtype=dtype)
         model = eqxtl.Classifier(backbone, C.NUM_CLASSES, key=jax.random.key(1))
@@ -66,7 +67,7 @@ def run_one(base: str, args) -> dict:
         model = eqxtl.with_remat(eqxtl.with_scan(model))
     spec = eqxtl.lora_spec(model, "head")
     if base != "f32" and args.build == "quantize":
-        model = eqxtl.quantize(model, spec, {"int8": "int8", "bf16": "bfloat16"}[base])
+        model = eqxtl.quantize(model, spec, {"int8": "int8", "nf4": "nf4", "bf16": "bfloat16"}[base])
         gc.collect()  # the float32 base is gone: only the quantized one is referenced
         spec = eqxtl.lora_spec(model, "head")
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.partition(model, spec)[1]))
