@@ -6,7 +6,8 @@ Both sides: r=8 adapters (alpha 8) on the query and value projections of every b
 linear 3-class head on the pooled class token, cross-entropy, AdamW over adapters + head.
 eqxtl builds the backbone with ``eqxtl.from_config(config, quantize="int8")``: NumPy init,
 each linear weight stored as int8 as soon as it is drawn, so the float32 model never exists
-(side ``eqxtl-f32``: the same step on a float32 base). The 40 blocks run under one
+(side ``eqxtl-f32``: the same step on a float32 base; ``eqxtl-nf4``: on an NF4 base). The
+40 blocks run under one
 ``jax.lax.scan`` (``eqxtl.with_scan``) and are recomputed in the backward pass
 (``eqxtl.with_remat``), without which the activations alone would not fit this machine
 (``eqxtl.memory_report`` of the unrolled step; benchmarks/README.md). PEFT keeps the float32
@@ -43,7 +44,7 @@ import _common as C  # the scripts run from benchmarks/ (python benchmarks/NAME.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE)]  # eqxtl from this checkout
 RESULTS = os.path.join(_HERE, "results", "giant_lora.jsonl")
-SIDES = ("eqxtl", "eqxtl-f32", "peft", "peft-ckpt")
+SIDES = ("eqxtl", "eqxtl-nf4", "eqxtl-f32", "peft", "peft-ckpt")
 BATCH, IMAGE, CLASSES, RANK = 8, 224, 3, 8
 MIN_AVAILABLE_GB_FOR_PEFT = 14.0
 
@@ -106,22 +107,19 @@ def run_eqxtl(steps: int, base: str, unrolled: bool = False) -> dict:
 
     import eqxtl
     from eqxtl.models import dinov2
-    from eqxtl.models.layers.quantized import Int8Weight
 
     config = dataclasses.replace(dinov2.DINOV2_G14, image_size=IMAGE)
     start = time.perf_counter()
-    # int8: each weight is drawn and stored as int8 before the next, never the f32 model
-    backbone, state = eqxtl.from_config(config, quantize="int8" if base == "int8" else None)
+    # int8 / nf4: each weight is drawn and stored small before the next, never the f32 model
+    quantize = None if base == "f32" else base
+    backbone, state = eqxtl.from_config(config, quantize=quantize)
     rss_built = _rss_mb()
     model = eqxtl.Classifier(backbone, CLASSES, key=jax.random.key(1))
     del backbone
     model = eqxtl.lora(model, r".*\.(query|value)", rank=RANK, key=jax.random.key(3))
     model = eqxtl.with_remat(eqxtl.with_scan(model, not unrolled))
     spec = eqxtl.lora_spec(model, "head")
-    is_q = lambda x: isinstance(x, Int8Weight)  # noqa: E731
-    int8 = [x for x in jax.tree.leaves(model, is_leaf=is_q) if is_q(x)]
-    arrays = jax.tree.leaves(eqx.filter(model, eqx.is_array))
-    parameters = sum(x.size for x in arrays) - sum(w.scale.size for w in int8)  # not scales
+    parameters = eqxtl.count(model)  # a quantized weight: the weights it stands for
     trained = sum(x.size for x in jax.tree.leaves(eqx.filter(model, spec)))
     build_s = time.perf_counter() - start
     trainable, frozen = eqx.partition(model, spec)
@@ -146,7 +144,7 @@ def run_eqxtl(steps: int, base: str, unrolled: bool = False) -> dict:
         "parameters": int(parameters),
         "trained_parameters": int(trained),
         "build_s": round(build_s, 1),
-        "build": f"from_config(quantize={'int8' if base == 'int8' else None}) + lora; "
+        "build": f"from_config(quantize={quantize}) + lora; "
         + ("with_remat, unrolled" if unrolled else "with_scan + with_remat"),
         "rss_after_build_mb": rss_built,
         "frozen_base_mb": round(frozen_mb, 1),
@@ -236,7 +234,7 @@ def child(side: str, steps: int, unrolled: bool = False) -> dict:
         "benchmark": "giant_lora",
         "side": side,
         "model": "dinov2-giant (DINOv2-g/14, SwiGLU), random init",
-        "base": "int8" if side == "eqxtl" else "float32",
+        "base": {"eqxtl": "int8", "eqxtl-nf4": "nf4"}.get(side, "float32"),
         "lora": "q,v r=8 alpha=8 + linear head on CLS, AdamW, cross-entropy",
         "batch": BATCH,
         "image": IMAGE,
@@ -246,7 +244,8 @@ def child(side: str, steps: int, unrolled: bool = False) -> dict:
         **_machine(),
     }
     if side.startswith("eqxtl"):
-        out = run_eqxtl(steps, "f32" if side == "eqxtl-f32" else "int8", unrolled)
+        base_kind = {"eqxtl": "int8", "eqxtl-nf4": "nf4", "eqxtl-f32": "f32"}[side]
+        out = run_eqxtl(steps, base_kind, unrolled)
     else:
         out = run_peft(steps, checkpointing=side == "peft-ckpt")
     return {**base, **out, "peak_rss_mb": _peak_mb(), "loadavg_after": list(os.getloadavg())}

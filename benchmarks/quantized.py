@@ -67,7 +67,7 @@ def run_one(base: str, args) -> dict:
         model = eqxtl.with_remat(eqxtl.with_scan(model))
     spec = eqxtl.lora_spec(model, "head")
     if base != "f32" and args.build == "quantize":
-        model = eqxtl.quantize(model, spec, {"int8": "int8", "nf4": "nf4", "bf16": "bfloat16"}[base])
+        model = eqxtl.quantize(model, spec, {"bf16": "bfloat16"}.get(base, base))
         gc.collect()  # the float32 base is gone: only the quantized one is referenced
         spec = eqxtl.lora_spec(model, "head")
     frozen_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.partition(model, spec)[1]))
