@@ -69,6 +69,42 @@ def forward(model, state, x):
     return eqxtl.batched(model)(x, state)[0]
 
 
+def adapters_train_on(model, q, state, rtol: float, held):
+    """Checks LoRA on the quantized base ``q`` of ``model``: its outputs are those of the
+    dequantized base (and within ``rtol`` of the float model's), the adapters' gradients equal
+    the dequantized model's, and a training step moves the adapters and the head but never the
+    arrays ``held(model)`` lists for each quantized weight. Returns ``(outputs, images)``."""
+    b = batch(0, size=4)
+    x = jnp.asarray(b["image"])
+    y, y_float = forward(q, state, x), forward(model, state, x)
+    np.testing.assert_allclose(y, forward(dequantized(q), state, x), rtol=1e-5, atol=1e-5)
+    assert rel(y, y_float) <= rtol
+
+    loss = eqxtl.task_loss()
+
+    def grads(m):
+        trainable, frozen = eqx.partition(m, eqxtl.lora_spec(m, "head"))
+        g = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), state, b, None)[0])
+        return jax.tree.leaves(eqx.filter_jit(g)(trainable))
+
+    for got, want in zip(grads(q), grads(dequantized(q)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+    spec = eqxtl.lora_spec(q, "head")
+    trains = [p for p, on in zip(eqxtl.paths(q), jax.tree.leaves(spec), strict=True) if on]
+    optimizer = optax.adam(1e-2)
+    step = eqxtl.make_step(loss, optimizer, spec)
+    new, _, _, metrics = step(q, state, optimizer.init(eqx.filter(q, spec)), b, jax.random.key(0))
+    assert np.isfinite(metrics["loss"])
+    for before, after in zip(held(q), held(new), strict=True):
+        for a, c in zip(before, after, strict=True):
+            assert np.array_equal(a, c)
+    moved = [p for p, a, c in zip(eqxtl.paths(q), jax.tree.leaves(q), jax.tree.leaves(new),
+                                  strict=True) if not np.array_equal(a, c)]  # fmt: skip
+    assert moved and set(moved) <= set(trains)
+    return y, x
+
+
 @pytest.fixture(scope="module")
 def lora_int8():
     """A tiny CLIP classifier with non-zero q/v adapters; ``(float model, int8 model, state)``
@@ -127,34 +163,8 @@ def test_lora_on_an_int8_base(lora_int8):
     stored = sum(w.values.nbytes + w.scale.nbytes for w in int8_weights(q))
     assert stored <= 0.3 * sum(4 * w.values.size for w in int8_weights(q))
 
-    b = batch(0, size=4)
-    x = jnp.asarray(b["image"])
-    y, y_float = forward(q, state, x), forward(model, state, x)
-    np.testing.assert_allclose(y, forward(dequantized(q), state, x), rtol=1e-5, atol=1e-5)
-    assert rel(y, y_float) <= INT8_TINY_RTOL
-
-    # the adapters' gradients are those of the float model with the dequantized base
-    loss = eqxtl.task_loss()
-
-    def grads(m):
-        trainable, frozen = eqx.partition(m, eqxtl.lora_spec(m, "head"))
-        g = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), state, b, None)[0])
-        return jax.tree.leaves(eqx.filter_jit(g)(trainable))
-
-    for got, want in zip(grads(q), grads(dequantized(q)), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
-
-    # a training step moves the adapters and the head, never the int8 base
-    optimizer = optax.adam(1e-2)
-    step = eqxtl.make_step(loss, optimizer, spec)
-    new, _, _, metrics = step(q, state, optimizer.init(eqx.filter(q, spec)), b, jax.random.key(0))
-    assert np.isfinite(metrics["loss"])
-    for before, after in zip(int8_weights(q), int8_weights(new), strict=True):
-        assert np.array_equal(before.values, after.values)
-        assert np.array_equal(before.scale, after.scale)
-    moved = [p for p, a, c in zip(eqxtl.paths(q), jax.tree.leaves(q), jax.tree.leaves(new),
-                                  strict=True) if not np.array_equal(a, c)]  # fmt: skip
-    assert moved and set(moved) <= set(trains)
+    held = lambda m: [(w.values, w.scale) for w in int8_weights(m)]  # noqa: E731
+    adapters_train_on(model, q, state, INT8_TINY_RTOL, held)
 
 
 def test_quantize_then_lora_is_lora_then_quantize(lora_int8):
@@ -350,33 +360,11 @@ def test_lora_on_an_nf4_base(lora_nf4, tmp_path):
     assert eqxtl.count(q) == eqxtl.count(model)  # an NF4 weight counts as the weights it holds
     stored = sum(w.codes.nbytes + w.absmax.nbytes for w in nf4_weights(q))
     assert stored <= 0.16 * sum(4 * np.prod(w.shape) for w in nf4_weights(q))  # ~1/8 + pads
-    spec = eqxtl.lora_spec(q, "head")
     with pytest.raises(eqxtl.RuleError, match="stored quantized"):
         eqxtl.everything(q)
 
-    b = batch(0, size=4)
-    x = jnp.asarray(b["image"])
-    y, y_float = forward(q, state, x), forward(model, state, x)
-    np.testing.assert_allclose(y, forward(dequantized(q), state, x), rtol=1e-5, atol=1e-5)
-    assert rel(y, y_float) <= NF4_TINY_RTOL
-
-    loss = eqxtl.task_loss()
-
-    def grads(m):
-        trainable, frozen = eqx.partition(m, eqxtl.lora_spec(m, "head"))
-        g = eqx.filter_grad(lambda t: loss(eqx.combine(t, frozen), state, b, None)[0])
-        return jax.tree.leaves(eqx.filter_jit(g)(trainable))
-
-    for got, want in zip(grads(q), grads(dequantized(q)), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
-
-    optimizer = optax.adam(1e-2)
-    step = eqxtl.make_step(loss, optimizer, spec)
-    new, _, _, metrics = step(q, state, optimizer.init(eqx.filter(q, spec)), b, jax.random.key(0))
-    assert np.isfinite(metrics["loss"])
-    for before, after in zip(nf4_weights(q), nf4_weights(new), strict=True):
-        assert np.array_equal(before.codes, after.codes)
-        assert np.array_equal(before.absmax, after.absmax)
+    held = lambda m: [(w.codes, w.absmax) for w in nf4_weights(m)]  # noqa: E731
+    y, x = adapters_train_on(model, q, state, NF4_TINY_RTOL, held)
 
     # merged: float32 weights, the same outputs; saved: the dequantized weights
     merged = eqxtl.merge_lora(q)
