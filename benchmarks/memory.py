@@ -55,11 +55,13 @@ def report(model_name: str, workload: str, variant: str, batch_size: int, quick:
         holder["image"] = image
         return model, state
 
-    model, state = eqx.filter_eval_shape(build)  # shapes only: nothing is initialised
+    if workload == "lora":  # eqxtl.lora draws its adapters from concrete weights
+        model, state = build()
+        model = steps.lora_model(model, model_name)
+    else:
+        model, state = eqx.filter_eval_shape(build)  # shapes only: nothing is initialised
     if variant == "remat":
         model = eqxtl.with_remat(model)
-    if workload == "lora":
-        model = eqx.filter_eval_shape(steps.lora_model, model, model_name)
     spec = steps.spec_for(model, workload)
     optimizer = optax.adam(1e-3)
     opt_state = jax.eval_shape(optimizer.init, eqx.filter(model, spec))

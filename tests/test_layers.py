@@ -4,6 +4,7 @@ gradients: batched, unbatched, per example, and forward mode; its depthwise fast
 equals XLA's grouped convolution; ``max_pool`` equals PyTorch's ``max_pool2d``, gradients
 (ties included) too."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +141,29 @@ def test_off_the_cpu_convolutions_are_xlas_own(kernel, groups, monkeypatch):
     assert "conv_general_dilated" in jaxpr and "dot_general" not in jaxpr
     close(conv(x), on_cpu)
     close(conv(x), reference(conv, x))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5, 3), (16,), (1,), (3, 7)])
+def test_relu_keeping_sign_bits_is_relu_with_a_bit_per_element(shape):
+    from eqxtl.models.layers import relu_keeping_sign_bits as relu
+    from eqxtl.models.layers.sign_bits import pack_bits, unpack_bits
+
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    x.reshape(-1)[:3] = [0.0, -0.0, np.nan][: x.size]  # relu's gradient at 0 is 0; NaN: 0
+    g = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    flags = x > 0
+    np.testing.assert_array_equal(unpack_bits(pack_bits(flags), shape), flags)
+
+    got, vjp = jax.vjp(relu, jnp.asarray(x))
+    want, want_vjp = jax.vjp(jax.nn.relu, jnp.asarray(x))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(vjp(jnp.asarray(g))[0], want_vjp(jnp.asarray(g))[0])
+    # what the backward pass keeps: the packed signs, not x
+    kept = [r for r in jax.tree.leaves(vjp) if eqx.is_array(r)]
+    assert sum(r.nbytes for r in kept) == -(-x.size // 8)
+
+    # batched and compiled: the same per example
+    batched = jax.jit(jax.vmap(jax.grad(lambda v: jnp.sum(relu(v) * v))))
+    wanted = jax.vmap(jax.grad(lambda v: jnp.sum(jax.nn.relu(v) * v)))
+    xs = jnp.stack([jnp.asarray(x), -jnp.asarray(x)])
+    np.testing.assert_array_equal(batched(xs), wanted(xs))

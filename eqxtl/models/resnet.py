@@ -54,7 +54,15 @@ from ._arch import (
     transformers_write,
 )
 from ._layout import Drop, KeyMap, Map
-from .layers import BatchNorm, Conv2d, block_rates, checkpointed, drop_path, max_pool
+from .layers import (
+    BatchNorm,
+    Conv2d,
+    block_rates,
+    checkpointed,
+    drop_path,
+    max_pool,
+    relu_keeping_sign_bits,
+)
 
 LayerType = Literal["basic", "bottleneck"]
 
@@ -183,6 +191,15 @@ def _stage_specs(config: ResNetConfig) -> list[list[_BlockSpec]]:
     return stages
 
 
+def _activate(name: str, x: Array, frozen_batchnorm: bool) -> Array:
+    """``name``'s activation of ``x``. After a frozen BatchNorm (an affine map) a ReLU keeps
+    only the signs for its backward pass: nothing else needs the float arrays that computed
+    ``x`` then (LoRA on a frozen base). A BatchNorm that trains needs its input anyway."""
+    if frozen_batchnorm and name == "relu":
+        return relu_keeping_sign_bits(x)
+    return _ACTIVATIONS[name](x)
+
+
 class ConvLayer(eqx.Module):
     """``act(bn(conv(x)))`` with torch's symmetric padding ``kernel // 2``, no conv bias:
     ``(H, W, C_in) -> (H', W', C_out)`` (transformers' ``ResNetConvLayer``)."""
@@ -209,7 +226,7 @@ class ConvLayer(eqx.Module):
     ) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
         x, state = self.normalization(self.convolution(x), state)
         if self.activation is not None:
-            x = _ACTIVATIONS[self.activation](x)
+            x = _activate(self.activation, x, self.normalization.inference)
         return x, state
 
 
@@ -259,7 +276,10 @@ class ResidualBlock(eqx.Module):
         if self.shortcut is not None:
             x, state = self.shortcut(x, state)
         h = drop_path(h, drop_rate, key, example_dims=3)
-        return _ACTIVATIONS[self.activation](h + x), state
+        frozen = self.layer[-1].normalization.inference and (
+            self.shortcut is None or self.shortcut.normalization.inference
+        )
+        return _activate(self.activation, h + x, frozen), state
 
 
 class Stage(eqx.Module):

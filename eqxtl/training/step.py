@@ -215,7 +215,11 @@ def make_step(
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         loss, new_state, metrics, grads = grads_of(trainable, frozen, state, batch, key)
         finite = jnp.isfinite(loss)
-        for g in jax.tree.leaves(grads):
+        # Last leaf first: XLA's scheduler computes the gradients in the order this chain
+        # reads them. First leaf first (the stem of a CNN) ran the backward pass down to the
+        # input before any other weight gradient, keeping every activation alive until then
+        # (benchmarks/README.md, "The order of the gradients").
+        for g in reversed(jax.tree.leaves(grads)):
             finite = finite & jnp.all(jnp.isfinite(g))
         # With every BatchNorm frozen the state passes through untouched: returning it would
         # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).

@@ -1,9 +1,10 @@
 """Layers shared by the backbones, by kind: ``conv`` (``Conv2d``, ``max_pool``), ``norm``
 (``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
-(activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``resample`` (position
-embeddings), ``drop`` (stochastic depth), ``static`` (static switches: remat / scan flags) and
-``quantized`` (``Int8Weight``, ``NF4Weight``: a frozen weight stored as int8 or 4-bit
-NormalFloat, ``eqxtl.quantize``).
+(activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``sign_bits`` (a ReLU whose
+backward pass keeps one bit per element), ``resample`` (position embeddings), ``drop``
+(stochastic depth), ``static`` (static switches: remat / scan flags) and ``quantized``
+(``Int8Weight``, ``NF4Weight``: a frozen weight stored as int8 or 4-bit NormalFloat,
+``eqxtl.quantize``).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
 loading a checkpoint is renaming only.
@@ -21,6 +22,7 @@ from .low_rank import (
 )
 from .norm import BatchNorm, LayerNorm, set_inference
 from .resample import image_hw, resample_grid, resample_grid_traced, resample_positions
+from .sign_bits import relu_keeping_sign_bits
 from .static import checkpointed, replace_static, with_static_flag
 from .transformer import (
     ACTIVATIONS,
@@ -58,6 +60,7 @@ __all__ = [
     "linear_rates",
     "max_pool",
     "multihead_attention",
+    "relu_keeping_sign_bits",
     "replace_static",
     "resample_grid",
     "resample_grid_traced",
