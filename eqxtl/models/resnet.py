@@ -24,9 +24,7 @@ channels-last inside (one transpose at the input).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from collections.abc import Callable
 from typing import Literal
 
 import equinox as eqx
@@ -55,30 +53,18 @@ from ._arch import (
 )
 from ._layout import Drop, KeyMap, Map
 from .layers import (
+    CNN_ACTIVATIONS,
     BatchNorm,
     Conv2d,
+    activate_after_batchnorm,
     block_rates,
     checkpointed,
     drop_path,
     max_pool,
-    relu_keeping_sign_bits,
 )
 
 LayerType = Literal["basic", "bottleneck"]
 
-# transformers' ACT2FN names (the ones that make sense in a CNN).
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "relu6": jax.nn.relu6,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "leaky_relu": functools.partial(jax.nn.leaky_relu, negative_slope=0.01),
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-}
 _REDUCTION = 4
 """Bottleneck width = ``hidden_size // 4`` (fixed in transformers and torchvision)."""
 
@@ -111,9 +97,10 @@ class ResNetConfig:
         check_sizes(self)
         if self.layer_type not in ("basic", "bottleneck"):
             raise ValueError(f"layer_type {self.layer_type!r} is not 'basic' or 'bottleneck'.")
-        if self.hidden_act not in _ACTIVATIONS:
+        if self.hidden_act not in CNN_ACTIVATIONS:
             raise ValueError(
-                f"hidden_act {self.hidden_act!r} is not supported; one of {sorted(_ACTIVATIONS)}."
+                f"hidden_act {self.hidden_act!r} is not supported; "
+                f"one of {sorted(CNN_ACTIVATIONS)}."
             )
         if not self.depths or len(self.depths) != len(self.hidden_sizes):
             raise ValueError(
@@ -191,15 +178,6 @@ def _stage_specs(config: ResNetConfig) -> list[list[_BlockSpec]]:
     return stages
 
 
-def _activate(name: str, x: Array, frozen_batchnorm: bool) -> Array:
-    """``name``'s activation of ``x``. After a frozen BatchNorm (an affine map) a ReLU keeps
-    only the signs for its backward pass: nothing else needs the float arrays that computed
-    ``x`` then (LoRA on a frozen base). A BatchNorm that trains needs its input anyway."""
-    if frozen_batchnorm and name == "relu":
-        return relu_keeping_sign_bits(x)
-    return _ACTIVATIONS[name](x)
-
-
 class ConvLayer(eqx.Module):
     """``act(bn(conv(x)))`` with torch's symmetric padding ``kernel // 2``, no conv bias:
     ``(H, W, C_in) -> (H', W', C_out)`` (transformers' ``ResNetConvLayer``)."""
@@ -226,7 +204,7 @@ class ConvLayer(eqx.Module):
     ) -> tuple[Float[Array, "h2 w2 o"], eqx.nn.State]:
         x, state = self.normalization(self.convolution(x), state)
         if self.activation is not None:
-            x = _activate(self.activation, x, self.normalization.inference)
+            x = activate_after_batchnorm(self.activation, x, self.normalization.inference)
         return x, state
 
 
@@ -276,10 +254,9 @@ class ResidualBlock(eqx.Module):
         if self.shortcut is not None:
             x, state = self.shortcut(x, state)
         h = drop_path(h, drop_rate, key, example_dims=3)
-        frozen = self.layer[-1].normalization.inference and (
-            self.shortcut is None or self.shortcut.normalization.inference
-        )
-        return _activate(self.activation, h + x, frozen), state
+        last = [self.layer[-1]] + ([self.shortcut] if self.shortcut is not None else [])
+        frozen = all(m.normalization.inference for m in last)
+        return activate_after_batchnorm(self.activation, h + x, frozen), state
 
 
 class Stage(eqx.Module):

@@ -148,6 +148,18 @@ def _update(optimizer, grads, opt_state, trainable, finite):
     )
 
 
+def _all_finite(loss, grads) -> jax.Array:
+    """Whether ``loss`` and every gradient are finite (a traced bool)."""
+    finite = jnp.isfinite(loss)
+    # Last leaf first: XLA's scheduler computes the gradients in the order this chain reads
+    # them. First leaf first (a CNN's stem) ran the backward pass down to the input before any
+    # other weight gradient, keeping every activation alive until then (benchmarks/README.md,
+    # "The order of the gradients").
+    for g in reversed(jax.tree.leaves(grads)):
+        finite = finite & jnp.all(jnp.isfinite(g))
+    return finite
+
+
 def make_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -214,13 +226,7 @@ def make_step(
         _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         loss, new_state, metrics, grads = grads_of(trainable, frozen, state, batch, key)
-        finite = jnp.isfinite(loss)
-        # Last leaf first: XLA's scheduler computes the gradients in the order this chain
-        # reads them. First leaf first (the stem of a CNN) ran the backward pass down to the
-        # input before any other weight gradient, keeping every activation alive until then
-        # (benchmarks/README.md, "The order of the gradients").
-        for g in reversed(jax.tree.leaves(grads)):
-            finite = finite & jnp.all(jnp.isfinite(g))
+        finite = _all_finite(loss, grads)
         # With every BatchNorm frozen the state passes through untouched: returning it would
         # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).
         new_leaves = jax.tree.leaves(new_state)

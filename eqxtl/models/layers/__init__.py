@@ -1,15 +1,16 @@
 """Layers shared by the backbones, by kind: ``conv`` (``Conv2d``, ``max_pool``), ``norm``
 (``BatchNorm``, ``LayerNorm``), ``low_rank`` (LoRA/DoRA layers, ``dense``), ``transformer``
-(activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``sign_bits`` (a ReLU whose
-backward pass keeps one bit per element), ``resample`` (position embeddings), ``drop``
-(stochastic depth), ``static`` (static switches: remat / scan flags) and ``quantized``
-(``Int8Weight``, ``NF4Weight``: a frozen weight stored as int8 or 4-bit NormalFloat,
-``eqxtl.quantize``).
+(activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``cnn_activation`` (the
+convolutional families' activations) with ``sign_bits`` (a ReLU whose backward pass keeps one
+bit per element), ``resample`` (position embeddings), ``drop`` (stochastic depth), ``static``
+(static switches: remat / scan flags) and ``quantized`` (``Int8Weight``, ``NF4Weight``: a
+frozen weight stored as int8 or 4-bit NormalFloat, ``eqxtl.quantize``).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so
 loading a checkpoint is renaming only.
 """
 
+from .cnn_activation import CNN_ACTIVATIONS, activate_after_batchnorm
 from .conv import Conv2d, Padding, max_pool
 from .drop import block_rates, drop_keys, drop_path, linear_rates
 from .low_rank import (
@@ -38,6 +39,7 @@ from .transformer import (
 __all__ = [
     "ACTIVATIONS",
     "ADAPTED_TYPES",
+    "CNN_ACTIVATIONS",
     "MLP",
     "BatchNorm",
     "Conv2d",
@@ -47,6 +49,7 @@ __all__ = [
     "Padding",
     "PatchEmbedding",
     "SwiGLU",
+    "activate_after_batchnorm",
     "activation",
     "adapted_layers",
     "block_rates",
