@@ -35,16 +35,16 @@ def relu_keeping_sign_bits(x: Float[Array, "..."]) -> Float[Array, "..."]:
     backward pass. Where nothing else needs them, as with a frozen BatchNorm (LoRA on a
     ResNet), they cost a float32 array or two per layer; the packed signs cost 1/32 of one.
     """
-    return jnp.maximum(x, 0)
+    return jnp.maximum(x, jnp.zeros((), x.dtype))
 
 
 def _forward(x):
     bits = pack_bits(x > 0)
     if not bits.size:
-        return jnp.maximum(x, 0), bits
+        return jnp.maximum(x, jnp.zeros((), x.dtype)), bits
     # The output takes a (zero) dependency on the bits: otherwise XLA's scheduler packs them
     # just before the backward pass needs them, keeping x's producers alive until then.
-    return jnp.maximum(x, 0) + 0 * bits[0].astype(x.dtype), bits
+    return jnp.maximum(x, jnp.zeros((), x.dtype)) + 0 * bits[0].astype(x.dtype), bits
 
 
 def _backward(bits, g):
