@@ -1,5 +1,7 @@
 """``relu_keeping_sign_bits``: a ReLU whose backward pass needs one bit per element."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, UInt8
@@ -18,10 +20,7 @@ def pack_bits(flags: Array) -> UInt8[Array, " n8"]:
 def unpack_bits(bits: UInt8[Array, " n8"], shape: tuple[int, ...]) -> Array:
     """The bool array of ``shape`` that ``pack_bits`` packed into ``bits``."""
     flat = ((bits[:, None] & _BIT_VALUES) != 0).reshape(-1)
-    size = 1
-    for d in shape:
-        size *= d
-    return flat[:size].reshape(shape)
+    return flat[: math.prod(shape)].reshape(shape)
 
 
 @jax.custom_vjp
@@ -35,16 +34,21 @@ def relu_keeping_sign_bits(x: Float[Array, "..."]) -> Float[Array, "..."]:
     backward pass. Where nothing else needs them, as with a frozen BatchNorm (LoRA on a
     ResNet), they cost a float32 array or two per layer; the packed signs cost 1/32 of one.
     """
+    return _relu(x)
+
+
+def _relu(x):
+    # A zero of x's dtype: jax2onnx traces `maximum(x, 0)` as float64 under x64.
     return jnp.maximum(x, jnp.zeros((), x.dtype))
 
 
 def _forward(x):
     bits = pack_bits(x > 0)
     if not bits.size:
-        return jnp.maximum(x, jnp.zeros((), x.dtype)), bits
+        return _relu(x), bits
     # The output takes a (zero) dependency on the bits: otherwise XLA's scheduler packs them
     # just before the backward pass needs them, keeping x's producers alive until then.
-    return jnp.maximum(x, jnp.zeros((), x.dtype)) + 0 * bits[0].astype(x.dtype), bits
+    return _relu(x) + 0 * bits[0].astype(x.dtype), bits
 
 
 def _backward(bits, g):
