@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from .layers import checkpointed, with_static_flag
+from .layers.schedule import materialized
 from .layers.transformer import ATTENTION_OUTPUT
 
 T = TypeVar("T")
@@ -156,10 +157,8 @@ def stored_gradient(h: H) -> H:
     into every consumer that can take it, so left alone the fusion ``l`` blocks from the top
     recomputes the whole chain above it: ``O(depth^2)`` work, up to ~800-instruction fusions
     reading ~245 activations each in CLIP-B/32's LoRA step on XLA:CPU.
-    ``lax.optimization_barrier`` does not stop this (XLA:CPU removes barriers before
-    fusing); a conditional, which nothing fuses into, does. Its predicate is "the first
-    element is not NaN": the other branch fills the cotangent with NaN, a gradient that is
-    non-finite anyway (``make_step`` skips such steps). Values do not change."""
+    The cotangent is ``layers.schedule.materialized``: a conditional, which nothing fuses
+    into. Values do not change."""
     return h
 
 
@@ -168,12 +167,7 @@ def _stored_fwd(h):
 
 
 def _stored_bwd(_, g):
-    def store(x):
-        first = x.reshape(-1)[0]
-        nan = lambda v: jnp.full_like(v, jnp.nan)  # noqa: E731
-        return jax.lax.cond(first == first, lambda v: v, nan, x)
-
-    return (jax.tree.map(store, g),)
+    return (jax.tree.map(materialized, g),)
 
 
 stored_gradient.defvjp(_stored_fwd, _stored_bwd)

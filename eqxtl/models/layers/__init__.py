@@ -3,7 +3,8 @@
 (activations, ``PatchEmbedding``, ``MLP``, ``SwiGLU``, attention), ``cnn_activation`` (the
 convolutional families' activations) with ``sign_bits`` (a ReLU whose backward pass keeps one
 bit per element), ``resample`` (position embeddings), ``drop`` (stochastic depth), ``static``
-(static switches: remat / scan flags) and ``quantized`` (``Int8Weight``, ``NF4Weight``: a
+(static switches: remat / scan flags), ``schedule`` (steering XLA's schedule: an array kept
+in one buffer, weight gradients computed first) and ``quantized`` (``Int8Weight``, ``NF4Weight``: a
 frozen weight stored as int8 or 4-bit NormalFloat, ``eqxtl.quantize``).
 
 Weights keep PyTorch's layout (conv ``(out, in/groups, kh, kw)``, linear ``(out, in)``), so

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from ..._util.pytree_paths import keypath_to_str
 from .conv import Conv2d, Padding, _convolve
 from .quantized import Int8Weight, NF4Weight, apply_weight, as_float
+from .schedule import gradients_first
 
 
 class LoRALinear(eqx.Module):
@@ -109,12 +110,15 @@ class LoRAConv2d(eqx.Module):
                 self.weight,
             )
 
-        def low_rank(inputs):
-            h = _convolve(inputs, self.lora_a.astype(x.dtype), self.stride, self.padding, (1, 1))
-            b = self.lora_b.reshape(self.lora_b.shape[0], self.rank).astype(x.dtype)
+        def adapter(weights, inputs):
+            a, b = (w.astype(x.dtype) for w in weights)
+            h = _convolve(inputs, a, self.stride, self.padding, (1, 1))
             # B as one 2-D GEMM over all rows (its gradient too), like ``dense``
             rows = h.reshape(-1, self.rank) * self.scale
-            return (rows @ b.T).reshape(*h.shape[:-1], b.shape[0])
+            return (rows @ b.reshape(b.shape[0], self.rank).T).reshape(*h.shape[:-1], b.shape[0])
+
+        def low_rank(inputs):
+            return gradients_first(adapter, (self.lora_a, self.lora_b), inputs)
 
         y = _adapted(self, x, base(x), base, low_rank, key)
         if self.bias is not None:
