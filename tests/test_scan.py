@@ -294,3 +294,25 @@ def test_the_scan_keeps_the_attention_output():
     # scanned: one body for the last layer's forward + backward (6), one shared for the other
     # layers' forward (2) and their backward (4) plus the recomputed scores (1)
     assert counts[True] == 6 + 2 + 4 + 1
+
+
+def test_the_eval_step_runs_the_blocks_unrolled(model_state):
+    """A forward pass alone saves nothing, so ``make_eval_step`` unrolls the blocks (no
+    stacked copy of the weights per call): no scan in its program, the same metrics as the
+    scanned forward pass; a model without scanning blocks is evaluated as it is."""
+    from eqxtl.models.blockwise import unrolled
+
+    model, state = model_state
+    data = batch()
+    loss_fn = eqxtl.task_loss()
+    scanned = eqx.nn.inference_mode(eqxtl.with_scan(model, True))
+    assert scans_in(eqx.filter_make_jaxpr(lambda m: loss_fn(m, state, data, None))(scanned)[0])
+    eval_step = eqxtl.make_eval_step()
+    assert scans_in(eqx.filter_make_jaxpr(eval_step)(scanned, state, data)[0]) == []
+    got = eval_step(scanned, state, data)
+    want = eqx.filter_jit(lambda m: loss_fn(m, state, data, None)[1][1])(scanned)
+    assert_trees_close(got, want)
+
+    resnet, resnet_state = tiny("resnet")
+    assert unrolled(resnet) is not None  # nothing scans: returned as it is, no error
+    assert jax.tree.structure(unrolled(resnet)) == jax.tree.structure(resnet)

@@ -100,6 +100,15 @@ def with_scan(model: T, enabled: bool = True) -> T:
     return with_static_flag(model, SCAN_FIELD, enabled, "scanning blocks", _supporting("scan"))
 
 
+def unrolled(model: T) -> T:
+    """``model`` with its blocks unrolled where it has any that scan (``with_scan(model,
+    False)``), else ``model`` as it is; for a forward pass alone (``make_eval_step``).
+
+    Why: without a backward pass nothing is saved, so the scan saves no memory; it only
+    adds a copy of the stacked weights to every call (benchmarks/README.md)."""
+    return with_static_flag(model, SCAN_FIELD, False, "", "", required=False)
+
+
 def with_remat(model: T, enabled: bool = True) -> T:
     """A copy of ``model`` (any pytree) with rematerialisation switched on (or off) in every
     module that supports it; the arrays are shared, not copied.
