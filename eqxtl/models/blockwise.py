@@ -47,9 +47,12 @@ rates differ still share one compiled body.
 Blocks that are not interchangeable run as they are, unscanned: the results never change.
 Blocks are interchangeable when they have the same structure, shapes and dtypes and, at
 trace time, every weight is traced the same way: a weight that is differentiated (it
-trains) and one that is not (frozen) are never stacked together. A ``last_blocks(model,
-2)`` spec therefore gives a forward-only scan over the frozen blocks and the two trained
-blocks on their own, and XLA builds no backward pass below them, as unscanned. When the
+trains) and one that is not (frozen) are never stacked together. A run that nothing
+differentiates (frozen blocks with nothing trained below them) runs unrolled: a forward
+pass alone saves nothing for a backward pass, and the scan would only copy the stacked
+weights. A ``last_blocks(model, 2)`` spec therefore runs the frozen blocks unrolled, forward
+only, and the two trained blocks on their own, and XLA builds no backward pass below them,
+as unscanned; so do a head-only spec and ``make_eval_step``. When the
 scan was asked for (``with_scan(model)``) and no two neighbours are interchangeable, a
 warning says so; the default stays quiet.
 
@@ -71,6 +74,7 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import ad as jax_ad
 
 from .layers import checkpointed, with_static_flag
 from .layers.schedule import materialized
@@ -80,6 +84,8 @@ T = TypeVar("T")
 B = TypeVar("B")
 H = TypeVar("H")
 
+# jax.interpreters.ad exports JVPTracer only; reverse mode traces with LinearizeTracer.
+_DIFFERENTIATED = (jax_ad.JVPTracer, jax_ad.LinearizeTracer)
 SCAN_FIELD = "scan"
 REMAT_FIELD = "remat"
 _SCAN_SAVES = jax.checkpoint_policies.save_from_both_policies(
@@ -98,15 +104,6 @@ def with_scan(model: T, enabled: bool = True) -> T:
     ``Architecture.supports_scan``), so that the option never silently does nothing.
     """
     return with_static_flag(model, SCAN_FIELD, enabled, "scanning blocks", _supporting("scan"))
-
-
-def unrolled(model: T) -> T:
-    """``model`` with its blocks unrolled where it has any that scan (``with_scan(model,
-    False)``), else ``model`` as it is; for a forward pass alone (``make_eval_step``).
-
-    Why: without a backward pass nothing is saved, so the scan saves no memory; it only
-    adds a copy of the stacked weights to every call (benchmarks/README.md)."""
-    return with_static_flag(model, SCAN_FIELD, False, "", "", required=False)
 
 
 def with_remat(model: T, enabled: bool = True) -> T:
@@ -141,6 +138,12 @@ def _signature(block: Any) -> tuple:
         else:
             parts.append(("other", leaf))
     return treedef, tuple(parts)
+
+
+def _differentiated(tree: Any) -> bool:
+    """Whether any array of ``tree`` is being differentiated (a JVP or linearize tracer):
+    only then is there a backward pass for a scan to save memory in."""
+    return any(isinstance(x, _DIFFERENTIATED) for x in jax.tree.leaves(tree))
 
 
 def _runs(blocks: Sequence[B]) -> list[list[B]]:
@@ -239,8 +242,9 @@ def run_blocks(
         group_keys = keys[start : start + len(group)]
         group_rates = rates[start : start + len(group)]
         start += len(group)
-        if len(group) == 1:
-            h = apply(group[0], h, group_keys[0], group_rates[0])
+        if len(group) == 1 or not _differentiated((group, h)):
+            for block, key, rate in zip(group, group_keys, group_rates, strict=True):
+                h = apply(block, h, key, rate)
             continue
         static = eqx.partition(group[0], eqx.is_array)[1]
         stacked = jax.tree.map(

@@ -27,7 +27,6 @@ from .._util.checks import count
 from .._util.pytree_paths import first_difference
 from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
 from ..models.batching import batched
-from ..models.blockwise import unrolled
 from ..models.layers import BatchNorm
 from ..tuning.filters import check_spec
 from .parallel import batch_axes, shard_batch, shardings_of
@@ -510,14 +509,14 @@ def _nbytes(*trees: Any) -> int:
 
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
     """Compiled ``eval_step(model, state, batch) -> metrics`` (the loss function's metric
-    sums) in inference mode, with the blocks unrolled (``blockwise.unrolled``). With a
-    ``mesh`` (``eqxtl.make_mesh``), each batch is split over its ``"data"`` and ``"fsdp"``
-    axes; the model must be on it (``eqxtl.shard``)."""
+    sums) in inference mode (blocks unrolled: nothing is differentiated, see
+    ``eqxtl.with_scan``). With a ``mesh`` (``eqxtl.make_mesh``), each batch is split over
+    its ``"data"`` and ``"fsdp"`` axes; the model must be on it (``eqxtl.shard``)."""
     loss_fn = loss_fn or task_loss()
 
     @eqx.filter_jit
     def _eval_step(model, state, batch):
-        model = unrolled(eqx.nn.inference_mode(model, True))
+        model = eqx.nn.inference_mode(model, True)
         _, (_, metrics) = loss_fn(model, state, batch, None)
         return metrics
 

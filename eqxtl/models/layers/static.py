@@ -18,16 +18,13 @@ def checkpointed(fn, enabled: bool, policy=None):
     return eqx.filter_checkpoint(fn) if enabled else fn
 
 
-def with_static_flag(
-    model, name: str, value: bool, what: str, supported: str, *, required: bool = True
-):
+def with_static_flag(model, name: str, value: bool, what: str, supported: str):
     """A copy of ``model`` (any pytree) with the static boolean field ``name`` set to
     ``value`` in every module that has one (arrays shared, not copied); for the opt-in
     switches ``eqxtl.with_remat`` and ``eqxtl.with_scan``.
 
-    Raises ``EqxtlError`` if no module has the field and ``required``: the option would do
-    nothing. ``what`` names the option and ``supported`` the models that have it, in the
-    message.
+    Raises ``EqxtlError`` if no module has the field: the option would do nothing.
+    ``what`` names the option and ``supported`` the models that have it, in the message.
     """
     from ...errors import EqxtlError
 
@@ -44,7 +41,7 @@ def with_static_flag(
         return x
 
     out = jax.tree_util.tree_map(set_flag, model, is_leaf=has_flag)
-    if required and not found:
+    if not found:
         raise EqxtlError(
             f"{type(model).__name__} has no module with a '{name}' flag: {what} is supported "
             f"for {supported} (and classifiers built on them)."
