@@ -36,7 +36,8 @@ def gradients_first(fn: Callable[[Any, Array], Array], weights: Any, x: Array) -
     Why: XLA's scheduler left a convolutional adapter's weight gradients until the backward
     pass had reached the stem, keeping every layer's input and output cotangent (the size of
     its feature map) alive until then (ResNet-50's LoRA step; benchmarks/README.md, "LoRA's
-    weight gradients").
+    weight gradients on a convolution"). Like any ``custom_vjp``, it has no forward mode
+    (``jax.jvp``).
     """
     return fn(weights, x)
 
