@@ -325,3 +325,37 @@ def test_blocks_that_nothing_differentiates_run_unrolled(model_state):
     spec = eqxtl.trainable(scanned, "head", r"backbone\.embeddings")
     trainable, frozen = eqx.partition(scanned, spec)
     assert scans_in(jax.make_jaxpr(grad_fn(spec))(trainable, frozen, state, data))
+
+
+def test_by_default_small_carries_run_unrolled(model_state, monkeypatch):
+    """The default (``None``) scans a run only when its carry holds at least
+    ``SCAN_MIN_CARRY_PER_WEIGHT`` of a block's weight bytes: below, the stacked copy of the
+    weights costs more than the scan saves. ``with_scan(model)`` scans at any size; the
+    values do not depend on the choice."""
+    from eqxtl.models import blockwise
+
+    model, state = model_state
+
+    def scans(m, data):
+        spec = eqxtl.everything(m)
+        trainable, frozen = eqx.partition(m, spec)
+        return scans_in(jax.make_jaxpr(grad_fn(spec))(trainable, frozen, state, data))
+
+    block = model.backbone.encoder.layers[0]
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(block, eqx.is_array)))
+    tokens = model.backbone.embeddings.position_embedding.weight.shape[0]
+    width = model.backbone.embeddings.position_embedding.weight.shape[1]
+    carry_bytes = tokens * width * 4  # per image
+    threshold = blockwise.SCAN_MIN_CARRY_PER_WEIGHT * weight_bytes
+    small = max(1, int(threshold // carry_bytes))  # the largest batch below the rule
+    if small * carry_bytes >= threshold:
+        small = 0
+    big = small + 1
+    assert small >= 1, "the tiny model must have a batch below the rule"
+    assert scans(model, batch(size=small)) == []
+    assert scans(model, batch(size=big))
+    assert scans(eqxtl.with_scan(model), batch(size=small))
+    assert_trees_close(
+        loss_and_grads(model, state),
+        loss_and_grads(eqxtl.with_scan(model), state),
+    )

@@ -57,10 +57,15 @@ scan was asked for (``with_scan(model)``) and no two neighbours are interchangea
 warning says so; the default stays quiet.
 
 The blocks' weights are stacked (copied) inside every step and their gradients sliced back
-out: at very small batches, where the weights outweigh the activations, unrolled blocks
-are faster and need less memory (``with_scan(model, False)``). The optimizer update is not
-scanned: it runs on the per-layer weights, so the full train step's compile time still
-grows with depth, more slowly than the unrolled passes'.
+out: at small batches, where the weights outweigh the activations, unrolled blocks are
+faster and need less memory. So by default (the flag ``None``) a run scans only when its
+carry (the ``(batch, tokens, width)`` stream) holds at least ``SCAN_MIN_CARRY_PER_WEIGHT``
+of one block's weight bytes, and runs unrolled below: at 224², CLIP-B/32 (50 tokens)
+scans from batch 24, ViT-B/16 from batch 6, DINOv2-S/14 from batch 3 (benchmarks/README.md,
+"Scan or unroll by size"). ``with_scan(model)`` scans at any size; ``with_scan(model,
+False)`` never does. The optimizer update is not scanned: it runs on the per-layer
+weights, so the full train step's compile time still grows with depth, more slowly than
+the unrolled passes'.
 
 The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
 """
@@ -86,6 +91,9 @@ H = TypeVar("H")
 
 # jax.interpreters.ad exports JVPTracer only; reverse mode traces with LinearizeTracer.
 _DIFFERENTIATED = (jax_ad.JVPTracer, jax_ad.LinearizeTracer)
+# Below this, scanning was slower and bigger than unrolling (CLIP-B/32 at batch 2-16, L/14
+# at batch 2); above it, it saves memory for a few percent of time (benchmarks/README.md).
+SCAN_MIN_CARRY_PER_WEIGHT = 0.125
 SCAN_FIELD = "scan"
 REMAT_FIELD = "remat"
 _SCAN_SAVES = jax.checkpoint_policies.save_from_both_policies(
@@ -146,6 +154,19 @@ def _differentiated(tree: Any) -> bool:
     return any(isinstance(x, _DIFFERENTIATED) for x in jax.tree.leaves(tree))
 
 
+def _nbytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if eqx.is_array(x))
+
+
+def _worth_scanning(group: Sequence[Any], h: Any, scan: bool | None) -> bool:
+    """Whether a run of interchangeable ``group`` blocks on carry ``h`` scans: two or more
+    blocks, something differentiated, and (by default) a carry big enough for the saved
+    memory to outweigh the stacked copy of the weights."""
+    if len(group) < 2 or not _differentiated((group, h)):
+        return False
+    return scan is True or _nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * _nbytes(group[0])
+
+
 def _runs(blocks: Sequence[B]) -> list[list[B]]:
     """``blocks`` cut into maximal runs of consecutive interchangeable blocks."""
     runs: list[list[B]] = []
@@ -199,10 +220,11 @@ def run_blocks(
     one of ``keys`` per block (``None`` entries: no key), or ``h = call(block, h, key,
     rate)`` with one of ``rates`` per block too (drop path; given with keys only).
 
-    ``scan`` (``True``, or ``None``: the same without the warning when nothing can be
-    stacked): each run of two or more interchangeable blocks (see the module docstring) is
-    stacked, with its keys and rates, and run by one ``jax.lax.scan`` (a rate is then a
-    traced scalar: blocks whose rates differ share the body); a block alone runs as is.
+    ``scan`` (``True``, or ``None``: the default, quiet, and only where the carry is big
+    enough; see the module docstring): each run of two or more interchangeable blocks that
+    something differentiates is stacked, with its keys and rates, and run by one
+    ``jax.lax.scan`` (a rate is then a traced scalar: blocks whose rates differ share the
+    body); a block alone runs as is.
     ``remat``: each block's call runs under ``eqx.filter_checkpoint`` (inside the scan body
     when scanned). ``call`` must return an ``h`` of the same shape and dtype (a scan carry).
     """
@@ -242,7 +264,7 @@ def run_blocks(
         group_keys = keys[start : start + len(group)]
         group_rates = rates[start : start + len(group)]
         start += len(group)
-        if len(group) == 1 or not _differentiated((group, h)):
+        if not _worth_scanning(group, h, scan):
             for block, key, rate in zip(group, group_keys, group_rates, strict=True):
                 h = apply(block, h, key, rate)
             continue
