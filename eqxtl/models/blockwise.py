@@ -162,7 +162,7 @@ def _worth_scanning(group: Sequence[Any], h: Any, scan: bool | None) -> bool:
     """Whether a run of interchangeable ``group`` blocks on carry ``h`` scans: two or more
     blocks, something differentiated, and (by default) a carry big enough for the saved
     memory to outweigh the stacked copy of the weights."""
-    if len(group) < 2 or not _differentiated((group, h)):
+    if scan is False or len(group) < 2 or not _differentiated((group, h)):
         return False
     return scan is True or _nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * _nbytes(group[0])
 
@@ -239,10 +239,6 @@ def run_blocks(
             return run(block, h)
         return run(block, h, key) if rate is None else run(block, h, key, rate)
 
-    if scan is False:
-        for block, key, rate in zip(blocks, keys, rates, strict=True):
-            h = apply(block, stored_gradient(h), key, rate)
-        return h
     runs = _runs(blocks)
     if scan is True and len(runs) == len(blocks) > 1:
         warnings.warn(
@@ -266,7 +262,7 @@ def run_blocks(
         start += len(group)
         if not _worth_scanning(group, h, scan):
             for block, key, rate in zip(group, group_keys, group_rates, strict=True):
-                h = apply(block, h, key, rate)
+                h = apply(block, stored_gradient(h), key, rate)
             continue
         static = eqx.partition(group[0], eqx.is_array)[1]
         stacked = jax.tree.map(
