@@ -81,6 +81,7 @@ import jax
 import jax.numpy as jnp
 from jax._src.interpreters import ad as jax_ad
 
+from .._util.sizes import nbytes
 from .layers import checkpointed, with_static_flag
 from .layers.schedule import materialized
 from .layers.transformer import ATTENTION_OUTPUT
@@ -154,17 +155,13 @@ def _differentiated(tree: Any) -> bool:
     return any(isinstance(x, _DIFFERENTIATED) for x in jax.tree.leaves(tree))
 
 
-def _nbytes(tree: Any) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if eqx.is_array(x))
-
-
 def _worth_scanning(group: Sequence[Any], h: Any, scan: bool | None) -> bool:
     """Whether a run of interchangeable ``group`` blocks on carry ``h`` scans: two or more
     blocks, something differentiated, and (by default) a carry big enough for the saved
     memory to outweigh the stacked copy of the weights."""
     if scan is False or len(group) < 2 or not _differentiated((group, h)):
         return False
-    return scan is True or _nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * _nbytes(group[0])
+    return scan is True or nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * nbytes(group[0])
 
 
 def _runs(blocks: Sequence[B]) -> list[list[B]]:

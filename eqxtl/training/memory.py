@@ -16,8 +16,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError
-from .step import _is_leaf_value, _nbytes
 
 _MB = 2**20
 
@@ -127,19 +127,19 @@ def memory_report(
         ) from e
     stats = compiled.memory_analysis()
     trainable, frozen = eqx.partition(model, spec)
-    inexact = eqx.filter(trainable, lambda x: _is_leaf_value(x) and _is_inexact(x))
+    inexact = eqx.filter(trainable, lambda x: is_leaf_value(x) and _is_inexact(x))
     argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
     alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
     # Not stats.peak_memory_in_bytes: XLA:CPU's is below temp_size_in_bytes (it leaves out
     # the one temp allocation its executables make per call).
     peak = argument + output - alias + temp
     return MemoryReport(
-        trainable=_nbytes(trainable),
-        frozen=_nbytes(frozen),
-        gradients=_nbytes(inexact),
-        optimizer_state=_nbytes(opt_state),
-        model_state=_nbytes(state),
-        batch=_nbytes(batch),
+        trainable=nbytes(trainable),
+        frozen=nbytes(frozen),
+        gradients=nbytes(inexact),
+        optimizer_state=nbytes(opt_state),
+        model_state=nbytes(state),
+        batch=nbytes(batch),
         argument=int(argument),
         output=int(output),
         alias=int(alias),
@@ -155,7 +155,7 @@ def _is_inexact(x) -> bool:
 
 def _shapes(batch: dict) -> str:
     def one(x):
-        if _is_leaf_value(x):
+        if is_leaf_value(x):
             return f"{x.dtype}{list(x.shape)}"
         return type(x).__name__
 

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .._util.checks import count
 from .._util.pytree_paths import first_difference
+from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
 from ..models.batching import batched
 from ..models.layers import BatchNorm
@@ -266,7 +267,7 @@ def make_step(
         donation); leaves may be ``jax.ShapeDtypeStruct``: nothing is allocated or run.
         With arrays only, compiling it compiles the step's first call too."""
         donates, _, args = arguments(model, state, opt_state, batch, key)
-        if all(eqx.is_array(x) for x in jax.tree.leaves(args) if _is_leaf_value(x)):
+        if all(eqx.is_array(x) for x in jax.tree.leaves(args) if is_leaf_value(x)):
             # real arrays: the step's own jit, so that compiling this lowering is the
             # compilation the first call would make (cached: not done twice)
             return (donating if donates else plain).lower(*args).lowered
@@ -296,7 +297,7 @@ def _arguments(spec, mesh, accumulate, donate, model, state, opt_state, batch, k
         shardings = _Static(shardings_of((trainable, state, opt_state)))
     donates = donate
     if donates is None:
-        donates = _nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
+        donates = nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
     passthrough = (frozen, state, batch, key) + (() if shardings is None else (shardings,))
     return donates, frozen, (passthrough, trainable, opt_state)
 
@@ -305,7 +306,7 @@ def _lowered(step_fn, options, donates, passthrough, trainable, opt_state):
     """``step_fn`` lowered as ``eqx.filter_jit(step_fn, donate="all-except-first")`` (or
     without donation) lowers it, with ``jax.ShapeDtypeStruct`` leaves taken as arguments
     (``filter_jit`` would take them for static values)."""
-    dynamic, static = eqx.partition((passthrough, (trainable, opt_state)), _is_leaf_value)
+    dynamic, static = eqx.partition((passthrough, (trainable, opt_state)), is_leaf_value)
 
     def run(passthrough, donated):
         (passthrough, (trainable, opt_state)) = eqx.combine((passthrough, donated), static)
@@ -496,15 +497,6 @@ DONATE_MIN_BYTES = 64 * 2**20
 state on."""
 
 
-def _is_leaf_value(x: Any) -> bool:
-    """An array, or the shape and dtype of one (``jax.ShapeDtypeStruct``)."""
-    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
-
-
-def _nbytes(*trees: Any) -> int:
-    """Bytes of the arrays (or ``ShapeDtypeStruct``) in ``trees``."""
-    leaves = jax.tree.leaves(eqx.filter(trees, _is_leaf_value))
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
 
 
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
