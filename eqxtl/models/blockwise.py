@@ -83,7 +83,7 @@ from jax._src.interpreters import ad as jax_ad
 
 from .._util.sizes import nbytes
 from .layers import checkpointed, with_static_flag
-from .layers.schedule import materialized
+from .layers.schedule import stored_gradient
 from .layers.transformer import ATTENTION_OUTPUT
 
 T = TypeVar("T")
@@ -176,31 +176,6 @@ def _runs(blocks: Sequence[B]) -> list[list[B]]:
             runs.append([block])
         last = sig
     return runs
-
-
-@jax.custom_vjp
-def stored_gradient(h: H) -> H:
-    """``h`` itself; in the backward pass, its cotangent is computed once and stored.
-
-    Why: a residual stream's gradient is a chain of elementwise adds, one per block, each
-    read by the next one and by the block's LayerNorm backward. XLA fuses a cheap producer
-    into every consumer that can take it, so left alone the fusion ``l`` blocks from the top
-    recomputes the whole chain above it: ``O(depth^2)`` work, up to ~800-instruction fusions
-    reading ~245 activations each in CLIP-B/32's LoRA step on XLA:CPU.
-    The cotangent is ``layers.schedule.materialized``: a conditional, which nothing fuses
-    into. Values do not change."""
-    return h
-
-
-def _stored_fwd(h):
-    return h, None
-
-
-def _stored_bwd(_, g):
-    return (jax.tree.map(materialized, g),)
-
-
-stored_gradient.defvjp(_stored_fwd, _stored_bwd)
 
 
 def run_blocks(

@@ -497,8 +497,6 @@ DONATE_MIN_BYTES = 64 * 2**20
 state on."""
 
 
-
-
 def make_eval_step(loss_fn: LossFn | None = None, *, mesh=None) -> Callable:
     """Compiled ``eval_step(model, state, batch) -> metrics`` (the loss function's metric
     sums) in inference mode (blocks unrolled: nothing is differentiated, see

@@ -18,6 +18,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .quantized import Int8Weight, apply_weight
+from .schedule import stored_gradient
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -153,12 +154,13 @@ def _depthwise(
     _, _, kh, kw = weight.shape
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), stride, padding)
-    taps = jnp.moveaxis(weight[:, 0], 0, -1)  # (kh, kw, c)
+    # Both cotangents stored: each is read by kh * kw tap terms (schedule.stored_gradient).
+    x = stored_gradient(x)
     y = None
     for (i, j), view in _shifted_views(x, (kh, kw), stride, padding, (1, 1)):
-        term = view * taps[i, j]
+        term = view * weight[:, 0, i, j]  # per channel (no transposed copy of the kernel)
         y = term if y is None else y + term
-    return y
+    return stored_gradient(y)
 
 
 def _shifted_views(x, kernel, stride, padding, dilation, fill=0.0):

@@ -1,6 +1,7 @@
 """Steering XLA's schedule of a train step without changing its values: ``materialized``
-(an array computed once into its own buffer) and ``gradients_first`` (weight gradients
-computed as soon as the backward pass reaches them)."""
+(an array computed once into its own buffer), ``stored_gradient`` (a cotangent computed once
+into its own buffer) and ``gradients_first`` (weight gradients computed as soon as the
+backward pass reaches them)."""
 
 import functools
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 
-def materialized(x: Array) -> Array:
+def materialized(x: Array, witness: Array | None = None) -> Array:
     """``x``, computed once into a buffer of its own that later uses read.
 
     Why: XLA fuses a cheap elementwise producer (a frozen BatchNorm and ReLU over the sum of
@@ -19,12 +20,50 @@ def materialized(x: Array) -> Array:
     reads is recomputed there from its inputs, keeping those (often two arrays of its size)
     alive instead of it. ``lax.optimization_barrier`` does not stop this (XLA:CPU removes
     barriers before fusing); a conditional, which nothing fuses into, does. Its predicate is
-    "the first element is not NaN": the other branch fills ``x`` with NaN, a value whose
-    loss is non-finite anyway (``make_step`` skips such steps)."""
+    "the first element of ``witness`` (default ``x``) is not NaN": the other branch fills
+    ``x`` with NaN, a value whose loss is non-finite anyway (``make_step`` skips such
+    steps). A ``witness`` computed elsewhere keeps the predicate from reading ``x``: XLA
+    fuses ``x``'s producer into that one-element read too, and a producer with two
+    consumers gets its own inputs stored (see ``stored_gradient``)."""
     if not x.size:
         return x
-    first = x.reshape(-1)[0]
+    first = (x if witness is None else witness).reshape(-1)[0]
     return jax.lax.cond(first == first, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
+
+
+@jax.custom_vjp
+def stored_gradient(h: Any) -> Any:
+    """``h`` (any pytree of arrays) itself; in the backward pass, its cotangent is computed
+    once and stored (``materialized``, with ``h``'s first element, saved by the forward pass,
+    as the witness).
+
+    Why: XLA fuses a cheap producer into every consumer that can take it.
+    - A residual stream's gradient is a chain of elementwise adds, one per block, each read by
+      the next one and by the block's LayerNorm backward: left alone, the fusion ``l`` blocks
+      from the top recomputes the whole chain above it, ``O(depth^2)`` work (up to
+      ~800-instruction fusions reading ~245 activations each in CLIP-B/32's LoRA step).
+    - A depthwise convolution's input gradient is a sum of ``kh * kw`` shifted terms, and
+      its output gradient a frozen BatchNorm's and ReLU6's backward: fused into each tap's
+      term and into both products of a LoRA-adapted 1x1 convolution, they were recomputed
+      per consumer, or stored as ``kh * kw`` full-size terms (EfficientNet-Lite0's LoRA step
+      on an int8 base: 2x the time and 2x the compile; benchmarks/README.md, "A depthwise
+      convolution's gradients, stored").
+    """
+    return h
+
+
+def _stored_forward(h):
+    firsts = [leaf.reshape(-1)[:1] for leaf in jax.tree.leaves(h)]
+    return h, firsts
+
+
+def _stored_backward(firsts, g):
+    leaves, treedef = jax.tree.flatten(g)
+    stored = [materialized(c, w) for c, w in zip(leaves, firsts, strict=True)]
+    return (jax.tree.unflatten(treedef, stored),)
+
+
+stored_gradient.defvjp(_stored_forward, _stored_backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
