@@ -241,8 +241,8 @@ def test_stored_gradients_keep_a_depthwise_lora_step_on_an_int8_base_small(monke
     """What the depthwise convolution's ``stored_gradient`` is for: EfficientNet-Lite's LoRA
     step (adapters on the 1x1 convolutions) on an int8 base. Without it, XLA fused the tap
     terms of each depthwise input gradient into the adapted convolution's two backward
-    products and stored every term at full size (Lite0 at 128 px: 2x the step time and the
-    compile); with it, the step needs well under the temporaries."""
+    products and stored every term at full size; with it, the step needs well under those
+    temporaries."""
     import optax
 
     from eqxtl.models import efficientnet

@@ -40,14 +40,14 @@ def stored_gradient(h: Any) -> Any:
     Why: XLA fuses a cheap producer into every consumer that can take it.
     - A residual stream's gradient is a chain of elementwise adds, one per block, each read by
       the next one and by the block's LayerNorm backward: left alone, the fusion ``l`` blocks
-      from the top recomputes the whole chain above it, ``O(depth^2)`` work (up to
-      ~800-instruction fusions reading ~245 activations each in CLIP-B/32's LoRA step).
+      from the top recomputes the whole chain above it, ``O(depth^2)`` work (CLIP's LoRA
+      step on XLA:CPU).
     - A depthwise convolution's input gradient is a sum of ``kh * kw`` shifted terms, and
       its output gradient a frozen BatchNorm's and ReLU6's backward: fused into each tap's
       term and into both products of a LoRA-adapted 1x1 convolution, they were recomputed
-      per consumer, or stored as ``kh * kw`` full-size terms (EfficientNet-Lite0's LoRA step
-      on an int8 base: 2x the time and 2x the compile; benchmarks/README.md, "A depthwise
-      convolution's gradients, stored").
+      per consumer, or stored as ``kh * kw`` full-size terms (EfficientNet-Lite0's LoRA step,
+      on an int8 base most; benchmarks/README.md, "A depthwise convolution's gradients,
+      stored").
     """
     return h
 
