@@ -208,8 +208,6 @@ def test_gradients_first_shrinks_a_resnet_lora_step(monkeypatch):
     the adapters' weight gradients after the backward pass, keeping the feature maps)."""
     import dataclasses
 
-    import optax
-
     from eqxtl.models import resnet
     from eqxtl.models.layers import low_rank
 
@@ -220,20 +218,9 @@ def test_gradients_first_shrinks_a_resnet_lora_step(monkeypatch):
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
     model = eqxtl.lora(model, r".*convolution", rank=4, key=jax.random.key(2))
     spec = eqxtl.lora_spec(model, "head")
-    optimizer = optax.adam(1e-3)
-    opt_state = optimizer.init(eqx.filter(model, spec))
-    batch = {
-        "image": jax.ShapeDtypeStruct((8, 3, 64, 64), jnp.float32),
-        "label": jax.ShapeDtypeStruct((8,), jnp.int32),
-    }
-
-    def temporaries():
-        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
-        return eqxtl.memory_report(step, model, state, opt_state, batch).temp
-
-    first = temporaries()
+    first = _step_temporaries(model, state, spec, (8, 3, 64, 64))
     monkeypatch.setattr(low_rank, "gradients_first", lambda fn, weights, x: fn(weights, x))
-    plain = temporaries()
+    plain = _step_temporaries(model, state, spec, (8, 3, 64, 64))
     assert first < 0.9 * plain, (first, plain)
 
 
@@ -243,8 +230,6 @@ def test_stored_gradients_keep_a_depthwise_lora_step_on_an_int8_base_small(monke
     terms of each depthwise input gradient into the adapted convolution's two backward
     products and stored every term at full size; with it, the step needs well under those
     temporaries."""
-    import optax
-
     from eqxtl.models import efficientnet
     from eqxtl.models.layers import conv
     from tests._tiny import TINY_EFFICIENTNET
@@ -258,18 +243,22 @@ def test_stored_gradients_keep_a_depthwise_lora_step_on_an_int8_base_small(monke
     model = eqxtl.quantize(model, eqxtl.lora_spec(model, "head"), "int8")
     spec = eqxtl.lora_spec(model, "head")
     model = eqxtl.batchnorm_modes(model, spec)
+    stored = _step_temporaries(model, state, spec, (4, 3, 64, 64))
+    monkeypatch.setattr(conv, "stored_gradient", lambda h: h)
+    plain = _step_temporaries(model, state, spec, (4, 3, 64, 64))
+    assert stored < 0.6 * plain, (stored, plain)
+
+
+def _step_temporaries(model, state, spec, images: tuple[int, ...]) -> int:
+    """XLA's temporary bytes of the compiled Adam step of ``model`` training what ``spec``
+    marks, on a classification batch of ``images`` of shape ``(n, 3, h, w)`` (from shapes)."""
+    import optax
+
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(eqx.filter(model, spec))
     batch = {
-        "image": jax.ShapeDtypeStruct((4, 3, 64, 64), jnp.float32),
-        "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+        "image": jax.ShapeDtypeStruct(images, jnp.float32),
+        "label": jax.ShapeDtypeStruct(images[:1], jnp.int32),
     }
-
-    def temporaries():
-        step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
-        return eqxtl.memory_report(step, model, state, opt_state, batch).temp
-
-    stored = temporaries()
-    monkeypatch.setattr(conv, "stored_gradient", lambda h: h)
-    plain = temporaries()
-    assert stored < 0.6 * plain, (stored, plain)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    return eqxtl.memory_report(step, model, state, opt_state, batch).temp

@@ -4,7 +4,7 @@
 - the backward pass of the residual stream does not grow with depth: unrolled, the largest
   elementwise fusion of an 8-block model is no larger than a 4-block one's (unbroken, the
   fusion ``l`` blocks from the top recomputes the whole gradient chain above it:
-  ``eqxtl.models.blockwise.stored_gradient``);
+  ``eqxtl.models.layers.schedule.stored_gradient``);
 - skipping non-finite steps does not grow the program: a select per leaf on "every gradient
   is finite" let XLA copy the gradients' producers into the selects (CLIP-B/32's full step
   compiled to ~10x the instructions); ``make_step`` uses one conditional instead.
