@@ -21,10 +21,11 @@ def materialized(x: Array, witness: Array | None = None) -> Array:
     alive instead of it. ``lax.optimization_barrier`` does not stop this (XLA:CPU removes
     barriers before fusing); a conditional, which nothing fuses into, does. Its predicate is
     "the first element of ``witness`` (default ``x``) is not NaN": the other branch fills
-    ``x`` with NaN, a value whose loss is non-finite anyway (``make_step`` skips such
-    steps). A ``witness`` computed elsewhere keeps the predicate from reading ``x``: XLA
-    fuses ``x``'s producer into that one-element read too, and a producer with two
-    consumers gets its own inputs stored (see ``stored_gradient``)."""
+    ``x`` with NaN. The witness is a value of the same step (``x``, or the forward value
+    whose cotangent ``x`` is), so a NaN there already makes the step's loss or gradients
+    non-finite, and ``make_step`` skips such steps. A ``witness`` computed elsewhere keeps
+    the predicate from reading ``x``: XLA fuses ``x``'s producer into that one-element read
+    too, and a producer with two consumers gets its own inputs stored (``stored_gradient``)."""
     if not x.size:
         return x
     first = (x if witness is None else witness).reshape(-1)[0]
@@ -48,6 +49,8 @@ def stored_gradient(h: Any) -> Any:
       per consumer, or stored as ``kh * kw`` full-size terms (EfficientNet-Lite0's LoRA step,
       on an int8 base most; benchmarks/README.md, "A depthwise convolution's gradients,
       stored").
+
+    Values do not change. Like any ``custom_vjp``, it has no forward mode (``jax.jvp``).
     """
     return h
 
