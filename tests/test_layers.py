@@ -262,3 +262,32 @@ def _step_temporaries(model, state, spec, images: tuple[int, ...]) -> int:
     }
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     return eqxtl.memory_report(step, model, state, opt_state, batch).temp
+
+
+def test_a_resnet_forward_pass_stores_each_block_output(monkeypatch):
+    """Blocks that nothing differentiates (a frozen backbone) store their outputs
+    (``materialized``): left fused, each block's output was recomputed from its convolution
+    outputs, which then stayed alive to the end of the stage. A head-only step needs fewer
+    temporaries, and one image's NaN still reaches no other image (the predicate's witness
+    is a weight, not the activations)."""
+    import dataclasses
+
+    from eqxtl.models import resnet
+
+    config = dataclasses.replace(
+        resnet.RESNET50, embedding_size=16, hidden_sizes=(32, 64, 128, 256), depths=(3, 2, 2, 1)
+    )
+    backbone, state = eqx.nn.make_with_state(resnet.RESNET.build)(config, jax.random.key(0))
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    spec = eqxtl.trainable(model, "head")
+
+    images = jax.random.normal(jax.random.key(2), (3, 3, 64, 64)).at[1, 0, 5, 7].set(jnp.nan)
+    logits, _ = eqxtl.batched(eqx.nn.inference_mode(model))(images, state)
+    alone, _ = eqxtl.batched(eqx.nn.inference_mode(model))(images[::2], state)
+    assert np.isnan(np.asarray(logits[1])).all()
+    np.testing.assert_allclose(logits[::2], alone, rtol=1e-5, atol=1e-6)
+
+    stored = _step_temporaries(model, state, spec, (8, 3, 64, 64))
+    monkeypatch.setattr(resnet, "stored_if_forward_only", lambda h, block, witness: h)
+    fused = _step_temporaries(model, state, spec, (8, 3, 64, 64))
+    assert stored < 0.8 * fused, (stored, fused)

@@ -79,19 +79,16 @@ from typing import Any, TypeVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax._src.interpreters import ad as jax_ad
 
 from .._util.sizes import nbytes
 from .layers import checkpointed, with_static_flag
-from .layers.schedule import stored_gradient
+from .layers.schedule import differentiated, stored_gradient
 from .layers.transformer import ATTENTION_OUTPUT
 
 T = TypeVar("T")
 B = TypeVar("B")
 H = TypeVar("H")
 
-# jax.interpreters.ad exports JVPTracer only; reverse mode traces with LinearizeTracer.
-_DIFFERENTIATED = (jax_ad.JVPTracer, jax_ad.LinearizeTracer)
 # Below this, scanning was slower and bigger than unrolling (CLIP-B/32 at batch 2-16, L/14
 # at batch 2); above it, it saves memory for a few percent of time (benchmarks/README.md).
 SCAN_MIN_CARRY_PER_WEIGHT = 0.125
@@ -149,17 +146,11 @@ def _signature(block: Any) -> tuple:
     return treedef, tuple(parts)
 
 
-def _differentiated(tree: Any) -> bool:
-    """Whether any array of ``tree`` is being differentiated (a JVP or linearize tracer):
-    only then is there a backward pass for a scan to save memory in."""
-    return any(isinstance(x, _DIFFERENTIATED) for x in jax.tree.leaves(tree))
-
-
 def _worth_scanning(group: Sequence[Any], h: Any, scan: bool | None) -> bool:
     """Whether a run of interchangeable ``group`` blocks on carry ``h`` scans: two or more
     blocks, something differentiated, and (by default) a carry big enough for the saved
     memory to outweigh the stacked copy of the weights."""
-    if scan is False or len(group) < 2 or not _differentiated((group, h)):
+    if scan is False or len(group) < 2 or not differentiated((group, h)):
         return False
     return scan is True or nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * nbytes(group[0])
 

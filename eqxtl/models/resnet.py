@@ -62,6 +62,7 @@ from .layers import (
     drop_path,
     max_pool,
 )
+from .layers.schedule import stored_if_forward_only
 
 LayerType = Literal["basic", "bottleneck"]
 
@@ -356,6 +357,7 @@ class ResNet(eqx.Module):
         else:
             keys = list(jax.random.split(key, len(blocks)))
         for block, k, rate in zip(blocks, keys, rates, strict=True):
+            h = stored_if_forward_only(h, block, block.layer[0].normalization.weight)
             h, state = run(block, h, state, k, rate)
         return h, state
 

@@ -9,7 +9,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src.interpreters import ad as jax_ad
 from jaxtyping import Array
+
+# jax.interpreters.ad exports JVPTracer only; reverse mode traces with LinearizeTracer.
+_DIFFERENTIATED = (jax_ad.JVPTracer, jax_ad.LinearizeTracer)
+
+
+def differentiated(tree: Any) -> bool:
+    """Whether any array of ``tree`` is being differentiated (a JVP or linearize tracer), at
+    trace time: only then is there a backward pass to plan memory for."""
+    return any(isinstance(x, _DIFFERENTIATED) for x in jax.tree.leaves(tree))
 
 
 def materialized(x: Array, witness: Array | None = None) -> Array:
@@ -30,6 +40,18 @@ def materialized(x: Array, witness: Array | None = None) -> Array:
         return x
     first = (x if witness is None else witness).reshape(-1)[0]
     return jax.lax.cond(first == first, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
+
+
+def stored_if_forward_only(h: Array, block: Any, witness: Array) -> Array:
+    """``h``, the input of ``block``: ``materialized`` when nothing in ``(block, h)`` is
+    differentiated (a forward pass alone: evaluation, frozen blocks), as it is otherwise.
+
+    Why: left fused, every later use of a residual block's output recomputed it from the
+    block's convolution outputs, which stayed alive to the end of the stage (ResNet's
+    forward pass; benchmarks/README.md, "ResNet's forward pass, block by block"). With a
+    backward pass those outputs are kept for it anyway. ``witness``: one of ``block``'s
+    weights, so that a NaN in one image's activations never reaches the other images."""
+    return h if differentiated((block, h)) else materialized(h, witness)
 
 
 @jax.custom_vjp
