@@ -357,7 +357,7 @@ class ResNet(eqx.Module):
         else:
             keys = list(jax.random.split(key, len(blocks)))
         for block, k, rate in zip(blocks, keys, rates, strict=True):
-            h = stored_if_forward_only(h, block, block.layer[0].normalization.weight)
+            h = stored_if_forward_only(h, block)
             h, state = run(block, h, state, k, rate)
         return h, state
 

@@ -7,6 +7,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax._src.interpreters import ad as jax_ad
@@ -42,16 +43,20 @@ def materialized(x: Array, witness: Array | None = None) -> Array:
     return jax.lax.cond(first == first, lambda v: v, lambda v: jnp.full_like(v, jnp.nan), x)
 
 
-def stored_if_forward_only(h: Array, block: Any, witness: Array) -> Array:
+def stored_if_forward_only(h: Array, block: Any) -> Array:
     """``h``, the input of ``block``: ``materialized`` when nothing in ``(block, h)`` is
     differentiated (a forward pass alone: evaluation, frozen blocks), as it is otherwise.
 
     Why: left fused, every later use of a residual block's output recomputed it from the
     block's convolution outputs, which stayed alive to the end of the stage (ResNet's
     forward pass; benchmarks/README.md, "ResNet's forward pass, block by block"). With a
-    backward pass those outputs are kept for it anyway. ``witness``: one of ``block``'s
-    weights, so that a NaN in one image's activations never reaches the other images."""
-    return h if differentiated((block, h)) else materialized(h, witness)
+    backward pass those outputs are kept for it anyway. The predicate's witness is the
+    block's first floating-point weight (``h`` itself if it has none), so that a NaN in one
+    image's activations never reaches the other images."""
+    if differentiated((block, h)):
+        return h
+    weights = [w for w in jax.tree.leaves(block) if eqx.is_inexact_array(w)]
+    return materialized(h, weights[0] if weights else None)
 
 
 @jax.custom_vjp
@@ -78,14 +83,11 @@ def stored_gradient(h: Any) -> Any:
 
 
 def _stored_forward(h):
-    firsts = [leaf.reshape(-1)[:1] for leaf in jax.tree.leaves(h)]
-    return h, firsts
+    return h, jax.tree.map(lambda leaf: leaf.reshape(-1)[:1], h)
 
 
 def _stored_backward(firsts, g):
-    leaves, treedef = jax.tree.flatten(g)
-    stored = [materialized(c, w) for c, w in zip(leaves, firsts, strict=True)]
-    return (jax.tree.unflatten(treedef, stored),)
+    return (jax.tree.map(materialized, g, firsts),)
 
 
 stored_gradient.defvjp(_stored_forward, _stored_backward)
