@@ -16,6 +16,7 @@ not in ``PEAK_TFLOPS`` gets achieved TFLOP/s only.
     python benchmarks/accelerator.py --dry-run       # the plan, nothing run
     python benchmarks/accelerator.py --cpu-smoke --out /tmp/smoke.jsonl   # tiny, on CPU
     python benchmarks/accelerator.py --summarize benchmarks/results/nvidia-h100.jsonl
+    python benchmarks/accelerator.py --extras-only   # issue 22's rows alone (a short lease)
 
 With more than one GPU visible it then runs ``sharding.py --all-devices`` (multi-device: the
 same full fine-tuning step on a data-parallel and on an FSDP mesh over every GPU; XLA's
@@ -66,6 +67,8 @@ GPU_PLAN = dict(
     # default), unrolled (eqxtl.with_scan(model, False)) and PyTorch's; the CLIP-B/32 LoRA
     # step on a float32 base, on an int8 base (eqxtl.quantize) and PEFT's.
     extras=[
+        # --extras-only: CLIP-B/32's full step first, the compile time L/14's is set against
+        dict(models=["clip"], workloads=["full"], frameworks=["eqxtl"], only_alone=True),
         dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl", "torch"]),
         dict(models=["clip_l14"], workloads=["full"], frameworks=["eqxtl"], variant="unrolled"),
         dict(models=["clip"], workloads=["lora"], frameworks=["eqxtl", "torch"]),
@@ -221,8 +224,8 @@ def summarize(records: list[dict], device: str | None = None) -> str:
     for fw in fws:
         head += f" {fw} s | {fw} compile s | {fw} TFLOP/s | {fw} MFU |"
         sep += "---|---|---|---|"
-    head += " eqxtl/torch | eqxtl/torch-compile |"
-    sep += "---|---|"
+    head += " eqxtl/torch | eqxtl/torch-compile | peak device MB eqxtl / torch |"
+    sep += "---|---|---|"
     lines += ["", head, sep]
     keys = sorted({k[1:] for k in steps}, key=lambda k: (k[0], k[1], k[2]))
     for model, workload, dtype in keys:
@@ -248,7 +251,9 @@ def summarize(records: list[dict], device: str | None = None) -> str:
             r = steps.get((fw, model, plain, dtype))
             ratio = None if eq is None or r is None else eq["sec_per_step"] / r["sec_per_step"]
             row += f" {_f(ratio)} |"
-        lines.append(row)
+        torch_same = steps.get(("torch", model, plain, dtype)) or {}
+        peaks_mb = [(eq or {}).get("peak_device_mb"), torch_same.get("peak_device_mb")]
+        lines.append(row + f" {' / '.join(_f(m, 4) for m in peaks_mb)} |")
     lines.append("")
     lines.append(
         "MFU numerator: PyTorch FlopCounterMode FLOPs of the same step (matmul/conv), the "
@@ -269,11 +274,17 @@ def _shown(cmd: list[str]) -> str:
     return " ".join(os.path.relpath(c, HERE) if c.startswith("/") else c for c in cmd[1:])
 
 
+def extras(args, plan: dict) -> list[dict]:
+    """The plan's extras this run makes: ``only_alone`` ones with ``--extras-only`` alone
+    (otherwise the main run has measured them already)."""
+    return [e for e in plan["extras"] if args.extras_only or not e.get("only_alone")]
+
+
 def run_extras(args, plan: dict, start: float) -> list[dict]:
     """The plan's ``extras``, appended to the main run's records, in what is left of the
     budget (a spent budget skips them and says so in the records)."""
     records: list[dict] = []
-    for extra in plan["extras"]:
+    for extra in extras(args, plan):
         argv = run_all_argv(args, plan, extra)
         left = args.budget_s - (time.monotonic() - start)
         argv[argv.index("--deadline-s") + 1] = str(max(left, 0.0))
@@ -291,6 +302,9 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-s", type=float, default=420.0, help="for all runs together")
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--summarize", metavar="JSONL", help="only summarise an earlier run")
+    parser.add_argument(
+        "--extras-only", action="store_true", help="skip the main run: the plan's extras only"
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         with open(args.summarize) as f:
@@ -310,16 +324,20 @@ def main(argv=None) -> None:
         children = run_all.step_commands(parsed, parsed.frameworks)
         print(f"device: {device}")
         print(
-            f"runs: {', '.join(plan['models'])} x {', '.join(args.workloads)} x f32, bf16 x "
+            "runs: the plan's extras alone (--extras-only)"
+            if args.extras_only
+            else f"runs: {', '.join(plan['models'])} x {', '.join(args.workloads)} x f32, bf16 x "
             f"{', '.join(plan['frameworks'])}; batch {batch}, {size}; "
             f"{plan['rounds']} rounds of {plan['steps']} steps after {plan['warmup']} "
             f"warm-up (compile timed apart); {len(children)} processes, one per framework "
             f"and dtype; budget {args.budget_s:.0f} s"
         )
-        print(f"command: {sys.executable} {os.path.join(HERE, 'run_all.py')} {' '.join(forwarded)}")
-        for cmd in children:
-            print("  child: " + _shown(cmd))
-        for extra in plan["extras"]:
+        if not args.extras_only:
+            script = os.path.join(HERE, "run_all.py")
+            print(f"command: {sys.executable} {script} {' '.join(forwarded)}")
+            for cmd in children:
+                print("  child: " + _shown(cmd))
+        for extra in extras(args, plan):
             parsed = run_all.parse_args(run_all_argv(args, plan, extra))
             for cmd in run_all.step_commands(parsed, parsed.frameworks):
                 print("  extra child: " + _shown(cmd))
@@ -330,8 +348,7 @@ def main(argv=None) -> None:
     if not args.cpu_smoke and device == "no GPU found":
         raise SystemExit("accelerator.py: nvidia-smi finds no GPU (use --cpu-smoke on a CPU).")
     start = time.monotonic()
-    parsed = run_all.parse_args(forwarded)
-    records = run_all.run(parsed)
+    records = [] if args.extras_only else run_all.run(run_all.parse_args(forwarded))
     records += run_extras(args, plan, start)
     print()
     print(summarize(records, None if args.cpu_smoke else device))

@@ -65,6 +65,24 @@ def test_dry_run_prints_the_plan_and_installs_nothing(tmp_path):
     assert "multi-device run (data and fsdp meshes) skipped: 0 GPUs visible" in text
 
 
+def test_extras_only_plans_issue_22s_rows_alone():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--dry-run"]
+        + ["--extras-only", "--batch-size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert not [line for line in lines if line.strip().startswith("child:")]
+    extras = [line for line in lines if line.strip().startswith("extra child:")]
+    # CLIP-B/32's full step first (L/14's compile time is set against it), then the six
+    assert len(extras) == 7 and "--models clip --workloads full" in extras[0]
+    assert all("--batch-size 64" in c for c in extras)
+
+
 def test_cpu_smoke_writes_the_records(tmp_path):
     out_file = tmp_path / "smoke.jsonl"
     out = _run("--cpu-smoke", "--out", str(out_file))
