@@ -140,6 +140,41 @@ def test_skipped_nonfinite_steps_change_nothing(clip_model):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_step_skips_exactly_the_nonfinite_gradients(dtype):
+    """Gradients of 1e37 in every element are finite (their sum would overflow float32):
+    the step updates. One infinite or NaN gradient element: the step changes nothing. The
+    loss is 0 throughout, so only the gradients can make a step non-finite."""
+    dtype = jax.numpy.dtype(dtype)
+
+    @jax.custom_vjp
+    def zero_with_gradient(w, g):  # 0, with gradient g with respect to w
+        return jax.numpy.zeros(())
+
+    zero_with_gradient.defvjp(
+        lambda w, g: (jax.numpy.zeros(()), g),
+        lambda g, ct: ((ct * g).astype(dtype), jax.numpy.zeros_like(g)),
+    )
+
+    def loss_fn(model, state, batch, key):
+        return zero_with_gradient(model["w"], batch["g"]), (state, {})
+
+    model = {"w": jax.numpy.ones((64, 64), dtype), "frozen": jax.numpy.ones(3)}
+    spec = {"w": True, "frozen": False}
+    optimizer = optax.sgd(1e-36)
+    step = eqxtl.make_step(loss_fn, optimizer, spec)
+    big = np.full((64, 64), 1e37, np.float32)
+    for g, skipped in [(big, 0.0), (big.copy(), 0.0), (big, 1.0), (big, 1.0)]:
+        if skipped:
+            g = g.copy()
+            g[5, 7] = np.inf if dtype == jax.numpy.float32 else np.nan
+        opt_state = optimizer.init(eqx.filter(model, spec))
+        new, _, _, metrics = step(model, None, opt_state, {"g": jax.numpy.asarray(g)})
+        assert float(metrics["nonfinite"]) == skipped
+        changed = not np.array_equal(np.asarray(new["w"]), np.asarray(model["w"]))
+        assert changed == (not skipped)
+
+
 def test_a_nonfinite_model_is_never_written(clip_model, tmp_path):
     model, state = clip_model
     bad = eqx.tree_at(lambda m: m.head.bias, model, model.head.bias.at[0].set(np.inf))
