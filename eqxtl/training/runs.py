@@ -39,10 +39,10 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from .._util import finite
 from .._util.pytree_paths import keypath_to_str, leaves_with_paths
 from ..errors import TrainingError
 from . import train_state
@@ -523,7 +523,7 @@ class RunDir:
 @eqx.filter_jit
 def _finite(tree) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+    return finite.all_finite(leaves)
 
 
 def all_finite(tree) -> bool:

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from .._util.checks import count
+from .._util.finite import all_finite
 from .._util.pytree_paths import first_difference
 from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
@@ -151,18 +152,11 @@ def _update(optimizer, grads, opt_state, trainable, finite):
 
 def _all_finite(loss, grads) -> jax.Array:
     """Whether ``loss`` and every gradient are finite (a traced bool)."""
-    # g * 0 is 0 where g is finite and NaN where it is not, so the sum is NaN exactly when
-    # some gradient is (no overflow of large finite values). XLA:CPU runs it as one
-    # vectorised reduction per leaf; jnp.all(jnp.isfinite(g)) was an elementwise pass, a
-    # bool array and a reduction, ~3x the time and compile (benchmarks/README.md).
-    total = loss.astype(jnp.float32)
     # Last leaf first: XLA's scheduler computes the gradients in the order this chain reads
     # them. First leaf first (a CNN's stem) ran the backward pass down to the input before any
     # other weight gradient, keeping every activation alive until then (benchmarks/README.md,
     # "The order of the gradients").
-    for g in reversed(jax.tree.leaves(grads)):
-        total = total + jnp.sum(g * 0).astype(jnp.float32)
-    return jnp.isfinite(total)
+    return all_finite([loss, *reversed(jax.tree.leaves(grads))])
 
 
 def make_step(

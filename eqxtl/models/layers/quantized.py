@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int8, UInt8
 
+from ..._util.finite import all_finite
+
 _LEVELS = 127  # symmetric: -127..127 (-128 unused, so that negating a weight is exact)
 
 
@@ -61,7 +63,7 @@ class Int8Weight(eqx.Module):
 def _absmax_int8(weight: Array) -> tuple[Array, Array, Array]:
     """``(values, scale, finite)`` of a float weight (one compilation per shape)."""
     w = weight.astype(jnp.float32).reshape(weight.shape[0], -1)
-    finite = jnp.all(jnp.isfinite(w))
+    finite = all_finite([w])
     scale = jnp.max(jnp.abs(w), axis=1) / _LEVELS
     safe = jnp.where(scale > 0, scale, 1.0)[:, None]  # an all-zero channel: values 0
     values = jnp.clip(jnp.round(w / safe), -_LEVELS, _LEVELS).astype(jnp.int8)
@@ -135,7 +137,7 @@ def _nf4_decode(codes: Array, absmax: Array, shape: tuple[int, ...], dtype) -> A
 def _nf4_encode(weight: Array) -> tuple[Array, Array, Array]:
     """``(codes, absmax, finite)`` of a float weight (one compilation per shape)."""
     w = weight.astype(jnp.float32).reshape(-1)
-    finite = jnp.all(jnp.isfinite(w))
+    finite = all_finite([w])
     blocks = jnp.pad(w, (0, -w.size % NF4_BLOCK)).reshape(-1, NF4_BLOCK)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     safe = jnp.where(absmax > 0, absmax, 1.0)[:, None]  # an all-zero block: level 0.0
