@@ -18,18 +18,16 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "examples")]
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
+from quickstart import LORA_GROUPS, LORA_LAYERS  # noqa: E402
 
 import eqxtl  # noqa: E402
-
-ONE_BY_ONE = r"backbone\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
-GROUPS = [(".*lora_.*", optax.adam(1e-3)), ("head", optax.adam(1e-2)), (".*", None)]
 
 
 def main() -> None:
@@ -42,11 +40,11 @@ def main() -> None:
 
     backbone, state = eqxtl.from_pretrained("efficientnet-lite0")
     model = eqxtl.Classifier(backbone, 8, zero_init=True)
-    model = eqxtl.lora(model, ONE_BY_ONE, rank=8, key=jax.random.key(0))
-    spec, optimizer = eqxtl.param_groups(model, GROUPS)
+    model = eqxtl.lora(model, LORA_LAYERS, rank=8, key=jax.random.key(0))
+    spec, optimizer = eqxtl.param_groups(model, LORA_GROUPS)
     if args.int8_base:
         model = eqxtl.quantize(model, spec, "int8")
-        spec, optimizer = eqxtl.param_groups(model, GROUPS)
+        spec, optimizer = eqxtl.param_groups(model, LORA_GROUPS)
     model = eqxtl.batchnorm_modes(model, spec)
     opt_state = optimizer.init(eqx.filter(model, spec))
     rng = np.random.default_rng(0)

@@ -67,6 +67,10 @@ COLORS = {
 # and LoRA/ are run folders of earlier versions: left as they are.)
 WRITES = ("fine-tuned", "summary.json", "comparison.png")
 EARLIER = ("frozen", "scratch", "LoRA")
+# (d): LoRA on every 1x1 convolution (depthwise ones have no low-rank form), BatchNorm frozen;
+# the adapters and the new head train, each group with its own Adam.
+LORA_LAYERS = r"backbone\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
+LORA_GROUPS = [(".*lora_.*", optax.adam(1e-3)), ("head", optax.adam(1e-2)), (".*", None)]
 TRAIN_PART = (0.0, 0.45)  # horizontal share of the usable box that training crops come from
 TEST_PART = (0.55, 1.0)
 
@@ -350,17 +354,15 @@ def main(argv=None) -> dict:
         augment=augment,
         bn="train",  # random running statistics must be learned
     )
-    # LoRA on every 1x1 convolution (depthwise ones have no low-rank form); BatchNorm frozen.
-    one_by_one = r"backbone\.(_blocks\.\d+\.(_expand_conv|_project_conv)|_conv_head)"
     results["LoRA"] = run(
         "LoRA",
         pretrained,
         pretrained_state,
-        [(".*lora_.*", optax.adam(1e-3)), ("head", optax.adam(1e-2)), (".*", None)],
+        LORA_GROUPS,
         train,
         test,
         args,
-        adapt=lambda m: eqxtl.lora(m, one_by_one, rank=args.lora_rank, key=jax.random.key(0)),
+        adapt=lambda m: eqxtl.lora(m, LORA_LAYERS, rank=args.lora_rank, key=jax.random.key(0)),
         steps=args.steps,
         augment=augment,
         int8=args.int8_base,
