@@ -163,16 +163,15 @@ def test_the_step_skips_exactly_the_nonfinite_gradients(dtype):
     spec = {"w": True, "frozen": False}
     optimizer = optax.sgd(1e-36)
     step = eqxtl.make_step(loss_fn, optimizer, spec)
-    big = np.full((64, 64), 1e37, np.float32)
-    for g, skipped in [(big, 0.0), (big.copy(), 0.0), (big, 1.0), (big, 1.0)]:
-        if skipped:
-            g = g.copy()
-            g[5, 7] = np.inf if dtype == jax.numpy.float32 else np.nan
+    for bad in (None, np.inf, -np.inf, np.nan):
+        g = np.full((64, 64), 1e37, np.float32)
+        if bad is not None:
+            g[5, 7] = bad
         opt_state = optimizer.init(eqx.filter(model, spec))
         new, _, _, metrics = step(model, None, opt_state, {"g": jax.numpy.asarray(g)})
-        assert float(metrics["nonfinite"]) == skipped
+        assert float(metrics["nonfinite"]) == (bad is not None), bad
         changed = not np.array_equal(np.asarray(new["w"]), np.asarray(model["w"]))
-        assert changed == (not skipped)
+        assert changed == (bad is None), bad
 
 
 def test_a_nonfinite_model_is_never_written(clip_model, tmp_path):
