@@ -14,6 +14,7 @@ step, and one event's length includes time shared with others. Compare totals be
 variants of the same step, not single events.
 
     python benchmarks/profile_step.py --model dinov2_s14 [--workload eval] [--top 30] [--out DIR]
+    python benchmarks/profile_step.py --model clip --workload lora --int8-base
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 
-def _trace(model_name: str, batch_size: int, out: str, workload: str) -> tuple[float, str]:
+def _trace(
+    model_name: str, batch_size: int, out: str, workload: str, int8_base: bool = False
+) -> tuple[float, str]:
     import equinox as eqx
     import jax
     import optax
@@ -52,6 +55,9 @@ def _trace(model_name: str, batch_size: int, out: str, workload: str) -> tuple[f
         if workload == "lora":
             model = steps.lora_model(model, model_name)
         spec = steps.spec_for(model, workload)
+        if int8_base:  # as steps.py --variant int8-base
+            model = eqxtl.quantize(model, spec, "int8")
+            spec = steps.spec_for(model, workload)
         optimizer = optax.adam(1e-3)
         opt_state = optimizer.init(eqx.filter(model, spec))
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
@@ -111,9 +117,14 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=None, help="trace folder (default: a temporary one)")
+    parser.add_argument(
+        "--int8-base", action="store_true", help="the frozen base stored as int8 (lora only)"
+    )
     args = parser.parse_args(argv)
+    if args.int8_base and args.workload != "lora":
+        parser.error("--int8-base needs --workload lora (a frozen base)")
     out = args.out or tempfile.mkdtemp(prefix="eqxtl-profile-")
-    seconds, hlo = _trace(args.model, args.batch_size, out, args.workload)
+    seconds, hlo = _trace(args.model, args.batch_size, out, args.workload, args.int8_base)
     with open(os.path.join(out, "optimised.hlo.txt"), "w") as f:
         f.write(hlo)
     trace = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))[0]
