@@ -240,7 +240,9 @@ def _small_bwd(op, like, decode, residuals, g):
     values, scale, x = residuals
     if isinstance(g, SymbolicZero):
         return jnp.zeros(like.shape, like.dtype), None, None
-    if g.size:  # a zero that XLA cannot fold: 0 * g is NaN for a NaN g
+    # A zero XLA cannot fold, since 0 * g is NaN for a NaN g (an integer cast makes that a
+    # number again; a NaN g already makes the step non-finite, which make_step skips).
+    if g.size:
         values = values + (jnp.ravel(g)[0] * 0).astype(values.dtype)
     weight, out_scale = decode(values, scale, g.dtype)
     if out_scale is not None:
