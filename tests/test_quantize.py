@@ -381,7 +381,7 @@ def test_lora_on_an_nf4_base(lora_nf4, tmp_path):
 
 def test_nf4_bad_input():
     conv_only = {"conv": build(Conv2d, 8, 12, 3)}
-    with pytest.raises(eqxtl.EqxtlError, match="no float linear weight .* nothing to store as nf4"):
+    with pytest.raises(eqxtl.EqxtlError, match="nf4 stores linear layers only.*dtype='int8'"):
         eqxtl.quantize(conv_only, False, "nf4")
     broken = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 4, 3), jnp.full((3, 4), jnp.inf))
     with pytest.raises(eqxtl.EqxtlError, match=r"0\.weight as nf4.*NaN or infinite"):
@@ -414,3 +414,87 @@ def test_nf4_while_loading(tmp_path):
         ), how
         assert len(nf4_weights(loaded_nf4)) == 6 * config.num_hidden_layers, how
         assert not any(np.ndim(w) == 4 and w.dtype != jnp.float32 for w in a), how
+
+
+@pytest.fixture(scope="module")
+def adapted_clip():
+    """A tiny CLIP classifier with q/v adapters, and the spec that trains them and the head."""
+    backbone, state = tiny_architecture("clip_vision")
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(1))
+    adapted = eqxtl.lora(model, QV, rank=2, key=jax.random.key(2))
+    return model, state, adapted, eqxtl.lora_spec(adapted, "head")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "nf4", "bfloat16"])
+def test_summary_counts_a_quantized_weight_as_the_weights_it_stands_for(adapted_clip, dtype):
+    _, _, adapted, spec = adapted_clip
+    small = eqxtl.quantize(adapted, spec, dtype)
+    small_spec = eqxtl.lora_spec(small, "head")
+    want = eqxtl.summary(adapted, spec, print_it=False).splitlines()[-1]
+    assert eqxtl.summary(small, small_spec, print_it=False).splitlines()[-1] == want
+    assert eqxtl.count(small, small_spec) == eqxtl.count(adapted, spec)
+
+
+def test_a_head_stored_in_bfloat16_still_gives_float32_logits(adapted_clip):
+    model, state, _, _ = adapted_clip
+    small = eqxtl.quantize(model, False, "bfloat16")
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 32, 32)), jnp.float32)
+    logits, _ = small(x, state)
+    features, _ = small.backbone(x, state)
+    w, b = (np.asarray(a, np.float64) for a in (small.head.weight, small.head.bias))
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, np.asarray(features, np.float64) @ w.T + b, rtol=1e-5)
+
+
+def test_adapters_on_a_bfloat16_base_are_float32(adapted_clip):
+    model, _, _, _ = adapted_clip
+    small = eqxtl.quantize(model, False, "bfloat16")
+    for dora in (False, True):
+        adapted = eqxtl.lora(small, QV, rank=2, dora=dora, key=jax.random.key(3))
+        trainable = eqx.filter(adapted, eqxtl.lora_spec(adapted))
+        dtypes = {x.dtype for x in jax.tree.leaves(trainable)}
+        assert dtypes == {jnp.dtype(jnp.float32)}, (dora, dtypes)
+
+
+def test_modules_to_save_over_an_int8_module_are_written_dequantized(adapted_clip, tmp_path):
+    model, _, adapted, spec = adapted_clip
+    small = eqxtl.quantize(adapted, spec, "int8")
+    mlp = "backbone.encoder.layers.0.mlp"
+    eqxtl.save_adapter(small, tmp_path, modules_to_save=[mlp])
+    loaded = eqxtl.load_adapter(model, tmp_path)
+    fc1 = small.backbone.encoder.layers[0].mlp.fc1.weight
+    assert isinstance(fc1, Int8Weight)
+    np.testing.assert_array_equal(
+        loaded.backbone.encoder.layers[0].mlp.fc1.weight, fc1.dequantize()
+    )
+
+
+def test_load_adapter_names_a_weight_stored_quantized(adapted_clip, tmp_path):
+    model, _, adapted, _ = adapted_clip
+    eqxtl.save_adapter(adapted, tmp_path, modules_to_save=["head"])
+    with pytest.raises(eqxtl.CheckpointError, match="stored quantized in this model"):
+        eqxtl.load_adapter(eqxtl.quantize(model, False, "int8"), tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["head", 1])
+def test_a_spec_that_is_not_true_or_false_is_refused(adapted_clip, spec):
+    model, _, _, _ = adapted_clip
+    for dtype in ("int8", "bfloat16"):
+        with pytest.raises(eqxtl.RuleError, match="True / False"):
+            eqxtl.quantize(model, spec, dtype)
+
+
+def test_bfloat16_with_nothing_frozen_says_nothing_is_stored(adapted_clip):
+    model, _, _, _ = adapted_clip
+    with pytest.raises(eqxtl.EqxtlError, match="nothing to store as bfloat16"):
+        eqxtl.quantize(model, True, "bfloat16")
+    with pytest.raises(eqxtl.EqxtlError, match="nothing to store as bfloat16"):
+        eqxtl.quantize(eqxtl.quantize(model, False, "bfloat16"), False, "bfloat16")
+
+
+def test_unmerge_lora_refuses_a_merged_model_quantized_again():
+    linear = eqx.nn.Linear(16, 8, key=jax.random.key(0))
+    adapted = eqxtl.lora({"fc": linear}, "fc", rank=2, key=jax.random.key(1))
+    merged = eqxtl.merge_lora(adapted)
+    with pytest.raises(eqxtl.AdapterError, match="quantized"):
+        eqxtl.unmerge_lora(eqxtl.quantize(merged, False, "int8"), adapted)

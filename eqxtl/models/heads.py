@@ -154,7 +154,9 @@ class Classifier(eqx.Module):
         say): what ``self(x)`` gives, from cached features."""
         if self.project:
             features = self.backbone.project(features)
-        features = features.astype(self.head.weight.dtype)
+        # The wider of the two: a head stored in bfloat16 (eqxtl.quantize) on float32
+        # features still computes float32 logits; a float32 head on a bfloat16 backbone too.
+        features = features.astype(jnp.promote_types(features.dtype, self.head.weight.dtype))
         if self.normalize:
             features = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
         # also serves a batch (B, d) when the backbone is batch-native; the head may be a

@@ -28,6 +28,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .._util.pytree_paths import (
     closest,
@@ -248,6 +249,16 @@ def check_spec(model: Any, spec: Any) -> None:
             "e.g. eqxtl.trainable(model, ...) or eqxtl.param_groups(model, ...), after any "
             "change to it (a new head, LoRA, eqxtl.quantize, another checkpoint)."
         ) from None
+    wrong = [x for x in jtu.tree_leaves(spec) if not isinstance(x, (bool, np.bool_))]
+    wrong = [x for x in wrong if not callable(x)]
+    if wrong:
+        raise RuleError(
+            f"A filter spec holds True / False (or eqx filter functions), not "
+            f"{wrong[0]!r} ({type(wrong[0]).__name__}). Build it from rules, e.g. "
+            f"eqxtl.trainable(model, {wrong[0] if isinstance(wrong[0], str) else 'head'!r}) "
+            "for the leaves a rule matches, or pass "
+            "False for a model in which nothing trains."
+        )
 
 
 def _changed_flag(spec: Any, model: Any) -> tuple[str, str, Any, Any] | None:
@@ -277,29 +288,32 @@ def require_trainable(model: Any, spec: Any) -> int:
 
 
 def count(model: Any, spec: Any | None = None) -> int:
-    """Number of scalar parameters of ``model`` (those marked ``True`` in ``spec``)."""
-    if spec is None:  # every parameter; a quantized weight counts as the weights it stores
+    """Number of scalar parameters of ``model`` (those marked ``True`` in ``spec``); a
+    quantized weight counts as the weights it stands for."""
+    if spec is None:
         nodes = jax.tree.leaves(model, is_leaf=is_quantized)
-        return sum(
-            math.prod(x.shape) if is_quantized(x) else x.size
-            for x in nodes
-            if is_quantized(x) or _trainable_leaf(x) or _int8(x)
-        )
-    return sum(leaf.size for _, leaf, on in _zip_spec(model, spec) if on)
+        return sum(_size(x) for x in nodes if is_quantized(x) or _trainable_leaf(x) or _int8(x))
+    return sum(size for _, size, on in _zip_spec(model, spec) if on)
 
 
-def _zip_spec(model: Any, spec: Any) -> list[tuple[str, Any, bool]]:
-    """(path, array leaf, spec value) for every array leaf; the spec must match the model."""
-    flat, treedef = jtu.tree_flatten_with_path(model)
+def _size(node: Any) -> int:
+    """The parameters an array or a quantized weight holds (its logical shape)."""
+    return math.prod(node.shape) if is_quantized(node) else node.size
+
+
+def _zip_spec(model: Any, spec: Any) -> list[tuple[str, int, bool]]:
+    """``(path, parameters, spec value)`` for every array leaf and every quantized weight
+    (one entry each, its logical size, never trained); the spec must match the model."""
+    flat, treedef = jtu.tree_flatten_with_path(model, is_leaf=is_quantized)
     try:
-        spec_leaves = treedef.flatten_up_to(spec)
+        spec_parts = treedef.flatten_up_to(spec)
     except (ValueError, TypeError):
         check_spec(model, spec)
         raise
     return [
-        (keypath_to_str(kp), leaf, bool(on))
-        for (kp, leaf), on in zip(flat, spec_leaves, strict=True)
-        if eqx.is_array(leaf)
+        (keypath_to_str(kp), _size(node), any(jax.tree.leaves(on)))
+        for (kp, node), on in zip(flat, spec_parts, strict=True)
+        if eqx.is_array(node) or is_quantized(node)
     ]
 
 
@@ -366,7 +380,7 @@ def _leaf_name(module: str) -> str:
 def summary(model: Any, spec: Any, *, print_it: bool = True) -> str:
     """Table of what trains: module groups, leaf counts, parameter counts, share of total.
     LoRA/DoRA adapters get rows of their own (``...q_proj.lora_*``)."""
-    entries = [(path, 1, leaf.size, bool(on)) for path, leaf, on in _zip_spec(model, spec)]
+    entries = [(path, 1, size, on) for path, size, on in _zip_spec(model, spec)]
     total = sum(e[2] for e in entries) or 1
     adapters = [e for e in entries if _ADAPTER_LEAF.search(e[0])]
     rows = _merge_ranges(_rows([e for e in entries if e not in adapters], 0))

@@ -44,6 +44,30 @@ def _frozen_paths(model: Any, spec: Any) -> dict[str, bool]:
     return {keypath_to_str(kp): on for kp, on in jtu.tree_flatten_with_path(full)[0]}
 
 
+def _dtypes(model: Any) -> list[Any]:
+    return [x.dtype for x in jtu.tree_leaves(model) if eqx.is_array(x)]
+
+
+def _bfloat16(model: Any, spec: Any) -> Any:
+    """``model`` with every floating-point leaf that ``spec`` freezes in bfloat16."""
+    full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
+
+    def cast(leaf, on):
+        floating = eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
+        return leaf.astype(jnp.bfloat16) if floating and not on else leaf
+
+    def visit(node, node_spec):  # an int8 weight keeps its float32 scale
+        return node if is_quantized(node) else jtu.tree_map(cast, node, node_spec)
+
+    small = jtu.tree_map(visit, model, full, is_leaf=is_quantized)
+    if _dtypes(small) == _dtypes(model):
+        raise EqxtlError(
+            f"quantize: spec freezes no float32 leaf of {type(model).__name__} (already "
+            "stored small, or everything trains): nothing to store as bfloat16."
+        )
+    return small
+
+
 def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
     """``model`` with the leaves that ``spec`` freezes stored small.
 
@@ -77,7 +101,9 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
     infinity) is an ``EqxtlError`` naming it. ``save_pretrained`` writes quantized weights
     dequantized (float32, the usual layout); ``from_pretrained`` reads them back as
     float32: quantize again.
-    ``merge_lora`` on an int8 base gives float32 merged weights.
+    ``merge_lora`` on an int8 base gives float32 merged weights; on a bfloat16 base,
+    bfloat16 ones (rounded: keep the adapted model where exact outputs matter). Adapters
+    that ``eqxtl.lora`` adds to a base stored small are float32.
 
     >>> model = eqxtl.lora(model, r".*\\.(q_proj|v_proj)", rank=8, key=key)
     >>> spec = eqxtl.lora_spec(model, "head")
@@ -89,17 +115,8 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
     refuse_quantized(model, spec, "eqxtl.quantize")
     trains = _frozen_paths(model, spec)
     if name == "bfloat16":
-        full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
-
-        def cast(leaf, on):
-            floating = eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
-            return leaf.astype(jnp.bfloat16) if floating and not on else leaf
-
-        def visit(node, node_spec):  # an int8 weight keeps its float32 scale
-            return node if is_quantized(node) else jtu.tree_map(cast, node, node_spec)
-
-        return jtu.tree_map(visit, model, full, is_leaf=is_quantized)
-    new = {}
+        return _bfloat16(model, spec)
+    new, convolutions = {}, 0
     encode, scheme, kinds = {
         "int8": (int8_weight, "one scale per output channel", "linear or convolution"),
         "nf4": (nf4_weight, "4-bit NormalFloat, one absmax per 64 weights", "linear"),
@@ -110,6 +127,7 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
         if is_quantized(w) or not jnp.issubdtype(w.dtype, jnp.floating) or trains[weight_path]:
             continue
         if name == "nf4" and w.ndim != 2:  # convolutions: QLoRA quantizes linear layers
+            convolutions += 1
             continue
         q, why = encode(w)
         if q is None:
@@ -118,6 +136,12 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
                 "in float (mark it trainable in spec, or use dtype='bfloat16')."
             )
         new[path] = eqx.tree_at(lambda m: m.weight, layer, q)
+    if not new and convolutions:
+        raise EqxtlError(
+            f"quantize: nf4 stores linear layers only (as QLoRA), and the {convolutions} "
+            f"frozen weights of {type(model).__name__} it could take are convolutions: "
+            "use dtype='int8' (one scale per output channel) for them."
+        )
     if not new:
         raise EqxtlError(
             f"quantize: spec freezes no float {kinds} weight of {type(model).__name__} "

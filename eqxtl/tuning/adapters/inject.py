@@ -248,11 +248,14 @@ def lora(
         w = layer.weight
         a = flat[start : start + rank * fan_in].reshape(rank, *w.shape[1:]) / math.sqrt(fan_in)
         b = np.zeros((out, rank, *(1,) * (w.ndim - 2)))
+        # float32 at least, as PEFT's autocast_adapter_dtype: adapters on a base stored in
+        # bfloat16 (eqxtl.quantize) train in float32, like those on an int8 base
+        dtype = jnp.promote_types(w.dtype, jnp.float32)
         magnitude = None
         if dora:
             w64 = np.asarray(as_float(w, jnp.float32), np.float64).reshape(out, -1)
-            magnitude = jnp.asarray(np.sqrt(np.sum(w64 * w64, axis=1)), w.dtype)
-        a, b = jnp.asarray(a, w.dtype), jnp.asarray(b, w.dtype)
+            magnitude = jnp.asarray(np.sqrt(np.sum(w64 * w64, axis=1)), dtype)
+        a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
         new[path] = adapter(layer, a, b, magnitude, alpha=alpha, rslora=rslora, dropout=dropout)
     return replace_layers(model, new)
 

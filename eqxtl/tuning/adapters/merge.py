@@ -15,7 +15,7 @@ from ...models.layers.low_rank import (
     ADAPTED_TYPES,
     dora_scale,
 )
-from ...models.layers.quantized import as_float
+from ...models.layers.quantized import as_float, is_quantized
 from .inject import all_layers, replace_layers, require_adapters
 
 
@@ -115,6 +115,14 @@ def unmerge_lora(merged: Any, adapted: Any) -> Any:
         raise AdapterError(
             f"unmerge_lora: {len(wrong)} adapted layers have no plain layer of the same shape "
             f"in the merged model, e.g. {wrong[:3]}: it was not merged from this model."
+        )
+    stored = [p for p in adapters if is_quantized(plain[p].weight)]
+    if stored:
+        raise AdapterError(
+            f"unmerge_lora: the merged model stores {len(stored)} of these weights quantized "
+            f"(eqxtl.quantize after merging), e.g. {stored[0]}.weight: the adapters cannot be "
+            "taken back out of rounded weights. Pass the float merged model (merge_lora's "
+            "output before quantize)."
         )
     weights = _unmerged_weights(list(adapters.values()), [plain[p].weight for p in adapters])
     new = {

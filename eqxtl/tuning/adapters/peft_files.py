@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -25,6 +26,7 @@ from ...models.layers.low_rank import (
     adaptable,
     adapted_layers,
 )
+from ...models.layers.quantized import is_quantized
 from ...models.registry import architecture_of
 from .inject import (
     adapter,
@@ -168,7 +170,14 @@ def _modules_to_save(model: Any, modules: Sequence[str], tensors: dict, prefix: 
     """Adds the leaves under each of ``modules`` to ``tensors``; returns their PEFT module
     names."""
     saved = []
-    leaves = dict(leaves_with_paths(model))
+    # a weight stored quantized is written dequantized under its float name, as
+    # save_pretrained writes it: PEFT (and load_adapter) read plain float weights
+    flat = jtu.tree_flatten_with_path(model, is_leaf=is_quantized)[0]
+    leaves = {
+        keypath_to_str(kp): node.dequantize() if is_quantized(node) else node
+        for kp, node in flat
+        if is_quantized(node) or eqx.is_array(node)
+    }
     for module in modules:
         under = [p for p in leaves if p == module or p.startswith(module + ".")]
         if not under:
@@ -425,7 +434,12 @@ def _replaced_leaves(model: Any, others: dict, mismatches: list[str]) -> dict[st
             leaves[naming] = (p, x)
     replaced = {}
     for name, value in sorted(others.items()):
-        if name not in leaves:
+        if name not in leaves and any(k.startswith(name + ".") for k in leaves):
+            mismatches.append(
+                f"{name}: stored quantized in this model (eqxtl.quantize): load the adapter "
+                "into the float model, then quantize"
+            )
+        elif name not in leaves:
             mismatches.append(f"{name}: no such parameter (closest: {closest(name, leaves)})")
         elif tuple(value.shape) != tuple(leaves[name][1].shape):
             mismatches.append(f"{name}: shape {value.shape} != {tuple(leaves[name][1].shape)}")
