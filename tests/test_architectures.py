@@ -22,6 +22,7 @@ runs once and is shared by the tests that compare against it.
 
 import filecmp
 import re
+import warnings
 
 import equinox as eqx
 import jax
@@ -511,8 +512,14 @@ def test_two_towers_layout_saves_what_it_loads(two_towers, name, layout, tmp_pat
 
 @pytest.mark.parametrize("name", TWO_TOWERS)
 def test_two_towers_blocks_and_layerwise_groups(two_towers, name):
+    """The decay counts the image tower's blocks; the text tower's trained layers would
+    train at the head's rate, and a warning says so unless they are frozen."""
     arch, _, model, _, _ = two_towers[name]
-    check_blocks(model, arch, prefix="", head=())
+    with pytest.warns(UserWarning, match=r"text_model\.encoder\.layers\.0\..*another tower"):
+        check_blocks(model, arch, prefix="", head=())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eqxtl.layerwise_groups(model, optax.sgd, 1.0, 0.5, frozen=["text_model"])
 
 
 @pytest.mark.parametrize("option", ["remat", "scan"])

@@ -244,3 +244,13 @@ def test_rules_types_predicates_pairs_and_summary():
     assert rows["head"][:3] == ["yes", "2", f"{eqxtl.count(model.head):,}"]
     n, total = eqxtl.count(model, spec), eqxtl.count(model)
     assert f"trainable: {n:,} of {total:,} parameters" in text
+
+
+@pytest.mark.parametrize(
+    "n, words", [(0, ">= 1"), (2.5, "integer"), (True, "integer"), (99, "has 4 blocks")]
+)
+def test_last_blocks_refuses_a_count_it_cannot_give(n, words):
+    model, _ = tiny("clip")
+    assert len(eqxtl.blocks(model)) == 4
+    with pytest.raises(eqxtl.RuleError, match=words):
+        eqxtl.last_blocks(model, n)

@@ -403,11 +403,15 @@ def _accumulated(loss_of, k: int, trainable, state, batch, key, mesh):
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(lambda mb: loss_of(trainable, state, mb, key)[1][1], first)
     sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    grads = jax.tree.map(jnp.zeros_like, eqx.filter(trainable, eqx.is_inexact_array))
+    params = eqx.filter(trainable, eqx.is_inexact_array)
+    # summed in float32 at least: bfloat16 leaves' gradients too (the weights are float32)
+    grads = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, "float32")), params
+    )
     init = (state, sums, jnp.zeros((), jnp.float32), grads)
     (state, sums, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
     total = jnp.maximum(sums["count"] if "count" in sums else jnp.float32(k), 1.0)
-    grads = jax.tree.map(lambda g: (g / total).astype(g.dtype), grad_sum)
+    grads = jax.tree.map(lambda g, x: (g / total).astype(x.dtype), grad_sum, params)
     return loss_sum / total, state, sums, grads
 
 

@@ -9,6 +9,7 @@ optimizer state and no transform (weight decay included) ever sees them.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,8 +18,8 @@ import jax
 import jax.tree_util as jtu
 import optax
 
-from .._util.checks import real
-from .._util.pytree_paths import keypath_to_str, map_with_path
+from .._util.checks import count, real
+from .._util.pytree_paths import keypath_to_str, leaves_with_paths, map_with_path
 from ..errors import OptimizerMismatchError
 from ..models.registry import backbones_in
 from .filters import Rule, RuleError, _trainable_leaf, refuse_quantized, rule_matcher
@@ -164,9 +165,14 @@ def blocks(model: Any) -> list[str]:
 def last_blocks(model: Any, n: int) -> list[str]:
     """Rules matching the last ``n`` blocks (see ``blocks``), for "train the top n" specs:
     ``eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 2))``."""
-    if n < 1:
-        raise ValueError(f"last_blocks needs n >= 1, got {n}.")
-    return [re.escape(b) for b in blocks(model)[-n:]]
+    n = count(n, "last_blocks(model, n)", RuleError)
+    found = blocks(model)
+    if n > len(found):
+        raise RuleError(
+            f"last_blocks(model, {n}): {type(model).__name__} has {len(found)} blocks. Ask for "
+            f"at most {len(found)}, or train everything with eqxtl.everything(model)."
+        )
+    return [re.escape(b) for b in found[-n:]]
 
 
 def layer_depths(model: Any) -> tuple[Callable[[str], int], int]:
@@ -205,6 +211,10 @@ def layerwise_groups(
     ``base_lr * decay ** (L + 1 - d)``: the head trains at ``base_lr``, each block below
     at ``decay`` times the one above. ``make_transform(lr)`` builds each group's optimizer,
     e.g. ``lambda lr: optax.adamw(lr, weight_decay=0.05)``. ``frozen`` rules come first.
+
+    On a two-tower model (CLIP, SigLIP with ``towers="both"``) the depths count the image
+    tower's blocks; the text tower sits at the head's depth, and a warning says so while it
+    trains: freeze it (``frozen=["text_model"]``) or give it a group of its own.
     """
     depth_of, n = layer_depths(model)
     frozen_match = rule_matcher(model, list(frozen)) if frozen else lambda path, leaf: None
@@ -213,11 +223,36 @@ def layerwise_groups(
         path = keypath_to_str(kp)
         if _trainable_leaf(leaf) and frozen_match(path, leaf) is None:
             by_depth.setdefault(depth_of(path), 0)
+    _warn_other_towers(model, depth_of, n, frozen_match)
     groups: list[tuple[Rule, Any]] = [(rule, None) for rule in frozen]
     for d in sorted(by_depth):
         lr = base_lr * decay ** (n + 1 - d)
         groups.append((_depth_rule(depth_of, d), make_transform(lr)))
     return groups
+
+
+_LAYER = re.compile(r"(^|\.)layers?\.\d+\.")
+
+
+def _warn_other_towers(model, depth_of, n: int, frozen_match) -> None:
+    """Warn when trained leaves that sit in numbered layers outside the counted blocks (a
+    two-tower CLIP's text tower) fall to the head's depth, and so train at ``base_lr``."""
+    others = [
+        path
+        for path, leaf in leaves_with_paths(model)
+        if _trainable_leaf(leaf)
+        and depth_of(path) == n + 1
+        and _LAYER.search(path)
+        and frozen_match(path, leaf) is None
+    ]
+    if others:
+        warnings.warn(
+            f"layerwise_groups: {len(others)} trained leaves lie in layers outside the "
+            f"{n} blocks the decay counts (e.g. {others[0]}: another tower), so they train "
+            "at the head's base_lr. Freeze them (frozen=[...]) or give them a group of their "
+            "own before these.",
+            stacklevel=3,
+        )
 
 
 def _depth_rule(depth_of: Callable[[str], int], d: int) -> Callable[[str, Any], bool]:
