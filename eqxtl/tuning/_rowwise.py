@@ -223,6 +223,10 @@ class Vectorised:
         in_rows = {i for rows in self.segments for row in rows for i in row}
         self._rest = [i for i in range(len(self._leaves)) if i not in in_rows]
         self._rest_slots = [j for j, o in self._t.owner.items() if o is None or o in self._rest]
+        # compiled, so that the zeros standing in for what a call does not compute are
+        # removed, never allocated (run eagerly, they would take a whole model's memory)
+        self._init = jax.jit(self._init_eager)
+        self._update = jax.jit(self._update_eager)
 
     def _tree(self, values: dict[int, Any]) -> Any:
         return _filled(values, self._leaves, self._treedef)
@@ -241,6 +245,12 @@ class Vectorised:
         return jax.tree.leaves(updates), jax.tree.leaves(new)
 
     def init(self, packed) -> Any:
+        return self._init(packed)
+
+    def update(self, grads, state, packed) -> tuple[Any, Any]:
+        return self._update(grads, state, packed)
+
+    def _init_eager(self, packed) -> Any:
         stacks, rest_params = packed
         per_segment = []
         for rows, stack in zip(self.segments, stacks, strict=True):
@@ -258,7 +268,7 @@ class Vectorised:
         )
         return per_segment, [new[j] for j in self._rest_slots]
 
-    def update(self, grads, state, packed) -> tuple[Any, Any]:
+    def _update_eager(self, grads, state, packed) -> tuple[Any, Any]:
         (g_stacks, g_rest), (s_stacks, rest_state), (p_stacks, p_rest) = grads, state, packed
         u_stacks, new_stacks = [], []
         for rows, g, s, p in zip(self.segments, g_stacks, s_stacks, p_stacks, strict=True):
