@@ -397,13 +397,14 @@ def _predict(args) -> int:
     from PIL import Image
 
     import eqxtl
+    from eqxtl.data.images import as_rgb
 
     model, state = _load_classifier(args.model)
     images = []
     for path in args.files:
         try:
-            with Image.open(path) as im:
-                images.append(np.asarray(im.convert("RGB")))
+            with Image.open(path) as im:  # decoded as ImageFolder does (EXIF, 16 bits)
+                images.append(as_rgb(im))
         except OSError as e:
             raise eqxtl.DataError(f"{path}: cannot read this image ({e}).") from None
     probs = eqxtl.predict(model, state, images, batch_size=args.batch_size)

@@ -75,6 +75,37 @@ def test_train_eval_predict_on_an_image_folder(tmp_path, weights, monkeypatch, c
     assert [line.split("\t")[:2] for line in lines] == [[files[0], "red"], [files[1], "blue"]]
 
 
+def test_predict_decodes_files_as_the_library_does(tmp_path, weights, capsys):
+    """A 16-bit PNG (convert("RGB") would clip it white) and an EXIF-rotated JPEG: the
+    command's probabilities are those of eqxtl.predict on the library's decoding."""
+    import jax
+
+    from eqxtl.data.images import as_rgb
+
+    backbone, state = eqxtl.from_pretrained(weights)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(0))
+    eqxtl.save_pretrained(model, state, tmp_path / "clf")
+    ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (40, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    photo = Image.new("RGB", (40, 20))
+    photo.paste((255, 255, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown 20 wide, 40 high
+    photo.save(tmp_path / "rot6.jpg", exif=exif, quality=95)
+    files = [str(tmp_path / "ramp16.png"), str(tmp_path / "rot6.jpg")]
+    decoded = []
+    for f in files:
+        with Image.open(f) as im:
+            decoded.append(as_rgb(im))
+    assert decoded[1].shape == (40, 20, 3)
+    want = eqxtl.predict(model, state, decoded)
+    assert cli.main(["predict", "--model", str(tmp_path / "clf"), *files]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    for line, p in zip(lines, want, strict=True):
+        _, name, prob = line.split("\t")
+        assert (int(name), float(prob)) == (int(np.argmax(p)), round(float(np.max(p)), 4))
+
+
 def test_rules_are_checked_before_any_image_is_read(tmp_path, weights, monkeypatch, capsys):
     data = image_folder(tmp_path / "photos", n=1)
 

@@ -402,3 +402,65 @@ def test_predict_refuses_a_single_image_with_a_hint(clip_model):
         eqxtl.predict(*clip_model, np.zeros((32, 32, 3), np.uint8))
     probs = eqxtl.predict(*clip_model, [np.zeros((32, 32, 3), np.uint8)])
     assert probs.shape == (1, 3)
+
+
+def test_predict_reads_pil_images_as_the_loader_does(clip_model):
+    """A palette image is its colours (not its palette indices), a CMYK one its RGB."""
+    from PIL import Image
+
+    from eqxtl.data.images import as_rgb
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8))
+    images = [rgb.convert("P"), rgb.convert("CMYK")]
+    want = eqxtl.predict(*clip_model, [as_rgb(im) for im in images])
+    np.testing.assert_array_equal(eqxtl.predict(*clip_model, images), want)
+
+
+class _Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("second", ["head", "everything"])
+def test_resume_from_a_phase_boundary_starts_the_next_phase_afresh(tmp_path, second):
+    """The last checkpoint is the last step of phase 0: the resumed run loads phase 0's
+    optimizer state (whatever phase 1's spec) and gives phase 1 a fresh one, as the run that
+    was never stopped did."""
+    backbone, state = tiny("resnet", 3)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (16, 16, 16, 3)).astype(np.uint8)
+    source = eqxtl.ArraySource(images, rng.integers(0, 3, 16), ["r", "g", "b"])
+    head = eqxtl.trainable(model, "head")
+    spec2 = head if second == "head" else eqxtl.everything(model)
+
+    def run(out, kill_at=None):
+        def stop(run, metrics):
+            if run.step == kill_at:
+                raise _Killed
+
+        phases = [
+            eqxtl.Phase(head, optax.adam(1e-2), steps=4),
+            eqxtl.Phase(spec2, optax.adam(1e-3), steps=4),
+        ]
+        loader = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=2, num_workers=0)
+        return eqxtl.fit(
+            model,
+            state,
+            train_data=loader,
+            phases=phases,
+            callbacks=[eqxtl.Lambda(on_step=stop)],
+            checkpoint=eqxtl.Checkpoint(out),
+            runtime=eqxtl.Runtime(seed=2, eval_every=2, progress=False),
+        )
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(_Killed):
+        run(tmp_path / "killed", kill_at=5)
+    assert json.loads((tmp_path / "killed" / "last" / "meta.json").read_text())["phase"] == 0
+    resumed = run(tmp_path / "killed")
+    assert resumed.resumed_from == 4
+    for a, b in zip(arrays(resumed.opt_state), arrays(straight.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)  # Adam's count: phase 1's 4 steps, not 8
+    for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
+        np.testing.assert_array_equal(a, b)

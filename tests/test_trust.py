@@ -130,6 +130,25 @@ def test_wise_ft_alphas_are_finite_numbers(parts):
             eqxtl.wise_ft(model, model, [0.0, bad], source, states=(state, state))
 
 
+def test_wise_ft_on_batchnorm_models_asks_for_their_states(parts):
+    model, _, _ = head(parts)  # ResNet: BatchNorm statistics live in the state
+    source = eqxtl.ArraySource(np.zeros((2, 8, 8, 3), np.uint8), [0, 1])
+    with pytest.raises(eqxtl.EqxtlError, match=r"states=\(zero_shot_state, fine_tuned_state\)"):
+        eqxtl.wise_ft(model, model, [0.5], source)
+
+
+def test_a_class_named_twice_is_refused(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    with pytest.raises(
+        eqxtl.DataError, match=r"ImageFolder\(class_names=\.\.\.\): 'cat' appears twice"
+    ):
+        eqxtl.ImageFolder(tmp_path, class_names=["cat", "cat", "dog"])
+    with pytest.raises(eqxtl.DataError, match=r"ArraySource\(class_names=\.\.\.\): 'a' appears"):
+        eqxtl.ArraySource(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], ["a", "a"])
+
+
 # ---------------------------------------------------------------- 2. label shapes
 
 

@@ -72,7 +72,7 @@ class ArraySource:
                     "0..num_classes-1. Pass class_names= (one per class) or fix the labels."
                 )
             class_names = [str(i) for i in range(top + 1)]
-        class_names = list(class_names)
+        class_names = _distinct(list(class_names), "ArraySource(class_names=...)")
         if len(labels) and (labels.min() < 0 or labels.max() >= len(class_names)):
             bad = int(np.flatnonzero((labels < 0) | (labels >= len(class_names)))[0])
             raise DataError(
@@ -119,6 +119,19 @@ def _check_pixels(images, offset: int = 0) -> None:
             problem = _pixel_problem(np.asarray(image))
             if problem is not None:
                 raise DataError(f"Image {offset + i}: {problem}")
+
+
+def _distinct(names: list, what: str) -> list:
+    """``names``, or ``DataError`` naming the first repeated one (two labels, one class)."""
+    seen: set = set()
+    for name in names:
+        if name in seen:
+            raise DataError(
+                f"{what}: {name!r} appears twice. Give each class once, in label order "
+                "(e.g. the training source's class_names)."
+            )
+        seen.add(name)
+    return names
 
 
 def _hasher(class_names: Sequence[str], labels: np.ndarray):
@@ -332,7 +345,9 @@ class ImageFolder:
         if class_names is None:
             self.class_names = folders
         else:
-            self.class_names = [str(n) for n in class_names]
+            self.class_names = _distinct(
+                [str(n) for n in class_names], "ImageFolder(class_names=...)"
+            )
             unknown = [f for f in folders if f not in self.class_names]
             if unknown:
                 raise DataError(

@@ -128,9 +128,8 @@ def predict(
         model, state = on_mesh((model, state), mesh)
     out = []
     for start in range(0, len(images), batch_size):
-        chunk = [
-            preprocess(np.asarray(im), preprocessing) for im in images[start : start + batch_size]
-        ]
+        # PIL images as they are: as_rgb applies EXIF orientation, palettes and 16 bits
+        chunk = [preprocess(im, preprocessing) for im in images[start : start + batch_size]]
         x = np.stack(chunk + [chunk[0]] * (batch_size - len(chunk)))  # fixed shape
         if mesh is not None:
             x = shard_batch({"x": x}, mesh)["x"]

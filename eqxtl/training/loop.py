@@ -216,7 +216,7 @@ def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
             for i, phase in enumerate(phases):
                 if run.step >= bounds[i + 1] or run.stopped:
                     continue
-                resumed_here = meta is not None and _phase_at(bounds, meta["step"]) == i
+                resumed_here = meta is not None and _saved_phase(meta, bounds) == i
                 loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
             if loop.interrupt_requested:  # during the last evaluation: the run is complete
                 raise KeyboardInterrupt
@@ -365,7 +365,7 @@ def _resume(folder, checkpoint, sig, run, bounds, start, mesh):
         model, state, opt_init = start
 
         def like(meta):
-            i = _phase_at(bounds, meta["step"])
+            i = _saved_phase(meta, bounds)
             return model, state, eqx.filter_eval_shape(opt_init, i, model)
 
         found = folder.load(like, mesh)
@@ -410,6 +410,12 @@ def _class_names(batches, num_classes: int) -> list[str] | None:
         return None
     names = getattr(batches.source, "class_names", None)
     return list(names) if names is not None and len(names) == num_classes else None
+
+
+def _saved_phase(meta: dict, bounds) -> int:
+    """The phase whose optimizer state a checkpoint holds: the one it recorded. At a phase
+    boundary (the last step of phase i) that is i, not the phase the next step runs in."""
+    return int(meta["phase"]) if "phase" in meta else _phase_at(bounds, meta["step"])
 
 
 def _phase_at(bounds, step: int) -> int:

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -157,6 +158,15 @@ def wise_ft(
     sources = dict(data) if named else {"": data}
     if not sources:
         raise EqxtlError("wise_ft needs data: a source or a non-empty {name: source}.")
+    if states is None and any(
+        isinstance(x, eqx.nn.StateIndex)
+        for x in jax.tree.leaves(zero_shot, is_leaf=lambda x: isinstance(x, eqx.nn.StateIndex))
+    ):
+        raise EqxtlError(
+            "wise_ft: these models hold BatchNorm statistics: pass "
+            "states=(zero_shot_state, fine_tuned_state), the states from_pretrained and fit "
+            "returned with them."
+        )
     eval_step = make_eval_step()  # one compilation for the whole sweep
     records = []
     for alpha in alphas:
