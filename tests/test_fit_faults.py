@@ -417,6 +417,19 @@ def test_predict_reads_pil_images_as_the_loader_does(clip_model):
     np.testing.assert_array_equal(eqxtl.predict(*clip_model, images), want)
 
 
+def test_a_callback_used_again_starts_a_fresh_run_afresh(clip_model):
+    """EarlyStopping's best and wait, and EMA's average, do not leak into the next fit."""
+    stop = eqxtl.EarlyStopping("train_loss", patience=1, mode="min", min_delta=1e9)
+    ema = eqxtl.EMA(0.5)
+    first = run_fit(clip_model, steps=6, eval_every=1, callbacks=[stop, ema])
+    second = run_fit(clip_model, steps=6, eval_every=1, callbacks=[stop, ema])
+    assert first.step == second.step == 2  # one evaluation to set best, one without gain
+    counts = [[int(x) for x in arrays(r.opt_state) if x.dtype == np.int32] for r in (first, second)]
+    assert counts[0] == counts[1]
+    for a, b in zip(arrays(first.model), arrays(second.model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 class _Killed(BaseException):
     pass
 

@@ -20,7 +20,8 @@ A callback is any object with some of these methods (each optional):
 ``run`` is the live ``Run``: ``step``, ``epoch``, ``phase``, ``model``, ``state``,
 ``opt_state``, ``history``, ``stop()`` and ``lr_scale`` (a factor on every update, for
 callbacks that declare ``scales_lr = True``). A callback with state that must survive a
-resume defines ``state_dict()`` and ``load_state_dict(d)`` (JSON values).
+resume defines ``state_dict()`` and ``load_state_dict(d)`` (JSON values), and ``reset()``,
+which ``fit`` calls when it starts a run afresh (the same object may serve several runs).
 """
 
 from __future__ import annotations
@@ -104,6 +105,10 @@ class EarlyStopping:
 
     def __post_init__(self):
         _check_watch(self, "EarlyStopping")
+        self._start = (self.best, self.wait)
+
+    def reset(self) -> None:
+        self.best, self.wait = self._start
 
     def on_eval(self, run, record: dict) -> None:
         value = require_metric(self.metric, record, "EarlyStopping")
@@ -138,6 +143,7 @@ class ReduceLROnPlateau:
 
     def __post_init__(self):
         _check_watch(self, "ReduceLROnPlateau")
+        self._start = (self.best, self.wait)
         what = "ReduceLROnPlateau"
         self.factor = real(
             self.factor,
@@ -161,6 +167,9 @@ class ReduceLROnPlateau:
         if self.wait >= self.patience:
             run.lr_scale = max(run.lr_scale * self.factor, self.min_scale)
             self.wait = 0
+
+    def reset(self) -> None:
+        self.best, self.wait = self._start
 
     def state_dict(self) -> dict:
         return {"best": self.best, "wait": self.wait}

@@ -158,6 +158,9 @@ class EMA:
     def on_eval(self, run, record: dict) -> None:
         self._carry = _ema_state(run.opt_state)
 
+    def reset(self) -> None:
+        self._carry = None
+
     def on_phase_begin(self, run) -> None:
         carry, self._carry = self._carry, None
         state = _ema_state(run.opt_state)

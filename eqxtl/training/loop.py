@@ -167,6 +167,9 @@ def fit(
             trainable, frozen = eqx.partition(model, union([p.spec for p in phases]))
             run.model = eqx.combine(jtu.tree_map(jnp.copy, trainable), frozen)
             run.state = state
+            for cb in callbacks:  # what a reused callback kept from an earlier run
+                if hasattr(cb, "reset"):
+                    cb.reset()
         else:
             for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
                 if cb_state is not None and hasattr(cb, "load_state_dict"):
