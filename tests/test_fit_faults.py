@@ -430,6 +430,27 @@ def test_a_callback_used_again_starts_a_fresh_run_afresh(clip_model):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_resume_on_other_classes_is_refused(clip_model, tmp_path):
+    model, state = clip_model
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3)).astype(np.uint8)
+
+    def run(names):
+        source = eqxtl.ArraySource(images, np.arange(8) % 3, names)
+        return eqxtl.fit(
+            model,
+            state,
+            optax.adam(1e-3),
+            eqxtl.trainable(model, "head"),
+            eqxtl.Loader(source, eqxtl.preprocessing_for(model), 4, num_workers=0),
+            checkpoint=eqxtl.Checkpoint(tmp_path),
+            runtime=eqxtl.Runtime(progress=False),
+        )
+
+    run(["cat", "dog", "owl"])
+    with pytest.raises(eqxtl.TrainingError, match=r"train_classes: \['cat', 'dog', 'owl'\]"):
+        run(["apple", "pear", "fig"])
+
+
 class _Killed(BaseException):
     pass
 

@@ -338,6 +338,7 @@ def _signature(model, phases, opt_init, train, task, runtime: Runtime, bounds) -
         seed=runtime.seed,
         batch_size=int(train.batch_size),
         train_length=_length(train),
+        train_classes=_source_classes(train),
         phase_steps=[int(n) for n in lengths[:-1]],  # the last phase may grow
         **{
             f"phase {i} {HYPER}": optimizer_hyperparameters(p.optimizer)
@@ -406,6 +407,14 @@ def _with_info(m, train):
         return m
     preprocessing = train.preprocessing if isinstance(train, SourceBatches) else None
     return m.with_training_info(_class_names(train, m.num_classes), preprocessing)
+
+
+def _source_classes(batches) -> list[str] | None:
+    """The training source's class names (a resume on other classes is refused)."""
+    if not isinstance(batches, SourceBatches):
+        return None
+    names = getattr(batches.source, "class_names", None)
+    return None if names is None else [str(n) for n in names]
 
 
 def _class_names(batches, num_classes: int) -> list[str] | None:

@@ -355,8 +355,13 @@ class RunDir:
             )
             return
         current = json.loads(dumps(current))
-        # run folders written before the hyperparameters were recorded: not compared
-        current = {k: v for k, v in current.items() if k in stored or HYPER not in k}
+        # run folders written before the hyperparameters (or class names) were recorded:
+        # those are not compared
+        current = {
+            k: v
+            for k, v in current.items()
+            if k in stored or (HYPER not in k and k != "train_classes")
+        }
         diff = differences(stored, current)
         if diff:
             raise TrainingError(
