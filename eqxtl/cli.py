@@ -434,8 +434,19 @@ def _fetch(args) -> int:
     import eqxtl
 
     failed = []
-    for name in args.names:
-        target = args.out / (Path(name).name if Path(name).exists() else name.replace("/", "--"))
+    targets = {
+        name: args.out / (Path(name).name if Path(name).exists() else name.replace("/", "--"))
+        for name in args.names
+    }
+    by_target: dict[Path, str] = {}
+    for name, target in targets.items():
+        if target in by_target:  # the second would overwrite the first
+            raise SystemExit(
+                f"eqxtl fetch: {by_target[target]} and {name} would both be written to "
+                f"{target}. Fetch them with separate --out folders."
+            )
+        by_target[target] = name
+    for name, target in targets.items():
         try:
             model, state = eqxtl.from_pretrained(name, revision=args.revision)
             eqxtl.save_pretrained(model, state, target)

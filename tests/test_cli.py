@@ -130,6 +130,16 @@ def test_a_data_folder_without_class_subfolders_is_refused(tmp_path, weights, ca
     assert "has no class subfolders" in capsys.readouterr().err
 
 
+def test_fetch_refuses_two_names_for_one_folder(tmp_path, weights):
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        os.symlink(weights, tmp_path / run / "best")
+    names = [str(tmp_path / "a" / "best"), str(tmp_path / "b" / "best")]
+    with pytest.raises(SystemExit, match="would both be written to"):
+        cli.main(["fetch", *names, "--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
+
+
 def test_fetch_goes_on_past_a_failure_and_reports_each_name(tmp_path, weights, capsys):
     code = cli.main(["fetch", "no-such-org/no-such-model", str(weights), "--out",
                      str(tmp_path / "w")])  # fmt: skip

@@ -498,3 +498,38 @@ def test_resume_from_a_phase_boundary_starts_the_next_phase_afresh(tmp_path, sec
         np.testing.assert_array_equal(a, b)  # Adam's count: phase 1's 4 steps, not 8
     for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lr_schedule_resumed_between_evaluations_keeps_its_scale(tmp_path):
+    """The schedule sets the scale at phase begin and at evaluations only: a run resumed
+    from a checkpoint written between them (every=3) must not take schedule(3)."""
+    backbone, state = tiny("resnet", 3)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (32, 16, 16, 3)).astype(np.uint8)
+    source = eqxtl.ArraySource(images, rng.integers(0, 3, 32), ["r", "g", "b"])
+
+    def run(out, kill_at=None):
+        def stop(run, metrics):
+            if run.step == kill_at:
+                raise _Killed
+
+        schedule = eqxtl.LRSchedule(lambda s: 1.0 if s < 2 else 0.1)
+        loader = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=2, num_workers=0)
+        return eqxtl.fit(
+            model,
+            state,
+            train_data=loader,
+            phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.sgd(0.5), steps=8)],
+            callbacks=[schedule, eqxtl.Lambda(on_step=stop)],
+            checkpoint=eqxtl.Checkpoint(out, every=3),
+            runtime=eqxtl.Runtime(seed=2, progress=False),
+        )
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(_Killed):
+        run(tmp_path / "killed", kill_at=4)
+    resumed = run(tmp_path / "killed")
+    assert resumed.resumed_from == 3
+    for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
+        np.testing.assert_array_equal(a, b)

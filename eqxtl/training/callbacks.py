@@ -202,11 +202,34 @@ class LRSchedule:
                 "scale >= 0."
             ) from None
 
+    _set: tuple[int, int] | None = dataclasses.field(default=None, repr=False, compare=False)
+    _resumed: bool = dataclasses.field(default=False, repr=False, compare=False)
+
+    def _apply(self, run, step: int) -> None:
+        run.lr_scale = self._scale(step)
+        self._set = (int(run.phase), int(step))
+
     def on_eval(self, run, record: dict) -> None:
-        run.lr_scale = self._scale(run.step)
+        self._apply(run, run.step)
 
     def on_phase_begin(self, run) -> None:
-        run.lr_scale = self._scale(run.step)
+        # Resumed inside the phase where it last set the scale: the scale of that step (a
+        # checkpoint between evaluations must not move the schedule forward).
+        resumed, self._resumed = self._resumed, False
+        if resumed and self._set is not None and self._set[0] == run.phase:
+            self._apply(run, self._set[1])
+        else:
+            self._apply(run, run.step)
+
+    def reset(self) -> None:
+        self._set, self._resumed = None, False
+
+    def state_dict(self) -> dict:
+        return {"set": None if self._set is None else list(self._set)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self._set = None if d.get("set") is None else (int(d["set"][0]), int(d["set"][1]))
+        self._resumed = True
 
 
 @dataclasses.dataclass
