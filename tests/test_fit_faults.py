@@ -383,9 +383,12 @@ def test_options_must_be_option_objects(clip_model, tmp_path, option):
                   Batches(make_batches(1)), **{option: str(tmp_path)})  # fmt: skip
 
 
-def test_an_early_stopping_metric_that_does_not_exist_is_named(clip_model):
-    with pytest.raises(eqxtl.TrainingError, match="'test_loss', which evaluations do not"):
-        run_fit(clip_model, callbacks=[eqxtl.EarlyStopping("test_loss")])
+def test_an_early_stopping_metric_that_does_not_exist_is_named_before_training(clip_model):
+    for callback in (eqxtl.EarlyStopping("test_loss"), eqxtl.ReduceLROnPlateau("train_los")):
+        with pytest.raises(
+            eqxtl.TrainingError, match=r"\(metric='(test_loss|train_los)'\): not a metric"
+        ):
+            run_fit(clip_model, callbacks=[callback], callback=lambda step, m: pytest.fail())
 
 
 # ------------------------------------------------------------------ predict

@@ -317,6 +317,13 @@ def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool, call
     known = [f"train_{m}" for m in task.metrics]
     known += [f"test_{m}" for m in task.metrics] if has_test else []
     known += [m for cb in callbacks for m in getattr(cb, "metric_names", ())]  # FewShotEval
+    for cb in callbacks:  # EarlyStopping, ReduceLROnPlateau: before any step, not after
+        watched = getattr(cb, "metric", None)
+        if hasattr(cb, "on_eval") and isinstance(watched, str) and watched not in known:
+            raise TrainingError(
+                f"{type(cb).__name__}(metric={watched!r}): not a metric this run reports; it "
+                f"reports {known}" + ("" if has_test else " (test_* ones need test_data)") + "."
+            )
     if best not in known:
         raise TrainingError(
             f"Checkpoint(best=...): {best!r} is not a metric this run reports; it reports {known}"
