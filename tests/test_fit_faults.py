@@ -383,6 +383,13 @@ def test_options_must_be_option_objects(clip_model, tmp_path, option):
                   Batches(make_batches(1)), **{option: str(tmp_path)})  # fmt: skip
 
 
+def test_swapped_spec_and_optimizer_are_named(clip_model):
+    model, state = clip_model
+    spec, optimizer = eqxtl.param_groups(model, [("head", optax.adam(1e-3)), (".*", None)])
+    with pytest.raises(eqxtl.TrainingError, match="spec and the optimizer are swapped"):
+        eqxtl.fit(model, state, spec, optimizer, Batches(make_batches(1)))
+
+
 def test_an_early_stopping_metric_that_does_not_exist_is_named_before_training(clip_model):
     for callback in (eqxtl.EarlyStopping("test_loss"), eqxtl.ReduceLROnPlateau("train_los")):
         with pytest.raises(

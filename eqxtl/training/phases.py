@@ -39,6 +39,19 @@ class Phase:
 
         if self.bn not in BN_MODES:
             raise TrainingError(f"Phase(bn=...): bn must be one of {BN_MODES}, got {self.bn!r}.")
+        if not isinstance(self.optimizer, optax.GradientTransformation):
+            swapped = isinstance(self.spec, optax.GradientTransformation)
+            raise TrainingError(
+                f"The optimizer must be an optax transformation, got "
+                f"{type(self.optimizer).__name__}"
+                + (
+                    ": the spec and the optimizer are swapped (eqxtl.param_groups returns "
+                    "(spec, optimizer), fit takes (optimizer, spec): pass them by keyword, "
+                    "fit(..., optimizer=optimizer, spec=spec))."
+                    if swapped
+                    else "."
+                )
+            )
         for what in ("epochs", "steps"):
             value = getattr(self, what)
             if value is not None:
