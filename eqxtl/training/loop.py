@@ -421,14 +421,12 @@ def _source_classes(batches) -> list[str] | None:
     if not isinstance(batches, SourceBatches):
         return None
     names = getattr(batches.source, "class_names", None)
-    return None if names is None else [str(n) for n in names]
+    return None if names is None else list(names)
 
 
 def _class_names(batches, num_classes: int) -> list[str] | None:
-    if not isinstance(batches, SourceBatches):
-        return None
-    names = getattr(batches.source, "class_names", None)
-    return list(names) if names is not None and len(names) == num_classes else None
+    names = _source_classes(batches)
+    return names if names is not None and len(names) == num_classes else None
 
 
 def _saved_phase(meta: dict, bounds) -> int:

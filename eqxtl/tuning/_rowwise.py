@@ -1,7 +1,7 @@
 """Running an optax update once per row, vectorised over rows of stacked blocks.
 
 The groundwork for storing interchangeable blocks stacked (one ``(rows, ...)`` array per
-kind of weight; DESIGN.md, "Stacked storage"). An optimizer built by the user sees the
+kind of weight; benchmarks/README.md, "Stored stacked"). An optimizer built by the user sees the
 per-row tree (one leaf per weight of each block, as today). Giving it the stacked leaves
 instead would change what per-leaf transforms compute: an ``ndim``-based weight-decay mask
 would decay the stacked biases, LAMB's trust ratio and Adafactor's factored moments would
