@@ -31,6 +31,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import _common as C  # noqa: E402
 
 CONFIGS = ("b32", "l14")
+STORAGES = ("unrolled", "scanned", "packed")
 
 
 def _config(name: str, image: int):
@@ -40,7 +41,7 @@ def _config(name: str, image: int):
     return dataclasses.replace(base, projection_dim=None, image_size=image)
 
 
-def run_one(name: str, scan: bool, workload: str, args) -> dict:
+def run_one(name: str, storage: str, workload: str, args) -> dict:
     import equinox as eqx
     import jax
     import optax
@@ -48,6 +49,7 @@ def run_one(name: str, scan: bool, workload: str, args) -> dict:
 
     import eqxtl
     from eqxtl.models import clip
+    from eqxtl.training.packed import Packed
 
     config = _config(name, args.image)
     if args.layers:
@@ -61,7 +63,8 @@ def run_one(name: str, scan: bool, workload: str, args) -> dict:
         )
     backbone, state = eqx.nn.make_with_state(clip.CLIP_VISION.build)(config, jax.random.key(0))
     model = eqxtl.Classifier(eqx.nn.inference_mode(backbone), C.NUM_CLASSES, key=jax.random.key(1))
-    model = eqxtl.with_scan(model, scan)
+    if storage != "packed":  # packed: the default model, as fit trains it
+        model = eqxtl.with_scan(model, storage == "scanned")
     batch = make_batch(args.batch, config.image_size)
     loss_fn = eqxtl.task_loss()
     if workload == "grad":  # forward + backward of everything, no optimizer update
@@ -84,18 +87,23 @@ def run_one(name: str, scan: bool, workload: str, args) -> dict:
         opt_state = optimizer.init(eqx.filter(model, spec))
         step = eqxtl.make_step(loss_fn, optimizer, spec)
         key = jax.random.key(2)
-        trainable, frozen = eqx.partition(model, spec)
+        # fit's step form (training.packed; unpacked where it does not apply) or the
+        # per-block one that step(model, ...) runs
+        packed = step.pack(model, opt_state)
+        if storage != "packed":
+            packed = Packed(*eqx.partition(model, spec), opt_state, None, "per block")
         start = time.perf_counter()
-        lowered = step.compiled.lower((frozen, state, batch, key), trainable, opt_state)
+        passthrough = (packed.frozen, state, batch, key, packed.layout)
+        lowered = step.compiled.lower(passthrough, packed.params, packed.opt_state)
         trace_s = time.perf_counter() - start
         start = time.perf_counter()
         lowered.compile()
         compile_s = time.perf_counter() - start
-        carry = [model, state, opt_state]
+        carry = [packed, state]
 
         def call():
-            m, s, o, metrics = step(*carry, batch, key)
-            carry[:] = [m, s, o]
+            p, s, metrics = step.packed(*carry, batch, key)
+            carry[:] = [p, s]
             return metrics
 
     timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=1)
@@ -105,7 +113,9 @@ def run_one(name: str, scan: bool, workload: str, args) -> dict:
         "layers": config.num_hidden_layers,
         "hidden": config.hidden_size,
         "tokens": config.num_positions,
-        "scan": scan,
+        "scan": storage != "unrolled",
+        "storage": storage,
+        "packed": storage == "packed" and packed.layout is not None,
         "workload": workload,
         "batch": args.batch,
         "trace_s": round(trace_s, 3),
@@ -133,33 +143,33 @@ def lscpu() -> dict:
 
 
 def summarize(records: list[dict]) -> str:
-    by = {(r["config"], r["scan"], r["workload"]): r for r in records if r.get("kind") == "compile"}
+    """A table per (config, workload, storage) and L/14's compile over B/32's per storage
+    (records without ``storage``, from before it, count as scanned or unrolled)."""
+    by = {}
+    for r in records:
+        if r.get("kind") == "compile":
+            storage = r.get("storage", "scanned" if r["scan"] else "unrolled")
+            by[(r["config"], storage, r["workload"])] = r
     lines = [
-        "| config | workload | unrolled compile s | scanned compile s | unrolled step s "
-        "| scanned step s | scanned/unrolled step |",
+        "| config | workload | storage | compile s | trace s | step s | step / unrolled step |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (config, scan, workload), r in by.items():
-        if scan:
-            continue
-        s = by.get((config, True, workload))
-        row = f"| {config} ({r['layers']} layers) | {workload} | {r['compile_s']:.1f} |"
-        if s is None:
-            lines.append(row + f" — | {r['sec_per_step']:.3g} | — | — |")
-            continue
-        ratio = s["sec_per_step"] / r["sec_per_step"]
-        row += f" {s['compile_s']:.1f} | {r['sec_per_step']:.3g} | {s['sec_per_step']:.3g} |"
-        lines.append(row + f" {ratio:.3f} |")
+    for (config, storage, workload), r in by.items():
+        base = by.get((config, "unrolled", workload))
+        ratio = "—" if base is None else f"{r['sec_per_step'] / base['sec_per_step']:.3f}"
+        lines.append(
+            f"| {config} ({r['layers']} layers) | {workload} | {storage} | {r['compile_s']:.2f} "
+            f"| {r['trace_s']:.2f} | {r['sec_per_step']:.3g} | {ratio} |"
+        )
     lines.append("")
     for workload in dict.fromkeys(k[2] for k in by):
-        for scan in (False, True):
-            b, lg = by.get(("b32", scan, workload)), by.get(("l14", scan, workload))
+        for storage in STORAGES:
+            b, lg = by.get(("b32", storage, workload)), by.get(("l14", storage, workload))
             if b and lg:
-                what = "scanned" if scan else "unrolled"
                 # the bar compares the real depths (24 and 12 blocks), not --layers runs
                 bar = "same depth" if b["layers"] == lg["layers"] else "issue 22's bar: <= 1.3"
                 lines.append(
-                    f"{workload}, {what}: L/14 compile / B/32 compile = "
+                    f"{workload}, {storage}: L/14 compile / B/32 compile = "
                     f"{lg['compile_s'] / b['compile_s']:.2f} ({bar})"
                 )
     return "\n".join(lines)
@@ -189,11 +199,16 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--out", default=None, help="also append the JSON lines here")
-    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "SCAN", "WORKLOAD"))
+    parser.add_argument(
+        "--storages", nargs="+", default=list(STORAGES), choices=STORAGES,
+        help="packed: fit's step (blocks stored stacked); scanned / unrolled: step(model, ...)"
+        " with with_scan(model, True / False)",
+    )
+    parser.add_argument("--child", nargs=3, metavar=("CONFIG", "STORAGE", "WORKLOAD"))
     args = parser.parse_args(argv)
     if args.child:
-        name, scan, workload = args.child
-        C.emit(run_one(name, scan == "1", workload, args))
+        name, storage, workload = args.child
+        C.emit(run_one(name, storage, workload, args))
         return
     records = [{"kind": "machine", **lscpu()}]
     C.emit(records[0])
@@ -203,8 +218,8 @@ def main(argv=None) -> None:
     common += ["--rounds", str(args.rounds), "--steps", str(args.steps)]
     for workload in args.workloads:
         for name in args.configs:
-            for scan in ("0", "1"):
-                cmd = [sys.executable, __file__, "--child", name, scan, workload, *common]
+            for storage in args.storages:
+                cmd = [sys.executable, __file__, "--child", name, storage, workload, *common]
                 records += C.run_children([cmd], on_line=C.emit)
     if args.out:
         with open(args.out, "a") as f:

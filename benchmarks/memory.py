@@ -106,7 +106,7 @@ def rss(model_name: str, trim: str, batch_size: int, quick: bool) -> None:
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     record |= {"built_mb": current_mb()}
     trainable, frozen = eqx.partition(model, spec)
-    args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
+    args = ((frozen, state, batch, jax.random.key(2), None), trainable, opt_state)
     step.compiled.lower(*args).compile()  # the compilation the first call then reuses
     del trainable, frozen, args
     record |= {"compiled_mb": current_mb(), "compile_peak_rss_mb": round(C.peak_rss_mb())}

@@ -62,7 +62,7 @@ def _trace(
         opt_state = optimizer.init(eqx.filter(model, spec))
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
         trainable, frozen = eqx.partition(model, spec)
-        args = ((frozen, state, batch, jax.random.key(2)), trainable, opt_state)
+        args = ((frozen, state, batch, jax.random.key(2), None), trainable, opt_state)
         options |= eqxtl.training.step._step_compiler_options() or {}
     step = step if workload == "eval" else step.compiled
     compiled = step.lower(*args).compile(compiler_options=options)

@@ -111,7 +111,7 @@ def memory(name: str, mode: str, batch_size: int) -> dict:
         jax.tree.map(lambda x: x.sharding, (trainable, state, opt_state))
     )
     fn = step.compiled.__wrapped__
-    args = ((frozen, state, batch, None, shardings), trainable, opt_state)
+    args = ((frozen, state, batch, None, None, shardings), trainable, opt_state)
     dynamic, static = eqx.partition(args, lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
     def closed(frozen_dyn, rest):

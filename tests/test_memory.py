@@ -90,7 +90,7 @@ def test_shapes_or_arrays_compile_the_step_the_first_call_compiles(setup, small)
     assert abs(from_arrays.output - small.output) <= 64  # a scalar or two of bookkeeping
     # what step(...) itself compiles (eqx.filter_jit): the same buffer assignment
     trainable, frozen = eqx.partition(model, spec)
-    args = ((frozen, None, batch, key), trainable, opt_state)
+    args = ((frozen, None, batch, key, None), trainable, opt_state)
     stats = step.compiled.lower(*args).compile().compiled.memory_analysis()
     assert stats.temp_size_in_bytes == from_arrays.temp
     assert stats.argument_size_in_bytes == from_arrays.argument

@@ -238,9 +238,9 @@ def test_accumulate_equals_one_step_and_cuts_activation_memory():
     out = {}
     for k in (1, 4):
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, accumulate=k, donate=False)
-        compiled = step.compiled.lower((frozen, state, batch, None), trainable, opt_state)
+        compiled = step.compiled.lower((frozen, state, batch, None, None), trainable, opt_state)
         compiled = compiled.compile()
-        new, _, _, metrics = compiled((frozen, state, batch, None), trainable, opt_state)
+        new, _, _, metrics = compiled((frozen, state, batch, None, None), trainable, opt_state)
         temp = compiled.compiled.memory_analysis().temp_size_in_bytes
         out[k] = (temp, float(metrics["loss"]), metrics["count"], jax.tree.leaves(new))
     (temp1, loss1, count1, new1), (temp4, loss4, count4, new4) = out[1], out[4]

@@ -175,7 +175,7 @@ def test_step_flops_follow_what_trains(arch):
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
         opt_state = optimizer.init(eqx.filter(model, spec))
         trainable, frozen = eqx.partition(model, spec)
-        lowered = step.compiled.lower((frozen, state, b, key), trainable, opt_state)
+        lowered = step.compiled.lower((frozen, state, b, key, None), trainable, opt_state)
         return _flops(lowered.compile())
 
     head = step_flops(specs(model)["head-only"])

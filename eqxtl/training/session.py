@@ -26,6 +26,7 @@ from .options import Runtime
 from .parallel import host, local, shard
 from .phases import Phase
 from .runs import TRAIN_STATE, RunDir, all_finite, barrier, sigint_deferred, stage
+from .packed import Packed, unpack_model, unpack_opt_state
 from .step import make_eval_step, make_step, task_loss
 from .tasks import Task
 
@@ -60,11 +61,56 @@ class Run:
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.out_dir = out_dir
-        self.model = self.state = self.opt_state = None
+        self.state = None
+        self._model = self._opt_state = None
+        self._packed: Packed | None = None  # the model and optimizer state, in step form
         self.history: list[dict] = []
         self.step_losses: list[dict] = []  # {"step", "phase", "loss"} of every step so far
         self.stopped: str | None = None
         self._lr_scale: float | None = None
+
+    @property
+    def model(self):
+        """The model as trained so far, in its own (per-block) form."""
+        if self._model is None and self._packed is not None:
+            self._model = unpack_model(self._packed)
+        return self._model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._unpacked()
+        self._model = value
+
+    @property
+    def opt_state(self):
+        """The optimizer state, in ``optimizer.init``'s form."""
+        if self._opt_state is None and self._packed is not None:
+            self._opt_state = unpack_opt_state(self._packed)
+        return self._opt_state
+
+    @opt_state.setter
+    def opt_state(self, value) -> None:
+        self._unpacked()
+        self._opt_state = value
+
+    def _unpacked(self) -> None:
+        """Leave the step form: what is set next replaces part of the unpacked forms."""
+        if self._packed is not None:
+            self._model, self._opt_state = self.model, self.opt_state
+            self._packed = None
+
+    def packed(self, step_fn) -> Packed:
+        """The model and optimizer state in ``step_fn``'s step form (packed once: the step
+        keeps them in it, see ``hold``)."""
+        if self._packed is None:
+            self._packed = step_fn.pack(self._model, self._opt_state)
+            self._model = self._opt_state = None  # what trains may be consumed
+        return self._packed
+
+    def hold(self, packed: Packed) -> None:
+        """Keep a step's result; the unpacked forms are made again when asked for."""
+        self._packed = packed
+        self._model = self._opt_state = None
 
     @property
     def epoch(self) -> float:
@@ -231,7 +277,7 @@ class Loop:
     def steps(self, train, test, step_fn, eval_step, end: int) -> None:
         """The steps of one phase, with evaluations and checkpoints, up to step ``end``."""
         run, rt = self.run, self.runtime
-        model, state = run.model, run.state
+        state = run.state
         base_key = jax.random.key(rt.seed)
         per_step = any(getattr(cb, "on_step", None) is not None for cb in self.callbacks)
         acc, since, images = None, time.perf_counter(), 0
@@ -239,12 +285,13 @@ class Loop:
             epoch, start = divmod(run.step, run.steps_per_epoch)
             for batch in train.epoch(epoch, start_step=start):
                 key = jax.random.fold_in(base_key, run.step)
-                model, state, opt_state, metrics = step_fn(model, state, run.opt_state, batch, key)
+                packed, state, metrics = step_fn.packed(run.packed(step_fn), state, batch, key)
                 acc = _zero_sums(metrics) if acc is None else acc
                 run.step += 1
                 acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
                 self.pending.append((run.step, metrics["loss"]))
-                run.model, run.state, run.opt_state = model, state, opt_state
+                run.hold(packed)
+                run.state = state
                 if self.interrupt_requested:  # Ctrl-C: stop where everything agrees
                     raise KeyboardInterrupt
                 images += int(np.sum(batch["mask"])) if "mask" in batch else train.batch_size

@@ -31,6 +31,7 @@ from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
 from ..models.batching import batched
 from ..models.layers import BatchNorm
 from ..tuning.filters import check_spec
+from .packed import Packed, layout_for, pack, unpack
 from .parallel import batch_axes, shard_batch, shardings_of
 from .tasks import Classification, Task, loss_and_metrics
 
@@ -205,12 +206,14 @@ def make_step(
     bn = _bn_mode(bn)
     accumulate = count(accumulate, "make_step(accumulate=...)", TrainingError)
 
-    def grads_of(trainable, frozen, state, batch, key):
+    def grads_of(trainable, frozen, state, batch, key, layout):
         def loss_of(trainable, state, batch, key):
             model = eqx.combine(trainable, frozen)
             if mesh is not None:
                 model = _gathered(model, mesh)
             model = batchnorm_modes(model, spec, bn=bn)
+            if layout is not None:
+                model = layout.scanning(model)
             return loss_fn(model, state, batch, key)
 
         if accumulate == 1:
@@ -220,11 +223,16 @@ def make_step(
         return _accumulated(loss_of, accumulate, trainable, state, batch, key, mesh)
 
     def _step(passthrough, trainable, opt_state):
-        frozen, state, batch, key, *shardings = passthrough  # shardings: with a mesh only
+        # layout: packed storage (training.packed), or None; shardings: with a mesh only
+        frozen, state, batch, key, layout, *shardings = passthrough
         shardings = shardings[0] if shardings else None
-        _check_opt_state(optimizer, trainable, opt_state)  # at trace time only
+        updating = optimizer if layout is None else layout.optimizer
+        _check_opt_state(updating, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
-        loss, new_state, metrics, grads = grads_of(trainable, frozen, state, batch, key)
+        tree = trainable if layout is None else layout.trainable(trainable)
+        loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key, layout)
+        if layout is not None:
+            grads = layout.vectorised.pack(grads)
         finite = _all_finite(loss, grads)
         # With every BatchNorm frozen the state passes through untouched: returning it would
         # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).
@@ -233,7 +241,7 @@ def make_step(
             a is b for a, b in zip(state_leaves, new_leaves, strict=True)
         )
         new_trainable, new_opt_state = _update(
-            optimizer, grads, opt_state, trainable, finite if skip_nonfinite else None
+            updating, grads, opt_state, trainable, finite if skip_nonfinite else None
         )
         if skip_nonfinite and not unchanged:
             leaves, treedef = jtu.tree_flatten(new_state)
@@ -252,13 +260,32 @@ def make_step(
     plain = eqx.filter_jit(_step, compiler_options=options)
 
     def arguments(model, state, opt_state, batch, key):
-        return _arguments(spec, mesh, accumulate, donate, model, state, opt_state, batch, key)
+        trainable, frozen = _partitioned(model, spec)
+        return _arguments(mesh, accumulate, donate, (trainable, frozen, None), state, opt_state, batch, key)
 
     def step(model, state, opt_state, batch, key=None):
         donates, frozen, args = arguments(model, state, opt_state, batch, key)
         trainable, new_state, opt_state, metrics = (donating if donates else plain)(*args)
         state = state if new_state is None else new_state
         return eqx.combine(trainable, frozen), state, opt_state, metrics
+
+    def packed_step(carry: Packed, state, batch, key=None):
+        parts = (carry.params, carry.frozen, carry.layout)
+        donates, _, args = _arguments(mesh, accumulate, donate, parts, state, carry.opt_state, batch, key)
+        params, new_state, opt_state, metrics = (donating if donates else plain)(*args)
+        state = state if new_state is None else new_state
+        return Packed(params, carry.frozen, opt_state, carry.layout, carry.reason), state, metrics
+
+    layouts: dict = {}  # one per trainable structure: a new layout would recompile
+
+    def pack_model(model, opt_state) -> Packed:
+        trainable, frozen = _partitioned(model, spec)
+        shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), trainable)
+        key = jax.tree.structure(trainable), tuple(jax.tree.leaves(shapes))
+        if key not in layouts:
+            layouts[key] = layout_for(optimizer, trainable, mesh=mesh)
+        consume = donate if donate is not None else nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
+        return pack(*layouts[key], trainable, frozen, opt_state, consume=consume)
 
     def lower(model, state, opt_state, batch, key=None) -> jax.stages.Lowered:
         """The step lowered for these arguments, as ``step`` would compile it (same
@@ -276,27 +303,37 @@ def make_step(
     step.compiled = plain if donate is False else donating
     step.lower = lower
     step.spec = spec
+    step.pack = pack_model
+    step.packed = packed_step
+    step.unpack = unpack
     return step
 
 
-def _arguments(spec, mesh, accumulate, donate, model, state, opt_state, batch, key):
+def _partitioned(model, spec) -> tuple[Any, Any]:
+    """``eqx.partition(model, spec)``, with a ``RuleError`` where the spec does not fit."""
+    try:
+        return eqx.partition(model, spec)
+    except (ValueError, TypeError):
+        check_spec(model, spec)  # a RuleError that says so, if that is the cause
+        raise
+
+
+def _arguments(mesh, accumulate, donate, parts, state, opt_state, batch, key):
     """``(donates, frozen, (passthrough, trainable, opt_state))``: what the compiled step
-    takes."""
+    takes; ``parts``: ``(trainable, frozen, layout)`` (``layout``: ``training.packed``'s, or
+    ``None``)."""
+    trainable, frozen, layout = parts
     shardings = None
     if mesh is not None:
         batch = shard_batch(batch, mesh)
     _check_accumulate(batch, accumulate)  # the global batch, across processes too
-    try:
-        trainable, frozen = eqx.partition(model, spec)
-    except (ValueError, TypeError):
-        check_spec(model, spec)  # a RuleError that says so, if that is the cause
-        raise
     if mesh is not None:
         shardings = _Static(shardings_of((trainable, state, opt_state)))
     donates = donate
     if donates is None:
         donates = nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
-    passthrough = (frozen, state, batch, key) + (() if shardings is None else (shardings,))
+    passthrough = (frozen, state, batch, key, layout)
+    passthrough += () if shardings is None else (shardings,)
     return donates, frozen, (passthrough, trainable, opt_state)
 
 

@@ -287,6 +287,7 @@ class Vectorised:
         return (u_stacks, u_rest), (new_stacks, [new[j] for j in self._rest_slots])
 
     def pack(self, tree: Any) -> Any:
+        """The packed form of a tree with ``params``' structure (one copy per stack)."""
         flat = jax.tree.leaves(tree)
         stacks = [
             [jnp.stack([flat[row[k]] for row in rows]) for k in range(len(rows[0]))]
@@ -295,9 +296,46 @@ class Vectorised:
         return stacks, [flat[i] for i in self._rest]
 
     def unpack(self, packed: Any) -> Any:
+        """The tree with ``params``' structure that ``packed`` holds."""
         stacks, rest_values = packed
         flat: dict[int, Any] = dict(zip(self._rest, rest_values, strict=True))
         for rows, stack in zip(self.segments, stacks, strict=True):
-            for r, row in enumerate(rows):
-                flat.update({i: stack[k][r] for k, i in enumerate(row)})
+            for k, column in enumerate(stack):
+                # lax.split, not x[r]: its transpose is one concatenation, which XLA folds
+                # with the stacking of the gradients (per-row slices' transposes are
+                # zero-padded arrays, one per row, added up).
+                for row, part in zip(rows, _rows_of(column, len(rows)), strict=True):
+                    flat[row[k]] = part
         return jax.tree.unflatten(self._treedef, [flat[i] for i in range(len(self._leaves))])
+
+    def pack_state(self, state: Any) -> Any:
+        """The packed optimizer state (``init``'s form) of ``optimizer.init(params)``'s
+        form ``state``."""
+        flat = jax.tree.leaves(state)
+        per_segment = []
+        for rows in self.segments:
+            owned = [[self._t.owned(i) for i in row] for row in rows]
+            per_segment.append(
+                [
+                    [jnp.stack([flat[o[k][m]] for o in owned]) for m in range(len(owned[0][k]))]
+                    for k in range(len(rows[0]))
+                ]
+            )
+        return per_segment, [flat[j] for j in self._rest_slots]
+
+    def unpack_state(self, packed_state: Any) -> Any:
+        """``optimizer.init(params)``'s form of the packed optimizer state."""
+        per_segment, rest_state = packed_state
+        flat: dict[int, Any] = dict(zip(self._rest_slots, rest_state, strict=True))
+        for rows, segment in zip(self.segments, per_segment, strict=True):
+            for k, slots in enumerate(segment):
+                for m, stack in enumerate(slots):
+                    for row, part in zip(rows, _rows_of(stack, len(rows)), strict=True):
+                        flat[self._t.owned(row[k])[m]] = part
+        leaves = [flat[j] for j in range(len(self._state_leaves))]
+        return jax.tree.unflatten(self._state_def, leaves)
+
+
+def _rows_of(stack: jax.Array, n: int) -> list[jax.Array]:
+    """The ``n`` rows of ``stack`` (``(n, ...)``)."""
+    return [part.reshape(stack.shape[1:]) for part in jax.lax.split(stack, [1] * n, axis=0)]

@@ -1,0 +1,211 @@
+"""Trained blocks kept stacked between steps: the storage behind ``fit``'s train step.
+
+A backbone keeps its repeated blocks as a Python list (``encoder.layers.N``): paths, specs,
+optimizer groups and saved files are per block. Inside a step, ``run_blocks`` stacks each
+run of interchangeable blocks to scan it, and the gradients come back per block; the
+optimizer then runs once per block and weight. Everything that is per block there (the
+stacking, the slicing of the gradients, the optimizer's kernels) makes the compiled step
+grow with depth.
+
+``Packed`` holds a model's trainable leaves as ``fit`` keeps them between steps instead:
+each run of two or more interchangeable trained blocks (same structure, shapes, dtypes and
+spec) of a module that scans its blocks is stored as one ``(rows, ...)`` array per weight,
+with the optimizer state alike. The step splits the stacks into per-block views
+(``lax.split``), runs the model as it is, and stacks the gradients again; XLA folds the
+split and the stacking with the scan's own, so the compiled step holds no per-block copy.
+The optimizer runs once per row, ``jax.vmap``-ed over the rows
+(``tuning._rowwise.Vectorised``): exactly what it computes per block, or the step is not
+packed (a global-norm clip, per-block learning rates, a mesh, no such run: ``reason``
+says why) and runs as ``make_step``'s plain step.
+
+``pack`` / ``unpack`` convert a model and its optimizer state (``optimizer.init`` of the
+trainable partition, as always) to and from this form; ``fit`` converts only where it
+hands the model out (callbacks, evaluations, checkpoints, the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import optax
+
+from ..errors import OptimizerMismatchError
+from ..models.blockwise import SCAN_FIELD
+from ..models.layers.static import replace_static
+from ..tuning._rowwise import Rows, Vectorised
+
+
+def _has_scan(x: Any) -> bool:
+    return isinstance(x, eqx.Module) and any(
+        f.name == SCAN_FIELD for f in dataclasses.fields(x)
+    )
+
+
+def _block_signature(block: Any) -> tuple | None:
+    """What two trained blocks must share to be stacked (``None``: not stackable)."""
+    leaves, treedef = jax.tree.flatten(block)
+    if not leaves or not all(eqx.is_inexact_array(x) for x in leaves):
+        return None
+    return treedef, tuple((x.shape, x.dtype) for x in leaves)
+
+
+def _runs_of(blocks: list, start: int) -> tuple[list[Rows], int]:
+    """The runs of two or more consecutive stackable ``blocks`` (their flat leaf indices,
+    counted from ``start``) and the number of leaves the blocks hold."""
+    runs: list[list[list[int]]] = []
+    last, pos = None, start
+    for block in blocks:
+        n = len(jax.tree.leaves(block))
+        sig = _block_signature(block)
+        row = list(range(pos, pos + n))
+        if sig is not None and sig == last:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+        last, pos = sig, pos + n
+    return [r for r in runs if len(r) >= 2], pos - start
+
+
+def find_segments(trainable: Any) -> tuple[list[Rows], list[int]]:
+    """``(segments, owners)``: the stackable runs of ``trainable`` (``eqx.filter(model,
+    spec)``) as rows of flat leaf indices, and the indices (among the modules with a
+    ``scan`` flag, in flattening order) of the modules whose blocks they are."""
+    segments: list[Rows] = []
+    owners: list[int] = []
+    scan_modules = [0]
+
+    def walk(node: Any, start: int) -> int:
+        if node is None:
+            return 0
+        children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if len(children) == 1 and children[0] is node:  # a leaf
+            return 1
+        owner = None
+        if _has_scan(node):
+            owner = scan_modules[0]
+            scan_modules[0] += 1
+        pos = start
+        for child in children:
+            if owner is not None and getattr(node, SCAN_FIELD) is not False and _is_blocks(child):
+                runs, n = _runs_of(list(child), pos)
+                segments.extend(runs)
+                owners.extend([owner] * bool(runs))
+                pos += n
+            else:
+                pos += walk(child, pos)
+        return pos - start
+
+    walk(trainable, 0)
+    return segments, sorted(set(owners))
+
+
+def _is_blocks(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) >= 2 and all(
+        isinstance(b, eqx.Module) for b in x
+    )
+
+
+class Layout:
+    """How a model's trainable leaves are packed: the segments, the vectorised optimizer,
+    and the modules that scan the packed blocks. Static (hashed by identity) in the
+    compiled step."""
+
+    def __init__(self, vectorised: Vectorised, treedef, owners: list[int]):
+        self.vectorised = vectorised
+        self.treedef = treedef
+        self.owners = owners
+        self.optimizer = _as_transformation(vectorised)
+        self.unpack_params = jax.jit(vectorised.unpack)
+        self.unpack_state = jax.jit(vectorised.unpack_state)
+
+    def trainable(self, packed: Any) -> Any:
+        """The per-block trainable tree of ``packed`` (traced: split views)."""
+        return self.vectorised.unpack(packed)
+
+    def scanning(self, model: Any) -> Any:
+        """``model`` with the modules that own packed blocks scanning them at any size:
+        stored stacked, the scan no longer copies the weights (``with_scan``'s default
+        unrolls small carries for that copy)."""
+        flat, treedef = jax.tree_util.tree_flatten(model, is_leaf=_has_scan)
+        modules = [i for i, x in enumerate(flat) if _has_scan(x)]
+        for owner in self.owners:
+            i = modules[owner]
+            if getattr(flat[i], SCAN_FIELD) is None:
+                flat[i] = replace_static(flat[i], **{SCAN_FIELD: True})
+        return jax.tree_util.tree_unflatten(treedef, flat)
+
+
+def _as_transformation(vectorised: Vectorised) -> optax.GradientTransformation:
+    return optax.GradientTransformation(vectorised.init, vectorised.update)
+
+
+class Packed(eqx.Module):
+    """A model and its optimizer state in ``fit``'s step form (see the module docstring):
+    ``params`` (packed trainable leaves, or the trainable partition when ``layout`` is
+    ``None``), ``frozen`` (the rest of the model), ``opt_state`` (packed alike)."""
+
+    params: Any
+    frozen: Any
+    opt_state: Any
+    layout: Layout | None = eqx.field(static=True)
+    reason: str | None = eqx.field(static=True)
+
+
+def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Layout | None, str | None]:
+    """``(layout, None)`` for packing ``trainable``'s blocks, or ``(None, why not)``."""
+    if mesh is not None:
+        return None, "a mesh: the leaves keep their own shardings"
+    if not all(eqx.is_inexact_array(x) for x in jax.tree.leaves(trainable)):
+        return None, "a trainable leaf that is not a floating-point array"
+    segments, owners = find_segments(trainable)
+    if not segments:
+        return None, "no run of two or more interchangeable trained blocks that scan"
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    try:
+        vectorised = Vectorised(optimizer, shapes, segments)
+    except OptimizerMismatchError as err:
+        return None, str(err)
+    return Layout(vectorised, jax.tree.structure(trainable), owners), None
+
+
+def pack(
+    layout: Layout | None, reason: str | None, trainable, frozen, opt_state, *, consume: bool
+) -> Packed:
+    """The trainable partition and its optimizer state in step form with ``layout`` (from
+    ``layout_for``; ``None``: as they are, with the ``reason``). ``consume``: the arrays
+    moved into stacks are deleted as soon as they are copied (the step would donate them;
+    peak memory then holds one copy of them, not two)."""
+    if layout is None:
+        return Packed(trainable, frozen, opt_state, None, reason)
+    vec = layout.vectorised
+    # stacked eagerly, one weight at a time, so that consume frees each row as it goes
+    params = vec.pack(trainable)
+    state = vec.pack_state(opt_state)
+    if consume:
+        kept = {id(x) for x in (*params[1], *state[1])}  # the leaves not stacked
+        for x in jax.tree.leaves((trainable, opt_state)):
+            if isinstance(x, jax.Array) and id(x) not in kept and not x.is_deleted():
+                x.delete()
+    return Packed(params, frozen, state, layout, None)
+
+
+def unpack_model(packed: Packed) -> Any:
+    """The model of ``packed``, in its own (per-block) form."""
+    if packed.layout is None:
+        return eqx.combine(packed.params, packed.frozen)
+    return eqx.combine(packed.layout.unpack_params(packed.params), packed.frozen)
+
+
+def unpack_opt_state(packed: Packed) -> Any:
+    """The optimizer state of ``packed``, in ``optimizer.init``'s form."""
+    if packed.layout is None:
+        return packed.opt_state
+    return packed.layout.unpack_state(packed.opt_state)
+
+
+def unpack(packed: Packed) -> tuple[Any, Any]:
+    """``(model, opt_state)`` of ``packed``, in their own (per-block) forms."""
+    return unpack_model(packed), unpack_opt_state(packed)
