@@ -200,7 +200,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--out", default=None, help="also append the JSON lines here")
     parser.add_argument(
-        "--storages", nargs="+", default=list(STORAGES), choices=STORAGES,
+        "--storages",
+        nargs="+",
+        default=list(STORAGES),
+        choices=STORAGES,
         help="packed: fit's step (blocks stored stacked); scanned / unrolled: step(model, ...)"
         " with with_scan(model, True / False)",
     )

@@ -175,7 +175,9 @@ def hlo_summary() -> None:
     opt_state = optimizer.init(eqx.filter(model, spec))
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
     trainable, frozen = eqx.partition(model, spec)
-    lowered = step.compiled.lower((frozen, state, batch, jax.random.key(0), None), trainable, opt_state)
+    lowered = step.compiled.lower(
+        (frozen, state, batch, jax.random.key(0), None), trainable, opt_state
+    )
     text = lowered.compile().compiled.as_text()
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "eqxtl_resnet50_full_step.hlo.txt")
     with open(path, "w") as f:

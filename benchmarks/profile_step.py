@@ -15,6 +15,7 @@ variants of the same step, not single events.
 
     python benchmarks/profile_step.py --model dinov2_s14 [--workload eval] [--top 30] [--out DIR]
     python benchmarks/profile_step.py --model clip --workload lora --int8-base
+    python benchmarks/profile_step.py --model clip --form packed   # fit's step form
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 
 def _trace(
-    model_name: str, batch_size: int, out: str, workload: str, int8_base: bool = False
+    model_name: str,
+    batch_size: int,
+    out: str,
+    workload: str,
+    int8_base: bool = False,
+    form: str = "model",
 ) -> tuple[float, str]:
     import equinox as eqx
     import jax
@@ -61,8 +67,13 @@ def _trace(
         optimizer = optax.adam(1e-3)
         opt_state = optimizer.init(eqx.filter(model, spec))
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
-        trainable, frozen = eqx.partition(model, spec)
-        args = ((frozen, state, batch, jax.random.key(2), None), trainable, opt_state)
+        if form == "packed":  # fit's step form (make_step's step.pack)
+            carry = step.pack(model, opt_state)
+            passthrough = (carry.frozen, state, batch, jax.random.key(2), carry.layout)
+            args = (passthrough, carry.params, carry.opt_state)
+        else:
+            trainable, frozen = eqx.partition(model, spec)
+            args = ((frozen, state, batch, jax.random.key(2), None), trainable, opt_state)
         options |= eqxtl.training.step._step_compiler_options() or {}
     step = step if workload == "eval" else step.compiled
     compiled = step.lower(*args).compile(compiler_options=options)
@@ -120,11 +131,19 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--int8-base", action="store_true", help="the frozen base stored as int8 (lora only)"
     )
+    parser.add_argument(
+        "--form",
+        default="model",
+        choices=("model", "packed"),
+        help="packed: fit's step form (step.pack); model: step(model, ...)",
+    )
     args = parser.parse_args(argv)
     if args.int8_base and args.workload != "lora":
         parser.error("--int8-base needs --workload lora (a frozen base)")
     out = args.out or tempfile.mkdtemp(prefix="eqxtl-profile-")
-    seconds, hlo = _trace(args.model, args.batch_size, out, args.workload, args.int8_base)
+    seconds, hlo = _trace(
+        args.model, args.batch_size, out, args.workload, args.int8_base, args.form
+    )
     with open(os.path.join(out, "optimised.hlo.txt"), "w") as f:
         f.write(hlo)
     trace = glob.glob(os.path.join(out, "plugins", "profile", "*", "*.trace.json.gz"))[0]

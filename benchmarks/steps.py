@@ -210,25 +210,35 @@ def run_one(model_name: str, workload: str, args) -> None:
         )
         step = eqxtl.make_step(loss_fn, optimizer, spec)
         key = jax.random.key(2)
-        # step.lower: the compilation the first call then reuses (same donation choice)
-        start = time.perf_counter()
-        step.lower(model, state, opt_state, batch, key).compile()
-        compile_s = time.perf_counter() - start
-
+        extra["trainable_params"] = eqxtl.count(model, spec)
         flat = unrolled(model)  # its own spec and optimizer state (a static field differs)
         flat_spec = spec_for(flat, workload)
         shapes = jax.eval_shape(optimizer.init, eqx.filter(flat, flat_spec))
         flat_step = eqxtl.make_step(loss_fn, optimizer, flat_spec)
         flops = C.cost_flops(flat_step.lower(flat, state, shapes, batch, key).compile())
-        carry = [model, state, opt_state]
+        del flat
+        # --form packed: fit's step form (blocks kept stacked between steps, where they
+        # can be; it consumes the model's trainable leaves, as a donating step would)
+        packed = step.pack(model, opt_state) if args.form == "packed" else None
+        extra["form"] = args.form
+        extra["packed"] = packed is not None and packed.layout is not None
+        # step.lower: the compilation the first call then reuses (same donation choice)
+        start = time.perf_counter()
+        step.lower(packed or model, state, opt_state, batch, key).compile()
+        compile_s = time.perf_counter() - start
+        carry = [model, state, opt_state] if packed is None else [packed, state]
+        del model, opt_state, packed
 
         def call():
+            if len(carry) == 2:
+                p, s, metrics = step.packed(*carry, batch, key)
+                carry[:] = [p, s]
+                return p, s, metrics
             m, s, o, metrics = step(*carry, batch, key)
             carry[:] = [m, s, o]
             return m, s, o, metrics
 
         timing = C.measure(call, C.block, rounds=args.rounds, steps=args.steps, warmup=args.warmup)
-        extra["trainable_params"] = eqxtl.count(model, spec)
         if compile_s is None:
             compile_s = timing["first_call_s"] - timing["sec_per_step"]
     extra |= C.jax_device()
@@ -282,6 +292,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="rematerialise each block in the backward pass (eqxtl.with_remat)",
     )
+    parser.add_argument(
+        "--form",
+        choices=("packed", "model"),
+        default="packed",
+        help="packed: fit's step form (step.pack / step.packed); model: step(model, ...)",
+    )
     parser.add_argument("--variant", choices=C.VARIANTS, default=None, help="see _common.VARIANTS")
     args = parser.parse_args(argv)
     if args.variant == "int8-base" and not set(args.workloads) <= {"lora", "head", "last2"}:
@@ -295,7 +311,7 @@ def main(argv=None) -> None:
         os.path.abspath(__file__),
         args,
         lambda m, w: run_one(m, w, args),
-        extra=["--dtype", args.dtype, "--platform", args.platform]
+        extra=["--dtype", args.dtype, "--platform", args.platform, "--form", args.form]
         + (["--remat"] if args.remat else [])
         + (["--variant", args.variant] if args.variant else []),
     )

@@ -230,7 +230,9 @@ def test_lora_step_computes_no_frozen_weight_gradients():
         step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
         opt_state = optimizer.init(eqx.filter(model, spec))
         trainable, frozen = eqx.partition(model, spec)
-        return _flops(step.compiled.lower((frozen, state, b, key, None), trainable, opt_state).compile())
+        return _flops(
+            step.compiled.lower((frozen, state, b, key, None), trainable, opt_state).compile()
+        )
 
     full = step_flops(model, eqxtl.everything(model))
     lora = step_flops(adapted, eqxtl.lora_spec(adapted, "head"))

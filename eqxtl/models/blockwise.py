@@ -56,16 +56,20 @@ as unscanned; so do a head-only spec and ``make_eval_step``. When the
 scan was asked for (``with_scan(model)``) and no two neighbours are interchangeable, a
 warning says so; the default stays quiet.
 
-The blocks' weights are stacked (copied) inside every step and their gradients sliced back
-out: at small batches, where the weights outweigh the activations, unrolled blocks are
-faster and need less memory. So by default (the flag ``None``) a run scans only when its
-carry (the ``(batch, tokens, width)`` stream) holds at least ``SCAN_MIN_CARRY_PER_WEIGHT``
-of one block's weight bytes, and runs unrolled below: at 224², CLIP-B/32 (50 tokens)
-scans from batch 24, ViT-B/16 from batch 6, DINOv2-S/14 from batch 3 (benchmarks/README.md,
-"Scan or unroll by size"). ``with_scan(model)`` scans at any size; ``with_scan(model,
-False)`` never does. The optimizer update is not scanned: it runs on the per-layer
-weights, so the full train step's compile time still grows with depth, more slowly than
-the unrolled passes'.
+Called as ``step(model, ...)``, a step stacks (copies) the blocks' weights inside every
+call and slices their gradients back out: at small batches, where the weights outweigh the
+activations, unrolled blocks are then faster and need less memory. So by default (the flag
+``None``) a run scans only when its carry (the ``(batch, tokens, width)`` stream) holds at
+least ``SCAN_MIN_CARRY_PER_WEIGHT`` of one block's weight bytes, and runs unrolled below:
+at 224², CLIP-B/32 (50 tokens) scans from batch 24, ViT-B/16 from batch 6, DINOv2-S/14 from
+batch 3 (benchmarks/README.md, "Scan or unroll by size"). ``with_scan(model)`` scans at any
+size; ``with_scan(model, False)`` never does.
+
+``fit`` keeps the trained blocks stored stacked between steps instead
+(``eqxtl.training.packed``: ``step.pack`` / ``step.packed``), the optimizer run once per
+row and vectorised; XLA then folds the stacking away, and the compiled step no longer grows
+with depth. There a run of trained blocks scans at any size (unless the flag is
+``False``).
 
 The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
 """

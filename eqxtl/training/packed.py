@@ -39,9 +39,7 @@ from ..tuning._rowwise import Rows, Vectorised
 
 
 def _has_scan(x: Any) -> bool:
-    return isinstance(x, eqx.Module) and any(
-        f.name == SCAN_FIELD for f in dataclasses.fields(x)
-    )
+    return isinstance(x, eqx.Module) and any(f.name == SCAN_FIELD for f in dataclasses.fields(x))
 
 
 def _block_signature(block: Any) -> tuple | None:
@@ -103,8 +101,8 @@ def find_segments(trainable: Any) -> tuple[list[Rows], list[int]]:
 
 
 def _is_blocks(x: Any) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) >= 2 and all(
-        isinstance(b, eqx.Module) for b in x
+    return (
+        isinstance(x, (list, tuple)) and len(x) >= 2 and all(isinstance(b, eqx.Module) for b in x)
     )
 
 

@@ -23,10 +23,10 @@ from . import train_state
 from .callbacks import callback_metrics, improved
 from .evaluation import eval_sums, summarise
 from .options import Runtime
+from .packed import Packed, unpack_model, unpack_opt_state
 from .parallel import host, local, shard
 from .phases import Phase
 from .runs import TRAIN_STATE, RunDir, all_finite, barrier, sigint_deferred, stage
-from .packed import Packed, unpack_model, unpack_opt_state
 from .step import make_eval_step, make_step, task_loss
 from .tasks import Task
 

@@ -202,6 +202,16 @@ def make_step(
     memory of one micro-batch. BatchNorm layers that train see each micro-batch on its own:
     their batch statistics (and running averages, updated ``k`` times) are per micro-batch,
     as in PyTorch with gradient accumulation. The batch size must be a multiple of ``k``.
+
+    Step form (what ``fit`` runs): ``packed = step.pack(model, opt_state)``, then
+    ``packed, state, metrics = step.packed(packed, state, batch, key)`` per step, and
+    ``model, opt_state = step.unpack(packed)`` where the model is needed. Runs of two or more
+    interchangeable trained blocks stay stacked between steps and the optimizer runs once
+    per row, vectorised (``eqxtl.training.packed``): the same updates, and a compiled step
+    that does not grow with depth. Where that would change what the optimizer computes (a
+    global-norm clip, per-block learning rates), with a ``mesh``, or with no such run, the
+    packed form holds the model as it is (``packed.reason`` says why) and steps as
+    ``step``. ``step.pack`` consumes what it stacks when the step would donate.
     """
     bn = _bn_mode(bn)
     accumulate = count(accumulate, "make_step(accumulate=...)", TrainingError)
@@ -260,8 +270,11 @@ def make_step(
     plain = eqx.filter_jit(_step, compiler_options=options)
 
     def arguments(model, state, opt_state, batch, key):
-        trainable, frozen = _partitioned(model, spec)
-        return _arguments(mesh, accumulate, donate, (trainable, frozen, None), state, opt_state, batch, key)
+        if isinstance(model, Packed):  # step form: its own optimizer state
+            parts, opt_state = (model.params, model.frozen, model.layout), model.opt_state
+        else:
+            parts = (*_partitioned(model, spec), None)
+        return _arguments(mesh, accumulate, donate, parts, state, opt_state, batch, key)
 
     def step(model, state, opt_state, batch, key=None):
         donates, frozen, args = arguments(model, state, opt_state, batch, key)
@@ -270,8 +283,7 @@ def make_step(
         return eqx.combine(trainable, frozen), state, opt_state, metrics
 
     def packed_step(carry: Packed, state, batch, key=None):
-        parts = (carry.params, carry.frozen, carry.layout)
-        donates, _, args = _arguments(mesh, accumulate, donate, parts, state, carry.opt_state, batch, key)
+        donates, _, args = arguments(carry, state, None, batch, key)
         params, new_state, opt_state, metrics = (donating if donates else plain)(*args)
         state = state if new_state is None else new_state
         return Packed(params, carry.frozen, opt_state, carry.layout, carry.reason), state, metrics
@@ -290,7 +302,8 @@ def make_step(
     def lower(model, state, opt_state, batch, key=None) -> jax.stages.Lowered:
         """The step lowered for these arguments, as ``step`` would compile it (same
         donation); leaves may be ``jax.ShapeDtypeStruct``: nothing is allocated or run.
-        With arrays only, compiling it compiles the step's first call too."""
+        With arrays only, compiling it compiles the step's first call too. ``model`` may be
+        in step form (``step.pack``; ``opt_state`` is then ignored): ``step.packed``'s."""
         donates, _, args = arguments(model, state, opt_state, batch, key)
         if all(eqx.is_array(x) for x in jax.tree.leaves(args) if is_leaf_value(x)):
             # real arrays: the step's own jit, so that compiling this lowering is the

@@ -1,0 +1,254 @@
+"""``fit``'s step form (``eqxtl.training.packed``; ``step.pack`` / ``step.packed`` /
+``step.unpack``): interchangeable trained blocks stored stacked between steps, the
+optimizer run once per row. Checked for every registered architecture that scans: the
+same steps as ``step(model, ...)`` on the scanned model; what cannot be packed runs as the
+plain step, with the reason; the compiled step does not grow with depth."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqxtl
+from eqxtl.io import checkpoint
+from eqxtl.models import clip
+from eqxtl.models.registry import ARCHITECTURES
+from tests._tiny import TINY_CLIP, TINY_CONFIGS, random_tensors, tiny, tiny_architecture
+
+NUM_CLASSES = 3
+SCANNING = [
+    n
+    for n, a in ARCHITECTURES.items()
+    if a.supports_scan and a.towers == "vision" and n in TINY_CONFIGS
+]
+
+
+def side(config) -> int:
+    size = config.image_size
+    return size if isinstance(size, int) else size[0]
+
+
+def batches(image: int, n: int = 3, size: int = 4):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "image": rng.normal(size=(size, 3, image, image)).astype(np.float32),
+            "label": rng.integers(0, NUM_CLASSES, size).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
+
+
+def classifier(backbone):
+    return eqxtl.Classifier(backbone, NUM_CLASSES, key=jax.random.key(1))
+
+
+def run_both(model, state, spec, optimizer, data, **options):
+    """``(plain, packed, carry)``: ``(model, opt_state)`` after the same steps through
+    ``step(model, ...)`` on the scanned model and through the step form, and the carry."""
+    scanned = eqxtl.with_scan(model, True)
+    spec_scanned = eqxtl.with_scan(spec, True)
+    plain_step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec_scanned, **options)
+    m, s = scanned, state
+    o = optimizer.init(eqx.filter(scanned, spec_scanned))
+    for i, b in enumerate(data):
+        m, s, o, _ = plain_step(m, s, o, b, jax.random.key(i))
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, **options)
+    carry = step.pack(model, optimizer.init(eqx.filter(model, spec)))
+    s = state
+    for i, b in enumerate(data):
+        carry, s, _ = step.packed(carry, s, b, jax.random.key(i))
+    packed_model, packed_opt = step.unpack(carry)
+    return (m, o), (packed_model, packed_opt), carry
+
+
+def assert_same(got, want, tol=1e-6):
+    """The same leaves in the same places (a scan flag may differ), within ``tol``."""
+    got_leaves = jax.tree.leaves(eqx.filter(got, eqx.is_array))
+    want_leaves = jax.tree.leaves(eqx.filter(want, eqx.is_array))
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(got)]
+    assert paths == [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(want)]
+    for a, b in zip(got_leaves, want_leaves, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", SCANNING)
+def test_packed_steps_equal_the_plain_steps(name):
+    """Full fine-tuning with AdamW and ``decay_mask`` (per-leaf: biases and norms are not
+    decayed, which stacked leaves would get wrong): three packed steps give the weights and
+    optimizer state of three plain steps on the scanned model; every block is in one
+    stack."""
+    backbone, state = tiny_architecture(name, seed=1)
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adamw(1e-2, weight_decay=0.1, mask=eqxtl.decay_mask)
+    data = batches(side(TINY_CONFIGS[name]))
+    (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, data)
+    assert carry.layout is not None, carry.reason
+    rows = [len(rows) for rows in carry.layout.vectorised.segments]
+    assert rows == [TINY_CONFIGS[name].num_hidden_layers]
+    assert eqxtl.paths(pm) == eqxtl.paths(model)
+    assert_same(pm, m)
+    assert_same(po, o)
+
+
+def test_pack_and_unpack_are_inverse_and_consume_what_they_stack():
+    backbone, _ = tiny("clip")
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    kept = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=False)
+    carry = kept.pack(model, opt_state)
+    back_model, back_state = kept.unpack(carry)
+    assert_same(back_model, model, tol=0)
+    assert_same(back_state, opt_state, tol=0)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    # a donating step's pack frees each stacked row once copied; the head stays as it is
+    donating = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=True)
+    fresh = jax.tree.map(lambda x: jnp.copy(x) if eqx.is_array(x) else x, model)
+    fresh_state = jax.tree.map(jnp.copy, opt_state)
+    carry = donating.pack(fresh, fresh_state)
+    assert all(x.is_deleted() for x in jax.tree.leaves(fresh.backbone.encoder.layers))
+    assert not fresh.head.weight.is_deleted()
+    assert carry.params[1][0] is not None and any(x is fresh.head.weight for x in carry.params[1])
+    assert_same(donating.unpack(carry)[0], model, tol=0)
+
+
+def _plain_step(model, state, spec, optimizer, data):
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    o = optimizer.init(eqx.filter(model, spec))
+    for i, b in enumerate(data):
+        model, state, o, _ = step(model, state, o, b, jax.random.key(i))
+    return model, o
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("clip_global_norm", "cannot run once per row"),
+        ("layerwise_decay", "the rows' updates differ"),
+        ("head_only", "no run of two or more"),
+    ],
+)
+def test_what_cannot_be_packed_runs_as_the_plain_step(case, reason):
+    """A global-norm clip reads every gradient; per-block learning rates differ between
+    rows; a head-only spec has no trained blocks: the step form holds the model as it is,
+    says why, and steps exactly as ``step(model, ...)``."""
+    backbone, state = tiny("clip")
+    model = classifier(backbone)
+    adam = optax.adam
+    if case == "clip_global_norm":
+        spec, optimizer = eqxtl.param_groups(model, [(".*", adam(1e-3))], clip_global_norm=1.0)
+    elif case == "layerwise_decay":
+        groups = eqxtl.layerwise_groups(model, adam, base_lr=1e-3, decay=0.7)
+        spec, optimizer = eqxtl.param_groups(model, groups)
+    else:
+        spec = eqxtl.trainable(model, "head")
+        optimizer = adam(1e-3)
+    data = batches(side(TINY_CLIP), n=2)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    carry = step.pack(model, optimizer.init(eqx.filter(model, spec)))
+    assert carry.layout is None and reason in carry.reason
+    s = state
+    for i, b in enumerate(data):
+        carry, s, _ = step.packed(carry, s, b, jax.random.key(i))
+    m, o = _plain_step(model, state, spec, optimizer, data)
+    pm, po = step.unpack(carry)
+    assert_same(pm, m, tol=0)
+    assert_same(po, o, tol=0)
+
+
+@pytest.mark.parametrize("what", ["last_blocks", "lora"])
+def test_last_blocks_and_lora_pack_their_trained_blocks(what):
+    """``last_blocks(model, 2)``: the two trained blocks form one stack, the frozen ones
+    stay as they are; LoRA: every block's adapters stack, the frozen base does not."""
+    backbone, state = tiny("clip")
+    model = classifier(backbone)
+    if what == "lora":
+        model = eqxtl.lora(model, ".*(q_proj|v_proj)", rank=2, key=jax.random.key(3))
+        spec = eqxtl.lora_spec(model, "head")
+        model = _perturbed_lora(model)
+        rows = TINY_CLIP.num_hidden_layers
+    else:
+        spec = eqxtl.trainable(model, "head", *eqxtl.last_blocks(model, 2))
+        rows = 2
+    optimizer = optax.adam(1e-2)
+    (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, batches(side(TINY_CLIP)))
+    assert [len(r) for r in carry.layout.vectorised.segments] == [rows]
+    assert_same(pm, m)
+    assert_same(po, o)
+
+
+def _perturbed_lora(model):
+    """LoRA's B starts at zero, which would leave A's gradients zero: perturb B."""
+    rng = np.random.default_rng(5)
+
+    def perturb(path, x):
+        if path.endswith("lora_b"):
+            return jnp.asarray(rng.normal(size=x.shape) * 0.1, x.dtype)
+        return x
+
+    from eqxtl._util.pytree_paths import map_with_path
+
+    return map_with_path(perturb, model)
+
+
+def _hlo_size(layers: int, form: str) -> int:
+    config = dataclasses.replace(TINY_CLIP, num_hidden_layers=layers)
+    tensors = random_tensors(clip.CLIP_VISION, config, 0)
+    backbone, state = checkpoint.fill(checkpoint.skeleton(clip.CLIP_VISION, config), tensors)
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adamw(1e-3, mask=eqxtl.decay_mask)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    if form == "packed":
+        model, opt_state = step.pack(model, opt_state), None
+    b = batches(side(config), n=1)[0]
+    text = step.lower(model, state, opt_state, b, jax.random.key(0)).compile().as_text()
+    return sum(1 for line in text.splitlines() if " = " in line)
+
+
+def test_the_packed_step_does_not_grow_with_depth():
+    """The compiled step form of 4 and 8 blocks has the same number of instructions: one
+    scanned block and one vectorised optimizer update, whatever the depth; the plain step
+    holds per-block optimizer kernels, stacking and slicing. (Not 2: XLA unrolls a loop of
+    two.)"""
+    assert _hlo_size(8, "packed") == _hlo_size(4, "packed")
+    assert _hlo_size(8, "model") > _hlo_size(4, "model") + 100
+
+
+def test_fit_hands_callbacks_the_model_in_its_own_form():
+    """A callback that reads ``run.model`` and ``run.opt_state`` at every step sees the
+    per-block model and ``optimizer.init``'s state, and reading them changes nothing: the
+    fit ends bit-identical to one without the callback."""
+    backbone, _ = tiny("clip")
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adam(1e-3)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(16, 32, 32, 3)).astype(np.uint8)
+    labels = (np.arange(16) % NUM_CLASSES).astype(np.int32)
+    source = eqxtl.ArraySource(images, labels, class_names=["a", "b", "c"])
+    train = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8)
+    want_paths = eqxtl.paths(model)
+    want_state = jax.tree.structure(optimizer.init(eqx.filter(model, spec)))
+    seen = []
+
+    def look(run, values):
+        seen.append(eqxtl.paths(run.model) == want_paths)
+        seen.append(jax.tree.structure(run.opt_state) == want_state)
+
+    runtime = eqxtl.Runtime(progress=False)
+    args = (model, None, optimizer, spec, train)
+    watched = eqxtl.fit(*args, epochs=2, runtime=runtime, callbacks=[eqxtl.Lambda(on_step=look)])
+    alone = eqxtl.fit(*args, epochs=2, runtime=runtime)
+    assert seen and all(seen)
+    assert_same(watched.model, alone.model, tol=0)
+    assert_same(watched.opt_state, alone.opt_state, tol=0)
