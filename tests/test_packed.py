@@ -252,3 +252,63 @@ def test_fit_hands_callbacks_the_model_in_its_own_form():
     assert seen and all(seen)
     assert_same(watched.model, alone.model, tol=0)
     assert_same(watched.opt_state, alone.opt_state, tol=0)
+
+
+def test_a_callback_editing_the_optimizer_state_in_place_takes_effect():
+    """The optax idiom ``opt_state.hyperparams["learning_rate"] = 0`` in a callback: the
+    state ``run.opt_state`` gives is the live one, so the steps after it change nothing."""
+    backbone, state = tiny("clip")
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(24, 32, 32, 3)).astype(np.uint8)
+    source = eqxtl.ArraySource(images, np.arange(24) % NUM_CLASSES, class_names=["a", "b", "c"])
+    train = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8)
+    after_first = []
+
+    def stop_learning(run, values):
+        if run.step == 1:
+            run.opt_state.hyperparams["learning_rate"] = jnp.zeros(())
+            after_first.append(jax.tree.map(jnp.copy, eqx.filter(run.model, eqx.is_array)))
+
+    runtime = eqxtl.Runtime(progress=False)
+    result = eqxtl.fit(
+        model,
+        state,
+        optimizer,
+        spec,
+        train,
+        epochs=1,
+        runtime=runtime,
+        callbacks=[eqxtl.Lambda(on_step=stop_learning)],
+    )
+    assert result.step == 3
+    assert_same(result.model, after_first[0], tol=0)
+
+
+def test_pack_refuses_an_optimizer_state_of_another_optimizer():
+    backbone, _ = tiny("clip")
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    other = optax.chain(optax.trace(0.9), optax.scale_by_rss())
+    step = eqxtl.make_step(
+        eqxtl.task_loss(), optax.chain(optax.scale_by_rss(), optax.trace(0.9)), spec
+    )
+    with pytest.raises(eqxtl.OptimizerMismatchError, match="does not fit"):
+        step.pack(model, other.init(eqx.filter(model, spec)))
+
+
+def test_the_modules_owning_packed_blocks_scan_them():
+    """The step form scans the packed blocks at any batch size (the default rule unrolls
+    these tiny ones), in the module that owns them only."""
+    from eqxtl.training.packed import layout_for
+
+    backbone, _ = tiny("clip")
+    model = classifier(backbone)
+    trainable = eqx.filter(model, eqxtl.everything(model))
+    layout, reason = layout_for(optax.adam(1e-3), trainable)
+    assert reason is None
+    assert [jax.tree_util.keystr(p) for p in layout.owners] == [".backbone.encoder"]
+    scanned = layout.scanning(model)
+    assert scanned.backbone.encoder.scan is True and model.backbone.encoder.scan is None

@@ -67,37 +67,33 @@ def _runs_of(blocks: list, start: int) -> tuple[list[Rows], int]:
     return [r for r in runs if len(r) >= 2], pos - start
 
 
-def find_segments(trainable: Any) -> tuple[list[Rows], list[int]]:
+def find_segments(trainable: Any) -> tuple[list[Rows], list[tuple]]:
     """``(segments, owners)``: the stackable runs of ``trainable`` (``eqx.filter(model,
-    spec)``) as rows of flat leaf indices, and the indices (among the modules with a
-    ``scan`` flag, in flattening order) of the modules whose blocks they are."""
+    spec)``) as rows of flat leaf indices, and the key paths of the modules with a ``scan``
+    flag whose blocks they are."""
     segments: list[Rows] = []
-    owners: list[int] = []
-    scan_modules = [0]
+    owners: list[tuple] = []
 
-    def walk(node: Any, start: int) -> int:
+    def walk(node: Any, path: tuple, start: int) -> int:
         if node is None:
             return 0
-        children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
-        if len(children) == 1 and children[0] is node:  # a leaf
+        children, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+        if len(children) == 1 and children[0][1] is node:  # a leaf
             return 1
-        owner = None
-        if _has_scan(node):
-            owner = scan_modules[0]
-            scan_modules[0] += 1
+        owns = _has_scan(node) and getattr(node, SCAN_FIELD) is not False
         pos = start
-        for child in children:
-            if owner is not None and getattr(node, SCAN_FIELD) is not False and _is_blocks(child):
+        for key, child in children:
+            if owns and _is_blocks(child):
                 runs, n = _runs_of(list(child), pos)
                 segments.extend(runs)
-                owners.extend([owner] * bool(runs))
+                owners.extend([path] * bool(runs))
                 pos += n
             else:
-                pos += walk(child, pos)
+                pos += walk(child, path + key, pos)
         return pos - start
 
-    walk(trainable, 0)
-    return segments, sorted(set(owners))
+    walk(trainable, (), 0)
+    return segments, list(dict.fromkeys(owners))
 
 
 def _is_blocks(x: Any) -> bool:
@@ -111,13 +107,10 @@ class Layout:
     and the modules that scan the packed blocks. Static (hashed by identity) in the
     compiled step."""
 
-    def __init__(self, vectorised: Vectorised, treedef, owners: list[int]):
+    def __init__(self, vectorised: Vectorised, owners: list[tuple]):
         self.vectorised = vectorised
-        self.treedef = treedef
         self.owners = owners
         self.optimizer = _as_transformation(vectorised)
-        self.unpack_params = jax.jit(vectorised.unpack)
-        self.unpack_state = jax.jit(vectorised.unpack_state)
 
     def trainable(self, packed: Any) -> Any:
         """The per-block trainable tree of ``packed`` (traced: split views)."""
@@ -127,13 +120,14 @@ class Layout:
         """``model`` with the modules that own packed blocks scanning them at any size:
         stored stacked, the scan no longer copies the weights (``with_scan``'s default
         unrolls small carries for that copy)."""
-        flat, treedef = jax.tree_util.tree_flatten(model, is_leaf=_has_scan)
-        modules = [i for i, x in enumerate(flat) if _has_scan(x)]
-        for owner in self.owners:
-            i = modules[owner]
-            if getattr(flat[i], SCAN_FIELD) is None:
-                flat[i] = replace_static(flat[i], **{SCAN_FIELD: True})
-        return jax.tree_util.tree_unflatten(treedef, flat)
+        owners = set(self.owners)
+
+        def scan_owned(path, node):
+            if _has_scan(node) and path in owners and getattr(node, SCAN_FIELD) is None:
+                return replace_static(node, **{SCAN_FIELD: True})
+            return node
+
+        return jax.tree_util.tree_map_with_path(scan_owned, model, is_leaf=_has_scan)
 
 
 def _as_transformation(vectorised: Vectorised) -> optax.GradientTransformation:
@@ -166,44 +160,32 @@ def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Layout | None, 
         vectorised = Vectorised(optimizer, shapes, segments)
     except OptimizerMismatchError as err:
         return None, str(err)
-    return Layout(vectorised, jax.tree.structure(trainable), owners), None
+    return Layout(vectorised, owners), None
 
 
 def pack(
     layout: Layout | None, reason: str | None, trainable, frozen, opt_state, *, consume: bool
 ) -> Packed:
     """The trainable partition and its optimizer state in step form with ``layout`` (from
-    ``layout_for``; ``None``: as they are, with the ``reason``). ``consume``: the arrays
-    moved into stacks are deleted as soon as they are copied (the step would donate them;
-    peak memory then holds one copy of them, not two)."""
+    ``layout_for``; ``None``: as they are, with the ``reason``). ``consume``: each array
+    moved into a stack is deleted once copied (the step would donate them: peak memory then
+    holds one stack more than the model, not a second model)."""
     if layout is None:
         return Packed(trainable, frozen, opt_state, None, reason)
     vec = layout.vectorised
-    # stacked eagerly, one weight at a time, so that consume frees each row as it goes
-    params = vec.pack(trainable)
-    state = vec.pack_state(opt_state)
-    if consume:
-        kept = {id(x) for x in (*params[1], *state[1])}  # the leaves not stacked
-        for x in jax.tree.leaves((trainable, opt_state)):
-            if isinstance(x, jax.Array) and id(x) not in kept and not x.is_deleted():
-                x.delete()
+    params = vec.pack(trainable, consume=consume)
+    state = vec.pack_state(opt_state, consume=consume)
     return Packed(params, frozen, state, layout, None)
 
 
-def unpack_model(packed: Packed) -> Any:
-    """The model of ``packed``, in its own (per-block) form."""
-    if packed.layout is None:
-        return eqx.combine(packed.params, packed.frozen)
-    return eqx.combine(packed.layout.unpack_params(packed.params), packed.frozen)
-
-
-def unpack_opt_state(packed: Packed) -> Any:
-    """The optimizer state of ``packed``, in ``optimizer.init``'s form."""
-    if packed.layout is None:
-        return packed.opt_state
-    return packed.layout.unpack_state(packed.opt_state)
-
-
-def unpack(packed: Packed) -> tuple[Any, Any]:
-    """``(model, opt_state)`` of ``packed``, in their own (per-block) forms."""
-    return unpack_model(packed), unpack_opt_state(packed)
+def unpack(packed: Packed, *, consume: bool = False) -> tuple[Any, Any]:
+    """``(model, opt_state)`` of ``packed``, in their own (per-block) forms. ``consume``:
+    each stack is deleted once split (``packed`` is then spent)."""
+    layout = packed.layout
+    if layout is None:
+        return eqx.combine(packed.params, packed.frozen), packed.opt_state
+    vec = layout.vectorised
+    trainable = vec.unpack(packed.params, consume=consume)
+    return eqx.combine(trainable, packed.frozen), vec.unpack_state(
+        packed.opt_state, consume=consume
+    )

@@ -23,7 +23,7 @@ from . import train_state
 from .callbacks import callback_metrics, improved
 from .evaluation import eval_sums, summarise
 from .options import Runtime
-from .packed import Packed, unpack_model, unpack_opt_state
+from .packed import Packed, unpack
 from .parallel import host, local, shard
 from .phases import Phase
 from .runs import TRAIN_STATE, RunDir, all_finite, barrier, sigint_deferred, stage
@@ -69,11 +69,13 @@ class Run:
         self.stopped: str | None = None
         self._lr_scale: float | None = None
 
+    # Between steps the model and optimizer state are held in the step's form (stacked
+    # blocks, training.packed). Reading or setting either puts both back in their own forms,
+    # which are then the live state (edits in place count; the next step packs them again).
     @property
     def model(self):
         """The model as trained so far, in its own (per-block) form."""
-        if self._model is None and self._packed is not None:
-            self._model = unpack_model(self._packed)
+        self._unpacked()
         return self._model
 
     @model.setter
@@ -84,8 +86,7 @@ class Run:
     @property
     def opt_state(self):
         """The optimizer state, in ``optimizer.init``'s form."""
-        if self._opt_state is None and self._packed is not None:
-            self._opt_state = unpack_opt_state(self._packed)
+        self._unpacked()
         return self._opt_state
 
     @opt_state.setter
@@ -94,21 +95,20 @@ class Run:
         self._opt_state = value
 
     def _unpacked(self) -> None:
-        """Leave the step form: what is set next replaces part of the unpacked forms."""
         if self._packed is not None:
-            self._model, self._opt_state = self.model, self.opt_state
-            self._packed = None
+            packed, self._packed = self._packed, None
+            self._model, self._opt_state = unpack(packed, consume=True)
 
     def packed(self, step_fn) -> Packed:
-        """The model and optimizer state in ``step_fn``'s step form (packed once: the step
-        keeps them in it, see ``hold``)."""
+        """The model and optimizer state in ``step_fn``'s step form (packed again only after
+        they were read or set)."""
         if self._packed is None:
             self._packed = step_fn.pack(self._model, self._opt_state)
             self._model = self._opt_state = None  # what trains may be consumed
         return self._packed
 
     def hold(self, packed: Packed) -> None:
-        """Keep a step's result; the unpacked forms are made again when asked for."""
+        """Keep a step's result, in step form."""
         self._packed = packed
         self._model = self._opt_state = None
 

@@ -160,6 +160,63 @@ def _all_finite(loss, grads) -> jax.Array:
     return all_finite([loss, *reversed(jax.tree.leaves(grads))])
 
 
+def _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite) -> Callable:
+    """``_step(passthrough, trainable, opt_state) -> (trainable, state or None, opt_state,
+    metrics)``: the function ``make_step`` compiles. ``passthrough``: ``(frozen, state,
+    batch, key, layout[, shardings])``; with a ``layout`` (``training.packed``), ``trainable``
+    and ``opt_state`` are in step form."""
+
+    def grads_of(trainable, frozen, state, batch, key, layout):
+        def loss_of(trainable, state, batch, key):
+            model = eqx.combine(trainable, frozen)
+            if mesh is not None:
+                model = _gathered(model, mesh)
+            model = batchnorm_modes(model, spec, bn=bn)
+            if layout is not None:
+                model = layout.scanning(model)
+            return loss_fn(model, state, batch, key)
+
+        if accumulate == 1:
+            value_and_grad = eqx.filter_value_and_grad(loss_of, has_aux=True)
+            (loss, (new_state, metrics)), grads = value_and_grad(trainable, state, batch, key)
+            return loss, new_state, metrics, grads
+        return _accumulated(loss_of, accumulate, trainable, state, batch, key, mesh)
+
+    def _step(passthrough, trainable, opt_state):
+        # layout: packed storage (training.packed), or None; shardings: with a mesh only
+        frozen, state, batch, key, layout, *shardings = passthrough
+        shardings = shardings[0] if shardings else None
+        updating = optimizer if layout is None else layout.optimizer
+        _check_opt_state(updating, trainable, opt_state)  # at trace time only
+        state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
+        tree = trainable if layout is None else layout.trainable(trainable)
+        loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key, layout)
+        if layout is not None:
+            grads = layout.vectorised.pack(grads)
+        finite = _all_finite(loss, grads)
+        # With every BatchNorm frozen the state passes through untouched: returning it would
+        # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).
+        new_leaves = jax.tree.leaves(new_state)
+        unchanged = len(state_leaves) == len(new_leaves) and all(
+            a is b for a, b in zip(state_leaves, new_leaves, strict=True)
+        )
+        new_trainable, new_opt_state = _update(
+            updating, grads, opt_state, trainable, finite if skip_nonfinite else None
+        )
+        if skip_nonfinite and not unchanged:
+            leaves, treedef = jtu.tree_flatten(new_state)
+            kept = [jnp.where(finite, a, b) for a, b in zip(leaves, state_leaves, strict=True)]
+            new_state = jtu.tree_unflatten(treedef, kept)
+        if shardings is not None:  # out shardings = in shardings (no drift between steps)
+            new_trainable, new_state, new_opt_state = _constrain(
+                (new_trainable, new_state, new_opt_state), shardings
+            )
+        metrics = {"loss": loss, **metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
+        return new_trainable, None if unchanged else new_state, new_opt_state, metrics
+
+    return _step
+
+
 def make_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -215,54 +272,7 @@ def make_step(
     """
     bn = _bn_mode(bn)
     accumulate = count(accumulate, "make_step(accumulate=...)", TrainingError)
-
-    def grads_of(trainable, frozen, state, batch, key, layout):
-        def loss_of(trainable, state, batch, key):
-            model = eqx.combine(trainable, frozen)
-            if mesh is not None:
-                model = _gathered(model, mesh)
-            model = batchnorm_modes(model, spec, bn=bn)
-            if layout is not None:
-                model = layout.scanning(model)
-            return loss_fn(model, state, batch, key)
-
-        if accumulate == 1:
-            value_and_grad = eqx.filter_value_and_grad(loss_of, has_aux=True)
-            (loss, (new_state, metrics)), grads = value_and_grad(trainable, state, batch, key)
-            return loss, new_state, metrics, grads
-        return _accumulated(loss_of, accumulate, trainable, state, batch, key, mesh)
-
-    def _step(passthrough, trainable, opt_state):
-        # layout: packed storage (training.packed), or None; shardings: with a mesh only
-        frozen, state, batch, key, layout, *shardings = passthrough
-        shardings = shardings[0] if shardings else None
-        updating = optimizer if layout is None else layout.optimizer
-        _check_opt_state(updating, trainable, opt_state)  # at trace time only
-        state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
-        tree = trainable if layout is None else layout.trainable(trainable)
-        loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key, layout)
-        if layout is not None:
-            grads = layout.vectorised.pack(grads)
-        finite = _all_finite(loss, grads)
-        # With every BatchNorm frozen the state passes through untouched: returning it would
-        # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).
-        new_leaves = jax.tree.leaves(new_state)
-        unchanged = len(state_leaves) == len(new_leaves) and all(
-            a is b for a, b in zip(state_leaves, new_leaves, strict=True)
-        )
-        new_trainable, new_opt_state = _update(
-            updating, grads, opt_state, trainable, finite if skip_nonfinite else None
-        )
-        if skip_nonfinite and not unchanged:
-            leaves, treedef = jtu.tree_flatten(new_state)
-            kept = [jnp.where(finite, a, b) for a, b in zip(leaves, state_leaves, strict=True)]
-            new_state = jtu.tree_unflatten(treedef, kept)
-        if shardings is not None:  # out shardings = in shardings (no drift between steps)
-            new_trainable, new_state, new_opt_state = _constrain(
-                (new_trainable, new_state, new_opt_state), shardings
-            )
-        metrics = {"loss": loss, **metrics, "nonfinite": 1.0 - finite.astype(jnp.float32)}
-        return new_trainable, None if unchanged else new_state, new_opt_state, metrics
+    _step = _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite)
 
     options = _step_compiler_options()
     _release_compiler_memory()
@@ -296,6 +306,7 @@ def make_step(
         key = jax.tree.structure(trainable), tuple(jax.tree.leaves(shapes))
         if key not in layouts:
             layouts[key] = layout_for(optimizer, trainable, mesh=mesh)
+        _check_opt_state(optimizer, trainable, opt_state)
         consume = donate if donate is not None else nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
         return pack(*layouts[key], trainable, frozen, opt_state, consume=consume)
 

@@ -286,54 +286,87 @@ class Vectorised:
         u_rest = [updates[i] for i in self._rest]
         return (u_stacks, u_rest), (new_stacks, [new[j] for j in self._rest_slots])
 
-    def pack(self, tree: Any) -> Any:
-        """The packed form of a tree with ``params``' structure (one copy per stack)."""
-        flat = jax.tree.leaves(tree)
-        stacks = [
-            [jnp.stack([flat[row[k]] for row in rows]) for k in range(len(rows[0]))]
-            for rows in self.segments
-        ]
-        return stacks, [flat[i] for i in self._rest]
+    def _param_columns(self) -> list[list[list[int]]]:
+        """Per segment, per position: the flat parameter indices of its rows."""
+        return [[[row[k] for row in rows] for k in range(len(rows[0]))] for rows in self.segments]
 
-    def unpack(self, packed: Any) -> Any:
-        """The tree with ``params``' structure that ``packed`` holds."""
-        stacks, rest_values = packed
-        flat: dict[int, Any] = dict(zip(self._rest, rest_values, strict=True))
-        for rows, stack in zip(self.segments, stacks, strict=True):
-            for k, column in enumerate(stack):
-                # lax.split, not x[r]: its transpose is one concatenation, which XLA folds
-                # with the stacking of the gradients (per-row slices' transposes are
-                # zero-padded arrays, one per row, added up).
-                for row, part in zip(rows, _rows_of(column, len(rows)), strict=True):
-                    flat[row[k]] = part
-        return jax.tree.unflatten(self._treedef, [flat[i] for i in range(len(self._leaves))])
-
-    def pack_state(self, state: Any) -> Any:
-        """The packed optimizer state (``init``'s form) of ``optimizer.init(params)``'s
-        form ``state``."""
-        flat = jax.tree.leaves(state)
-        per_segment = []
+    def _state_columns(self) -> list[list[list[list[int]]]]:
+        """Per segment, per position, per owned slot: the flat state indices of its rows."""
+        out = []
         for rows in self.segments:
             owned = [[self._t.owned(i) for i in row] for row in rows]
-            per_segment.append(
+            out.append(
                 [
-                    [jnp.stack([flat[o[k][m]] for o in owned]) for m in range(len(owned[0][k]))]
+                    [[o[k][m] for o in owned] for m in range(len(owned[0][k]))]
                     for k in range(len(rows[0]))
                 ]
             )
+        return out
+
+    def pack(self, tree: Any, *, consume: bool = False) -> Any:
+        """The packed form of a tree with ``params``' structure. ``consume``: each row is
+        deleted once stacked (the tree's arrays must be the caller's to delete)."""
+        flat = jax.tree.leaves(tree)
+        consume = consume and _owned(flat)
+        stacks = [[_stacked(flat, c, consume) for c in seg] for seg in self._param_columns()]
+        return stacks, [flat[i] for i in self._rest]
+
+    def unpack(self, packed: Any, *, consume: bool = False) -> Any:
+        """The tree with ``params``' structure that ``packed`` holds (``consume``: each
+        stack deleted once split)."""
+        stacks, rest_values = packed
+        flat: dict[int, Any] = dict(zip(self._rest, rest_values, strict=True))
+        for seg, stack in zip(self._param_columns(), stacks, strict=True):
+            for column, part in zip(seg, stack, strict=True):
+                flat.update(zip(column, _unstacked(part, len(column), consume), strict=True))
+        return jax.tree.unflatten(self._treedef, [flat[i] for i in range(len(self._leaves))])
+
+    def pack_state(self, state: Any, *, consume: bool = False) -> Any:
+        """The packed optimizer state (``init``'s form) of ``optimizer.init(params)``'s
+        form ``state`` (``consume``: as ``pack``)."""
+        flat = jax.tree.leaves(state)
+        consume = consume and _owned(flat)
+        per_segment = [
+            [[_stacked(flat, c, consume) for c in slots] for slots in seg]
+            for seg in self._state_columns()
+        ]
         return per_segment, [flat[j] for j in self._rest_slots]
 
-    def unpack_state(self, packed_state: Any) -> Any:
+    def unpack_state(self, packed_state: Any, *, consume: bool = False) -> Any:
         """``optimizer.init(params)``'s form of the packed optimizer state."""
         per_segment, rest_state = packed_state
         flat: dict[int, Any] = dict(zip(self._rest_slots, rest_state, strict=True))
-        for rows, segment in zip(self.segments, per_segment, strict=True):
-            for k, slots in enumerate(segment):
-                for m, stack in enumerate(slots):
-                    for row, part in zip(rows, _rows_of(stack, len(rows)), strict=True):
-                        flat[self._t.owned(row[k])[m]] = part
+        for seg, segment in zip(self._state_columns(), per_segment, strict=True):
+            for slots, stacks in zip(seg, segment, strict=True):
+                for column, part in zip(slots, stacks, strict=True):
+                    flat.update(zip(column, _unstacked(part, len(column), consume), strict=True))
         leaves = [flat[j] for j in range(len(self._state_leaves))]
         return jax.tree.unflatten(self._state_def, leaves)
+
+
+def _owned(flat: Sequence[Any]) -> bool:
+    """Whether every array of ``flat`` appears once (a tied weight must not be deleted while
+    another leaf still holds it; then nothing is)."""
+    ids = [id(x) for x in flat if isinstance(x, jax.Array)]
+    return len(ids) == len(set(ids))
+
+
+def _stacked(flat: Sequence[Any], column: Sequence[int], consume: bool) -> jax.Array:
+    """``flat[column]`` stacked; with ``consume``, each row deleted once copied."""
+    stack = jnp.stack([flat[i] for i in column])
+    if consume:
+        for i in column:
+            if isinstance(flat[i], jax.Array) and not isinstance(flat[i], jax.core.Tracer):
+                flat[i].delete()
+    return stack
+
+
+def _unstacked(stack: jax.Array, n: int, consume: bool) -> list[jax.Array]:
+    """The ``n`` rows of ``stack``; with ``consume``, the stack deleted once split."""
+    rows = _rows_of(stack, n)
+    if consume and not isinstance(stack, jax.core.Tracer):
+        stack.delete()
+    return rows
 
 
 def _rows_of(stack: jax.Array, n: int) -> list[jax.Array]:
