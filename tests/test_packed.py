@@ -47,14 +47,16 @@ def classifier(backbone):
     return eqxtl.Classifier(backbone, NUM_CLASSES, key=jax.random.key(1))
 
 
-def run_both(model, state, spec, optimizer, data, **options):
+def run_both(model, state, spec, optimizer, data, scan=True, **options):
     """``(plain, packed, carry)``: ``(model, opt_state)`` after the same steps through
-    ``step(model, ...)`` on the scanned model and through the step form, and the carry."""
-    scanned = eqxtl.with_scan(model, True)
-    spec_scanned = eqxtl.with_scan(spec, True)
-    plain_step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec_scanned, **options)
-    m, s = scanned, state
-    o = optimizer.init(eqx.filter(scanned, spec_scanned))
+    ``step(model, ...)`` and through the step form, and the carry; blocks scanned
+    (``with_scan(model, True)``) or by the default rule (``scan=None``: these tiny blocks
+    then run unrolled)."""
+    if scan is not None:
+        model, spec = eqxtl.with_scan(model, scan), eqxtl.with_scan(spec, scan)
+    plain_step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, **options)
+    m, s = model, state
+    o = optimizer.init(eqx.filter(model, spec))
     for i, b in enumerate(data):
         m, s, o, _ = plain_step(m, s, o, b, jax.random.key(i))
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, **options)
@@ -77,18 +79,25 @@ def assert_same(got, want, tol=1e-6):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("scan", [True, None])
 @pytest.mark.parametrize("name", SCANNING)
-def test_packed_steps_equal_the_plain_steps(name):
+def test_packed_steps_equal_the_plain_steps(name, scan):
     """Full fine-tuning with AdamW and ``decay_mask`` (per-leaf: biases and norms are not
     decayed, which stacked leaves would get wrong): three packed steps give the weights and
-    optimizer state of three plain steps on the scanned model; every block is in one
+    optimizer state of three plain steps, blocks scanned or unrolled; every block is in one
     stack."""
     backbone, state = tiny_architecture(name, seed=1)
     model = classifier(backbone)
     spec = eqxtl.everything(model)
     optimizer = optax.adamw(1e-2, weight_decay=0.1, mask=eqxtl.decay_mask)
+    if scan is None:
+        # Unrolled, XLA fuses slices of a stack and separate arrays differently; Adam would
+        # turn that rounding into whole steps where the gradient is zero in exact arithmetic
+        # (attention's key bias: softmax ignores it). SGD keeps rounding as rounding.
+        decay = optax.add_decayed_weights(0.1, mask=eqxtl.decay_mask)
+        optimizer = optax.chain(decay, optax.sgd(1e-2, momentum=0.9))
     data = batches(side(TINY_CONFIGS[name]))
-    (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, data)
+    (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, data, scan)
     assert carry.layout is not None, carry.reason
     rows = [len(rows) for rows in carry.layout.vectorised.segments]
     assert rows == [TINY_CONFIGS[name].num_hidden_layers]
@@ -203,7 +212,7 @@ def _hlo_size(layers: int, form: str) -> int:
     config = dataclasses.replace(TINY_CLIP, num_hidden_layers=layers)
     tensors = random_tensors(clip.CLIP_VISION, config, 0)
     backbone, state = checkpoint.fill(checkpoint.skeleton(clip.CLIP_VISION, config), tensors)
-    model = classifier(backbone)
+    model = eqxtl.with_scan(classifier(backbone))  # these tiny blocks would run unrolled
     spec = eqxtl.everything(model)
     optimizer = optax.adamw(1e-3, mask=eqxtl.decay_mask)
     step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
@@ -216,10 +225,10 @@ def _hlo_size(layers: int, form: str) -> int:
 
 
 def test_the_packed_step_does_not_grow_with_depth():
-    """The compiled step form of 4 and 8 blocks has the same number of instructions: one
-    scanned block and one vectorised optimizer update, whatever the depth; the plain step
-    holds per-block optimizer kernels, stacking and slicing. (Not 2: XLA unrolls a loop of
-    two.)"""
+    """Scanned blocks: the compiled step form of 4 and 8 blocks has the same number of
+    instructions: one scanned block and one vectorised optimizer update, whatever the depth;
+    the plain step holds per-block optimizer kernels, stacking and slicing. (Not 2: XLA
+    unrolls a loop of two.)"""
     assert _hlo_size(8, "packed") == _hlo_size(4, "packed")
     assert _hlo_size(8, "model") > _hlo_size(4, "model") + 100
 
@@ -297,18 +306,3 @@ def test_pack_refuses_an_optimizer_state_of_another_optimizer():
     )
     with pytest.raises(eqxtl.OptimizerMismatchError, match="does not fit"):
         step.pack(model, other.init(eqx.filter(model, spec)))
-
-
-def test_the_modules_owning_packed_blocks_scan_them():
-    """The step form scans the packed blocks at any batch size (the default rule unrolls
-    these tiny ones), in the module that owns them only."""
-    from eqxtl.training.packed import layout_for
-
-    backbone, _ = tiny("clip")
-    model = classifier(backbone)
-    trainable = eqx.filter(model, eqxtl.everything(model))
-    layout, reason = layout_for(optax.adam(1e-3), trainable)
-    assert reason is None
-    assert [jax.tree_util.keystr(p) for p in layout.owners] == [".backbone.encoder"]
-    scanned = layout.scanning(model)
-    assert scanned.backbone.encoder.scan is True and model.backbone.encoder.scan is None

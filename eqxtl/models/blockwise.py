@@ -67,9 +67,8 @@ size; ``with_scan(model, False)`` never does.
 
 ``fit`` keeps the trained blocks stored stacked between steps instead
 (``eqxtl.training.packed``: ``step.pack`` / ``step.packed``), the optimizer run once per
-row and vectorised; XLA then folds the stacking away, and the compiled step no longer grows
-with depth. There a run of trained blocks scans at any size (unless the flag is
-``False``).
+row and vectorised; where the blocks scan, XLA then folds the stacking away, and the
+compiled step no longer grows with depth. The same rule decides there whether they scan.
 
 The flag is static, like ``with_remat``'s: it is not saved, and changing it recompiles.
 """

@@ -102,7 +102,7 @@ def memory_report(
     ``fit`` builds its step as ``make_step(task_loss(task, compute_dtype=...), optimizer,
     phase.spec, bn=phase.bn, accumulate=...)``: build the same to see what a phase costs.
     The report is of ``step(model, ...)``'s program; ``fit`` runs the step form
-    (``step.packed``: trained blocks stored stacked, scanned at any batch size), whose
+    (``step.packed``: trained blocks stored stacked between steps), whose
     buffers hold the same parameters, gradients and optimizer state, with different
     temporaries.
     """

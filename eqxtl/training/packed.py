@@ -11,9 +11,11 @@ grow with depth.
 each run of two or more interchangeable trained blocks (same structure, shapes, dtypes and
 spec) of a module that scans its blocks is stored as one ``(rows, ...)`` array per weight,
 with the optimizer state alike. The step splits the stacks into per-block views
-(``lax.split``), runs the model as it is, and stacks the gradients again; XLA folds the
-split and the stacking with the scan's own, so the compiled step holds no per-block copy.
-The optimizer runs once per row, ``jax.vmap``-ed over the rows
+(``lax.split``), runs the model as it is, and stacks the gradients again. Where the blocks
+scan (``with_scan``'s rule: a big enough carry, or ``with_scan(model)``), XLA folds the
+split and the stacking with the scan's own, so the compiled step holds no per-block copy
+and does not grow with depth; where they run unrolled, each block reads its slice of the
+stack. The optimizer runs once per row, ``jax.vmap``-ed over the rows
 (``tuning._rowwise.Vectorised``): exactly what it computes per block, or the step is not
 packed (a global-norm clip, per-block learning rates, a mesh, no such run: ``reason``
 says why) and runs as ``make_step``'s plain step.
@@ -21,6 +23,11 @@ says why) and runs as ``make_step``'s plain step.
 ``pack`` / ``unpack`` convert a model and its optimizer state (``optimizer.init`` of the
 trainable partition, as always) to and from this form; ``fit`` converts only where it
 hands the model out (callbacks, evaluations, checkpoints, the end).
+
+Blocks are scanned or unrolled as in ``step(model, ...)``: at small batches, where
+``with_scan``'s rule unrolls, scanning stored stacks was still slower than unrolled blocks
+(each iteration slices its weights out of the stack; benchmarks/README.md, "fit's step
+form").
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ import optax
 
 from ..errors import OptimizerMismatchError
 from ..models.blockwise import SCAN_FIELD
-from ..models.layers.static import replace_static
 from ..tuning._rowwise import Rows, Vectorised
 
 
@@ -67,33 +73,30 @@ def _runs_of(blocks: list, start: int) -> tuple[list[Rows], int]:
     return [r for r in runs if len(r) >= 2], pos - start
 
 
-def find_segments(trainable: Any) -> tuple[list[Rows], list[tuple]]:
-    """``(segments, owners)``: the stackable runs of ``trainable`` (``eqx.filter(model,
-    spec)``) as rows of flat leaf indices, and the key paths of the modules with a ``scan``
-    flag whose blocks they are."""
+def find_segments(trainable: Any) -> list[Rows]:
+    """The stackable runs of ``trainable`` (``eqx.filter(model, spec)``): the blocks of
+    modules that scan them (a ``scan`` flag not ``False``), as rows of flat leaf indices."""
     segments: list[Rows] = []
-    owners: list[tuple] = []
 
-    def walk(node: Any, path: tuple, start: int) -> int:
+    def walk(node: Any, start: int) -> int:
         if node is None:
             return 0
-        children, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
-        if len(children) == 1 and children[0][1] is node:  # a leaf
+        children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
+        if len(children) == 1 and children[0] is node:  # a leaf
             return 1
         owns = _has_scan(node) and getattr(node, SCAN_FIELD) is not False
         pos = start
-        for key, child in children:
+        for child in children:
             if owns and _is_blocks(child):
                 runs, n = _runs_of(list(child), pos)
                 segments.extend(runs)
-                owners.extend([path] * bool(runs))
                 pos += n
             else:
-                pos += walk(child, path + key, pos)
+                pos += walk(child, pos)
         return pos - start
 
-    walk(trainable, (), 0)
-    return segments, list(dict.fromkeys(owners))
+    walk(trainable, 0)
+    return segments
 
 
 def _is_blocks(x: Any) -> bool:
@@ -103,31 +106,16 @@ def _is_blocks(x: Any) -> bool:
 
 
 class Layout:
-    """How a model's trainable leaves are packed: the segments, the vectorised optimizer,
-    and the modules that scan the packed blocks. Static (hashed by identity) in the
-    compiled step."""
+    """How a model's trainable leaves are packed: the segments and the vectorised optimizer.
+    Static (hashed by identity) in the compiled step."""
 
-    def __init__(self, vectorised: Vectorised, owners: list[tuple]):
+    def __init__(self, vectorised: Vectorised):
         self.vectorised = vectorised
-        self.owners = owners
         self.optimizer = _as_transformation(vectorised)
 
     def trainable(self, packed: Any) -> Any:
         """The per-block trainable tree of ``packed`` (traced: split views)."""
         return self.vectorised.unpack(packed)
-
-    def scanning(self, model: Any) -> Any:
-        """``model`` with the modules that own packed blocks scanning them at any size:
-        stored stacked, the scan no longer copies the weights (``with_scan``'s default
-        unrolls small carries for that copy)."""
-        owners = set(self.owners)
-
-        def scan_owned(path, node):
-            if _has_scan(node) and path in owners and getattr(node, SCAN_FIELD) is None:
-                return replace_static(node, **{SCAN_FIELD: True})
-            return node
-
-        return jax.tree_util.tree_map_with_path(scan_owned, model, is_leaf=_has_scan)
 
 
 def _as_transformation(vectorised: Vectorised) -> optax.GradientTransformation:
@@ -152,7 +140,7 @@ def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Layout | None, 
         return None, "a mesh: the leaves keep their own shardings"
     if not all(eqx.is_inexact_array(x) for x in jax.tree.leaves(trainable)):
         return None, "a trainable leaf that is not a floating-point array"
-    segments, owners = find_segments(trainable)
+    segments = find_segments(trainable)
     if not segments:
         return None, "no run of two or more interchangeable trained blocks that scan"
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
@@ -160,7 +148,7 @@ def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Layout | None, 
         vectorised = Vectorised(optimizer, shapes, segments)
     except OptimizerMismatchError as err:
         return None, str(err)
-    return Layout(vectorised, owners), None
+    return Layout(vectorised), None
 
 
 def pack(

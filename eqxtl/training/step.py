@@ -166,14 +166,12 @@ def _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite)
     batch, key, layout[, shardings])``; with a ``layout`` (``training.packed``), ``trainable``
     and ``opt_state`` are in step form."""
 
-    def grads_of(trainable, frozen, state, batch, key, layout):
+    def grads_of(trainable, frozen, state, batch, key):
         def loss_of(trainable, state, batch, key):
             model = eqx.combine(trainable, frozen)
             if mesh is not None:
                 model = _gathered(model, mesh)
             model = batchnorm_modes(model, spec, bn=bn)
-            if layout is not None:
-                model = layout.scanning(model)
             return loss_fn(model, state, batch, key)
 
         if accumulate == 1:
@@ -190,7 +188,7 @@ def _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite)
         _check_opt_state(updating, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         tree = trainable if layout is None else layout.trainable(trainable)
-        loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key, layout)
+        loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key)
         if layout is not None:
             grads = layout.vectorised.pack(grads)
         finite = _all_finite(loss, grads)
@@ -264,11 +262,11 @@ def make_step(
     ``packed, state, metrics = step.packed(packed, state, batch, key)`` per step, and
     ``model, opt_state = step.unpack(packed)`` where the model is needed. Runs of two or more
     interchangeable trained blocks stay stacked between steps and the optimizer runs once
-    per row, vectorised (``eqxtl.training.packed``): the same updates, and a compiled step
-    that does not grow with depth. Where that would change what the optimizer computes (a
-    global-norm clip, per-block learning rates), with a ``mesh``, or with no such run, the
-    packed form holds the model as it is (``packed.reason`` says why) and steps as
-    ``step``. ``step.pack`` consumes what it stacks when the step would donate.
+    per row, vectorised (``eqxtl.training.packed``): the same updates, and, where the blocks
+    scan, a compiled step that does not grow with depth. Where that would change what the
+    optimizer computes (a global-norm clip, per-block learning rates), with a ``mesh``, or
+    with no such run, the packed form holds the model as it is (``packed.reason`` says why)
+    and steps as ``step``. ``step.pack`` consumes what it stacks when the step would donate.
     """
     bn = _bn_mode(bn)
     accumulate = count(accumulate, "make_step(accumulate=...)", TrainingError)
