@@ -285,6 +285,11 @@ def make_step(
         return _arguments(mesh, accumulate, donate, parts, state, opt_state, batch, key)
 
     def step(model, state, opt_state, batch, key=None):
+        if isinstance(model, Packed):
+            raise EqxtlError(
+                "step(model, ...) takes the model itself; a model in step form (from "
+                "step.pack) steps with step.packed(packed, state, batch, key)."
+            )
         donates, frozen, args = arguments(model, state, opt_state, batch, key)
         trainable, new_state, opt_state, metrics = (donating if donates else plain)(*args)
         state = state if new_state is None else new_state
