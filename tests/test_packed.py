@@ -99,7 +99,7 @@ def test_packed_steps_equal_the_plain_steps(name, scan):
     data = batches(side(TINY_CONFIGS[name]))
     (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, data, scan)
     assert carry.layout is not None, carry.reason
-    rows = [len(rows) for rows in carry.layout.vectorised.segments]
+    rows = [len(rows) for rows in carry.layout.segments]
     assert rows == [TINY_CONFIGS[name].num_hidden_layers]
     assert eqxtl.paths(pm) == eqxtl.paths(model)
     assert_same(pm, m)
@@ -191,7 +191,7 @@ def test_last_blocks_and_lora_pack_their_trained_blocks(what):
         rows = 2
     optimizer = optax.adam(1e-2)
     (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, batches(side(TINY_CLIP)))
-    assert [len(r) for r in carry.layout.vectorised.segments] == [rows]
+    assert [len(r) for r in carry.layout.segments] == [rows]
     assert_same(pm, m)
     assert_same(po, o)
 

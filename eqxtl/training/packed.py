@@ -32,20 +32,15 @@ form").
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import equinox as eqx
 import jax
-import optax
 
 from ..errors import OptimizerMismatchError
 from ..models.blockwise import SCAN_FIELD
+from ..models.layers.static import has_field
 from ..tuning._rowwise import Rows, Vectorised
-
-
-def _has_scan(x: Any) -> bool:
-    return isinstance(x, eqx.Module) and any(f.name == SCAN_FIELD for f in dataclasses.fields(x))
 
 
 def _block_signature(block: Any) -> tuple | None:
@@ -84,7 +79,7 @@ def find_segments(trainable: Any) -> list[Rows]:
         children, _ = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)
         if len(children) == 1 and children[0] is node:  # a leaf
             return 1
-        owns = _has_scan(node) and getattr(node, SCAN_FIELD) is not False
+        owns = has_field(node, SCAN_FIELD) and getattr(node, SCAN_FIELD) is not False
         pos = start
         for child in children:
             if owns and _is_blocks(child):
@@ -105,23 +100,6 @@ def _is_blocks(x: Any) -> bool:
     )
 
 
-class Layout:
-    """How a model's trainable leaves are packed: the segments and the vectorised optimizer.
-    Static (hashed by identity) in the compiled step."""
-
-    def __init__(self, vectorised: Vectorised):
-        self.vectorised = vectorised
-        self.optimizer = _as_transformation(vectorised)
-
-    def trainable(self, packed: Any) -> Any:
-        """The per-block trainable tree of ``packed`` (traced: split views)."""
-        return self.vectorised.unpack(packed)
-
-
-def _as_transformation(vectorised: Vectorised) -> optax.GradientTransformation:
-    return optax.GradientTransformation(vectorised.init, vectorised.update)
-
-
 class Packed(eqx.Module):
     """A model and its optimizer state in ``fit``'s step form (see the module docstring):
     ``params`` (packed trainable leaves, or the trainable partition when ``layout`` is
@@ -130,12 +108,13 @@ class Packed(eqx.Module):
     params: Any
     frozen: Any
     opt_state: Any
-    layout: Layout | None = eqx.field(static=True)
+    layout: Vectorised | None = eqx.field(static=True)
     reason: str | None = eqx.field(static=True)
 
 
-def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Layout | None, str | None]:
-    """``(layout, None)`` for packing ``trainable``'s blocks, or ``(None, why not)``."""
+def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Vectorised | None, str | None]:
+    """``(layout, None)`` for packing ``trainable``'s blocks (the vectorised optimizer over
+    its segments; static, hashed by identity, in the compiled step), or ``(None, why not)``."""
     if mesh is not None:
         return None, "a mesh: the leaves keep their own shardings"
     if not all(eqx.is_inexact_array(x) for x in jax.tree.leaves(trainable)):
@@ -145,14 +124,13 @@ def layout_for(optimizer, trainable: Any, *, mesh=None) -> tuple[Layout | None, 
         return None, "no run of two or more interchangeable trained blocks that scan"
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
     try:
-        vectorised = Vectorised(optimizer, shapes, segments)
+        return Vectorised(optimizer, shapes, segments), None
     except OptimizerMismatchError as err:
         return None, str(err)
-    return Layout(vectorised), None
 
 
 def pack(
-    layout: Layout | None, reason: str | None, trainable, frozen, opt_state, *, consume: bool
+    layout: Vectorised | None, reason: str | None, trainable, frozen, opt_state, *, consume: bool
 ) -> Packed:
     """The trainable partition and its optimizer state in step form with ``layout`` (from
     ``layout_for``; ``None``: as they are, with the ``reason``). ``consume``: each array
@@ -160,9 +138,8 @@ def pack(
     holds one stack more than the model, not a second model)."""
     if layout is None:
         return Packed(trainable, frozen, opt_state, None, reason)
-    vec = layout.vectorised
-    params = vec.pack(trainable, consume=consume)
-    state = vec.pack_state(opt_state, consume=consume)
+    params = layout.pack(trainable, consume=consume)
+    state = layout.pack_state(opt_state, consume=consume)
     return Packed(params, frozen, state, layout, None)
 
 
@@ -172,8 +149,6 @@ def unpack(packed: Packed, *, consume: bool = False) -> tuple[Any, Any]:
     layout = packed.layout
     if layout is None:
         return eqx.combine(packed.params, packed.frozen), packed.opt_state
-    vec = layout.vectorised
-    trainable = vec.unpack(packed.params, consume=consume)
-    return eqx.combine(trainable, packed.frozen), vec.unpack_state(
-        packed.opt_state, consume=consume
-    )
+    trainable = layout.unpack(packed.params, consume=consume)
+    opt_state = layout.unpack_state(packed.opt_state, consume=consume)
+    return eqx.combine(trainable, packed.frozen), opt_state

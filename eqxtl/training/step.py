@@ -184,13 +184,13 @@ def _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite)
         # layout: packed storage (training.packed), or None; shardings: with a mesh only
         frozen, state, batch, key, layout, *shardings = passthrough
         shardings = shardings[0] if shardings else None
-        updating = optimizer if layout is None else layout.optimizer
+        updating = optimizer if layout is None else layout.transformation
         _check_opt_state(updating, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
-        tree = trainable if layout is None else layout.trainable(trainable)
+        tree = trainable if layout is None else layout.unpack(trainable)  # split views
         loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key)
         if layout is not None:
-            grads = layout.vectorised.pack(grads)
+            grads = layout.pack(grads)
         finite = _all_finite(loss, grads)
         # With every BatchNorm frozen the state passes through untouched: returning it would
         # cost one copy per array (~100 small ops for ResNet-50, ~5% of a head-only step).

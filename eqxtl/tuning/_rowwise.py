@@ -227,6 +227,11 @@ class Vectorised:
         # removed, never allocated (run eagerly, they would take a whole model's memory)
         self._init = jax.jit(self._init_eager)
         self._update = jax.jit(self._update_eager)
+        self.transformation = optax.GradientTransformation(self.init, self.update)
+        self._param_columns = [
+            [[row[k] for row in rows] for k in range(len(rows[0]))] for rows in self.segments
+        ]
+        self._state_columns = [self._owned_columns(rows) for rows in self.segments]
 
     def _tree(self, values: dict[int, Any]) -> Any:
         return _filled(values, self._leaves, self._treedef)
@@ -286,29 +291,19 @@ class Vectorised:
         u_rest = [updates[i] for i in self._rest]
         return (u_stacks, u_rest), (new_stacks, [new[j] for j in self._rest_slots])
 
-    def _param_columns(self) -> list[list[list[int]]]:
-        """Per segment, per position: the flat parameter indices of its rows."""
-        return [[[row[k] for row in rows] for k in range(len(rows[0]))] for rows in self.segments]
-
-    def _state_columns(self) -> list[list[list[list[int]]]]:
-        """Per segment, per position, per owned slot: the flat state indices of its rows."""
-        out = []
-        for rows in self.segments:
-            owned = [[self._t.owned(i) for i in row] for row in rows]
-            out.append(
-                [
-                    [[o[k][m] for o in owned] for m in range(len(owned[0][k]))]
-                    for k in range(len(rows[0]))
-                ]
-            )
-        return out
+    def _owned_columns(self, rows: Rows) -> list[list[list[int]]]:
+        """Per position, per owned slot: the flat state indices of ``rows``."""
+        owned = [[self._t.owned(i) for i in row] for row in rows]
+        return [
+            [[o[k][m] for o in owned] for m in range(len(owned[0][k]))] for k in range(len(rows[0]))
+        ]
 
     def pack(self, tree: Any, *, consume: bool = False) -> Any:
         """The packed form of a tree with ``params``' structure. ``consume``: each row is
         deleted once stacked (the tree's arrays must be the caller's to delete)."""
         flat = jax.tree.leaves(tree)
         consume = consume and _owned(flat)
-        stacks = [[_stacked(flat, c, consume) for c in seg] for seg in self._param_columns()]
+        stacks = [[_stacked(flat, c, consume) for c in seg] for seg in self._param_columns]
         return stacks, [flat[i] for i in self._rest]
 
     def unpack(self, packed: Any, *, consume: bool = False) -> Any:
@@ -316,7 +311,7 @@ class Vectorised:
         stack deleted once split)."""
         stacks, rest_values = packed
         flat: dict[int, Any] = dict(zip(self._rest, rest_values, strict=True))
-        for seg, stack in zip(self._param_columns(), stacks, strict=True):
+        for seg, stack in zip(self._param_columns, stacks, strict=True):
             for column, part in zip(seg, stack, strict=True):
                 flat.update(zip(column, _unstacked(part, len(column), consume), strict=True))
         return jax.tree.unflatten(self._treedef, [flat[i] for i in range(len(self._leaves))])
@@ -328,7 +323,7 @@ class Vectorised:
         consume = consume and _owned(flat)
         per_segment = [
             [[_stacked(flat, c, consume) for c in slots] for slots in seg]
-            for seg in self._state_columns()
+            for seg in self._state_columns
         ]
         return per_segment, [flat[j] for j in self._rest_slots]
 
@@ -336,7 +331,7 @@ class Vectorised:
         """``optimizer.init(params)``'s form of the packed optimizer state."""
         per_segment, rest_state = packed_state
         flat: dict[int, Any] = dict(zip(self._rest_slots, rest_state, strict=True))
-        for seg, segment in zip(self._state_columns(), per_segment, strict=True):
+        for seg, segment in zip(self._state_columns, per_segment, strict=True):
             for slots, stacks in zip(seg, segment, strict=True):
                 for column, part in zip(slots, stacks, strict=True):
                     flat.update(zip(column, _unstacked(part, len(column), consume), strict=True))

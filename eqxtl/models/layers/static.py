@@ -29,7 +29,7 @@ def with_static_flag(model, name: str, value: bool, what: str, supported: str):
     from ...errors import EqxtlError
 
     def has_flag(x) -> bool:
-        return isinstance(x, eqx.Module) and any(f.name == name for f in dataclasses.fields(x))
+        return has_field(x, name)
 
     found = False
 
@@ -47,6 +47,11 @@ def with_static_flag(model, name: str, value: bool, what: str, supported: str):
             f"for {supported} (and classifiers built on them)."
         )
     return out
+
+
+def has_field(x, name: str) -> bool:
+    """Whether ``x`` is an Equinox module with a field ``name`` (e.g. a ``scan`` flag)."""
+    return isinstance(x, eqx.Module) and any(f.name == name for f in dataclasses.fields(x))
 
 
 def replace_static(module: eqx.Module, **fields) -> eqx.Module:
