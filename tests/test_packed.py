@@ -129,6 +129,8 @@ def test_pack_and_unpack_are_inverse_and_consume_what_they_stack():
     assert_same(donating.unpack(carry)[0], model, tol=0)
     with pytest.raises(eqxtl.EqxtlError, match="step.packed"):
         kept(kept.pack(model, opt_state), None, opt_state, batches(32, n=1)[0])
+    with pytest.raises(eqxtl.EqxtlError, match="step.pack"):
+        kept.packed(model, None, batches(32, n=1)[0])
 
 
 def _plain_step(model, state, spec, optimizer, data):

@@ -296,6 +296,12 @@ def make_step(
         return eqx.combine(trainable, frozen), state, opt_state, metrics
 
     def packed_step(carry: Packed, state, batch, key=None):
+        if not isinstance(carry, Packed):
+            raise EqxtlError(
+                f"step.packed takes a model in step form, made by step.pack(model, "
+                f"opt_state), got {type(carry).__name__}: step the model itself with "
+                "step(model, state, opt_state, batch, key)."
+            )
         donates, _, args = arguments(carry, state, None, batch, key)
         params, new_state, opt_state, metrics = (donating if donates else plain)(*args)
         state = state if new_state is None else new_state
