@@ -615,6 +615,14 @@ def test_interpolate_endpoints_are_bit_exact_and_midpoint_is_the_mean(tiny_clip,
     for got, a, b in zip(leaves(mid), leaves(zs), leaves(ft), strict=True):
         np.testing.assert_array_equal(got, (a + b) / 2)
     assert jax.tree.structure(mid) == jax.tree.structure(zs)
+    # a zero-shot model stored in bfloat16 does not round the float32 fine-tuned weights
+    small = eqxtl.quantize(zs, False, "bfloat16")
+    for alpha in (1, 0.5):
+        out = eqxtl.interpolate(small, ft, alpha)
+        for got, a, b in zip(leaves(out), leaves(small), leaves(ft), strict=True):
+            assert got.dtype == np.promote_types(a.dtype, b.dtype)
+            want = (1 - alpha) * a.astype(got.dtype) + alpha * b if alpha < 1 else b
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_interpolate_batchnorm_state_and_mismatches():

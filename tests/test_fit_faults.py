@@ -140,12 +140,11 @@ def test_skipped_nonfinite_steps_change_nothing(clip_model):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_step_skips_exactly_the_nonfinite_gradients(dtype):
+def test_the_step_skips_exactly_the_nonfinite_gradients():
     """Gradients of 1e37 in every element are finite (their sum would overflow float32):
     the step updates. One infinite or NaN gradient element: the step changes nothing. The
     loss is 0 throughout, so only the gradients can make a step non-finite."""
-    dtype = jax.numpy.dtype(dtype)
+    dtype = jax.numpy.dtype("float32")
 
     @jax.custom_vjp
     def zero_with_gradient(w, g):  # 0, with gradient g with respect to w

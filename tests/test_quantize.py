@@ -223,6 +223,23 @@ def test_bfloat16_storage_of_frozen_leaves():
     assert y.dtype == jnp.float32  # float32 compute by default: the weights are cast up
     assert rel(y, forward(model, state, x)) <= 0.02
     assert eqxtl.count(small) == eqxtl.count(model)
+    # training a leaf stored in bfloat16 is refused, naming it: Adam's small steps would
+    # round away (every spec builder, and make_step for a spec made by hand)
+    fc1 = r"backbone\.encoder\.layers\.1\.mlp\.fc1\.weight"
+    with pytest.raises(eqxtl.RuleError, match=f"eqxtl.trainable: .*bfloat16.*{fc1}"):
+        eqxtl.trainable(small, "head", "backbone.encoder.layers.1.mlp")
+    with pytest.raises(eqxtl.RuleError, match="eqxtl.everything: .*bfloat16"):
+        eqxtl.everything(small)
+    with pytest.raises(eqxtl.RuleError, match="eqxtl.param_groups: .*bfloat16"):
+        eqxtl.param_groups(small, [("head", optax.adam(1e-3)), (".*", optax.adam(1e-5))])
+    by_hand = jax.tree.map(lambda x: eqx.is_inexact_array(x), small)
+    optimizer = optax.adam(1e-5)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, by_hand)
+    opt_state = optimizer.init(eqx.filter(small, by_hand))
+    with pytest.raises(eqxtl.TrainingError, match="make_step: .*bfloat16.*dtype=jnp.float32"):
+        step(small, state, opt_state, batch(3, size=2), jax.random.key(0))
+    # what stays frozen in bfloat16 is fine
+    assert eqxtl.trainable(small, "head") is not None
 
 
 def test_bad_input(lora_int8):

@@ -92,8 +92,11 @@ def _interpolate_tree(a: Any, b: Any, alpha: float, what: str) -> Any:
         if alpha == 0:
             return x  # bit for bit, even -0.0 and non-finite values in y
         if alpha == 1:
-            return y.astype(x.dtype)
-        return (x * (1 - alpha) + y.astype(x.dtype) * alpha).astype(x.dtype)
+            return y
+        # in the wider dtype: a zero-shot model stored in bfloat16 must not round the
+        # fine-tuned float32 weights it is mixed with
+        dtype = jnp.promote_types(x.dtype, y.dtype)
+        return (x.astype(dtype) * (1 - alpha) + y.astype(dtype) * alpha).astype(dtype)
 
     return jtu.tree_map_with_path(mix, a, b)
 
@@ -107,8 +110,9 @@ def interpolate(
 ):
     """``(1 − alpha)·model_a + alpha·model_b``, leaf by leaf (WiSE-FT).
 
-    Floating-point leaves are interpolated (``alpha=0`` returns ``model_a``'s leaves and
-    ``alpha=1`` ``model_b``'s, bit for bit); integer leaves and static fields must agree.
+    Floating-point leaves are interpolated in the wider of the two leaves' dtypes
+    (``alpha=0`` returns ``model_a``'s leaves and ``alpha=1`` ``model_b``'s, bit for bit);
+    integer leaves and static fields must agree.
     With ``state_a`` and ``state_b`` (BatchNorm running statistics) these are
     interpolated too and ``(model, state)`` is returned; otherwise the model alone.
     Raises ``EqxtlError`` naming the first difference when the two do not have the same

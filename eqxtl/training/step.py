@@ -30,7 +30,7 @@ from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
 from ..models.batching import batched
 from ..models.layers import BatchNorm
-from ..tuning.filters import check_spec
+from ..tuning.filters import check_spec, low_precision_message, low_precision_paths
 from .packed import Packed, layout_for, pack, unpack
 from .parallel import batch_axes, shard_batch, shardings_of
 from .tasks import Classification, Task, loss_and_metrics
@@ -188,6 +188,8 @@ def _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite)
         _check_opt_state(updating, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         tree = trainable if layout is None else layout.unpack(trainable)  # split views
+        if low_precision_paths(tree):  # at trace time only; a hand-made spec gets here too
+            raise TrainingError(low_precision_message("make_step", low_precision_paths(tree)))
         loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key)
         if layout is not None:
             grads = layout.pack(grads)
@@ -474,14 +476,11 @@ def _accumulated(loss_of, k: int, trainable, state, batch, key, mesh):
     shapes = jax.eval_shape(lambda mb: loss_of(trainable, state, mb, key)[1][1], first)
     sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     params = eqx.filter(trainable, eqx.is_inexact_array)
-    # summed in float32 at least: bfloat16 leaves' gradients too (the weights are float32)
-    grads = jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, "float32")), params
-    )
+    grads = jax.tree.map(jnp.zeros_like, params)  # what trains is float32 at least
     init = (state, sums, jnp.zeros((), jnp.float32), grads)
     (state, sums, loss_sum, grad_sum), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
     total = jnp.maximum(sums["count"] if "count" in sums else jnp.float32(k), 1.0)
-    grads = jax.tree.map(lambda g, x: (g / total).astype(x.dtype), grad_sum, params)
+    grads = jax.tree.map(lambda g: g / total, grad_sum)
     return loss_sum / total, state, sums, grads
 
 

@@ -172,7 +172,9 @@ def _spec(model: Any, rules: tuple[Rule, ...], default: bool, strict: bool) -> A
         return default if i is None else pairs[i][1]
 
     spec = map_with_path(decide, model)
-    refuse_quantized(model, spec, "eqxtl.trainable" if not default else "eqxtl.frozen")
+    what = "eqxtl.trainable" if not default else "eqxtl.frozen"
+    refuse_quantized(model, spec, what)
+    refuse_low_precision(model, spec, what)
     return spec
 
 
@@ -194,6 +196,36 @@ def refuse_quantized(model: Any, spec: Any, what: str) -> None:
             "layers out of the trainable rules, or choose what trains first and quantize "
             "after: eqxtl.quantize(model, spec) stores only the leaves spec freezes."
         )
+
+
+def low_precision_paths(trainable_half: Any) -> list[str]:
+    """Paths of the floating-point leaves of ``trainable_half`` (``None`` where frozen)
+    stored in fewer than 32 bits (bfloat16, float16)."""
+    return [
+        path
+        for path, leaf in leaves_with_paths(trainable_half)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and jnp.finfo(leaf.dtype).bits < 32
+    ]
+
+
+def low_precision_message(what: str, paths: list[str]) -> str:
+    """The error for training leaves stored in bfloat16/float16 (``low_precision_paths``)."""
+    return (
+        f"{what}: the spec trains {len(paths)} leaf(s) stored in bfloat16 or float16, e.g. "
+        f"{paths[:3]}. An update smaller than 1/256 of a weight rounds away in bfloat16, so "
+        "most optimizer steps would change nothing. Keep what trains in float32: load with "
+        "dtype=jnp.float32 (eqxtl.from_pretrained), or choose the spec first and store "
+        "only what it freezes small (eqxtl.quantize(model, spec, 'bfloat16')). For "
+        "bfloat16 compute, train with compute_dtype=jnp.bfloat16 (eqxtl.Runtime, "
+        "eqxtl.task_loss)."
+    )
+
+
+def refuse_low_precision(model: Any, spec: Any, what: str) -> None:
+    """``RuleError`` naming the leaves stored in bfloat16/float16 that ``spec`` trains."""
+    paths = low_precision_paths(eqx.filter(model, spec))
+    if paths:
+        raise RuleError(low_precision_message(what, paths))
 
 
 def trainable(model: Any, *rules: Rule, strict: bool = False) -> Any:
@@ -219,6 +251,7 @@ def everything(model: Any) -> Any:
     """Filter spec in which every floating-point leaf trains (full fine-tuning)."""
     spec = jax.tree.map(_trainable_leaf, model)
     refuse_quantized(model, spec, "eqxtl.everything")
+    refuse_low_precision(model, spec, "eqxtl.everything")
     return spec
 
 

@@ -22,7 +22,14 @@ from .._util.checks import count, real
 from .._util.pytree_paths import keypath_to_str, leaves_with_paths, map_with_path
 from ..errors import OptimizerMismatchError
 from ..models.registry import backbones_in
-from .filters import Rule, RuleError, _trainable_leaf, refuse_quantized, rule_matcher
+from .filters import (
+    Rule,
+    RuleError,
+    _trainable_leaf,
+    refuse_low_precision,
+    refuse_quantized,
+    rule_matcher,
+)
 
 FROZEN = "frozen"
 
@@ -112,6 +119,7 @@ def param_groups(
         )
     spec = jax.tree.map(lambda lab: lab != FROZEN, labels)
     refuse_quantized(model, spec, "eqxtl.param_groups")
+    refuse_low_precision(model, spec, "eqxtl.param_groups")
     trainable_labels, _ = eqx.partition(labels, spec)
     used = {lab for lab in jax.tree.leaves(trainable_labels)}
     tx_by_label = {f"group{i}": tx for i, tx in enumerate(transforms) if f"group{i}" in used}

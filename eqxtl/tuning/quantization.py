@@ -96,9 +96,10 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
     ``compute_dtype=jnp.bfloat16`` (``eqxtl.Runtime``, ``task_loss``).
 
     A weight that ``spec`` trains is never stored small; a spec (or a later
-    ``eqxtl.trainable`` / ``param_groups``) that trains a quantized weight is a
-    ``RuleError`` naming it. A frozen weight the scheme cannot hold (no element, NaN or
-    infinity) is an ``EqxtlError`` naming it. ``save_pretrained`` writes quantized weights
+    ``eqxtl.trainable`` / ``param_groups``) that trains a quantized weight, or a leaf stored
+    in bfloat16 (whose small updates would round away), is a ``RuleError`` naming it.
+    A frozen weight the scheme cannot hold (no element, NaN or infinity) is an
+    ``EqxtlError`` naming it. ``save_pretrained`` writes quantized weights
     dequantized (float32, the usual layout); ``from_pretrained`` reads them back as
     float32: quantize again.
     ``merge_lora`` on an int8 base gives float32 merged weights; on a bfloat16 base,
