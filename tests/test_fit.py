@@ -139,6 +139,12 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(arrays(straight.opt_state), arrays(resumed.opt_state), strict=True):
         np.testing.assert_array_equal(a, b)
+    # the record after the resume averages steps 1-5, as without the kill (the checkpoint
+    # at step 3 keeps the train metrics' sums of steps 1-3)
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        for key in ("train_loss", "train_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), (key, a, b)
 
 
 def test_cached_features_train_the_same_head(tmp_path, monkeypatch):

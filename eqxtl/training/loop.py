@@ -184,6 +184,8 @@ def fit(
             best=best,
             best_mode=best_mode,
             best_value=meta.get("best") if meta else None,
+            train_sums=_saved_sums(meta),
+            nonfinite_before=int(meta.get("nonfinite_steps", 0)) if meta else 0,
             checkpoint_every=None if checkpoint is None else checkpoint.every,
             runtime=runtime,
             mesh=mesh,
@@ -206,6 +208,12 @@ def fit(
         preprocessing,
         None if meta is None else int(meta["step"]),
     )
+
+
+def _saved_sums(meta) -> dict | None:
+    """The train metrics' sums a checkpoint written between evaluations kept."""
+    sums = meta.get("train_sums") if meta else None
+    return None if sums is None else {k: jnp.float32(v) for k, v in sums.items()}
 
 
 def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:

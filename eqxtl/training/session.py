@@ -210,6 +210,12 @@ class Loop:
     """The step of the newest checkpoint in the run folder (``None``: none)."""
     guard: dict | None = None
     pending: list = dataclasses.field(default_factory=list)
+    train_sums: dict | None = None
+    """The train metrics' sums since the last evaluation (device scalars; ``None``: none
+    yet). A checkpoint written between evaluations keeps them, so that the next record
+    after a resume covers the same steps as without the interruption."""
+    nonfinite_before: int = 0
+    """Non-finite steps skipped before a resume (the guard counts those since)."""
 
     def phase(self, i: int, phase: Phase, optimizer, end: int, resumed: bool) -> None:
         """Run phase ``i`` from ``run.step`` to step ``end`` (with the optimizer state of
@@ -241,6 +247,7 @@ class Loop:
         if self.guard is None:
             self.guard = {k: jnp.asarray(v) for k, v in _GUARD0.items()}
             self.guard["first_bad"] = self.guard["first_bad"].astype(jnp.int32)
+            self.guard["nonfinite"] = self.guard["nonfinite"] + self.nonfinite_before
         self.steps(train, test, step_fn, eval_step, end)
 
     def eval_model(self, model, opt_state):
@@ -280,7 +287,7 @@ class Loop:
         state = run.state
         base_key = jax.random.key(rt.seed)
         per_step = any(getattr(cb, "on_step", None) is not None for cb in self.callbacks)
-        acc, since, images = None, time.perf_counter(), 0
+        acc, since, images = self.train_sums, time.perf_counter(), 0
         while run.step < end:
             epoch, start = divmod(run.step, run.steps_per_epoch)
             for batch in train.epoch(epoch, start_step=start):
@@ -289,6 +296,7 @@ class Loop:
                 acc = _zero_sums(metrics) if acc is None else acc
                 run.step += 1
                 acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
+                self.train_sums = acc
                 self.pending.append((run.step, metrics["loss"]))
                 run.hold(packed)
                 run.state = state
@@ -356,6 +364,7 @@ class Loop:
         self.check()
         record: dict = {"step": run.step, "epoch": run.epoch, "phase": run.phase}
         record.update(summarise(self.task, acc, "train"))
+        self.train_sums = None  # in this record: a checkpoint written now starts afresh
         record["images_per_sec"] = images / max(time.perf_counter() - since, 1e-9)
         nonfinite = int(host(self.guard["nonfinite"]))
         if nonfinite:
@@ -397,6 +406,10 @@ class Loop:
             "best_metric": self.best,
             "seed": self.runtime.seed,
             "stopped": run.stopped,
+            "train_sums": None
+            if self.train_sums is None
+            else {k: float(v) for k, v in host(self.train_sums).items()},
+            "nonfinite_steps": int(host(self.guard["nonfinite"])) if self.guard else 0,
             "callbacks": [
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
