@@ -251,7 +251,14 @@ def test_classifier_in_a_layout_without_config_files_warns(tmp_path):
     model, state = tiny_model("resnet")
     head = eqxtl.Classifier(model, 2, key=jax.random.key(0), class_names=["no", "yes"])
     with pytest.warns(UserWarning, match="class names and training preprocessing are not"):
-        eqxtl.save_pretrained(head, state, tmp_path, layout="torchvision")
+        eqxtl.save_pretrained(head, state, tmp_path / "named", layout="torchvision")
+    # a bare classifier too: reloading it needs keep_head=True, and the warning says so
+    bare = eqxtl.Classifier(model, 2, key=jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"backbone alone unless keep_head=True \(its 2"):
+        eqxtl.save_pretrained(bare, state, tmp_path / "bare", layout="torchvision")
+    assert not isinstance(eqxtl.from_pretrained(tmp_path / "bare")[0], eqxtl.Classifier)
+    loaded, _ = eqxtl.from_pretrained(tmp_path / "bare", keep_head=True)
+    np.testing.assert_array_equal(loaded.head.weight, bare.head.weight)
 
 
 # --------------------------------------------------------------------------- 7. aliases

@@ -29,13 +29,20 @@ def add_training_info(model, configs: dict[str, dict], layout: str) -> None:
     """A classifier's class names and training preprocessing, into ``config.json`` or else
     the layout's first config file (``from_pretrained`` reads them from either)."""
     if not configs:
-        if model.class_names is not None or model.preprocessing is not None:
-            warnings.warn(
-                f"save_pretrained: the {layout} layout has no config file, so the classifier's "
-                "class names and training preprocessing are not saved; save in the default "
-                "layout (layout=None) to keep them.",
-                stacklevel=4,
-            )
+        unsaved = (
+            ", and its class names and training preprocessing are not saved"
+            if model.class_names is not None or model.preprocessing is not None
+            else ""
+        )
+        # without a config, the folder reads like a pretrained checkpoint, whose head
+        # from_pretrained drops by default
+        warnings.warn(
+            f"save_pretrained: the {layout} layout has no config file, so "
+            "from_pretrained(folder) cannot tell the classifier from a pretrained checkpoint "
+            f"and loads the backbone alone unless keep_head=True (its {model.num_classes} "
+            f"classes){unsaved}. Save in the default layout (layout=None) to keep it whole.",
+            stacklevel=4,
+        )
         return
     name = "config.json" if "config.json" in configs else next(iter(configs))
     configs[name] = {**configs[name], **head_config(model)}
