@@ -101,8 +101,9 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def _image_folder_shape(path: Path, what: str) -> None:
-    """Cheap checks before JAX is imported: a folder with class subfolders."""
+def _image_folder_shape(path: Path, what: str, *, training: bool = True) -> None:
+    """Cheap checks before JAX is imported: a folder with class subfolders (two or more to
+    train on)."""
     if not path.is_dir():
         _fail(f"{what} {str(path)!r} is not a folder.")
     classes = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
@@ -111,7 +112,7 @@ def _image_folder_shape(path: Path, what: str) -> None:
             f"{what} {str(path)!r} has no class subfolders: expected {path}/<class name>/<image> "
             "(one folder per class)."
         )
-    if what == "--data" and len(classes) < 2:
+    if training and what == "--data" and len(classes) < 2:
         _fail(
             f"{what} {str(path)!r} has one class subfolder ({classes[0].name}): a classifier "
             "learns to tell classes apart, so it needs at least 2 (one folder per class)."
@@ -381,12 +382,16 @@ def _load_classifier(path):
 def _eval(args) -> int:
     import eqxtl
 
-    _image_folder_shape(args.data, "--data")
+    _image_folder_shape(args.data, "--data", training=False)
     model, state = _load_classifier(args.model)
-    data = eqxtl.ImageFolder(args.data)
-    if model.class_names is not None and tuple(data.class_names) != model.class_names:
+    # by name: a folder holding some of the model's classes is scored on those; a folder
+    # the model does not know is a DataError naming it
+    data = eqxtl.ImageFolder(args.data, class_names=model.class_names)
+    if model.class_names is None and len(data.class_names) != model.num_classes:
         raise eqxtl.DataError(
-            f"--data classes {data.class_names} differ from the model's {list(model.class_names)}."
+            f"--data has {len(data.class_names)} class folders and the model "
+            f"{model.num_classes} classes, without names to match them by: give --data one "
+            f"folder per class, named so that sorted order is label order."
         )
     print(json.dumps(eqxtl.evaluate(model, state, data, batch_size=args.batch_size)))
     return 0

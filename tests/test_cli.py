@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,17 @@ def test_train_eval_predict_on_an_image_folder(tmp_path, weights, monkeypatch, c
     assert cli.main(["eval", "--model", str(best), "--data", str(data)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["count"] == 12 and evaluated["accuracy"] == 1.0
+    # some of the model's classes (matched by name), and one it does not know
+    shutil.copytree(data / "red", tmp_path / "some" / "red")
+    with pytest.warns(UserWarning, match="Empty classes"):
+        assert cli.main(["eval", "--model", str(best), "--data", str(tmp_path / "some")]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["count"] == 6 and evaluated["accuracy"] == 1.0
+    shutil.copytree(data / "red", tmp_path / "some" / "purple")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--model", str(best), "--data", str(tmp_path / "some")])
+    assert exit_.value.code == 2
+    assert "['purple'] that are not among" in capsys.readouterr().err
 
     files = [str(data / "red" / "0.png"), str(data / "blue" / "1.png")]
     assert cli.main(["predict", "--model", str(best), *files]) == 0
