@@ -145,6 +145,8 @@ def test_int8_layers_compute_with_their_dequantized_weights():
     def pairs(q):  # (int8 layer's output, float layer's with the dequantized weight)
         plain = dequantized(q)
         out = [(dense(q["fc"], x), dense(plain["fc"], x))]
+        # a user's own module calls eqx.nn.Linear directly (W @ x): the same product
+        out += [(jax.vmap(q["fc"])(x), dense(plain["fc"], x))]
         return out + [(a(image), b(image)) for a, b in zip(q["convs"], plain["convs"], strict=True)]
 
     for got, want in pairs(q):
@@ -394,6 +396,23 @@ def test_lora_on_an_nf4_base(lora_nf4, tmp_path):
         np.testing.assert_array_equal(saved[name], value, err_msg=name)
     for variant in (eqxtl.with_remat(q), eqxtl.with_scan(q, False)):
         np.testing.assert_allclose(forward(variant, state, x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_linear_layer_called_directly_computes_as_dense():
+    """``eqx.nn.Linear.__call__`` (a user's own module) multiplies ``W @ x``: an int8 or
+    NF4 weight gives what ``eqxtl.dense`` gives, with gradients; a convolution weight is not
+    a matrix, and says so."""
+    linear = build(eqx.nn.Linear, 128, 16)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(128,)), jnp.float32)
+    for dtype in ("int8", "nf4"):
+        q = eqxtl.quantize({"fc": linear}, False, dtype)["fc"]
+        np.testing.assert_allclose(q(x), dense(q, x), rtol=1e-6, atol=1e-6)
+        grad = jax.grad(lambda x, q=q: jnp.sum(q(x) ** 2))(x)
+        want = jax.grad(lambda x, q=q: jnp.sum(dense(q, x) ** 2))(x)
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+    conv = eqxtl.quantize(build(Conv2d, 8, 12, 3), False).weight
+    with pytest.raises(TypeError, match="linear weight"):
+        conv @ jnp.ones(8)
 
 
 def test_nf4_bad_input():

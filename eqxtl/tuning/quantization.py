@@ -92,6 +92,8 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
       layer's weight at a time, in the forward and again in the backward pass.
       ``"bfloat16"``: every frozen floating-point leaf in bfloat16.
 
+    A quantized linear weight also multiplies as ``W @ x`` (what ``eqx.nn.Linear`` calls),
+    so a module of your own that calls its linear layers directly works unchanged.
     Layers compute in their input's dtype as always: float32 by default, bfloat16 with
     ``compute_dtype=jnp.bfloat16`` (``eqxtl.Runtime``, ``task_loss``).
 

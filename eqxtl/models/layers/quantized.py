@@ -58,6 +58,9 @@ class Int8Weight(eqx.Module):
         scale = self.scale.reshape(-1, *(1,) * (self.ndim - 1))
         return self.values.astype(dtype) * scale.astype(dtype)
 
+    def __matmul__(self, x: Float[Array, " in *n"]) -> Float[Array, " out *n"]:
+        return weight_times(self, x)
+
 
 @jax.jit
 def _absmax_int8(weight: Array) -> tuple[Array, Array, Array]:
@@ -125,6 +128,9 @@ class NF4Weight(eqx.Module):
         dtype = self.absmax.dtype if dtype is None else dtype
         return _nf4_decode(self.codes, self.absmax, self.weight_shape, dtype)
 
+    def __matmul__(self, x: Float[Array, " in *n"]) -> Float[Array, " out *n"]:
+        return weight_times(self, x)
+
 
 def _nf4_decode(codes: Array, absmax: Array, shape: tuple[int, ...], dtype) -> Array:
     levels = jnp.asarray(NF4_LEVELS, dtype)
@@ -190,6 +196,21 @@ def apply_weight(
         return op(x, weight.astype(x.dtype))
     like = jax.ShapeDtypeStruct(x.shape, x.dtype)
     return _small_product(op, like, decode, x, values, scale)
+
+
+def weight_times(weight: Int8Weight | NF4Weight, x: Array) -> Array:
+    """``W @ x`` for a quantized linear weight ``(out, in)``, through ``apply_weight``:
+    what ``eqx.nn.Linear.__call__`` computes, so that a user's own module calling its
+    quantized linear layer directly works as ``eqxtl.dense`` does."""
+    if weight.ndim != 2:
+        raise TypeError(
+            f"W @ x needs a linear weight (out, in); this quantized weight is "
+            f"{tuple(weight.shape)}: call its layer (a convolution) instead."
+        )
+    if x.ndim == 1:
+        return apply_weight(lambda v, w: v @ w.T, x, weight)
+    y = apply_weight(lambda v, w: v @ w.T, jnp.swapaxes(x, -1, -2), weight)
+    return jnp.swapaxes(y, -1, -2)
 
 
 def _scaled_output(values, scale, dtype):
