@@ -643,6 +643,15 @@ def test_interpolate_batchnorm_state_and_mismatches():
     clip_backbone, _ = tiny("clip")
     with pytest.raises(eqxtl.EqxtlError, match="same structure"):
         eqxtl.interpolate(model, eqxtl.Classifier(clip_backbone, 3, key=jax.random.key(0)), 0.5)
+    # a reloaded checkpoint records class names and preprocessing, the model in memory not
+    named = other.with_training_info(("x", "y", "z"), eqxtl.preprocessing_for(backbone))
+    mixed = eqxtl.interpolate(model, named, 0.25)
+    assert mixed.class_names == ("x", "y", "z") and mixed.preprocessing == named.preprocessing
+    np.testing.assert_allclose(
+        mixed.head.weight, 0.75 * model.head.weight + 0.25 * other.head.weight, rtol=1e-6
+    )
+    with pytest.raises(eqxtl.EqxtlError, match="name their head rows differently"):
+        eqxtl.interpolate(model.with_training_info(("z", "y", "x")), named, 0.5)
     flagged = eqxtl.Classifier(backbone, head=model.head, normalize=True)
     with pytest.raises(eqxtl.EqxtlError, match="static configuration"):
         eqxtl.interpolate(model, flagged, 0.5)

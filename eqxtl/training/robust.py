@@ -37,6 +37,7 @@ import numpy as np
 from .._util.checks import count, real
 from .._util.pytree_paths import keypath_to_str
 from ..errors import EqxtlError
+from ..models.heads import Classifier
 
 
 def _structure_error(a: Any, b: Any, what: str) -> EqxtlError:
@@ -66,6 +67,27 @@ def _structure_error(a: Any, b: Any, what: str) -> EqxtlError:
         "Interpolate two versions of one model: e.g. the zero-shot model and the same model "
         "after fine-tuning."
     )
+
+
+def _shared_training_info(a: Any, b: Any) -> tuple[Any, Any]:
+    """Two classifiers with the class names and training preprocessing that either records
+    (a reloaded checkpoint records them, the model in memory may not): the same static
+    fields, so that their leaves can be mixed. Class names that differ are an error: the
+    head rows would mix different classes."""
+    if not (isinstance(a, Classifier) and isinstance(b, Classifier)):
+        return a, b
+    if a.class_names is not None and b.class_names is not None:
+        if a.class_names != b.class_names:
+            raise EqxtlError(
+                f"Cannot interpolate: the two classifiers name their head rows differently "
+                f"({list(a.class_names)} and {list(b.class_names)}), so row i is another "
+                "class in each. Interpolate two versions of one classifier."
+            )
+    names = a.class_names if a.class_names is not None else b.class_names
+    preprocessing = b.preprocessing if b.preprocessing is not None else a.preprocessing
+    if names is None and preprocessing is None:
+        return a, b
+    return a.with_training_info(names, preprocessing), b.with_training_info(names, preprocessing)
 
 
 def _interpolate_tree(a: Any, b: Any, alpha: float, what: str) -> Any:
@@ -112,7 +134,9 @@ def interpolate(
 
     Floating-point leaves are interpolated in the wider of the two leaves' dtypes
     (``alpha=0`` returns ``model_a``'s leaves and ``alpha=1`` ``model_b``'s, bit for bit);
-    integer leaves and static fields must agree.
+    integer leaves and static fields must agree. Two classifiers keep the class names and
+    training preprocessing either records (``model_b``'s preprocessing where both do);
+    class names that differ are an error.
     With ``state_a`` and ``state_b`` (BatchNorm running statistics) these are
     interpolated too and ``(model, state)`` is returned; otherwise the model alone.
     Raises ``EqxtlError`` naming the first difference when the two do not have the same
@@ -123,7 +147,7 @@ def interpolate(
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise EqxtlError(f"alpha must be finite, got {alpha}.")
-    model = _interpolate_tree(model_a, model_b, alpha, "model")
+    model = _interpolate_tree(*_shared_training_info(model_a, model_b), alpha, "model")
     if state_a is None and state_b is None:
         return model
     if state_a is None or state_b is None:
