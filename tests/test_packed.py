@@ -310,3 +310,29 @@ def test_pack_refuses_an_optimizer_state_of_another_optimizer():
     )
     with pytest.raises(eqxtl.OptimizerMismatchError, match="does not fit"):
         step.pack(model, other.init(eqx.filter(model, spec)))
+
+
+def test_memory_report_of_the_step_form():
+    """``memory_report`` of a model in step form reports ``step.packed``'s program: the same
+    parameter and optimizer-state bytes as the model as it is, from arrays or from shapes
+    (``eqx.filter_eval_shape(step.pack, ...)``, which stacks nothing), and a donating step
+    form writes its stacks in place."""
+    backbone, state = tiny("clip")
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(model, spec))
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches(32, n=1)[0].items()}
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, donate=True)
+    plain = eqxtl.memory_report(step, model, state, opt_state, batch)
+    shapes = eqx.filter_eval_shape(step.pack, model, opt_state)
+    assert shapes.layout is not None
+    assert not any(x.is_deleted() for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    from_shapes = eqxtl.memory_report(step, shapes, state, None, batch)
+    from_arrays = eqxtl.memory_report(step, step.pack(model, opt_state), state, None, batch)
+    for report in (from_shapes, from_arrays):
+        assert report.trainable == plain.trainable and report.frozen == plain.frozen
+        assert report.optimizer_state == plain.optimizer_state
+        assert report.gradients == plain.gradients
+        assert report.donated and report.alias >= report.trainable + report.optimizer_state - 64
+    assert (from_shapes.argument, from_shapes.temp) == (from_arrays.argument, from_arrays.temp)

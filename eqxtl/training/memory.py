@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError
+from .packed import Packed
 
 _MB = 2**20
 
@@ -100,11 +101,13 @@ def memory_report(
     compiles with a PRNG key (as ``fit`` passes one).
 
     ``fit`` builds its step as ``make_step(task_loss(task, compute_dtype=...), optimizer,
-    phase.spec, bn=phase.bn, accumulate=...)``: build the same to see what a phase costs.
-    The report is of ``step(model, ...)``'s program; ``fit`` runs the step form
-    (``step.packed``: trained blocks stored stacked between steps), whose
-    buffers hold the same parameters, gradients and optimizer state, with different
-    temporaries.
+    phase.spec, bn=phase.bn, accumulate=...)`` and runs it in step form (``step.packed``:
+    trained blocks stored stacked between steps). ``model`` in step form reports that
+    program (``opt_state`` is then ignored: the packed model holds its own):
+    ``memory_report(step, step.pack(model, opt_state), state, None, batch)``, or from
+    shapes ``eqx.filter_eval_shape(step.pack, model, opt_state)``. A model as it is
+    reports ``step(model, ...)``'s program: the same parameters, gradients and optimizer
+    state, with different temporaries.
     """
     lower = getattr(step, "lower", None)
     spec = getattr(step, "spec", None)
@@ -130,7 +133,10 @@ def memory_report(
             f"input size, channels first, integer labels). The error: {e}"
         ) from e
     stats = compiled.memory_analysis()
-    trainable, frozen = eqx.partition(model, spec)
+    if isinstance(model, Packed):
+        trainable, frozen, opt_state = model.params, model.frozen, model.opt_state
+    else:
+        trainable, frozen = eqx.partition(model, spec)
     inexact = eqx.filter(trainable, lambda x: is_leaf_value(x) and _is_inexact(x))
     argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
     alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
