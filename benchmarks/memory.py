@@ -89,9 +89,9 @@ def rss(model_name: str, trim: str, batch_size: int, quick: bool) -> None:
     import steps
 
     import eqxtl
-    import eqxtl.training.step as step_module
+    from eqxtl._util import heap
 
-    step_module._trim_enabled = trim == "trim"
+    heap.enabled = trim == "trim"
 
     def current_mb():
         with open("/proc/self/statm") as f:

@@ -37,6 +37,7 @@ from typing import Any
 import equinox as eqx
 import jax
 
+from .._util.heap import trim_heap
 from ..errors import OptimizerMismatchError
 from ..models.blockwise import SCAN_FIELD
 from ..models.layers.static import has_field
@@ -140,6 +141,8 @@ def pack(
         return Packed(trainable, frozen, opt_state, None, reason)
     params = layout.pack(trainable, consume=consume)
     state = layout.pack_state(opt_state, consume=consume)
+    if consume:  # the rows' memory, freed, would stay in the process under what comes next
+        trim_heap()
     return Packed(params, frozen, state, layout, None)
 
 
@@ -151,4 +154,6 @@ def unpack(packed: Packed, *, consume: bool = False) -> tuple[Any, Any]:
         return eqx.combine(packed.params, packed.frozen), packed.opt_state
     trainable = layout.unpack(packed.params, consume=consume)
     opt_state = layout.unpack_state(packed.opt_state, consume=consume)
+    if consume:
+        trim_heap()
     return eqx.combine(trainable, packed.frozen), opt_state

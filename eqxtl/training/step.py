@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .._util.checks import count
 from .._util.finite import all_finite
+from .._util.heap import trim_heap
 from .._util.pytree_paths import first_difference
 from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
@@ -533,13 +534,12 @@ def _step_compiler_options() -> dict | None:
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _TRIM_AFTER_S = 1.0
-_trim_enabled = True  # False: leave the heap alone (benchmarks/memory.py compares both)
 
 
 @functools.cache
 def _release_compiler_memory() -> None:
     """On the CPU with glibc: after each XLA compilation longer than a second, hand the
-    memory the compiler freed back to the system (``malloc_trim``).
+    memory the compiler freed back to the system (``_util.heap.trim_heap``).
 
     Why: XLA:CPU compiles a train step with several threads, each on its own malloc arena;
     what they free stays in the process, fragmented, and the step's temporaries (one block
@@ -549,16 +549,10 @@ def _release_compiler_memory() -> None:
     compilation; results do not change."""
     if jax.default_backend() != "cpu":
         return
-    try:
-        import ctypes
-
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return
 
     def listener(event: str, duration: float, **_) -> None:
-        if _trim_enabled and event == _BACKEND_COMPILE_EVENT and duration >= _TRIM_AFTER_S:
-            trim(0)
+        if event == _BACKEND_COMPILE_EVENT and duration >= _TRIM_AFTER_S:
+            trim_heap()
 
     jax.monitoring.register_event_duration_secs_listener(listener)
 

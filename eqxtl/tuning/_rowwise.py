@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jcore
 
+from .._util import heap
 from ..errors import OptimizerMismatchError
 
 Rows = Sequence[Sequence[int]]
@@ -350,8 +351,13 @@ def _stacked(flat: Sequence[Any], column: Sequence[int], consume: bool) -> jax.A
     """``flat[column]`` stacked; with ``consume``, each row deleted once copied."""
     stack = jnp.stack([flat[i] for i in column])
     if consume:
+        # the rows are freed only once the stack is written: waiting for it keeps one
+        # stack in flight, not every stack of the model allocated before any row is freed
+        if not isinstance(stack, jax.core.Tracer):
+            stack.block_until_ready()
         for i in column:
             if isinstance(flat[i], jax.Array) and not isinstance(flat[i], jax.core.Tracer):
+                heap.freed(flat[i].nbytes)
                 flat[i].delete()
     return stack
 
@@ -360,6 +366,8 @@ def _unstacked(stack: jax.Array, n: int, consume: bool) -> list[jax.Array]:
     """The ``n`` rows of ``stack``; with ``consume``, the stack deleted once split."""
     rows = _rows_of(stack, n)
     if consume and not isinstance(stack, jax.core.Tracer):
+        jax.block_until_ready(rows)  # as in _stacked: one stack in flight
+        heap.freed(stack.nbytes)
         stack.delete()
     return rows
 
