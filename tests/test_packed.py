@@ -84,23 +84,22 @@ def assert_same(got, want, tol=1e-6):
 def test_packed_steps_equal_the_plain_steps(name, scan):
     """Full fine-tuning with AdamW and ``decay_mask`` (per-leaf: biases and norms are not
     decayed, which stacked leaves would get wrong): three packed steps give the weights and
-    optimizer state of three plain steps, blocks scanned or unrolled; every block is in one
+    optimizer state of three plain steps; every block is in one stack where the blocks
+    scan. Where they run unrolled (most of these tiny blocks, by the default size rule),
+    the first step unstacks them and says why: the step would copy each row out of its
     stack."""
     backbone, state = tiny_architecture(name, seed=1)
     model = classifier(backbone)
     spec = eqxtl.everything(model)
     optimizer = optax.adamw(1e-2, weight_decay=0.1, mask=eqxtl.decay_mask)
-    if scan is None:
-        # Unrolled, XLA fuses slices of a stack and separate arrays differently; Adam would
-        # turn that rounding into whole steps where the gradient is zero in exact arithmetic
-        # (attention's key bias: softmax ignores it). SGD keeps rounding as rounding.
-        decay = optax.add_decayed_weights(0.1, mask=eqxtl.decay_mask)
-        optimizer = optax.chain(decay, optax.sgd(1e-2, momentum=0.9))
     data = batches(side(TINY_CONFIGS[name]))
     (m, o), (pm, po), carry = run_both(model, state, spec, optimizer, data, scan)
-    assert carry.layout is not None, carry.reason
-    rows = [len(rows) for rows in carry.layout.segments]
-    assert rows == [TINY_CONFIGS[name].num_hidden_layers]
+    if carry.layout is None:  # only by the size rule (the blocks are too small to scan)
+        assert scan is None and "unrolled at this batch size" in carry.reason
+    else:
+        assert carry.layout is not None, carry.reason
+        rows = [len(rows) for rows in carry.layout.segments]
+        assert rows == [TINY_CONFIGS[name].num_hidden_layers]
     assert eqxtl.paths(pm) == eqxtl.paths(model)
     assert_same(pm, m)
     assert_same(po, o)
@@ -336,3 +335,26 @@ def test_memory_report_of_the_step_form():
         assert report.gradients == plain.gradients
         assert report.donated and report.alias >= report.trainable + report.optimizer_state - 64
     assert (from_shapes.argument, from_shapes.temp) == (from_arrays.argument, from_arrays.temp)
+
+
+def test_blocks_that_run_unrolled_are_unstacked_once_and_stay_so():
+    """By the default size rule these tiny blocks run unrolled on a batch of one: the first
+    ``step.packed`` unstacks them (the step would copy each row out of its stack), and
+    packing again after a read keeps them as they are, without a second look."""
+    backbone, state = tiny("clip")
+    model = classifier(backbone)
+    spec = eqxtl.everything(model)
+    optimizer = optax.adam(1e-3)
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    carry = step.pack(model, optimizer.init(eqx.filter(model, spec)))
+    assert carry.layout is not None  # nothing says yet how the blocks run
+    one = batches(side(TINY_CLIP), n=1, size=1)[0]
+    carry, _, _ = step.packed(carry, state, one, jax.random.key(0))
+    assert carry.layout is None and "unrolled at this batch size" in carry.reason
+    again = step.pack(*step.unpack(carry))
+    assert again.layout is None and again.reason == carry.reason
+    model, spec = eqxtl.with_scan(model, True), eqxtl.with_scan(spec, True)
+    scanned = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec)
+    forced = scanned.pack(model, optimizer.init(eqx.filter(model, spec)))
+    forced, _, _ = scanned.packed(forced, state, one, jax.random.key(0))
+    assert forced.layout is not None  # with_scan(model, True) scans at any size

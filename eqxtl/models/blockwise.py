@@ -75,6 +75,7 @@ The flag is static, like ``with_remat``'s: it is not saved, and changing it reco
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -149,13 +150,32 @@ def _signature(block: Any) -> tuple:
     return treedef, tuple(parts)
 
 
+_recorded: list[bool] | None = None
+
+
+@contextlib.contextmanager
+def recording_scans():
+    """``with recording_scans() as runs:`` each run of two or more blocks traced inside
+    appends whether it would scan once differentiated (``with_scan``'s flag and size rule):
+    a forward pass traced abstractly then says what the train step will do."""
+    global _recorded
+    outer, _recorded = _recorded, []
+    try:
+        yield _recorded
+    finally:
+        _recorded = outer
+
+
 def _worth_scanning(group: Sequence[Any], h: Any, scan: bool | None) -> bool:
     """Whether a run of interchangeable ``group`` blocks on carry ``h`` scans: two or more
     blocks, something differentiated, and (by default) a carry big enough for the saved
     memory to outweigh the stacked copy of the weights."""
-    if scan is False or len(group) < 2 or not differentiated((group, h)):
+    if scan is False or len(group) < 2:
         return False
-    return scan is True or nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * nbytes(group[0])
+    big = scan is True or nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * nbytes(group[0])
+    if _recorded is not None:
+        _recorded.append(big)
+    return big and differentiated((group, h))
 
 
 def _runs(blocks: Sequence[B]) -> list[list[B]]:

@@ -32,10 +32,13 @@ form").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from .._util.heap import trim_heap
 from ..errors import OptimizerMismatchError
@@ -157,3 +160,56 @@ def unpack(packed: Packed, *, consume: bool = False) -> tuple[Any, Any]:
     if consume:
         trim_heap()
     return eqx.combine(trainable, packed.frozen), opt_state
+
+
+UNROLLED = (
+    "the blocks run unrolled at this batch size (with_scan's size rule): each would be "
+    "copied out of its stack, and its gradient back in"
+)
+
+
+class StepForm:
+    """What ``make_step``'s step form keeps between calls: one layout per trainable
+    structure (a new layout would recompile the step), and which layouts a batch showed to
+    run unrolled (those are packed as the model is).
+
+    **Arguments:** ``consumes(trainable, opt_state)``: whether packing may delete what it
+    stacks (the step would donate it); ``scans(carry, state, batch)``: whether a run of the
+    packed blocks scans on such batches."""
+
+    def __init__(self, optimizer, spec, *, mesh, consumes: Callable, scans: Callable):
+        self.optimizer, self.spec, self.mesh = optimizer, spec, mesh
+        self._consumes, self._scans = consumes, scans
+        self._layouts: dict = {}
+        self._unrolled: set[int] = set()
+        self._checked: dict = {}
+
+    def pack(self, trainable, frozen, opt_state) -> Packed:
+        """``trainable`` and ``opt_state`` in step form (checked by the caller)."""
+        shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), trainable)
+        key = jax.tree.structure(trainable), tuple(jax.tree.leaves(shapes))
+        if key not in self._layouts:
+            self._layouts[key] = layout_for(self.optimizer, trainable, mesh=self.mesh)
+        layout, reason = self._layouts[key]
+        if id(layout) in self._unrolled:
+            layout, reason = None, UNROLLED
+        consume = self._consumes(trainable, opt_state)
+        return pack(layout, reason, trainable, frozen, opt_state, consume=consume)
+
+    def for_batch(self, carry: Packed, state, batch: dict) -> Packed:
+        """``carry``, unstacked if its blocks run unrolled on batches like ``batch``: the
+        step would copy every row out of its stack, and every gradient back in (more
+        memory, a slower step and compile)."""
+        if carry.layout is None:
+            return carry
+        shapes = tuple((k, np.shape(v), str(np.result_type(v))) for k, v in batch.items())
+        key = id(carry.layout), shapes
+        if key not in self._checked:
+            self._checked[key] = self._scans(carry, state, batch)
+            if not self._checked[key]:
+                self._unrolled.add(id(carry.layout))
+        if self._checked[key]:
+            return carry
+        model, opt_state = unpack(carry, consume=self._consumes(carry.params, carry.opt_state))
+        trainable, frozen = eqx.partition(model, self.spec)
+        return pack(None, UNROLLED, trainable, frozen, opt_state, consume=False)

@@ -30,9 +30,10 @@ from .._util.pytree_paths import first_difference
 from .._util.sizes import is_leaf_value, nbytes
 from ..errors import EqxtlError, OptimizerMismatchError, TrainingError
 from ..models.batching import batched
+from ..models.blockwise import recording_scans
 from ..models.layers import BatchNorm
 from ..tuning.filters import check_spec, low_precision_message, low_precision_paths
-from .packed import Packed, layout_for, pack, unpack
+from .packed import Packed, StepForm, unpack
 from .parallel import batch_axes, shard_batch, shardings_of
 from .tasks import Classification, Task, loss_and_metrics
 
@@ -269,7 +270,9 @@ def make_step(
     scan, a compiled step that does not grow with depth. Where that would change what the
     optimizer computes (a global-norm clip, per-block learning rates), with a ``mesh``, or
     with no such run, the packed form holds the model as it is (``packed.reason`` says why)
-    and steps as ``step``. ``step.pack`` consumes what it stacks when the step would donate.
+    and steps as ``step``; so does it from the first ``step.packed`` call on batches where
+    the blocks run unrolled (``with_scan``'s size rule), where every row would be copied
+    out of its stack. ``step.pack`` consumes what it stacks when the step would donate.
     """
     bn = _bn_mode(bn)
     accumulate = count(accumulate, "make_step(accumulate=...)", TrainingError)
@@ -305,22 +308,22 @@ def make_step(
                 f"opt_state), got {type(carry).__name__}: step the model itself with "
                 "step(model, state, opt_state, batch, key)."
             )
+        carry = form.for_batch(carry, state, batch)
         donates, _, args = arguments(carry, state, None, batch, key)
         params, new_state, opt_state, metrics = (donating if donates else plain)(*args)
         state = state if new_state is None else new_state
         return Packed(params, carry.frozen, opt_state, carry.layout, carry.reason), state, metrics
 
-    layouts: dict = {}  # one per trainable structure: a new layout would recompile
+    def consumes(trainable, opt_state) -> bool:  # as the step donates
+        return donate if donate is not None else nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
+
+    scans = functools.partial(_blocks_scan, loss_fn, spec, bn, accumulate)
+    form = StepForm(optimizer, spec, mesh=mesh, consumes=consumes, scans=scans)
 
     def pack_model(model, opt_state) -> Packed:
         trainable, frozen = _partitioned(model, spec)
-        shapes = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), trainable)
-        key = jax.tree.structure(trainable), tuple(jax.tree.leaves(shapes))
-        if key not in layouts:
-            layouts[key] = layout_for(optimizer, trainable, mesh=mesh)
         _check_opt_state(optimizer, trainable, opt_state)
-        consume = donate if donate is not None else nbytes(trainable, opt_state) >= DONATE_MIN_BYTES
-        return pack(*layouts[key], trainable, frozen, opt_state, consume=consume)
+        return form.pack(trainable, frozen, opt_state)
 
     def lower(model, state, opt_state, batch, key=None) -> jax.stages.Lowered:
         """The step lowered for these arguments, as ``step`` would compile it (same
@@ -343,6 +346,21 @@ def make_step(
     step.packed = packed_step
     step.unpack = unpack
     return step
+
+
+def _blocks_scan(loss_fn, spec, bn, accumulate, carry: Packed, state, batch) -> bool:
+    """Whether a run of ``carry``'s blocks scans in the step on ``batch`` (its micro-batches
+    with ``accumulate``): the forward pass traced abstractly, with each run's scan decision
+    recorded (``blockwise.recording_scans``)."""
+    batch = {k: v[: len(v) // accumulate] for k, v in batch.items()}
+
+    def forward(params, frozen, state, batch):
+        model = eqx.combine(carry.layout.unpack(params), frozen)
+        return loss_fn(batchnorm_modes(model, spec, bn=bn), state, batch, jax.random.key(0))[0]
+
+    with recording_scans() as runs:
+        eqx.filter_eval_shape(forward, carry.params, carry.frozen, state, batch)
+    return any(runs)
 
 
 def _partitioned(model, spec) -> tuple[Any, Any]:
