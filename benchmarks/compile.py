@@ -99,8 +99,8 @@ def run_one(name: str, storage: str, workload: str, args) -> dict:
         else:
             packed = Packed(*eqx.partition(model, spec), opt_state, None, "per block")
         start = time.perf_counter()
-        passthrough = (packed.frozen, state, batch, key, packed.layout)
-        lowered = step.compiled.lower(passthrough, packed.params, packed.opt_state)
+        # what step.packed compiles (for packed-auto, unstacked where the blocks run unrolled)
+        lowered = step.lower(packed, state, None, batch, key)
         trace_s = time.perf_counter() - start
         start = time.perf_counter()
         lowered.compile()

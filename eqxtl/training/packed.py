@@ -38,7 +38,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._util.heap import trim_heap
 from ..errors import OptimizerMismatchError
@@ -196,13 +195,13 @@ class StepForm:
         consume = self._consumes(trainable, opt_state)
         return pack(layout, reason, trainable, frozen, opt_state, consume=consume)
 
-    def for_batch(self, carry: Packed, state, batch: dict) -> Packed:
+    def for_batch(self, carry: Packed, state, batch: dict, *, consume: bool = True) -> Packed:
         """``carry``, unstacked if its blocks run unrolled on batches like ``batch``: the
         step would copy every row out of its stack, and every gradient back in (more
-        memory, a slower step and compile)."""
+        memory, a slower step and compile). ``consume=False``: ``carry`` stays whole."""
         if carry.layout is None:
             return carry
-        shapes = tuple((k, np.shape(v), str(np.result_type(v))) for k, v in batch.items())
+        shapes = tuple((k, jnp.shape(v), str(jnp.result_type(v))) for k, v in batch.items())
         key = id(carry.layout), shapes
         if key not in self._checked:
             self._checked[key] = self._scans(carry, state, batch)
@@ -210,6 +209,7 @@ class StepForm:
                 self._unrolled.add(id(carry.layout))
         if self._checked[key]:
             return carry
-        model, opt_state = unpack(carry, consume=self._consumes(carry.params, carry.opt_state))
+        consume = consume and self._consumes(carry.params, carry.opt_state)
+        model, opt_state = unpack(carry, consume=consume)
         trainable, frozen = eqx.partition(model, self.spec)
         return pack(None, UNROLLED, trainable, frozen, opt_state, consume=False)

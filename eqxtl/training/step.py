@@ -329,7 +329,15 @@ def make_step(
         """The step lowered for these arguments, as ``step`` would compile it (same
         donation); leaves may be ``jax.ShapeDtypeStruct``: nothing is allocated or run.
         With arrays only, compiling it compiles the step's first call too. ``model`` may be
-        in step form (``step.pack``; ``opt_state`` is then ignored): ``step.packed``'s."""
+        in step form (``step.pack``; ``opt_state`` is then ignored): ``step.packed``'s
+        (blocks unstacked where they would run unrolled on this batch; ``model`` is kept)."""
+        if isinstance(model, Packed) and model.layout is not None:
+            if all(eqx.is_array(x) for x in jax.tree.leaves(model) if is_leaf_value(x)):
+                model = form.for_batch(model, state, batch, consume=False)
+            else:
+                model = eqx.filter_eval_shape(
+                    functools.partial(form.for_batch, consume=False), model, state, batch
+                )
         donates, _, args = arguments(model, state, opt_state, batch, key)
         if all(eqx.is_array(x) for x in jax.tree.leaves(args) if is_leaf_value(x)):
             # real arrays: the step's own jit, so that compiling this lowering is the
