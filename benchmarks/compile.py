@@ -72,6 +72,7 @@ def run_one(name: str, storage: str, workload: str, args) -> dict:
         model = eqxtl.with_scan(model, storage != "unrolled")
     batch = make_batch(args.batch, config.image_size)
     loss_fn = eqxtl.task_loss()
+    carry = [None]  # the step form after the timed steps (its layout: still stacked?)
     if workload == "grad":  # forward + backward of everything, no optimizer update
         grad = eqx.filter_jit(
             lambda m: eqx.filter_grad(lambda m: loss_fn(m, state, batch, None)[0])(m)
@@ -121,7 +122,7 @@ def run_one(name: str, storage: str, workload: str, args) -> dict:
         "tokens": config.num_positions,
         "scan": storage != "unrolled",
         "storage": storage,
-        "packed": storage.startswith("packed") and packed.layout is not None,
+        "packed": carry[0] is not None and carry[0].layout is not None,
         "workload": workload,
         "batch": args.batch,
         "trace_s": round(trace_s, 3),

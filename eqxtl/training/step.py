@@ -332,12 +332,10 @@ def make_step(
         in step form (``step.pack``; ``opt_state`` is then ignored): ``step.packed``'s
         (blocks unstacked where they would run unrolled on this batch; ``model`` is kept)."""
         if isinstance(model, Packed) and model.layout is not None:
-            if all(eqx.is_array(x) for x in jax.tree.leaves(model) if is_leaf_value(x)):
-                model = form.for_batch(model, state, batch, consume=False)
-            else:
-                model = eqx.filter_eval_shape(
-                    functools.partial(form.for_batch, consume=False), model, state, batch
-                )
+            # from shapes: unstacking arrays here would hold a second copy of the model
+            run = functools.partial(form.for_batch, consume=False)
+            as_run = eqx.filter_eval_shape(run, model, state, batch)
+            model = model if as_run.layout is not None else as_run
         donates, _, args = arguments(model, state, opt_state, batch, key)
         if all(eqx.is_array(x) for x in jax.tree.leaves(args) if is_leaf_value(x)):
             # real arrays: the step's own jit, so that compiling this lowering is the
