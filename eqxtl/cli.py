@@ -341,12 +341,14 @@ def _resume_line(quiet: bool):
 
 def _classifier(name, num_classes: int, seed: int):
     """The model ``train`` fine-tunes: the checkpoint's ``Classifier`` when it has
-    ``num_classes``, else its backbone with a new head."""
+    ``num_classes``, else its backbone with a new head; in float32 (a checkpoint stored in
+    bfloat16 would train in bfloat16, which the spec builders refuse)."""
     import jax
+    import jax.numpy as jnp
 
     import eqxtl
 
-    model, state = eqxtl.from_pretrained(name)
+    model, state = eqxtl.from_pretrained(name, dtype=jnp.float32)
     if not isinstance(model, eqxtl.Classifier) or model.num_classes != num_classes:
         backbone = getattr(model, "backbone", model)
         model = eqxtl.Classifier(backbone, num_classes, key=jax.random.key(seed))

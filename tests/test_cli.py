@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import equinox as eqx
 import numpy as np
 import pytest
 from PIL import Image
@@ -168,3 +169,21 @@ def test_summary_prints_what_trains(weights, capsys):
     # the model `train` builds: the backbone under a head
     assert cli.main(["summary", str(weights), "--train", "backbone.encoder.layers.3"]) == 0
     assert "backbone.encoder.layers.3" in capsys.readouterr().out
+
+
+def test_a_checkpoint_stored_in_bfloat16_trains_in_float32(tmp_path, weights, capsys):
+    """`train` and `summary` load the model in float32: a bfloat16 checkpoint would train in
+    bfloat16 (most updates rounding away), which the spec builders refuse."""
+    import jax
+    import jax.numpy as jnp
+
+    model, state = eqxtl.from_pretrained(weights)
+    small = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model)
+    eqxtl.save_pretrained(small, state, tmp_path / "bf16")
+    assert eqxtl.from_pretrained(tmp_path / "bf16")[0].embeddings.patch_embedding.weight.dtype == (
+        jnp.bfloat16
+    )
+    with pytest.raises(eqxtl.RuleError, match="bfloat16"):
+        eqxtl.everything(eqxtl.from_pretrained(tmp_path / "bf16")[0])
+    assert cli.main(["summary", str(tmp_path / "bf16"), "--train", "backbone"]) == 0
+    assert "backbone" in capsys.readouterr().out

@@ -349,6 +349,13 @@ def test_blocks_that_run_unrolled_are_unstacked_once_and_stay_so():
     carry = step.pack(model, optimizer.init(eqx.filter(model, spec)))
     assert carry.layout is not None  # nothing says yet how the blocks run
     one = batches(side(TINY_CLIP), n=1, size=1)[0]
+    # a report (step.lower) on that batch lowers the unstacked step, but only looks
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in one.items()}
+    report = eqxtl.memory_report(step, carry, state, None, shapes)
+    plain = eqxtl.memory_report(step, model, state, optimizer.init(eqx.filter(model, spec)), shapes)
+    assert (report.temp, report.argument) == (plain.temp, plain.argument)  # the same program
+    assert step.pack(model, optimizer.init(eqx.filter(model, spec))).layout is not None
+    assert not any(x.is_deleted() for x in jax.tree.leaves(carry.params))
     carry, _, _ = step.packed(carry, state, one, jax.random.key(0))
     assert carry.layout is None and "unrolled at this batch size" in carry.reason
     again = step.pack(*step.unpack(carry))

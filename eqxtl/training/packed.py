@@ -195,21 +195,26 @@ class StepForm:
         consume = self._consumes(trainable, opt_state)
         return pack(layout, reason, trainable, frozen, opt_state, consume=consume)
 
-    def for_batch(self, carry: Packed, state, batch: dict, *, consume: bool = True) -> Packed:
+    def for_batch(self, carry: Packed, state, batch: dict, *, probe: bool = False) -> Packed:
         """``carry``, unstacked if its blocks run unrolled on batches like ``batch``: the
         step would copy every row out of its stack, and every gradient back in (more
-        memory, a slower step and compile). ``consume=False``: ``carry`` stays whole."""
+        memory, a slower step and compile); later ``pack`` calls for its layout then pack
+        as the model is. ``probe`` (``step.lower``): ``carry`` stays whole and nothing is
+        remembered for later packs."""
         if carry.layout is None:
             return carry
-        shapes = tuple((k, jnp.shape(v), str(jnp.result_type(v))) for k, v in batch.items())
+        leaves = jax.tree_util.tree_leaves_with_path(batch)
+        if not all(hasattr(x, "shape") and hasattr(x, "dtype") for _, x in leaves):
+            return carry  # a batch of the user's own kinds: stacked, as the step form was
+        shapes = tuple((str(kp), tuple(x.shape), str(x.dtype)) for kp, x in leaves)
         key = id(carry.layout), shapes
         if key not in self._checked:
             self._checked[key] = self._scans(carry, state, batch)
-            if not self._checked[key]:
-                self._unrolled.add(id(carry.layout))
         if self._checked[key]:
             return carry
-        consume = consume and self._consumes(carry.params, carry.opt_state)
+        if not probe:
+            self._unrolled.add(id(carry.layout))
+        consume = not probe and self._consumes(carry.params, carry.opt_state)
         model, opt_state = unpack(carry, consume=consume)
         trainable, frozen = eqx.partition(model, self.spec)
         return pack(None, UNROLLED, trainable, frozen, opt_state, consume=False)

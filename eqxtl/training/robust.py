@@ -111,14 +111,15 @@ def _interpolate_tree(a: Any, b: Any, alpha: float, what: str) -> Any:
                     "differ between the two models."
                 )
             return x
-        if alpha == 0:
-            return x  # bit for bit, even -0.0 and non-finite values in y
-        if alpha == 1:
-            return y
-        # in the wider dtype: a zero-shot model stored in bfloat16 must not round the
-        # fine-tuned float32 weights it is mixed with
+        # in the wider dtype, at every alpha (the endpoints' casts up are exact): a
+        # zero-shot model stored in bfloat16 must not round the float32 weights it is
+        # mixed with
         dtype = jnp.promote_types(x.dtype, y.dtype)
-        return (x.astype(dtype) * (1 - alpha) + y.astype(dtype) * alpha).astype(dtype)
+        if alpha == 0:
+            return x.astype(dtype)  # bit for bit, even -0.0 and non-finite values in y
+        if alpha == 1:
+            return y.astype(dtype)
+        return x.astype(dtype) * (1 - alpha) + y.astype(dtype) * alpha
 
     return jtu.tree_map_with_path(mix, a, b)
 

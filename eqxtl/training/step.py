@@ -308,6 +308,7 @@ def make_step(
                 f"opt_state), got {type(carry).__name__}: step the model itself with "
                 "step(model, state, opt_state, batch, key)."
             )
+        _check_accumulate(batch, accumulate)  # before the carry may be unstacked
         carry = form.for_batch(carry, state, batch)
         donates, _, args = arguments(carry, state, None, batch, key)
         params, new_state, opt_state, metrics = (donating if donates else plain)(*args)
@@ -333,7 +334,7 @@ def make_step(
         (blocks unstacked where they would run unrolled on this batch; ``model`` is kept)."""
         if isinstance(model, Packed) and model.layout is not None:
             # from shapes: unstacking arrays here would hold a second copy of the model
-            run = functools.partial(form.for_batch, consume=False)
+            run = functools.partial(form.for_batch, probe=True)
             as_run = eqx.filter_eval_shape(run, model, state, batch)
             model = model if as_run.layout is not None else as_run
         donates, _, args = arguments(model, state, opt_state, batch, key)
@@ -358,7 +359,7 @@ def _blocks_scan(loss_fn, spec, bn, accumulate, carry: Packed, state, batch) -> 
     """Whether a run of ``carry``'s blocks scans in the step on ``batch`` (its micro-batches
     with ``accumulate``): the forward pass traced abstractly, with each run's scan decision
     recorded (``blockwise.recording_scans``)."""
-    batch = {k: v[: len(v) // accumulate] for k, v in batch.items()}
+    batch = jax.tree.map(lambda v: v[: v.shape[0] // accumulate] if v.ndim else v, batch)
 
     def forward(params, frozen, state, batch):
         model = eqx.combine(carry.layout.unpack(params), frozen)
