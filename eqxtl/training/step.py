@@ -367,7 +367,9 @@ def _blocks_scan(loss_fn, spec, bn, accumulate, carry: Packed, state, batch) -> 
 
     with recording_scans() as runs:
         eqx.filter_eval_shape(forward, carry.params, carry.frozen, state, batch)
-    return any(runs)
+    # nothing recorded: the forward pass ran no blocks in Python (a cached jit of the
+    # user's own), so nothing says they unroll
+    return not runs or any(runs)
 
 
 def _partitioned(model, spec) -> tuple[Any, Any]:
