@@ -172,6 +172,9 @@ def _worth_scanning(group: Sequence[Any], h: Any, scan: bool | None) -> bool:
     memory to outweigh the stacked copy of the weights."""
     if scan is False or len(group) < 2:
         return False
+    # the size test only where it decides (an export's symbolic batch size has no size)
+    if _recorded is None and not differentiated((group, h)):
+        return False
     big = scan is True or nbytes(h) >= SCAN_MIN_CARRY_PER_WEIGHT * nbytes(group[0])
     if _recorded is not None:
         _recorded.append(big)
