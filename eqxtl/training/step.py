@@ -190,8 +190,9 @@ def _traced_step(loss_fn, optimizer, spec, bn, mesh, accumulate, skip_nonfinite)
         _check_opt_state(updating, trainable, opt_state)  # at trace time only
         state_leaves = jax.tree.leaves(state)  # before BatchNorm's state.set invalidates it
         tree = trainable if layout is None else layout.unpack(trainable)  # split views
-        if low_precision_paths(tree):  # at trace time only; a hand-made spec gets here too
-            raise TrainingError(low_precision_message("make_step", low_precision_paths(tree)))
+        half = low_precision_paths(tree)  # at trace time only; a hand-made spec gets here too
+        if half:
+            raise TrainingError(low_precision_message("make_step", half))
         loss, new_state, metrics, grads = grads_of(tree, frozen, state, batch, key)
         if layout is not None:
             grads = layout.pack(grads)

@@ -173,8 +173,7 @@ def _spec(model: Any, rules: tuple[Rule, ...], default: bool, strict: bool) -> A
 
     spec = map_with_path(decide, model)
     what = "eqxtl.trainable" if not default else "eqxtl.frozen"
-    refuse_quantized(model, spec, what)
-    refuse_low_precision(model, spec, what)
+    refuse_untrainable(model, spec, what)
     return spec
 
 
@@ -221,8 +220,10 @@ def low_precision_message(what: str, paths: list[str]) -> str:
     )
 
 
-def refuse_low_precision(model: Any, spec: Any, what: str) -> None:
-    """``RuleError`` naming the leaves stored in bfloat16/float16 that ``spec`` trains."""
+def refuse_untrainable(model: Any, spec: Any, what: str) -> None:
+    """``RuleError`` naming the leaves ``spec`` trains that cannot train: stored quantized
+    (``refuse_quantized``), or in bfloat16/float16 (their small updates would round away)."""
+    refuse_quantized(model, spec, what)
     paths = low_precision_paths(eqx.filter(model, spec))
     if paths:
         raise RuleError(low_precision_message(what, paths))
@@ -250,8 +251,7 @@ def frozen(model: Any, *rules: Rule, strict: bool = False) -> Any:
 def everything(model: Any) -> Any:
     """Filter spec in which every floating-point leaf trains (full fine-tuning)."""
     spec = jax.tree.map(_trainable_leaf, model)
-    refuse_quantized(model, spec, "eqxtl.everything")
-    refuse_low_precision(model, spec, "eqxtl.everything")
+    refuse_untrainable(model, spec, "eqxtl.everything")
     return spec
 
 

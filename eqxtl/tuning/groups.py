@@ -26,8 +26,7 @@ from .filters import (
     Rule,
     RuleError,
     _trainable_leaf,
-    refuse_low_precision,
-    refuse_quantized,
+    refuse_untrainable,
     rule_matcher,
 )
 
@@ -118,8 +117,7 @@ def param_groups(
             '(".*", None) group to freeze them or (".*", transform) to train them.'
         )
     spec = jax.tree.map(lambda lab: lab != FROZEN, labels)
-    refuse_quantized(model, spec, "eqxtl.param_groups")
-    refuse_low_precision(model, spec, "eqxtl.param_groups")
+    refuse_untrainable(model, spec, "eqxtl.param_groups")
     trainable_labels, _ = eqx.partition(labels, spec)
     used = {lab for lab in jax.tree.leaves(trainable_labels)}
     tx_by_label = {f"group{i}": tx for i, tx in enumerate(transforms) if f"group{i}" in used}
