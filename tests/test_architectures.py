@@ -253,7 +253,13 @@ def test_layout_saves_what_it_loads(lab, name, layout, tmp_path):
 
     if not writes[True]:
         return  # checked above: the layout refuses the Classifier
-    eqxtl.save_pretrained(model, state, tmp_path / "a", layout=layout)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eqxtl.save_pretrained(model, state, tmp_path / "a", layout=layout)
+    # a folder without a config reads like a pretrained checkpoint: the user is told
+    configless = not list((tmp_path / "a").glob("*.json"))
+    warned = [w for w in caught if "keep_head=True" in str(w.message)]
+    assert bool(warned) == configless, (layout, [str(w.message) for w in caught])
     try:  # without the user's choices: a model that runs, or refused at load (never later)
         bare, bare_state = eqxtl.from_pretrained(tmp_path / "a", keep_head=True)
     except eqxtl.CheckpointError as e:

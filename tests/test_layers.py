@@ -291,3 +291,27 @@ def test_a_resnet_forward_pass_stores_each_block_output(monkeypatch):
     monkeypatch.setattr(resnet, "stored_if_forward_only", lambda h, block: h)
     fused = _step_temporaries(model, state, spec, (8, 3, 64, 64))
     assert stored < 0.8 * fused, (stored, fused)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exact_gelu_matches_torch_and_jax(dtype):
+    """``activation("gelu")`` and the CNNs' ``"gelu"`` are torch's exact GELU, values and
+    gradients, over the tails too; in bfloat16 they stay bfloat16."""
+    import torch
+
+    from eqxtl.models.layers import CNN_ACTIVATIONS
+    from eqxtl.models.layers.transformer import activation
+
+    x = np.linspace(-12.0, 12.0, 20001, dtype=np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.gelu(tx).sum().backward()
+    want = torch.nn.functional.gelu(torch.tensor(x)).numpy()
+    for gelu in (lambda v: activation("gelu", v), CNN_ACTIVATIONS["gelu"]):
+        xj = jnp.asarray(x, dtype)
+        got, grad = gelu(xj), jax.grad(lambda v: gelu(v).astype(jnp.float32).sum())(xj)
+        assert got.dtype == grad.dtype == jnp.dtype(dtype)
+        exact = jax.nn.gelu(xj.astype(jnp.float32), approximate=False)
+        tol = 1e-6 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(np.float32(got), want, atol=tol * 4, rtol=tol)
+        np.testing.assert_allclose(np.float32(got), exact, atol=tol * 4, rtol=tol)
+        np.testing.assert_allclose(np.float32(grad), tx.grad.numpy(), atol=tol * 4, rtol=tol)

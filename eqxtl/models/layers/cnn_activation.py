@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from .gelu import gelu_erf
 from .sign_bits import relu_keeping_sign_bits
 
 CNN_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu_erf,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .gelu import gelu_erf
 from .low_rank import dense
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu")
@@ -25,8 +26,9 @@ def activation(name: str, x: Array) -> Array:
         return x * jax.nn.sigmoid(1.702 * x)
     if name == "silu":
         return jax.nn.silu(x)
-    # jax.nn.gelu defaults to the tanh approximation; transformers' "gelu" is exact (erf).
-    return jax.nn.gelu(x, approximate=name != "gelu")
+    if name == "gelu":  # exact; jax.nn.gelu defaults to the tanh approximation
+        return gelu_erf(x)
+    return jax.nn.gelu(x, approximate=True)
 
 
 def split_key(key: PRNGKeyArray | None, n: int) -> list:
