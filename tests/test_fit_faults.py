@@ -542,3 +542,59 @@ def test_lr_schedule_resumed_between_evaluations_keeps_its_scale(tmp_path):
     assert resumed.resumed_from == 3
     for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class _CutEvaluation:
+    """An evaluation metric that raises ``KeyboardInterrupt`` (what a second Ctrl-C does)
+    while the evaluation of step ``at`` runs, once."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def eval_metrics(self, run, model):
+        if run.step == self.at:
+            self.at = None
+            raise KeyboardInterrupt
+        return {"cut_probe": float(run.step)}
+
+
+@pytest.mark.parametrize("at", [4, 8])  # mid-run, and the run's last evaluation
+def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at):
+    """A second Ctrl-C during an evaluation saves ``last`` without its record; the resumed
+    run evaluates that step first, with the train metrics of the steps it covers: the same
+    history and weights as a run never interrupted."""
+    backbone, state = tiny("resnet", 3)
+    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (32, 16, 16, 3)).astype(np.uint8)
+    source = eqxtl.ArraySource(images, rng.integers(0, 3, 32), ["r", "g", "b"])
+
+    def run(out, cut=None):
+        def loader(seed):
+            return eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=seed, num_workers=0)
+
+        schedule = eqxtl.LRSchedule(lambda s: 1.0 if s < 4 else 0.1)
+        return eqxtl.fit(
+            model,
+            state,
+            train_data=loader(2),
+            test_data=loader(3),
+            phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(0.05), steps=8)],
+            callbacks=[schedule, _CutEvaluation(cut)],
+            checkpoint=eqxtl.Checkpoint(tmp_path / out),
+            runtime=eqxtl.Runtime(seed=2, progress=False, eval_every=4),
+        )
+
+    straight = run("straight")
+    with pytest.raises(KeyboardInterrupt, match="saved at step"):
+        run("cut", cut=at)
+    saved = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert at not in [r["step"] for r in saved]  # the record was cut
+    resumed = run("cut")
+    assert resumed.resumed_from == at
+    timing = {"images_per_sec"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in timing} for r in straight.history
+    ]
+    for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -185,6 +185,7 @@ def fit(
             best_mode=best_mode,
             best_value=meta.get("best") if meta else None,
             train_sums=_saved_sums(meta),
+            eval_due=bool(meta.get("eval_due")) if meta else False,
             nonfinite_before=int(meta.get("nonfinite_steps", 0)) if meta else 0,
             checkpoint_every=None if checkpoint is None else checkpoint.every,
             runtime=runtime,
@@ -224,6 +225,8 @@ def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
     loop.bar = progress_bar(int(bounds[-1]), run.step, loop.runtime.progress)
     try:
         with sigint_at_step_end(loop):
+            if meta is not None and meta.get("eval_due"):
+                loop.evaluate_cut(_saved_phase(meta, bounds))
             for i, phase in enumerate(phases):
                 if run.step >= bounds[i + 1] or run.stopped:
                     continue

@@ -216,6 +216,9 @@ class Loop:
     after a resume covers the same steps as without the interruption."""
     nonfinite_before: int = 0
     """Non-finite steps skipped before a resume (the guard counts those since)."""
+    eval_due: bool = False
+    """The evaluation of ``run.step`` is under way (or, restored from a checkpoint, was cut
+    by a second Ctrl-C): a checkpoint written now keeps the train sums it reports."""
 
     def phase(self, i: int, phase: Phase, optimizer, end: int, resumed: bool) -> None:
         """Run phase ``i`` from ``run.step`` to step ``end`` (with the optimizer state of
@@ -244,11 +247,30 @@ class Loop:
         if self.scales_lr:
             run._lr_scale = scale_of(opt_state)
         call_hooks(self.callbacks, "on_phase_begin", run)
+        self._start_guard()
+        self.steps(train, test, step_fn, eval_step, end)
+
+    def _start_guard(self) -> None:
         if self.guard is None:
             self.guard = {k: jnp.asarray(v) for k, v in _GUARD0.items()}
             self.guard["first_bad"] = self.guard["first_bad"].astype(jnp.int32)
             self.guard["nonfinite"] = self.guard["nonfinite"] + self.nonfinite_before
-        self.steps(train, test, step_fn, eval_step, end)
+
+    def evaluate_cut(self, phase: int) -> None:
+        """The evaluation of the step ``last`` holds, which a second Ctrl-C cut (in phase
+        ``phase``): run first on resume, with the train metrics of the steps it covers, so
+        that the history is what it would have been."""
+        run, rt = self.run, self.runtime
+        run.phase = phase
+        self._start_guard()
+        if self.mesh is not None:
+            run.model, run.state = shard((run.model, run.state), self.mesh)
+        if self.scales_lr:
+            run._lr_scale = scale_of(run.opt_state)
+        eval_step = make_eval_step(
+            task_loss(self.task, compute_dtype=rt.compute_dtype), mesh=self.mesh
+        )
+        self.evaluate(self.train_sums, None, time.perf_counter(), eval_step, self.test)
 
     def eval_model(self, model, opt_state):
         """The model evaluations score and checkpoints export (``model.safetensors``; the
@@ -362,10 +384,11 @@ class Loop:
     def evaluate(self, acc, images, since, eval_step, test) -> dict:
         run = self.run
         self.check()
+        self.eval_due = True
         record: dict = {"step": run.step, "epoch": run.epoch, "phase": run.phase}
         record.update(summarise(self.task, acc, "train"))
-        self.train_sums = None  # in this record: a checkpoint written now starts afresh
-        record["images_per_sec"] = images / max(time.perf_counter() - since, 1e-9)
+        if images is not None:  # None: an evaluation cut by Ctrl-C, run again on resume
+            record["images_per_sec"] = images / max(time.perf_counter() - since, 1e-9)
         nonfinite = int(host(self.guard["nonfinite"]))
         if nonfinite:
             record["nonfinite_steps"] = nonfinite
@@ -375,6 +398,8 @@ class Loop:
             record.update(summarise(self.task, sums, "test"))
         record.update(callback_metrics(self.callbacks, run, model, record))
         run.history.append(record)
+        # the train sums are in this record: a checkpoint written from now starts afresh
+        self.train_sums, self.eval_due = None, False
         call_hooks(self.callbacks, "on_eval", run, record)
         value = record.get(self.best)
         # a tie goes to the later step: with a small validation set accuracy ties are
@@ -410,6 +435,7 @@ class Loop:
             if self.train_sums is None
             else {k: float(v) for k, v in host(self.train_sums).items()},
             "nonfinite_steps": int(host(self.guard["nonfinite"])) if self.guard else 0,
+            "eval_due": self.eval_due,
             "callbacks": [
                 cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks
             ],
