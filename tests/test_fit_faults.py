@@ -509,14 +509,19 @@ def test_resume_from_a_phase_boundary_starts_the_next_phase_afresh(tmp_path, sec
         np.testing.assert_array_equal(a, b)
 
 
-def test_lr_schedule_resumed_between_evaluations_keeps_its_scale(tmp_path):
-    """The schedule sets the scale at phase begin and at evaluations only: a run resumed
-    from a checkpoint written between them (every=3) must not take schedule(3)."""
+def _tiny_classifier_and_source():
+    """A tiny ResNet classifier, its state, and 32 random 16x16 images of 3 classes."""
     backbone, state = tiny("resnet", 3)
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (32, 16, 16, 3)).astype(np.uint8)
-    source = eqxtl.ArraySource(images, rng.integers(0, 3, 32), ["r", "g", "b"])
+    return model, state, eqxtl.ArraySource(images, rng.integers(0, 3, 32), ["r", "g", "b"])
+
+
+def test_lr_schedule_resumed_between_evaluations_keeps_its_scale(tmp_path):
+    """The schedule sets the scale at phase begin and at evaluations only: a run resumed
+    from a checkpoint written between them (every=3) must not take schedule(3)."""
+    model, state, source = _tiny_classifier_and_source()
 
     def run(out, kill_at=None):
         def stop(run, metrics):
@@ -563,11 +568,7 @@ def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at):
     """A second Ctrl-C during an evaluation saves ``last`` without its record; the resumed
     run evaluates that step first, with the train metrics of the steps it covers: the same
     history and weights as a run never interrupted."""
-    backbone, state = tiny("resnet", 3)
-    model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (32, 16, 16, 3)).astype(np.uint8)
-    source = eqxtl.ArraySource(images, rng.integers(0, 3, 32), ["r", "g", "b"])
+    model, state, source = _tiny_classifier_and_source()
 
     def run(out, cut=None):
         def loader(seed):
