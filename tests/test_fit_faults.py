@@ -6,6 +6,7 @@ its message, or the correct result."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -564,11 +565,18 @@ class _CutEvaluation:
 
 
 @pytest.mark.parametrize("at", [4, 8])  # mid-run, and the run's last evaluation
-def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at):
-    """A second Ctrl-C during an evaluation saves ``last`` without its record; the resumed
-    run evaluates that step first, with the train metrics of the steps it covers: the same
-    history and weights as a run never interrupted."""
+@pytest.mark.parametrize("ctrl_c", ["second, during the evaluation", "first, before it"])
+def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at, ctrl_c):
+    """Ctrl-C at an evaluation step saves ``last`` before that evaluation's record: a second
+    Ctrl-C during the evaluation, or a first one that arrived while the step ran. The
+    resumed run evaluates that step first, after its phase began (TensorBoard's writer),
+    with the train metrics of the steps it covers: the same history (but the throughput)
+    and weights as a run never interrupted."""
     model, state, source = _tiny_classifier_and_source()
+
+    def first_ctrl_c(run, metrics):
+        if run.step == at - 1 and ctrl_c.startswith("first"):
+            os.kill(os.getpid(), signal.SIGINT)  # handled between bytecodes: the next step ends
 
     def run(out, cut=None):
         def loader(seed):
@@ -581,14 +589,20 @@ def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at):
             train_data=loader(2),
             test_data=loader(3),
             phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(0.05), steps=8)],
-            callbacks=[schedule, _CutEvaluation(cut)],
+            callbacks=[
+                schedule,
+                _CutEvaluation(cut if ctrl_c.startswith("second") else None),
+                eqxtl.Lambda(on_step=first_ctrl_c if cut else None),
+                eqxtl.TensorBoard(str(tmp_path / out / "tb")),
+            ],
             checkpoint=eqxtl.Checkpoint(tmp_path / out),
             runtime=eqxtl.Runtime(seed=2, progress=False, eval_every=4),
         )
 
     straight = run("straight")
-    with pytest.raises(KeyboardInterrupt, match="saved at step"):
+    with pytest.raises(KeyboardInterrupt, match=f"saved at step {at} of 8"):
         run("cut", cut=at)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     saved = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert at not in [r["step"] for r in saved]  # the record was cut
     resumed = run("cut")

@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -78,7 +79,10 @@ def test_save_round_trip(tmp_path, layout):
         with pytest.warns(UserWarning, match="keep_head=True"):
             eqxtl.save_pretrained(model, state, tmp_path, layout=layout)
     else:
-        eqxtl.save_pretrained(model, state, tmp_path, layout=layout)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eqxtl.save_pretrained(model, state, tmp_path, layout=layout)
+        assert not [w for w in caught if "keep_head=True" in str(w.message)]
     saved = load_file(tmp_path / "model.safetensors")
     original = load_file(TIMM / "model.safetensors") if layout == "timm" else np.load(VIT_JAX)
     assert {k: v.shape for k, v in saved.items()} == {k: original[k].shape for k in original}

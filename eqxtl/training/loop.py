@@ -225,12 +225,12 @@ def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
     loop.bar = progress_bar(int(bounds[-1]), run.step, loop.runtime.progress)
     try:
         with sigint_at_step_end(loop):
-            if meta is not None and meta.get("eval_due"):
-                loop.evaluate_cut(_saved_phase(meta, bounds))
             for i, phase in enumerate(phases):
-                if run.step >= bounds[i + 1] or run.stopped:
-                    continue
                 resumed_here = meta is not None and _saved_phase(meta, bounds) == i
+                # a phase that ended on an evaluation a second Ctrl-C cut runs it again
+                done = run.step >= bounds[i + 1] and not (resumed_here and loop.eval_due)
+                if done or run.stopped:
+                    continue
                 loop.phase(i, phase, optimizers[i], int(bounds[i + 1]), resumed_here)
             if loop.interrupt_requested:  # during the last evaluation: the run is complete
                 raise KeyboardInterrupt

@@ -32,7 +32,8 @@ class Checkpoint:
       checkpoints. A resume says the step it resumes from (stderr, with ``progress``; the
       ``eqxtl`` logger) and ``FitResult.resumed_from``. On Ctrl-C ``fit`` finishes the
       step, writes ``last`` and re-raises ``KeyboardInterrupt`` saying how to resume; a
-      second Ctrl-C stops at once, and an evaluation it cuts runs first on resume.
+      second Ctrl-C stops at once. An evaluation due at the step ``last`` holds (cut, or
+      not yet begun) runs first on resume.
     - `every`: also write ``last`` every N steps between evaluations (``None``: at
       evaluations only).
     - `best`: the metric whose best value ``best/`` keeps (``"test_accuracy"``,

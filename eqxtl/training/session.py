@@ -248,29 +248,18 @@ class Loop:
             run._lr_scale = scale_of(opt_state)
         call_hooks(self.callbacks, "on_phase_begin", run)
         self._start_guard()
+        if self.eval_due:  # resumed from `last`, whose evaluation a second Ctrl-C cut
+            self.evaluate(self.train_sums, None, time.perf_counter(), eval_step, test)
+            if run.stopped:
+                return
         self.steps(train, test, step_fn, eval_step, end)
 
     def _start_guard(self) -> None:
+        """The non-finite guard (device scalars), counting those skipped before a resume."""
         if self.guard is None:
             self.guard = {k: jnp.asarray(v) for k, v in _GUARD0.items()}
             self.guard["first_bad"] = self.guard["first_bad"].astype(jnp.int32)
             self.guard["nonfinite"] = self.guard["nonfinite"] + self.nonfinite_before
-
-    def evaluate_cut(self, phase: int) -> None:
-        """The evaluation of the step ``last`` holds, which a second Ctrl-C cut (in phase
-        ``phase``): run first on resume, with the train metrics of the steps it covers, so
-        that the history is what it would have been."""
-        run, rt = self.run, self.runtime
-        run.phase = phase
-        self._start_guard()
-        if self.mesh is not None:
-            run.model, run.state = shard((run.model, run.state), self.mesh)
-        if self.scales_lr:
-            run._lr_scale = scale_of(run.opt_state)
-        eval_step = make_eval_step(
-            task_loss(self.task, compute_dtype=rt.compute_dtype), mesh=self.mesh
-        )
-        self.evaluate(self.train_sums, None, time.perf_counter(), eval_step, self.test)
 
     def eval_model(self, model, opt_state):
         """The model evaluations score and checkpoints export (``model.safetensors``; the
@@ -319,6 +308,9 @@ class Loop:
                 run.step += 1
                 acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
                 self.train_sums = acc
+                # a checkpoint written before this step's evaluation is done asks for it
+                self.eval_due = bool(rt.eval_every and run.step % rt.eval_every == 0)
+                self.eval_due = self.eval_due or run.step == end
                 self.pending.append((run.step, metrics["loss"]))
                 run.hold(packed)
                 run.state = state
@@ -334,7 +326,7 @@ class Loop:
                         self.check()
                         self.bar.set_postfix(self._postfix(acc, images, since), refresh=False)
                     self.bar.update(1)
-                if (rt.eval_every and run.step % rt.eval_every == 0) or run.step == end:
+                if self.eval_due:
                     record = self.evaluate(acc, images, since, eval_step, test)
                     if self.bar is not None:
                         self.bar.set_postfix(self._postfix(acc, images, since, record))
@@ -397,9 +389,10 @@ class Loop:
             sums = eval_sums(eval_step, model, run.state, test)
             record.update(summarise(self.task, sums, "test"))
         record.update(callback_metrics(self.callbacks, run, model, record))
-        run.history.append(record)
-        # the train sums are in this record: a checkpoint written from now starts afresh
-        self.train_sums, self.eval_due = None, False
+        with sigint_deferred():  # a checkpoint has the record or asks for it, never both
+            run.history.append(record)
+            # the train sums are in this record: a checkpoint written from now starts afresh
+            self.train_sums, self.eval_due = None, False
         call_hooks(self.callbacks, "on_eval", run, record)
         value = record.get(self.best)
         # a tie goes to the later step: with a small validation set accuracy ties are
