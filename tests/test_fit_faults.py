@@ -465,11 +465,12 @@ class _Killed(BaseException):
     pass
 
 
+@pytest.mark.parametrize("ema", [False, True])
 @pytest.mark.parametrize("second", ["head", "everything"])
-def test_resume_from_a_phase_boundary_starts_the_next_phase_afresh(tmp_path, second):
+def test_resume_from_a_phase_boundary_starts_the_next_phase_afresh(tmp_path, second, ema):
     """The last checkpoint is the last step of phase 0: the resumed run loads phase 0's
     optimizer state (whatever phase 1's spec) and gives phase 1 a fresh one, as the run that
-    was never stopped did."""
+    was never stopped did; an ``EMA`` average goes on from phase 0's, as it did there."""
     backbone, state = tiny("resnet", 3)
     model = eqxtl.Classifier(backbone, 3, key=jax.random.key(4))
     rng = np.random.default_rng(0)
@@ -493,7 +494,7 @@ def test_resume_from_a_phase_boundary_starts_the_next_phase_afresh(tmp_path, sec
             state,
             train_data=loader,
             phases=phases,
-            callbacks=[eqxtl.Lambda(on_step=stop)],
+            callbacks=[eqxtl.Lambda(on_step=stop), *([eqxtl.EMA(decay=0.5)] if ema else [])],
             checkpoint=eqxtl.Checkpoint(out),
             runtime=eqxtl.Runtime(seed=2, eval_every=2, progress=False),
         )

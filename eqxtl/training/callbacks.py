@@ -12,6 +12,8 @@ A callback is any object with some of these methods (each optional):
 - ``on_eval(run, record)``: after each evaluation, with its record (``train_loss``,
   ``test_accuracy``, ``fewshot_5shot_accuracy``...);
 - ``on_fit_end(run)``;
+- ``on_resume(run)``: a run resumes from a checkpoint, before any phase begins (``run``
+  holds the checkpoint's model, state and optimizer state);
 - ``wrap_optimizer(optimizer) -> optimizer``: each phase's optimizer as ``fit`` builds it
   (``EMA`` chains its average last, so it lives in the optimizer state);
 - ``eval_model(model, opt_state) -> model``: the model evaluations score and checkpoints
@@ -240,6 +242,7 @@ class Lambda:
     on_eval: Callable[[Any, dict], None] | None = None
     on_phase_begin: Callable[[Any], None] | None = None
     on_fit_end: Callable[[Any], None] | None = None
+    on_resume: Callable[[Any], None] | None = None
 
 
 @dataclasses.dataclass

@@ -161,6 +161,11 @@ class EMA:
     def reset(self) -> None:
         self._carry = None
 
+    def on_resume(self, run) -> None:
+        # what on_eval kept before the checkpoint: the average the next phase goes on from
+        # when the checkpoint ends a phase (a resumed phase keeps its own: on_phase_begin)
+        self._carry = _ema_state(run.opt_state)
+
     def on_phase_begin(self, run) -> None:
         carry, self._carry = self._carry, None
         state = _ema_state(run.opt_state)

@@ -120,7 +120,7 @@ def fit(
     - `task`: loss and metrics (``eqxtl.tasks``); default ``Classification()`` (label
       smoothing: ``Classification(label_smoothing=0.1)``).
     - `callbacks`: objects with ``on_step`` / ``on_eval`` / ``on_phase_begin`` /
-      ``on_fit_end`` (``eqxtl.callbacks``: ``EarlyStopping``, ``ReduceLROnPlateau``,
+      ``on_fit_end`` / ``on_resume`` (``eqxtl.callbacks``: ``EarlyStopping``, ``ReduceLROnPlateau``,
       ``LRSchedule``, ``TensorBoard``, ``Lambda`` for a function of each step; ``EMA``:
       an average of the weights, evaluated and exported).
     - `checkpoint`: ``eqxtl.Checkpoint(out_dir, resume=True, every=None, best="auto",
@@ -174,6 +174,7 @@ def fit(
             for cb, cb_state in zip(callbacks, meta.get("callbacks", []), strict=False):
                 if cb_state is not None and hasattr(cb, "load_state_dict"):
                     cb.load_state_dict(cb_state)
+            call_hooks(callbacks, "on_resume", run)
         loop = Loop(
             run=run,
             task=task,
