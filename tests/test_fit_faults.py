@@ -614,3 +614,40 @@ def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at, ctrl_c):
     ]
     for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ctrl_c_twice_while_a_step_is_recorded_saves_that_step_whole(tmp_path, monkeypatch):
+    """Two Ctrl-C while the loop records a step's results (after the step ran): ``last`` is
+    that step with its weights, not a step count ahead of them; the resumed run ends where
+    the uninterrupted one does."""
+    from eqxtl.training import session
+
+    model, state, source = _tiny_classifier_and_source()
+    accumulate = session._accumulate
+
+    def run(out):
+        loader = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=2, num_workers=0)
+        return eqxtl.fit(
+            model,
+            state,
+            train_data=loader,
+            phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(0.05), steps=6)],
+            checkpoint=eqxtl.Checkpoint(tmp_path / out),
+            runtime=eqxtl.Runtime(seed=2, progress=False, eval_every=4),
+        )
+
+    def twice_at_step_3(acc, guard, metrics, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled between bytecodes, as Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return accumulate(acc, guard, metrics, step)
+
+    straight = run("straight")
+    monkeypatch.setattr(session, "_accumulate", twice_at_step_3)
+    with pytest.raises(KeyboardInterrupt, match="saved at step 3 of 6"):
+        run("cut")
+    monkeypatch.setattr(session, "_accumulate", accumulate)
+    resumed = run("cut")
+    assert resumed.resumed_from == 3
+    for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
+        np.testing.assert_array_equal(a, b)

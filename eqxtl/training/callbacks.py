@@ -2,7 +2,8 @@
 
 A callback is any object with some of these methods (each optional):
 
-- ``on_phase_begin(run)``: a phase starts (``run.phase``);
+- ``on_phase_begin(run)``: a phase starts (``run.phase``), or a run resumes in it (also
+  at its last step, when its last evaluation is still due);
 - ``on_step(run, metrics)``: after each step, with that step's metrics as host values
   (this syncs with the device every step: keep it for logging and tests);
 - ``eval_metrics(run, model) -> dict``: at each evaluation, before any ``on_eval``, metrics
@@ -13,7 +14,8 @@ A callback is any object with some of these methods (each optional):
   ``test_accuracy``, ``fewshot_5shot_accuracy``...);
 - ``on_fit_end(run)``;
 - ``on_resume(run)``: a run resumes from a checkpoint, before any phase begins (``run``
-  holds the checkpoint's model, state and optimizer state);
+  holds the checkpoint's step, history, model, state and optimizer state; ``run.phase``
+  and ``run.lr_scale`` are set when the phase begins);
 - ``wrap_optimizer(optimizer) -> optimizer``: each phase's optimizer as ``fit`` builds it
   (``EMA`` chains its average last, so it lives in the optimizer state);
 - ``eval_model(model, opt_state) -> model``: the model evaluations score and checkpoints

@@ -227,8 +227,10 @@ def _run_phases(loop: Loop, phases, optimizers, bounds, meta) -> None:
     try:
         with sigint_at_step_end(loop):
             for i, phase in enumerate(phases):
+                if loop.interrupt_requested:  # during the previous phase's last evaluation
+                    raise KeyboardInterrupt
                 resumed_here = meta is not None and _saved_phase(meta, bounds) == i
-                # a phase that ended on an evaluation a second Ctrl-C cut runs it again
+                # a phase that ended on an evaluation a Ctrl-C stopped runs it on resume
                 done = run.step >= bounds[i + 1] and not (resumed_here and loop.eval_due)
                 if done or run.stopped:
                     continue

@@ -217,8 +217,9 @@ class Loop:
     nonfinite_before: int = 0
     """Non-finite steps skipped before a resume (the guard counts those since)."""
     eval_due: bool = False
-    """The evaluation of ``run.step`` is under way (or, restored from a checkpoint, was cut
-    by a second Ctrl-C): a checkpoint written now keeps the train sums it reports."""
+    """``run.step`` is an evaluation step whose record is not in the history yet (restored
+    from a checkpoint: a Ctrl-C stopped the run before the evaluation or during it); a
+    checkpoint written now keeps the train sums it reports and asks for it."""
 
     def phase(self, i: int, phase: Phase, optimizer, end: int, resumed: bool) -> None:
         """Run phase ``i`` from ``run.step`` to step ``end`` (with the optimizer state of
@@ -248,7 +249,7 @@ class Loop:
             run._lr_scale = scale_of(opt_state)
         call_hooks(self.callbacks, "on_phase_begin", run)
         self._start_guard()
-        if self.eval_due:  # resumed from `last`, whose evaluation a second Ctrl-C cut
+        if self.eval_due:  # resumed from `last`, whose evaluation a Ctrl-C stopped
             self.evaluate(self.train_sums, None, time.perf_counter(), eval_step, test)
             if run.stopped:
                 return
@@ -304,16 +305,7 @@ class Loop:
             for batch in train.epoch(epoch, start_step=start):
                 key = jax.random.fold_in(base_key, run.step)
                 packed, state, metrics = step_fn.packed(run.packed(step_fn), state, batch, key)
-                acc = _zero_sums(metrics) if acc is None else acc
-                run.step += 1
-                acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
-                self.train_sums = acc
-                # a checkpoint written before this step's evaluation is done asks for it
-                self.eval_due = bool(rt.eval_every and run.step % rt.eval_every == 0)
-                self.eval_due = self.eval_due or run.step == end
-                self.pending.append((run.step, metrics["loss"]))
-                run.hold(packed)
-                run.state = state
+                acc = self._took_step(acc, packed, state, metrics, end)
                 if self.interrupt_requested:  # Ctrl-C: stop where everything agrees
                     raise KeyboardInterrupt
                 images += int(np.sum(batch["mask"])) if "mask" in batch else train.batch_size
@@ -339,6 +331,24 @@ class Loop:
                         self.save(("last",))
                 if run.step >= end:
                     break
+
+    def _took_step(self, acc, packed, state, metrics, end: int):
+        """Record a step's results (``acc``: the train sums so far): all of them, a Ctrl-C
+        held back meanwhile, so that a checkpoint never has a step count without its
+        weights, train sums and due evaluation."""
+        run, rt = self.run, self.runtime
+        with sigint_deferred():
+            acc = _zero_sums(metrics) if acc is None else acc
+            run.step += 1
+            acc, self.guard = _accumulate(acc, self.guard, metrics, run.step)
+            self.train_sums = acc
+            # a checkpoint written before this step's evaluation is done asks for it
+            self.eval_due = bool(rt.eval_every and run.step % rt.eval_every == 0)
+            self.eval_due = self.eval_due or run.step == end
+            self.pending.append((run.step, metrics["loss"]))
+            run.hold(packed)
+            run.state = state
+        return acc
 
     def flush_losses(self) -> None:
         """Fetch the per-step losses gathered since the last flush (the loop calls this
@@ -376,7 +386,6 @@ class Loop:
     def evaluate(self, acc, images, since, eval_step, test) -> dict:
         run = self.run
         self.check()
-        self.eval_due = True
         record: dict = {"step": run.step, "epoch": run.epoch, "phase": run.phase}
         record.update(summarise(self.task, acc, "train"))
         if images is not None:  # None: an evaluation cut by Ctrl-C, run again on resume
