@@ -520,10 +520,30 @@ def _tiny_classifier_and_source():
     return model, state, eqxtl.ArraySource(images, rng.integers(0, 3, 32), ["r", "g", "b"])
 
 
+def _fit_head(tiny_run, out, optimizer, steps, callbacks=(), *, every=None, test=False, **rt):
+    """``fit`` of ``_tiny_classifier_and_source()``'s head, batches of 8 (seed 2; ``test``:
+    the same images as test data, seed 3), checkpoints in ``out``."""
+    model, state, source = tiny_run
+
+    def loader(seed):
+        return eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=seed, num_workers=0)
+
+    return eqxtl.fit(
+        model,
+        state,
+        train_data=loader(2),
+        test_data=loader(3) if test else None,
+        phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optimizer, steps=steps)],
+        callbacks=list(callbacks),
+        checkpoint=eqxtl.Checkpoint(out, every=every),
+        runtime=eqxtl.Runtime(seed=2, progress=False, **rt),
+    )
+
+
 def test_lr_schedule_resumed_between_evaluations_keeps_its_scale(tmp_path):
     """The schedule sets the scale at phase begin and at evaluations only: a run resumed
     from a checkpoint written between them (every=3) must not take schedule(3)."""
-    model, state, source = _tiny_classifier_and_source()
+    tiny_run = _tiny_classifier_and_source()
 
     def run(out, kill_at=None):
         def stop(run, metrics):
@@ -531,16 +551,8 @@ def test_lr_schedule_resumed_between_evaluations_keeps_its_scale(tmp_path):
                 raise _Killed
 
         schedule = eqxtl.LRSchedule(lambda s: 1.0 if s < 2 else 0.1)
-        loader = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=2, num_workers=0)
-        return eqxtl.fit(
-            model,
-            state,
-            train_data=loader,
-            phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.sgd(0.5), steps=8)],
-            callbacks=[schedule, eqxtl.Lambda(on_step=stop)],
-            checkpoint=eqxtl.Checkpoint(out, every=3),
-            runtime=eqxtl.Runtime(seed=2, progress=False),
-        )
+        callbacks = [schedule, eqxtl.Lambda(on_step=stop)]
+        return _fit_head(tiny_run, out, optax.sgd(0.5), 8, callbacks, every=3)
 
     straight = run(tmp_path / "straight")
     with pytest.raises(_Killed):
@@ -573,32 +585,21 @@ def test_an_evaluation_cut_by_ctrl_c_is_run_on_resume(tmp_path, at, ctrl_c):
     resumed run evaluates that step first, after its phase began (TensorBoard's writer),
     with the train metrics of the steps it covers: the same history (but the throughput)
     and weights as a run never interrupted."""
-    model, state, source = _tiny_classifier_and_source()
+    tiny_run = _tiny_classifier_and_source()
 
     def first_ctrl_c(run, metrics):
         if run.step == at - 1 and ctrl_c.startswith("first"):
             os.kill(os.getpid(), signal.SIGINT)  # handled between bytecodes: the next step ends
 
     def run(out, cut=None):
-        def loader(seed):
-            return eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=seed, num_workers=0)
-
-        schedule = eqxtl.LRSchedule(lambda s: 1.0 if s < 4 else 0.1)
-        return eqxtl.fit(
-            model,
-            state,
-            train_data=loader(2),
-            test_data=loader(3),
-            phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(0.05), steps=8)],
-            callbacks=[
-                schedule,
-                _CutEvaluation(cut if ctrl_c.startswith("second") else None),
-                eqxtl.Lambda(on_step=first_ctrl_c if cut else None),
-                eqxtl.TensorBoard(str(tmp_path / out / "tb")),
-            ],
-            checkpoint=eqxtl.Checkpoint(tmp_path / out),
-            runtime=eqxtl.Runtime(seed=2, progress=False, eval_every=4),
-        )
+        callbacks = [
+            eqxtl.LRSchedule(lambda s: 1.0 if s < 4 else 0.1),
+            _CutEvaluation(cut if ctrl_c.startswith("second") else None),
+            eqxtl.Lambda(on_step=first_ctrl_c if cut else None),
+            eqxtl.TensorBoard(str(tmp_path / out / "tb")),
+        ]
+        opt = optax.adam(0.05)
+        return _fit_head(tiny_run, tmp_path / out, opt, 8, callbacks, test=True, eval_every=4)
 
     straight = run("straight")
     with pytest.raises(KeyboardInterrupt, match=f"saved at step {at} of 8"):
@@ -622,19 +623,11 @@ def test_ctrl_c_twice_while_a_step_is_recorded_saves_that_step_whole(tmp_path, m
     the uninterrupted one does."""
     from eqxtl.training import session
 
-    model, state, source = _tiny_classifier_and_source()
+    tiny_run = _tiny_classifier_and_source()
     accumulate = session._accumulate
 
     def run(out):
-        loader = eqxtl.Loader(source, eqxtl.preprocessing_for(model), 8, seed=2, num_workers=0)
-        return eqxtl.fit(
-            model,
-            state,
-            train_data=loader,
-            phases=[eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(0.05), steps=6)],
-            checkpoint=eqxtl.Checkpoint(tmp_path / out),
-            runtime=eqxtl.Runtime(seed=2, progress=False, eval_every=4),
-        )
+        return _fit_head(tiny_run, tmp_path / out, optax.adam(0.05), 6, eval_every=4)
 
     def twice_at_step_3(acc, guard, metrics, step):
         if step == 3:
