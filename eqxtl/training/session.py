@@ -388,7 +388,7 @@ class Loop:
         self.check()
         record: dict = {"step": run.step, "epoch": run.epoch, "phase": run.phase}
         record.update(summarise(self.task, acc, "train"))
-        if images is not None:  # None: an evaluation cut by Ctrl-C, run again on resume
+        if images is not None:  # None: the due evaluation of a resumed run
             record["images_per_sec"] = images / max(time.perf_counter() - since, 1e-9)
         nonfinite = int(host(self.guard["nonfinite"]))
         if nonfinite:
