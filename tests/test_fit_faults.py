@@ -644,3 +644,43 @@ def test_ctrl_c_twice_while_a_step_is_recorded_saves_that_step_whole(tmp_path, m
     assert resumed.resumed_from == 3
     for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_evaluation_cut_at_a_phase_boundary_keeps_the_ema_going(tmp_path):
+    """A second Ctrl-C during phase 0's last evaluation: the resumed run evaluates it in
+    phase 0, then phase 1 starts afresh with ``EMA``'s average carried on, as in the run
+    that was never stopped (history, optimizer state with the average, and weights)."""
+    tiny_run = _tiny_classifier_and_source()
+    model = tiny_run[0]
+
+    def run(out, cut=None):
+        phases = [
+            eqxtl.Phase(eqxtl.trainable(model, "head"), optax.adam(1e-2), steps=4),
+            eqxtl.Phase(eqxtl.everything(model), optax.adam(1e-3), steps=4),
+        ]
+        return eqxtl.fit(
+            model,
+            tiny_run[1],
+            train_data=eqxtl.Loader(
+                tiny_run[2], eqxtl.preprocessing_for(model), 8, seed=2, num_workers=0
+            ),
+            phases=phases,
+            callbacks=[eqxtl.EMA(decay=0.5), _CutEvaluation(cut)],
+            checkpoint=eqxtl.Checkpoint(tmp_path / out),
+            runtime=eqxtl.Runtime(seed=2, eval_every=2, progress=False),
+        )
+
+    straight = run("straight")
+    with pytest.raises(KeyboardInterrupt, match="saved at step 4 of 8"):
+        run("cut", cut=4)
+    assert json.loads((tmp_path / "cut" / "last" / "meta.json").read_text())["eval_due"]
+    resumed = run("cut")
+    assert resumed.resumed_from == 4
+    timing = {"images_per_sec"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in timing} for r in straight.history
+    ]
+    for a, b in zip(arrays(resumed.opt_state), arrays(straight.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(arrays(resumed.model), arrays(straight.model), strict=True):
+        np.testing.assert_array_equal(a, b)
