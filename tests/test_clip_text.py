@@ -512,6 +512,23 @@ def test_zero_shot_head_averages_normalised_template_embeddings(tiny_clip, token
     assert all("{}" in t for t in eqxtl.IMAGENET_TEMPLATES)
 
 
+def test_a_clip_stored_in_bfloat16_computes_text_in_float32(tiny_clip, tokenizer):
+    # token ids carry no dtype: the text tower computed in bfloat16 from the embedding
+    # lookup on, and the stored temperature was rounded (exp: 98.9 instead of 100)
+    _, clip, _ = tiny_clip
+    clip = eqx.tree_at(lambda m: m.logit_scale, clip, jnp.asarray(np.log(100.0), jnp.float32))
+    small = eqxtl.quantize(clip, False, "bfloat16")
+    assert small.text_model.embeddings.token_embedding.weight.dtype == jnp.bfloat16
+    assert small.logit_scale.dtype == jnp.float32
+    assert small.logit_scale == clip.logit_scale
+    ids = jnp.asarray(tokenizer(["a photo of a cat", "a dog"]))
+    got, want = small.encode_text(ids), clip.encode_text(ids)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.02)
+    zs = eqxtl.zero_shot_head(small, ["cat", "dog"], templates=["{}"], tokenizer=tokenizer)
+    assert zs.head.weight.dtype == jnp.float32
+
+
 def test_zero_shot_classifier_saves_and_loads(tiny_clip, tokenizer, tmp_path):
     _, clip, _ = tiny_clip
     head = eqxtl.zero_shot_head(clip, ["red", "green"], templates=["a {}."], tokenizer=tokenizer)

@@ -153,6 +153,37 @@ def test_int8_layers_compute_with_their_dequantized_weights():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_int8_layers_stay_finite_under_float16_compute():
+    # int8 applies its scale to the output; the unscaled product is 127 / absmax times the
+    # layer's: with float16 compute it overflowed (here 50 * 2540 > 65504) where the float
+    # layer is finite. Under float16 the scale goes on the weight.
+    rng = np.random.default_rng(3)
+    w = 0.05 * np.sign(rng.normal(size=(16, 24)))
+    w[0] = 0.05  # row 0's output: 0.05 * sum(x), about 50
+    w[1:] *= rng.uniform(0.01, 1.0, size=(15, 1))  # scales down to 4e-6: subnormal in float16
+    linear = eqx.tree_at(lambda m: m.weight, build(eqx.nn.Linear, 24, 16), jnp.asarray(w))
+    conv = build(Conv2d, 8, 12, 3, padding=1)
+    conv = eqx.tree_at(lambda m: m.weight, conv, 0.002 * conv.weight)
+    q = eqxtl.quantize({"fc": linear, "conv": conv}, False)
+    x = jnp.asarray(40.0 * np.abs(rng.normal(size=(5, 24))) + 20.0, jnp.float16)
+    image = jnp.asarray(rng.normal(size=(9, 9, 8)) * 400.0, jnp.float16)
+
+    @eqx.filter_jit
+    def outputs(m):
+        def loss(x, image):
+            return jnp.sum(dense(m["fc"], x)) + jnp.sum(m["conv"](image))
+
+        return dense(m["fc"], x), m["conv"](image), jax.grad(loss, argnums=(0, 1))(x, image)
+
+    got, want = outputs(q), outputs(dequantized(q))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == jnp.float16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=2e-2, atol=1e-2
+        )
+    assert float(jnp.max(jnp.abs(got[0]))) > 26  # outputs where the old product overflowed
+
+
 def test_lora_on_an_int8_base(lora_int8):
     model, q, state = lora_int8
     # every frozen linear weight (the adapted q/v bases too) is int8; adapters and head float
@@ -315,6 +346,16 @@ def test_quantize_while_loading(tmp_path):
         ), how
         kernels = [w for w in jax.tree.leaves(eqx.filter(plain, eqx.is_array)) if w.ndim == 4]
         assert 0 < len(int8_weights(loaded_int8)) < len(kernels)  # depthwise ones stay float
+    # with dtype=bfloat16 too, each int8 weight is within half a step of the file's value
+    # (not of its bfloat16 rounding, which added up to 1.5 times that)
+    small = eqxtl.from_pretrained(tmp_path / "lite", dtype=jnp.bfloat16, quantize="int8")[0]
+    exact = eqxtl.quantize(built["from_pretrained"][0], False, "int8")
+    for got, want in zip(int8_weights(small), int8_weights(exact), strict=True):
+        assert np.array_equal(got.values, want.values) and np.array_equal(got.scale, want.scale)
+    assert {x.dtype for x in jax.tree.leaves(eqx.filter(small, eqx.is_inexact_array))} == {
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float32),  # the rest bfloat16, scales float32
+    }
     with pytest.raises(
         eqxtl.EqxtlError, match="quantize must be None, 'int8' .* or 'nf4' .*bfloat16"
     ):

@@ -184,9 +184,10 @@ def fill(
             misshaped.append((name, f"dtype {np.asarray(value).dtype}", f"dtype {leaf.dtype}"))
             leaves.append(leaf)
             continue
-        value = jnp.asarray(value, dtype=dtype)
-        if name in quantized_names:
-            value = _quantized(value, name, source, quantize)
+        if name in quantized_names:  # from the file's values: not rounded to dtype first
+            value = _quantized(jnp.asarray(value), name, source, quantize)
+        else:
+            value = jnp.asarray(value, dtype=dtype)
         leaves.append(value)
     unexpected = sorted(set(tensors) - used) + sorted(unexplained)
     if missing or unexpected or misshaped:

@@ -141,8 +141,11 @@ class TextEmbeddings(eqx.Module):
         self.position_embedding = eqx.nn.Embedding(config.max_position_embeddings, d, key=pkey)
 
     def __call__(self, input_ids: Int[Array, "*b t"]) -> Float[Array, "*b t d"]:
+        """Float32 at least: token ids carry no compute dtype, and a tower stored in
+        bfloat16 (``eqxtl.quantize``) computes in float32 as the image tower does."""
         t = input_ids.shape[-1]
-        return self.token_embedding.weight[input_ids] + self.position_embedding.weight[:t]
+        h = self.token_embedding.weight[input_ids] + self.position_embedding.weight[:t]
+        return h.astype(jnp.promote_types(h.dtype, jnp.float32))
 
 
 def _run_causal(layer: EncoderLayer, h: Array) -> Array:

@@ -49,12 +49,14 @@ def _dtypes(model: Any) -> list[Any]:
 
 
 def _bfloat16(model: Any, spec: Any) -> Any:
-    """``model`` with every floating-point leaf that ``spec`` freezes in bfloat16."""
+    """``model`` with every floating-point array that ``spec`` freezes in bfloat16, but
+    scalars (CLIP's temperature: rounded, it would scale every logit by up to 0.4% and
+    save two bytes)."""
     full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
 
     def cast(leaf, on):
         floating = eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating)
-        return leaf.astype(jnp.bfloat16) if floating and not on else leaf
+        return leaf.astype(jnp.bfloat16) if floating and leaf.ndim and not on else leaf
 
     def visit(node, node_spec):  # an int8 weight keeps its float32 scale
         return node if is_quantized(node) else jtu.tree_map(cast, node, node_spec)
@@ -90,7 +92,8 @@ def quantize(model: Any, spec: Any, dtype: Any = "int8") -> Any:
       4-bit NormalFloat, one float32 absmax per block of 64 weights (``NF4Weight``: half
       a byte per weight plus 4 bytes per 64); convolutions stay float. The layers decode one
       layer's weight at a time, in the forward and again in the backward pass.
-      ``"bfloat16"``: every frozen floating-point leaf in bfloat16.
+      ``"bfloat16"``: every frozen floating-point leaf in bfloat16, but scalars (CLIP's
+      temperature), which stay float32.
 
     A quantized linear weight also multiplies as ``W @ x`` (what ``eqx.nn.Linear`` calls),
     so a module of your own that calls its linear layers directly works unchanged.

@@ -215,8 +215,17 @@ def weight_times(weight: Int8Weight | NF4Weight, x: Array) -> Array:
 
 def _scaled_output(values, scale, dtype):
     """``(weight, output scale)``: int8 values and per-output-channel scales, or a plain
-    low-precision weight (no scale)."""
-    return values.astype(dtype), None if scale is None else scale.astype(dtype)
+    low-precision weight (no scale). Under a compute dtype with a narrow exponent
+    (float16) the scale goes on the weight instead (``(weight * scale, None)``)."""
+    if scale is None:
+        return values.astype(dtype), None
+    if jnp.finfo(dtype).maxexp < jnp.finfo(scale.dtype).maxexp:
+        # The unscaled product is 127 / absmax times the layer's output: in float16 it
+        # overflows (a row with absmax 0.05 from outputs of 26 on), and a scale under
+        # 6e-5 is subnormal. The dequantized weight lies within the float weight's range.
+        per_row = scale.reshape(-1, *(1,) * (values.ndim - 1))  # output channels first
+        return (values.astype(scale.dtype) * per_row).astype(dtype), None
+    return values.astype(dtype), scale.astype(dtype)
 
 
 def _nf4_weight(codes, absmax, dtype, *, shape):

@@ -97,7 +97,8 @@ def unmerge_lora(merged: Any, adapted: Any) -> Any:
 
     A merged model holds no adapters (it is a plain model, the point of merging), so the
     adapters come from ``adapted``; the base weights it returns equal the original ones up
-    to float rounding."""
+    to float rounding. A base stored quantized in ``adapted`` (int8, NF4) comes back as
+    float32 (``merge_lora`` dequantized it): ``eqxtl.quantize`` it again to store it small."""
     adapters = dict(require_adapters(adapted, "take adapters from"))
     plain = dict(all_layers(merged))
     still = [p for p, layer in plain.items() if isinstance(layer, ADAPTED_TYPES)]
