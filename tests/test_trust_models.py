@@ -417,3 +417,50 @@ def test_siglip_adapters_both_ways_on_the_flattened_class(tmp_path):
     plain = np.asarray(eqxtl.batched(backbone)(jnp.asarray(x), state)[0])
     theirs = _pooled(peft_model, x)
     assert np.abs(ours - plain).max() > 100 * TOL and np.abs(ours - theirs).max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_transformers_classifier_that_pools_otherwise_is_refused_with_keep_head(family, tmp_path):
+    # transformers' CLIP/SigLIP ...ForImageClassification heads were trained on the mean of
+    # the tokens; on eqxtl's features (CLIP's class token, SigLIP's MAP output) the same
+    # weights give other logits, and the widths agree, so only the config tells.
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1)
+    vision |= dict(num_attention_heads=2, image_size=32, patch_size=16)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    text |= dict(num_attention_heads=2, vocab_size=100, max_position_embeddings=16)
+    name = {"clip": "CLIP", "siglip": "Siglip"}[family]
+    config = getattr(transformers, f"{name}Config")(
+        vision_config=vision, text_config=text, num_labels=3
+    )
+    reference = getattr(transformers, f"{name}ForImageClassification")(config).eval()
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(
+        eqxtl.CheckpointError, match=f"keep_head=True.*{name}ForImageClassification.*mean"
+    ):
+        eqxtl.from_pretrained(tmp_path, keep_head=True)
+    backbone, state = eqxtl.from_pretrained(tmp_path)  # the backbone still loads
+    assert eqxtl.feature_dim(backbone) == 64
+
+
+@pytest.mark.parametrize(
+    "name, act",
+    [
+        ("vit", "quick_gelu"),
+        ("siglip_vision", "silu"),
+        ("dinov2", "quick_gelu"),
+        ("clip_vision", "gelu_pytorch_tanh"),
+    ],  # fmt: skip
+)
+def test_timm_files_refuse_an_activation_timm_cannot_build(name, act, tmp_path):
+    # timm's config.json states gelu, its tanh form, or (CLIP) quick_gelu by name: any other
+    # activation was written as the tanh GELU (or CLIP's exact one) and read back as it
+    config = dataclasses.replace(TINY_CONFIGS[name], hidden_act=act)
+    if name == "vit":  # timm's ViT has no pooler
+        config = dataclasses.replace(config, add_pooling_layer=False)
+    backbone, state = eqxtl.from_config(config, architecture=name)
+    with pytest.raises(eqxtl.CheckpointError, match=f"timm's .*{act}.*layout='transformers'"):
+        eqxtl.save_pretrained(backbone, state, tmp_path / "timm", layout="timm")
+    assert not (tmp_path / "timm").exists()
+    eqxtl.save_pretrained(backbone, state, tmp_path / "hf", layout="transformers")
+    again, _ = eqxtl.from_pretrained(tmp_path / "hf")
+    assert again.config.hidden_act == act

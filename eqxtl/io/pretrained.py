@@ -293,7 +293,8 @@ def from_pretrained(
       checkpoint's own predictions (e.g. ImageNet classes) can be checked. Default: only
       for a folder that ``save_pretrained`` wrote from a ``Classifier``, which comes back
       whole (head, class names, training preprocessing).
-    - `dtype`: cast floating weights (default: as stored).
+    - `dtype`: cast floating weights (default: as stored); weights that ``quantize`` stores
+      are quantized from the stored values, not from their cast.
     - `quantize`: ``"int8"`` stores the weight of every linear and ungrouped convolution
       layer of the backbone as int8 with one float32 scale per output channel (an
       ``Int8Weight``; see ``eqxtl.quantize``), converting each as it is read: the float
@@ -372,6 +373,12 @@ def from_pretrained(
         keep_head = labels.written_by_eqxtl(meta.get("config.json"))
     if not keep_head:
         return backbone, state
+    if (why := lay.foreign_head(meta)) is not None:
+        raise CheckpointError(
+            f"keep_head=True: {source_name}'s classification head cannot be used here: {why}, "
+            "so its logits would be wrong. Load the backbone (keep_head=False) and train a "
+            "new head (eqxtl.Classifier)."
+        )
     return _with_head(backbone, state, canonical, meta, where, source_name, dtype)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from ._layout import KeyMap, Plan, strip_wrappers
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -154,6 +154,10 @@ class Layout:
     has_classifier: Callable[[Meta, Mapping[str, Any]], bool] = lambda meta, tensors: False
     """Whether a checkpoint (its config files, key -> tensor read on demand) holds a
     classification head, to be read with ``classifier_keys``."""
+    foreign_head: Callable[[Meta], str | None] = lambda meta: None
+    """Why the checkpoint's classification head (its config files say) cannot sit on this
+    backbone, e.g. one trained on other features than the backbone's; ``None``: it can.
+    ``from_pretrained(..., keep_head=True)`` refuses such a head."""
     variant: Callable[[Mapping[str, Any]], KeyMap | None] = lambda tensors: None
     """For a layout whose keys alone do not tell how to read a checkpoint (timm names the
     packed SwiGLU MLP of DINOv2-giant ``mlp.fc1``, as the plain MLP), the key map that reads
@@ -249,6 +253,22 @@ def transformers_meta(meta: Meta, *model_types: str) -> Mapping[str, Any] | None
     is one of ``model_types``."""
     cfg = meta.get("config.json")
     return cfg if cfg is not None and cfg.get("model_type") in model_types else None
+
+
+def transformers_head_reads(
+    classes: tuple[str, ...], features: str
+) -> Callable[[Meta], str | None]:
+    """``Layout.foreign_head`` for transformers classes (``config.json``'s ``architectures``)
+    whose classifier reads ``features``, not the backbone's own."""
+
+    def why(meta: Meta) -> str | None:
+        hf = meta.get("config.json") or {}
+        named = [a for a in hf.get("architectures") or () if a in classes]
+        if not named:
+            return None
+        return f"it is a transformers {named[0]} head, trained on {features}"
+
+    return why
 
 
 def claims_transformers(*model_types: str) -> Callable[[Meta], bool]:
@@ -362,6 +382,11 @@ def timm_vit_write(
     size = config.image_size
     h, w = (size, size) if isinstance(size, int) else size
     args = {**model_args, "img_size": [h, w], "in_chans": config.num_channels}
+    if config.hidden_act not in TIMM_ACTIVATIONS:
+        raise CheckpointError(
+            f"timm's {architecture} has no {config.hidden_act!r} activation (it builds "
+            f"{' or '.join(TIMM_ACTIVATIONS)}): save this model with layout='transformers'."
+        )
     if config.hidden_act != "gelu":  # timm builds nn.GELU (exact) unless told
         args["act_layer"] = "gelu_tanh"
     return timm_write(
@@ -382,6 +407,11 @@ def unclaimed_config(meta: Meta) -> str | None:
     if cfg is None:
         return None
     return f"its timm config.json names architecture {cfg['architecture']!r}"
+
+
+TIMM_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new")
+"""The ``hidden_act`` values a timm ViT-like ``config.json`` can state (``timm_act`` reads
+the tanh approximation back as ``gelu_pytorch_tanh``, the same function as ``gelu_new``)."""
 
 
 def timm_act(meta_args: Mapping[str, Any]) -> str:

@@ -29,6 +29,7 @@ from ._arch import (
     timm_meta,
     timm_preprocessing,
     timm_write,
+    transformers_head_reads,
     transformers_meta,
     transformers_write,
 )
@@ -103,8 +104,8 @@ _TRANSFORMERS_KEYS = KeyMap(
         ],
         Map("visual_projection", "visual_projection"),
         Map("clip.visual_projection", "visual_projection", save=False),
-        # eqxtl's own saved heads. A transformers CLIPForImageClassification head loads too,
-        # but it was trained on the mean of the patch tokens, not on the pooled class token.
+        # eqxtl's own saved heads (a transformers CLIPForImageClassification head, trained
+        # on the mean of the patch tokens, is refused: the layout's foreign_head)
         Map("classifier", "head"),
     )
 )
@@ -376,7 +377,13 @@ def _timm_config(meta: Meta, shapes: Shapes) -> CLIPVisionConfig | None:
 
 
 def _timm_write(config: CLIPVisionConfig, extra: dict) -> dict[str, dict]:
-    # A name timm registers (the dimensions that differ travel in model_args).
+    # A name timm registers (the dimensions that differ travel in model_args); the name
+    # alone says the activation, and there are two.
+    if config.hidden_act not in ("gelu", "quick_gelu"):
+        raise CheckpointError(
+            f"timm's CLIP towers have no {config.hidden_act!r} activation (they build gelu "
+            "or quick_gelu): save this model with layout='transformers'."
+        )
     act = "_quickgelu" if config.hidden_act == "quick_gelu" else ""
     if config.hidden_size == 1024 and config.patch_size == 14:
         name = f"vit_large_patch14_clip{act}_224"
@@ -442,6 +449,11 @@ CLIP_VISION = Architecture(
             write_config=_transformers_write,
             defaults={"hidden_act": "quick_gelu"},
             default_hints=_ACT_HINT,
+            foreign_head=transformers_head_reads(
+                ("CLIPForImageClassification",),
+                "the mean of the patch tokens before post_layernorm (eqxtl's CLIP features "
+                "are the class token after it)",
+            ),
         ),
         Layout(
             "open_clip",

@@ -45,6 +45,7 @@ from ._arch import (
     timm_meta,
     timm_preprocessing,
     timm_vit_write,
+    transformers_head_reads,
     transformers_meta,
     transformers_write,
 )
@@ -276,8 +277,8 @@ _TRANSFORMERS_KEYS = KeyMap(
         Drop(r"logit_scale|logit_bias|text_model\..*"),
         *_transformers_rules("vision_model."),
         *_transformers_rules(""),
-        # eqxtl's own saved heads (transformers' SiglipForImageClassification head loads
-        # too, but it was trained on the mean of the patch tokens, not the MAP output).
+        # eqxtl's own saved heads (a transformers SiglipForImageClassification head, trained
+        # on the mean of the tokens, is refused: the layout's foreign_head)
         Map("classifier.weight", "head.weight"),
         Map("classifier.bias", "head.bias"),
     )
@@ -479,6 +480,11 @@ SIGLIP_VISION = Architecture(
             read_config=_transformers_config,
             write_config=_transformers_write,
             defaults={"hidden_act": "gelu_pytorch_tanh"},
+            foreign_head=transformers_head_reads(
+                ("SiglipForImageClassification",),
+                "the mean of the tokens (eqxtl's SigLIP features are the attention-pooling "
+                "head's output)",
+            ),
         ),
         Layout(
             "timm",

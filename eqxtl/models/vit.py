@@ -480,8 +480,6 @@ def _timm_image_size(value: Any) -> int | tuple[int, int]:
 
 
 def _timm_write(config: ViTConfig, extra: dict) -> dict[str, dict]:
-    if config.hidden_act not in ("gelu", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"timm's ViT has no {config.hidden_act!r} activation.")
     h, _ = image_hw(config.image_size)
     name = f"vit_{timm_size_name(config.hidden_size)}_patch{config.patch_size}_{h}"
     args = {
