@@ -150,6 +150,48 @@ def test_coupled_or_per_row_optimizers_are_refused(tiny, name):
         Vectorised(build(params), params, segments)
 
 
+def _scaled_per_block(params, rate):
+    """One Adam state shared by every block, then a per-block ``optax.scale``: the rows'
+    updates differ only in one constant."""
+    labels = _layerwise(params)
+    per_block = {f"d{r}": optax.scale(-rate(r)) for r in range(4)}
+    return optax.chain(
+        optax.scale_by_adam(),
+        optax.multi_transform({**per_block, "rest": optax.scale(-1e-3)}, lambda _: labels),
+    )
+
+
+@pytest.mark.parametrize("scalar", [np.float32, jnp.float32])
+def test_rows_that_differ_only_in_a_constant_are_refused(tiny, scalar):
+    # constants were compared by repr, which prints numpy and jax scalars with numpy's
+    # print options (8 decimals by default): these rates looked equal and every block
+    # trained at block 0's
+    params, segments = tiny
+    close = _scaled_per_block(params, lambda r: scalar(1e-3 * (1 + 1e-6 * r)))
+    assert "differ" in rowwise_refusal(close, params, segments)
+    with np.printoptions(precision=2):
+        apart = _scaled_per_block(params, lambda r: scalar(1e-3 * (1 + 0.2 * r)))
+        assert "differ" in rowwise_refusal(apart, params, segments)
+    same = _scaled_per_block(params, lambda r: scalar(1e-3))
+    assert rowwise_refusal(same, params, segments) is None
+
+
+def test_constants_a_nested_jit_closes_over_are_compared(tiny):
+    # a nested jax.jit keeps the arrays it closes over inside its sub-program, which prints
+    # without them: a mask per block looked like the same program in every row
+    params, segments = tiny
+    rng = np.random.default_rng(0)
+    masks = jax.tree.map(lambda x: jnp.asarray(rng.random(x.shape) < 0.5, x.dtype), params)
+
+    def update(updates, state, params=None):
+        masked = jax.tree.map(lambda g, m: jax.jit(lambda g: g * m)(g), updates, masks)
+        return masked, state
+
+    sparse = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+    reason = rowwise_refusal(optax.chain(sparse, optax.adam(1e-2)), params, segments)
+    assert reason is not None and "differ" in reason
+
+
 def test_per_block_rates_within_one_segment_only_are_refused_there(tiny):
     """Blocks 0-1 share a rate and blocks 2-3 another: each segment's rows agree."""
     params, segments = tiny

@@ -466,11 +466,14 @@ class Loop:
             )
         note = ""
         # with several processes a save is a collective that the others are not in
-        if run.step != self.saved_step and run.model is not None and jax.process_count() == 1:
+        if run.step != self.saved_step and jax.process_count() == 1:
             try:
                 with sigint_deferred():
-                    self.flush_losses()
-                    self.save(("last",))
+                    # run.model unpacks the step form's stacks: inside the try, since a step
+                    # cut short may have donated them
+                    if run.model is not None:
+                        self.flush_losses()
+                        self.save(("last",))
             except KeyboardInterrupt:
                 pass  # a second Ctrl-C, held back until the save above was complete
             except Exception as e:  # e.g. weights the step had donated: keep the old `last`

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.extend import core as jcore
 
@@ -56,6 +57,7 @@ class _Traced:
     reads: list[frozenset[int]]  # per output: the inputs it depends on
     init_reads: list[frozenset[int]]  # per state leaf of ``init``: the parameters it reads
     owner: dict[int, int | None]  # state slot -> the parameter owning it (None: global)
+    consts: tuple = ()  # the values of ``jaxpr.constvars``
 
     def param_of_input(self, i: int) -> int | None:
         if i < self.n_params:
@@ -84,11 +86,12 @@ def _reads(jaxpr) -> list[frozenset[int]]:
 
 def _trace(optimizer: optax.GradientTransformation, params: Any) -> _Traced:
     state = jax.eval_shape(optimizer.init, params)
-    jaxpr = jax.make_jaxpr(optimizer.update)(params, state, params).jaxpr
+    closed = jax.make_jaxpr(optimizer.update)(params, state, params)
+    jaxpr = closed.jaxpr
     n_params, n_state = len(jax.tree.leaves(params)), len(jax.tree.leaves(state))
     reads = _reads(jaxpr)
     init_reads = _reads(jax.make_jaxpr(optimizer.init)(params).jaxpr)
-    traced = _Traced(jaxpr, n_params, n_state, reads, init_reads, {})
+    traced = _Traced(jaxpr, n_params, n_state, reads, init_reads, {}, tuple(closed.consts))
     for j in range(n_state):
         leaves = {traced.param_of_input(i) for i in reads[n_params + j]} - {None}
         traced.owner[j] = min(leaves) if len(leaves) == 1 else (None if not leaves else -1)
@@ -131,11 +134,33 @@ def _slice_eqns(jaxpr, outs: Sequence[int]) -> list[Any]:
     return [jaxpr.eqns[n] for n in sorted(seen)]
 
 
+def _value(x: Any) -> tuple:
+    """A constant by its exact value (dtype, shape, bytes)."""
+    a = np.asarray(x)
+    return a.dtype.str, a.shape, a.tobytes()
+
+
+def _param_form(p: Any) -> Any:
+    """An equation parameter as printed, with the values of the constants that a nested
+    computation holds (a nested ``jax.jit`` keeps the arrays it closes over in its
+    ``ClosedJaxpr``, whose printed form does not show them)."""
+    if isinstance(p, jcore.ClosedJaxpr):
+        return str(p.jaxpr), tuple(_value(c) for c in p.consts), _param_form(p.jaxpr)
+    if isinstance(p, jcore.Jaxpr):
+        return tuple(_param_form(q) for eqn in p.eqns for q in eqn.params.values())
+    if isinstance(p, (tuple, list)):
+        return tuple(_param_form(q) for q in p)
+    return str(p)
+
+
 def _form(t: _Traced, leaf: int) -> tuple:
     """A canonical form of what computes ``leaf``'s update and owned state: its equations
     with variables renamed in order of appearance, inputs named by role."""
     own = t.owned(leaf)
-    names: dict[Any, Any] = {v: ("const", i) for i, v in enumerate(t.jaxpr.constvars)}
+    # constants by value, as literals: a rate per block held as a jax scalar is a constant
+    names: dict[Any, Any] = {
+        v: ("const", _value(c)) for v, c in zip(t.jaxpr.constvars, t.consts, strict=True)
+    }
     for i, v in enumerate(t.jaxpr.invars):
         slot = i - t.n_params
         if t.param_of_input(i) == leaf:
@@ -147,8 +172,8 @@ def _form(t: _Traced, leaf: int) -> tuple:
     counter = itertools.count()
 
     def name(v) -> Any:
-        if isinstance(v, jcore.Literal):
-            return ("literal", repr(v.val), str(v.aval))
+        if isinstance(v, jcore.Literal):  # by value: repr follows numpy's print options
+            return ("literal", _value(v.val), str(v.aval))
         if v not in names:
             names[v] = ("var", next(counter), str(v.aval))
         return names[v]
@@ -157,7 +182,7 @@ def _form(t: _Traced, leaf: int) -> tuple:
     form = [
         (
             eqn.primitive.name,
-            tuple(sorted((k, str(p)) for k, p in eqn.params.items())),
+            tuple(sorted((k, _param_form(p)) for k, p in eqn.params.items())),
             tuple(name(v) for v in eqn.invars),
             tuple(name(v) for v in eqn.outvars),
         )
