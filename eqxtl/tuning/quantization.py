@@ -50,8 +50,7 @@ def _dtypes(model: Any) -> list[Any]:
 
 def _bfloat16(model: Any, spec: Any) -> Any:
     """``model`` with every floating-point array that ``spec`` freezes in bfloat16, but
-    scalars (CLIP's temperature: rounded, it would scale every logit by up to 0.4% and
-    save two bytes)."""
+    scalars: rounding CLIP's temperature would rescale every logit, and save two bytes."""
     full = jtu.tree_map(lambda on, sub: jtu.tree_map(lambda _: bool(on), sub), spec, model)
 
     def cast(leaf, on):
