@@ -414,3 +414,36 @@ def test_a_run_resumed_mid_phase_with_stacked_blocks_is_the_straight_run(tmp_pat
     assert resumed.resumed_from == 3 and resumed.step == straight.step == 6  # before step 4
     assert_same(resumed.model, straight.model, tol=0)
     assert_same(resumed.opt_state, straight.opt_state, tol=0)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_nonfinite_step_leaves_the_stacked_carry_as_it_was(accumulate):
+    """A batch with a NaN image, in the step form with the blocks stacked (forced to scan):
+    the step reports it and hands back the stacked weights and optimizer state unchanged,
+    bit for bit; the next finite step then equals the plain step's after skipping it too."""
+
+    def fresh():  # the same weights each time: packing consumes what it stacks
+        backbone, state = tiny("clip")
+        return eqxtl.with_scan(classifier(backbone), True), state
+
+    model, state0 = fresh()
+    spec = eqxtl.everything(model)
+    optimizer = optax.adam(1e-2)
+    good, bad = batches(side(TINY_CLIP), n=2)
+    state = state0
+    bad["image"][1, 0, 3, 3] = np.nan
+    step = eqxtl.make_step(eqxtl.task_loss(), optimizer, spec, accumulate=accumulate)
+    carry = step.pack(model, optimizer.init(eqx.filter(model, spec)))
+    carry, state, _ = step.packed(carry, state, good, jax.random.key(0))
+    assert carry.layout is not None, carry.reason
+    before = jax.tree.map(np.array, (carry.params, carry.opt_state))
+    carry, state, metrics = step.packed(carry, state, bad, jax.random.key(1))
+    assert float(metrics["nonfinite"]) == 1.0
+    after = jax.tree.map(np.array, (carry.params, carry.opt_state))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = fresh()
+    (m, o), _, _ = run_both(*plain, spec, optimizer, [good, good], accumulate=accumulate)
+    packed_model, packed_opt = step.unpack(step.packed(carry, state, good, jax.random.key(1))[0])
+    assert_same(packed_model, m, tol=1e-6)
+    assert_same(packed_opt, o, tol=1e-6)
