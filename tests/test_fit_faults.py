@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import equinox as eqx
 import jax
@@ -18,6 +19,7 @@ import pytest
 
 import eqxtl
 from eqxtl.training import runs
+from eqxtl.training.callbacks import metric_mode
 from tests._tiny import tiny
 
 IMAGE = 32
@@ -396,6 +398,50 @@ def test_an_early_stopping_metric_that_does_not_exist_is_named_before_training(c
             eqxtl.TrainingError, match=r"\(metric='(test_loss|train_los)'\): not a metric"
         ):
             run_fit(clip_model, callbacks=[callback], callback=lambda step, m: pytest.fail())
+
+
+class _Probe:
+    """Adds the metric ``probe_value`` (whose name says no direction) to each evaluation."""
+
+    metric_names = ("probe_value",)
+
+    def eval_metrics(self, run, model):
+        return {"probe_value": float(run.step)}
+
+
+def test_a_metric_whose_direction_is_unknown_is_refused_before_training(clip_model, tmp_path):
+    # mode="auto" took every name without loss/mae/mse/error as one to maximise: a custom
+    # nll or top1_err kept the worst checkpoint and stopped while improving
+    assert metric_mode("test_nll") == metric_mode("test_top1_err") == "min"
+    assert metric_mode("fewshot_5shot_accuracy") == metric_mode("probe_score") == "max"
+    steps = []
+    for kwargs in (
+        {"callbacks": [_Probe(), eqxtl.EarlyStopping("probe_value")]},
+        {"callbacks": [_Probe()], "best": "probe_value"},
+    ):
+        with pytest.raises(eqxtl.TrainingError, match="'probe_value' is better lower or higher"):
+            run_fit(clip_model, tmp_path, callback=lambda s, m: steps.append(s), **kwargs)
+    assert steps == []
+    stop = eqxtl.EarlyStopping("probe_value", mode="min", patience=1)  # rises: stops at 2
+    result = run_fit(clip_model, callbacks=[_Probe(), stop], eval_every=1)
+    assert result.step == 2
+
+
+def test_callbacks_that_act_at_evaluations_warn_when_there_is_one_per_phase(clip_model):
+    # with the default Runtime(eval_every=None) they never acted within a phase, silently
+    for callback in (
+        eqxtl.EarlyStopping("train_loss"),
+        eqxtl.ReduceLROnPlateau("train_loss"),
+        eqxtl.LRSchedule(lambda step: 1.0),
+    ):
+        name = type(callback).__name__
+        with pytest.warns(
+            UserWarning, match=rf"{name}: these callbacks act at evaluations.*eval_every=N"
+        ):
+            run_fit(clip_model, steps=2, callbacks=[callback])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            run_fit(clip_model, steps=2, callbacks=[callback], eval_every=1)
 
 
 # ------------------------------------------------------------------ predict

@@ -26,6 +26,9 @@ A callback is any object with some of these methods (each optional):
 callbacks that declare ``scales_lr = True``). A callback with state that must survive a
 resume defines ``state_dict()`` and ``load_state_dict(d)`` (JSON values), and ``reset()``,
 which ``fit`` calls when it starts a run afresh (the same object may serve several runs).
+
+``EarlyStopping``, ``ReduceLROnPlateau`` and ``LRSchedule`` act at evaluations: ``fit``
+warns when ``Runtime(eval_every=None)`` leaves one evaluation per phase.
 """
 
 from __future__ import annotations
@@ -38,15 +41,32 @@ from typing import Any
 from .._util.checks import count, real
 from ..errors import TrainingError
 
+# Words of a metric's name (split at "_") that say which way is better. A name with none
+# is an error under mode="auto", as in Keras 3: taking it as one to maximise kept the worst
+# checkpoint of a custom `nll`.
+_LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "error", "err", "nll", "perplexity", "ppl",
+                    "cer", "wer", "ece", "brier")  # fmt: skip
+_HIGHER_IS_BETTER = ("accuracy", "acc", "auc", "ap", "map", "f1", "iou", "dice", "precision",
+                     "recall", "score", "r2", "top1", "top5")  # fmt: skip
 
-def metric_mode(name: str, mode: str = "auto") -> str:
-    """``"min"`` for losses and errors, ``"max"`` otherwise (``mode="auto"``)."""
+
+def metric_mode(name: str, mode: str = "auto", what: str = "mode='auto'") -> str:
+    """``mode``, or with ``mode="auto"``: ``"min"`` for losses and errors, ``"max"`` for
+    accuracies and scores (by the words of ``name``); a ``TrainingError`` for a name that
+    says neither."""
     if mode not in ("auto", "min", "max"):
         raise TrainingError(f"mode must be 'auto', 'min' or 'max', got {mode!r}.")
     if mode != "auto":
         return mode
-    lower = any(w in name for w in ("loss", "mae", "mse", "error"))
-    return "min" if lower else "max"
+    words = set(name.lower().split("_"))
+    if words & set(_LOWER_IS_BETTER):
+        return "min"
+    if words & set(_HIGHER_IS_BETTER):
+        return "max"
+    raise TrainingError(
+        f"{what} cannot tell whether {name!r} is better lower or higher: pass mode='min' or "
+        "mode='max'."
+    )
 
 
 def improved(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -62,7 +82,7 @@ def _check_watch(self, what: str) -> None:
     """The options ``EarlyStopping`` and ``ReduceLROnPlateau`` share."""
     if not isinstance(self.metric, str):
         raise TrainingError(f"{what}(metric=...) must be a metric name, got {self.metric!r}.")
-    metric_mode(self.metric, self.mode)  # checks mode
+    metric_mode("loss", self.mode)  # checks mode; the metric's direction: fit, before training
     self.patience = count(self.patience, f"{what}(patience=...)", TrainingError)
     self.min_delta = real(self.min_delta, f"{what}(min_delta=...)", TrainingError, low=0)
 

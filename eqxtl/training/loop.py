@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from ..data.sources import check_labels, check_same_classes
 from ..errors import DataError, TrainingError
 from ..models._arch import Preprocessing
 from ..models.heads import Classifier
-from .callbacks import metric_mode
+from .callbacks import EarlyStopping, LRSchedule, ReduceLROnPlateau, metric_mode
 from .evaluation import batches_of
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
@@ -145,6 +146,7 @@ def fit(
     steps_per_epoch = len(train)
     bounds = np.cumsum([0, *(p.num_steps(steps_per_epoch) for p in phases)])
     best, best_mode = _best_metric(task, checkpoint, test is not None, callbacks)
+    _warn_if_evaluations_are_too_few(callbacks, runtime, len(phases), steps_per_epoch)
     scales_lr = any(getattr(cb, "scales_lr", False) for cb in callbacks)
     optimizers = [training_optimizer(p.optimizer, callbacks, scales_lr) for p in phases]
 
@@ -327,7 +329,6 @@ def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool, call
             best = "test_accuracy" if "accuracy" in task.metrics else "test_loss"
         else:
             best = "train_loss"
-    mode = metric_mode(best, "auto" if checkpoint is None else checkpoint.mode)
     known = [f"train_{m}" for m in task.metrics]
     known += [f"test_{m}" for m in task.metrics] if has_test else []
     known += [m for cb in callbacks for m in getattr(cb, "metric_names", ())]  # FewShotEval
@@ -338,13 +339,36 @@ def _best_metric(task: Task, checkpoint: Checkpoint | None, has_test: bool, call
                 f"{type(cb).__name__}(metric={watched!r}): not a metric this run reports; it "
                 f"reports {known}" + ("" if has_test else " (test_* ones need test_data)") + "."
             )
+        mode = getattr(cb, "mode", None)  # EarlyStopping, ReduceLROnPlateau: its direction
+        if hasattr(cb, "on_eval") and isinstance(watched, str) and isinstance(mode, str):
+            metric_mode(watched, mode, f"{type(cb).__name__}(metric={watched!r})")
     if best not in known:
         raise TrainingError(
             f"Checkpoint(best=...): {best!r} is not a metric this run reports; it reports {known}"
             + ("" if has_test else " (test_* ones need test_data)")
             + "."
         )
-    return best, mode
+    mode = "auto" if checkpoint is None else checkpoint.mode
+    return best, metric_mode(best, mode, f"Checkpoint(best={best!r})")
+
+
+def _warn_if_evaluations_are_too_few(callbacks, runtime: Runtime, phases: int, epoch: int):
+    """EarlyStopping, ReduceLROnPlateau and LRSchedule act at evaluations: without
+    ``eval_every`` there is one per phase, so within a phase they never act."""
+    acting = [type(cb).__name__ for cb in callbacks if isinstance(cb, _ACT_AT_EVALUATIONS)]
+    if acting and runtime.eval_every is None:
+        warnings.warn(
+            f"{', '.join(acting)}: these callbacks act at evaluations, and with "
+            "Runtime(eval_every=None) fit "
+            f"evaluates only at the end of each phase ({phases} in all), so within a phase "
+            f"they never act: pass Runtime(eval_every=N) to evaluate every N steps (an epoch "
+            f"is {epoch}).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+_ACT_AT_EVALUATIONS = (EarlyStopping, ReduceLROnPlateau, LRSchedule)
 
 
 def _signature(model, phases, opt_init, train, task, runtime: Runtime, bounds) -> dict:

@@ -43,7 +43,9 @@ class Checkpoint:
       data, ``train_loss`` without. A tie goes to the later step (with a small validation
       set accuracy ties are common, and the later model has trained longer for the same
       value); a non-finite value is never best.
-    - `mode`: ``"min"``, ``"max"`` or ``"auto"`` (min for losses and errors).
+    - `mode`: ``"min"``, ``"max"`` or ``"auto"`` (min for losses and errors, max for
+      accuracies and scores, by the words of the name; an error for a name that says
+      neither).
 
     >>> eqxtl.fit(model, state, opt, spec, train, checkpoint=eqxtl.Checkpoint("runs/a"))
     """
