@@ -444,6 +444,30 @@ def test_callbacks_that_act_at_evaluations_warn_when_there_is_one_per_phase(clip
             run_fit(clip_model, steps=2, callbacks=[callback], eval_every=1)
 
 
+def test_data_whose_classes_are_the_models_in_another_order_is_refused(clip_model):
+    # a zero-shot head's (or a reloaded classifier's) rows are named; a sorted ImageFolder
+    # of the same classes in another order was scored, and trained, row against label
+    model, state = clip_model
+    named = model.with_training_info(class_names=["cat", "dog", "airplane"])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, IMAGE, IMAGE, 3)).astype(np.uint8)
+    labels = np.arange(6) % 3
+
+    def source(names, labels=labels):
+        return eqxtl.ArraySource(images, labels, class_names=names)
+
+    sorted_names = source(["airplane", "cat", "dog"])
+    with pytest.raises(eqxtl.DataError, match=r"evaluate\(data=...\): .*another order"):
+        eqxtl.evaluate(named, state, sorted_names)
+    with pytest.raises(eqxtl.DataError, match=r"train_data: .*another order"):
+        eqxtl.fit(named, state, optax.adam(1e-3), eqxtl.trainable(named, "head"),
+                  sorted_names, runtime=eqxtl.Runtime(progress=False))  # fmt: skip
+    with pytest.raises(eqxtl.DataError, match="4 classes but the model predicts 3"):
+        eqxtl.evaluate(model, state, source(["a", "b", "c", "d"], np.arange(6) % 4))
+    assert eqxtl.evaluate(named, state, source(["cat", "dog", "airplane"]))["count"] == 6
+    assert eqxtl.evaluate(named, state, source(["x", "y", "z"]))["count"] == 6  # renamed: kept
+
+
 # ------------------------------------------------------------------ predict
 
 

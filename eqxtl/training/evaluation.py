@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._util.checks import count
-from ..data.loader import BatchSource, Loader
+from ..data.loader import BatchSource, Loader, SourceBatches
+from ..data.sources import check_labels
 from ..errors import DataError, EqxtlError
 from ..models._arch import Preprocessing
 from ..models.batching import batched
@@ -65,6 +66,8 @@ def evaluate(
     batch_size = count(batch_size, "evaluate(batch_size=...)", DataError)
     task = task or Classification()
     loader = batches_of(data, model, preprocessing, batch_size, num_workers=num_workers)
+    if isinstance(task, Classification):
+        check_model_classes(model, loader, "evaluate(data=...)")
     if mesh is not None:
         model, state = on_mesh((model, state), mesh)
     eval_step = eval_step or make_eval_step(task_loss(task), mesh=mesh)
@@ -138,6 +141,23 @@ def predict(
     if labels:
         return [class_names[i] for i in np.argmax(probs, axis=-1)]
     return probs
+
+
+def check_model_classes(model, data, what: str) -> None:
+    """``DataError`` unless ``data``'s labels can mean ``model``'s classes (a
+    ``Classifier``; ``data`` a ``SourceBatches``, else nothing to check): labels within
+    its head, and no class names that are the model's own in another order (label ``i``
+    would be scored against another class's row)."""
+    if not isinstance(model, Classifier) or not isinstance(data, SourceBatches):
+        return
+    check_labels(data, model.num_classes)
+    names = list(getattr(data.source, "class_names", None) or [])
+    if len(names) != model.num_classes:  # fewer: labels are checked as they are read
+        return
+    try:
+        model.with_training_info(class_names=names)
+    except ValueError as e:
+        raise DataError(f"{what}: {e}") from None
 
 
 def batches_of(

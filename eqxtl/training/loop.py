@@ -33,12 +33,12 @@ import optax
 
 from .._util.checks import count
 from ..data.loader import SourceBatches, for_this_process
-from ..data.sources import check_labels, check_same_classes
+from ..data.sources import check_same_classes
 from ..errors import DataError, TrainingError
 from ..models._arch import Preprocessing
 from ..models.heads import Classifier
 from .callbacks import EarlyStopping, LRSchedule, ReduceLROnPlateau, metric_mode
-from .evaluation import batches_of
+from .evaluation import batches_of, check_model_classes
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
@@ -302,9 +302,9 @@ def _data(model, task, train_data, test_data, seed: int):
                 "at least 2 classes (for one score per example use task=eqxtl.Regression(), "
                 "for yes/no labels eqxtl.MultiLabel())."
             )
-        for data in (train, test):  # labels in range, same classes: before any training
-            if isinstance(data, SourceBatches):
-                check_labels(data, model.num_classes)
+        # labels in range, classes in the head's order (a zero-shot head's): before training
+        for data, what in ((train, "train_data"), (test, "test_data")):
+            check_model_classes(model, data, what)
         if isinstance(train, SourceBatches) and isinstance(test, SourceBatches):
             check_same_classes(train.source, test.source)
     if jax.process_count() > 1:  # each process reads its part of every global batch
