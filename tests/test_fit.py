@@ -407,3 +407,35 @@ def test_fetch_saves_a_loadable_copy_and_fails_clearly_offline(tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SystemExit, match="resnet50"):
         fetch.main(["resnet50", "--out", str(tmp_path / "weights")])
+
+
+def test_test_data_is_preprocessed_as_the_training_loader_and_scored_whole():
+    """A plain test source is preprocessed as the training Loader's examples (it was given
+    the checkpoint's default, so best/ was chosen on other inputs), and an evaluation
+    refuses a Loader that would augment or drop examples."""
+    import dataclasses
+
+    model, state = classifier("clip")
+    own = dataclasses.replace(eqxtl.preprocessing_for(model), mean=(0.2, 0.3, 0.4), std=(0.9,) * 3)
+    train, test = colour_task(16, seed=0), colour_task(6, seed=1)
+    spec = eqxtl.trainable(model, "head")
+    result = eqxtl.fit(
+        model, state, optax.adam(1e-2), spec, eqxtl.Loader(train, own, 8, num_workers=0),
+        test_data=test, runtime=eqxtl.Runtime(progress=False),
+    )  # fmt: skip
+    scored = {
+        p: eqxtl.evaluate(result.model, result.state, eqxtl.Loader(test, p, 8))["loss"]
+        for p in (own, eqxtl.preprocessing_for(model))
+    }
+    assert result.final["test_loss"] == pytest.approx(scored[own], rel=1e-5)
+    assert scored[own] != pytest.approx(scored[eqxtl.preprocessing_for(model)], rel=1e-3)
+    for loader in (
+        eqxtl.Loader(test, own, 4, augment=eqxtl.Augment()),
+        eqxtl.Loader(test, own, 4, drop_last=True),
+    ):
+        with pytest.raises(eqxtl.DataError, match=r"evaluate\(data=...\): .*augment=, drop_last="):
+            eqxtl.evaluate(result.model, result.state, loader)
+        with pytest.raises(eqxtl.DataError, match=r"test_data: .*augment=, drop_last="):
+            eqxtl.fit(model, state, optax.adam(1e-2), spec, train, test_data=loader)
+    with pytest.raises(eqxtl.DataError, match=r"evaluate\(preprocessing=...\) applies to a source"):
+        eqxtl.evaluate(result.model, result.state, eqxtl.Loader(test, own, 4), preprocessing=own)

@@ -57,7 +57,9 @@ def evaluate(
     """The task's metrics of ``model`` on every example of ``data`` (a source or a Loader).
 
     Returns, for classification (the default task), ``{"loss", "accuracy", "count"}``. No
-    example is dropped: the last batch is padded and masked.
+    example is dropped: the last batch is padded and masked (a Loader that augments or
+    drops the last batch is refused, as is ``preprocessing`` with a Loader). A classifier
+    whose class names are the data's in another order is refused.
 
     ``mesh`` (``eqxtl.make_mesh``): each batch is split over its devices (the batch size
     must be a multiple of their number); arrays of ``model`` and ``state`` not yet on it are
@@ -65,7 +67,13 @@ def evaluate(
     """
     batch_size = count(batch_size, "evaluate(batch_size=...)", DataError)
     task = task or Classification()
+    if preprocessing is not None and isinstance(data, BatchSource):
+        raise DataError(
+            "evaluate(preprocessing=...) applies to a source, but data is a batch source "
+            f"({type(data).__name__}) with its own: pass the source, or leave preprocessing out."
+        )
     loader = batches_of(data, model, preprocessing, batch_size, num_workers=num_workers)
+    check_every_example(loader, "evaluate(data=...)")
     if isinstance(task, Classification):
         check_model_classes(model, loader, "evaluate(data=...)")
     if mesh is not None:
@@ -141,6 +149,17 @@ def predict(
     if labels:
         return [class_names[i] for i in np.argmax(probs, axis=-1)]
     return probs
+
+
+def check_every_example(batches, what: str) -> None:
+    """``DataError`` for a batch source that would not score every example as it is: one
+    that augments, or drops the last partial batch (a ``Loader`` built for training)."""
+    if getattr(batches, "augment", None) is not None or getattr(batches, "drop_last", False):
+        raise DataError(
+            f"{what}: this {type(batches).__name__} augments or drops the last partial batch "
+            "(augment=, drop_last=), so an evaluation would score transformed or fewer "
+            "examples: give the source, or a Loader without them."
+        )
 
 
 def check_model_classes(model, data, what: str) -> None:

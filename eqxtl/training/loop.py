@@ -38,7 +38,7 @@ from ..errors import DataError, TrainingError
 from ..models._arch import Preprocessing
 from ..models.heads import Classifier
 from .callbacks import EarlyStopping, LRSchedule, ReduceLROnPlateau, metric_mode
-from .evaluation import batches_of, check_model_classes
+from .evaluation import batches_of, check_every_example, check_model_classes
 from .options import Checkpoint, Runtime
 from .parallel import auto_mesh, check_same_length
 from .phases import Phase, check_phases, union
@@ -110,8 +110,10 @@ def fit(
       ``ArraySource``), batched by a ``Loader`` with the checkpoint's preprocessing
       (``preprocessing_for``), 32 examples a batch (the training data shuffled with
       ``runtime.seed``); or batch sources (``eqxtl.data.loader.BatchSource``: ``Loader``,
-      ``GrainLoader``, ``ProcessShard``, your own). Labels are checked against the head
-      before any training.
+      ``GrainLoader``, ``ProcessShard``, your own). A test source next to a training
+      ``Loader`` takes that Loader's preprocessing; a test batch source must score every
+      example as it is (no ``augment``, no ``drop_last``). Labels, and class names in the
+      head's order, are checked before any training.
     - `epochs`: how long, with `optimizer` and `spec` (for steps, or a BatchNorm mode:
       ``phases=[Phase(spec, optimizer, steps=..., bn="frozen")]``).
     - `phases`: a list of ``Phase(spec, optimizer, epochs=..., bn=...)`` run one after the
@@ -292,8 +294,10 @@ def _data(model, task, train_data, test_data, seed: int):
         raise TrainingError("fit needs train_data.")
     train = batches_of(train_data, model, batch_size=DEFAULT_BATCH_SIZE, shuffle=True, seed=seed)
     test = None
-    if test_data is not None:
-        test = batches_of(test_data, model, batch_size=DEFAULT_BATCH_SIZE)
+    if test_data is not None:  # a source: preprocessed as the training Loader's examples
+        same = train.preprocessing if isinstance(train, SourceBatches) else None
+        test = batches_of(test_data, model, same, batch_size=DEFAULT_BATCH_SIZE)
+        check_every_example(test, "test_data")
     if isinstance(task, Classification) and isinstance(model, Classifier):
         if model.num_classes < 2:
             raise TrainingError(
