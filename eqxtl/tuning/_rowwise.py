@@ -57,7 +57,7 @@ class _Traced:
     reads: list[frozenset[int]]  # per output: the inputs it depends on
     init_reads: list[frozenset[int]]  # per state leaf of ``init``: the parameters it reads
     owner: dict[int, int | None]  # state slot -> the parameter owning it (None: global)
-    consts: tuple = ()  # the values of ``jaxpr.constvars``
+    consts: tuple = ()  # ``_value`` of each of ``jaxpr.constvars``, computed once
 
     def param_of_input(self, i: int) -> int | None:
         if i < self.n_params:
@@ -91,7 +91,8 @@ def _trace(optimizer: optax.GradientTransformation, params: Any) -> _Traced:
     n_params, n_state = len(jax.tree.leaves(params)), len(jax.tree.leaves(state))
     reads = _reads(jaxpr)
     init_reads = _reads(jax.make_jaxpr(optimizer.init)(params).jaxpr)
-    traced = _Traced(jaxpr, n_params, n_state, reads, init_reads, {}, tuple(closed.consts))
+    consts = tuple(_value(c) for c in closed.consts)
+    traced = _Traced(jaxpr, n_params, n_state, reads, init_reads, {}, consts)
     for j in range(n_state):
         leaves = {traced.param_of_input(i) for i in reads[n_params + j]} - {None}
         traced.owner[j] = min(leaves) if len(leaves) == 1 else (None if not leaves else -1)
@@ -145,9 +146,9 @@ def _param_form(p: Any) -> Any:
     computation holds (a nested ``jax.jit`` keeps the arrays it closes over in its
     ``ClosedJaxpr``, whose printed form does not show them)."""
     if isinstance(p, jcore.ClosedJaxpr):
-        return str(p.jaxpr), tuple(_value(c) for c in p.consts), _param_form(p.jaxpr)
+        return tuple(_value(c) for c in p.consts), _param_form(p.jaxpr)
     if isinstance(p, jcore.Jaxpr):
-        return tuple(_param_form(q) for eqn in p.eqns for q in eqn.params.values())
+        return str(p), tuple(_param_form(q) for eqn in p.eqns for q in eqn.params.values())
     if isinstance(p, (tuple, list)):
         return tuple(_param_form(q) for q in p)
     return str(p)
@@ -159,7 +160,7 @@ def _form(t: _Traced, leaf: int) -> tuple:
     own = t.owned(leaf)
     # constants by value, as literals: a rate per block held as a jax scalar is a constant
     names: dict[Any, Any] = {
-        v: ("const", _value(c)) for v, c in zip(t.jaxpr.constvars, t.consts, strict=True)
+        v: ("const", c) for v, c in zip(t.jaxpr.constvars, t.consts, strict=True)
     }
     for i, v in enumerate(t.jaxpr.invars):
         slot = i - t.n_params
